@@ -1,0 +1,54 @@
+//! The command line. Every flag can also come from the environment.
+
+use std::{net::SocketAddr, path::PathBuf};
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(name = "agent", version, about = "Farol node agent: one binary for the web, database and storage cluster")]
+pub struct Cli {
+    /// Log format.
+    #[arg(long, global = true, env = "FAROL_LOG_FORMAT", default_value = "text")]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run this node's agent until SIGINT or SIGTERM.
+    Run(RunArgs),
+    /// Validate a cluster file and print every problem with its key path.
+    CheckConfig(CheckConfigArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// The cluster file (the same on every node).
+    #[arg(long, short, env = "FAROL_CONFIG", default_value = "/etc/farol/cluster.toml")]
+    pub config: PathBuf,
+    /// This node's name in the cluster file (default: the hostname).
+    #[arg(long, env = "FAROL_NODE")]
+    pub node: Option<String>,
+    /// Overrides the pin directory of the config (tests run many labs at once).
+    #[arg(long, env = "FAROL_PIN_DIR")]
+    pub pin_dir: Option<PathBuf>,
+    /// Overrides the metrics address of the config.
+    #[arg(long, env = "FAROL_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct CheckConfigArgs {
+    /// The cluster file to check.
+    pub config: PathBuf,
+    /// Also check that this node exists in it.
+    #[arg(long)]
+    pub node: Option<String>,
+}

@@ -1,0 +1,31 @@
+//! Farol's node agent as a library, so the binary, the integration tests and
+//! xtask drive the same code.
+//!
+//! # Layout
+//! - [`config`]: the cluster file, parsed and validated.
+//! - [`dataplane`]: the eBPF side (load, attach, pin, counters); the only
+//!   module that touches BPF maps.
+//! - [`metrics`]: Prometheus text on `/metrics`.
+//! - [`node`]: what `agent run` does on one node.
+//! - [`cli`]: the command line.
+
+pub mod cli;
+pub mod config;
+pub mod dataplane;
+pub mod metrics;
+pub mod node;
+
+/// Renders an error with its chain of causes: "a: b: c".
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.ends_with(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}

@@ -1,0 +1,159 @@
+//! Prometheus text on `/metrics`. Data-plane counters are read from the BPF
+//! maps at scrape time (no copy kept in the agent), so a scrape always shows
+//! what the kernel counted up to that moment.
+
+use std::{net::SocketAddr, sync::Arc};
+
+use axum::{
+    extract::State,
+    http::{header, StatusCode},
+    response::IntoResponse,
+    routing::get,
+    Router,
+};
+use farol_common::{MalformedReason, PacketClass};
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric},
+    metrics::{counter::ConstCounter, gauge::ConstGauge},
+    registry::Registry,
+};
+use tokio::net::TcpListener;
+use tracing::warn;
+
+use crate::dataplane::{AttachMode, Counters};
+
+const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    #[error("cannot listen on {addr} for /metrics (is another agent or program using the port? set metrics_listen)")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the metrics server failed")]
+    Serve(#[source] std::io::Error),
+}
+
+/// What the data-plane collector reports besides the counters.
+#[derive(Debug, Clone)]
+pub struct XdpAttachment {
+    pub interface: String,
+    pub mode: AttachMode,
+}
+
+#[derive(Debug)]
+struct XdpCollector {
+    counters: Arc<Counters>,
+    attachment: XdpAttachment,
+}
+
+impl Collector for XdpCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let attached = ConstGauge::new(1i64);
+        let mut family = encoder.encode_descriptor(
+            "farol_xdp_attached",
+            "The XDP program is attached to this interface in this mode",
+            None,
+            attached.metric_type(),
+        )?;
+        attached.encode(family.encode_family(&[
+            ("interface", self.attachment.interface.as_str()),
+            ("mode", self.attachment.mode.label()),
+        ])?)?;
+
+        let snapshot = match self.counters.snapshot() {
+            Ok(snapshot) => snapshot,
+            Err(error) => {
+                warn!(error = %crate::error_chain(&error), "cannot read data-plane counters for /metrics");
+                return Ok(());
+            }
+        };
+        let mut packets = encoder.encode_descriptor(
+            "farol_xdp_packets",
+            "Packets seen by farol_ingress, per class (an IP packet counts at its network and its transport class)",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        for class in PacketClass::ALL {
+            ConstCounter::new(snapshot.class(class).packets)
+                .encode(packets.encode_family(&[("class", class.label())])?)?;
+        }
+        let mut bytes = encoder.encode_descriptor(
+            "farol_xdp_bytes",
+            "Bytes (whole frames) seen by farol_ingress, per class",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        for class in PacketClass::ALL {
+            ConstCounter::new(snapshot.class(class).bytes)
+                .encode(bytes.encode_family(&[("class", class.label())])?)?;
+        }
+        let mut malformed = encoder.encode_descriptor(
+            "farol_xdp_malformed_packets",
+            "Malformed packets seen by farol_ingress (passed to the kernel), per reason",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        for reason in MalformedReason::ALL {
+            ConstCounter::new(snapshot.malformed(reason).packets)
+                .encode(malformed.encode_family(&[("reason", reason.label())])?)?;
+        }
+        Ok(())
+    }
+}
+
+/// The agent's registry: build information plus the data-plane collector.
+pub fn registry(cluster: &str, node: &str, xdp: Option<(Arc<Counters>, XdpAttachment)>) -> Registry {
+    let mut registry = Registry::default();
+    let info = prometheus_client::metrics::info::Info::new(vec![
+        ("version", env!("CARGO_PKG_VERSION").to_owned()),
+        ("cluster", cluster.to_owned()),
+        ("node", node.to_owned()),
+    ]);
+    registry.register("farol_agent", "Build and identity of this agent", info);
+    if let Some((counters, attachment)) = xdp {
+        registry.register_collector(Box::new(XdpCollector {
+            counters,
+            attachment,
+        }));
+    }
+    registry
+}
+
+/// Binds the metrics address; done before anything is attached, so a port
+/// conflict leaves nothing behind.
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener, MetricsError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| MetricsError::Bind { addr, source })
+}
+
+/// Serves `/metrics` until `shutdown` resolves.
+pub async fn serve(
+    listener: TcpListener,
+    registry: Registry,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), MetricsError> {
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .with_state(Arc::new(registry));
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+        .map_err(MetricsError::Serve)
+}
+
+async fn metrics(State(registry): State<Arc<Registry>>) -> impl IntoResponse {
+    let mut body = String::new();
+    match prometheus_client::encoding::text::encode(&mut body, &registry) {
+        Ok(()) => (StatusCode::OK, [(header::CONTENT_TYPE, CONTENT_TYPE)], body),
+        Err(_) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            [(header::CONTENT_TYPE, "text/plain")],
+            "failed to encode metrics\n".to_owned(),
+        ),
+    }
+}

@@ -1,0 +1,294 @@
+//! Bounds-checked header walk. Every access goes through [`ptr_at`], which
+//! checks the whole header against `data_end` before the pointer exists, in
+//! the form the verifier understands. Offsets stay bounded by construction
+//! (IHL ≤ 15 words, at most two VLAN tags, at most `MAX_IPV6_EXTENSIONS`
+//! extension headers of at most 2 KiB each), so the verifier can prove every
+//! access.
+
+use core::mem::size_of;
+
+use aya_ebpf::programs::XdpContext;
+use farol_common::MalformedReason;
+use network_types::{
+    arp::ArpHdr,
+    eth::EthHdr,
+    ip::{Ipv4Hdr, Ipv6Hdr},
+    tcp::TcpHdr,
+    udp::UdpHdr,
+    vlan::VlanHdr,
+};
+
+const ETH_P_IPV4: u16 = 0x0800;
+const ETH_P_ARP: u16 = 0x0806;
+const ETH_P_IPV6: u16 = 0x86dd;
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88a8;
+
+const IPPROTO_HOPOPTS: u8 = 0;
+const IPPROTO_ICMP: u8 = 1;
+const IPPROTO_TCP: u8 = 6;
+const IPPROTO_UDP: u8 = 17;
+const IPPROTO_ROUTING: u8 = 43;
+const IPPROTO_FRAGMENT: u8 = 44;
+const IPPROTO_AH: u8 = 51;
+const IPPROTO_ICMPV6: u8 = 58;
+const IPPROTO_DSTOPTS: u8 = 60;
+
+/// VLAN tags walked before giving up (802.1ad outer + 802.1Q inner).
+const MAX_VLAN_TAGS: usize = 2;
+/// IPv6 extension headers walked before giving up; real traffic has 0-2.
+const MAX_IPV6_EXTENSIONS: usize = 4;
+
+/// The ICMP header's fixed part: type, code, checksum.
+const ICMP_HEADER_LEN: usize = 4;
+/// ARP for Ethernet/IPv4, the only kind on our LANs.
+const ARP_LEN: usize = size_of::<ArpHdr>();
+
+#[derive(Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) enum Network {
+    /// Not parsed far enough to know.
+    #[default]
+    Unknown,
+    NonIp,
+    Arp,
+    Ipv4,
+    Ipv6,
+}
+
+#[derive(Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) enum Transport {
+    #[default]
+    None,
+    Tcp,
+    Udp,
+    Icmp,
+    Other,
+    Fragment,
+}
+
+/// What the walk established so far; filled in layer by layer so that a
+/// packet that breaks off late still counts under the layers it completed.
+#[derive(Clone, Copy, Default)]
+pub(crate) struct Packet {
+    pub(crate) network: Network,
+    pub(crate) transport: Transport,
+}
+
+/// Returns a pointer to a `T` at `offset`, or `None` if it would end past
+/// the packet.
+#[inline(always)]
+fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*const T> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + offset + size_of::<T>() > end {
+        return None;
+    }
+    Some((start + offset) as *const T)
+}
+
+/// Reads a `T` at `offset` (unaligned: headers after options or VLAN tags
+/// sit at any offset).
+#[inline(always)]
+fn read_at<T: Copy>(ctx: &XdpContext, offset: usize) -> Option<T> {
+    let ptr = ptr_at::<T>(ctx, offset)?;
+    // SAFETY: ptr_at checked that size_of::<T>() bytes from ptr are inside
+    // the packet; T is a plain header struct valid for any bit pattern.
+    Some(unsafe { ptr.read_unaligned() })
+}
+
+/// Walks the headers, recording each completed layer in `packet`.
+#[inline(always)]
+pub(crate) fn classify(ctx: &XdpContext, packet: &mut Packet) -> Result<(), MalformedReason> {
+    let (ether_type, l3_offset) = ethernet(ctx)?;
+    match ether_type {
+        ETH_P_ARP => {
+            ptr_at::<[u8; ARP_LEN]>(ctx, l3_offset).ok_or(MalformedReason::TruncatedArp)?;
+            packet.network = Network::Arp;
+            Ok(())
+        }
+        ETH_P_IPV4 => {
+            let ip = ipv4(ctx, l3_offset)?;
+            packet.network = Network::Ipv4;
+            transport(ctx, packet, ip)
+        }
+        ETH_P_IPV6 => {
+            let ip = ipv6(ctx, l3_offset)?;
+            packet.network = Network::Ipv6;
+            transport(ctx, packet, ip)
+        }
+        _ => {
+            packet.network = Network::NonIp;
+            Ok(())
+        }
+    }
+}
+
+/// Returns the ether type after any VLAN tags, and where layer 3 starts.
+#[inline(always)]
+fn ethernet(ctx: &XdpContext) -> Result<(u16, usize), MalformedReason> {
+    let eth: EthHdr = read_at(ctx, 0).ok_or(MalformedReason::TruncatedEthernet)?;
+    let mut ether_type = u16::from_be(eth.ether_type);
+    let mut offset = EthHdr::LEN;
+    for _ in 0..MAX_VLAN_TAGS {
+        if ether_type != ETH_P_8021Q && ether_type != ETH_P_8021AD {
+            return Ok((ether_type, offset));
+        }
+        let tag: VlanHdr = read_at(ctx, offset).ok_or(MalformedReason::BadVlan)?;
+        ether_type = u16::from_be(tag.ether_type);
+        offset += VlanHdr::LEN;
+    }
+    if ether_type == ETH_P_8021Q || ether_type == ETH_P_8021AD {
+        return Err(MalformedReason::BadVlan);
+    }
+    Ok((ether_type, offset))
+}
+
+/// Where the transport header starts, where the IP payload ends (from the
+/// IP length fields, not the frame: Ethernet pads short frames), and what
+/// the transport is.
+#[derive(Clone, Copy)]
+struct IpPayload {
+    offset: usize,
+    end: usize,
+    protocol: u8,
+    /// A non-first fragment carries no transport header.
+    later_fragment: bool,
+}
+
+/// The frame length, for checks against the IP length fields.
+///
+/// The volatile read hides where the value came from: otherwise LLVM
+/// derives from `offset + len <= frame_len` that a later `ptr_at` check is
+/// redundant and removes it, and the verifier, which only trusts checks
+/// made on packet pointers, rejects the access.
+#[inline(always)]
+fn frame_len(ctx: &XdpContext) -> usize {
+    let len = ctx.data_end() - ctx.data();
+    // SAFETY: reading a local through a reference to it.
+    unsafe { core::ptr::read_volatile(&len) }
+}
+
+#[inline(always)]
+fn ipv4(ctx: &XdpContext, offset: usize) -> Result<IpPayload, MalformedReason> {
+    let ip: Ipv4Hdr = read_at(ctx, offset).ok_or(MalformedReason::TruncatedIpv4)?;
+    if ip.vihl >> 4 != 4 || ip.vihl & 0x0f < 5 {
+        return Err(MalformedReason::BadIpv4Header);
+    }
+    let header_len = usize::from(ip.vihl & 0x0f) * 4;
+    if offset + header_len > frame_len(ctx) {
+        return Err(MalformedReason::TruncatedIpv4);
+    }
+    let total_len = usize::from(u16::from_be_bytes(ip.tot_len));
+    if total_len < header_len || offset + total_len > frame_len(ctx) {
+        return Err(MalformedReason::BadIpv4Length);
+    }
+    let fragment_offset = u16::from_be_bytes(ip.frags) & 0x1fff;
+    Ok(IpPayload {
+        offset: offset + header_len,
+        end: offset + total_len,
+        protocol: ip.proto,
+        later_fragment: fragment_offset != 0,
+    })
+}
+
+#[inline(always)]
+fn ipv6(ctx: &XdpContext, offset: usize) -> Result<IpPayload, MalformedReason> {
+    let ip: Ipv6Hdr = read_at(ctx, offset).ok_or(MalformedReason::TruncatedIpv6)?;
+    if ip.vcf[0] >> 4 != 6 {
+        return Err(MalformedReason::BadIpv6Header);
+    }
+    let end = offset + Ipv6Hdr::LEN + usize::from(u16::from_be_bytes(ip.payload_len));
+    if end > frame_len(ctx) {
+        return Err(MalformedReason::TruncatedIpv6);
+    }
+    let mut payload = IpPayload {
+        offset: offset + Ipv6Hdr::LEN,
+        end,
+        protocol: ip.next_hdr,
+        later_fragment: false,
+    };
+    for _ in 0..MAX_IPV6_EXTENSIONS {
+        let len = match payload.protocol {
+            IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS => {
+                let [next, units]: [u8; 2] = read_extension(ctx, &payload)?;
+                payload.protocol = next;
+                (usize::from(units) + 1) * 8
+            }
+            // RFC 4302 §2.2: AH's length is in 4-byte units, minus 2.
+            IPPROTO_AH => {
+                let [next, units]: [u8; 2] = read_extension(ctx, &payload)?;
+                payload.protocol = next;
+                (usize::from(units) + 2) * 4
+            }
+            IPPROTO_FRAGMENT => {
+                let fragment: [u8; 8] = read_extension(ctx, &payload)?;
+                payload.protocol = fragment[0];
+                let fragment_offset = u16::from_be_bytes([fragment[2], fragment[3]]) >> 3;
+                payload.later_fragment = fragment_offset != 0;
+                8
+            }
+            _ => return Ok(payload),
+        };
+        payload.offset += len;
+        if payload.offset > payload.end {
+            return Err(MalformedReason::BadIpv6Extension);
+        }
+    }
+    match payload.protocol {
+        IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS | IPPROTO_AH | IPPROTO_FRAGMENT => {
+            Err(MalformedReason::BadIpv6Extension)
+        }
+        _ => Ok(payload),
+    }
+}
+
+#[inline(always)]
+fn read_extension<T: Copy>(ctx: &XdpContext, payload: &IpPayload) -> Result<T, MalformedReason> {
+    if payload.offset + size_of::<T>() > payload.end {
+        return Err(MalformedReason::BadIpv6Extension);
+    }
+    read_at(ctx, payload.offset).ok_or(MalformedReason::BadIpv6Extension)
+}
+
+#[inline(always)]
+fn transport(
+    ctx: &XdpContext,
+    packet: &mut Packet,
+    ip: IpPayload,
+) -> Result<(), MalformedReason> {
+    if ip.later_fragment {
+        packet.transport = Transport::Fragment;
+        return Ok(());
+    }
+    let room = ip.end - ip.offset;
+    match ip.protocol {
+        IPPROTO_TCP => {
+            let tcp: [u8; TcpHdr::LEN] =
+                read_at(ctx, ip.offset).ok_or(MalformedReason::TruncatedTcp)?;
+            if room < TcpHdr::LEN {
+                return Err(MalformedReason::TruncatedTcp);
+            }
+            // RFC 9293 §3.1: the data offset is the high nibble of byte 12.
+            let data_offset = usize::from(tcp[12] >> 4);
+            if data_offset < 5 || data_offset * 4 > room {
+                return Err(MalformedReason::BadTcpDataOffset);
+            }
+            packet.transport = Transport::Tcp;
+        }
+        IPPROTO_UDP => {
+            if room < UdpHdr::LEN || ptr_at::<UdpHdr>(ctx, ip.offset).is_none() {
+                return Err(MalformedReason::TruncatedUdp);
+            }
+            packet.transport = Transport::Udp;
+        }
+        IPPROTO_ICMP | IPPROTO_ICMPV6 => {
+            if room < ICMP_HEADER_LEN || ptr_at::<[u8; ICMP_HEADER_LEN]>(ctx, ip.offset).is_none()
+            {
+                return Err(MalformedReason::TruncatedIcmp);
+            }
+            packet.transport = Transport::Icmp;
+        }
+        _ => packet.transport = Transport::Other,
+    }
+    Ok(())
+}
