@@ -5,7 +5,11 @@ use std::{net::SocketAddr, path::PathBuf};
 use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Debug, Parser)]
-#[command(name = "agent", version, about = "Farol node agent: one binary for the web, database and storage cluster")]
+#[command(
+    name = "agent",
+    version,
+    about = "Farol node agent: one binary for the web, database and storage cluster"
+)]
 pub struct Cli {
     /// Log format.
     #[arg(long, global = true, env = "FAROL_LOG_FORMAT", default_value = "text")]
@@ -31,7 +35,12 @@ pub enum Command {
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
     /// The cluster file (the same on every node).
-    #[arg(long, short, env = "FAROL_CONFIG", default_value = "/etc/farol/cluster.toml")]
+    #[arg(
+        long,
+        short,
+        env = "FAROL_CONFIG",
+        default_value = "/etc/farol/cluster.toml"
+    )]
     pub config: PathBuf,
     /// This node's name in the cluster file (default: the hostname).
     #[arg(long, env = "FAROL_NODE")]

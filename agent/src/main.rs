@@ -27,7 +27,9 @@ fn main() -> ExitCode {
 
 fn init_tracing(format: LogFormat) {
     let filter = EnvFilter::try_from_env("FAROL_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -70,7 +72,9 @@ fn run(args: RunArgs) -> ExitCode {
     let node_name = match args.node.clone().or_else(hostname) {
         Some(name) => name,
         None => {
-            eprintln!("cannot tell which node this is: pass --node NAME (the hostname is unreadable)");
+            eprintln!(
+                "cannot tell which node this is: pass --node NAME (the hostname is unreadable)"
+            );
             return ExitCode::from(EXIT_CONFIG);
         }
     };

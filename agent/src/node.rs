@@ -35,7 +35,12 @@ pub struct NodePlan {
 }
 
 impl NodePlan {
-    pub fn new(config: &Config, node: &NodeConfig, pin_dir: Option<PathBuf>, metrics_listen: Option<SocketAddr>) -> NodePlan {
+    pub fn new(
+        config: &Config,
+        node: &NodeConfig,
+        pin_dir: Option<PathBuf>,
+        metrics_listen: Option<SocketAddr>,
+    ) -> NodePlan {
         NodePlan {
             cluster: config.cluster.name.clone(),
             node: node.clone(),
@@ -49,17 +54,22 @@ impl NodePlan {
 /// Runs the node until `shutdown` turns true.
 pub async fn run(plan: NodePlan, mut shutdown: watch::Receiver<bool>) -> Result<(), NodeError> {
     let listener = metrics::bind(plan.metrics_listen).await?;
-    let dataplane = Dataplane::start(&plan.node.interface, plan.xdp_mode, &plan.pin_dir).map_err(|source| {
-        NodeError::Dataplane {
-            iface: plan.node.interface.clone(),
-            source,
-        }
-    })?;
+    let dataplane =
+        Dataplane::start(&plan.node.interface, plan.xdp_mode, &plan.pin_dir).map_err(|source| {
+            NodeError::Dataplane {
+                iface: plan.node.interface.clone(),
+                source,
+            }
+        })?;
     let attachment = XdpAttachment {
         interface: dataplane.interface().to_owned(),
         mode: dataplane.mode(),
     };
-    let registry = metrics::registry(&plan.cluster, &plan.node.name, Some((dataplane.counters(), attachment)));
+    let registry = metrics::registry(
+        &plan.cluster,
+        &plan.node.name,
+        Some((dataplane.counters(), attachment)),
+    );
     info!(node = %plan.node.name, metrics = %plan.metrics_listen, "agent running");
 
     let stop = async move {

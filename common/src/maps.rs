@@ -33,10 +33,12 @@ const _: () = assert!(size_of::<PacketStats>() == 16);
 impl PacketStats {
     /// Sums the per-CPU values of one slot.
     pub fn sum<'a>(values: impl IntoIterator<Item = &'a PacketStats>) -> PacketStats {
-        values.into_iter().fold(PacketStats::default(), |acc, v| PacketStats {
-            packets: acc.packets.wrapping_add(v.packets),
-            bytes: acc.bytes.wrapping_add(v.bytes),
-        })
+        values
+            .into_iter()
+            .fold(PacketStats::default(), |acc, v| PacketStats {
+                packets: acc.packets.wrapping_add(v.packets),
+                bytes: acc.bytes.wrapping_add(v.bytes),
+            })
     }
 }
 

@@ -114,6 +114,7 @@ pub(crate) fn classify(ctx: &XdpContext, packet: &mut Packet) -> Result<(), Malf
         ETH_P_IPV6 => {
             let ip = ipv6(ctx, l3_offset)?;
             packet.network = Network::Ipv6;
+            let ip = ipv6_extensions(ctx, ip)?;
             transport(ctx, packet, ip)
         }
         _ => {
@@ -201,12 +202,17 @@ fn ipv6(ctx: &XdpContext, offset: usize) -> Result<IpPayload, MalformedReason> {
     if end > frame_len(ctx) {
         return Err(MalformedReason::TruncatedIpv6);
     }
-    let mut payload = IpPayload {
+    Ok(IpPayload {
         offset: offset + Ipv6Hdr::LEN,
         end,
         protocol: ip.next_hdr,
         later_fragment: false,
-    };
+    })
+}
+
+/// Walks the extension headers (RFC 8200 §4) to the transport header.
+#[inline(always)]
+fn ipv6_extensions(ctx: &XdpContext, mut payload: IpPayload) -> Result<IpPayload, MalformedReason> {
     for _ in 0..MAX_IPV6_EXTENSIONS {
         let len = match payload.protocol {
             IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS => {
@@ -251,11 +257,7 @@ fn read_extension<T: Copy>(ctx: &XdpContext, payload: &IpPayload) -> Result<T, M
 }
 
 #[inline(always)]
-fn transport(
-    ctx: &XdpContext,
-    packet: &mut Packet,
-    ip: IpPayload,
-) -> Result<(), MalformedReason> {
+fn transport(ctx: &XdpContext, packet: &mut Packet, ip: IpPayload) -> Result<(), MalformedReason> {
     if ip.later_fragment {
         packet.transport = Transport::Fragment;
         return Ok(());
@@ -282,8 +284,7 @@ fn transport(
             packet.transport = Transport::Udp;
         }
         IPPROTO_ICMP | IPPROTO_ICMPV6 => {
-            if room < ICMP_HEADER_LEN || ptr_at::<[u8; ICMP_HEADER_LEN]>(ctx, ip.offset).is_none()
-            {
+            if room < ICMP_HEADER_LEN || ptr_at::<[u8; ICMP_HEADER_LEN]>(ctx, ip.offset).is_none() {
                 return Err(MalformedReason::TruncatedIcmp);
             }
             packet.transport = Transport::Icmp;

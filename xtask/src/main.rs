@@ -1,1 +1,137 @@
-fn main() {}
+//! `cargo xtask COMMAND`: Farol's developer commands.
+
+mod demo;
+
+use std::process::Command;
+
+use anyhow::{bail, Result};
+use clap::{Parser, Subcommand};
+use xtask::{bench, exec, lab::Lab, toolchain, workspace_root};
+
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask", about = "Farol's developer commands")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Debug, Subcommand)]
+enum Task {
+    /// Install what the eBPF build and the lab need (idempotent).
+    Setup,
+    /// Build the eBPF object (runs setup first when something is missing).
+    BuildEbpf,
+    /// The cluster in network namespaces.
+    Lab {
+        #[command(subcommand)]
+        action: LabAction,
+        /// Prefix of the lab's namespaces; labs with different prefixes coexist.
+        #[arg(long, global = true, default_value = "lab")]
+        prefix: String,
+    },
+    /// Run the demo: lab up, an agent on every node, traffic, live counters, teardown.
+    Demo {
+        /// How long traffic runs.
+        #[arg(long, default_value_t = 12)]
+        seconds: u64,
+    },
+    /// Run every check and test: setup, eBPF build, fmt, clippy, unit and lab tests.
+    Test,
+    /// Benchmarks against a baseline in the same run; writes target/bench/NAME.json.
+    Bench {
+        /// Which benchmark.
+        name: BenchName,
+    },
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum BenchName {
+    /// Time per packet of farol_ingress vs a bare XDP_PASS (BPF_PROG_TEST_RUN).
+    Xdp,
+}
+
+#[derive(Debug, Subcommand)]
+enum LabAction {
+    /// Create the namespaces, bridge and links that are missing.
+    Up,
+    /// Stop every process in the lab's namespaces and delete them.
+    Down,
+    /// Show each host, its address, link and XDP program.
+    Status,
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Task::Setup => toolchain::setup(),
+        Task::BuildEbpf => toolchain::build_ebpf(),
+        Task::Lab { action, prefix } => lab(action, &prefix),
+        Task::Demo { seconds } => demo::run(seconds),
+        Task::Test => test(),
+        Task::Bench { name } => match name {
+            BenchName::Xdp => {
+                toolchain::build_ebpf()?;
+                let report = bench::xdp()?;
+                println!("wrote {}", report.write()?.display());
+                Ok(())
+            }
+        },
+    }
+}
+
+fn require_root(what: &str) -> Result<()> {
+    if !xtask::is_root() {
+        bail!("{what} creates network namespaces and loads BPF programs: run it as root");
+    }
+    Ok(())
+}
+
+fn lab(action: LabAction, prefix: &str) -> Result<()> {
+    require_root("lab")?;
+    let lab = Lab::new(prefix)?;
+    match action {
+        LabAction::Up => {
+            lab.up()?;
+            println!("{}", lab.status()?);
+        }
+        LabAction::Down => {
+            lab.down()?;
+            println!("lab {prefix}: down");
+        }
+        LabAction::Status => println!("{}", lab.status()?),
+    }
+    Ok(())
+}
+
+fn cargo(args: &[&str]) -> Command {
+    let mut command = Command::new("cargo");
+    command.current_dir(workspace_root()).args(args);
+    command
+}
+
+/// Every check CI runs, in order of cost.
+fn test() -> Result<()> {
+    require_root("test")?;
+    let step = |name: &str| println!("\n=== xtask test: {name}");
+    step("setup");
+    toolchain::ensure_setup()?;
+    step("build-ebpf");
+    toolchain::build_ebpf()?;
+    step("cargo fmt --check");
+    exec(&mut cargo(&["fmt", "--all", "--check"]))?;
+    toolchain::fmt_check_ebpf()?;
+    step("cargo clippy -D warnings");
+    exec(&mut cargo(&[
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--quiet",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    step("cargo test (unit, PROG_TEST_RUN and lab tests)");
+    // Tests that need root skip themselves elsewhere; here they must run.
+    exec(cargo(&["test", "--workspace"]).env("FAROL_TEST_REQUIRE_PRIVILEGES", "1"))?;
+    println!("\nxtask test: all passed");
+    Ok(())
+}

@@ -369,7 +369,12 @@ fn check_interface_name(name: &str) -> Result<(), String> {
             "expected an interface name of 1 to {MAX_INTERFACE_NAME} bytes, got {name:?}"
         ));
     }
-    if name == "." || name == ".." || name.chars().any(|c| c == '/' || c == ':' || c.is_whitespace() || c == '\0') {
+    if name == "."
+        || name == ".."
+        || name
+            .chars()
+            .any(|c| c == '/' || c == ':' || c.is_whitespace() || c == '\0')
+    {
         return Err(format!(
             "expected an interface name without '/', ':', spaces or NUL, got {name:?}"
         ));

@@ -77,7 +77,9 @@ fn lab_config_gives_every_node_its_own_pin_dir() {
 #[test]
 fn missing_file_names_the_file() {
     let error = Config::load(Path::new("/nonexistent/farol.toml")).unwrap_err();
-    assert!(error.to_string().starts_with("/nonexistent/farol.toml: cannot read"));
+    assert!(error
+        .to_string()
+        .starts_with("/nonexistent/farol.toml: cannot read"));
 }
 
 #[test]
@@ -269,6 +271,12 @@ fn every_problem_is_reported_at_once() {
 #[test]
 fn unknown_node_lists_the_known_ones() {
     let config = load(VALID).unwrap();
-    let error = config.node(Path::new("c.toml"), "zz").unwrap_err().to_string();
-    assert!(error.contains("\"zz\"") && error.contains("a, b"), "{error}");
+    let error = config
+        .node(Path::new("c.toml"), "zz")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.contains("\"zz\"") && error.contains("a, b"),
+        "{error}"
+    );
 }

@@ -121,7 +121,7 @@ impl Drop for Pins {
     /// A start that fails after pinning, or an agent that returns with an
     /// error, leaves nothing behind either.
     fn drop(&mut self) {
-        if !self.files.is_empty() {
+        if !self.files.is_empty() || !self.created_dirs.is_empty() {
             self.remove_all();
         }
     }
@@ -132,7 +132,13 @@ fn lock_pin_dir(dir: &Path) -> Result<File, BpfFsError> {
         .as_os_str()
         .as_bytes()
         .iter()
-        .map(|&byte| if byte.is_ascii_alphanumeric() { byte as char } else { '_' })
+        .map(|&byte| {
+            if byte.is_ascii_alphanumeric() {
+                byte as char
+            } else {
+                '_'
+            }
+        })
         .collect();
     let lock = Path::new(LOCK_DIR).join(format!("pin{name}.lock"));
     let error = |source| BpfFsError::Lock {
@@ -192,7 +198,10 @@ fn is_bpffs(path: &Path) -> Result<bool, BpfFsError> {
     }
     // SAFETY: statfs returned 0, so it filled `stat`.
     let stat = unsafe { stat.assume_init() };
-    #[expect(clippy::unnecessary_cast, reason = "f_type is i64 on x86_64 but u32/i32 on 32-bit ARM")]
+    #[expect(
+        clippy::unnecessary_cast,
+        reason = "f_type is i64 on x86_64 but u32/i32 on 32-bit ARM"
+    )]
     Ok(stat.f_type as i64 == BPF_FS_MAGIC)
 }
 

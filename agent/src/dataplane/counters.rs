@@ -56,7 +56,9 @@ impl Counters {
     /// Takes the counter maps out of a loaded object.
     pub fn take_from(ebpf: &mut Ebpf) -> Result<Counters, DataplaneError> {
         let mut take = |name: &'static str| {
-            let map = ebpf.take_map(name).ok_or(DataplaneError::MissingMap { name })?;
+            let map = ebpf
+                .take_map(name)
+                .ok_or(DataplaneError::MissingMap { name })?;
             PerCpuArray::try_from(map).map_err(|source| DataplaneError::Map { name, source })
         };
         Ok(Counters {
@@ -76,10 +78,12 @@ impl Counters {
             malformed: [PacketStats::default(); MalformedReason::COUNT as usize],
         };
         for class in PacketClass::ALL {
-            snapshot.classes[class as usize] = read(&self.packet_stats, MAP_PACKET_STATS, class as u32)?;
+            snapshot.classes[class as usize] =
+                read(&self.packet_stats, MAP_PACKET_STATS, class as u32)?;
         }
         for reason in MalformedReason::ALL {
-            snapshot.malformed[reason as usize] = read(&self.malformed, MAP_MALFORMED, reason as u32)?;
+            snapshot.malformed[reason as usize] =
+                read(&self.malformed, MAP_MALFORMED, reason as u32)?;
         }
         Ok(snapshot)
     }

@@ -20,7 +20,8 @@ use crate::config::XdpMode;
 
 /// The eBPF object, embedded at build time by `build.rs` (empty when
 /// `cargo xtask build-ebpf` had not run).
-pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/farol.bpf.o"));
+pub static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/farol.bpf.o"));
 
 /// The bare XDP_PASS program in the same object, the benchmark's baseline;
 /// never attached.
@@ -157,8 +158,11 @@ impl Dataplane {
         for name in PINNED_MAPS {
             let map = ebpf.map(name).ok_or(DataplaneError::MissingMap { name })?;
             let path = pins.path_for(name);
-            map.pin(&path)
-                .map_err(|source| DataplaneError::Pin { name, path: path.clone(), source })?;
+            map.pin(&path).map_err(|source| DataplaneError::Pin {
+                name,
+                path: path.clone(),
+                source,
+            })?;
             pins.record(path);
         }
         let counters = std::sync::Arc::new(Counters::take_from(&mut ebpf)?);
@@ -203,8 +207,12 @@ impl Dataplane {
             .map(|program| program.detach(link));
         match detached {
             Some(Ok(())) => info!(iface = %self.iface, "XDP program detached"),
-            Some(Err(error)) => warn!(iface = %self.iface, %error, "XDP detach failed; the program goes when the agent exits"),
-            None => warn!(iface = %self.iface, "XDP program not found at detach; it goes when the agent exits"),
+            Some(Err(error)) => {
+                warn!(iface = %self.iface, %error, "XDP detach failed; the program goes when the agent exits")
+            }
+            None => {
+                warn!(iface = %self.iface, "XDP program not found at detach; it goes when the agent exits")
+            }
         }
     }
 }
@@ -215,7 +223,11 @@ impl Drop for Dataplane {
     }
 }
 
-fn attach(program: &mut Xdp, iface: &str, mode: XdpMode) -> Result<(XdpLinkId, AttachMode), DataplaneError> {
+fn attach(
+    program: &mut Xdp,
+    iface: &str,
+    mode: XdpMode,
+) -> Result<(XdpLinkId, AttachMode), DataplaneError> {
     let try_mode = |program: &mut Xdp, mode: AttachMode| {
         program
             .attach(iface, mode.aya())
@@ -260,7 +272,11 @@ fn check_privileges() -> Result<(), DataplaneError> {
         return Ok(());
     }
     let mut held = Vec::new();
-    for (cap, name) in [(CAP_BPF, "CAP_BPF"), (CAP_SYS_ADMIN, "CAP_SYS_ADMIN"), (CAP_NET_ADMIN, "CAP_NET_ADMIN")] {
+    for (cap, name) in [
+        (CAP_BPF, "CAP_BPF"),
+        (CAP_SYS_ADMIN, "CAP_SYS_ADMIN"),
+        (CAP_NET_ADMIN, "CAP_NET_ADMIN"),
+    ] {
         if has(cap) {
             held.push(name);
         }

@@ -106,7 +106,11 @@ impl Collector for XdpCollector {
 }
 
 /// The agent's registry: build information plus the data-plane collector.
-pub fn registry(cluster: &str, node: &str, xdp: Option<(Arc<Counters>, XdpAttachment)>) -> Registry {
+pub fn registry(
+    cluster: &str,
+    node: &str,
+    xdp: Option<(Arc<Counters>, XdpAttachment)>,
+) -> Registry {
     let mut registry = Registry::default();
     let info = prometheus_client::metrics::info::Info::new(vec![
         ("version", env!("CARGO_PKG_VERSION").to_owned()),

@@ -1,0 +1,26 @@
+//! Shared by the privileged integration tests.
+
+#![allow(dead_code, reason = "each test binary uses a different subset")]
+
+/// True when this test may load BPF programs and create namespaces.
+/// Without root it skips (prints why); under `cargo xtask test`
+/// (FAROL_TEST_REQUIRE_PRIVILEGES=1) a skip is a failure instead.
+pub(crate) fn privileged(test: &str) -> bool {
+    let why = if !xtask::is_root() {
+        Some("needs root (BPF programs, network namespaces)")
+    } else if farol_agent::dataplane::EBPF_OBJECT.is_empty() {
+        Some("the agent was built without its eBPF object (run `cargo xtask build-ebpf`)")
+    } else {
+        None
+    };
+    match why {
+        None => true,
+        Some(why) if std::env::var_os("FAROL_TEST_REQUIRE_PRIVILEGES").is_some() => {
+            panic!("{test}: {why}")
+        }
+        Some(why) => {
+            eprintln!("skipping {test}: {why}");
+            false
+        }
+    }
+}
