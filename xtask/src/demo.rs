@@ -111,20 +111,11 @@ pub(crate) fn run(seconds: u64) -> Result<()> {
     if let Ok((ok, total)) = &result {
         println!("      {ok}/{total} HTTP requests answered");
         let node = &lab.nodes()[0].name;
-        let dump = std::process::Command::new("bpftool")
-            .args(["map", "dump", "pinned"])
-            .arg(lab.pin_dir(node).join("PACKET_STATS"))
-            .output();
-        if let Ok(dump) = dump {
-            let text = String::from_utf8_lossy(&dump.stdout);
-            let first: Vec<&str> = text.lines().take(12).collect();
-            println!(
-                "      bpftool map dump pinned {}/PACKET_STATS (first lines):",
-                lab.pin_dir(node).display()
-            );
-            for line in first {
-                println!("        {line}");
-            }
+        let map = lab.pin_dir(node).join("PACKET_STATS");
+        println!("      bpftool map dump pinned {} (the tcp slot, per CPU):", map.display());
+        match tcp_slot_from_bpftool(&map) {
+            Ok(line) => println!("        {line}"),
+            Err(error) => println!("        bpftool failed: {error:#}"),
         }
     }
 
@@ -216,7 +207,7 @@ fn traffic(lab: &Lab, seconds: u64, stop: &AtomicBool) -> Result<(u64, u64)> {
                 let metrics = scrape(lab, &node.name).unwrap_or_default();
                 let row: String = classes
                     .iter()
-                    .map(|c| format!("{:>9}", packets(&metrics, c)))
+                    .map(|c| format!("{:>10}", packets(&metrics, c)))
                     .collect();
                 println!("      {:<8} {row}", node.name);
             }
@@ -228,4 +219,17 @@ fn traffic(lab: &Lab, seconds: u64, stop: &AtomicBool) -> Result<(u64, u64)> {
         }
     }
     Ok((ok, total))
+}
+
+/// The TCP slot of the pinned PACKET_STATS map as bpftool shows it (BTF
+/// gives field names).
+fn tcp_slot_from_bpftool(map: &std::path::Path) -> Result<String> {
+    let out = xtask::capture(std::process::Command::new("bpftool").args(["-j", "map", "dump", "pinned"]).arg(map))?;
+    let entries: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let tcp = farol_common::PacketClass::Tcp as u64;
+    let slot = entries
+        .as_array()
+        .and_then(|entries| entries.iter().map(|e| &e["formatted"]).find(|e| e["key"].as_u64() == Some(tcp)))
+        .context("no BTF-formatted tcp slot in bpftool's output")?;
+    Ok(format!("key {tcp} (tcp): {}", slot["values"]))
 }

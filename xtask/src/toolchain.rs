@@ -37,6 +37,7 @@ const PACKAGES: &[(&str, &str)] = &[
         "nsenter (run in a node's namespace) and setpriv",
     ),
     ("python3", "a small HTTP server for the lab's web nodes"),
+    ("iputils-ping", "ping in the demo's traffic"),
 ];
 
 /// bpf-linker's release line that links against LLVM 22.
