@@ -95,7 +95,14 @@ pub fn setup() -> Result<()> {
         exec(
             Command::new("apt-get")
                 .env("DEBIAN_FRONTEND", "noninteractive")
-                .args(["install", "-y", "-qq", "--no-install-recommends"])
+                .args([
+                    "install",
+                    "-y",
+                    "-qq",
+                    "-o",
+                    "Dpkg::Use-Pty=0",
+                    "--no-install-recommends",
+                ])
                 .args(absent.iter().map(|(name, _)| *name)),
         )?;
     }
