@@ -7,6 +7,7 @@
 //! build on both sides rather than the data at run time.
 #![no_std]
 
+pub mod lb;
 pub mod maps;
 pub mod stats;
 

@@ -7,27 +7,34 @@
 //!   against the frame, counted, then TCP, UDP, ICMP/ICMPv6 checked and counted;
 //! - everything else: counted as non-IP.
 //!
-//! Every packet is passed to the kernel (XDP_PASS). A packet is counted under
-//! each layer it completed; one whose headers are cut short or contradict
-//! themselves is also counted under `Malformed` with its reason. Nothing is
-//! aborted or dropped here.
+//! - ARP requests for a VIP this node holds: answered here (XDP_TX);
+//! - TCP and UDP to a VIP: balanced (`balance.rs`): sent to a backend's MAC
+//!   (XDP_TX, DSR), passed up when the backend is this node, dropped and
+//!   counted when no backend can take the flow;
+//! - everything else is passed to the kernel (XDP_PASS).
+//!
+//! A packet is counted under each layer it completed; one whose headers are
+//! cut short or contradict themselves is also counted under `Malformed` with
+//! its reason and passed, never aborted.
 #![no_std]
 #![no_main]
 
+mod balance;
 mod maps;
 mod parse;
 mod stats;
+mod vip;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use farol_common::MalformedReason;
 
-use crate::parse::Packet;
+use crate::parse::{Network, Packet, Transport};
 
 #[xdp]
 pub fn farol_ingress(ctx: XdpContext) -> u32 {
     let frame_len = (ctx.data_end() - ctx.data()) as u64;
     let mut packet = Packet::default();
-    let verdict = try_farol_ingress(&ctx, &mut packet);
+    let verdict = try_farol_ingress(&ctx, &mut packet, frame_len);
     stats::count_packet(&packet, frame_len);
     match verdict {
         Ok(action) => action,
@@ -38,9 +45,19 @@ pub fn farol_ingress(ctx: XdpContext) -> u32 {
     }
 }
 
-fn try_farol_ingress(ctx: &XdpContext, packet: &mut Packet) -> Result<u32, MalformedReason> {
+fn try_farol_ingress(
+    ctx: &XdpContext,
+    packet: &mut Packet,
+    frame_len: u64,
+) -> Result<u32, MalformedReason> {
     parse::classify(ctx, packet)?;
-    Ok(xdp_action::XDP_PASS)
+    Ok(match (packet.network, packet.transport) {
+        (Network::Arp, _) => vip::answer_arp(ctx, packet.l3_offset),
+        (Network::Ipv4 | Network::Ipv6, Transport::Tcp | Transport::Udp) => {
+            balance::forward(ctx, packet, frame_len)
+        }
+        _ => xdp_action::XDP_PASS,
+    })
 }
 
 /// A bare XDP_PASS, the per-packet benchmark's baseline (`cargo xtask bench

@@ -8,7 +8,7 @@
 use core::mem::size_of;
 
 use aya_ebpf::programs::XdpContext;
-use farol_common::MalformedReason;
+use farol_common::{lb::FlowKey, MalformedReason};
 use network_types::{
     arp::ArpHdr,
     eth::EthHdr,
@@ -72,7 +72,22 @@ pub(crate) enum Transport {
 pub(crate) struct Packet {
     pub(crate) network: Network,
     pub(crate) transport: Transport,
+    /// Where the network header starts (after any VLAN tags).
+    pub(crate) l3_offset: usize,
+    /// For TCP and UDP: the 5-tuple as it arrived (IPv4 mapped to IPv6).
+    pub(crate) flow: FlowKey,
+    /// TCP flags byte (FIN 0x01, SYN 0x02, RST 0x04, ACK 0x10), 0 otherwise.
+    pub(crate) tcp_flags: u8,
 }
+
+pub(crate) const TCP_FIN: u8 = 0x01;
+pub(crate) const TCP_SYN: u8 = 0x02;
+pub(crate) const TCP_RST: u8 = 0x04;
+
+/// ARP opcode for a request (RFC 826).
+pub(crate) const ARP_REQUEST: u16 = 1;
+/// ARP for Ethernet/IPv4: hardware type 1, protocol 0x0800, lengths 6 and 4.
+pub(crate) const ARP_ETHERNET_IPV4: [u8; 6] = [0, 1, 0x08, 0x00, 6, 4];
 
 /// Returns a pointer to a `T` at `offset`, or `None` if it would end past
 /// the packet.
@@ -84,6 +99,12 @@ fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*const T> {
         return None;
     }
     Some((start + offset) as *const T)
+}
+
+/// Like [`ptr_at`], for rewriting the packet in place.
+#[inline(always)]
+pub(crate) fn ptr_at_mut<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
+    ptr_at::<T>(ctx, offset).map(|ptr| ptr as *mut T)
 }
 
 /// Reads a `T` at `offset` (unaligned: headers after options or VLAN tags
@@ -100,6 +121,7 @@ fn read_at<T: Copy>(ctx: &XdpContext, offset: usize) -> Option<T> {
 #[inline(always)]
 pub(crate) fn classify(ctx: &XdpContext, packet: &mut Packet) -> Result<(), MalformedReason> {
     let (ether_type, l3_offset) = ethernet(ctx)?;
+    packet.l3_offset = l3_offset;
     match ether_type {
         ETH_P_ARP => {
             ptr_at::<[u8; ARP_LEN]>(ctx, l3_offset).ok_or(MalformedReason::TruncatedArp)?;
@@ -109,11 +131,21 @@ pub(crate) fn classify(ctx: &XdpContext, packet: &mut Packet) -> Result<(), Malf
         ETH_P_IPV4 => {
             let ip = ipv4(ctx, l3_offset)?;
             packet.network = Network::Ipv4;
+            let header: Ipv4Hdr = read_at(ctx, l3_offset).ok_or(MalformedReason::TruncatedIpv4)?;
+            packet.flow.src[10] = 0xff;
+            packet.flow.src[11] = 0xff;
+            packet.flow.src[12..16].copy_from_slice(&header.src_addr);
+            packet.flow.dst[10] = 0xff;
+            packet.flow.dst[11] = 0xff;
+            packet.flow.dst[12..16].copy_from_slice(&header.dst_addr);
             transport(ctx, packet, ip)
         }
         ETH_P_IPV6 => {
             let ip = ipv6(ctx, l3_offset)?;
             packet.network = Network::Ipv6;
+            let header: Ipv6Hdr = read_at(ctx, l3_offset).ok_or(MalformedReason::TruncatedIpv6)?;
+            packet.flow.src = header.src_addr;
+            packet.flow.dst = header.dst_addr;
             let ip = ipv6_extensions(ctx, ip)?;
             transport(ctx, packet, ip)
         }
@@ -276,12 +308,21 @@ fn transport(ctx: &XdpContext, packet: &mut Packet, ip: IpPayload) -> Result<(),
                 return Err(MalformedReason::BadTcpDataOffset);
             }
             packet.transport = Transport::Tcp;
+            packet.tcp_flags = tcp[13];
+            packet.flow.sport_be = u16::from_ne_bytes([tcp[0], tcp[1]]);
+            packet.flow.dport_be = u16::from_ne_bytes([tcp[2], tcp[3]]);
+            packet.flow.protocol = IPPROTO_TCP;
         }
         IPPROTO_UDP => {
-            if room < UdpHdr::LEN || ptr_at::<UdpHdr>(ctx, ip.offset).is_none() {
+            if room < UdpHdr::LEN {
                 return Err(MalformedReason::TruncatedUdp);
             }
+            let udp: [u8; UdpHdr::LEN] =
+                read_at(ctx, ip.offset).ok_or(MalformedReason::TruncatedUdp)?;
             packet.transport = Transport::Udp;
+            packet.flow.sport_be = u16::from_ne_bytes([udp[0], udp[1]]);
+            packet.flow.dport_be = u16::from_ne_bytes([udp[2], udp[3]]);
+            packet.flow.protocol = IPPROTO_UDP;
         }
         IPPROTO_ICMP | IPPROTO_ICMPV6 => {
             if room < ICMP_HEADER_LEN || ptr_at::<[u8; ICMP_HEADER_LEN]>(ctx, ip.offset).is_none() {

@@ -15,6 +15,13 @@ use std::{
 use ipnet::IpNet;
 use serde::Deserialize;
 
+mod service;
+
+pub use service::{
+    BackendConfig, Forwarding, PortRange, PortSpec, Protocol, Scheduler, ServiceConfig,
+    DEFAULT_WEIGHT, MAX_PORTS_PER_SERVICE, MAX_WEIGHT,
+};
+
 /// Where pinned maps go unless the cluster or the node says otherwise.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/farol";
 /// The metrics and status port (unassigned by IANA, unlikely to collide).
@@ -29,6 +36,9 @@ pub struct Config {
     /// Every machine of the cluster, in `[[node]]` sections.
     #[serde(rename = "node", default)]
     pub nodes: Vec<NodeConfig>,
+    /// Virtual services balanced in the kernel, in `[[service]]` sections.
+    #[serde(rename = "service", default)]
+    pub services: Vec<ServiceConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -290,6 +300,7 @@ impl Config {
                 );
             }
         }
+        service::validate(&self.services, &self.nodes, &mut problems);
         problems
     }
 

@@ -4,6 +4,8 @@
 
 mod bpffs;
 mod counters;
+pub mod lb;
+pub mod maglev;
 
 use std::path::{Path, PathBuf};
 

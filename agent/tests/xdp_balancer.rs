@@ -1,0 +1,439 @@
+//! The balancer in `farol_ingress` through BPF_PROG_TEST_RUN: exact frames
+//! out for every scheduler in DSR mode, the connection table, drains, dead
+//! backends, no backend, not-owned VIPs, non-VIP traffic and ARP for VIPs.
+
+mod support;
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use aya::{
+    programs::{TestRun, TestRunOptions, Xdp},
+    Ebpf,
+};
+use farol_agent::{
+    config::{Protocol, Scheduler},
+    dataplane::{
+        self,
+        lb::{BackendPlan, LbPlan, LoadBalancerMaps, ServicePlan},
+        maglev::{maglev_table, TableBackend},
+    },
+};
+use farol_common::{
+    lb::{flow_hash, FlowKey, MAGLEV_TABLE_SIZE},
+    maps::PROGRAM_INGRESS,
+};
+use xtask::packets;
+
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
+const LOCAL_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x11];
+const VIP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 100);
+const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x64);
+
+fn backend_mac(slot: u32) -> [u8; 6] {
+    [0x02, 0, 0, 0, 0xbe, slot as u8]
+}
+
+fn backend(slot: u32, weight: u32) -> BackendPlan {
+    BackendPlan {
+        slot,
+        name: format!("nuster{}", slot + 1),
+        addr: IpAddr::V4(Ipv4Addr::new(192, 0, 2, 11 + slot as u8)),
+        port: 80,
+        mac: Some(backend_mac(slot)),
+        weight,
+        local: false,
+        alive: true,
+    }
+}
+
+fn service(scheduler: Scheduler, backends: Vec<BackendPlan>) -> ServicePlan {
+    ServicePlan {
+        index: 0,
+        name: "web".into(),
+        vip: IpAddr::V4(VIP),
+        ports: vec![80],
+        protocol: Protocol::Tcp,
+        scheduler,
+        seed: "lab/web".into(),
+        backends,
+    }
+}
+
+fn plan(services: Vec<ServicePlan>) -> LbPlan {
+    let owned_vips = services.iter().map(|s| s.vip).collect();
+    LbPlan {
+        local_mac: LOCAL_MAC,
+        services,
+        owned_vips,
+    }
+}
+
+struct Harness {
+    ebpf: Ebpf,
+    lb: LoadBalancerMaps,
+}
+
+impl Harness {
+    fn new(plan: &LbPlan) -> Harness {
+        let mut ebpf = dataplane::load_object().expect("load the eBPF object");
+        let mut lb = LoadBalancerMaps::take_from(&mut ebpf).expect("lb maps");
+        dataplane::load_xdp(&mut ebpf, PROGRAM_INGRESS).expect("verifier accepts farol_ingress");
+        lb.apply(plan).expect("apply plan");
+        Harness { ebpf, lb }
+    }
+
+    fn run(&self, frame: &[u8]) -> (u32, Vec<u8>) {
+        let program: &Xdp = self
+            .ebpf
+            .program(PROGRAM_INGRESS)
+            .unwrap()
+            .try_into()
+            .unwrap();
+        let mut out = vec![0u8; frame.len() + 256];
+        let result = program
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ..TestRunOptions::default()
+            })
+            .expect("BPF_PROG_TEST_RUN");
+        out.truncate(result.data_size_out as usize);
+        (result.return_value, out)
+    }
+
+    /// Sends a frame that must be forwarded; returns the backend slot whose
+    /// MAC it was sent to, after checking the rest of the frame is intact.
+    fn forwarded_to(&self, frame: &[u8]) -> u32 {
+        let (verdict, out) = self.run(frame);
+        assert_eq!(verdict, XDP_TX, "expected XDP_TX for {}", hex(frame));
+        assert_eq!(&out[6..12], &LOCAL_MAC, "source MAC is the balancer's");
+        assert_eq!(
+            &out[12..],
+            &frame[12..],
+            "DSR changes nothing past the MACs"
+        );
+        assert_eq!(
+            &out[0..5],
+            &backend_mac(0)[0..5],
+            "destination is a backend MAC"
+        );
+        u32::from(out[5])
+    }
+}
+
+fn hex(frame: &[u8]) -> String {
+    frame.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A TCP frame from the client to the VIP, from `port`.
+fn tcp(port: u16, syn: bool) -> Vec<u8> {
+    let mut frame = if syn {
+        packets::tcp_syn_v4()
+    } else {
+        packets::tcp_established_v4()
+    };
+    frame[packets::L4_V4..packets::L4_V4 + 2].copy_from_slice(&port.to_be_bytes());
+    frame
+}
+
+fn flow_key(frame: &[u8]) -> FlowKey {
+    let l3 = packets::L3;
+    let mut key = FlowKey::default();
+    key.src[10..12].copy_from_slice(&[0xff, 0xff]);
+    key.dst[10..12].copy_from_slice(&[0xff, 0xff]);
+    key.src[12..].copy_from_slice(&frame[l3 + 12..l3 + 16]);
+    key.dst[12..].copy_from_slice(&frame[l3 + 16..l3 + 20]);
+    key.sport_be = u16::from_ne_bytes([frame[packets::L4_V4], frame[packets::L4_V4 + 1]]);
+    key.dport_be = u16::from_ne_bytes([frame[packets::L4_V4 + 2], frame[packets::L4_V4 + 3]]);
+    key.protocol = frame[l3 + 9];
+    key
+}
+
+/// Runs each test body in a thread pinned to one CPU, so per-CPU state
+/// (the round-robin cursor) behaves as one sequence.
+fn pinned<T>(body: impl FnOnce() -> T) -> T {
+    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET and sched_setaffinity
+    // only touch it and this thread's affinity.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(0, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+    body()
+}
+
+#[test]
+fn maglev_sends_each_flow_where_the_table_says_and_keeps_it_there() {
+    if !support::privileged("maglev_sends_each_flow_where_the_table_says_and_keeps_it_there") {
+        return;
+    }
+    let backends: Vec<BackendPlan> = (0..4).map(|slot| backend(slot, 100)).collect();
+    let harness = Harness::new(&plan(vec![service(Scheduler::Maglev, backends.clone())]));
+    let table = maglev_table(
+        &backends
+            .iter()
+            .map(|b| TableBackend {
+                id: b.id(0),
+                key: format!("{}:{}", b.addr, b.port),
+                weight: b.weight,
+            })
+            .collect::<Vec<_>>(),
+        "lab/web",
+        MAGLEV_TABLE_SIZE,
+    );
+    let mut seen = std::collections::HashSet::new();
+    for port in 40000..40064u16 {
+        let syn = tcp(port, true);
+        let expected = table[(flow_hash(&flow_key(&syn), false) % MAGLEV_TABLE_SIZE) as usize];
+        let got = harness.forwarded_to(&syn);
+        assert_eq!(
+            got, expected,
+            "port {port}: the kernel and the agent's table agree"
+        );
+        assert_eq!(
+            harness.forwarded_to(&tcp(port, false)),
+            got,
+            "established packet follows its SYN"
+        );
+        seen.insert(got);
+    }
+    assert_eq!(seen.len(), 4, "64 flows reach all four backends");
+
+    // Drain the backend of port 40000: its flow stays, new flows avoid it.
+    let drained = harness.forwarded_to(&tcp(40000, false));
+    let mut changed = backends.clone();
+    changed[drained as usize].weight = 0;
+    let mut harness = harness;
+    harness
+        .lb
+        .apply(&plan(vec![service(Scheduler::Maglev, changed.clone())]))
+        .unwrap();
+    assert_eq!(
+        harness.forwarded_to(&tcp(40000, false)),
+        drained,
+        "drain keeps established flows"
+    );
+    for port in 41000..41064u16 {
+        assert_ne!(
+            harness.forwarded_to(&tcp(port, true)),
+            drained,
+            "no new flow to a drained backend"
+        );
+    }
+
+    // Kill it: its established flow moves, and is counted as moved.
+    changed[drained as usize].alive = false;
+    harness
+        .lb
+        .apply(&plan(vec![service(Scheduler::Maglev, changed)]))
+        .unwrap();
+    assert_ne!(
+        harness.forwarded_to(&tcp(40000, false)),
+        drained,
+        "a dead backend's flows move"
+    );
+    let snapshot = harness.lb.snapshot().unwrap();
+    let service = &snapshot.services[0];
+    assert!(service.stats.new_flows >= 128, "{service:?}");
+    assert_eq!(
+        service.backends[drained as usize].stats.moved_flows, 1,
+        "{service:?}"
+    );
+}
+
+#[test]
+fn source_keeps_a_client_on_one_backend() {
+    if !support::privileged("source_keeps_a_client_on_one_backend") {
+        return;
+    }
+    let harness = Harness::new(&plan(vec![service(
+        Scheduler::Source,
+        (0..4).map(|s| backend(s, 100)).collect(),
+    )]));
+    let first = harness.forwarded_to(&tcp(40000, true));
+    for port in 40001..40050u16 {
+        assert_eq!(harness.forwarded_to(&tcp(port, true)), first, "port {port}");
+    }
+    let mut other_client = tcp(40000, true);
+    let mut spread = std::collections::HashSet::new();
+    for last in 1..=60u8 {
+        other_client[packets::L3 + 15] = last;
+        spread.insert(harness.forwarded_to(&other_client));
+    }
+    assert_eq!(
+        spread.len(),
+        4,
+        "different clients spread over the backends"
+    );
+}
+
+#[test]
+fn roundrobin_cycles_new_flows_in_weight_order() {
+    if !support::privileged("roundrobin_cycles_new_flows_in_weight_order") {
+        return;
+    }
+    pinned(|| {
+        let harness = Harness::new(&plan(vec![service(
+            Scheduler::Roundrobin,
+            (0..4).map(|s| backend(s, 100)).collect(),
+        )]));
+        let order: Vec<u32> = (40000..40012u16)
+            .map(|port| harness.forwarded_to(&tcp(port, true)))
+            .collect();
+        for window in order.chunks(4) {
+            let mut sorted = window.to_vec();
+            sorted.sort_unstable();
+            assert_eq!(
+                sorted,
+                vec![0, 1, 2, 3],
+                "each round visits every backend once: {order:?}"
+            );
+        }
+        assert_eq!(
+            &order[..4],
+            &order[4..8],
+            "the same order every round: {order:?}"
+        );
+    });
+}
+
+#[test]
+fn leastconn_picks_the_backend_with_fewest_active_flows() {
+    if !support::privileged("leastconn_picks_the_backend_with_fewest_active_flows") {
+        return;
+    }
+    let harness = Harness::new(&plan(vec![service(
+        Scheduler::Leastconn,
+        (0..3).map(|s| backend(s, 100)).collect(),
+    )]));
+    let first: Vec<u32> = (40000..40003u16)
+        .map(|port| harness.forwarded_to(&tcp(port, true)))
+        .collect();
+    let mut sorted = first.clone();
+    sorted.sort_unstable();
+    assert_eq!(
+        sorted,
+        vec![0, 1, 2],
+        "three flows, three backends: {first:?}"
+    );
+    // Close the flow on backend first[1] (FIN from the client): it becomes
+    // the least loaded and takes the next flow.
+    let mut fin = tcp(40001, false);
+    fin[packets::L4_V4 + 13] = 0x11; // FIN + ACK
+    assert_eq!(harness.forwarded_to(&fin), first[1]);
+    assert_eq!(harness.forwarded_to(&tcp(40100, true)), first[1]);
+}
+
+#[test]
+fn packets_the_balancer_does_not_own_go_to_the_kernel() {
+    if !support::privileged("packets_the_balancer_does_not_own_go_to_the_kernel") {
+        return;
+    }
+    let backends: Vec<BackendPlan> = (0..2).map(|s| backend(s, 100)).collect();
+    let harness = Harness::new(&plan(vec![service(Scheduler::Maglev, backends.clone())]));
+    // Not a VIP.
+    let mut other = tcp(40000, true);
+    other[packets::L3 + 19] = 11;
+    assert_eq!(harness.run(&other), (XDP_PASS, other.clone()));
+    // The VIP, on a port no service has.
+    let mut port = tcp(40000, true);
+    port[packets::L4_V4 + 3] = 22;
+    assert_eq!(harness.run(&port), (XDP_PASS, port.clone()));
+    // ICMP to the VIP: the kernel answers pings (the VIP is on lo).
+    let ping = packets::icmp_echo_v4();
+    assert_eq!(harness.run(&ping), (XDP_PASS, ping.clone()));
+    // A VIP this node does not hold (VRRP backup): passed and counted.
+    let mut not_owner = plan(vec![service(Scheduler::Maglev, backends)]);
+    not_owner.owned_vips.clear();
+    let mut harness = harness;
+    harness.lb.apply(&not_owner).unwrap();
+    let syn = tcp(40000, true);
+    assert_eq!(harness.run(&syn), (XDP_PASS, syn.clone()));
+    assert_eq!(
+        harness.lb.snapshot().unwrap().services[0].stats.not_owned,
+        1
+    );
+}
+
+#[test]
+fn a_flow_with_no_backend_left_is_dropped_and_counted() {
+    if !support::privileged("a_flow_with_no_backend_left_is_dropped_and_counted") {
+        return;
+    }
+    let mut dead: Vec<BackendPlan> = (0..2).map(|s| backend(s, 100)).collect();
+    for backend in &mut dead {
+        backend.alive = false;
+    }
+    let harness = Harness::new(&plan(vec![service(Scheduler::Maglev, dead)]));
+    let syn = tcp(40000, true);
+    assert_eq!(harness.run(&syn).0, XDP_DROP);
+    assert_eq!(
+        harness.lb.snapshot().unwrap().services[0]
+            .stats
+            .drops_no_backend,
+        1
+    );
+}
+
+#[test]
+fn the_local_backend_is_served_by_this_node() {
+    if !support::privileged("the_local_backend_is_served_by_this_node") {
+        return;
+    }
+    let mut local = backend(0, 100);
+    local.local = true;
+    local.mac = None;
+    let harness = Harness::new(&plan(vec![service(Scheduler::Maglev, vec![local])]));
+    let syn = tcp(40000, true);
+    assert_eq!(harness.run(&syn), (XDP_PASS, syn.clone()));
+}
+
+#[test]
+fn udp_and_ipv6_services_are_balanced_too() {
+    if !support::privileged("udp_and_ipv6_services_are_balanced_too") {
+        return;
+    }
+    let mut udp = service(Scheduler::Maglev, (0..2).map(|s| backend(s, 100)).collect());
+    udp.ports = vec![53];
+    udp.protocol = Protocol::Udp;
+    let mut v6 = service(Scheduler::Maglev, (0..2).map(|s| backend(s, 100)).collect());
+    v6.index = 1;
+    v6.name = "web6".into();
+    v6.vip = IpAddr::V6(VIP6);
+    let harness = Harness::new(&plan(vec![udp, v6]));
+    let datagram = packets::udp_v4();
+    let backend = harness.forwarded_to(&datagram);
+    assert_eq!(
+        harness.forwarded_to(&datagram),
+        backend,
+        "UDP flows stick too"
+    );
+    harness.forwarded_to(&packets::tcp_syn_v6());
+}
+
+#[test]
+fn arp_for_an_owned_vip_is_answered_here() {
+    if !support::privileged("arp_for_an_owned_vip_is_answered_here") {
+        return;
+    }
+    let harness = Harness::new(&plan(vec![service(
+        Scheduler::Maglev,
+        vec![backend(0, 100)],
+    )]));
+    let request = packets::arp_request();
+    let (verdict, reply) = harness.run(&request);
+    assert_eq!(verdict, XDP_TX);
+    assert_eq!(&reply[0..6], &packets::CLIENT_MAC, "to the requester");
+    assert_eq!(&reply[6..12], &LOCAL_MAC, "from us");
+    assert_eq!(&reply[20..22], &[0, 2], "an ARP reply");
+    assert_eq!(&reply[22..28], &LOCAL_MAC, "the VIP is at our MAC");
+    assert_eq!(&reply[28..32], &VIP.octets(), "for the VIP");
+    assert_eq!(&reply[32..38], &packets::CLIENT_MAC);
+    assert_eq!(&reply[38..42], &packets::CLIENT);
+    // ARP for another address: the kernel's business.
+    let mut other = request.clone();
+    other[41] = 11;
+    assert_eq!(harness.run(&other), (XDP_PASS, other.clone()));
+}

@@ -1,0 +1,220 @@
+//! The load balancer's maps: virtual services, backends, Maglev tables and
+//! the connection table. The agent writes every map but `FLOWS` and the
+//! counters; the kernel only reads what the agent wrote and indexes it.
+//!
+//! Addresses are 16 bytes in network order; IPv4 is stored IPv4-mapped
+//! (`::ffff:a.b.c.d`), so one map serves both families.
+
+use core::mem::size_of;
+
+/// Services the kernel can hold (VIP, port, protocol sets).
+pub const MAX_SERVICES: u32 = 16;
+/// Backend slots across all services.
+pub const MAX_BACKENDS: u32 = 512;
+/// Backends one service can have (bounds the leastconn scan).
+pub const MAX_BACKENDS_PER_SERVICE: u32 = 32;
+/// Maglev table size: a prime, as the paper and Katran require (65537).
+pub const MAGLEV_TABLE_SIZE: u32 = 65537;
+/// A Maglev slot with no backend: the service has none that can take a flow.
+pub const NO_BACKEND: u32 = u32::MAX;
+/// Each service has two table halves; the agent writes the idle one and then
+/// flips `VipMeta::table_half`, so no packet sees a half-written table.
+pub const MAGLEV_HALVES: u32 = 2;
+/// Connection table entries (LRU: the least recently used flow goes first).
+pub const MAX_FLOWS: u32 = 65536;
+
+pub const MAP_VIPS: &str = "VIPS";
+pub const MAP_OWNED_VIPS: &str = "OWNED_VIPS";
+pub const MAP_BACKENDS: &str = "BACKENDS";
+pub const MAP_SERVICE_BACKENDS: &str = "SVC_BACKENDS";
+pub const MAP_MAGLEV: &str = "MAGLEV_RING";
+pub const MAP_FLOWS: &str = "FLOWS";
+pub const MAP_SERVICE_STATS: &str = "SVC_STATS";
+pub const MAP_BACKEND_STATS: &str = "BACKEND_STATS";
+pub const MAP_ACTIVE_FLOWS: &str = "ACTIVE_FLOWS";
+pub const MAP_RR_CURSOR: &str = "RR_CURSOR";
+pub const MAP_LB_CONFIG: &str = "LB_CONFIG";
+
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+/// An IPv4 address as the 16-byte form the maps use.
+pub const fn ipv4_mapped(octets: [u8; 4]) -> [u8; 16] {
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, octets[0], octets[1], octets[2], octets[3],
+    ]
+}
+
+/// Key of `VIPS`: one entry per (VIP, port, protocol); a port range is one
+/// entry per port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct VipKey {
+    pub addr: [u8; 16],
+    /// Network byte order.
+    pub port_be: u16,
+    pub protocol: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(size_of::<VipKey>() == 20);
+
+/// Forwarding modes, `VipMeta::forwarding`.
+pub const FORWARD_DSR: u32 = 0;
+pub const FORWARD_NAT: u32 = 1;
+
+/// Schedulers, `VipMeta::scheduler`.
+pub const SCHEDULER_MAGLEV: u32 = 0;
+pub const SCHEDULER_SOURCE: u32 = 1;
+pub const SCHEDULER_ROUNDROBIN: u32 = 2;
+pub const SCHEDULER_LEASTCONN: u32 = 3;
+
+/// Value of `VIPS`: which service and how to balance it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VipMeta {
+    /// Index into the per-service maps, < MAX_SERVICES.
+    pub service: u32,
+    pub scheduler: u32,
+    pub forwarding: u32,
+    /// Which Maglev half is live (0 or 1).
+    pub table_half: u32,
+    /// Entries used in `SVC_BACKENDS` for this service.
+    pub backend_count: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<VipMeta>() == 24);
+
+/// `Backend::flags`: eligible for new flows (healthy, weight > 0).
+pub const BACKEND_ACTIVE: u32 = 1;
+/// `Backend::flags`: the backend is this node; its packets are passed up.
+pub const BACKEND_LOCAL: u32 = 2;
+/// `Backend::flags`: alive; established flows may stay (a drained backend
+/// is ALIVE but not ACTIVE; a dead one is neither and its flows move).
+pub const BACKEND_ALIVE: u32 = 4;
+
+/// Value of `BACKENDS`, indexed by backend id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Backend {
+    pub addr: [u8; 16],
+    pub mac: [u8; 6],
+    /// Network byte order.
+    pub port_be: u16,
+    pub flags: u32,
+    pub weight: u32,
+}
+const _: () = assert!(size_of::<Backend>() == 32);
+
+/// Key of `FLOWS`: the client's 5-tuple as it arrives.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub sport_be: u16,
+    pub dport_be: u16,
+    pub protocol: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(size_of::<FlowKey>() == 40);
+
+/// `Flow::flags`: a FIN or RST was seen; the flow no longer counts as
+/// active for leastconn.
+pub const FLOW_CLOSING: u32 = 1;
+
+/// Value of `FLOWS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Flow {
+    pub backend: u32,
+    pub flags: u32,
+}
+const _: () = assert!(size_of::<Flow>() == 8);
+
+/// Per-service counters, `SVC_STATS` (per CPU).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceStats {
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_flows: u64,
+    /// Dropped: no backend could take the flow.
+    pub drops_no_backend: u64,
+    /// Passed to the kernel: this node does not hold the VIP.
+    pub not_owned: u64,
+}
+const _: () = assert!(size_of::<ServiceStats>() == 40);
+
+/// Per-backend counters, `BACKEND_STATS` (per CPU).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BackendStats {
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_flows: u64,
+    /// Established flows that had to move because their backend died.
+    pub moved_flows: u64,
+}
+const _: () = assert!(size_of::<BackendStats>() == 32);
+
+/// Node-wide settings, `LB_CONFIG[0]`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LbConfig {
+    /// The MAC of the interface the program runs on (source of XDP_TX frames).
+    pub local_mac: [u8; 6],
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(size_of::<LbConfig>() == 8);
+
+/// The index of `(service, half)`'s first slot in `MAGLEV_RING`.
+pub const fn maglev_base(service: u32, half: u32) -> u32 {
+    (service * MAGLEV_HALVES + half) * MAGLEV_TABLE_SIZE
+}
+
+/// The flow hash both sides agree on (the agent uses it only in tests; the
+/// kernel indexes the Maglev table with it). A 32-bit mix of the 5-tuple.
+pub fn flow_hash(key: &FlowKey, source_only: bool) -> u32 {
+    let mut hash: u32 = 0x9e37_79b9;
+    let mut mix = |word: u32| {
+        hash ^= word;
+        hash = hash.wrapping_mul(0x85eb_ca6b);
+        hash ^= hash >> 13;
+    };
+    let words = |bytes: &[u8; 16]| {
+        [
+            u32::from_ne_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]),
+            u32::from_ne_bytes([bytes[4], bytes[5], bytes[6], bytes[7]]),
+            u32::from_ne_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]),
+            u32::from_ne_bytes([bytes[12], bytes[13], bytes[14], bytes[15]]),
+        ]
+    };
+    for word in words(&key.src) {
+        mix(word);
+    }
+    if !source_only {
+        for word in words(&key.dst) {
+            mix(word);
+        }
+        mix(u32::from(key.sport_be) << 16 | u32::from(key.dport_be));
+        mix(u32::from(key.protocol));
+    }
+    hash ^= hash >> 16;
+    hash = hash.wrapping_mul(0xc2b2_ae35);
+    hash ^ (hash >> 16)
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY (all below): #[repr(C)], Copy, explicit padding, no bool or enum
+    // fields, so every bit pattern is a valid value.
+    unsafe impl aya::Pod for VipKey {}
+    unsafe impl aya::Pod for VipMeta {}
+    unsafe impl aya::Pod for Backend {}
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for Flow {}
+    unsafe impl aya::Pod for ServiceStats {}
+    unsafe impl aya::Pod for BackendStats {}
+    unsafe impl aya::Pod for LbConfig {}
+}

@@ -1,0 +1,241 @@
+//! The load balancer: VIP lookup, connection table, backend choice,
+//! forwarding.
+//!
+//! - not a VIP (or a port no service has): passed to the kernel;
+//! - a VIP this node does not hold: passed (a backend serving a flow that
+//!   the owner sent here in DSR mode, with the VIP on `lo`);
+//! - a known flow whose backend is alive: same backend as before;
+//! - otherwise the scheduler picks a backend and the flow is recorded;
+//! - no backend can take it: dropped and counted (the kernel would answer
+//!   with a confusing RST);
+//! - the backend is this node: passed up to the local server;
+//! - otherwise DSR: destination MAC rewritten to the backend's, XDP_TX.
+
+use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
+use farol_common::lb::{
+    flow_hash, maglev_base, Backend, Flow, VipKey, VipMeta, BACKEND_ACTIVE, BACKEND_ALIVE,
+    BACKEND_LOCAL, FLOW_CLOSING, MAGLEV_TABLE_SIZE, MAX_BACKENDS_PER_SERVICE, NO_BACKEND,
+    SCHEDULER_LEASTCONN, SCHEDULER_ROUNDROBIN, SCHEDULER_SOURCE,
+};
+
+use crate::{
+    maps::{
+        ACTIVE_FLOWS, BACKENDS, BACKEND_STATS, FLOWS, LB_CONFIG, MAGLEV_RING, OWNED_VIPS,
+        RR_CURSOR, SVC_BACKENDS, SVC_STATS, VIPS,
+    },
+    parse::{self, Packet, TCP_FIN, TCP_RST, TCP_SYN},
+};
+
+/// What happened to a packet for a VIP, for the per-service counters.
+#[inline(always)]
+pub(crate) fn forward(ctx: &XdpContext, packet: &Packet, bytes: u64) -> u32 {
+    let key = VipKey {
+        addr: packet.flow.dst,
+        port_be: packet.flow.dport_be,
+        protocol: packet.flow.protocol,
+        _pad: 0,
+    };
+    // SAFETY: entries are plain values the agent replaces whole; we copy out.
+    let Some(meta) = (unsafe { VIPS.get(key) }).copied() else {
+        return xdp_action::XDP_PASS;
+    };
+    let stats = SVC_STATS.get_ptr_mut(meta.service);
+    // SAFETY: as above.
+    if unsafe { OWNED_VIPS.get(packet.flow.dst) }.is_none() {
+        if let Some(stats) = stats {
+            // SAFETY: this CPU's slot, valid for this invocation.
+            unsafe { (*stats).not_owned += 1 };
+        }
+        return xdp_action::XDP_PASS;
+    }
+    if let Some(stats) = stats {
+        // SAFETY: this CPU's slot, valid for this invocation.
+        unsafe {
+            (*stats).packets += 1;
+            (*stats).bytes += bytes;
+        }
+    }
+    let Some((backend_id, backend)) = backend_for(packet, &meta) else {
+        if let Some(stats) = stats {
+            // SAFETY: this CPU's slot, valid for this invocation.
+            unsafe { (*stats).drops_no_backend += 1 };
+        }
+        return xdp_action::XDP_DROP;
+    };
+    if let Some(backend_stats) = BACKEND_STATS.get_ptr_mut(backend_id) {
+        // SAFETY: this CPU's slot, valid for this invocation.
+        unsafe {
+            (*backend_stats).packets += 1;
+            (*backend_stats).bytes += bytes;
+        }
+    }
+    if backend.flags & BACKEND_LOCAL != 0 {
+        return xdp_action::XDP_PASS;
+    }
+    let Some(config) = LB_CONFIG.get(0) else {
+        return xdp_action::XDP_PASS;
+    };
+    let Some(eth) = parse::ptr_at_mut::<[u8; 12]>(ctx, 0) else {
+        return xdp_action::XDP_PASS;
+    };
+    // SAFETY: bounds-checked just above.
+    let eth = unsafe { &mut *eth };
+    eth[0..6].copy_from_slice(&backend.mac);
+    eth[6..12].copy_from_slice(&config.local_mac);
+    xdp_action::XDP_TX
+}
+
+/// The flow's backend: the recorded one while it lives, else a new choice
+/// (recorded). Counts new and moved flows.
+#[inline(always)]
+fn backend_for(packet: &Packet, meta: &VipMeta) -> Option<(u32, Backend)> {
+    let closing = packet.tcp_flags & (TCP_FIN | TCP_RST) != 0;
+    // SAFETY: copied out at once; LRU entries may be evicted concurrently.
+    if let Some(flow) = unsafe { FLOWS.get(packet.flow) }.copied() {
+        if let Some(backend) = BACKENDS.get(flow.backend).copied() {
+            if backend.flags & BACKEND_ALIVE != 0 && packet.tcp_flags & TCP_SYN == 0 {
+                if closing && flow.flags & FLOW_CLOSING == 0 {
+                    let _ = FLOWS.insert(
+                        packet.flow,
+                        Flow {
+                            backend: flow.backend,
+                            flags: flow.flags | FLOW_CLOSING,
+                        },
+                        0,
+                    );
+                    add_active(flow.backend, -1);
+                }
+                return Some((flow.backend, backend));
+            }
+            if backend.flags & BACKEND_ALIVE == 0 {
+                if let Some(stats) = BACKEND_STATS.get_ptr_mut(flow.backend) {
+                    // SAFETY: this CPU's slot, valid for this invocation.
+                    unsafe { (*stats).moved_flows += 1 };
+                }
+            }
+            if flow.flags & FLOW_CLOSING == 0 {
+                add_active(flow.backend, -1);
+            }
+        }
+    }
+    let backend_id = schedule(packet, meta)?;
+    let backend = BACKENDS.get(backend_id).copied()?;
+    if backend.flags & BACKEND_ACTIVE == 0 {
+        return None;
+    }
+    let flags = if closing { FLOW_CLOSING } else { 0 };
+    let _ = FLOWS.insert(
+        packet.flow,
+        Flow {
+            backend: backend_id,
+            flags,
+        },
+        0,
+    );
+    if !closing {
+        add_active(backend_id, 1);
+    }
+    if let Some(stats) = BACKEND_STATS.get_ptr_mut(backend_id) {
+        // SAFETY: this CPU's slot, valid for this invocation.
+        unsafe { (*stats).new_flows += 1 };
+    }
+    if let Some(stats) = SVC_STATS.get_ptr_mut(meta.service) {
+        // SAFETY: this CPU's slot, valid for this invocation.
+        unsafe { (*stats).new_flows += 1 };
+    }
+    Some((backend_id, backend))
+}
+
+#[inline(always)]
+fn add_active(backend: u32, delta: i64) {
+    if let Some(count) = ACTIVE_FLOWS.get_ptr_mut(backend) {
+        // SAFETY: this CPU's slot, valid for this invocation.
+        unsafe { *count += delta };
+    }
+}
+
+/// CPUs summed for leastconn; `bpf_map_lookup_percpu_elem` fails past the
+/// last possible CPU, which ends the loop earlier on small machines.
+const MAX_CPUS: u32 = 64;
+
+/// Active flows of `backend` over all CPUs (kernel 5.19+ helper).
+#[inline(always)]
+fn active_flows(backend: u32) -> u64 {
+    let map = core::ptr::addr_of!(ACTIVE_FLOWS).cast_mut().cast();
+    let mut total: i64 = 0;
+    for cpu in 0..MAX_CPUS {
+        // SAFETY: map is the address of a BTF map the loader relocates; key
+        // points to a live u32; the helper returns null or a valid slot.
+        let slot = unsafe {
+            aya_ebpf::helpers::bpf_map_lookup_percpu_elem(
+                map,
+                core::ptr::addr_of!(backend).cast(),
+                cpu,
+            )
+        };
+        if slot.is_null() {
+            break;
+        }
+        // SAFETY: non-null result of a per-CPU array lookup of an i64 slot.
+        total += unsafe { *(slot as *const i64) };
+    }
+    total.max(0) as u64
+}
+
+#[inline(always)]
+fn ring_slot(meta: &VipMeta, index: u32) -> Option<u32> {
+    let slot = maglev_base(meta.service, meta.table_half & 1) + index % MAGLEV_TABLE_SIZE;
+    let backend = *MAGLEV_RING.get(slot)?;
+    (backend != NO_BACKEND).then_some(backend)
+}
+
+#[inline(always)]
+fn schedule(packet: &Packet, meta: &VipMeta) -> Option<u32> {
+    match meta.scheduler {
+        SCHEDULER_SOURCE => ring_slot(meta, flow_hash(&packet.flow, true)),
+        SCHEDULER_ROUNDROBIN => {
+            let cursor = RR_CURSOR.get_ptr_mut(meta.service)?;
+            // SAFETY: this CPU's slot, valid for this invocation.
+            let position = unsafe {
+                let position = *cursor;
+                *cursor = position.wrapping_add(1) % MAGLEV_TABLE_SIZE;
+                position
+            };
+            ring_slot(meta, position)
+        }
+        SCHEDULER_LEASTCONN => least_connections(meta),
+        _ => ring_slot(meta, flow_hash(&packet.flow, false)),
+    }
+}
+
+/// The active backend with the fewest active flows per unit of weight.
+#[inline(always)]
+fn least_connections(meta: &VipMeta) -> Option<u32> {
+    let mut best: Option<(u32, u64, u64)> = None;
+    let base = meta.service * MAX_BACKENDS_PER_SERVICE;
+    for i in 0..MAX_BACKENDS_PER_SERVICE {
+        if i >= meta.backend_count {
+            break;
+        }
+        let Some(&id) = SVC_BACKENDS.get(base + i) else {
+            break;
+        };
+        let Some(backend) = BACKENDS.get(id) else {
+            continue;
+        };
+        if backend.flags & BACKEND_ACTIVE == 0 || backend.weight == 0 {
+            continue;
+        }
+        let active = active_flows(id);
+        let weight = u64::from(backend.weight);
+        let better = match best {
+            None => true,
+            // active/weight < best_active/best_weight, without division.
+            Some((_, best_active, best_weight)) => active * best_weight < best_active * weight,
+        };
+        if better {
+            best = Some((id, active, weight));
+        }
+    }
+    best.map(|(id, _, _)| id)
+}
