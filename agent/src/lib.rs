@@ -5,10 +5,12 @@
 //! - [`config`]: the cluster file, parsed and validated.
 //! - [`dataplane`]: the eBPF side (load, attach, pin, counters); the only
 //!   module that touches BPF maps.
+//! - [`balancer`]: `[[service]]` to a kernel plan, DSR host set-up.
 //! - [`metrics`]: Prometheus text on `/metrics`.
 //! - [`node`]: what `agent run` does on one node.
 //! - [`cli`]: the command line.
 
+pub mod balancer;
 pub mod cli;
 pub mod config;
 pub mod dataplane;

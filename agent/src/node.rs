@@ -1,12 +1,13 @@
 //! What `agent run` does on one node: bind the metrics port, bring the data
 //! plane up, serve until told to stop, then take everything down in reverse.
 
-use std::{net::SocketAddr, path::PathBuf};
+use std::{net::SocketAddr, path::PathBuf, sync::Arc};
 
 use tokio::sync::watch;
 use tracing::info;
 
 use crate::{
+    balancer::{self, BalancerError},
     config::{Config, NodeConfig},
     dataplane::{Dataplane, DataplaneError},
     metrics::{self, MetricsError, XdpAttachment},
@@ -16,6 +17,8 @@ use crate::{
 pub enum NodeError {
     #[error(transparent)]
     Metrics(#[from] MetricsError),
+    #[error("load balancer")]
+    Balancer(#[from] BalancerError),
     #[error("data plane on {iface}")]
     Dataplane {
         iface: String,
@@ -27,6 +30,7 @@ pub enum NodeError {
 /// Where this node's state lives, after CLI overrides.
 #[derive(Debug, Clone)]
 pub struct NodePlan {
+    pub config: Arc<Config>,
     pub cluster: String,
     pub node: NodeConfig,
     pub xdp_mode: crate::config::XdpMode,
@@ -42,6 +46,7 @@ impl NodePlan {
         metrics_listen: Option<SocketAddr>,
     ) -> NodePlan {
         NodePlan {
+            config: Arc::new(config.clone()),
             cluster: config.cluster.name.clone(),
             node: node.clone(),
             xdp_mode: config.cluster.xdp_mode,
@@ -69,15 +74,54 @@ pub async fn run(plan: NodePlan, mut shutdown: watch::Receiver<bool>) -> Result<
         &plan.cluster,
         &plan.node.name,
         Some((dataplane.counters(), attachment)),
+        Some(dataplane.load_balancer()),
     );
     info!(node = %plan.node.name, metrics = %plan.metrics_listen, "agent running");
+
+    let mut balancer = tokio::spawn(balancer::run(
+        dataplane.load_balancer(),
+        plan.config.clone(),
+        plan.node.clone(),
+        shutdown.clone(),
+    ));
 
     let stop = async move {
         // A closed channel means the sender is gone: stop as well.
         let _ = shutdown.wait_for(|stop| *stop).await;
     };
-    let served = metrics::serve(listener, registry, stop).await;
+    let mut served = tokio::spawn(metrics::serve(listener, registry, stop));
+    // Both tasks end on shutdown; if one fails first, the other is aborted
+    // (dropping the balancer's host set-up restores it).
+    let outcome = tokio::select! {
+        result = &mut served => {
+            let result = flatten(result).map_err(NodeError::from);
+            if result.is_err() {
+                balancer.abort();
+            }
+            let _ = balancer.await;
+            result
+        }
+        result = &mut balancer => {
+            let result = flatten(result).map_err(NodeError::from);
+            if result.is_err() {
+                served.abort();
+            }
+            let _ = served.await;
+            result
+        }
+    };
     dataplane.shutdown();
     info!("agent stopped");
-    served.map_err(NodeError::from)
+    outcome
+}
+
+/// A task's result, a panic becoming a logged error of the task's kind.
+fn flatten<E>(joined: Result<Result<(), E>, tokio::task::JoinError>) -> Result<(), E> {
+    match joined {
+        Ok(result) => result,
+        Err(join) => {
+            tracing::error!(%join, "a subsystem task ended abnormally");
+            Ok(())
+        }
+    }
 }

@@ -15,7 +15,21 @@ pub const MAP_PACKET_STATS: &str = "PACKET_STATS";
 pub const MAP_MALFORMED: &str = "MALFORMED";
 
 /// Every map the agent pins, so it can unpin them all on a clean stop.
-pub const PINNED_MAPS: [&str; 2] = [MAP_PACKET_STATS, MAP_MALFORMED];
+pub const PINNED_MAPS: &[&str] = &[
+    MAP_PACKET_STATS,
+    MAP_MALFORMED,
+    crate::lb::MAP_VIPS,
+    crate::lb::MAP_OWNED_VIPS,
+    crate::lb::MAP_BACKENDS,
+    crate::lb::MAP_SERVICE_BACKENDS,
+    crate::lb::MAP_MAGLEV,
+    crate::lb::MAP_FLOWS,
+    crate::lb::MAP_SERVICE_STATS,
+    crate::lb::MAP_BACKEND_STATS,
+    crate::lb::MAP_ACTIVE_FLOWS,
+    crate::lb::MAP_RR_CURSOR,
+    crate::lb::MAP_LB_CONFIG,
+];
 
 /// A packet and byte count; the value of [`MAP_PACKET_STATS`].
 ///

@@ -149,37 +149,22 @@ fn backend_for(packet: &Packet, meta: &VipMeta) -> Option<(u32, Backend)> {
 #[inline(always)]
 fn add_active(backend: u32, delta: i64) {
     if let Some(count) = ACTIVE_FLOWS.get_ptr_mut(backend) {
-        // SAFETY: this CPU's slot, valid for this invocation.
-        unsafe { *count += delta };
+        // SAFETY: a valid array slot shared by all CPUs; the add is atomic
+        // (BPF_ATOMIC_ADD). core's AtomicI64 has no fetch_add on this target
+        // (it lacks compare-and-swap), hence the intrinsic.
+        unsafe {
+            core::intrinsics::atomic_xadd::<i64, i64, { core::intrinsics::AtomicOrdering::Relaxed }>(
+                count, delta,
+            )
+        };
     }
 }
 
-/// CPUs summed for leastconn; `bpf_map_lookup_percpu_elem` fails past the
-/// last possible CPU, which ends the loop earlier on small machines.
-const MAX_CPUS: u32 = 64;
-
-/// Active flows of `backend` over all CPUs (kernel 5.19+ helper).
+/// Active flows of `backend` (never negative: a close may be seen for a
+/// flow opened before the counters were reset).
 #[inline(always)]
 fn active_flows(backend: u32) -> u64 {
-    let map = core::ptr::addr_of!(ACTIVE_FLOWS).cast_mut().cast();
-    let mut total: i64 = 0;
-    for cpu in 0..MAX_CPUS {
-        // SAFETY: map is the address of a BTF map the loader relocates; key
-        // points to a live u32; the helper returns null or a valid slot.
-        let slot = unsafe {
-            aya_ebpf::helpers::bpf_map_lookup_percpu_elem(
-                map,
-                core::ptr::addr_of!(backend).cast(),
-                cpu,
-            )
-        };
-        if slot.is_null() {
-            break;
-        }
-        // SAFETY: non-null result of a per-CPU array lookup of an i64 slot.
-        total += unsafe { *(slot as *const i64) };
-    }
-    total.max(0) as u64
+    ACTIVE_FLOWS.get(backend).copied().unwrap_or(0).max(0) as u64
 }
 
 #[inline(always)]

@@ -59,12 +59,11 @@ pub(crate) static SVC_STATS: PerCpuArray<ServiceStats, { MAX_SERVICES as usize }
 pub(crate) static BACKEND_STATS: PerCpuArray<BackendStats, { MAX_BACKENDS as usize }> =
     PerCpuArray::new();
 
-/// Flows per backend that have not closed, as per-CPU deltas (a flow may
-/// open on one CPU and close on another; the sum over CPUs is the count).
+/// Flows per backend that have not closed, updated with atomic adds.
 /// Approximate: DSR sees only the client's half, so a flow counts until the
 /// client's FIN or RST, or until its entry leaves the LRU table.
 #[btf_map]
-pub(crate) static ACTIVE_FLOWS: PerCpuArray<i64, { MAX_BACKENDS as usize }> = PerCpuArray::new();
+pub(crate) static ACTIVE_FLOWS: Array<i64, { MAX_BACKENDS as usize }> = Array::new();
 
 /// Round-robin position per service, per CPU.
 #[btf_map]

@@ -188,6 +188,66 @@ impl Lab {
             ])?;
             ip(&["-n", &netns, "link", "set", HOST_INTERFACE, "up"])?;
         }
+        self.prepare_native_xdp()
+    }
+
+    /// Native XDP on veth drops XDP_TX frames unless the peer also runs an
+    /// XDP program and the sender leaves no checksum to offload (measured
+    /// here, see shared/TOOLCHAIN.md): so every bridge port gets a bare
+    /// XDP_PASS program and every host turns TX checksum offload off. The
+    /// program is pinned under the lab's pin tree and attached through
+    /// netlink, so it outlives this process and goes with `down`.
+    fn prepare_native_xdp(&self) -> Result<()> {
+        let pin = self.pin_root().join("bridge-pass");
+        if !pin.exists() {
+            let object = crate::ebpf_object();
+            let bytes = std::fs::read(&object).with_context(|| {
+                format!(
+                    "reading {} (run `cargo xtask build-ebpf`)",
+                    object.display()
+                )
+            })?;
+            let mut ebpf =
+                aya::Ebpf::load(&bytes).context("loading the eBPF object for the lab")?;
+            let program: &mut aya::programs::Xdp = ebpf
+                .program_mut("farol_baseline")
+                .context("the eBPF object has no farol_baseline")?
+                .try_into()?;
+            program.load().context("loading farol_baseline")?;
+            std::fs::create_dir_all(self.pin_root())?;
+            program
+                .pin(&pin)
+                .context("pinning the bridge pass-through program")?;
+        }
+        let lan = format!("--net=/run/netns/{}", self.netns(LAN));
+        for host in self.hosts() {
+            capture(
+                Command::new("nsenter")
+                    .args([
+                        lan.as_str(),
+                        "--",
+                        "ip",
+                        "link",
+                        "set",
+                        "dev",
+                        &host.name,
+                        "xdpdrv",
+                        "pinned",
+                    ])
+                    .arg(&pin),
+            )
+            .with_context(|| {
+                format!(
+                    "attaching the pass-through program to bridge port {}",
+                    host.name
+                )
+            })?;
+            capture(
+                self.command(&host.name, "ethtool")
+                    .args(["-K", HOST_INTERFACE, "tx", "off"]),
+            )
+            .with_context(|| format!("turning TX checksum offload off in {}", host.name))?;
+        }
         Ok(())
     }
 

@@ -90,6 +90,7 @@ fn lab(action: LabAction, prefix: &str) -> Result<()> {
     let lab = Lab::new(prefix)?;
     match action {
         LabAction::Up => {
+            toolchain::build_ebpf()?;
             lab.up()?;
             println!("{}", lab.status()?);
         }

@@ -130,7 +130,7 @@ pub struct LoadBalancerMaps {
     config: Array<MapData, LbConfig>,
     service_stats: PerCpuArray<MapData, ServiceStats>,
     backend_stats: PerCpuArray<MapData, BackendStats>,
-    active_flows: PerCpuArray<MapData, i64>,
+    active_flows: Array<MapData, i64>,
     /// The live Maglev half per service index.
     halves: HashMap<u32, u32>,
     applied: LbPlan,
@@ -334,9 +334,7 @@ impl LoadBalancerMaps {
                 let active: i64 = self
                     .active_flows
                     .get(&id, 0)
-                    .map_err(map_error(MAP_ACTIVE_FLOWS))?
-                    .iter()
-                    .sum();
+                    .map_err(map_error(MAP_ACTIVE_FLOWS))?;
                 backends.push(BackendSnapshot {
                     name: backend.name.clone(),
                     stats,

@@ -145,6 +145,7 @@ pub struct Dataplane {
     mode: AttachMode,
     pins: bpffs::Pins,
     counters: std::sync::Arc<Counters>,
+    load_balancer: std::sync::Arc<tokio::sync::Mutex<lb::LoadBalancerMaps>>,
 }
 
 impl Dataplane {
@@ -168,6 +169,9 @@ impl Dataplane {
             pins.record(path);
         }
         let counters = std::sync::Arc::new(Counters::take_from(&mut ebpf)?);
+        let load_balancer = std::sync::Arc::new(tokio::sync::Mutex::new(
+            lb::LoadBalancerMaps::take_from(&mut ebpf)?,
+        ));
         let program = load_xdp(&mut ebpf, PROGRAM_INGRESS)?;
         let (link, mode) = attach(program, iface, mode)?;
         info!(iface, mode = %mode, pin_dir = %pin_dir.display(), "XDP program {PROGRAM_INGRESS} attached");
@@ -178,7 +182,13 @@ impl Dataplane {
             mode,
             pins,
             counters,
+            load_balancer,
         })
+    }
+
+    /// The load balancer's maps, shared with the balancer task and metrics.
+    pub fn load_balancer(&self) -> std::sync::Arc<tokio::sync::Mutex<lb::LoadBalancerMaps>> {
+        self.load_balancer.clone()
     }
 
     pub fn mode(&self) -> AttachMode {

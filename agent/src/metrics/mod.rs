@@ -21,7 +21,9 @@ use prometheus_client::{
 use tokio::net::TcpListener;
 use tracing::warn;
 
-use crate::dataplane::{AttachMode, Counters};
+use crate::dataplane::{lb::LoadBalancerMaps, AttachMode, Counters};
+
+mod lb;
 
 const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
@@ -105,11 +107,12 @@ impl Collector for XdpCollector {
     }
 }
 
-/// The agent's registry: build information plus the data-plane collector.
+/// The agent's registry: build information plus the data-plane collectors.
 pub fn registry(
     cluster: &str,
     node: &str,
     xdp: Option<(Arc<Counters>, XdpAttachment)>,
+    load_balancer: Option<Arc<tokio::sync::Mutex<LoadBalancerMaps>>>,
 ) -> Registry {
     let mut registry = Registry::default();
     let info = prometheus_client::metrics::info::Info::new(vec![
@@ -123,6 +126,9 @@ pub fn registry(
             counters,
             attachment,
         }));
+    }
+    if let Some(maps) = load_balancer {
+        registry.register_collector(Box::new(lb::LbCollector::new(maps)));
     }
     registry
 }
