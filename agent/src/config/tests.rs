@@ -280,3 +280,243 @@ fn unknown_node_lists_the_known_ones() {
         "{error}"
     );
 }
+
+const WITH_SERVICE: &str = r#"
+[cluster]
+name = "test"
+
+[[node]]
+name = "a"
+address = "192.0.2.11/24"
+interface = "eth0"
+roles = ["balancer", "web"]
+
+[[node]]
+name = "b"
+address = "192.0.2.12/24"
+interface = "eth0"
+roles = ["web"]
+
+[[service]]
+name = "web"
+vip = "192.0.2.100"
+port = 80
+backends = [{ node = "a" }, { node = "b", weight = 50 }]
+"#;
+
+#[test]
+fn service_loads_with_defaults() {
+    let config = load(WITH_SERVICE).expect("valid");
+    let service = &config.services[0];
+    assert_eq!(service.protocol, Protocol::Tcp);
+    assert_eq!(service.scheduler, Scheduler::Maglev);
+    assert_eq!(service.forwarding, Forwarding::Dsr);
+    assert_eq!(service.backends[0].weight, DEFAULT_WEIGHT);
+    assert_eq!(service.backends[1].weight, 50);
+    assert_eq!(service.port, PortSpec::Single(80));
+}
+
+#[test]
+fn service_port_range_loads() {
+    let config = load(&WITH_SERVICE.replace("port = 80", "port = \"8000-8010\"")).unwrap();
+    assert_eq!(config.services[0].port.ports().count(), 11);
+}
+
+#[test]
+fn service_port_range_must_be_ordered_and_bounded() {
+    assert_one_problem(
+        &WITH_SERVICE.replace("port = 80", "port = \"9000-8000\""),
+        "service[0].port",
+        "first <= last",
+    );
+    assert_one_problem(
+        &WITH_SERVICE.replace("port = 80", "port = \"1000-5000\""),
+        "service[0].port",
+        "at most",
+    );
+    let error = load(&WITH_SERVICE.replace("port = 80", "port = \"eighty\""))
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("service[0].port"), "{error}");
+}
+
+#[test]
+fn dsr_vip_outside_every_subnet_is_refused() {
+    assert_one_problem(
+        &WITH_SERVICE.replace("vip = \"192.0.2.100\"", "vip = \"198.51.100.100\""),
+        "service[0].vip",
+        "in no node's subnet",
+    );
+}
+
+#[test]
+fn vip_equal_to_a_node_address_is_refused() {
+    assert_one_problem(
+        &WITH_SERVICE.replace("vip = \"192.0.2.100\"", "vip = \"192.0.2.12\""),
+        "service[0].vip",
+        "node's own address",
+    );
+}
+
+#[test]
+fn duplicate_vip_port_protocol_is_refused() {
+    let twice = format!(
+        "{WITH_SERVICE}\n[[service]]\nname = \"web2\"\nvip = \"192.0.2.100\"\nport = 80\nbackends = [{{ node = \"a\" }}]\n"
+    );
+    assert_one_problem(
+        &twice,
+        "service[1].port",
+        "already a port of another service",
+    );
+    assert_one_problem(
+        &twice.replace("name = \"web2\"", "name = \"web\""),
+        "service[1].name",
+        "already the name",
+    );
+    // The same port over UDP is a different service.
+    let udp = twice.replace(
+        "name = \"web2\"\nvip = \"192.0.2.100\"\nport = 80",
+        "name = \"web2\"\nvip = \"192.0.2.100\"\nport = 80\nprotocol = \"udp\"",
+    );
+    load(&udp).expect("tcp and udp on one port are two services");
+}
+
+#[test]
+fn service_without_backends_is_refused() {
+    assert_one_problem(
+        &WITH_SERVICE.replace(
+            "backends = [{ node = \"a\" }, { node = \"b\", weight = 50 }]",
+            "backends = []",
+        ),
+        "service[0].backends",
+        "at least one",
+    );
+}
+
+#[test]
+fn all_weights_zero_is_refused() {
+    assert_one_problem(
+        &WITH_SERVICE.replace(
+            "{ node = \"a\" }, { node = \"b\", weight = 50 }",
+            "{ node = \"a\", weight = 0 }, { node = \"b\", weight = 0 }",
+        ),
+        "service[0].backends",
+        "every weight is 0",
+    );
+}
+
+#[test]
+fn weight_above_1000_is_refused() {
+    assert_one_problem(
+        &WITH_SERVICE.replace("weight = 50", "weight = 1001"),
+        "service[0].backends[1].weight",
+        "0..=1000",
+    );
+}
+
+#[test]
+fn backend_must_name_a_node_or_an_address() {
+    assert_one_problem(
+        &WITH_SERVICE.replace("{ node = \"a\" }", "{ weight = 1 }"),
+        "service[0].backends[0].node",
+        "expected node",
+    );
+    assert_one_problem(
+        &WITH_SERVICE.replace(
+            "{ node = \"a\" }",
+            "{ node = \"a\", address = \"192.0.2.50\" }",
+        ),
+        "service[0].backends[0].node",
+        "not both",
+    );
+    assert_one_problem(
+        &WITH_SERVICE.replace("{ node = \"a\" }", "{ node = \"zz\" }"),
+        "service[0].backends[0].node",
+        "no [[node]]",
+    );
+}
+
+#[test]
+fn backend_node_needs_the_web_role() {
+    assert_one_problem(
+        &WITH_SERVICE.replace("roles = [\"web\"]", "roles = [\"database\"]"),
+        "service[0].backends[1].node",
+        "no \"web\" role",
+    );
+}
+
+#[test]
+fn dsr_backend_off_the_lan_is_refused() {
+    assert_one_problem(
+        &WITH_SERVICE.replace("{ node = \"a\" }", "{ address = \"198.51.100.7\" }"),
+        "service[0].backends[0].address",
+        "on the nodes' LAN",
+    );
+}
+
+#[test]
+fn dsr_backend_on_another_port_is_refused() {
+    assert_one_problem(
+        &WITH_SERVICE.replace("{ node = \"a\" }", "{ node = \"a\", port = 8080 }"),
+        "service[0].backends[0].port",
+        "DSR cannot change ports",
+    );
+}
+
+#[test]
+fn duplicate_backend_is_refused() {
+    assert_one_problem(
+        &WITH_SERVICE.replace(
+            "{ node = \"b\", weight = 50 }",
+            "{ address = \"192.0.2.11\" }",
+        ),
+        "service[0].backends[1].node",
+        "listed twice",
+    );
+}
+
+#[test]
+fn nat_is_refused_until_it_exists() {
+    assert_one_problem(
+        &WITH_SERVICE.replace("port = 80", "port = 80\nforwarding = \"nat\""),
+        "service[0].forwarding",
+        "not available yet",
+    );
+}
+
+#[test]
+fn bad_service_name_and_vip_are_refused() {
+    assert_one_problem(
+        &WITH_SERVICE.replace("name = \"web\"", "name = \"w eb\""),
+        "service[0].name",
+        "letters",
+    );
+    assert_one_problem(
+        &WITH_SERVICE.replace("vip = \"192.0.2.100\"", "vip = \"224.0.0.18\""),
+        "service[0].vip",
+        "unicast",
+    );
+}
+
+#[test]
+fn unknown_scheduler_is_refused_with_the_choices() {
+    let error = load(&WITH_SERVICE.replace("port = 80", "port = 80\nscheduler = \"random\""))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.contains("service[0].scheduler") && error.contains("leastconn"),
+        "{error}"
+    );
+}
+
+#[test]
+fn too_many_services_are_refused() {
+    let mut text = String::from(WITH_SERVICE);
+    for i in 1..=16 {
+        text.push_str(&format!(
+            "\n[[service]]\nname = \"s{i}\"\nvip = \"192.0.2.100\"\nport = {}\nbackends = [{{ node = \"a\" }}]\n",
+            1000 + i
+        ));
+    }
+    assert_one_problem(&text, "service", "at most 16 services");
+}
