@@ -34,6 +34,8 @@ pub const MAP_BACKEND_STATS: &str = "BACKEND_STATS";
 pub const MAP_ACTIVE_FLOWS: &str = "ACTIVE_FLOWS";
 pub const MAP_RR_CURSOR: &str = "RR_CURSOR";
 pub const MAP_LB_CONFIG: &str = "LB_CONFIG";
+pub const MAP_VIP_FILTER: &str = "VIP_FILTER";
+pub const MAP_SERVICE_META: &str = "SVC_META";
 
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
@@ -80,9 +82,20 @@ pub struct VipMeta {
     pub table_half: u32,
     /// Entries used in `SVC_BACKENDS` for this service.
     pub backend_count: u32,
-    pub _pad: u32,
+    /// `VIP_OWNED` while this node holds the VIP (kept here, not looked up
+    /// in `OWNED_VIPS`, to save a hash lookup per packet).
+    pub flags: u32,
 }
 const _: () = assert!(size_of::<VipMeta>() == 24);
+
+/// `VipMeta::flags`: this node holds the VIP and balances its flows.
+pub const VIP_OWNED: u32 = 1;
+/// `VipMeta::flags` in `SVC_META`: the service exists (a removed service's
+/// slot is zeroed, and its flows fall back to the `VIPS` lookup).
+pub const SERVICE_PRESENT: u32 = 2;
+/// Bloom filter capacity for VIP addresses (a removed VIP stays in it as a
+/// harmless false positive until the agent restarts).
+pub const VIP_FILTER_ENTRIES: u32 = 64;
 
 /// `Backend::flags`: eligible for new flows (healthy, weight > 0).
 pub const BACKEND_ACTIVE: u32 = 1;
@@ -127,9 +140,12 @@ pub const FLOW_CLOSING: u32 = 1;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Flow {
     pub backend: u32,
+    /// The service, so an established flow needs no `VIPS` lookup.
+    pub service: u32,
     pub flags: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(size_of::<Flow>() == 8);
+const _: () = assert!(size_of::<Flow>() == 16);
 
 /// Per-service counters, `SVC_STATS` (per CPU).
 #[repr(C)]

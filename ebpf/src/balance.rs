@@ -15,33 +15,46 @@ use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use farol_common::lb::{
     flow_hash, maglev_base, Backend, Flow, VipKey, VipMeta, BACKEND_ACTIVE, BACKEND_ALIVE,
     BACKEND_LOCAL, FLOW_CLOSING, MAGLEV_TABLE_SIZE, MAX_BACKENDS_PER_SERVICE, NO_BACKEND,
-    SCHEDULER_LEASTCONN, SCHEDULER_ROUNDROBIN, SCHEDULER_SOURCE,
+    SCHEDULER_LEASTCONN, SCHEDULER_ROUNDROBIN, SCHEDULER_SOURCE, SERVICE_PRESENT, VIP_OWNED,
 };
 
 use crate::{
     maps::{
-        ACTIVE_FLOWS, BACKENDS, BACKEND_STATS, FLOWS, LB_CONFIG, MAGLEV_RING, OWNED_VIPS,
-        RR_CURSOR, SVC_BACKENDS, SVC_STATS, VIPS,
+        ACTIVE_FLOWS, BACKENDS, BACKEND_STATS, FLOWS, LB_CONFIG, MAGLEV_RING, RR_CURSOR,
+        SVC_BACKENDS, SVC_META, SVC_STATS, VIPS, VIP_FILTER,
     },
     parse::{self, Packet, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
-/// What happened to a packet for a VIP, for the per-service counters.
 #[inline(always)]
 pub(crate) fn forward(ctx: &XdpContext, packet: &Packet, bytes: u64) -> u32 {
-    let key = VipKey {
-        addr: packet.flow.dst,
-        port_be: packet.flow.dport_be,
-        protocol: packet.flow.protocol,
-        _pad: 0,
-    };
-    // SAFETY: entries are plain values the agent replaces whole; we copy out.
-    let Some(meta) = (unsafe { VIPS.get(key) }).copied() else {
+    if VIP_FILTER.contains(packet.flow.dst).is_err() {
         return xdp_action::XDP_PASS;
+    }
+    // SAFETY: copied out at once; LRU entries may be evicted concurrently.
+    let flow = unsafe { FLOWS.get(packet.flow) }.copied();
+    let known = flow
+        .and_then(|flow| SVC_META.get(flow.service).copied())
+        .filter(|meta| meta.flags & SERVICE_PRESENT != 0);
+    let meta = match known {
+        Some(meta) => meta,
+        None => {
+            let key = VipKey {
+                addr: packet.flow.dst,
+                port_be: packet.flow.dport_be,
+                protocol: packet.flow.protocol,
+                _pad: 0,
+            };
+            // SAFETY: entries are plain values the agent replaces whole.
+            match unsafe { VIPS.get(key) }.copied() {
+                Some(meta) => meta,
+                None => return xdp_action::XDP_PASS,
+            }
+        }
     };
+    let flow = if known.is_some() { flow } else { None };
     let stats = SVC_STATS.get_ptr_mut(meta.service);
-    // SAFETY: as above.
-    if unsafe { OWNED_VIPS.get(packet.flow.dst) }.is_none() {
+    if meta.flags & VIP_OWNED == 0 {
         if let Some(stats) = stats {
             // SAFETY: this CPU's slot, valid for this invocation.
             unsafe { (*stats).not_owned += 1 };
@@ -55,7 +68,7 @@ pub(crate) fn forward(ctx: &XdpContext, packet: &Packet, bytes: u64) -> u32 {
             (*stats).bytes += bytes;
         }
     }
-    let Some((backend_id, backend)) = backend_for(packet, &meta) else {
+    let Some((backend_id, backend)) = backend_for(packet, &meta, flow) else {
         if let Some(stats) = stats {
             // SAFETY: this CPU's slot, valid for this invocation.
             unsafe { (*stats).drops_no_backend += 1 };
@@ -88,18 +101,17 @@ pub(crate) fn forward(ctx: &XdpContext, packet: &Packet, bytes: u64) -> u32 {
 /// The flow's backend: the recorded one while it lives, else a new choice
 /// (recorded). Counts new and moved flows.
 #[inline(always)]
-fn backend_for(packet: &Packet, meta: &VipMeta) -> Option<(u32, Backend)> {
+fn backend_for(packet: &Packet, meta: &VipMeta, flow: Option<Flow>) -> Option<(u32, Backend)> {
     let closing = packet.tcp_flags & (TCP_FIN | TCP_RST) != 0;
-    // SAFETY: copied out at once; LRU entries may be evicted concurrently.
-    if let Some(flow) = unsafe { FLOWS.get(packet.flow) }.copied() {
+    if let Some(flow) = flow {
         if let Some(backend) = BACKENDS.get(flow.backend).copied() {
             if backend.flags & BACKEND_ALIVE != 0 && packet.tcp_flags & TCP_SYN == 0 {
                 if closing && flow.flags & FLOW_CLOSING == 0 {
                     let _ = FLOWS.insert(
                         packet.flow,
                         Flow {
-                            backend: flow.backend,
                             flags: flow.flags | FLOW_CLOSING,
+                            ..flow
                         },
                         0,
                     );
@@ -128,7 +140,9 @@ fn backend_for(packet: &Packet, meta: &VipMeta) -> Option<(u32, Backend)> {
         packet.flow,
         Flow {
             backend: backend_id,
+            service: meta.service,
             flags,
+            _pad: 0,
         },
         0,
     );

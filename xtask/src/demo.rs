@@ -62,7 +62,7 @@ pub(crate) fn run(seconds: u64) -> Result<()> {
                 "http.server",
                 WEB_PORT,
                 "--bind",
-                node.ip(),
+                "0.0.0.0",
                 "--directory",
             ])
             .arg(&root)
@@ -106,7 +106,10 @@ pub(crate) fn run(seconds: u64) -> Result<()> {
         );
     }
 
-    println!("[5/6] traffic from the client for {seconds} s: HTTP to every node in turn, one ping a second");
+    println!(
+        "[5/6] traffic from the client for {seconds} s: HTTP to the VIP {VIP} (nuster1 holds it and \
+         spreads flows roundrobin in DSR mode; every node answers directly), one ping a second"
+    );
     let result = traffic(&lab, seconds, &stop);
     if let Ok((ok, total)) = &result {
         println!("      {ok}/{total} HTTP requests answered");
@@ -175,48 +178,63 @@ fn packets(metrics: &BTreeMap<String, f64>, class: &str) -> u64 {
         .unwrap_or(0.0) as u64
 }
 
-/// Sends bounded traffic and prints a counter table every second.
+const VIP: &str = "192.0.2.100";
+
+/// Sends bounded traffic to the VIP and prints, every few seconds, which
+/// node answered and what each node's XDP program counted.
 fn traffic(lab: &Lab, seconds: u64, stop: &AtomicBool) -> Result<(u64, u64)> {
     let started = Instant::now();
     let (mut ok, mut total) = (0u64, 0u64);
     let nodes: Vec<_> = lab.nodes().to_vec();
-    let classes = ["ipv4", "tcp", "udp", "icmp", "arp", "ipv6", "malformed"];
+    let mut answered: BTreeMap<String, u64> = BTreeMap::new();
+    let url = format!("http://{VIP}:{WEB_PORT}/");
     for second in 1..=seconds {
         if stop.load(Ordering::SeqCst) {
             println!("      interrupted");
             break;
         }
         let tick = Instant::now();
-        for node in &nodes {
-            let url = format!("http://{}:{WEB_PORT}/", node.ip());
-            for _ in 0..3 {
-                total += 1;
-                let out = lab.run(CLIENT, "curl", &["-sf", "--max-time", "2", &url])?;
-                if out.status.success() && String::from_utf8_lossy(&out.stdout).contains(&node.name)
-                {
-                    ok += 1;
-                }
+        for _ in 0..12 {
+            total += 1;
+            let out = lab.run(CLIENT, "curl", &["-sf", "--max-time", "2", &url])?;
+            if out.status.success() {
+                ok += 1;
+                let body = String::from_utf8_lossy(&out.stdout);
+                let node = body.trim().trim_start_matches("hello from ").to_owned();
+                *answered.entry(node).or_default() += 1;
             }
-            lab.run(CLIENT, "ping", &["-c", "1", "-W", "1", node.ip()])?;
         }
-        let mut line = format!("      t={:>2}s", started.elapsed().as_secs());
+        lab.run(CLIENT, "ping", &["-c", "1", "-W", "1", VIP])?;
         if second == 1 || second % 4 == 0 || second == seconds {
+            let balancer = scrape(lab, &nodes[0].name).unwrap_or_default();
             println!(
-                "      {:<8} {}",
-                "node",
-                classes.map(|c| format!("{c:>9}")).join("")
+                "      {:<8} {:>9} {:>12} {:>10} {:>10} {:>10}",
+                "node", "answered", "lb->backend", "xdp tcp", "xdp arp", "malformed"
             );
             for node in &nodes {
                 let metrics = scrape(lab, &node.name).unwrap_or_default();
-                let row: String = classes
-                    .iter()
-                    .map(|c| format!("{:>10}", packets(&metrics, c)))
-                    .collect();
-                println!("      {:<8} {row}", node.name);
+                let forwarded = balancer
+                    .get(&format!(
+                        "farol_lb_backend_packets_total{{service=\"web\",backend=\"{}\"}}",
+                        node.name
+                    ))
+                    .copied()
+                    .unwrap_or(0.0) as u64;
+                println!(
+                    "      {:<8} {:>9} {:>12} {:>10} {:>10} {:>10}",
+                    node.name,
+                    answered.get(&node.name).copied().unwrap_or(0),
+                    forwarded,
+                    packets(&metrics, "tcp"),
+                    packets(&metrics, "arp"),
+                    packets(&metrics, "malformed"),
+                );
             }
         }
-        line.push_str(&format!("  HTTP {ok}/{total} ok"));
-        println!("{line}");
+        println!(
+            "      t={:>2}s  HTTP to the VIP {VIP}: {ok}/{total} answered",
+            started.elapsed().as_secs()
+        );
         if let Some(rest) = Duration::from_secs(1).checked_sub(tick.elapsed()) {
             std::thread::sleep(rest);
         }

@@ -8,6 +8,7 @@
 //! - [`bench`]: `xtask bench NAME` and its JSON report.
 
 pub mod bench;
+pub mod bench_lb;
 pub mod lab;
 pub mod packets;
 pub mod toolchain;

@@ -48,6 +48,8 @@ enum Task {
 enum BenchName {
     /// Time per packet of farol_ingress vs a bare XDP_PASS (BPF_PROG_TEST_RUN).
     Xdp,
+    /// HTTP through Farol (DSR) vs HAProxy vs direct, with wrk on the lab.
+    Lb,
 }
 
 #[derive(Debug, Subcommand)]
@@ -71,6 +73,11 @@ fn main() -> Result<()> {
             BenchName::Xdp => {
                 toolchain::build_ebpf()?;
                 let report = bench::xdp()?;
+                println!("wrote {}", report.write()?.display());
+                Ok(())
+            }
+            BenchName::Lb => {
+                let report = xtask::bench_lb::lb(10)?;
                 println!("wrote {}", report.write()?.display());
                 Ok(())
             }

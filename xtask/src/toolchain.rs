@@ -132,6 +132,38 @@ pub fn setup() -> Result<()> {
     Ok(())
 }
 
+/// Installs Debian packages a command needs beyond the common set (the
+/// benchmarks' peers), when missing.
+pub fn ensure_packages(packages: &[(&str, &str)]) -> Result<()> {
+    let absent: Vec<&(&str, &str)> = packages
+        .iter()
+        .filter(|(name, _)| !package_installed(name))
+        .collect();
+    if absent.is_empty() {
+        return Ok(());
+    }
+    if !crate::is_root() {
+        bail!("installing Debian packages needs root");
+    }
+    for (name, why) in &absent {
+        println!("setup: installing {name}: {why}");
+    }
+    exec(Command::new("apt-get").args(["update", "-qq"]))?;
+    exec(
+        Command::new("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args([
+                "install",
+                "-y",
+                "-qq",
+                "-o",
+                "Dpkg::Use-Pty=0",
+                "--no-install-recommends",
+            ])
+            .args(absent.iter().map(|(name, _)| *name)),
+    )
+}
+
 /// Runs setup when something is missing, so every command that needs the
 /// toolchain works on a fresh machine.
 pub fn ensure_setup() -> Result<()> {

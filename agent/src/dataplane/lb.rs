@@ -8,15 +8,16 @@
 use std::{collections::HashMap, net::IpAddr};
 
 use aya::{
-    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray},
+    maps::{bloom_filter::BloomFilter, Array, HashMap as BpfHashMap, MapData, PerCpuArray},
     Ebpf,
 };
 use farol_common::lb::{
     ipv4_mapped, maglev_base, Backend, BackendStats, LbConfig, ServiceStats, VipKey, VipMeta,
     BACKEND_ACTIVE, BACKEND_ALIVE, BACKEND_LOCAL, MAGLEV_TABLE_SIZE, MAP_ACTIVE_FLOWS,
     MAP_BACKENDS, MAP_BACKEND_STATS, MAP_LB_CONFIG, MAP_MAGLEV, MAP_OWNED_VIPS,
-    MAP_SERVICE_BACKENDS, MAP_SERVICE_STATS, MAP_VIPS, MAX_BACKENDS_PER_SERVICE, PROTO_TCP,
-    PROTO_UDP, SCHEDULER_LEASTCONN, SCHEDULER_MAGLEV, SCHEDULER_ROUNDROBIN, SCHEDULER_SOURCE,
+    MAP_SERVICE_BACKENDS, MAP_SERVICE_META, MAP_SERVICE_STATS, MAP_VIPS, MAP_VIP_FILTER,
+    MAX_BACKENDS_PER_SERVICE, PROTO_TCP, PROTO_UDP, SCHEDULER_LEASTCONN, SCHEDULER_MAGLEV,
+    SCHEDULER_ROUNDROBIN, SCHEDULER_SOURCE, SERVICE_PRESENT, VIP_OWNED,
 };
 
 use super::{
@@ -131,6 +132,8 @@ pub struct LoadBalancerMaps {
     service_stats: PerCpuArray<MapData, ServiceStats>,
     backend_stats: PerCpuArray<MapData, BackendStats>,
     active_flows: Array<MapData, i64>,
+    vip_filter: BloomFilter<MapData, [u8; 16]>,
+    service_meta: Array<MapData, VipMeta>,
     /// The live Maglev half per service index.
     halves: HashMap<u32, u32>,
     applied: LbPlan,
@@ -170,6 +173,8 @@ impl LoadBalancerMaps {
             service_stats: take(ebpf, MAP_SERVICE_STATS)?,
             backend_stats: take(ebpf, MAP_BACKEND_STATS)?,
             active_flows: take(ebpf, MAP_ACTIVE_FLOWS)?,
+            vip_filter: take(ebpf, MAP_VIP_FILTER)?,
+            service_meta: take(ebpf, MAP_SERVICE_META)?,
             halves: HashMap::new(),
             applied: LbPlan::default(),
         })
@@ -194,9 +199,14 @@ impl LoadBalancerMaps {
             )
             .map_err(map_error(MAP_LB_CONFIG))?;
         for service in &plan.services {
-            let unchanged = self.applied.services.iter().any(|old| old == service);
-            if !unchanged {
+            let owned = plan.owned_vips.contains(&service.vip);
+            let table_unchanged = self.applied.services.iter().any(|old| old == service);
+            let owned_before = self.applied.owned_vips.contains(&service.vip);
+            if !table_unchanged {
                 self.apply_service(service)?;
+            }
+            if !table_unchanged || owned != owned_before {
+                self.write_vip_entries(service, owned)?;
             }
         }
         self.remove_stale_vips(plan)?;
@@ -253,20 +263,40 @@ impl LoadBalancerMaps {
                 .set(base + offset as u32, *backend, 0)
                 .map_err(map_error(MAP_MAGLEV))?;
         }
+        self.halves.insert(service.index, half);
+        Ok(())
+    }
+
+    /// Points every port of the service at its live table half, with the
+    /// ownership flag; a few map writes, so VRRP can flip ownership fast.
+    fn write_vip_entries(
+        &mut self,
+        service: &ServicePlan,
+        owned: bool,
+    ) -> Result<(), DataplaneError> {
         let meta = VipMeta {
             service: service.index,
             scheduler: scheduler_code(service.scheduler),
             forwarding: farol_common::lb::FORWARD_DSR,
-            table_half: half,
+            table_half: self.halves.get(&service.index).copied().unwrap_or(0),
             backend_count: service.backends.len() as u32,
-            _pad: 0,
+            flags: if owned { VIP_OWNED } else { 0 },
         };
         for &port in &service.ports {
             self.vips
                 .insert(vip_key(service.vip, port, service.protocol), meta, 0)
                 .map_err(map_error(MAP_VIPS))?;
         }
-        self.halves.insert(service.index, half);
+        self.vip_filter
+            .insert(addr16(service.vip), 0)
+            .map_err(map_error(MAP_VIP_FILTER))?;
+        let present = VipMeta {
+            flags: meta.flags | SERVICE_PRESENT,
+            ..meta
+        };
+        self.service_meta
+            .set(service.index, present, 0)
+            .map_err(map_error(MAP_SERVICE_META))?;
         Ok(())
     }
 
@@ -276,6 +306,13 @@ impl LoadBalancerMaps {
             .iter()
             .flat_map(|s| s.ports.iter().map(move |&p| vip_key(s.vip, p, s.protocol)))
             .collect();
+        for old in &self.applied.services {
+            if !plan.services.iter().any(|s| s.index == old.index) {
+                self.service_meta
+                    .set(old.index, VipMeta::default(), 0)
+                    .map_err(map_error(MAP_SERVICE_META))?;
+            }
+        }
         let present: Vec<VipKey> = self.vips.keys().filter_map(Result::ok).collect();
         for key in present.into_iter().filter(|key| !wanted.contains(key)) {
             self.vips.remove(&key).map_err(map_error(MAP_VIPS))?;
