@@ -26,10 +26,14 @@ pub enum LogFormat {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run this node's agent until SIGINT or SIGTERM.
+    /// Run this node's agent until SIGINT or SIGTERM (which remove the data
+    /// plane) or SIGUSR2 (which leaves it running for the next agent).
     Run(RunArgs),
     /// Validate a cluster file and print every problem with its key path.
     CheckConfig(CheckConfigArgs),
+    /// Remove what a stopped (or crashed) agent left running: the pinned
+    /// XDP link and maps, and the VIPs on `lo`.
+    Teardown(RunArgs),
 }
 
 #[derive(Debug, clap::Args)]

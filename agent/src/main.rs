@@ -22,6 +22,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::CheckConfig(args) => check_config(&args),
         Command::Run(args) => run(args),
+        Command::Teardown(args) => teardown(args),
     }
 }
 
@@ -61,31 +62,73 @@ fn check_config(args: &CheckConfigArgs) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// Loads the config and finds this node; prints why not.
+fn node_plan(args: &RunArgs) -> Result<NodePlan, ExitCode> {
+    let config = Config::load(&args.config).map_err(|error| {
+        eprintln!("{error}");
+        ExitCode::from(EXIT_CONFIG)
+    })?;
+    let Some(node_name) = args.node.clone().or_else(hostname) else {
+        eprintln!("cannot tell which node this is: pass --node NAME (the hostname is unreadable)");
+        return Err(ExitCode::from(EXIT_CONFIG));
+    };
+    let node = config.node(&args.config, &node_name).map_err(|error| {
+        eprintln!("{error}");
+        ExitCode::from(EXIT_CONFIG)
+    })?;
+    Ok(NodePlan::new(
+        &config,
+        node,
+        args.pin_dir.clone(),
+        args.metrics_listen,
+    ))
+}
+
+fn teardown(args: RunArgs) -> ExitCode {
+    let plan = match node_plan(&args) {
+        Ok(plan) => plan,
+        Err(code) => return code,
+    };
+    let mut failed = false;
+    match farol_agent::dataplane::teardown(&plan.pin_dir) {
+        Ok(removed) if removed.is_empty() => {
+            println!("{}: nothing pinned", plan.pin_dir.display())
+        }
+        Ok(removed) => {
+            for path in removed {
+                println!("unpinned {}", path.display());
+            }
+        }
+        Err(error) => {
+            eprintln!("{}", error_chain(&error));
+            failed = true;
+        }
+    }
+    let vips = farol_agent::balancer::local_vips(&plan.config, &plan.node);
+    match farol_agent::balancer::remove_vips_from_lo(&vips) {
+        Ok(removed) => {
+            for vip in removed {
+                println!("removed {vip} from lo");
+            }
+        }
+        Err(error) => {
+            eprintln!("{}", error_chain(&error));
+            failed = true;
+        }
+    }
+    if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
 fn run(args: RunArgs) -> ExitCode {
-    let config = match Config::load(&args.config) {
-        Ok(config) => config,
-        Err(error) => {
-            eprintln!("{error}");
-            return ExitCode::from(EXIT_CONFIG);
-        }
+    let plan = match node_plan(&args) {
+        Ok(plan) => plan,
+        Err(code) => return code,
     };
-    let node_name = match args.node.clone().or_else(hostname) {
-        Some(name) => name,
-        None => {
-            eprintln!(
-                "cannot tell which node this is: pass --node NAME (the hostname is unreadable)"
-            );
-            return ExitCode::from(EXIT_CONFIG);
-        }
-    };
-    let node = match config.node(&args.config, &node_name) {
-        Ok(node) => node,
-        Err(error) => {
-            eprintln!("{error}");
-            return ExitCode::from(EXIT_CONFIG);
-        }
-    };
-    let plan = NodePlan::new(&config, node, args.pin_dir, args.metrics_listen);
+    let keep_on_exit = plan.keep_on_exit.clone();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -99,7 +142,7 @@ fn run(args: RunArgs) -> ExitCode {
     };
     runtime.block_on(async move {
         let (stop_tx, stop_rx) = watch::channel(false);
-        if let Err(error) = spawn_signal_handler(stop_tx) {
+        if let Err(error) = spawn_signal_handler(stop_tx, keep_on_exit) {
             error!(%error, "cannot install signal handlers");
             return ExitCode::FAILURE;
         }
@@ -113,14 +156,24 @@ fn run(args: RunArgs) -> ExitCode {
     })
 }
 
-/// SIGINT and SIGTERM stop the agent cleanly (detach, unpin).
-fn spawn_signal_handler(stop: watch::Sender<bool>) -> std::io::Result<()> {
+/// SIGINT and SIGTERM stop the agent and remove the data plane (detach,
+/// unpin, VIPs off `lo`); SIGUSR2 stops it and leaves the data plane
+/// running for the next agent (an upgrade or restart without a lost flow).
+fn spawn_signal_handler(
+    stop: watch::Sender<bool>,
+    keep_on_exit: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::io::Result<()> {
     let mut interrupt = tokio::signal::unix::signal(SignalKind::interrupt())?;
     let mut terminate = tokio::signal::unix::signal(SignalKind::terminate())?;
+    let mut handover = tokio::signal::unix::signal(SignalKind::user_defined2())?;
     tokio::spawn(async move {
         let signal = tokio::select! {
             _ = interrupt.recv() => "SIGINT",
             _ = terminate.recv() => "SIGTERM",
+            _ = handover.recv() => {
+                keep_on_exit.store(true, std::sync::atomic::Ordering::SeqCst);
+                "SIGUSR2"
+            }
         };
         info!(signal, "stopping");
         let _ = stop.send(true);

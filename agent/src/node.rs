@@ -1,7 +1,14 @@
 //! What `agent run` does on one node: bind the metrics port, bring the data
 //! plane up, serve until told to stop, then take everything down in reverse.
 
-use std::{net::SocketAddr, path::PathBuf, sync::Arc};
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+};
 
 use tokio::sync::watch;
 use tracing::info;
@@ -9,7 +16,7 @@ use tracing::info;
 use crate::{
     balancer::{self, BalancerError},
     config::{Config, NodeConfig},
-    dataplane::{Dataplane, DataplaneError},
+    dataplane::{Dataplane, DataplaneError, OnExit},
     metrics::{self, MetricsError, XdpAttachment},
 };
 
@@ -36,6 +43,9 @@ pub struct NodePlan {
     pub xdp_mode: crate::config::XdpMode,
     pub pin_dir: PathBuf,
     pub metrics_listen: SocketAddr,
+    /// Set before stopping to leave the data plane (program, maps, VIPs on
+    /// `lo`) running for the next agent: an upgrade without a lost flow.
+    pub keep_on_exit: Arc<AtomicBool>,
 }
 
 impl NodePlan {
@@ -52,6 +62,7 @@ impl NodePlan {
             xdp_mode: config.cluster.xdp_mode,
             pin_dir: pin_dir.unwrap_or_else(|| config.pin_dir(node)),
             metrics_listen: metrics_listen.unwrap_or_else(|| config.metrics_listen(node)),
+            keep_on_exit: Arc::new(AtomicBool::new(false)),
         }
     }
 }
@@ -83,6 +94,7 @@ pub async fn run(plan: NodePlan, mut shutdown: watch::Receiver<bool>) -> Result<
         plan.config.clone(),
         plan.node.clone(),
         shutdown.clone(),
+        plan.keep_on_exit.clone(),
     ));
 
     let stop = async move {
@@ -110,7 +122,11 @@ pub async fn run(plan: NodePlan, mut shutdown: watch::Receiver<bool>) -> Result<
             result
         }
     };
-    dataplane.shutdown();
+    dataplane.shutdown(if plan.keep_on_exit.load(Ordering::SeqCst) {
+        OnExit::Keep
+    } else {
+        OnExit::Remove
+    });
     info!("agent stopped");
     outcome
 }

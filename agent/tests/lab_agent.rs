@@ -324,3 +324,72 @@ fn agent_refuses_clearly_when_it_cannot_run() {
     );
     let _ = std::fs::remove_dir_all(&config_dir);
 }
+
+#[test]
+fn sigusr2_leaves_the_data_plane_running_and_teardown_removes_it() {
+    if !support::privileged("sigusr2_leaves_the_data_plane_running_and_teardown_removes_it") {
+        return;
+    }
+    let lab = lab("usr2");
+    let mut agent = lab
+        .spawn(
+            NODE,
+            agent_command(&lab, NODE).stderr(Stdio::null()),
+            "agent",
+        )
+        .unwrap();
+    wait_for("/metrics", Duration::from_secs(20), || scrape(&lab, NODE)).unwrap();
+    let lo_has_vip = || {
+        let out = lab
+            .run(NODE, "ip", &["-o", "addr", "show", "dev", "lo"])
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).contains("192.0.2.100/32")
+    };
+    wait_for("the VIP on lo", Duration::from_secs(10), || {
+        lo_has_vip().then_some(())
+    })
+    .unwrap();
+    let program = lab.xdp_program_id(NODE).unwrap().expect("attached");
+
+    // SAFETY: kill on a PID we spawned; no memory effects.
+    unsafe { libc::kill(agent.pid() as i32, libc::SIGUSR2) };
+    let status = wait_for("the agent to exit", Duration::from_secs(10), || {
+        agent.try_wait().ok().flatten()
+    })
+    .unwrap();
+    assert!(status.success(), "{status}");
+    assert_eq!(
+        lab.xdp_program_id(NODE).unwrap(),
+        Some(program),
+        "still attached after SIGUSR2"
+    );
+    assert!(lab.pin_dir(NODE).join("INGRESS_LINK").exists());
+    assert!(lab.pin_dir(NODE).join("FLOWS").exists());
+    assert!(
+        lo_has_vip(),
+        "backends keep the VIP on lo for the next agent"
+    );
+
+    let out = lab
+        .command(NODE, AGENT)
+        .args(["teardown", "--node", NODE, "--config"])
+        .arg(lab_config())
+        .arg("--pin-dir")
+        .arg(lab.pin_dir(NODE))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("unpinned") && text.contains("INGRESS_LINK"),
+        "{text}"
+    );
+    assert!(text.contains("removed 192.0.2.100 from lo"), "{text}");
+    assert_eq!(lab.xdp_program_id(NODE).unwrap(), None, "teardown detaches");
+    assert!(!lab.pin_dir(NODE).exists());
+    assert!(!lo_has_vip());
+}

@@ -70,6 +70,7 @@ fn cluster(tag: &str, scheduler: &str) -> Cluster {
     std::fs::create_dir_all(&dir).unwrap();
     let config = config_with(&dir, scheduler);
     let mut processes = Vec::new();
+    let log = |node: &str| dir.join(format!("agent-{node}.log"));
     for node in lab.nodes() {
         let root = dir.join(&node.name);
         std::fs::create_dir_all(&root).unwrap();
@@ -82,21 +83,15 @@ fn cluster(tag: &str, scheduler: &str) -> Cluster {
                 "80",
                 "--bind",
                 "0.0.0.0",
+                "--protocol",
+                "HTTP/1.1",
                 "--directory",
             ])
             .arg(&root)
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         processes.push(lab.spawn(&node.name, &mut server, "web").unwrap());
-        let mut agent = lab.command(&node.name, AGENT);
-        agent
-            .args(["run", "--node", &node.name, "--config"])
-            .arg(&config)
-            .arg("--pin-dir")
-            .arg(lab.pin_dir(&node.name))
-            .env("FAROL_LOG", "info")
-            .stderr(Stdio::null());
-        processes.push(lab.spawn(&node.name, &mut agent, "agent").unwrap());
+        processes.push(start_agent(&lab, &node.name, &config, &log(&node.name)));
     }
     wait_for(
         "nuster1 to see all four backends up",
@@ -132,6 +127,19 @@ fn cluster(tag: &str, scheduler: &str) -> Cluster {
         lab,
         _dir: TempDir(dir),
     }
+}
+
+fn start_agent(lab: &Lab, node: &str, config: &Path, log: &Path) -> LabProcess {
+    let mut agent = lab.command(node, AGENT);
+    agent
+        .args(["run", "--node", node, "--config"])
+        .arg(config)
+        .arg("--pin-dir")
+        .arg(lab.pin_dir(node))
+        .env("FAROL_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stderr(std::fs::File::create(log).unwrap());
+    lab.spawn(node, &mut agent, "agent").unwrap()
 }
 
 /// `count` HTTP requests to the VIP, each on a new connection; responses
@@ -255,4 +263,137 @@ fn agents_stop_cleanly_and_remove_the_vip_from_lo() {
         );
         assert_eq!(lab.xdp_program_id(node).unwrap(), None);
     }
+}
+
+/// A client that keeps one HTTP/1.1 connection to the VIP and sends a
+/// request every 50 ms for `seconds`; prints "ok errors nodes".
+const KEEPALIVE_CLIENT: &str = r#"
+import http.client, sys, time
+conn = http.client.HTTPConnection(sys.argv[1], 80, timeout=2)
+ok = errors = 0
+nodes = set()
+ports = set()
+end = time.time() + float(sys.argv[2])
+while time.time() < end:
+    try:
+        conn.request("GET", "/")
+        ports.add(conn.sock.getsockname()[1])
+        nodes.add(conn.getresponse().read().decode().strip())
+        ok += 1
+    except Exception as error:
+        errors += 1
+        print(repr(error), file=sys.stderr)
+        conn.close()
+        conn = http.client.HTTPConnection(sys.argv[1], 80, timeout=2)
+    time.sleep(0.05)
+print(ok, errors, len(ports), ",".join(sorted(nodes)))
+"#;
+
+#[test]
+fn a_killed_agent_leaves_flows_running_and_its_successor_adopts_them() {
+    if !support::privileged("a_killed_agent_leaves_flows_running_and_its_successor_adopts_them") {
+        return;
+    }
+    let mut cluster = cluster("lbkill", "roundrobin");
+    let dir = cluster._dir.0.clone();
+    let script = dir.join("keepalive.py");
+    std::fs::write(&script, KEEPALIVE_CLIENT).unwrap();
+    let mut client = cluster.lab.command(CLIENT, "python3");
+    client.arg(&script).args([VIP, "6"]).stdout(Stdio::piped());
+    let mut client = cluster
+        .lab
+        .spawn(CLIENT, &mut client, "keep-alive client")
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(800));
+
+    // SIGKILL the agent holding the VIP: nothing of it runs any more.
+    let index = cluster
+        .processes
+        .iter()
+        .position(|p| p.label() == "agent@nuster1")
+        .unwrap();
+    let mut killed = cluster.processes.remove(index);
+    let program_before = cluster
+        .lab
+        .xdp_program_id("nuster1")
+        .unwrap()
+        .expect("attached");
+    // SAFETY: kill on a PID we spawned; no memory effects.
+    unsafe { libc::kill(killed.pid() as i32, libc::SIGKILL) };
+    wait_for("the agent to die", Duration::from_secs(5), || {
+        killed.try_wait().ok().flatten()
+    })
+    .unwrap();
+    assert_eq!(
+        cluster.lab.xdp_program_id("nuster1").unwrap(),
+        Some(program_before),
+        "the program stays attached through its pinned link"
+    );
+    let out = cluster
+        .lab
+        .run(
+            CLIENT,
+            "curl",
+            &["-sf", "--max-time", "2", &format!("http://{VIP}/")],
+        )
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "new flows are balanced while no agent runs: {out:?}"
+    );
+
+    // A new agent re-adopts the running data plane.
+    let log = dir.join("agent-nuster1-second.log");
+    let config = dir.join("lab-roundrobin.toml");
+    cluster
+        .processes
+        .push(start_agent(&cluster.lab, "nuster1", &config, &log));
+    wait_for(
+        "the second agent to re-adopt",
+        Duration::from_secs(20),
+        || {
+            std::fs::read_to_string(&log)
+                .ok()
+                .filter(|text| text.contains("re-adopted the running data plane"))
+        },
+    )
+    .unwrap();
+    let program_after = cluster
+        .lab
+        .xdp_program_id("nuster1")
+        .unwrap()
+        .expect("attached");
+    assert_ne!(
+        program_after, program_before,
+        "the new agent's program replaced the old one in place"
+    );
+
+    let status = wait_for("the keep-alive client", Duration::from_secs(20), || {
+        client.try_wait().ok().flatten()
+    })
+    .unwrap();
+    assert!(status.success());
+    let mut report = String::new();
+    std::io::Read::read_to_string(client.child_mut().stdout.as_mut().unwrap(), &mut report)
+        .unwrap();
+    let fields: Vec<&str> = report.split_whitespace().collect();
+    let (ok, errors, connections, nodes) = (
+        fields[0].parse::<u32>().unwrap(),
+        fields[1],
+        fields[2],
+        fields.get(3).copied().unwrap_or(""),
+    );
+    assert_eq!(
+        errors, "0",
+        "the established connection never failed: {report}"
+    );
+    assert_eq!(connections, "1", "one TCP connection throughout: {report}");
+    assert!(
+        ok >= 40,
+        "requests kept flowing through the kill and restart: {report}"
+    );
+    assert!(
+        !nodes.contains(','),
+        "one connection, one backend throughout: {report}"
+    );
 }

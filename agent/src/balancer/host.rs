@@ -190,14 +190,21 @@ impl DsrHost {
         let present = ip(&["-o", "addr", "show", "dev", "lo"])?;
         for &vip in vips {
             let prefix = host_prefix(vip);
-            if present.contains(&format!(" {prefix} ")) {
-                continue;
+            // A VIP already there was left by an earlier agent (crash or
+            // upgrade): it is ours to remove on a clean stop as well.
+            if !present.contains(&format!(" {prefix} ")) {
+                ip(&["addr", "add", &prefix, "dev", "lo"])?;
+                info!(%vip, "VIP added to lo for direct server return");
             }
-            ip(&["addr", "add", &prefix, "dev", "lo"])?;
             host.added.push(vip);
-            info!(%vip, "VIP added to lo for direct server return");
         }
         Ok(host)
+    }
+
+    /// Leaves the VIPs and sysctls in place for the next agent.
+    pub(super) fn keep(&mut self) {
+        self.added.clear();
+        self.sysctls.clear();
     }
 
     /// Removes what `prepare` added and restores the sysctls.
@@ -220,4 +227,19 @@ impl Drop for DsrHost {
     fn drop(&mut self) {
         self.restore();
     }
+}
+
+/// Removes `vips` from `lo` where present (`agent teardown`); returns those
+/// removed.
+pub fn remove_vips_from_lo(vips: &[IpAddr]) -> Result<Vec<IpAddr>, HostError> {
+    let present = ip(&["-o", "addr", "show", "dev", "lo"])?;
+    let mut removed = Vec::new();
+    for &vip in vips {
+        let prefix = host_prefix(vip);
+        if present.contains(&format!(" {prefix} ")) {
+            ip(&["addr", "del", &prefix, "dev", "lo"])?;
+            removed.push(vip);
+        }
+    }
+    Ok(removed)
 }

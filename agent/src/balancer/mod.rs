@@ -8,7 +8,14 @@
 
 mod host;
 
-use std::{net::IpAddr, sync::Arc, time::Duration};
+use std::{
+    net::IpAddr,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
 
 use tokio::sync::{watch, Mutex};
 use tracing::{info, warn};
@@ -21,7 +28,7 @@ use crate::{
     },
 };
 
-pub use host::HostError;
+pub use host::{remove_vips_from_lo, HostError};
 
 /// How often unresolved backends are retried and the plan refreshed.
 const REFRESH: Duration = Duration::from_secs(2);
@@ -148,6 +155,7 @@ pub async fn run(
     config: Arc<Config>,
     node: NodeConfig,
     mut shutdown: watch::Receiver<bool>,
+    keep_on_exit: Arc<AtomicBool>,
 ) -> Result<(), BalancerError> {
     if config.services.is_empty() {
         return Ok(());
@@ -187,7 +195,11 @@ pub async fn run(
         }
     }
     .await;
-    prepared.restore();
+    if keep_on_exit.load(Ordering::SeqCst) {
+        prepared.keep();
+    } else {
+        prepared.restore();
+    }
     result
 }
 

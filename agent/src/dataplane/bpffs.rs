@@ -50,12 +50,20 @@ pub enum BpfFsError {
     },
 }
 
-/// The pins of one agent: what it created, so it removes exactly that.
+/// The pin of the bpf_link that keeps `farol_ingress` attached.
+pub(crate) const LINK_PIN: &str = "INGRESS_LINK";
+
+/// The pin directory of one agent.
 #[derive(Debug)]
 pub(crate) struct Pins {
     dir: PathBuf,
     created_dirs: Vec<PathBuf>,
-    files: Vec<PathBuf>,
+    /// Set once the data plane runs; until then a failed start removes
+    /// what it pinned (unless it was adopting someone else's).
+    committed: bool,
+    /// False while pins of an earlier agent are present and may be adopted:
+    /// a failed start must not tear down a data plane still serving.
+    ours: bool,
     /// Held for the agent's lifetime; the kernel drops the lock on exit.
     _lock: File,
 }
@@ -75,39 +83,41 @@ impl Pins {
             })?;
             created_dirs.push(ancestor.to_owned());
         }
-        for name in farol_common::maps::PINNED_MAPS {
-            let stale = dir.join(name);
-            if stale.exists() {
-                warn!(path = %stale.display(), "removing a pin left by an agent that did not stop cleanly");
-                if let Err(error) = std::fs::remove_file(&stale) {
-                    warn!(path = %stale.display(), %error, "could not remove stale pin");
-                }
-            }
-        }
+        let ours = !dir.join(LINK_PIN).exists()
+            && !farol_common::maps::PINNED_MAPS
+                .iter()
+                .any(|name| dir.join(name).exists());
         Ok(Pins {
             dir: dir.to_owned(),
             created_dirs,
-            files: Vec::new(),
+            committed: false,
+            ours,
             _lock: lock,
         })
+    }
+
+    pub(crate) fn dir(&self) -> &Path {
+        &self.dir
     }
 
     pub(crate) fn path_for(&self, name: &str) -> PathBuf {
         self.dir.join(name)
     }
 
-    pub(crate) fn record(&mut self, path: PathBuf) {
-        self.files.push(path);
+    pub(crate) fn link_path(&self) -> PathBuf {
+        self.dir.join(LINK_PIN)
     }
 
-    /// Unpins every map and removes the directories this agent created
-    /// (a shared parent that still holds another node's pins stays).
+    /// The data plane runs: from now on only an explicit stop removes pins.
+    pub(crate) fn commit(&mut self) {
+        self.committed = true;
+    }
+
+    /// Unpins the link and every map, and removes the directories this
+    /// agent created (a shared parent holding other nodes' pins stays).
     pub(crate) fn remove_all(&mut self) {
-        for file in self.files.drain(..) {
-            if let Err(error) = std::fs::remove_file(&file) {
-                warn!(path = %file.display(), %error, "failed to unpin map");
-            }
-        }
+        remove_pins(&self.dir);
+        self.ours = true;
         while let Some(dir) = self.created_dirs.pop() {
             if std::fs::remove_dir(&dir).is_err() {
                 break;
@@ -117,11 +127,27 @@ impl Pins {
     }
 }
 
+/// Removes the link pin and every map pin in `dir`, then `dir` if empty;
+/// returns what it removed.
+pub(crate) fn remove_pins(dir: &Path) -> Vec<PathBuf> {
+    let mut removed = Vec::new();
+    for name in std::iter::once(LINK_PIN).chain(farol_common::maps::PINNED_MAPS.iter().copied()) {
+        let path = dir.join(name);
+        match std::fs::remove_file(&path) {
+            Ok(()) => removed.push(path),
+            Err(error) if error.kind() == io::ErrorKind::NotFound => {}
+            Err(error) => warn!(path = %path.display(), %error, "failed to unpin"),
+        }
+    }
+    let _ = std::fs::remove_dir(dir);
+    removed
+}
+
 impl Drop for Pins {
-    /// A start that fails after pinning, or an agent that returns with an
-    /// error, leaves nothing behind either.
+    /// A start that fails after pinning leaves nothing behind, unless it
+    /// found a running data plane to adopt: that one keeps serving.
     fn drop(&mut self) {
-        if !self.files.is_empty() || !self.created_dirs.is_empty() {
+        if !self.committed && self.ours {
             self.remove_all();
         }
     }

@@ -163,7 +163,7 @@ impl LoadBalancerMaps {
                 .ok_or(DataplaneError::MissingMap { name })?;
             T::try_from(map).map_err(map_error(name))
         }
-        Ok(LoadBalancerMaps {
+        let mut maps = LoadBalancerMaps {
             vips: take(ebpf, MAP_VIPS)?,
             owned_vips: take(ebpf, MAP_OWNED_VIPS)?,
             backends: take(ebpf, MAP_BACKENDS)?,
@@ -177,7 +177,17 @@ impl LoadBalancerMaps {
             service_meta: take(ebpf, MAP_SERVICE_META)?,
             halves: HashMap::new(),
             applied: LbPlan::default(),
-        })
+        };
+        // An adopted data plane: new tables must go to the half that is
+        // not live, so learn which one is.
+        for index in 0..farol_common::lb::MAX_SERVICES {
+            if let Ok(meta) = maps.service_meta.get(&index, 0) {
+                if meta.flags & SERVICE_PRESENT != 0 {
+                    maps.halves.insert(index, meta.table_half);
+                }
+            }
+        }
+        Ok(maps)
     }
 
     /// The plan last applied.

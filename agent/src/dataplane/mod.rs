@@ -2,6 +2,7 @@
 //! node's interface, pins its maps, reads its counters, and undoes all of it
 //! on a clean stop. This is the only module that touches BPF maps.
 
+mod adoption;
 mod bpffs;
 mod counters;
 pub mod lb;
@@ -74,6 +75,18 @@ pub enum DataplaneError {
         #[source]
         source: aya::pin::PinError,
     },
+    #[error("failed to pin the XDP link at {path}")]
+    PinLink {
+        path: PathBuf,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("failed to re-adopt the pinned XDP link at {path}")]
+    AdoptLink {
+        path: PathBuf,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     #[error("failed to open map {name}")]
     Map {
         name: &'static str,
@@ -136,50 +149,87 @@ pub fn load_xdp<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xd
     Ok(program)
 }
 
-/// The running data plane of one node. Dropping it detaches the program;
-/// [`Dataplane::shutdown`] also unpins the maps.
+/// The running data plane of one node.
+///
+/// The program runs through a pinned bpf_link and the maps are pinned, so
+/// they outlive the agent: a crash or an upgrade (`Dataplane::shutdown` with
+/// [`OnExit::Keep`]) leaves every flow running, and the next `agent run`
+/// re-adopts them (after checking the pinned maps match this build).
+/// [`OnExit::Remove`] (SIGINT/SIGTERM) and `agent teardown` remove it all.
 pub struct Dataplane {
-    ebpf: Ebpf,
-    link: Option<XdpLinkId>,
+    // Held so the program and map descriptors stay open while we run.
+    _ebpf: Ebpf,
     iface: String,
     mode: AttachMode,
+    adopted: bool,
     pins: bpffs::Pins,
     counters: std::sync::Arc<Counters>,
     load_balancer: std::sync::Arc<tokio::sync::Mutex<lb::LoadBalancerMaps>>,
 }
 
+/// What a stopping agent leaves in the kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnExit {
+    /// Detach the program and unpin everything.
+    Remove,
+    /// Leave program, link and maps pinned for the next agent (upgrades).
+    Keep,
+}
+
 impl Dataplane {
-    /// Loads, attaches to `iface` and pins maps under `pin_dir`.
+    /// Loads (re-using compatible pinned maps), attaches to `iface` (or
+    /// re-adopts the pinned link there) and pins everything under `pin_dir`.
     pub fn start(iface: &str, mode: XdpMode, pin_dir: &Path) -> Result<Dataplane, DataplaneError> {
         if interface_index(iface).is_none() {
             return Err(DataplaneError::NoSuchInterface {
                 iface: iface.to_owned(),
             });
         }
-        let mut ebpf = load_object()?;
-        let mut pins = bpffs::Pins::prepare(pin_dir)?;
-        for name in PINNED_MAPS {
-            let map = ebpf.map(name).ok_or(DataplaneError::MissingMap { name })?;
-            let path = pins.path_for(name);
-            map.pin(&path).map_err(|source| DataplaneError::Pin {
-                name,
-                path: path.clone(),
-                source,
-            })?;
-            pins.record(path);
+        if EBPF_OBJECT.is_empty() {
+            return Err(DataplaneError::NotBuilt);
         }
+        check_privileges()?;
+        let mut pins = bpffs::Pins::prepare(pin_dir)?;
+        let adopt = match adoption::check(&pins, EBPF_OBJECT) {
+            adoption::Verdict::Fresh => false,
+            adoption::Verdict::Adopt => true,
+            adoption::Verdict::Mismatch(why) => {
+                warn!(pin_dir = %pin_dir.display(), %why, "pinned data plane does not match this agent: starting fresh (established flows are reset)");
+                pins.remove_all();
+                false
+            }
+        };
+        let mut loader = EbpfLoader::new();
+        for name in PINNED_MAPS {
+            loader.map_pin_path(name, pins.path_for(name));
+        }
+        let mut ebpf = loader
+            .load(EBPF_OBJECT)
+            .map_err(|source| DataplaneError::Load { source })?;
         let counters = std::sync::Arc::new(Counters::take_from(&mut ebpf)?);
         let load_balancer = std::sync::Arc::new(tokio::sync::Mutex::new(
             lb::LoadBalancerMaps::take_from(&mut ebpf)?,
         ));
+        let link_pin = pins.link_path();
         let program = load_xdp(&mut ebpf, PROGRAM_INGRESS)?;
-        let (link, mode) = attach(program, iface, mode)?;
-        info!(iface, mode = %mode, pin_dir = %pin_dir.display(), "XDP program {PROGRAM_INGRESS} attached");
+        let adopted = adopt && link_pin.exists();
+        let mode = if adopted {
+            adoption::replace_program_in_link(program, &link_pin)?;
+            let mode = adoption::attached_mode(iface).unwrap_or(AttachMode::Generic);
+            info!(iface, mode = %mode, pin_dir = %pin_dir.display(), "re-adopted the running data plane: program replaced in its pinned link, maps and flows kept");
+            mode
+        } else {
+            let (link, mode) = attach(program, iface, mode)?;
+            adoption::pin_link(program, link, &link_pin)?;
+            info!(iface, mode = %mode, pin_dir = %pin_dir.display(), "XDP program {PROGRAM_INGRESS} attached");
+            mode
+        };
+        pins.commit();
         Ok(Dataplane {
-            ebpf,
-            link: Some(link),
+            _ebpf: ebpf,
             iface: iface.to_owned(),
             mode,
+            adopted,
             pins,
             counters,
             load_balancer,
@@ -195,6 +245,11 @@ impl Dataplane {
         self.mode
     }
 
+    /// True when this agent took over a data plane left running.
+    pub fn adopted(&self) -> bool {
+        self.adopted
+    }
+
     pub fn interface(&self) -> &str {
         &self.iface
     }
@@ -204,35 +259,27 @@ impl Dataplane {
         self.counters.clone()
     }
 
-    /// Detaches the program and removes the pinned maps.
-    pub fn shutdown(mut self) {
-        self.detach();
-        self.pins.remove_all();
-    }
-
-    fn detach(&mut self) {
-        let Some(link) = self.link.take() else { return };
-        let detached = self
-            .ebpf
-            .program_mut(PROGRAM_INGRESS)
-            .and_then(|program| <&mut Xdp>::try_from(program).ok())
-            .map(|program| program.detach(link));
-        match detached {
-            Some(Ok(())) => info!(iface = %self.iface, "XDP program detached"),
-            Some(Err(error)) => {
-                warn!(iface = %self.iface, %error, "XDP detach failed; the program goes when the agent exits")
+    /// Stops the agent's side; what stays in the kernel depends on `on_exit`.
+    pub fn shutdown(mut self, on_exit: OnExit) {
+        match on_exit {
+            OnExit::Remove => {
+                // Removing the link pin, then closing our descriptors when
+                // `self` drops, releases the last reference: detached.
+                self.pins.remove_all();
+                info!(iface = %self.iface, "XDP program detached");
             }
-            None => {
-                warn!(iface = %self.iface, "XDP program not found at detach; it goes when the agent exits")
+            OnExit::Keep => {
+                info!(iface = %self.iface, pin_dir = %self.pins.dir().display(), "leaving the data plane running for the next agent");
             }
         }
     }
 }
 
-impl Drop for Dataplane {
-    fn drop(&mut self) {
-        self.detach();
-    }
+/// Removes what an agent left pinned under `pin_dir` (program link, maps):
+/// `agent teardown`.
+pub fn teardown(pin_dir: &Path) -> Result<Vec<PathBuf>, DataplaneError> {
+    check_privileges()?;
+    Ok(bpffs::remove_pins(pin_dir))
 }
 
 fn attach(
