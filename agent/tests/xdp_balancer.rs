@@ -437,3 +437,65 @@ fn arp_for_an_owned_vip_is_answered_here() {
     other[41] = 11;
     assert_eq!(harness.run(&other), (XDP_PASS, other.clone()));
 }
+
+/// An ICMP "fragmentation needed" from a router on the path, about the
+/// reply a backend sent from the VIP to the client on `client_port`.
+fn frag_needed_about_reply(client_port: u16) -> Vec<u8> {
+    let reply = {
+        let mut frame = packets::tcp_established_v4();
+        let l3 = packets::L3;
+        let (src, dst) = (
+            frame[l3 + 12..l3 + 16].to_vec(),
+            frame[l3 + 16..l3 + 20].to_vec(),
+        );
+        frame[l3 + 12..l3 + 16].copy_from_slice(&dst);
+        frame[l3 + 16..l3 + 20].copy_from_slice(&src);
+        let l4 = packets::L4_V4;
+        frame[l4..l4 + 2].copy_from_slice(&80u16.to_be_bytes());
+        frame[l4 + 2..l4 + 4].copy_from_slice(&client_port.to_be_bytes());
+        frame
+    };
+    // Type 3 code 4, next-hop MTU 1400, then the quoted IP header + 8 bytes.
+    let mut icmp = vec![3, 4, 0, 0, 0, 0, 0x05, 0x78];
+    icmp.extend_from_slice(&reply[packets::L3..packets::L4_V4 + 8]);
+    let mut frame = Vec::new();
+    frame.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x11]);
+    frame.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x01]);
+    frame.extend_from_slice(&0x0800u16.to_be_bytes());
+    let total = (20 + icmp.len()) as u16;
+    frame.extend_from_slice(&[0x45, 0, 0, 0, 0, 0, 0, 0, 64, 1, 0, 0]);
+    frame[packets::L3 + 2..packets::L3 + 4].copy_from_slice(&total.to_be_bytes());
+    frame.extend_from_slice(&[192, 0, 2, 1]);
+    frame.extend_from_slice(&VIP.octets());
+    frame.extend_from_slice(&icmp);
+    frame
+}
+
+#[test]
+fn icmp_errors_about_a_flow_reach_its_backend() {
+    if !support::privileged("icmp_errors_about_a_flow_reach_its_backend") {
+        return;
+    }
+    let harness = Harness::new(&plan(vec![service(
+        Scheduler::Maglev,
+        (0..4).map(|s| backend(s, 100)).collect(),
+    )]));
+    for port in 40000..40016u16 {
+        let backend = harness.forwarded_to(&tcp(port, true));
+        let error = frag_needed_about_reply(port);
+        assert_eq!(
+            harness.forwarded_to(&error),
+            backend,
+            "the ICMP error for port {port} follows its flow"
+        );
+    }
+    // About a flow nobody has: the kernel's business.
+    let unknown = frag_needed_about_reply(50000);
+    assert_eq!(harness.run(&unknown), (XDP_PASS, unknown.clone()));
+    assert_eq!(
+        harness.lb.snapshot().unwrap().services[0]
+            .stats
+            .icmp_errors_forwarded,
+        16
+    );
+}

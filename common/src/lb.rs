@@ -158,8 +158,10 @@ pub struct ServiceStats {
     pub drops_no_backend: u64,
     /// Passed to the kernel: this node does not hold the VIP.
     pub not_owned: u64,
+    /// ICMP errors about a flow sent on to the flow's backend.
+    pub icmp_errors_forwarded: u64,
 }
-const _: () = assert!(size_of::<ServiceStats>() == 40);
+const _: () = assert!(size_of::<ServiceStats>() == 48);
 
 /// Per-backend counters, `BACKEND_STATS` (per CPU).
 #[repr(C)]

@@ -85,6 +85,54 @@ pub(crate) fn forward(ctx: &XdpContext, packet: &Packet, bytes: u64) -> u32 {
     if backend.flags & BACKEND_LOCAL != 0 {
         return xdp_action::XDP_PASS;
     }
+    send_to(ctx, &backend)
+}
+
+/// An ICMP error about a VIP flow (fragmentation needed, unreachable, time
+/// exceeded) goes to the backend that owns the flow, so path MTU discovery
+/// works through DSR; anything else ICMP is the kernel's (pings to the VIP
+/// are answered there).
+#[inline(always)]
+pub(crate) fn forward_icmp_error(ctx: &XdpContext, packet: &Packet, bytes: u64) -> u32 {
+    let Some(key) = parse::icmp_error_flow(ctx, packet) else {
+        return xdp_action::XDP_PASS;
+    };
+    if VIP_FILTER.contains(key.dst).is_err() {
+        return xdp_action::XDP_PASS;
+    }
+    // SAFETY: copied out at once; LRU entries may be evicted concurrently.
+    let Some(flow) = unsafe { FLOWS.get(key) }.copied() else {
+        return xdp_action::XDP_PASS;
+    };
+    let Some(meta) = SVC_META.get(flow.service).copied() else {
+        return xdp_action::XDP_PASS;
+    };
+    if meta.flags & VIP_OWNED == 0 {
+        return xdp_action::XDP_PASS;
+    }
+    let Some(backend) = BACKENDS.get(flow.backend).copied() else {
+        return xdp_action::XDP_PASS;
+    };
+    if let Some(stats) = SVC_STATS.get_ptr_mut(meta.service) {
+        // SAFETY: this CPU's slot, valid for this invocation.
+        unsafe { (*stats).icmp_errors_forwarded += 1 };
+    }
+    if let Some(backend_stats) = BACKEND_STATS.get_ptr_mut(flow.backend) {
+        // SAFETY: this CPU's slot, valid for this invocation.
+        unsafe {
+            (*backend_stats).packets += 1;
+            (*backend_stats).bytes += bytes;
+        }
+    }
+    if backend.flags & BACKEND_LOCAL != 0 {
+        return xdp_action::XDP_PASS;
+    }
+    send_to(ctx, &backend)
+}
+
+/// Rewrites the Ethernet addresses towards `backend` and transmits (DSR).
+#[inline(always)]
+fn send_to(ctx: &XdpContext, backend: &Backend) -> u32 {
     let Some(config) = LB_CONFIG.get(0) else {
         return xdp_action::XDP_PASS;
     };

@@ -60,6 +60,9 @@ fn try_farol_ingress(
         (Network::Ipv4 | Network::Ipv6, Transport::Tcp | Transport::Udp) => {
             balance::forward(ctx, packet, frame_len)
         }
+        (Network::Ipv4 | Network::Ipv6, Transport::Icmp) => {
+            balance::forward_icmp_error(ctx, packet, frame_len)
+        }
         _ => xdp_action::XDP_PASS,
     })
 }

@@ -362,6 +362,7 @@ impl LoadBalancerMaps {
                     new_flows: a.new_flows + v.new_flows,
                     drops_no_backend: a.drops_no_backend + v.drops_no_backend,
                     not_owned: a.not_owned + v.not_owned,
+                    icmp_errors_forwarded: a.icmp_errors_forwarded + v.icmp_errors_forwarded,
                 });
             let mut backends = Vec::new();
             for backend in &service.backends {

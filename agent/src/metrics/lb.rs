@@ -56,7 +56,7 @@ impl Collector for LbCollector {
         drop(maps);
 
         type ServiceField = fn(&farol_common::lb::ServiceStats) -> u64;
-        let service_families: [(&str, &str, ServiceField); 5] = [
+        let service_families: [(&str, &str, ServiceField); 6] = [
             (
                 "farol_lb_service_packets",
                 "Packets for the service's VIP balanced by this node",
@@ -81,6 +81,11 @@ impl Collector for LbCollector {
                 "farol_lb_service_not_owned_packets",
                 "Packets for the VIP passed up because this node does not hold it",
                 |s| s.not_owned,
+            ),
+            (
+                "farol_lb_service_icmp_errors_forwarded",
+                "ICMP errors about a flow sent on to the flow's backend",
+                |s| s.icmp_errors_forwarded,
             ),
         ];
         for (name, help, field) in service_families {
