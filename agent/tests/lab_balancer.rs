@@ -397,3 +397,117 @@ fn a_killed_agent_leaves_flows_running_and_its_successor_adopts_them() {
         "one connection, one backend throughout: {report}"
     );
 }
+
+/// Answers every datagram with this node's name, from the address it was
+/// sent to (bound to the VIP, so DSR replies leave from the VIP).
+const UDP_SERVER: &str = r#"
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((sys.argv[1], int(sys.argv[2])))
+while True:
+    data, peer = s.recvfrom(2048)
+    s.sendto(sys.argv[3].encode(), peer)
+"#;
+
+/// Sends one datagram from each of `count` source ports; prints the
+/// answering node per datagram.
+const UDP_CLIENT: &str = r#"
+import socket, sys
+for i in range(int(sys.argv[3])):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.settimeout(2)
+    s.sendto(b"ping", (sys.argv[1], int(sys.argv[2])))
+    try:
+        print(s.recvfrom(2048)[0].decode())
+    except socket.timeout:
+        print("timeout")
+    s.close()
+"#;
+
+#[test]
+fn udp_flows_are_balanced_in_dsr_mode() {
+    if !support::privileged("udp_flows_are_balanced_in_dsr_mode") {
+        return;
+    }
+    let lab = LabGuard::up(Lab::new(&unique_prefix("lbudp")).unwrap()).unwrap();
+    let dir = TempDir(std::env::temp_dir().join(format!("farol-lb-{}", lab.prefix())));
+    std::fs::create_dir_all(&dir.0).unwrap();
+    let text = std::fs::read_to_string(lab_config()).unwrap().replace(
+        "port = 80\nprotocol = \"tcp\"",
+        "port = 5353\nprotocol = \"udp\"",
+    );
+    assert!(
+        text.contains("protocol = \"udp\""),
+        "the lab config changed shape"
+    );
+    let config = dir.0.join("lab-udp.toml");
+    std::fs::write(&config, text).unwrap();
+    std::fs::write(dir.0.join("server.py"), UDP_SERVER).unwrap();
+    std::fs::write(dir.0.join("client.py"), UDP_CLIENT).unwrap();
+    let mut processes = Vec::new();
+    for node in lab.nodes() {
+        processes.push(start_agent(
+            &lab,
+            &node.name,
+            &config,
+            &dir.0.join(format!("{}.log", node.name)),
+        ));
+    }
+    // The VIP is on lo once the agents run; the servers bind to it.
+    for node in lab.nodes() {
+        wait_for("the VIP on lo", Duration::from_secs(20), || {
+            let out = lab
+                .run(&node.name, "ip", &["-o", "addr", "show", "dev", "lo"])
+                .ok()?;
+            String::from_utf8_lossy(&out.stdout)
+                .contains(VIP)
+                .then_some(())
+        })
+        .unwrap();
+        let mut server = lab.command(&node.name, "python3");
+        server
+            .arg(dir.0.join("server.py"))
+            .args([VIP, "5353", &node.name])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        processes.push(lab.spawn(&node.name, &mut server, "udp server").unwrap());
+    }
+    wait_for(
+        "nuster1 to see all four backends up",
+        Duration::from_secs(30),
+        || {
+            let metrics = scrape(&lab, "nuster1")?;
+            let up = (1..=4)
+                .filter(|n| {
+                    metrics.get(&format!(
+                        "farol_lb_backend_up{{service=\"web\",backend=\"nuster{n}\"}}"
+                    )) == Some(&1)
+                })
+                .count();
+            (up == 4).then_some(())
+        },
+    )
+    .unwrap();
+    let out = lab
+        .command(CLIENT, "python3")
+        .arg(dir.0.join("client.py"))
+        .args([VIP, "5353", "20"])
+        .output()
+        .unwrap();
+    let answers: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(answers.len(), 20, "{answers:?}");
+    assert!(
+        !answers.iter().any(|a| a == "timeout"),
+        "every datagram answered: {answers:?}"
+    );
+    let distinct: std::collections::BTreeSet<&String> = answers.iter().collect();
+    assert_eq!(
+        distinct.len(),
+        4,
+        "roundrobin reaches all four nodes over UDP: {answers:?}"
+    );
+    drop(processes);
+}
