@@ -30,6 +30,8 @@ pub enum Command {
     Run(RunArgs),
     /// Validate a cluster file and print every problem with its key path.
     CheckConfig(CheckConfigArgs),
+    /// Replicated volumes: serve without XDP, heal-info, heal.
+    Volume(crate::storage::cli::VolumeArgs),
 }
 
 #[derive(Debug, clap::Args)]

@@ -22,6 +22,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::CheckConfig(args) => check_config(&args),
         Command::Run(args) => run(args),
+        Command::Volume(args) => farol_agent::storage::cli::main(args),
     }
 }
 

@@ -10,6 +10,7 @@ use crate::{
     config::{Config, NodeConfig},
     dataplane::{Dataplane, DataplaneError},
     metrics::{self, MetricsError, XdpAttachment},
+    storage::{self, StorageError, VolumePlan},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -22,6 +23,8 @@ pub enum NodeError {
         #[source]
         source: DataplaneError,
     },
+    #[error(transparent)]
+    Storage(#[from] StorageError),
 }
 
 /// Where this node's state lives, after CLI overrides.
@@ -32,6 +35,8 @@ pub struct NodePlan {
     pub xdp_mode: crate::config::XdpMode,
     pub pin_dir: PathBuf,
     pub metrics_listen: SocketAddr,
+    /// The replicated volumes this node holds a brick of.
+    pub volumes: Vec<VolumePlan>,
 }
 
 impl NodePlan {
@@ -47,6 +52,7 @@ impl NodePlan {
             xdp_mode: config.cluster.xdp_mode,
             pin_dir: pin_dir.unwrap_or_else(|| config.pin_dir(node)),
             metrics_listen: metrics_listen.unwrap_or_else(|| config.metrics_listen(node)),
+            volumes: storage::plans(config, &node.name),
         }
     }
 }
@@ -65,11 +71,19 @@ pub async fn run(plan: NodePlan, mut shutdown: watch::Receiver<bool>) -> Result<
         interface: dataplane.interface().to_owned(),
         mode: dataplane.mode(),
     };
-    let registry = metrics::registry(
+    let volumes = match storage::Service::start(plan.volumes.clone(), shutdown.clone()).await {
+        Ok(volumes) => volumes,
+        Err(error) => {
+            dataplane.shutdown();
+            return Err(error.into());
+        }
+    };
+    let mut registry = metrics::registry(
         &plan.cluster,
         &plan.node.name,
         Some((dataplane.counters(), attachment)),
     );
+    registry.register_collector(Box::new(volumes.collector()));
     info!(node = %plan.node.name, metrics = %plan.metrics_listen, "agent running");
 
     let stop = async move {
@@ -77,6 +91,7 @@ pub async fn run(plan: NodePlan, mut shutdown: watch::Receiver<bool>) -> Result<
         let _ = shutdown.wait_for(|stop| *stop).await;
     };
     let served = metrics::serve(listener, registry, stop).await;
+    volumes.stop().await;
     dataplane.shutdown();
     info!("agent stopped");
     served.map_err(NodeError::from)

@@ -15,6 +15,9 @@ use std::{
 use ipnet::IpNet;
 use serde::Deserialize;
 
+pub mod storage;
+pub use storage::VolumeConfig;
+
 /// Where pinned maps go unless the cluster or the node says otherwise.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/farol";
 /// The metrics and status port (unassigned by IANA, unlikely to collide).
@@ -29,6 +32,9 @@ pub struct Config {
     /// Every machine of the cluster, in `[[node]]` sections.
     #[serde(rename = "node", default)]
     pub nodes: Vec<NodeConfig>,
+    /// Replicated volumes, in `[[volume]]` sections (see `storage.rs`).
+    #[serde(default, rename = "volume")]
+    pub volumes: Vec<VolumeConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -46,6 +52,11 @@ pub struct ClusterConfig {
     /// How the XDP program is attached.
     #[serde(default)]
     pub xdp_mode: XdpMode,
+    /// The cluster secret that authenticates agent-to-agent traffic (HMAC
+    /// on every frame); prefer `secret_file`, which keeps it out of the file.
+    pub secret: Option<String>,
+    /// A file holding the cluster secret (trailing whitespace ignored).
+    pub secret_file: Option<PathBuf>,
 }
 
 /// How to attach the XDP program.
@@ -290,7 +301,39 @@ impl Config {
                 );
             }
         }
+        let has_secret = self.cluster.secret.is_some() || self.cluster.secret_file.is_some();
+        if self.cluster.secret.is_some() && self.cluster.secret_file.is_some() {
+            problem(
+                "cluster.secret".into(),
+                "set cluster.secret or cluster.secret_file, not both".into(),
+            );
+        }
+        if self.cluster.secret.as_ref().is_some_and(|s| s.len() < 16) {
+            problem(
+                "cluster.secret".into(),
+                "expected at least 16 characters".into(),
+            );
+        }
+        storage::validate(&self.volumes, &self.nodes, has_secret, &mut problem);
         problems
+    }
+
+    /// The cluster secret, from `cluster.secret` or `cluster.secret_file`.
+    pub fn secret(&self) -> Result<Option<Vec<u8>>, std::io::Error> {
+        if let Some(secret) = &self.cluster.secret {
+            return Ok(Some(secret.as_bytes().to_vec()));
+        }
+        match &self.cluster.secret_file {
+            Some(path) => {
+                let text = std::fs::read(path)?;
+                let end = text
+                    .iter()
+                    .rposition(|b| !b.is_ascii_whitespace())
+                    .map_or(0, |i| i + 1);
+                Ok(Some(text[..end].to_vec()))
+            }
+            None => Ok(None),
+        }
     }
 
     /// The node this agent runs as.
