@@ -9,7 +9,21 @@ use prometheus_client::{
     metrics::{counter::ConstCounter, gauge::ConstGauge, MetricType},
 };
 
-use super::replica::Volume;
+use super::replica::{MetricSnapshot, PeerSnapshot, Volume};
+
+/// Name, help, type, and how to read one value from a snapshot.
+type VolumeMetric = (
+    &'static str,
+    &'static str,
+    MetricType,
+    fn(&MetricSnapshot) -> u64,
+);
+type PeerMetric = (
+    &'static str,
+    &'static str,
+    MetricType,
+    fn(&PeerSnapshot) -> u64,
+);
 
 #[derive(Debug)]
 pub struct StorageCollector {
@@ -29,12 +43,7 @@ impl Collector for StorageCollector {
             .iter()
             .map(|v| (v.name().to_owned(), v.metric_snapshot()))
             .collect();
-        let per_volume: [(
-            &str,
-            &str,
-            MetricType,
-            fn(&super::replica::MetricSnapshot) -> u64,
-        ); 5] = [
+        let per_volume: [VolumeMetric; 5] = [
             (
                 "farol_volume_current",
                 "1 when the local brick is known to be current (serves reads)",
@@ -92,12 +101,7 @@ impl Collector for StorageCollector {
                 )?;
             }
         }
-        let per_peer: [(
-            &str,
-            &str,
-            MetricType,
-            fn(&super::replica::PeerSnapshot) -> u64,
-        ); 5] = [
+        let per_peer: [PeerMetric; 5] = [
             (
                 "farol_volume_peer_up",
                 "1 while the connection to the peer is up",

@@ -15,11 +15,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-pub const AGENT: &str = env!("CARGO_BIN_EXE_agent");
+pub(crate) const AGENT: &str = env!("CARGO_BIN_EXE_agent");
 
-pub struct Cluster {
-    pub dir: PathBuf,
-    pub config: PathBuf,
+pub(crate) struct Cluster {
+    pub(crate) dir: PathBuf,
+    pub(crate) config: PathBuf,
     names: Vec<String>,
     ports: Vec<u16>,
     children: Vec<Option<Child>>,
@@ -49,7 +49,7 @@ fn lazy_unmount(path: &Path) {
 }
 
 /// Waits for `what` to hold, panicking with `description` after `limit`.
-pub fn wait_until(description: &str, limit: Duration, mut what: impl FnMut() -> bool) {
+pub(crate) fn wait_until(description: &str, limit: Duration, mut what: impl FnMut() -> bool) {
     let deadline = Instant::now() + limit;
     while !what() {
         assert!(
@@ -63,7 +63,7 @@ pub fn wait_until(description: &str, limit: Duration, mut what: impl FnMut() -> 
 impl Cluster {
     /// A cluster of `replicas` nodes; `volume_extra` is TOML added to the
     /// `[[volume]]` section (e.g. `quorum = 1`). Nothing runs yet.
-    pub fn new(test: &str, replicas: usize, volume_extra: &str) -> Cluster {
+    pub(crate) fn new(test: &str, replicas: usize, volume_extra: &str) -> Cluster {
         let dir = std::env::temp_dir().join(format!("farol-{test}-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).unwrap();
@@ -103,24 +103,24 @@ impl Cluster {
         }
     }
 
-    pub fn name(&self, node: usize) -> &str {
+    pub(crate) fn name(&self, node: usize) -> &str {
         &self.names[node]
     }
 
-    pub fn port(&self, node: usize) -> u16 {
+    pub(crate) fn port(&self, node: usize) -> u16 {
         self.ports[node]
     }
 
-    pub fn mount(&self, node: usize) -> PathBuf {
+    pub(crate) fn mount(&self, node: usize) -> PathBuf {
         self.dir.join(format!("mnt-{}", self.names[node]))
     }
 
-    pub fn brick(&self, node: usize) -> PathBuf {
+    pub(crate) fn brick(&self, node: usize) -> PathBuf {
         self.dir.join(format!("brick-{}", self.names[node]))
     }
 
     /// Starts node `node` and waits for its mount.
-    pub fn start(&mut self, node: usize) {
+    pub(crate) fn start(&mut self, node: usize) {
         assert!(self.children[node].is_none(), "node {node} already runs");
         let log = fs::OpenOptions::new()
             .create(true)
@@ -146,7 +146,7 @@ impl Cluster {
         );
     }
 
-    pub fn start_all(&mut self) {
+    pub(crate) fn start_all(&mut self) {
         for node in 0..self.names.len() {
             self.start(node);
         }
@@ -154,7 +154,7 @@ impl Cluster {
     }
 
     /// SIGTERM, then SIGKILL after 10 s; the mount is gone afterwards.
-    pub fn stop(&mut self, node: usize) {
+    pub(crate) fn stop(&mut self, node: usize) {
         if let Some(mut child) = self.children[node].take() {
             // SAFETY: kill(2) on the PID of a child we spawned and have not
             // reaped yet.
@@ -181,7 +181,7 @@ impl Cluster {
     }
 
     /// SIGKILL (a crash); the stale mount is detached.
-    pub fn kill(&mut self, node: usize) {
+    pub(crate) fn kill(&mut self, node: usize) {
         if let Some(mut child) = self.children[node].take() {
             let _ = child.kill();
             let _ = child.wait();
@@ -190,7 +190,7 @@ impl Cluster {
     }
 
     /// `agent volume <args> --json` against `node`, parsed.
-    pub fn tool(&self, node: usize, args: &[&str]) -> serde_json::Value {
+    pub(crate) fn tool(&self, node: usize, args: &[&str]) -> serde_json::Value {
         let out = Command::new(AGENT)
             .arg("volume")
             .args(args)
@@ -209,12 +209,12 @@ impl Cluster {
         reports[0].clone()
     }
 
-    pub fn heal_info(&self, node: usize) -> serde_json::Value {
+    pub(crate) fn heal_info(&self, node: usize) -> serde_json::Value {
         self.tool(node, &["heal-info"])
     }
 
     /// Pending changes `node` holds for `peer`.
-    pub fn pending(&self, node: usize, peer: usize) -> u64 {
+    pub(crate) fn pending(&self, node: usize, peer: usize) -> u64 {
         let info = self.heal_info(node);
         info["peers"]
             .as_array()
@@ -225,7 +225,7 @@ impl Cluster {
             .unwrap()
     }
 
-    pub fn counter(&self, node: usize, name: &str) -> u64 {
+    pub(crate) fn counter(&self, node: usize, name: &str) -> u64 {
         let info = self.heal_info(node);
         info["counters"]
             .as_array()
@@ -237,7 +237,7 @@ impl Cluster {
     }
 
     /// Waits until every node in `nodes` sees the others up and is current.
-    pub fn wait_connected(&self, nodes: &[usize]) {
+    pub(crate) fn wait_connected(&self, nodes: &[usize]) {
         wait_until(
             "the nodes see each other and are current",
             Duration::from_secs(20),
@@ -258,7 +258,7 @@ impl Cluster {
     }
 
     /// Waits until no running node holds changes for another running node.
-    pub fn wait_healed(&self, nodes: &[usize]) {
+    pub(crate) fn wait_healed(&self, nodes: &[usize]) {
         wait_until(
             "heal finished (nothing pending)",
             Duration::from_secs(60),
@@ -306,7 +306,7 @@ impl Drop for Cluster {
 }
 
 /// A brick's visible tree: path -> (kind, mode, content or target).
-pub fn brick_tree(root: &Path) -> BTreeMap<String, (char, u32, Vec<u8>)> {
+pub(crate) fn brick_tree(root: &Path) -> BTreeMap<String, (char, u32, Vec<u8>)> {
     let mut out = BTreeMap::new();
     let mut stack = vec![PathBuf::new()];
     while let Some(rel) = stack.pop() {
@@ -338,7 +338,7 @@ pub fn brick_tree(root: &Path) -> BTreeMap<String, (char, u32, Vec<u8>)> {
 }
 
 /// Panics with the first difference when two bricks differ.
-pub fn assert_bricks_identical(a: &Path, b: &Path) {
+pub(crate) fn assert_bricks_identical(a: &Path, b: &Path) {
     let (ta, tb) = (brick_tree(a), brick_tree(b));
     for (path, va) in &ta {
         match tb.get(path) {
@@ -363,12 +363,12 @@ pub fn assert_bricks_identical(a: &Path, b: &Path) {
 }
 
 /// Writes a file and fsyncs it.
-pub fn write_synced(path: &Path, data: &[u8]) -> std::io::Result<()> {
+pub(crate) fn write_synced(path: &Path, data: &[u8]) -> std::io::Result<()> {
     let mut file = fs::File::create(path)?;
     file.write_all(data)?;
     file.sync_all()
 }
 
-pub fn mode(path: &Path) -> u32 {
+pub(crate) fn mode(path: &Path) -> u32 {
     fs::symlink_metadata(path).unwrap().permissions().mode() & 0o7777
 }
