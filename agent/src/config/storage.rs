@@ -259,3 +259,6 @@ pub(super) fn validate(
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
