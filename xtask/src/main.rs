@@ -1,5 +1,6 @@
 //! `cargo xtask COMMAND`: Farol's developer commands.
 
+mod bench_volume;
 mod demo;
 
 use std::process::Command;
@@ -48,6 +49,8 @@ enum Task {
 enum BenchName {
     /// Time per packet of farol_ingress vs a bare XDP_PASS (BPF_PROG_TEST_RUN).
     Xdp,
+    /// The replicated volume vs local ext4 (and GlusterFS when it runs).
+    Volume,
 }
 
 #[derive(Debug, Subcommand)]
@@ -71,6 +74,11 @@ fn main() -> Result<()> {
             BenchName::Xdp => {
                 toolchain::build_ebpf()?;
                 let report = bench::xdp()?;
+                println!("wrote {}", report.write()?.display());
+                Ok(())
+            }
+            BenchName::Volume => {
+                let report = bench_volume::run()?;
                 println!("wrote {}", report.write()?.display());
                 Ok(())
             }
