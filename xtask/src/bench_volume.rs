@@ -332,7 +332,7 @@ fn run_workloads(dir: &Path) -> Result<Figures> {
     })
 }
 
-pub fn run() -> Result<BenchReport> {
+pub(crate) fn run() -> Result<BenchReport> {
     if !xtask::is_root() {
         bail!("bench volume mounts FUSE file systems and drops the page cache: run it as root");
     }
