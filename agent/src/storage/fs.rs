@@ -41,7 +41,7 @@ const TTL: Duration = Duration::ZERO;
 #[derive(Debug)]
 enum Handle {
     File {
-        file: File,
+        file: Arc<File>,
         append: bool,
     },
     Dir {
@@ -210,7 +210,7 @@ impl VolumeFs {
         let handles = lock(&self.handles);
         match handles.get(&fh.0) {
             Some(Handle::File { file, append }) => {
-                let file = file.try_clone().map_err(|e| io_errno(&e))?;
+                let file = Arc::clone(file);
                 let append = *append;
                 drop(handles);
                 f(&file, append)
@@ -262,6 +262,13 @@ impl VolumeFs {
 }
 
 impl Filesystem for VolumeFs {
+    fn init(&mut self, _req: &Request, config: &mut fuser::KernelConfig) -> io::Result<()> {
+        // One write request never exceeds a protocol chunk (the kernel's
+        // default limit is 1 MiB as well).
+        let _ = config.set_max_write(1 << 20);
+        Ok(())
+    }
+
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let result = self
             .readable()
@@ -476,7 +483,7 @@ impl Filesystem for VolumeFs {
                     .open(self.volume.brick().abs(&rel))
                     .map_err(|e| io_errno(&e))?;
                 Ok(self.new_handle(Handle::File {
-                    file,
+                    file: Arc::new(file),
                     append: raw & libc::O_APPEND != 0,
                 }))
             });
@@ -522,7 +529,7 @@ impl Filesystem for VolumeFs {
             })?;
             let attr = self.stat(&rel)?;
             let fh = self.new_handle(Handle::File {
-                file,
+                file: Arc::new(file),
                 append: flags & libc::O_APPEND != 0,
             });
             Ok((attr, fh))
