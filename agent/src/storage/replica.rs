@@ -606,3 +606,118 @@ pub struct PeerSnapshot {
     pub healed: u64,
     pub heal_running: bool,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::brick::Meta;
+
+    fn make_volume(
+        test: &str,
+        quorum: usize,
+        policy: SplitBrainPolicy,
+        source: Option<&str>,
+    ) -> (Arc<Volume>, std::path::PathBuf, tokio::runtime::Runtime) {
+        let dir = std::env::temp_dir().join(format!("farol-replica-{test}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let brick = Brick::open(&dir).unwrap();
+        let log = ChangeLog::open(&brick.state_dir()).unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let setup = VolumeSetup {
+            name: "v".into(),
+            node: "a".into(),
+            brick,
+            quorum,
+            peers: vec![("b".into(), "127.0.0.1:9".parse().unwrap())],
+            log,
+            policy,
+            source: source.map(str::to_owned),
+            heal_rate: 1 << 20,
+            timeout: Duration::from_secs(1),
+        };
+        let (volume, _receivers) = Volume::new(setup, runtime.handle().clone());
+        (volume, dir, runtime)
+    }
+
+    fn theirs(mtime_ns: i64) -> Entry {
+        Entry::File {
+            meta: Meta {
+                mode: 0o644,
+                uid: 0,
+                gid: 0,
+                atime_ns: mtime_ns,
+                mtime_ns,
+                xattrs: Vec::new(),
+            },
+            offset: 0,
+            data: b"theirs".to_vec(),
+            last: true,
+        }
+    }
+
+    /// Both sides changed `x`; ours is newer (mtime now, theirs 1 s after
+    /// the epoch).
+    fn diverged(volume: &Volume, dir: &std::path::Path) {
+        std::fs::write(dir.join("x"), b"ours").unwrap();
+        volume.log().record("b", "x");
+    }
+
+    #[test]
+    fn latest_mtime_keeps_the_newer_copy_and_counts_the_split_brain() {
+        let (volume, dir, _rt) = make_volume("latest", 1, SplitBrainPolicy::LatestMtime, None);
+        diverged(&volume, &dir);
+        assert_eq!(
+            volume.heal_from("b", "x", &theirs(1_000_000_000)),
+            Response::Rejected
+        );
+        assert_eq!(std::fs::read(dir.join("x")).unwrap(), b"ours");
+        assert_eq!(volume.counters().split_brains.load(Ordering::Relaxed), 1);
+        // A newer copy from the peer wins and clears what we owed it.
+        assert_eq!(
+            volume.heal_from("b", "x", &theirs(i64::MAX / 2)),
+            Response::Ok
+        );
+        assert_eq!(std::fs::read(dir.join("x")).unwrap(), b"theirs");
+        assert_eq!(volume.log().pending("b"), 0);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_source_policy_keeps_the_sources_copy_even_when_older() {
+        let (volume, dir, _rt) = make_volume("source", 1, SplitBrainPolicy::Source, Some("b"));
+        diverged(&volume, &dir);
+        assert_eq!(
+            volume.heal_from("b", "x", &theirs(1_000_000_000)),
+            Response::Ok
+        );
+        assert_eq!(std::fs::read(dir.join("x")).unwrap(), b"theirs");
+        std::fs::remove_dir_all(&dir).unwrap();
+
+        let (volume, dir, _rt) = make_volume("source-here", 1, SplitBrainPolicy::Source, Some("a"));
+        diverged(&volume, &dir);
+        assert_eq!(
+            volume.heal_from("b", "x", &theirs(i64::MAX / 2)),
+            Response::Rejected
+        );
+        assert_eq!(std::fs::read(dir.join("x")).unwrap(), b"ours");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn without_a_quorum_changes_are_refused_with_erofs() {
+        let (volume, dir, _rt) = make_volume("erofs", 2, SplitBrainPolicy::LatestMtime, None);
+        let op = Op::Mkdir {
+            path: "d".into(),
+            mode: 0o755,
+            uid: 0,
+            gid: 0,
+        };
+        let result = volume.submit(op.clone(), |brick| brick.apply(&op));
+        assert_eq!(result, Err(libc::EROFS));
+        assert!(!dir.join("d").exists(), "nothing applied locally");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
