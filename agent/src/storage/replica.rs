@@ -124,6 +124,9 @@ pub struct Volume {
     runtime: Handle,
     stop: AtomicBool,
     wakeup: (Mutex<bool>, Condvar),
+    /// Until peers had a chance to answer, a lone replica does not know
+    /// whether it is a minority or just early: it waits.
+    started: Instant,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -178,6 +181,7 @@ impl Volume {
             runtime,
             stop: AtomicBool::new(false),
             wakeup: (Mutex::new(false), Condvar::new()),
+            started: Instant::now(),
         };
         (Arc::new(volume), receivers)
     }
@@ -331,7 +335,10 @@ impl Volume {
     pub fn readable(&self) -> bool {
         let deadline = Instant::now() + CURRENT_WAIT;
         loop {
-            if self.is_current() || !self.has_quorum() {
+            if self.is_current() {
+                return true;
+            }
+            if !self.has_quorum() && self.started.elapsed() > self.timeout * 2 {
                 return true;
             }
             if Instant::now() >= deadline {
