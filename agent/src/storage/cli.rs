@@ -12,7 +12,7 @@ use tracing::{error, info};
 
 use super::{
     net::CLI_NODE,
-    protocol::{FrameCodec, Message, Request, Response, StatusReport},
+    protocol::{nonce, FrameCodec, Message, Request, Response, StatusReport},
     Service, VolumePlan,
 };
 use crate::{config::Config, error_chain};
@@ -194,15 +194,19 @@ async fn ask(plan: &VolumePlan, body: Request) -> Result<Response, String> {
         .map_err(|_| format!("{}: connect timed out", plan.listen))?
         .map_err(|e| format!("{}: {e} (is the agent running?)", plan.listen))?;
     let mut framed = Framed::new(stream, FrameCodec::new(key));
+    let ours = nonce().map_err(|e| format!("no randomness: {e}"))?;
     framed
         .send(Message::Hello {
             node: CLI_NODE.into(),
             volume: plan.volume.name.clone(),
+            nonce: ours,
         })
         .await
         .map_err(|e| e.to_string())?;
     match framed.next().await {
-        Some(Ok(Message::HelloAck { .. })) => {}
+        Some(Ok(Message::HelloAck { nonce: theirs, .. })) => {
+            framed.codec_mut().set_session(&ours, &theirs)
+        }
         other => return Err(format!("handshake failed: {other:?}")),
     }
     framed

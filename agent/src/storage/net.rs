@@ -17,7 +17,7 @@ use tracing::{debug, info, warn};
 use super::{
     auth::FrameKey,
     full_heal,
-    protocol::{FrameCodec, Message, Request, Response},
+    protocol::{nonce, FrameCodec, Message, Request, Response},
     replica::{Outgoing, Volume},
 };
 
@@ -77,10 +77,12 @@ async fn connection(
     };
     let _ = stream.set_nodelay(true);
     let mut framed = Framed::new(stream, FrameCodec::new(key.clone()));
+    let ours = nonce().map_err(|e| format!("no randomness: {e}"))?;
     framed
         .send(Message::Hello {
             node: volume.node().to_owned(),
             volume: volume.name().to_owned(),
+            nonce: ours,
         })
         .await
         .map_err(|e| e.to_string())?;
@@ -88,7 +90,11 @@ async fn connection(
         Ok(Some(Ok(Message::HelloAck {
             node,
             pending_for_you,
-        }))) if node == p.name => pending_for_you,
+            nonce: theirs,
+        }))) if node == p.name => {
+            framed.codec_mut().set_session(&ours, &theirs);
+            pending_for_you
+        }
         Ok(Some(Ok(other))) => {
             volume.count_bad_frame("unexpected");
             return Err(format!("unexpected handshake answer {other:?}"));
@@ -224,8 +230,12 @@ async fn serve_connection(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut framed = Framed::new(stream, FrameCodec::new(key));
-    let from = match tokio::time::timeout(HELLO_TIMEOUT, framed.next()).await {
-        Ok(Some(Ok(Message::Hello { node, volume: name }))) => {
+    let (from, client_nonce) = match tokio::time::timeout(HELLO_TIMEOUT, framed.next()).await {
+        Ok(Some(Ok(Message::Hello {
+            node,
+            volume: name,
+            nonce,
+        }))) => {
             if name != volume.name() {
                 garbage(&volume, addr, "wrong_volume", &name);
                 return;
@@ -234,7 +244,7 @@ async fn serve_connection(
                 garbage(&volume, addr, "unknown_node", &node);
                 return;
             }
-            node
+            (node, nonce)
         }
         Ok(Some(Ok(other))) => {
             garbage(&volume, addr, "unexpected", kind(&other));
@@ -248,13 +258,19 @@ async fn serve_connection(
         }
         Ok(None) | Err(_) => return,
     };
+    let Ok(server_nonce) = nonce() else {
+        warn!(volume = %volume.name(), "no randomness for a handshake nonce");
+        return;
+    };
     let ack = Message::HelloAck {
         node: volume.node().to_owned(),
         pending_for_you: volume.log().pending(&from),
+        nonce: server_nonce,
     };
     if framed.send(ack).await.is_err() {
         return;
     }
+    framed.codec_mut().set_session(&client_nonce, &server_nonce);
     debug!(volume = %volume.name(), peer = %from, %addr, "peer connected");
     let (mut sink, mut frames) = framed.split();
     let (out_tx, mut out_rx) = mpsc::channel::<Message>(1024);

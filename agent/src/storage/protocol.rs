@@ -2,8 +2,12 @@
 //! length (tokio-util's `LengthDelimitedCodec`), authenticated with an
 //! HMAC-SHA256 tag (see `auth.rs`), bodies encoded with postcard.
 //!
-//! A frame is `length (u32 BE) | tag (32) | postcard(Message)`. The first
-//! frame a client sends is `Hello`; the server answers `HelloAck`. Then the
+//! A frame is `length (u32 BE) | tag (32) | postcard(Message)`. The tag
+//! covers the session salt, the frame's sequence number in its direction
+//! (not sent: both ends count), and the body, so a frame cannot be
+//! replayed, reordered, or spliced into another connection. The first
+//! frame a client sends is `Hello` with a random nonce; the server answers
+//! `HelloAck` with its own; from then on the salt is both nonces. Then the
 //! client sends `Request`s and the server answers each, in order, with a
 //! `Response` of the same id. Requests on one connection are applied in the
 //! order sent, which is what keeps replicas of a file identical.
@@ -28,12 +32,14 @@ pub enum Message {
     Hello {
         node: String,
         volume: String,
+        nonce: [u8; 16],
     },
     /// The server's answer: its name and how many changes it holds that
     /// the client's replica missed (non-zero: the client is not current).
     HelloAck {
         node: String,
         pending_for_you: u64,
+        nonce: [u8; 16],
     },
     Request {
         id: u64,
@@ -140,6 +146,9 @@ impl FrameError {
 pub struct FrameCodec {
     key: FrameKey,
     frames: LengthDelimitedCodec,
+    salt: Vec<u8>,
+    sent: u64,
+    received: u64,
 }
 
 impl FrameCodec {
@@ -149,8 +158,32 @@ impl FrameCodec {
             frames: LengthDelimitedCodec::builder()
                 .max_frame_length(MAX_FRAME)
                 .new_codec(),
+            salt: Vec::new(),
+            sent: 0,
+            received: 0,
         }
     }
+
+    /// After the handshake: every later frame is bound to both nonces.
+    pub fn set_session(&mut self, client: &[u8; 16], server: &[u8; 16]) {
+        self.salt = [&client[..], &server[..]].concat();
+    }
+
+    fn mac_input(&self, sequence: u64, body: &[u8]) -> Vec<u8> {
+        let mut input = Vec::with_capacity(self.salt.len() + 8 + body.len());
+        input.extend_from_slice(&self.salt);
+        input.extend_from_slice(&sequence.to_be_bytes());
+        input.extend_from_slice(body);
+        input
+    }
+}
+
+/// A random nonce for the handshake.
+pub fn nonce() -> std::io::Result<[u8; 16]> {
+    use std::io::Read;
+    let mut nonce = [0u8; 16];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut nonce)?;
+    Ok(nonce)
 }
 
 impl Decoder for FrameCodec {
@@ -172,9 +205,10 @@ impl Decoder for FrameCodec {
             return Err(FrameError::Short { len: frame.len() });
         }
         let (tag, body) = frame.split_at(TAG_LEN);
-        if !self.key.verify(body, tag) {
+        if !self.key.verify(&self.mac_input(self.received, body), tag) {
             return Err(FrameError::BadTag);
         }
+        self.received += 1;
         postcard::from_bytes(body)
             .map(Some)
             .map_err(FrameError::Malformed)
@@ -190,9 +224,10 @@ impl Encoder<Message> for FrameCodec {
             return Err(FrameError::TooLong);
         }
         let mut frame = BytesMut::with_capacity(TAG_LEN + body.len());
-        frame.put_slice(&self.key.sign(&body));
+        frame.put_slice(&self.key.sign(&self.mac_input(self.sent, &body)));
         frame.put_slice(&body);
         self.frames.encode(frame.freeze(), dst)?;
+        self.sent += 1;
         Ok(())
     }
 }
@@ -244,6 +279,29 @@ mod tests {
     }
 
     #[test]
+    fn a_replayed_frame_is_refused() {
+        let mut sender = codec();
+        let mut buf = BytesMut::new();
+        sender.encode(sample(), &mut buf).unwrap();
+        let replay = buf.clone();
+        let mut receiver = codec();
+        assert_eq!(receiver.decode(&mut buf).unwrap(), Some(sample()));
+        let mut buf = replay;
+        assert!(matches!(receiver.decode(&mut buf), Err(FrameError::BadTag)));
+    }
+
+    #[test]
+    fn a_frame_from_another_session_is_refused() {
+        let mut sender = codec();
+        sender.set_session(&[1; 16], &[2; 16]);
+        let mut buf = BytesMut::new();
+        sender.encode(sample(), &mut buf).unwrap();
+        let mut receiver = codec();
+        receiver.set_session(&[1; 16], &[3; 16]);
+        assert!(matches!(receiver.decode(&mut buf), Err(FrameError::BadTag)));
+    }
+
+    #[test]
     fn a_huge_length_is_refused_before_buffering() {
         let mut buf = BytesMut::from(&[0xff, 0xff, 0xff, 0xff, 1, 2, 3][..]);
         assert!(matches!(codec().decode(&mut buf), Err(FrameError::TooLong)));
@@ -285,7 +343,9 @@ mod tests {
             let key = FrameKey::new(b"test secret 0123456789").unwrap();
             let mut frame = BytesMut::new();
             frame.put_u32((body.len() + TAG_LEN) as u32);
-            frame.put_slice(&key.sign(&body));
+            let mut input = 0u64.to_be_bytes().to_vec();
+            input.extend_from_slice(&body);
+            frame.put_slice(&key.sign(&input));
             frame.put_slice(&body);
             let _ = codec().decode(&mut frame);
         }
