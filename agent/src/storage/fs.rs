@@ -732,13 +732,21 @@ impl Filesystem for VolumeFs {
     fn fsyncdir(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         _fh: FileHandle,
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        // Directory changes are applied by every replica as they come.
-        reply.ok();
+        // Durable on a quorum: the directory is synced here and on peers.
+        let result = self.path(ino).and_then(|rel| {
+            self.submit(Op::Fsync { path: rel.clone() }, |brick| {
+                File::open(brick.abs(&rel))?.sync_all()
+            })
+        });
+        match result {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
