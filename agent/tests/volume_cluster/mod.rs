@@ -25,11 +25,21 @@ pub(crate) struct Cluster {
     children: Vec<Option<Child>>,
 }
 
+/// A loopback port no other cluster of this test process uses: ports are
+/// handed out from a per-process counter (tests of one binary run in
+/// parallel) and checked to be free.
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let start = (std::process::id() % 2_000) * 16;
+    for _ in 0..10_000 {
+        let offset = (start + NEXT.fetch_add(1, Ordering::Relaxed)) % 40_000;
+        let port = u16::try_from(20_000 + offset).expect("20000..60000 fits a port");
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port")
 }
 
 fn is_mounted(path: &Path) -> bool {
