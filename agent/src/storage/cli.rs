@@ -29,8 +29,9 @@ pub enum VolumeCommand {
     Serve(ServeArgs),
     /// List what each peer of this node's replica missed (pending heal).
     HealInfo(ToolArgs),
-    /// Wake the background heal; with --full, first compare every brick
-    /// (for bricks changed behind the agent's back).
+    /// Heal runs by itself in the background; with --full, first compare
+    /// every brick (for bricks changed behind the agent's back) and queue
+    /// every difference. Prints the heal-info afterwards.
     Heal(HealArgs),
 }
 
@@ -272,6 +273,9 @@ fn tool(args: ToolArgs, heal: bool, full: bool) -> ExitCode {
     };
     runtime.block_on(async move {
         let mut reports = Vec::new();
+        if heal && !full {
+            eprintln!("heal runs in the background by itself; --full also compares every brick");
+        }
         for plan in &plans {
             if heal && full {
                 match ask(plan, Request::FullHeal).await {
