@@ -35,11 +35,10 @@ fn heal_info(lab: &Lab, config: &std::path::Path, node: &str) -> serde_json::Val
         .arg(config)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "heal-info on {node}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    if !out.status.success() {
+        // Not listening yet: the callers poll.
+        return serde_json::Value::Null;
+    }
     let reports: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     reports[0].clone()
 }
@@ -98,9 +97,7 @@ fn a_node_cut_off_by_a_link_failure_refuses_writes_and_heals_when_back() {
         info["current"] == true
             && info["peers"]
                 .as_array()
-                .unwrap()
-                .iter()
-                .all(|p| p["up"] == true)
+                .is_some_and(|peers| peers.iter().all(|p| p["up"] == true))
     };
     wait_until(
         "every node sees the others",
@@ -126,9 +123,7 @@ fn a_node_cut_off_by_a_link_failure_refuses_writes_and_heals_when_back() {
         || {
             heal_info(lab, &config, "nuster1")["peers"]
                 .as_array()
-                .unwrap()
-                .iter()
-                .all(|p| p["up"] == false)
+                .is_some_and(|peers| peers.iter().all(|p| p["up"] == false))
         },
     );
     let error = fs::write(mount("nuster1").join("isolated"), b"x").unwrap_err();
@@ -136,8 +131,8 @@ fn a_node_cut_off_by_a_link_failure_refuses_writes_and_heals_when_back() {
     wait_until("nuster2 sees nuster1 down", Duration::from_secs(15), || {
         heal_info(lab, &config, "nuster2")["peers"]
             .as_array()
-            .unwrap()
-            .iter()
+            .into_iter()
+            .flatten()
             .any(|p| p["node"] == "nuster1" && p["up"] == false)
     });
     for i in 0..50 {
@@ -164,9 +159,7 @@ fn a_node_cut_off_by_a_link_failure_refuses_writes_and_heals_when_back() {
             info["current"] == true
                 && info["peers"]
                     .as_array()
-                    .unwrap()
-                    .iter()
-                    .all(|p| p["up"] == true && p["pending"] == 0)
+                    .is_some_and(|peers| peers.iter().all(|p| p["up"] == true && p["pending"] == 0))
         })
     });
     assert_eq!(

@@ -1,7 +1,9 @@
 //! Quorum replication of one volume: a change is applied to the local
 //! brick, sent in order to every peer that is up, and acknowledged only
 //! when a quorum of the replica set (this node included) applied it.
-//! Peers that miss a change get it recorded in the change log for heal.
+//! It waits for every peer that is up (so an acknowledged change is visible
+//! through every connected mount); peers that miss a change get it recorded
+//! in the change log for heal.
 //!
 //! [`Volume`] is shared by the FUSE threads (blocking callers, see
 //! [`Volume::submit`]), the peer connections and the heal threads.
@@ -324,10 +326,13 @@ impl Volume {
 
     /// Whether the local brick is known to hold every acknowledged change:
     /// enough peers answered and none holds changes this replica missed.
+    /// Right after start, every peer gets a chance to say what it holds
+    /// for this replica before the quorum alone decides.
     pub fn is_current(&self) -> bool {
         let remote = lock(&self.remote_pending);
-        (remote.len() + 1 >= self.quorum || self.peers.is_empty())
-            && remote.values().all(|count| *count == 0)
+        let heard_enough = remote.len() == self.peers.len()
+            || (remote.len() + 1 >= self.quorum && self.started.elapsed() > self.timeout * 2);
+        heard_enough && remote.values().all(|count| *count == 0)
     }
 
     /// Waits until the local brick may serve reads. A minority side serves
@@ -382,7 +387,8 @@ impl Volume {
     }
 
     /// Applies `op` here (through `local`, which may use an open file) and
-    /// on the peers; returns once a quorum applied it, else an errno.
+    /// on the peers that are up; succeeds when a quorum applied it, else
+    /// an errno.
     /// Blocking: call from FUSE threads, never from the async runtime.
     pub fn submit<T>(
         self: &Arc<Self>,
@@ -423,7 +429,7 @@ impl Volume {
         let volume = Arc::clone(self);
         let acked = self
             .runtime
-            .block_on(async move { volume.collect(op, replies, need).await });
+            .block_on(async move { volume.collect(op, replies).await });
         if acked >= need {
             self.stats.writes.fetch_add(1, Ordering::Relaxed);
             Ok(value)
@@ -438,9 +444,11 @@ impl Volume {
         }
     }
 
-    /// Counts acknowledgements until `need`; the rest are awaited in the
-    /// background, and every failure is recorded for heal.
-    async fn collect(self: Arc<Self>, op: Op, replies: Vec<(usize, Reply)>, need: usize) -> usize {
+    /// Waits for every peer the change was sent to (as GlusterFS's AFR
+    /// does), so a change is visible on every connected replica when it is
+    /// acknowledged; a peer that fails or times out is recorded for heal.
+    /// Returns how many acknowledged.
+    async fn collect(self: Arc<Self>, op: Op, replies: Vec<(usize, Reply)>) -> usize {
         let limit = self.reply_timeout();
         let mut waiting: FuturesUnordered<_> = replies
             .into_iter()
@@ -453,21 +461,12 @@ impl Volume {
             })
             .collect();
         let mut acked = 0;
-        while acked < need {
-            match waiting.next().await {
-                Some((_, true)) => acked += 1,
-                Some((index, false)) => self.missed(index, &op),
-                None => break,
+        while let Some((index, ok)) = waiting.next().await {
+            if ok {
+                acked += 1;
+            } else {
+                self.missed(index, &op);
             }
-        }
-        if !waiting.is_empty() {
-            tokio::spawn(async move {
-                while let Some((index, ok)) = waiting.next().await {
-                    if !ok {
-                        self.missed(index, &op);
-                    }
-                }
-            });
         }
         acked
     }
