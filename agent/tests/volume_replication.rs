@@ -22,7 +22,7 @@ fn writes_continue_with_one_replica_down_and_heal_makes_it_identical() {
     ) {
         return;
     }
-    let mut cluster = Cluster::new("heal", 3, "");
+    let mut cluster = Cluster::new("heal", 3, "heal_rate_mib = 2\n");
     cluster.start_all();
     let m = cluster.mount(0);
     fs::create_dir(m.join("site")).unwrap();
@@ -74,6 +74,13 @@ fn writes_continue_with_one_replica_down_and_heal_makes_it_identical() {
     );
 
     cluster.start(2);
+    // Right after the restart, node 3's mount must not serve its stale
+    // copy: reads wait until the heal made it current.
+    assert_eq!(
+        fs::read(cluster.mount(2).join("site/page-3.html")).unwrap(),
+        b"page 3, edited while n3 was away"
+    );
+    assert!(!cluster.mount(2).join("site/page-4.html").exists());
     cluster.wait_healed(&[0, 1, 2]);
     assert_bricks_identical(&cluster.brick(0), &cluster.brick(2));
     assert_bricks_identical(&cluster.brick(1), &cluster.brick(2));
