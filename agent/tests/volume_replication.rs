@@ -244,6 +244,18 @@ fn a_peer_sending_garbage_frames_is_disconnected_and_counted() {
         Duration::from_secs(5),
         || cluster.counter(0, "bad_frames") >= 3,
     );
+    let metrics = cluster.metrics(0);
+    for reason in ["too_long", "short", "bad_tag"] {
+        let line = format!("farol_volume_bad_frames_total{{volume=\"www\",reason=\"{reason}\"}} 1");
+        assert!(
+            metrics.contains(&line),
+            "expected {line:?} in /metrics:\n{metrics}"
+        );
+    }
+    assert!(
+        metrics.contains("farol_volume_peer_up{volume=\"www\",peer=\"n2\"} 1"),
+        "{metrics}"
+    );
     fs::write(cluster.mount(0).join("still-works"), b"yes").unwrap();
     assert_eq!(
         fs::read(cluster.mount(2).join("still-works")).unwrap(),

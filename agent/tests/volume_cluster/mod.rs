@@ -22,6 +22,7 @@ pub(crate) struct Cluster {
     pub(crate) config: PathBuf,
     names: Vec<String>,
     ports: Vec<u16>,
+    metrics_ports: Vec<u16>,
     children: Vec<Option<Child>>,
 }
 
@@ -80,6 +81,7 @@ impl Cluster {
         fs::write(dir.join("secret"), "test cluster secret 0123456789\n").unwrap();
         let names: Vec<String> = (1..=replicas).map(|i| format!("n{i}")).collect();
         let ports: Vec<u16> = names.iter().map(|_| free_port()).collect();
+        let metrics_ports: Vec<u16> = names.iter().map(|_| free_port()).collect();
         let mut text = format!(
             "[cluster]\nname = \"test\"\nsecret_file = \"{}\"\n\n",
             dir.join("secret").display()
@@ -110,6 +112,7 @@ impl Cluster {
             children: names.iter().map(|_| None).collect(),
             names,
             ports,
+            metrics_ports,
         }
     }
 
@@ -141,6 +144,8 @@ impl Cluster {
             .args(["volume", "serve", "--config"])
             .arg(&self.config)
             .args(["--node", &self.names[node]])
+            .arg("--metrics-listen")
+            .arg(format!("127.0.0.1:{}", self.metrics_ports[node]))
             .env("FAROL_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -217,6 +222,19 @@ impl Cluster {
         );
         let reports: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         reports[0].clone()
+    }
+
+    /// The node's `/metrics` text.
+    pub(crate) fn metrics(&self, node: usize) -> String {
+        use std::io::Read;
+        let mut stream =
+            std::net::TcpStream::connect(("127.0.0.1", self.metrics_ports[node])).unwrap();
+        stream
+            .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+            .unwrap();
+        let mut text = String::new();
+        stream.read_to_string(&mut text).unwrap();
+        text
     }
 
     pub(crate) fn heal_info(&self, node: usize) -> serde_json::Value {
