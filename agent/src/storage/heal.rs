@@ -314,6 +314,7 @@ fn heal_path(volume: &Volume, peer: usize, path: &str) -> Healed {
         let mut replies = Vec::new();
         let mut bytes = 0u64;
         let mut dir = false;
+        let mut complete = true;
         let captured = volume.brick().capture(path, MAX_CHUNK, &mut |entry| {
             if let brick::Entry::File { data, .. } = &entry {
                 bytes += data.len() as u64;
@@ -330,11 +331,19 @@ fn heal_path(volume: &Volume, peer: usize, path: &str) -> Healed {
                     replies.push(reply);
                     true
                 }
-                None => false,
+                None => {
+                    complete = false;
+                    false
+                }
             }
         });
         if let Err(error) = captured {
             warn!(volume = %volume.name(), path, %error, "cannot read a path to heal");
+            return Healed::Failed;
+        }
+        if !complete {
+            // The peer went away or its queue is full: part of the entry
+            // was not sent, so the path stays pending.
             return Healed::Failed;
         }
         (replies, bytes, dir)
