@@ -124,9 +124,13 @@ impl ChangeLog {
             add,
             path: path.to_owned(),
         };
+        // A missed change must survive a crash of this node (it is the
+        // only record that the peer needs healing): sync additions.
+        // Removals may be lost; the heal then just repeats.
         let written = serde_json::to_string(&line)
             .map_err(io::Error::other)
-            .and_then(|text| writeln!(state.file, "{text}"));
+            .and_then(|text| writeln!(state.file, "{text}"))
+            .and_then(|()| if add { state.file.sync_data() } else { Ok(()) });
         if let Err(error) = written {
             warn!(log = %self.path.display(), %error, "cannot append to the change log (kept in memory)");
         }
