@@ -34,6 +34,8 @@ pub enum Command {
     /// Remove what a stopped (or crashed) agent left running: the pinned
     /// XDP link and maps, and the VIPs on `lo`.
     Teardown(RunArgs),
+    /// Replicated volumes: serve without XDP, heal-info, heal.
+    Volume(crate::storage::cli::VolumeArgs),
 }
 
 #[derive(Debug, clap::Args)]

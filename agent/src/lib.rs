@@ -8,6 +8,7 @@
 //! - [`balancer`]: `[[service]]` to a kernel plan, DSR host set-up.
 //! - [`metrics`]: Prometheus text on `/metrics`.
 //! - [`node`]: what `agent run` does on one node.
+//! - [`storage`]: replicated volumes (FUSE mount, replication, self-heal).
 //! - [`cli`]: the command line.
 
 pub mod balancer;
@@ -16,6 +17,7 @@ pub mod config;
 pub mod dataplane;
 pub mod metrics;
 pub mod node;
+pub mod storage;
 
 /// Renders an error with its chain of causes: "a: b: c".
 pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {

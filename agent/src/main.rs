@@ -23,6 +23,7 @@ fn main() -> ExitCode {
         Command::CheckConfig(args) => check_config(&args),
         Command::Run(args) => run(args),
         Command::Teardown(args) => teardown(args),
+        Command::Volume(args) => farol_agent::storage::cli::main(args),
     }
 }
 

@@ -18,6 +18,7 @@ use crate::{
     config::{Config, NodeConfig},
     dataplane::{Dataplane, DataplaneError, OnExit},
     metrics::{self, MetricsError, XdpAttachment},
+    storage::{self, StorageError, VolumePlan},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +33,8 @@ pub enum NodeError {
         #[source]
         source: DataplaneError,
     },
+    #[error(transparent)]
+    Storage(#[from] StorageError),
 }
 
 /// Where this node's state lives, after CLI overrides.
@@ -46,6 +49,8 @@ pub struct NodePlan {
     /// Set before stopping to leave the data plane (program, maps, VIPs on
     /// `lo`) running for the next agent: an upgrade without a lost flow.
     pub keep_on_exit: Arc<AtomicBool>,
+    /// The replicated volumes this node holds a brick of.
+    pub volumes: Vec<VolumePlan>,
 }
 
 impl NodePlan {
@@ -63,6 +68,7 @@ impl NodePlan {
             pin_dir: pin_dir.unwrap_or_else(|| config.pin_dir(node)),
             metrics_listen: metrics_listen.unwrap_or_else(|| config.metrics_listen(node)),
             keep_on_exit: Arc::new(AtomicBool::new(false)),
+            volumes: storage::plans(config, &node.name),
         }
     }
 }
@@ -81,12 +87,20 @@ pub async fn run(plan: NodePlan, mut shutdown: watch::Receiver<bool>) -> Result<
         interface: dataplane.interface().to_owned(),
         mode: dataplane.mode(),
     };
-    let registry = metrics::registry(
+    let volumes = match storage::Service::start(plan.volumes.clone(), shutdown.clone()).await {
+        Ok(volumes) => volumes,
+        Err(error) => {
+            dataplane.shutdown(OnExit::Remove);
+            return Err(error.into());
+        }
+    };
+    let mut registry = metrics::registry(
         &plan.cluster,
         &plan.node.name,
         Some((dataplane.counters(), attachment)),
         Some(dataplane.load_balancer()),
     );
+    registry.register_collector(Box::new(volumes.collector()));
     info!(node = %plan.node.name, metrics = %plan.metrics_listen, "agent running");
 
     let mut balancer = tokio::spawn(balancer::run(
@@ -122,6 +136,7 @@ pub async fn run(plan: NodePlan, mut shutdown: watch::Receiver<bool>) -> Result<
             result
         }
     };
+    volumes.stop().await;
     dataplane.shutdown(if plan.keep_on_exit.load(Ordering::SeqCst) {
         OnExit::Keep
     } else {

@@ -1,5 +1,6 @@
 //! `cargo xtask COMMAND`: Farol's developer commands.
 
+mod bench_volume;
 mod demo;
 
 use std::process::Command;
@@ -50,6 +51,8 @@ enum BenchName {
     Xdp,
     /// HTTP through Farol (DSR) vs HAProxy vs direct, with wrk on the lab.
     Lb,
+    /// The replicated volume vs local ext4 (and GlusterFS when it runs).
+    Volume,
 }
 
 #[derive(Debug, Subcommand)]
@@ -78,6 +81,11 @@ fn main() -> Result<()> {
             }
             BenchName::Lb => {
                 let report = xtask::bench_lb::lb(10)?;
+                println!("wrote {}", report.write()?.display());
+                Ok(())
+            }
+            BenchName::Volume => {
+                let report = bench_volume::run()?;
                 println!("wrote {}", report.write()?.display());
                 Ok(())
             }

@@ -21,6 +21,8 @@ pub use service::{
     BackendConfig, Forwarding, PortRange, PortSpec, Protocol, Scheduler, ServiceConfig,
     DEFAULT_WEIGHT, MAX_PORTS_PER_SERVICE, MAX_WEIGHT,
 };
+pub mod storage;
+pub use storage::VolumeConfig;
 
 /// Where pinned maps go unless the cluster or the node says otherwise.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/farol";
@@ -39,6 +41,9 @@ pub struct Config {
     /// Virtual services balanced in the kernel, in `[[service]]` sections.
     #[serde(rename = "service", default)]
     pub services: Vec<ServiceConfig>,
+    /// Replicated volumes, in `[[volume]]` sections (see `storage.rs`).
+    #[serde(default, rename = "volume")]
+    pub volumes: Vec<VolumeConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -56,6 +61,11 @@ pub struct ClusterConfig {
     /// How the XDP program is attached.
     #[serde(default)]
     pub xdp_mode: XdpMode,
+    /// The cluster secret that authenticates agent-to-agent traffic (HMAC
+    /// on every frame); prefer `secret_file`, which keeps it out of the file.
+    pub secret: Option<String>,
+    /// A file holding the cluster secret (trailing whitespace ignored).
+    pub secret_file: Option<PathBuf>,
 }
 
 /// How to attach the XDP program.
@@ -300,8 +310,40 @@ impl Config {
                 );
             }
         }
+        let has_secret = self.cluster.secret.is_some() || self.cluster.secret_file.is_some();
+        if self.cluster.secret.is_some() && self.cluster.secret_file.is_some() {
+            problem(
+                "cluster.secret".into(),
+                "set cluster.secret or cluster.secret_file, not both".into(),
+            );
+        }
+        if self.cluster.secret.as_ref().is_some_and(|s| s.len() < 16) {
+            problem(
+                "cluster.secret".into(),
+                "expected at least 16 characters".into(),
+            );
+        }
+        storage::validate(&self.volumes, &self.nodes, has_secret, &mut problem);
         service::validate(&self.services, &self.nodes, &mut problems);
         problems
+    }
+
+    /// The cluster secret, from `cluster.secret` or `cluster.secret_file`.
+    pub fn secret(&self) -> Result<Option<Vec<u8>>, std::io::Error> {
+        if let Some(secret) = &self.cluster.secret {
+            return Ok(Some(secret.as_bytes().to_vec()));
+        }
+        match &self.cluster.secret_file {
+            Some(path) => {
+                let text = std::fs::read(path)?;
+                let end = text
+                    .iter()
+                    .rposition(|b| !b.is_ascii_whitespace())
+                    .map_or(0, |i| i + 1);
+                Ok(Some(text[..end].to_vec()))
+            }
+            None => Ok(None),
+        }
     }
 
     /// The node this agent runs as.

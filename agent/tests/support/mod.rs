@@ -24,3 +24,25 @@ pub(crate) fn privileged(test: &str) -> bool {
         }
     }
 }
+
+/// True when this test may mount FUSE file systems (root and /dev/fuse;
+/// no eBPF object needed). Skips or fails like [`privileged`].
+pub(crate) fn fuse_privileged(test: &str) -> bool {
+    let why = if !xtask::is_root() {
+        Some("needs root (FUSE mounts)")
+    } else if !std::path::Path::new("/dev/fuse").exists() {
+        Some("/dev/fuse is missing (modprobe fuse)")
+    } else {
+        None
+    };
+    match why {
+        None => true,
+        Some(why) if std::env::var_os("FAROL_TEST_REQUIRE_PRIVILEGES").is_some() => {
+            panic!("{test}: {why}")
+        }
+        Some(why) => {
+            eprintln!("skipping {test}: {why}");
+            false
+        }
+    }
+}

@@ -1,0 +1,849 @@
+//! The FUSE file system of a volume (fuser, no libfuse): reads come from
+//! the local brick (once it is current), changes go through
+//! [`Volume::submit`], which applies them here and on a quorum of peers.
+//!
+//! Inode numbers are the brick's own (the brick root is swapped with
+//! FUSE's root inode 1), so hard links share an inode. A table maps each
+//! inode the kernel knows to one brick path. `readdir` serves a snapshot
+//! taken at `opendir` (and at a rewind), so offsets stay valid while the
+//! directory changes.
+
+use std::{
+    collections::HashMap,
+    ffi::OsStr,
+    fs::{self, File, OpenOptions},
+    io,
+    os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt},
+    path::Path,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex, MutexGuard,
+    },
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use fuser::{
+    BsdFileFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
+    INodeNo, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
+    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow,
+    WriteFlags,
+};
+
+use super::{
+    brick::{self, Op, STATE_DIR},
+    replica::Volume,
+};
+
+/// Attributes and entries are not cached by the kernel: another node's
+/// mount may change them at any time.
+const TTL: Duration = Duration::ZERO;
+
+#[derive(Debug)]
+enum Handle {
+    File {
+        file: Arc<File>,
+        append: bool,
+    },
+    Dir {
+        entries: Vec<(u64, FileType, String)>,
+        served: bool,
+    },
+}
+
+#[derive(Debug, Default)]
+struct Inodes {
+    paths: HashMap<u64, String>,
+}
+
+/// A volume mounted with FUSE.
+#[derive(Debug)]
+pub struct VolumeFs {
+    volume: Arc<Volume>,
+    root_ino: u64,
+    inodes: Mutex<Inodes>,
+    handles: Mutex<HashMap<u64, Handle>>,
+    next_handle: AtomicU64,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Each critical section leaves its map consistent.
+    mutex.lock().unwrap_or_else(|poison| poison.into_inner())
+}
+
+fn io_errno(error: &io::Error) -> Errno {
+    Errno::from_i32(error.raw_os_error().unwrap_or(libc::EIO))
+}
+
+fn now_ns() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as i64)
+}
+
+fn time_ns(time: TimeOrNow) -> i64 {
+    match time {
+        TimeOrNow::Now => now_ns(),
+        TimeOrNow::SpecificTime(t) => match t.duration_since(UNIX_EPOCH) {
+            Ok(d) => d.as_nanos() as i64,
+            Err(e) => -(e.duration().as_nanos() as i64),
+        },
+    }
+}
+
+fn system_time(secs: i64, nsecs: i64) -> SystemTime {
+    if secs >= 0 {
+        UNIX_EPOCH + Duration::new(secs as u64, nsecs as u32)
+    } else {
+        UNIX_EPOCH - Duration::from_secs(secs.unsigned_abs()) + Duration::from_nanos(nsecs as u64)
+    }
+}
+
+impl VolumeFs {
+    pub fn new(volume: Arc<Volume>) -> io::Result<VolumeFs> {
+        let root_ino = fs::metadata(volume.brick().root())?.ino();
+        let mut inodes = Inodes::default();
+        inodes.paths.insert(INodeNo::ROOT.0, String::new());
+        Ok(VolumeFs {
+            volume,
+            root_ino,
+            inodes: Mutex::new(inodes),
+            handles: Mutex::new(HashMap::new()),
+            next_handle: AtomicU64::new(1),
+        })
+    }
+
+    fn fuse_ino(&self, st_ino: u64) -> u64 {
+        if st_ino == self.root_ino {
+            INodeNo::ROOT.0
+        } else if st_ino == INodeNo::ROOT.0 {
+            self.root_ino
+        } else {
+            st_ino
+        }
+    }
+
+    fn path(&self, ino: INodeNo) -> Result<String, Errno> {
+        lock(&self.inodes)
+            .paths
+            .get(&ino.0)
+            .cloned()
+            .ok_or(Errno::ESTALE)
+    }
+
+    /// The brick path of `name` in directory `parent`, refusing names the
+    /// volume cannot hold (the state dir, non-UTF-8).
+    fn child(&self, parent: INodeNo, name: &OsStr) -> Result<String, Errno> {
+        let dir = self.path(parent)?;
+        let name = name.to_str().ok_or(Errno::EINVAL)?;
+        if name.is_empty() || name == "." || name == ".." || name.contains('/') {
+            return Err(Errno::EINVAL);
+        }
+        if dir.is_empty() && name == STATE_DIR {
+            return Err(Errno::EPERM);
+        }
+        Ok(brick::join(&dir, name))
+    }
+
+    fn attr_of(&self, meta: &fs::Metadata) -> FileAttr {
+        let kind = FileType::from_std(meta.file_type()).unwrap_or(FileType::RegularFile);
+        FileAttr {
+            ino: INodeNo(self.fuse_ino(meta.ino())),
+            size: meta.size(),
+            blocks: meta.blocks(),
+            atime: system_time(meta.atime(), meta.atime_nsec()),
+            mtime: system_time(meta.mtime(), meta.mtime_nsec()),
+            ctime: system_time(meta.ctime(), meta.ctime_nsec()),
+            crtime: UNIX_EPOCH,
+            kind,
+            perm: (meta.mode() & 0o7777) as u16,
+            nlink: meta.nlink() as u32,
+            uid: meta.uid(),
+            gid: meta.gid(),
+            rdev: meta.rdev() as u32,
+            blksize: meta.blksize() as u32,
+            flags: 0,
+        }
+    }
+
+    /// lstat of a brick path, remembering its inode.
+    fn stat(&self, rel: &str) -> Result<FileAttr, Errno> {
+        let meta = fs::symlink_metadata(self.volume.brick().abs(rel)).map_err(|e| io_errno(&e))?;
+        let attr = self.attr_of(&meta);
+        lock(&self.inodes).paths.insert(attr.ino.0, rel.to_owned());
+        Ok(attr)
+    }
+
+    fn readable(&self) -> Result<(), Errno> {
+        if self.volume.readable() {
+            Ok(())
+        } else {
+            Err(Errno::EAGAIN)
+        }
+    }
+
+    fn submit<T>(
+        &self,
+        op: Op,
+        local: impl FnOnce(&brick::Brick) -> io::Result<T>,
+    ) -> Result<T, Errno> {
+        self.volume.submit(op, local).map_err(Errno::from_i32)
+    }
+
+    /// Applies `op` (the same change here as on peers) and returns the
+    /// attributes of `rel` afterwards.
+    fn change(&self, op: Op, rel: &str) -> Result<FileAttr, Errno> {
+        self.submit(op.clone(), |brick| brick.apply(&op))?;
+        self.stat(rel)
+    }
+
+    fn new_handle(&self, handle: Handle) -> u64 {
+        let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
+        lock(&self.handles).insert(fh, handle);
+        fh
+    }
+
+    fn with_file<T>(
+        &self,
+        fh: FileHandle,
+        f: impl FnOnce(&File, bool) -> Result<T, Errno>,
+    ) -> Result<T, Errno> {
+        let handles = lock(&self.handles);
+        match handles.get(&fh.0) {
+            Some(Handle::File { file, append }) => {
+                let file = Arc::clone(file);
+                let append = *append;
+                drop(handles);
+                f(&file, append)
+            }
+            _ => Err(Errno::EBADF),
+        }
+    }
+
+    fn snapshot_dir(&self, ino: INodeNo) -> Result<Vec<(u64, FileType, String)>, Errno> {
+        let rel = self.path(ino)?;
+        let names = self
+            .volume
+            .brick()
+            .children(&rel)
+            .map_err(|e| io_errno(&e))?;
+        let mut entries = vec![
+            (ino.0, FileType::Directory, ".".to_owned()),
+            (ino.0, FileType::Directory, "..".to_owned()),
+        ];
+        for name in names {
+            let child = brick::join(&rel, &name);
+            let Ok(meta) = fs::symlink_metadata(self.volume.brick().abs(&child)) else {
+                continue;
+            };
+            let kind = FileType::from_std(meta.file_type()).unwrap_or(FileType::RegularFile);
+            entries.push((self.fuse_ino(meta.ino()), kind, name));
+        }
+        Ok(entries)
+    }
+
+    fn rename_inodes(&self, from: &str, to: &str) {
+        let mut inodes = lock(&self.inodes);
+        inodes
+            .paths
+            .retain(|_, path| path != to && !path.starts_with(&format!("{to}/")));
+        let prefix = format!("{from}/");
+        for path in inodes.paths.values_mut() {
+            if path == from {
+                *path = to.to_owned();
+            } else if let Some(rest) = path.strip_prefix(&prefix) {
+                *path = format!("{to}/{rest}");
+            }
+        }
+    }
+
+    fn forget_path(&self, rel: &str) {
+        lock(&self.inodes).paths.retain(|_, path| path != rel);
+    }
+}
+
+impl Filesystem for VolumeFs {
+    fn init(&mut self, _req: &Request, config: &mut fuser::KernelConfig) -> io::Result<()> {
+        // One write request never exceeds a protocol chunk (the kernel's
+        // default limit is 1 MiB as well).
+        let _ = config.set_max_write(1 << 20);
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let result = self
+            .readable()
+            .and_then(|()| self.child(parent, name))
+            .map_err(|e| if e == Errno::EPERM { Errno::ENOENT } else { e })
+            .and_then(|rel| self.stat(&rel));
+        match result {
+            Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self
+            .readable()
+            .and_then(|()| self.path(ino))
+            .and_then(|rel| self.stat(&rel))
+        {
+            Ok(attr) => reply.attr(&TTL, &attr),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let result = self.path(ino).and_then(|rel| {
+            let mtime_ns = mtime.map(time_ns).or_else(|| size.map(|_| now_ns()));
+            let op = Op::SetAttr {
+                path: rel.clone(),
+                mode: mode.map(|m| m & 0o7777),
+                uid,
+                gid,
+                size,
+                atime_ns: atime.map(time_ns),
+                mtime_ns,
+            };
+            self.change(op, &rel)
+        });
+        match result {
+            Ok(attr) => reply.attr(&TTL, &attr),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        let result = self
+            .readable()
+            .and_then(|()| self.path(ino))
+            .and_then(|rel| fs::read_link(self.volume.brick().abs(&rel)).map_err(|e| io_errno(&e)));
+        match result {
+            Ok(target) => reply.data(target.as_os_str().as_encoded_bytes()),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        reply: ReplyEntry,
+    ) {
+        let result = self.child(parent, name).and_then(|rel| {
+            let op = Op::Mkdir {
+                path: rel.clone(),
+                mode: mode & !umask & 0o7777,
+                uid: req.uid(),
+                gid: req.gid(),
+            };
+            self.change(op, &rel)
+        });
+        match result {
+            Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let result = self.child(parent, name).and_then(|rel| {
+            let op = Op::Unlink { path: rel.clone() };
+            self.submit(op.clone(), |brick| brick.apply(&op))?;
+            self.forget_path(&rel);
+            Ok(())
+        });
+        match result {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let result = self.child(parent, name).and_then(|rel| {
+            let op = Op::Rmdir { path: rel.clone() };
+            self.submit(op.clone(), |brick| brick.apply(&op))?;
+            self.forget_path(&rel);
+            Ok(())
+        });
+        match result {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        let result = self.child(parent, link_name).and_then(|rel| {
+            let target = target.to_str().ok_or(Errno::EINVAL)?.to_owned();
+            let op = Op::Symlink {
+                path: rel.clone(),
+                target,
+                uid: req.uid(),
+                gid: req.gid(),
+            };
+            self.change(op, &rel)
+        });
+        match result {
+            Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        let result = (|| {
+            let from = self.child(parent, name)?;
+            let to = self.child(newparent, newname)?;
+            let bits = flags.bits();
+            if bits & !libc::RENAME_NOREPLACE != 0 {
+                // RENAME_EXCHANGE and RENAME_WHITEOUT are not replicated.
+                return Err(Errno::EINVAL);
+            }
+            let op = Op::Rename {
+                from: from.clone(),
+                to: to.clone(),
+                noreplace: bits & libc::RENAME_NOREPLACE != 0,
+            };
+            self.submit(op.clone(), |brick| brick.apply(&op))?;
+            self.rename_inodes(&from, &to);
+            Ok(())
+        })();
+        match result {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn link(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        let result = self.path(ino).and_then(|from| {
+            let to = self.child(newparent, newname)?;
+            let op = Op::Link {
+                from,
+                to: to.clone(),
+            };
+            self.change(op, &to)
+        });
+        match result {
+            Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let result = self
+            .readable()
+            .and_then(|()| self.path(ino))
+            .and_then(|rel| {
+                let raw = flags.0;
+                let access = raw & libc::O_ACCMODE;
+                let file = OpenOptions::new()
+                    .read(access == libc::O_RDONLY || access == libc::O_RDWR)
+                    .write(access == libc::O_WRONLY || access == libc::O_RDWR)
+                    .custom_flags(raw & libc::O_NOFOLLOW)
+                    .open(self.volume.brick().abs(&rel))
+                    .map_err(|e| io_errno(&e))?;
+                Ok(self.new_handle(Handle::File {
+                    file: Arc::new(file),
+                    append: raw & libc::O_APPEND != 0,
+                }))
+            });
+        match result {
+            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let result = self.child(parent, name).and_then(|rel| {
+            let mode = mode & !umask & 0o7777;
+            let mtime_ns = now_ns();
+            let op = Op::Create {
+                path: rel.clone(),
+                mode,
+                uid: req.uid(),
+                gid: req.gid(),
+                mtime_ns,
+            };
+            let (uid, gid) = (req.uid(), req.gid());
+            let file = self.submit(op, |brick| {
+                let abs = brick.abs(&rel);
+                let file = OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create_new(true)
+                    .mode(mode)
+                    .open(&abs)?;
+                file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(mode))?;
+                std::os::unix::fs::fchown(&file, Some(uid), Some(gid))?;
+                brick::set_times(&abs, None, Some(mtime_ns))?;
+                Ok(file)
+            })?;
+            let attr = self.stat(&rel)?;
+            let fh = self.new_handle(Handle::File {
+                file: Arc::new(file),
+                append: flags & libc::O_APPEND != 0,
+            });
+            Ok((attr, fh))
+        });
+        match result {
+            Ok((attr, fh)) => reply.created(
+                &TTL,
+                &attr,
+                Generation(0),
+                FileHandle(fh),
+                FopenFlags::empty(),
+            ),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let result = self.readable().and_then(|()| {
+            self.with_file(fh, |file, _| {
+                let mut buf = vec![0u8; size as usize];
+                let mut filled = 0;
+                while filled < buf.len() {
+                    match file.read_at(&mut buf[filled..], offset + filled as u64) {
+                        Ok(0) => break,
+                        Ok(n) => filled += n,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(e) => return Err(io_errno(&e)),
+                    }
+                }
+                buf.truncate(filled);
+                Ok(buf)
+            })
+        });
+        match result {
+            Ok(data) => reply.data(&data),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        let result = self.path(ino).and_then(|rel| {
+            self.with_file(fh, |file, append| {
+                let offset = if append {
+                    file.metadata().map_err(|e| io_errno(&e))?.len()
+                } else {
+                    offset
+                };
+                let mtime_ns = now_ns();
+                let op = Op::Write {
+                    path: rel.clone(),
+                    offset,
+                    data: data.to_vec(),
+                    mtime_ns,
+                };
+                self.submit(op, |brick| {
+                    file.write_all_at(data, offset)?;
+                    brick::set_times(&brick.abs(&rel), None, Some(mtime_ns))
+                })
+            })
+        });
+        match result {
+            Ok(()) => reply.written(data.len() as u32),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        // Writes are replicated as they come; nothing is buffered here.
+        reply.ok();
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        lock(&self.handles).remove(&fh.0);
+        reply.ok();
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        let result = self.path(ino).and_then(|rel| {
+            self.with_file(fh, |file, _| {
+                self.submit(Op::Fsync { path: rel.clone() }, |_| file.sync_all())
+            })
+        });
+        match result {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.readable().and_then(|()| self.snapshot_dir(ino)) {
+            Ok(entries) => {
+                let fh = self.new_handle(Handle::Dir {
+                    entries,
+                    served: false,
+                });
+                reply.opened(FileHandle(fh), FopenFlags::empty());
+            }
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        // A rewind (offset 0 after entries were served) takes a new
+        // snapshot; any other offset indexes the one taken at opendir.
+        let fresh = if offset == 0 {
+            let served = matches!(
+                lock(&self.handles).get(&fh.0),
+                Some(Handle::Dir { served: true, .. })
+            );
+            if served {
+                match self.snapshot_dir(ino) {
+                    Ok(entries) => Some(entries),
+                    Err(e) => return reply.error(e),
+                }
+            } else {
+                None
+            }
+        } else {
+            None
+        };
+        let mut handles = lock(&self.handles);
+        let Some(Handle::Dir { entries, served }) = handles.get_mut(&fh.0) else {
+            return reply.error(Errno::EBADF);
+        };
+        if let Some(new) = fresh {
+            *entries = new;
+        }
+        *served = true;
+        for (index, (ino, kind, name)) in entries.iter().enumerate().skip(offset as usize) {
+            if reply.add(INodeNo(*ino), index as u64 + 1, *kind, name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        lock(&self.handles).remove(&fh.0);
+        reply.ok();
+    }
+
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        // Durable on a quorum: the directory is synced here and on peers.
+        let result = self.path(ino).and_then(|rel| {
+            self.submit(Op::Fsync { path: rel.clone() }, |brick| {
+                File::open(brick.abs(&rel))?.sync_all()
+            })
+        });
+        match result {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        match statvfs(self.volume.brick().root()) {
+            Ok(s) => reply.statfs(
+                s.f_blocks,
+                s.f_bfree,
+                s.f_bavail,
+                s.f_files,
+                s.f_ffree,
+                s.f_bsize as u32,
+                s.f_namemax as u32,
+                s.f_frsize as u32,
+            ),
+            Err(e) => reply.error(io_errno(&e)),
+        }
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        let result = self.path(ino).and_then(|rel| {
+            let name = name.to_str().ok_or(Errno::EINVAL)?.to_owned();
+            let op = Op::SetXattr {
+                path: rel,
+                name,
+                value: value.to_vec(),
+                flags,
+            };
+            self.submit(op.clone(), |brick| brick.apply(&op))
+        });
+        match result {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let result = self
+            .readable()
+            .and_then(|()| self.path(ino))
+            .and_then(|rel| {
+                let name = name.to_str().ok_or(Errno::NO_XATTR)?;
+                brick::get_xattr(&self.volume.brick().abs(&rel), name).map_err(|e| io_errno(&e))
+            });
+        reply_xattr(result, size, reply);
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let result = self
+            .readable()
+            .and_then(|()| self.path(ino))
+            .and_then(|rel| {
+                brick::list_xattrs_raw(&self.volume.brick().abs(&rel)).map_err(|e| io_errno(&e))
+            });
+        reply_xattr(result, size, reply);
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let result = self.path(ino).and_then(|rel| {
+            let name = name.to_str().ok_or(Errno::NO_XATTR)?.to_owned();
+            let op = Op::RemoveXattr { path: rel, name };
+            self.submit(op.clone(), |brick| brick.apply(&op))
+        });
+        match result {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+}
+
+fn reply_xattr(result: Result<Vec<u8>, Errno>, size: u32, reply: ReplyXattr) {
+    match result {
+        Ok(data) if size == 0 => reply.size(data.len() as u32),
+        Ok(data) if data.len() > size as usize => reply.error(Errno::ERANGE),
+        Ok(data) => reply.data(&data),
+        Err(e) => reply.error(e),
+    }
+}
+
+fn statvfs(path: &Path) -> io::Result<libc::statvfs> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: statvfs is plain data; all-zero is a valid value to overwrite.
+    let mut out: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is NUL-terminated and `out` a valid statvfs, both alive
+    // for the call.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut out) } == 0 {
+        Ok(out)
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}

@@ -1,0 +1,396 @@
+//! Connections of the volume protocol: one outgoing connection per peer
+//! (this node's changes and heals, in order) and the listener that serves
+//! peers' changes and the `heal-info`/`heal` commands. A connection that
+//! sends a bad frame is counted and closed; it never takes the agent down.
+
+use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::{mpsc, watch},
+    time::Instant,
+};
+use tokio_util::codec::Framed;
+use tracing::{debug, info, warn};
+
+use super::{
+    auth::FrameKey,
+    full_heal,
+    protocol::{nonce, FrameCodec, Message, Request, Response},
+    replica::{Outgoing, Volume},
+};
+
+/// The node name the command-line tools use in `Hello`.
+pub const CLI_NODE: &str = "@cli";
+/// How long a new connection has to say `Hello`.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Keeps the connection to `peer` up until shutdown, forwarding queued
+/// requests and routing replies.
+pub async fn run_peer(
+    volume: Arc<Volume>,
+    peer: usize,
+    key: FrameKey,
+    mut rx: mpsc::Receiver<Outgoing>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        if *shutdown.borrow() {
+            return;
+        }
+        let reason = match connection(&volume, peer, &key, &mut rx, &mut shutdown).await {
+            Ok(()) => {
+                volume.set_peer_up(peer, false, 0, "shutting down");
+                return;
+            }
+            Err(reason) => reason,
+        };
+        volume.set_peer_up(peer, false, 0, &reason);
+        // Requests queued meanwhile fail now (their senders record them
+        // for heal) rather than reach the peer out of order later.
+        while rx.try_recv().is_ok() {}
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+            _ = shutdown.changed() => {}
+        }
+        while rx.try_recv().is_ok() {}
+    }
+}
+
+async fn connection(
+    volume: &Arc<Volume>,
+    peer: usize,
+    key: &FrameKey,
+    rx: &mut mpsc::Receiver<Outgoing>,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<(), String> {
+    let p = &volume.peers()[peer];
+    let timeout = volume.timeout();
+    let stream = match tokio::time::timeout(timeout, TcpStream::connect(p.addr)).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(error)) => {
+            debug!(peer = %p.name, addr = %p.addr, %error, "cannot connect");
+            return Err(format!("cannot connect: {error}"));
+        }
+        Err(_) => return Err("connect timed out".into()),
+    };
+    let _ = stream.set_nodelay(true);
+    let mut framed = Framed::new(stream, FrameCodec::new(key.clone()));
+    let ours = nonce().map_err(|e| format!("no randomness: {e}"))?;
+    framed
+        .send(Message::Hello {
+            node: volume.node().to_owned(),
+            volume: volume.name().to_owned(),
+            nonce: ours,
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    let pending_for_us = match tokio::time::timeout(timeout, framed.next()).await {
+        Ok(Some(Ok(Message::HelloAck {
+            node,
+            pending_for_you,
+            nonce: theirs,
+        }))) if node == p.name => {
+            framed.codec_mut().set_session(&ours, &theirs);
+            pending_for_you
+        }
+        Ok(Some(Ok(other))) => {
+            volume.count_bad_frame("unexpected");
+            return Err(format!("unexpected handshake answer {other:?}"));
+        }
+        Ok(Some(Err(error))) => {
+            if error.is_garbage() {
+                volume.count_bad_frame(error.reason());
+            }
+            return Err(format!("handshake: {error}"));
+        }
+        Ok(None) => return Err("closed during the handshake".into()),
+        Err(_) => return Err("handshake timed out".into()),
+    };
+    volume.set_peer_up(peer, true, pending_for_us, "connected");
+
+    let mut inflight: HashMap<u64, Option<tokio::sync::oneshot::Sender<Response>>> = HashMap::new();
+    let mut next_id = 0u64;
+    let mut ping = tokio::time::interval(timeout / 4);
+    let mut last_heard = Instant::now();
+    loop {
+        tokio::select! {
+            changed = shutdown.changed() => {
+                if changed.is_err() || *shutdown.borrow() {
+                    return Ok(());
+                }
+            }
+            outgoing = rx.recv() => {
+                let Some(first) = outgoing else { return Ok(()) };
+                let mut batch = vec![first];
+                while batch.len() < 64 {
+                    match rx.try_recv() {
+                        Ok(more) => batch.push(more),
+                        Err(_) => break,
+                    }
+                }
+                for Outgoing { body, reply } in batch {
+                    next_id += 1;
+                    inflight.insert(next_id, Some(reply));
+                    framed
+                        .feed(Message::Request { id: next_id, body })
+                        .await
+                        .map_err(|e| format!("send: {e}"))?;
+                }
+                framed.flush().await.map_err(|e| format!("send: {e}"))?;
+            }
+            frame = framed.next() => match frame {
+                Some(Ok(Message::Response { id, body })) => {
+                    last_heard = Instant::now();
+                    if let Some(Some(reply)) = inflight.remove(&id) {
+                        let _ = reply.send(body);
+                    }
+                }
+                Some(Ok(other)) => {
+                    volume.count_bad_frame("unexpected");
+                    return Err(format!("unexpected message {}", kind(&other)));
+                }
+                Some(Err(error)) => {
+                    if error.is_garbage() {
+                        volume.count_bad_frame(error.reason());
+                    }
+                    return Err(format!("receive: {error}"));
+                }
+                None => return Err("connection closed by the peer".into()),
+            },
+            _ = ping.tick() => {
+                if last_heard.elapsed() > timeout {
+                    return Err(format!("no answer for {timeout:?} (peer_timeout)"));
+                }
+                next_id += 1;
+                inflight.insert(next_id, None);
+                framed
+                    .send(Message::Request { id: next_id, body: Request::Ping })
+                    .await
+                    .map_err(|e| format!("send: {e}"))?;
+            }
+        }
+    }
+}
+
+fn kind(message: &Message) -> &'static str {
+    match message {
+        Message::Hello { .. } => "Hello",
+        Message::HelloAck { .. } => "HelloAck",
+        Message::Request { .. } => "Request",
+        Message::Response { .. } => "Response",
+    }
+}
+
+/// Accepts peers and tools until shutdown.
+pub async fn serve(
+    listener: TcpListener,
+    volume: Arc<Volume>,
+    key: FrameKey,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, addr)) => {
+                    let _ = stream.set_nodelay(true);
+                    tokio::spawn(serve_connection(
+                        stream,
+                        addr,
+                        Arc::clone(&volume),
+                        key.clone(),
+                        shutdown.clone(),
+                    ));
+                }
+                Err(error) => {
+                    warn!(volume = %volume.name(), %error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+            changed = shutdown.changed() => {
+                if changed.is_err() || *shutdown.borrow() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+fn garbage(volume: &Volume, addr: SocketAddr, reason: &'static str, detail: &str) {
+    volume.count_bad_frame(reason);
+    warn!(volume = %volume.name(), peer = %addr, reason, detail, "disconnecting a peer that sent a bad frame");
+}
+
+async fn serve_connection(
+    stream: TcpStream,
+    addr: SocketAddr,
+    volume: Arc<Volume>,
+    key: FrameKey,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut framed = Framed::new(stream, FrameCodec::new(key));
+    let (from, client_nonce) = match tokio::time::timeout(HELLO_TIMEOUT, framed.next()).await {
+        Ok(Some(Ok(Message::Hello {
+            node,
+            volume: name,
+            nonce,
+        }))) => {
+            if name != volume.name() {
+                garbage(&volume, addr, "wrong_volume", &name);
+                return;
+            }
+            if node != CLI_NODE && volume.peer_index(&node).is_none() {
+                garbage(&volume, addr, "unknown_node", &node);
+                return;
+            }
+            (node, nonce)
+        }
+        Ok(Some(Ok(other))) => {
+            garbage(&volume, addr, "unexpected", kind(&other));
+            return;
+        }
+        Ok(Some(Err(error))) => {
+            if error.is_garbage() {
+                garbage(&volume, addr, error.reason(), &error.to_string());
+            }
+            return;
+        }
+        Ok(None) | Err(_) => return,
+    };
+    let Ok(server_nonce) = nonce() else {
+        warn!(volume = %volume.name(), "no randomness for a handshake nonce");
+        return;
+    };
+    let ack = Message::HelloAck {
+        node: volume.node().to_owned(),
+        pending_for_you: volume.log().pending(&from),
+        nonce: server_nonce,
+    };
+    if framed.send(ack).await.is_err() {
+        return;
+    }
+    framed.codec_mut().set_session(&client_nonce, &server_nonce);
+    debug!(volume = %volume.name(), peer = %from, %addr, "peer connected");
+    let (mut sink, mut frames) = framed.split();
+    let (out_tx, mut out_rx) = mpsc::channel::<Message>(1024);
+    let writer = tokio::spawn(async move {
+        while let Some(first) = out_rx.recv().await {
+            if sink.feed(first).await.is_err() {
+                return;
+            }
+            while let Ok(more) = out_rx.try_recv() {
+                if sink.feed(more).await.is_err() {
+                    return;
+                }
+            }
+            if sink.flush().await.is_err() {
+                return;
+            }
+        }
+    });
+    let (work_tx, mut work_rx) = mpsc::channel::<(u64, Request)>(4096);
+    let worker = {
+        let volume = Arc::clone(&volume);
+        let out_tx = out_tx.clone();
+        let from = from.clone();
+        tokio::spawn(async move {
+            while let Some((id, body)) = work_rx.recv().await {
+                let body = handle(&volume, &from, body).await;
+                if out_tx.send(Message::Response { id, body }).await.is_err() {
+                    return;
+                }
+            }
+        })
+    };
+    loop {
+        tokio::select! {
+            frame = frames.next() => match frame {
+                Some(Ok(Message::Request { id, body: Request::Ping })) => {
+                    if out_tx.send(Message::Response { id, body: Response::Ok }).await.is_err() {
+                        break;
+                    }
+                }
+                Some(Ok(Message::Request { id, body })) => {
+                    if work_tx.send((id, body)).await.is_err() {
+                        break;
+                    }
+                }
+                Some(Ok(other)) => {
+                    garbage(&volume, addr, "unexpected", kind(&other));
+                    break;
+                }
+                Some(Err(error)) => {
+                    if error.is_garbage() {
+                        garbage(&volume, addr, error.reason(), &error.to_string());
+                    }
+                    break;
+                }
+                None => break,
+            },
+            changed = shutdown.changed() => {
+                if changed.is_err() || *shutdown.borrow() {
+                    break;
+                }
+            }
+        }
+    }
+    drop(work_tx);
+    // Let queued changes finish (they are already applied in order), then
+    // close.
+    let _ = worker.await;
+    drop(out_tx);
+    let _ = writer.await;
+}
+
+async fn handle(volume: &Arc<Volume>, from: &str, body: Request) -> Response {
+    let blocking = |f: Box<dyn FnOnce() -> Response + Send>| async move {
+        tokio::task::spawn_blocking(f)
+            .await
+            .unwrap_or(Response::Errno(libc::EIO))
+    };
+    match body {
+        Request::Ping => Response::Ok,
+        Request::Apply { op, missed } => {
+            let volume = Arc::clone(volume);
+            blocking(Box::new(move || volume.apply_remote(&op, &missed))).await
+        }
+        Request::Heal { path, entry } => {
+            let volume = Arc::clone(volume);
+            let from = from.to_owned();
+            blocking(Box::new(move || volume.heal_from(&from, &path, &entry))).await
+        }
+        Request::HealProgress { remaining } => {
+            volume.set_remote_pending(from, remaining);
+            Response::Ok
+        }
+        Request::Manifest => {
+            let volume = Arc::clone(volume);
+            blocking(Box::new(move || match volume.brick().manifest() {
+                Ok(manifest) => Response::Manifest(manifest),
+                Err(error) => Response::Errno(super::replica::errno(&error)),
+            }))
+            .await
+        }
+        Request::MarkPending { path, peer } => {
+            if volume.peer_index(&peer).is_some() {
+                volume.log().record(&peer, &path);
+                volume.wake_heal();
+                Response::Ok
+            } else {
+                Response::Errno(libc::EINVAL)
+            }
+        }
+        Request::Status => Response::Status(volume.status()),
+        Request::FullHeal => {
+            let volume = Arc::clone(volume);
+            blocking(Box::new(move || {
+                let marked = full_heal::run(&volume);
+                info!(volume = %volume.name(), marked, "full heal scanned the bricks");
+                volume.wake_heal();
+                Response::Ok
+            }))
+            .await
+        }
+    }
+}

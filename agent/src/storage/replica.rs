@@ -1,0 +1,729 @@
+//! Quorum replication of one volume: a change is applied to the local
+//! brick, sent in order to every peer that is up, and acknowledged only
+//! when a quorum of the replica set (this node included) applied it.
+//! It waits for every peer that is up (so an acknowledged change is visible
+//! through every connected mount); peers that miss a change get it recorded
+//! in the change log for heal.
+//!
+//! [`Volume`] is shared by the FUSE threads (blocking callers, see
+//! [`Volume::submit`]), the peer connections and the heal threads.
+
+use std::{
+    collections::BTreeMap,
+    io,
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, Condvar, Mutex, MutexGuard,
+    },
+    time::{Duration, Instant},
+};
+
+use futures_util::{stream::FuturesUnordered, StreamExt};
+use tokio::{
+    runtime::Handle,
+    sync::{mpsc, oneshot},
+};
+use tracing::{info, warn};
+
+use super::{
+    brick::{Brick, Entry, Op},
+    heal::ChangeLog,
+    protocol::{PeerStatus, Request, Response, StatusReport},
+};
+use crate::config::storage::SplitBrainPolicy;
+
+/// How long a FUSE call waits for this replica to become current.
+const CURRENT_WAIT: Duration = Duration::from_secs(15);
+
+/// A request on its way to a peer and where its answer goes.
+#[derive(Debug)]
+pub struct Outgoing {
+    pub body: Request,
+    pub reply: oneshot::Sender<Response>,
+}
+
+pub type Reply = oneshot::Receiver<Response>;
+
+/// One other replica of the volume.
+#[derive(Debug)]
+pub struct Peer {
+    pub name: String,
+    pub addr: SocketAddr,
+    pub(super) tx: mpsc::Sender<Outgoing>,
+    up: AtomicBool,
+    transitions: AtomicU64,
+    healed: AtomicU64,
+    heal_running: AtomicBool,
+}
+
+/// Counters exported on /metrics and in `heal-info`.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub writes: AtomicU64,
+    pub writes_refused: AtomicU64,
+    pub writes_failed: AtomicU64,
+    pub split_brains: AtomicU64,
+    pub bad_frames: Mutex<BTreeMap<&'static str, u64>>,
+    peers: BTreeMap<String, usize>,
+}
+
+/// Per-peer views of the counters, for the heal threads.
+#[derive(Debug)]
+pub struct PeerStats<'a> {
+    volume: &'a Volume,
+}
+
+impl PeerStats<'_> {
+    pub fn healed(&self, peer: &str) {
+        if let Some(index) = self.volume.stats.peers.get(peer) {
+            self.volume.peers[*index]
+                .healed
+                .fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub fn heal_running(&self, peer: &str, running: bool) {
+        if let Some(index) = self.volume.stats.peers.get(peer) {
+            self.volume.peers[*index]
+                .heal_running
+                .store(running, Ordering::Relaxed);
+        }
+    }
+}
+
+/// What a volume is made of (see `mod.rs` for how it is built).
+#[derive(Debug)]
+pub struct VolumeSetup {
+    pub name: String,
+    pub node: String,
+    pub brick: Brick,
+    pub quorum: usize,
+    pub peers: Vec<(String, SocketAddr)>,
+    pub log: ChangeLog,
+    pub policy: SplitBrainPolicy,
+    pub source: Option<String>,
+    pub heal_rate: u64,
+    pub timeout: Duration,
+}
+
+#[derive(Debug)]
+pub struct Volume {
+    name: String,
+    node: String,
+    brick: Brick,
+    quorum: usize,
+    peers: Vec<Peer>,
+    log: ChangeLog,
+    order: Mutex<()>,
+    policy: SplitBrainPolicy,
+    source: Option<String>,
+    heal_rate: u64,
+    timeout: Duration,
+    /// Per connected peer: changes it holds that this replica missed.
+    remote_pending: Mutex<BTreeMap<String, u64>>,
+    stats: Stats,
+    runtime: Handle,
+    stop: AtomicBool,
+    wakeup: (Mutex<bool>, Condvar),
+    /// Until peers had a chance to answer, a lone replica does not know
+    /// whether it is a minority or just early: it waits.
+    started: Instant,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every critical section leaves its data consistent; a panic elsewhere
+    // must not take the volume down with it.
+    mutex.lock().unwrap_or_else(|poison| poison.into_inner())
+}
+
+/// The errno of an IO error (EIO when it has none).
+pub fn errno(error: &io::Error) -> i32 {
+    error.raw_os_error().unwrap_or(libc::EIO)
+}
+
+impl Volume {
+    /// The volume and, per peer, the receiving end of its request queue
+    /// (for the connection task).
+    pub fn new(
+        setup: VolumeSetup,
+        runtime: Handle,
+    ) -> (Arc<Volume>, Vec<mpsc::Receiver<Outgoing>>) {
+        let mut peers = Vec::new();
+        let mut receivers = Vec::new();
+        let mut stats = Stats::default();
+        for (index, (name, addr)) in setup.peers.into_iter().enumerate() {
+            let (tx, rx) = mpsc::channel(4096);
+            stats.peers.insert(name.clone(), index);
+            peers.push(Peer {
+                name,
+                addr,
+                tx,
+                up: AtomicBool::new(false),
+                transitions: AtomicU64::new(0),
+                healed: AtomicU64::new(0),
+                heal_running: AtomicBool::new(false),
+            });
+            receivers.push(rx);
+        }
+        let volume = Volume {
+            name: setup.name,
+            node: setup.node,
+            brick: setup.brick,
+            quorum: setup.quorum,
+            peers,
+            log: setup.log,
+            order: Mutex::new(()),
+            policy: setup.policy,
+            source: setup.source,
+            heal_rate: setup.heal_rate,
+            timeout: setup.timeout,
+            remote_pending: Mutex::new(BTreeMap::new()),
+            stats,
+            runtime,
+            stop: AtomicBool::new(false),
+            wakeup: (Mutex::new(false), Condvar::new()),
+            started: Instant::now(),
+        };
+        (Arc::new(volume), receivers)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    pub fn brick(&self) -> &Brick {
+        &self.brick
+    }
+
+    pub fn log(&self) -> &ChangeLog {
+        &self.log
+    }
+
+    pub fn peers(&self) -> &[Peer] {
+        &self.peers
+    }
+
+    pub fn peer_name(&self, peer: usize) -> &str {
+        &self.peers[peer].name
+    }
+
+    pub fn peer_index(&self, name: &str) -> Option<usize> {
+        self.stats.peers.get(name).copied()
+    }
+
+    pub fn peer_up(&self, peer: usize) -> bool {
+        self.peers[peer].up.load(Ordering::Acquire)
+    }
+
+    pub fn heal_rate(&self) -> u64 {
+        self.heal_rate
+    }
+
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    pub fn quorum(&self) -> usize {
+        self.quorum
+    }
+
+    pub fn policy(&self) -> SplitBrainPolicy {
+        self.policy
+    }
+
+    pub fn source(&self) -> Option<&str> {
+        self.source.as_deref()
+    }
+
+    pub fn stats(&self) -> PeerStats<'_> {
+        PeerStats { volume: self }
+    }
+
+    pub fn counters(&self) -> &Stats {
+        &self.stats
+    }
+
+    pub fn stopping(&self) -> bool {
+        self.stop.load(Ordering::Acquire)
+    }
+
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::Release);
+        self.wake_heal();
+    }
+
+    /// Serialises local changes with what is sent to peers, so every
+    /// replica applies them in the same order.
+    pub fn apply_lock(&self) -> MutexGuard<'_, ()> {
+        lock(&self.order)
+    }
+
+    pub fn wake_heal(&self) {
+        let (flag, cond) = &self.wakeup;
+        *lock(flag) = true;
+        cond.notify_all();
+    }
+
+    pub fn wait_heal_wakeup(&self, max: Duration) {
+        let (flag, cond) = &self.wakeup;
+        let guard = lock(flag);
+        let (mut guard, _) = cond
+            .wait_timeout_while(guard, max, |woken| !*woken)
+            .unwrap_or_else(|poison| poison.into_inner());
+        *guard = false;
+    }
+
+    /// Peer connection state changes (called by the connection task).
+    pub fn set_peer_up(&self, peer: usize, up: bool, pending_for_us: u64, reason: &str) {
+        let p = &self.peers[peer];
+        let was = p.up.swap(up, Ordering::AcqRel);
+        {
+            let mut remote = lock(&self.remote_pending);
+            if up {
+                remote.insert(p.name.clone(), pending_for_us);
+            } else {
+                remote.remove(&p.name);
+            }
+        }
+        if was != up {
+            p.transitions.fetch_add(1, Ordering::Relaxed);
+            if up {
+                info!(volume = %self.name, peer = %p.name, addr = %p.addr, reason, missed_here = pending_for_us, "peer up");
+                self.wake_heal();
+            } else {
+                warn!(volume = %self.name, peer = %p.name, addr = %p.addr, reason, "peer down");
+            }
+        }
+    }
+
+    /// A peer says how many changes it still holds for this replica.
+    pub fn set_remote_pending(&self, peer: &str, remaining: u64) {
+        let mut remote = lock(&self.remote_pending);
+        if let Some(count) = remote.get_mut(peer) {
+            if *count != 0 && remaining == 0 {
+                info!(volume = %self.name, peer, "healed by peer");
+            }
+            *count = remaining;
+        }
+    }
+
+    pub fn up_count(&self) -> usize {
+        self.peers
+            .iter()
+            .filter(|p| p.up.load(Ordering::Acquire))
+            .count()
+    }
+
+    /// Whether writes may go ahead (this side holds a quorum).
+    pub fn has_quorum(&self) -> bool {
+        self.up_count() + 1 >= self.quorum
+    }
+
+    /// Whether the local brick is known to hold every acknowledged change:
+    /// enough peers answered and none holds changes this replica missed.
+    /// Right after start, every peer gets a chance to say what it holds
+    /// for this replica before the quorum alone decides.
+    pub fn is_current(&self) -> bool {
+        let remote = lock(&self.remote_pending);
+        let heard_enough = remote.len() == self.peers.len()
+            || (remote.len() + 1 >= self.quorum && self.started.elapsed() > self.timeout * 2);
+        heard_enough && remote.values().all(|count| *count == 0)
+    }
+
+    /// Waits until the local brick may serve reads. A minority side serves
+    /// what it has (it cannot learn better); otherwise it waits for heal.
+    pub fn readable(&self) -> bool {
+        let deadline = Instant::now() + CURRENT_WAIT;
+        loop {
+            if self.is_current() {
+                return true;
+            }
+            if !self.has_quorum() && self.started.elapsed() > self.timeout * 2 {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Queues `body` for `peer`; None when it is down or its queue is full.
+    pub fn send_peer(&self, peer: usize, body: Request) -> Option<Reply> {
+        let p = &self.peers[peer];
+        if !p.up.load(Ordering::Acquire) {
+            return None;
+        }
+        let (reply, rx) = oneshot::channel();
+        p.tx.try_send(Outgoing { body, reply }).ok().map(|()| rx)
+    }
+
+    /// Waits (blocking) for a reply; None on timeout or a lost connection.
+    pub fn wait_reply(&self, reply: Reply) -> Option<Response> {
+        let limit = self.reply_timeout();
+        self.runtime
+            .block_on(async move { tokio::time::timeout(limit, reply).await.ok()?.ok() })
+    }
+
+    /// Sends and waits (blocking).
+    pub fn call_peer(&self, peer: usize, body: Request) -> Option<Response> {
+        let reply = self.send_peer(peer, body)?;
+        self.wait_reply(reply)
+    }
+
+    fn reply_timeout(&self) -> Duration {
+        (self.timeout * 5).max(Duration::from_secs(10))
+    }
+
+    fn missed(&self, peer: usize, op: &Op) {
+        for path in op.paths() {
+            self.log.record(&self.peers[peer].name, path);
+        }
+    }
+
+    /// Applies `op` here (through `local`, which may use an open file) and
+    /// on the peers that are up; succeeds when a quorum applied it, else
+    /// an errno.
+    /// Blocking: call from FUSE threads, never from the async runtime.
+    pub fn submit<T>(
+        self: &Arc<Self>,
+        op: Op,
+        local: impl FnOnce(&Brick) -> io::Result<T>,
+    ) -> Result<T, i32> {
+        if !self.has_quorum() {
+            self.stats.writes_refused.fetch_add(1, Ordering::Relaxed);
+            return Err(libc::EROFS);
+        }
+        if !self.readable() {
+            self.stats.writes_refused.fetch_add(1, Ordering::Relaxed);
+            return Err(libc::EAGAIN);
+        }
+        let (value, replies) = {
+            let _order = self.apply_lock();
+            let value = local(&self.brick).map_err(|error| errno(&error))?;
+            let missed: Vec<String> = self
+                .peers
+                .iter()
+                .filter(|p| !p.up.load(Ordering::Acquire))
+                .map(|p| p.name.clone())
+                .collect();
+            let body = Request::Apply {
+                op: op.clone(),
+                missed,
+            };
+            let mut replies = Vec::new();
+            for index in 0..self.peers.len() {
+                match self.send_peer(index, body.clone()) {
+                    Some(reply) => replies.push((index, reply)),
+                    None => self.missed(index, &op),
+                }
+            }
+            (value, replies)
+        };
+        let need = self.quorum - 1;
+        let volume = Arc::clone(self);
+        let acked = self
+            .runtime
+            .block_on(async move { volume.collect(op, replies).await });
+        if acked >= need {
+            self.stats.writes.fetch_add(1, Ordering::Relaxed);
+            Ok(value)
+        } else {
+            self.stats.writes_failed.fetch_add(1, Ordering::Relaxed);
+            warn!(volume = %self.name, acked = acked + 1, quorum = self.quorum, "a change missed its quorum");
+            Err(if self.has_quorum() {
+                libc::EIO
+            } else {
+                libc::EROFS
+            })
+        }
+    }
+
+    /// Waits for every peer the change was sent to (as GlusterFS's AFR
+    /// does), so a change is visible on every connected replica when it is
+    /// acknowledged; a peer that fails or times out is recorded for heal.
+    /// Returns how many acknowledged.
+    async fn collect(self: Arc<Self>, op: Op, replies: Vec<(usize, Reply)>) -> usize {
+        let limit = self.reply_timeout();
+        let mut waiting: FuturesUnordered<_> = replies
+            .into_iter()
+            .map(|(index, reply)| async move {
+                let ok = matches!(
+                    tokio::time::timeout(limit, reply).await,
+                    Ok(Ok(Response::Ok))
+                );
+                (index, ok)
+            })
+            .collect();
+        let mut acked = 0;
+        while let Some((index, ok)) = waiting.next().await {
+            if ok {
+                acked += 1;
+            } else {
+                self.missed(index, &op);
+            }
+        }
+        acked
+    }
+
+    /// A peer's change, applied here (blocking).
+    pub fn apply_remote(&self, op: &Op, missed: &[String]) -> Response {
+        let _order = self.apply_lock();
+        let result = self.brick.apply(op);
+        for name in missed {
+            if name != &self.node && self.peer_index(name).is_some() {
+                for path in op.paths() {
+                    self.log.record(name, path);
+                }
+            }
+        }
+        match result {
+            Ok(()) => Response::Ok,
+            Err(error) => Response::Errno(errno(&error)),
+        }
+    }
+
+    /// A peer heals `path` here (blocking). When this replica changed the
+    /// same path while the peer was away, that is a split brain: the
+    /// policy picks the copy that wins.
+    pub fn heal_from(&self, peer: &str, path: &str, entry: &Entry) -> Response {
+        let _order = self.apply_lock();
+        if self.log.contains(peer, path) {
+            let mine = match self.brick.meta(path) {
+                Ok(meta) => meta.mtime_ns,
+                Err(_) => i64::MIN,
+            };
+            let theirs = entry.mtime_ns();
+            let peer_wins = match (self.policy, self.source.as_deref()) {
+                (SplitBrainPolicy::Source, Some(source)) if source == peer => true,
+                (SplitBrainPolicy::Source, Some(source)) if source == self.node => false,
+                _ => theirs > mine || (theirs == mine && peer < self.node.as_str()),
+            };
+            self.stats.split_brains.fetch_add(1, Ordering::Relaxed);
+            let winner = if peer_wins { peer } else { self.node.as_str() };
+            warn!(
+                volume = %self.name, path, peer, winner, policy = ?self.policy,
+                mtime_here = mine, mtime_peer = theirs,
+                "split brain: both sides changed this path apart; resolved by policy"
+            );
+            if !peer_wins {
+                return Response::Rejected;
+            }
+            self.log.resolve(peer, path);
+        }
+        let tmp = self.brick.state_dir().join(format!("heal-from-{peer}.tmp"));
+        match self.brick.install(path, entry, &tmp) {
+            Ok(()) => Response::Ok,
+            Err(error) => {
+                warn!(volume = %self.name, path, peer, %error, "cannot install a healed entry");
+                Response::Errno(errno(&error))
+            }
+        }
+    }
+
+    pub fn status(&self) -> StatusReport {
+        let stats = &self.stats;
+        let mut counters = vec![
+            ("writes".to_owned(), stats.writes.load(Ordering::Relaxed)),
+            (
+                "writes_refused".to_owned(),
+                stats.writes_refused.load(Ordering::Relaxed),
+            ),
+            (
+                "writes_failed".to_owned(),
+                stats.writes_failed.load(Ordering::Relaxed),
+            ),
+            (
+                "split_brains".to_owned(),
+                stats.split_brains.load(Ordering::Relaxed),
+            ),
+        ];
+        let bad: u64 = lock(&stats.bad_frames).values().sum();
+        counters.push(("bad_frames".to_owned(), bad));
+        StatusReport {
+            node: self.node.clone(),
+            volume: self.name.clone(),
+            current: self.is_current(),
+            peers: self
+                .peers
+                .iter()
+                .map(|p| PeerStatus {
+                    node: p.name.clone(),
+                    up: p.up.load(Ordering::Acquire),
+                    pending: self.log.pending(&p.name),
+                    sample: self.log.sample(&p.name, 10),
+                })
+                .collect(),
+            counters,
+        }
+    }
+
+    pub fn count_bad_frame(&self, reason: &'static str) {
+        *lock(&self.stats.bad_frames).entry(reason).or_default() += 1;
+    }
+
+    /// Snapshot of counters for the metrics collector.
+    pub fn metric_snapshot(&self) -> MetricSnapshot {
+        MetricSnapshot {
+            current: self.is_current(),
+            writes: self.stats.writes.load(Ordering::Relaxed),
+            writes_refused: self.stats.writes_refused.load(Ordering::Relaxed),
+            writes_failed: self.stats.writes_failed.load(Ordering::Relaxed),
+            split_brains: self.stats.split_brains.load(Ordering::Relaxed),
+            bad_frames: lock(&self.stats.bad_frames).clone(),
+            peers: self
+                .peers
+                .iter()
+                .map(|p| PeerSnapshot {
+                    name: p.name.clone(),
+                    up: p.up.load(Ordering::Acquire),
+                    transitions: p.transitions.load(Ordering::Relaxed),
+                    pending: self.log.pending(&p.name),
+                    healed: p.healed.load(Ordering::Relaxed),
+                    heal_running: p.heal_running.load(Ordering::Relaxed),
+                })
+                .collect(),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct MetricSnapshot {
+    pub current: bool,
+    pub writes: u64,
+    pub writes_refused: u64,
+    pub writes_failed: u64,
+    pub split_brains: u64,
+    pub bad_frames: BTreeMap<&'static str, u64>,
+    pub peers: Vec<PeerSnapshot>,
+}
+
+#[derive(Debug, Clone)]
+pub struct PeerSnapshot {
+    pub name: String,
+    pub up: bool,
+    pub transitions: u64,
+    pub pending: u64,
+    pub healed: u64,
+    pub heal_running: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::brick::Meta;
+
+    fn make_volume(
+        test: &str,
+        quorum: usize,
+        policy: SplitBrainPolicy,
+        source: Option<&str>,
+    ) -> (Arc<Volume>, std::path::PathBuf, tokio::runtime::Runtime) {
+        let dir = std::env::temp_dir().join(format!("farol-replica-{test}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let brick = Brick::open(&dir).unwrap();
+        let log = ChangeLog::open(&brick.state_dir()).unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let setup = VolumeSetup {
+            name: "v".into(),
+            node: "a".into(),
+            brick,
+            quorum,
+            peers: vec![("b".into(), "127.0.0.1:9".parse().unwrap())],
+            log,
+            policy,
+            source: source.map(str::to_owned),
+            heal_rate: 1 << 20,
+            timeout: Duration::from_secs(1),
+        };
+        let (volume, _receivers) = Volume::new(setup, runtime.handle().clone());
+        (volume, dir, runtime)
+    }
+
+    fn theirs(mtime_ns: i64) -> Entry {
+        Entry::File {
+            meta: Meta {
+                mode: 0o644,
+                uid: 0,
+                gid: 0,
+                atime_ns: mtime_ns,
+                mtime_ns,
+                xattrs: Vec::new(),
+            },
+            offset: 0,
+            data: b"theirs".to_vec(),
+            last: true,
+        }
+    }
+
+    /// Both sides changed `x`; ours is newer (mtime now, theirs 1 s after
+    /// the epoch).
+    fn diverged(volume: &Volume, dir: &std::path::Path) {
+        std::fs::write(dir.join("x"), b"ours").unwrap();
+        volume.log().record("b", "x");
+    }
+
+    #[test]
+    fn latest_mtime_keeps_the_newer_copy_and_counts_the_split_brain() {
+        let (volume, dir, _rt) = make_volume("latest", 1, SplitBrainPolicy::LatestMtime, None);
+        diverged(&volume, &dir);
+        assert_eq!(
+            volume.heal_from("b", "x", &theirs(1_000_000_000)),
+            Response::Rejected
+        );
+        assert_eq!(std::fs::read(dir.join("x")).unwrap(), b"ours");
+        assert_eq!(volume.counters().split_brains.load(Ordering::Relaxed), 1);
+        // A newer copy from the peer wins and clears what we owed it.
+        assert_eq!(
+            volume.heal_from("b", "x", &theirs(i64::MAX / 2)),
+            Response::Ok
+        );
+        assert_eq!(std::fs::read(dir.join("x")).unwrap(), b"theirs");
+        assert_eq!(volume.log().pending("b"), 0);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_source_policy_keeps_the_sources_copy_even_when_older() {
+        let (volume, dir, _rt) = make_volume("source", 1, SplitBrainPolicy::Source, Some("b"));
+        diverged(&volume, &dir);
+        assert_eq!(
+            volume.heal_from("b", "x", &theirs(1_000_000_000)),
+            Response::Ok
+        );
+        assert_eq!(std::fs::read(dir.join("x")).unwrap(), b"theirs");
+        std::fs::remove_dir_all(&dir).unwrap();
+
+        let (volume, dir, _rt) = make_volume("source-here", 1, SplitBrainPolicy::Source, Some("a"));
+        diverged(&volume, &dir);
+        assert_eq!(
+            volume.heal_from("b", "x", &theirs(i64::MAX / 2)),
+            Response::Rejected
+        );
+        assert_eq!(std::fs::read(dir.join("x")).unwrap(), b"ours");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn without_a_quorum_changes_are_refused_with_erofs() {
+        let (volume, dir, _rt) = make_volume("erofs", 2, SplitBrainPolicy::LatestMtime, None);
+        let op = Op::Mkdir {
+            path: "d".into(),
+            mode: 0o755,
+            uid: 0,
+            gid: 0,
+        };
+        let result = volume.submit(op.clone(), |brick| brick.apply(&op));
+        assert_eq!(result, Err(libc::EROFS));
+        assert!(!dir.join("d").exists(), "nothing applied locally");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
