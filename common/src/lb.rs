@@ -34,7 +34,6 @@ pub const MAP_BACKEND_STATS: &str = "BACKEND_STATS";
 pub const MAP_ACTIVE_FLOWS: &str = "ACTIVE_FLOWS";
 pub const MAP_RR_CURSOR: &str = "RR_CURSOR";
 pub const MAP_LB_CONFIG: &str = "LB_CONFIG";
-pub const MAP_VIP_FILTER: &str = "VIP_FILTER";
 pub const MAP_SERVICE_META: &str = "SVC_META";
 
 pub const PROTO_TCP: u8 = 6;
@@ -93,9 +92,6 @@ pub const VIP_OWNED: u32 = 1;
 /// `VipMeta::flags` in `SVC_META`: the service exists (a removed service's
 /// slot is zeroed, and its flows fall back to the `VIPS` lookup).
 pub const SERVICE_PRESENT: u32 = 2;
-/// Bloom filter capacity for VIP addresses (a removed VIP stays in it as a
-/// harmless false positive until the agent restarts).
-pub const VIP_FILTER_ENTRIES: u32 = 64;
 
 /// `Backend::flags`: eligible for new flows (healthy, weight > 0).
 pub const BACKEND_ACTIVE: u32 = 1;
@@ -182,8 +178,19 @@ pub struct LbConfig {
     /// The MAC of the interface the program runs on (source of XDP_TX frames).
     pub local_mac: [u8; 6],
     pub _pad: [u8; 2],
+    /// How many of `vips` are set; more than `FAST_VIPS` distinct VIP
+    /// addresses set it to `u32::MAX`, and every packet takes the `VIPS`
+    /// hash lookup instead.
+    pub vip_count: u32,
+    pub _pad2: u32,
+    /// The cluster's VIP addresses (most clusters have one or two): non-VIP
+    /// traffic leaves after two compares instead of a map lookup.
+    pub vips: [[u8; 16]; FAST_VIPS],
 }
-const _: () = assert!(size_of::<LbConfig>() == 8);
+const _: () = assert!(size_of::<LbConfig>() == 16 + 16 * FAST_VIPS);
+
+/// VIP addresses `LbConfig` holds for the fast non-VIP test.
+pub const FAST_VIPS: usize = 2;
 
 /// The index of `(service, half)`'s first slot in `MAGLEV_RING`.
 pub const fn maglev_base(service: u32, half: u32) -> u32 {

@@ -29,7 +29,6 @@ pub const PINNED_MAPS: &[&str] = &[
     crate::lb::MAP_ACTIVE_FLOWS,
     crate::lb::MAP_RR_CURSOR,
     crate::lb::MAP_LB_CONFIG,
-    crate::lb::MAP_VIP_FILTER,
     crate::lb::MAP_SERVICE_META,
 ];
 

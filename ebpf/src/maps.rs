@@ -14,11 +14,10 @@ pub(crate) static PACKET_STATS: PerCpuArray<PacketStats, { PacketClass::COUNT as
 pub(crate) static MALFORMED: PerCpuArray<PacketStats, { MalformedReason::COUNT as usize }> =
     PerCpuArray::new();
 
-use aya_ebpf::btf_maps::{Array, BloomFilter, HashMap, LruHashMap};
+use aya_ebpf::btf_maps::{Array, HashMap, LruHashMap};
 use farol_common::lb::{
     Backend, BackendStats, Flow, FlowKey, LbConfig, ServiceStats, VipKey, VipMeta, MAGLEV_HALVES,
     MAGLEV_TABLE_SIZE, MAX_BACKENDS, MAX_BACKENDS_PER_SERVICE, MAX_FLOWS, MAX_SERVICES,
-    VIP_FILTER_ENTRIES,
 };
 
 /// (VIP, port, protocol) -> service, written by the agent.
@@ -73,13 +72,6 @@ pub(crate) static RR_CURSOR: PerCpuArray<u32, { MAX_SERVICES as usize }> = PerCp
 /// Node-wide settings in slot 0.
 #[btf_map]
 pub(crate) static LB_CONFIG: Array<LbConfig, 1> = Array::new();
-
-/// Every VIP address ever configured: non-VIP traffic leaves after one
-/// Bloom filter test instead of a hash lookup. One hash function: the
-/// kernel's default of five costs more than the lookup it saves.
-#[btf_map]
-pub(crate) static VIP_FILTER: BloomFilter<[u8; 16], { VIP_FILTER_ENTRIES as usize }, 0, 1> =
-    BloomFilter::new();
 
 /// Per-service metadata (the `VIPS` value of its ports), for flows found in
 /// `FLOWS` without a `VIPS` lookup.

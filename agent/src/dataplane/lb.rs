@@ -8,16 +8,16 @@
 use std::{collections::HashMap, net::IpAddr};
 
 use aya::{
-    maps::{bloom_filter::BloomFilter, Array, HashMap as BpfHashMap, MapData, PerCpuArray},
+    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray},
     Ebpf,
 };
 use farol_common::lb::{
     ipv4_mapped, maglev_base, Backend, BackendStats, LbConfig, ServiceStats, VipKey, VipMeta,
-    BACKEND_ACTIVE, BACKEND_ALIVE, BACKEND_LOCAL, MAGLEV_TABLE_SIZE, MAP_ACTIVE_FLOWS,
+    BACKEND_ACTIVE, BACKEND_ALIVE, BACKEND_LOCAL, FAST_VIPS, MAGLEV_TABLE_SIZE, MAP_ACTIVE_FLOWS,
     MAP_BACKENDS, MAP_BACKEND_STATS, MAP_LB_CONFIG, MAP_MAGLEV, MAP_OWNED_VIPS,
-    MAP_SERVICE_BACKENDS, MAP_SERVICE_META, MAP_SERVICE_STATS, MAP_VIPS, MAP_VIP_FILTER,
-    MAX_BACKENDS_PER_SERVICE, PROTO_TCP, PROTO_UDP, SCHEDULER_LEASTCONN, SCHEDULER_MAGLEV,
-    SCHEDULER_ROUNDROBIN, SCHEDULER_SOURCE, SERVICE_PRESENT, VIP_OWNED,
+    MAP_SERVICE_BACKENDS, MAP_SERVICE_META, MAP_SERVICE_STATS, MAP_VIPS, MAX_BACKENDS_PER_SERVICE,
+    PROTO_TCP, PROTO_UDP, SCHEDULER_LEASTCONN, SCHEDULER_MAGLEV, SCHEDULER_ROUNDROBIN,
+    SCHEDULER_SOURCE, SERVICE_PRESENT, VIP_OWNED,
 };
 
 use super::{
@@ -132,7 +132,6 @@ pub struct LoadBalancerMaps {
     service_stats: PerCpuArray<MapData, ServiceStats>,
     backend_stats: PerCpuArray<MapData, BackendStats>,
     active_flows: Array<MapData, i64>,
-    vip_filter: BloomFilter<MapData, [u8; 16]>,
     service_meta: Array<MapData, VipMeta>,
     /// The live Maglev half per service index.
     halves: HashMap<u32, u32>,
@@ -173,7 +172,6 @@ impl LoadBalancerMaps {
             service_stats: take(ebpf, MAP_SERVICE_STATS)?,
             backend_stats: take(ebpf, MAP_BACKEND_STATS)?,
             active_flows: take(ebpf, MAP_ACTIVE_FLOWS)?,
-            vip_filter: take(ebpf, MAP_VIP_FILTER)?,
             service_meta: take(ebpf, MAP_SERVICE_META)?,
             halves: HashMap::new(),
             applied: LbPlan::default(),
@@ -199,14 +197,7 @@ impl LoadBalancerMaps {
     /// change keep it; VIP entries no longer in the plan are removed.
     pub fn apply(&mut self, plan: &LbPlan) -> Result<(), DataplaneError> {
         self.config
-            .set(
-                0,
-                LbConfig {
-                    local_mac: plan.local_mac,
-                    _pad: [0; 2],
-                },
-                0,
-            )
+            .set(0, lb_config(plan), 0)
             .map_err(map_error(MAP_LB_CONFIG))?;
         for service in &plan.services {
             let owned = plan.owned_vips.contains(&service.vip);
@@ -297,9 +288,6 @@ impl LoadBalancerMaps {
                 .insert(vip_key(service.vip, port, service.protocol), meta, 0)
                 .map_err(map_error(MAP_VIPS))?;
         }
-        self.vip_filter
-            .insert(addr16(service.vip), 0)
-            .map_err(map_error(MAP_VIP_FILTER))?;
         let present = VipMeta {
             flags: meta.flags | SERVICE_PRESENT,
             ..meta
@@ -397,6 +385,26 @@ impl LoadBalancerMaps {
         }
         Ok(snapshot)
     }
+}
+
+/// Node-wide settings: our MAC and the VIP addresses for the fast test.
+fn lb_config(plan: &LbPlan) -> LbConfig {
+    let mut vips: Vec<[u8; 16]> = plan.services.iter().map(|s| addr16(s.vip)).collect();
+    vips.sort_unstable();
+    vips.dedup();
+    let mut config = LbConfig {
+        local_mac: plan.local_mac,
+        _pad: [0; 2],
+        vip_count: vips.len() as u32,
+        _pad2: 0,
+        vips: [[0; 16]; FAST_VIPS],
+    };
+    if vips.len() > FAST_VIPS {
+        config.vip_count = u32::MAX;
+    } else {
+        config.vips[..vips.len()].copy_from_slice(&vips);
+    }
+    config
 }
 
 pub fn vip_key(vip: IpAddr, port: u16, protocol: Protocol) -> VipKey {
