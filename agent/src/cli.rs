@@ -30,6 +30,17 @@ pub enum Command {
     Run(RunArgs),
     /// Validate a cluster file and print every problem with its key path.
     CheckConfig(CheckConfigArgs),
+    /// Run only the PostgreSQL pooler of the cluster file (no data plane,
+    /// no root needed); for benchmarks and tests.
+    #[command(hide = true)]
+    Pooler(PoolerArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct PoolerArgs {
+    /// The cluster file with a [pooler] section.
+    #[arg(long, short, env = "FAROL_CONFIG")]
+    pub config: PathBuf,
 }
 
 #[derive(Debug, clap::Args)]

@@ -7,6 +7,7 @@
 //!   module that touches BPF maps.
 //! - [`metrics`]: Prometheus text on `/metrics`.
 //! - [`node`]: what `agent run` does on one node.
+//! - [`pooler`]: the PostgreSQL connection pooler.
 //! - [`cli`]: the command line.
 
 pub mod cli;
@@ -14,6 +15,7 @@ pub mod config;
 pub mod dataplane;
 pub mod metrics;
 pub mod node;
+pub mod pooler;
 
 /// Renders an error with its chain of causes: "a: b: c".
 pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {

@@ -4,7 +4,7 @@ use std::{path::Path, process::ExitCode};
 
 use clap::Parser;
 use farol_agent::{
-    cli::{CheckConfigArgs, Cli, Command, LogFormat, RunArgs},
+    cli::{CheckConfigArgs, Cli, Command, LogFormat, PoolerArgs, RunArgs},
     config::Config,
     error_chain,
     node::{self, NodePlan},
@@ -22,6 +22,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::CheckConfig(args) => check_config(&args),
         Command::Run(args) => run(args),
+        Command::Pooler(args) => pooler(&args),
     }
 }
 
@@ -104,6 +105,51 @@ fn run(args: RunArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
         match node::run(plan, stop_rx).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                error!("{}", error_chain(&error));
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+/// `agent pooler`: only the PostgreSQL pooler, until SIGINT or SIGTERM.
+fn pooler(args: &PoolerArgs) -> ExitCode {
+    let config = match Config::load(&args.config) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("{error}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let Some(pooler_config) = config.pooler else {
+        eprintln!("{}: pooler: no [pooler] section", args.config.display());
+        return ExitCode::from(EXIT_CONFIG);
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            error!(%error, "cannot start the async runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        if let Err(error) = spawn_signal_handler(stop_tx) {
+            error!(%error, "cannot install signal handlers");
+            return ExitCode::FAILURE;
+        }
+        let served = async {
+            let listener = farol_agent::pooler::bind(pooler_config.listen).await?;
+            let pooler = farol_agent::pooler::Pooler::new(pooler_config);
+            farol_agent::pooler::run(pooler, listener, stop_rx).await
+        };
+        match served.await {
             Ok(()) => ExitCode::SUCCESS,
             Err(error) => {
                 error!("{}", error_chain(&error));

@@ -4,7 +4,7 @@
 use std::{net::SocketAddr, path::PathBuf};
 
 use tokio::sync::watch;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::{
     config::{Config, NodeConfig},
@@ -16,6 +16,8 @@ use crate::{
 pub enum NodeError {
     #[error(transparent)]
     Metrics(#[from] MetricsError),
+    #[error(transparent)]
+    Pooler(#[from] crate::pooler::PoolerError),
     #[error("data plane on {iface}")]
     Dataplane {
         iface: String,
@@ -32,6 +34,8 @@ pub struct NodePlan {
     pub xdp_mode: crate::config::XdpMode,
     pub pin_dir: PathBuf,
     pub metrics_listen: SocketAddr,
+    /// The PostgreSQL pooler, when the cluster file has a `[pooler]`.
+    pub pooler: Option<crate::config::PoolerConfig>,
 }
 
 impl NodePlan {
@@ -47,6 +51,7 @@ impl NodePlan {
             xdp_mode: config.cluster.xdp_mode,
             pin_dir: pin_dir.unwrap_or_else(|| config.pin_dir(node)),
             metrics_listen: metrics_listen.unwrap_or_else(|| config.metrics_listen(node)),
+            pooler: config.pooler.clone(),
         }
     }
 }
@@ -54,6 +59,10 @@ impl NodePlan {
 /// Runs the node until `shutdown` turns true.
 pub async fn run(plan: NodePlan, mut shutdown: watch::Receiver<bool>) -> Result<(), NodeError> {
     let listener = metrics::bind(plan.metrics_listen).await?;
+    let pooler_listener = match &plan.pooler {
+        Some(config) => Some(crate::pooler::bind(config.listen).await?),
+        None => None,
+    };
     let dataplane =
         Dataplane::start(&plan.node.interface, plan.xdp_mode, &plan.pin_dir).map_err(|source| {
             NodeError::Dataplane {
@@ -65,11 +74,23 @@ pub async fn run(plan: NodePlan, mut shutdown: watch::Receiver<bool>) -> Result<
         interface: dataplane.interface().to_owned(),
         mode: dataplane.mode(),
     };
-    let registry = metrics::registry(
+    let mut registry = metrics::registry(
         &plan.cluster,
         &plan.node.name,
         Some((dataplane.counters(), attachment)),
     );
+    let pooler_task = match (plan.pooler.clone(), pooler_listener) {
+        (Some(config), Some(listener)) => {
+            let pooler = crate::pooler::Pooler::new(config);
+            metrics::register_pooler(&mut registry, pooler.clone());
+            Some(tokio::spawn(crate::pooler::run(
+                pooler,
+                listener,
+                shutdown.clone(),
+            )))
+        }
+        _ => None,
+    };
     info!(node = %plan.node.name, metrics = %plan.metrics_listen, "agent running");
 
     let stop = async move {
@@ -77,6 +98,17 @@ pub async fn run(plan: NodePlan, mut shutdown: watch::Receiver<bool>) -> Result<
         let _ = shutdown.wait_for(|stop| *stop).await;
     };
     let served = metrics::serve(listener, registry, stop).await;
+    if let Some(task) = pooler_task {
+        if served.is_err() {
+            task.abort();
+        }
+        match task.await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => warn!(error = %crate::error_chain(&error), "pooler failed"),
+            Err(error) if error.is_cancelled() => {}
+            Err(error) => warn!(%error, "pooler task panicked"),
+        }
+    }
     dataplane.shutdown();
     info!("agent stopped");
     served.map_err(NodeError::from)

@@ -34,7 +34,11 @@ fn agent_command(lab: &Lab, node: &str) -> Command {
 
 fn scrape(lab: &Lab, node: &str) -> Option<BTreeMap<String, u64>> {
     let out = lab
-        .run(node, "curl", &["-sf", "--max-time", "2", "http://127.0.0.1:9477/metrics"])
+        .run(
+            node,
+            "curl",
+            &["-sf", "--max-time", "2", "http://127.0.0.1:9477/metrics"],
+        )
         .ok()?;
     if !out.status.success() {
         return None;
@@ -63,7 +67,11 @@ fn bpftool_packets(map: &Path, index: u32) -> u64 {
         .arg(map)
         .output()
         .expect("run bpftool");
-    assert!(out.status.success(), "bpftool: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "bpftool: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let entries: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bpftool JSON");
     let entry = entries
         .as_array()
@@ -76,7 +84,11 @@ fn bpftool_packets(map: &Path, index: u32) -> u64 {
         .as_array()
         .expect("per-CPU values")
         .iter()
-        .map(|cpu| cpu["value"]["packets"].as_u64().expect("BTF shows field names"))
+        .map(|cpu| {
+            cpu["value"]["packets"]
+                .as_u64()
+                .expect("BTF shows field names")
+        })
         .sum()
 }
 
@@ -111,10 +123,17 @@ fn agent_counts_real_http_traffic_and_cleans_up_on_sigterm() {
     let _web = start_web_server(&lab, NODE, &web_root);
 
     let mut agent = lab
-        .spawn(NODE, agent_command(&lab, NODE).stderr(Stdio::piped()), "agent")
+        .spawn(
+            NODE,
+            agent_command(&lab, NODE).stderr(Stdio::piped()),
+            "agent",
+        )
         .unwrap();
     let before = wait_for("/metrics", Duration::from_secs(20), || scrape(&lab, NODE)).unwrap();
-    let program_id = lab.xdp_program_id(NODE).unwrap().expect("an XDP program on eth0");
+    let program_id = lab
+        .xdp_program_id(NODE)
+        .unwrap()
+        .expect("an XDP program on eth0");
     assert!(
         before.contains_key("farol_xdp_attached{interface=\"eth0\",mode=\"native\"}")
             || before.contains_key("farol_xdp_attached{interface=\"eth0\",mode=\"generic\"}"),
@@ -123,16 +142,27 @@ fn agent_counts_real_http_traffic_and_cleans_up_on_sigterm() {
 
     let url = format!("http://{}:8080/", lab.node(NODE).unwrap().ip());
     for _ in 0..5 {
-        let out = lab.run(CLIENT, "curl", &["-sf", "--max-time", "3", &url]).unwrap();
-        assert!(out.status.success(), "HTTP through the XDP program: {out:?}");
-        assert_eq!(String::from_utf8_lossy(&out.stdout), format!("hello from {NODE}\n"));
+        let out = lab
+            .run(CLIENT, "curl", &["-sf", "--max-time", "3", &url])
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "HTTP through the XDP program: {out:?}"
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            format!("hello from {NODE}\n")
+        );
     }
 
     let after = scrape(&lab, NODE).expect("scrape after traffic");
     let counted = tcp_packets(&after) - tcp_packets(&before);
     // Each HTTP exchange brings at least SYN, ACK, request and FIN to the
     // server's interface; the scrapes themselves run on loopback.
-    assert!(counted >= 5 * 4, "expected at least 20 TCP packets, /metrics shows {counted}");
+    assert!(
+        counted >= 5 * 4,
+        "expected at least 20 TCP packets, /metrics shows {counted}"
+    );
     assert!(after["farol_xdp_packets_total{class=\"ipv4\"}"] >= counted);
     assert!(after["farol_xdp_bytes_total{class=\"tcp\"}"] > counted * 54);
 
@@ -144,24 +174,42 @@ fn agent_counts_real_http_traffic_and_cleans_up_on_sigterm() {
         tcp_packets(&after)
     );
 
-    let status = agent.terminate(Duration::from_secs(10)).expect("agent stops on SIGTERM");
+    let status = agent
+        .terminate(Duration::from_secs(10))
+        .expect("agent stops on SIGTERM");
     let mut log = String::new();
     std::io::Read::read_to_string(agent.child_mut().stderr.as_mut().unwrap(), &mut log).unwrap();
     assert!(status.success(), "agent exit status {status}; log:\n{log}");
-    assert!(log.contains("XDP program detached") && log.contains("maps unpinned"), "log:\n{log}");
-    assert_eq!(lab.xdp_program_id(NODE).unwrap(), None, "no XDP program on eth0 after stop");
+    assert!(
+        log.contains("XDP program detached") && log.contains("maps unpinned"),
+        "log:\n{log}"
+    );
+    assert_eq!(
+        lab.xdp_program_id(NODE).unwrap(),
+        None,
+        "no XDP program on eth0 after stop"
+    );
     let still_loaded = Command::new("bpftool")
         .args(["prog", "show", "id", &program_id.to_string()])
         .output()
         .unwrap();
-    assert!(!still_loaded.status.success(), "program {program_id} is still loaded");
-    assert!(!lab.pin_dir(NODE).exists(), "pin directory {:?} remains", lab.pin_dir(NODE));
+    assert!(
+        !still_loaded.status.success(),
+        "program {program_id} is still loaded"
+    );
+    assert!(
+        !lab.pin_dir(NODE).exists(),
+        "pin directory {:?} remains",
+        lab.pin_dir(NODE)
+    );
     let _ = std::fs::remove_dir_all(&web_root);
 }
 
 /// Runs the agent to completion with a deadline; returns (exit code, stderr).
 fn run_to_exit(lab: &Lab, command: &mut Command) -> (i32, String) {
-    let mut process = lab.spawn(NODE, command.stderr(Stdio::piped()), "agent").unwrap();
+    let mut process = lab
+        .spawn(NODE, command.stderr(Stdio::piped()), "agent")
+        .unwrap();
     let status = wait_for("the agent to exit", Duration::from_secs(20), || {
         process.try_wait().ok().flatten()
     })
@@ -182,7 +230,11 @@ fn agent_refuses_clearly_when_it_cannot_run() {
     let config_dir = std::env::temp_dir().join(format!("farol-test-config-{}", lab.prefix()));
     std::fs::create_dir_all(&config_dir).unwrap();
     let config = config_dir.join("missing-iface.toml");
-    let text = std::fs::read_to_string(lab_config()).unwrap().replacen("interface = \"eth0\"", "interface = \"eth9\"", 1);
+    let text = std::fs::read_to_string(lab_config()).unwrap().replacen(
+        "interface = \"eth0\"",
+        "interface = \"eth9\"",
+        1,
+    );
     std::fs::write(&config, text).unwrap();
     let (code, log) = run_to_exit(
         &lab,
@@ -208,22 +260,37 @@ fn agent_refuses_clearly_when_it_cannot_run() {
         )
         .unwrap();
     wait_for("port 9477 taken", Duration::from_secs(10), || {
-        lab.run(NODE, "curl", &["-sf", "--max-time", "1", "http://127.0.0.1:9477/"])
-            .ok()
-            .filter(|out| out.status.success())
+        lab.run(
+            NODE,
+            "curl",
+            &["-sf", "--max-time", "1", "http://127.0.0.1:9477/"],
+        )
+        .ok()
+        .filter(|out| out.status.success())
     })
     .unwrap();
     let (code, log) = run_to_exit(&lab, &mut agent_command(&lab, NODE));
     assert_eq!(code, 1, "{log}");
     assert!(log.contains("cannot listen on 0.0.0.0:9477"), "{log}");
-    assert_eq!(lab.xdp_program_id(NODE).unwrap(), None, "nothing attached after a refused start");
+    assert_eq!(
+        lab.xdp_program_id(NODE).unwrap(),
+        None,
+        "nothing attached after a refused start"
+    );
     squatter.terminate(Duration::from_secs(5)).unwrap();
 
     // No privileges: an unprivileged user with no capabilities.
     let (code, log) = run_to_exit(
         &lab,
         lab.command(NODE, "setpriv")
-            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all", "--bounding-set=-all", "--"])
+            .args([
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                "--inh-caps=-all",
+                "--bounding-set=-all",
+                "--",
+            ])
             .arg(AGENT)
             .args(["run", "--node", NODE, "--config"])
             .arg(lab_config())
@@ -231,15 +298,29 @@ fn agent_refuses_clearly_when_it_cannot_run() {
             .arg(lab.pin_dir(NODE)),
     );
     assert_eq!(code, 1, "{log}");
-    assert!(log.contains("needs root, or the capabilities CAP_BPF"), "{log}");
+    assert!(
+        log.contains("needs root, or the capabilities CAP_BPF"),
+        "{log}"
+    );
     assert_eq!(lab.xdp_program_id(NODE).unwrap(), None);
 
     // A config with errors: exit status 2, every problem named.
     let bad = config_dir.join("bad.toml");
     std::fs::write(&bad, "[cluster]\nname = \"x y\"\n").unwrap();
-    let (code, log) = run_to_exit(&lab, lab.command(NODE, AGENT).args(["run", "--node", NODE, "--config"]).arg(&bad));
+    let (code, log) = run_to_exit(
+        &lab,
+        lab.command(NODE, AGENT)
+            .args(["run", "--node", NODE, "--config"])
+            .arg(&bad),
+    );
     assert_eq!(code, 2, "{log}");
-    assert!(log.contains("bad.toml: cluster.name: expected letters"), "{log}");
-    assert!(log.contains("bad.toml: node: expected at least one"), "{log}");
+    assert!(
+        log.contains("bad.toml: cluster.name: expected letters"),
+        "{log}"
+    );
+    assert!(
+        log.contains("bad.toml: node: expected at least one"),
+        "{log}"
+    );
     let _ = std::fs::remove_dir_all(&config_dir);
 }

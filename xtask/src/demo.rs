@@ -112,7 +112,10 @@ pub(crate) fn run(seconds: u64) -> Result<()> {
         println!("      {ok}/{total} HTTP requests answered");
         let node = &lab.nodes()[0].name;
         let map = lab.pin_dir(node).join("PACKET_STATS");
-        println!("      bpftool map dump pinned {} (the tcp slot, per CPU):", map.display());
+        println!(
+            "      bpftool map dump pinned {} (the tcp slot, per CPU):",
+            map.display()
+        );
         match tcp_slot_from_bpftool(&map) {
             Ok(line) => println!("        {line}"),
             Err(error) => println!("        bpftool failed: {error:#}"),
@@ -224,12 +227,21 @@ fn traffic(lab: &Lab, seconds: u64, stop: &AtomicBool) -> Result<(u64, u64)> {
 /// The TCP slot of the pinned PACKET_STATS map as bpftool shows it (BTF
 /// gives field names).
 fn tcp_slot_from_bpftool(map: &std::path::Path) -> Result<String> {
-    let out = xtask::capture(std::process::Command::new("bpftool").args(["-j", "map", "dump", "pinned"]).arg(map))?;
+    let out = xtask::capture(
+        std::process::Command::new("bpftool")
+            .args(["-j", "map", "dump", "pinned"])
+            .arg(map),
+    )?;
     let entries: serde_json::Value = serde_json::from_slice(&out.stdout)?;
     let tcp = farol_common::PacketClass::Tcp as u64;
     let slot = entries
         .as_array()
-        .and_then(|entries| entries.iter().map(|e| &e["formatted"]).find(|e| e["key"].as_u64() == Some(tcp)))
+        .and_then(|entries| {
+            entries
+                .iter()
+                .map(|e| &e["formatted"])
+                .find(|e| e["key"].as_u64() == Some(tcp))
+        })
         .context("no BTF-formatted tcp slot in bpftool's output")?;
     Ok(format!("key {tcp} (tcp): {}", slot["values"]))
 }

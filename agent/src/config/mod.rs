@@ -15,6 +15,10 @@ use std::{
 use ipnet::IpNet;
 use serde::Deserialize;
 
+pub use self::pooler::{PoolConfig, PoolMode, PoolerConfig, PoolerUser};
+
+pub mod pooler;
+
 /// Where pinned maps go unless the cluster or the node says otherwise.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/farol";
 /// The metrics and status port (unassigned by IANA, unlikely to collide).
@@ -29,6 +33,9 @@ pub struct Config {
     /// Every machine of the cluster, in `[[node]]` sections.
     #[serde(rename = "node", default)]
     pub nodes: Vec<NodeConfig>,
+    /// The PostgreSQL pooler, when this cluster runs one.
+    #[serde(default)]
+    pub pooler: Option<PoolerConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -289,6 +296,9 @@ impl Config {
                     "expected a fixed port, got port 0".into(),
                 );
             }
+        }
+        if let Some(pooler) = &self.pooler {
+            problems.extend(pooler.validate());
         }
         problems
     }
