@@ -168,7 +168,8 @@ impl Pooler {
         Some(pool.clone())
     }
 
-    pub(crate) fn pools(&self) -> Vec<Arc<Pool>> {
+    /// Every pool made so far, sorted by database, user and server.
+    pub fn pools(&self) -> Vec<Arc<Pool>> {
         let pools = self
             .pools
             .lock()
