@@ -557,6 +557,7 @@ impl Relay {
                         self.push(Pending::Sync);
                     }
                     b'Q' | b'F' => self.push(Pending::Query),
+                    b'c' | b'f' => self.forget_syncs_sent_during_copy_in(),
                     _ => {}
                 }
             }
@@ -663,6 +664,23 @@ impl Relay {
             }
         }
         Ok(())
+    }
+
+    /// The server ignores Sync while in COPY FROM STDIN started by an
+    /// Execute (protocol docs 55.2.7 "COPY Operations"); drivers such as
+    /// tokio-postgres send Bind, Execute, Sync before the data, so those
+    /// Syncs get no ReadyForQuery and must not be waited for.
+    fn forget_syncs_sent_during_copy_in(&mut self) {
+        let syncs = self
+            .pending
+            .iter()
+            .rev()
+            .take_while(|pending| **pending == Pending::Sync)
+            .count();
+        let before = self.pending.len().checked_sub(syncs + 1);
+        if syncs > 0 && before.and_then(|at| self.pending.get(at)) == Some(&Pending::Execute) {
+            self.pending.truncate(self.pending.len() - syncs);
+        }
     }
 
     /// Sends the statement's Parse first when this server lacks it.

@@ -141,6 +141,11 @@ impl Drop for PoolerGuard {
 }
 
 pub(crate) async fn start(config: PoolerConfig) -> PoolerGuard {
+    // FAROL_LOG=debug shows the pooler's logs with the test's output.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_env("FAROL_LOG"))
+        .with_test_writer()
+        .try_init();
     let listener = pooler::bind(config.listen).await.expect("bind pooler");
     let addr = listener.local_addr().unwrap();
     let pooler = Pooler::new(config);
