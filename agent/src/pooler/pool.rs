@@ -34,7 +34,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum PoolError {
-    #[error("no server connection available within {waited:?} (pool_size {pool_size} of {database}/{user} busy)")]
+    #[error("no server connection available within query_wait_timeout ({waited:?}): all {pool_size} of pool {database}/{user} are busy")]
     Timeout {
         database: String,
         user: String,

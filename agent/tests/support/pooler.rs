@@ -202,3 +202,11 @@ pub(crate) fn sqlstate(error: &tokio_postgres::Error) -> String {
         .map(|code| code.code().to_owned())
         .unwrap_or_else(|| format!("no SQLSTATE: {error}"))
 }
+
+/// The server's (or pooler's) message of a database error.
+pub(crate) fn message(error: &tokio_postgres::Error) -> String {
+    error
+        .as_db_error()
+        .map(|db| db.message().to_owned())
+        .unwrap_or_else(|| error.to_string())
+}
