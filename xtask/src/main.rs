@@ -48,6 +48,8 @@ enum Task {
 enum BenchName {
     /// Time per packet of farol_ingress vs a bare XDP_PASS (BPF_PROG_TEST_RUN).
     Xdp,
+    /// pgbench through Farol's pooler vs direct, PgBouncer and pgpool-II.
+    Pooler,
 }
 
 #[derive(Debug, Subcommand)]
@@ -71,6 +73,11 @@ fn main() -> Result<()> {
             BenchName::Xdp => {
                 toolchain::build_ebpf()?;
                 let report = bench::xdp()?;
+                println!("wrote {}", report.write()?.display());
+                Ok(())
+            }
+            BenchName::Pooler => {
+                let report = xtask::bench_pooler::run()?;
                 println!("wrote {}", report.write()?.display());
                 Ok(())
             }
