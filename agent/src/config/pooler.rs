@@ -248,3 +248,6 @@ impl PoolerConfig {
         self.users.iter().find(|user| user.name == name)
     }
 }
+
+#[cfg(test)]
+mod tests;

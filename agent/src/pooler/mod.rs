@@ -9,12 +9,15 @@
 //!   prepared statements renamed and re-prepared in transaction mode.
 //! - `admin`: `SHOW POOLS|CLIENTS|SERVERS|STATS` on the admin database.
 //!
-//! Not here yet: TLS, `auth_query`, read/write split to standbys (the
-//! config carries `standbys`; every statement goes to the primary).
+//! - [`route`]: read/write split (which statements may run on a standby).
+//!
+//! Not here yet: TLS, `auth_query`, replication-lag checks of standbys.
 
 pub mod auth;
 pub mod pool;
 pub mod protocol;
+
+pub mod route;
 
 mod admin;
 mod session;
@@ -97,6 +100,8 @@ impl ClientEntry {
 #[derive(Debug)]
 pub struct Pooler {
     pub(crate) config: PoolerConfig,
+    /// Set when `read_write_split` is on.
+    pub(crate) router: Option<route::Router>,
     pools: Mutex<HashMap<(String, String, SocketAddr), Arc<Pool>>>,
     clients: Mutex<HashMap<(i32, i32), Arc<ClientEntry>>>,
     client_slots: Arc<Semaphore>,
@@ -108,6 +113,9 @@ pub struct Pooler {
 impl Pooler {
     pub fn new(config: PoolerConfig) -> Arc<Pooler> {
         Arc::new(Pooler {
+            router: config
+                .read_write_split
+                .then(|| route::Router::new(&config.primary_functions)),
             client_slots: Arc::new(Semaphore::new(config.max_client_conn)),
             primary: RwLock::new(config.primary),
             primary_generation: AtomicU64::new(0),
@@ -145,9 +153,23 @@ impl Pooler {
 
     /// The pool for (database, user) on the current primary, if configured.
     pub(crate) fn primary_pool(&self, database: &str, user: &str) -> Option<Arc<Pool>> {
+        self.pool_on(database, user, self.primary())
+    }
+
+    /// The pools for (database, user) on every standby.
+    pub(crate) fn standby_pools(&self, database: &str, user: &str) -> Vec<Arc<Pool>> {
+        let primary = self.primary();
+        self.config
+            .standbys
+            .iter()
+            .filter(|addr| **addr != primary)
+            .filter_map(|addr| self.pool_on(database, user, *addr))
+            .collect()
+    }
+
+    fn pool_on(&self, database: &str, user: &str, addr: SocketAddr) -> Option<Arc<Pool>> {
         let settings = self.config.pool(database, user)?;
         let server_password = self.config.user(user)?.server_password.clone();
-        let addr = self.primary();
         let mut pools = self
             .pools
             .lock()

@@ -334,6 +334,8 @@ async fn authenticate(
 #[derive(Debug)]
 struct Prepared {
     hash: u64,
+    /// The query text, for routing.
+    sql: String,
     server_name: String,
     /// The Parse message under `server_name`, ready to send.
     parse: Bytes,
@@ -374,8 +376,16 @@ struct Relay {
     cout: BytesMut,
     /// Bytes for the server, written once per batch.
     sout: BytesMut,
+    /// The primary's pool for this client's (database, user).
     pool: Arc<Pool>,
     pool_generation: u64,
+    /// The standbys' pools, when the read/write split is on.
+    standbys: Vec<Arc<Pool>>,
+    /// The pool the current server connection came from.
+    server_pool: Arc<Pool>,
+    /// After a write, with `read_your_writes`, the session stays on the
+    /// primary.
+    sticky_primary: bool,
     pooler: Arc<Pooler>,
     entry: Arc<ClientEntry>,
     mode: PoolMode,
@@ -409,6 +419,13 @@ impl Relay {
             cout: BytesMut::with_capacity(16 * 1024),
             sout: BytesMut::with_capacity(8 * 1024),
             mode: pool.settings.mode,
+            standbys: if pooler.router.is_some() && pool.settings.mode == PoolMode::Transaction {
+                pooler.standby_pools(&entry.database, &entry.user)
+            } else {
+                Vec::new()
+            },
+            server_pool: pool.clone(),
+            sticky_primary: false,
             pool,
             pool_generation: pooler.primary_generation(),
             pooler,
@@ -449,7 +466,7 @@ impl Relay {
                     if n == 0 {
                         return Ok(());
                     }
-                    self.pool
+                    self.server_pool
                         .stats
                         .bytes_received
                         .fetch_add(n as u64, Ordering::Relaxed);
@@ -463,7 +480,7 @@ impl Relay {
                     if n == 0 {
                         return Err(SessionError::ServerClosed);
                     }
-                    self.pool
+                    self.server_pool
                         .stats
                         .bytes_sent
                         .fetch_add(n as u64, Ordering::Relaxed);
@@ -490,7 +507,8 @@ impl Relay {
             }
             self.pool_generation = generation;
         }
-        let server = self.pool.get().await.map_err(SessionError::Pool)?;
+        let (pool, server) = self.route().await?;
+        self.server_pool = pool;
         self.entry.set_server(Some(CancelTarget {
             addr: server.conn.addr,
             process_id: server.conn.process_id,
@@ -500,11 +518,59 @@ impl Relay {
         Ok(())
     }
 
+    /// Picks the pool for the transaction that starts with the first
+    /// message in `cbuf` and borrows a connection from it: a standby (the
+    /// least busy) for reads when the split is on, else the primary.
+    async fn route(&mut self) -> Result<(Arc<Pool>, PooledServer), SessionError> {
+        if !self.standbys.is_empty() && !self.sticky_primary {
+            if let Some(router) = self.pooler.router.as_ref() {
+                let target = match self.first_sql() {
+                    Some(sql) => router.route(sql),
+                    None => super::route::Target::Primary,
+                };
+                if target == super::route::Target::Standby {
+                    let standby = self
+                        .standbys
+                        .iter()
+                        .min_by_key(|pool| pool.active_count())
+                        .cloned();
+                    if let Some(pool) = standby {
+                        match pool.get().await {
+                            Ok(server) => return Ok((pool, server)),
+                            Err(error) => debug!(
+                                error = %crate::error_chain(&error),
+                                "standby unavailable; reading from the primary"
+                            ),
+                        }
+                    }
+                } else if self.pooler.config.read_your_writes {
+                    self.sticky_primary = true;
+                }
+            }
+        }
+        let server = self.pool.get().await.map_err(SessionError::Pool)?;
+        Ok((self.pool.clone(), server))
+    }
+
+    /// The SQL of the whole first message in `cbuf`, if it carries any.
+    fn first_sql(&self) -> Option<&str> {
+        let (_, len) = protocol::frame(&self.cbuf).ok()??;
+        let frame = self.cbuf.get(..len)?;
+        match FrontendMessage::parse(frame).ok()? {
+            FrontendMessage::Query { sql } => Some(sql),
+            FrontendMessage::Parse { sql, .. } => Some(sql),
+            FrontendMessage::Bind { statement, .. } if !statement.is_empty() => {
+                self.statements.get(statement).map(|p| p.sql.as_str())
+            }
+            _ => None,
+        }
+    }
+
     fn release(&mut self) {
         if let Some(server) = self.server.take() {
             self.entry.set_server(None);
-            self.pool.stats.transactions.fetch_add(1, Ordering::Relaxed);
-            self.pool.release(server);
+            self.server_pool.stats.transactions.fetch_add(1, Ordering::Relaxed);
+            self.server_pool.release(server);
         }
     }
 
@@ -562,7 +628,7 @@ impl Relay {
                 }
             }
             if tag == b'Q' || tag == b'E' {
-                self.pool.stats.queries.fetch_add(1, Ordering::Relaxed);
+                self.server_pool.stats.queries.fetch_add(1, Ordering::Relaxed);
             }
             let n = len.min(self.cbuf.len());
             self.sout.extend_from_slice(&self.cbuf[..n]);
@@ -604,6 +670,7 @@ impl Relay {
                 protocol::parse(&mut parse, &server_name, sql, param_types);
                 let prepared = Arc::new(Prepared {
                     hash,
+                    sql: sql.to_owned(),
                     server_name,
                     parse: parse.freeze(),
                 });
@@ -878,7 +945,7 @@ impl Relay {
                 _ => return,
             }
         }
-        self.pool.release(server);
+        self.server_pool.release(server);
     }
 }
 
