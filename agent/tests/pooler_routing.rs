@@ -21,7 +21,7 @@ async fn where_simple(client: &tokio_postgres::Client, sql: &str) -> (bool, u16)
     (row.get(0) == Some("t"), row.get(1).unwrap().parse().unwrap())
 }
 
-async fn where_extended(client: &tokio_postgres::Client, sql: &str) -> (bool, u16) {
+async fn where_extended(client: &impl tokio_postgres::GenericClient, sql: &str) -> (bool, u16) {
     let row = client.query_one(sql, &[]).await.unwrap();
     (row.get::<_, bool>(0), row.get::<_, i32>(1) as u16)
 }

@@ -524,11 +524,10 @@ impl Relay {
     async fn route(&mut self) -> Result<(Arc<Pool>, PooledServer), SessionError> {
         if !self.standbys.is_empty() && !self.sticky_primary {
             if let Some(router) = self.pooler.router.as_ref() {
-                let target = match self.first_sql() {
-                    Some(sql) => router.route(sql),
-                    None => super::route::Target::Primary,
-                };
-                if target == super::route::Target::Standby {
+                // A batch without SQL (Sync, Close) goes to the primary
+                // without making the session stick to it.
+                let target = self.first_sql().map(|sql| router.route(sql));
+                if target == Some(super::route::Target::Standby) {
                     let standby = self
                         .standbys
                         .iter()
@@ -543,7 +542,7 @@ impl Relay {
                             ),
                         }
                     }
-                } else if self.pooler.config.read_your_writes {
+                } else if target.is_some() && self.pooler.config.read_your_writes {
                     self.sticky_primary = true;
                 }
             }
