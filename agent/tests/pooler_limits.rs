@@ -21,12 +21,15 @@ async fn clients_over_max_client_conn_get_53300() {
     for _ in 0..3 {
         clients.push(connect(pooler.addr).await);
     }
-    let error = connect_as(pooler.addr, "app", harness::APP_PASSWORD)
-        .await
-        .err()
-        .expect("the fourth client is refused");
+    let error = harness::failed(
+        connect_as(pooler.addr, "app", harness::APP_PASSWORD).await,
+        "the fourth client is refused",
+    );
     assert_eq!(sqlstate(&error), "53300");
-    assert!(harness::message(&error).contains("max_client_conn"), "{error:?}");
+    assert!(
+        harness::message(&error).contains("max_client_conn"),
+        "{error:?}"
+    );
     // The three still work; a slot frees when one leaves.
     for client in &clients {
         client.simple_query("SELECT 1").await.unwrap();
@@ -72,16 +75,25 @@ async fn clients_queue_for_a_busy_pool_then_get_53300_after_query_wait_timeout()
     tx.commit().await.unwrap();
     let (result, waited, waiter) = queued.await.unwrap();
     result.unwrap();
-    assert!(waited >= Duration::from_millis(150), "it queued ({waited:?})");
+    assert!(
+        waited >= Duration::from_millis(150),
+        "it queued ({waited:?})"
+    );
     // Now hold the only connection past the timeout.
     let tx = holder.transaction().await.unwrap();
     tx.simple_query("SELECT 1").await.unwrap();
     let started = Instant::now();
     let error = waiter.simple_query("SELECT 3").await.unwrap_err();
     assert_eq!(sqlstate(&error), "53300");
-    assert!(harness::message(&error).contains("query_wait_timeout"), "{error:?}");
+    assert!(
+        harness::message(&error).contains("query_wait_timeout"),
+        "{error:?}"
+    );
     let waited = started.elapsed();
-    assert!(waited >= Duration::from_millis(650) && waited < Duration::from_secs(5), "{waited:?}");
+    assert!(
+        waited >= Duration::from_millis(650) && waited < Duration::from_secs(5),
+        "{waited:?}"
+    );
     tx.commit().await.unwrap();
 }
 
@@ -96,7 +108,17 @@ async fn a_client_gone_mid_query_frees_its_server_connection() {
     let pooler = harness::start(harness::config(&pg, pool)).await;
     // psql, killed mid-query: its socket closes with the query running.
     let mut psql = tokio::process::Command::new("psql")
-        .args(["-X", "-h", "127.0.0.1", "-p", &pooler.addr.port().to_string(), "-U", "app", "-d", "app"])
+        .args([
+            "-X",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &pooler.addr.port().to_string(),
+            "-U",
+            "app",
+            "-d",
+            "app",
+        ])
         .args(["-c", "SELECT pg_sleep(60) /* farol-gone */"])
         .env("PGPASSWORD", harness::APP_PASSWORD)
         .stdout(std::process::Stdio::null())
@@ -138,20 +160,34 @@ async fn a_server_gone_mid_query_gives_the_client_an_error_not_a_hang() {
         return;
     }
     let pg = cluster(false);
-    let pooler = harness::start(harness::config(&pg, harness::pool(PoolMode::Transaction, 2))).await;
+    let pooler = harness::start(harness::config(
+        &pg,
+        harness::pool(PoolMode::Transaction, 2),
+    ))
+    .await;
     let client = connect(pooler.addr).await;
     let started = Instant::now();
-    let query = tokio::spawn(async move { client.simple_query("SELECT pg_sleep(60) /* farol-killed */").await });
+    let query = tokio::spawn(async move {
+        client
+            .simple_query("SELECT pg_sleep(60) /* farol-killed */")
+            .await
+    });
     tokio::time::sleep(Duration::from_millis(300)).await;
     pg.primary
         .psql("app", "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE query LIKE '%farol-killed%' AND pid <> pg_backend_pid()")
         .unwrap();
-    let result = tokio::time::timeout(Duration::from_secs(10), query).await.expect("no hang").unwrap();
-    let error = result.err().expect("the query fails");
+    let result = tokio::time::timeout(Duration::from_secs(10), query)
+        .await
+        .expect("no hang")
+        .unwrap();
+    let error = harness::failed(result, "the query fails");
     assert!(started.elapsed() < Duration::from_secs(10));
     // 57P01 admin_shutdown from the server, passed through, or 08006 from the pooler.
     let code = sqlstate(&error);
-    assert!(code == "57P01" || code == "08006" || error.is_closed(), "{error:?}");
+    assert!(
+        code == "57P01" || code == "08006" || error.is_closed(),
+        "{error:?}"
+    );
     // New clients get a fresh, working server connection.
     let next = connect(pooler.addr).await;
     next.simple_query("SELECT 1").await.unwrap();
@@ -164,16 +200,29 @@ async fn ssl_requests_are_refused_cleanly_and_garbage_gets_08p01() {
     }
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let pg = cluster(false);
-    let pooler = harness::start(harness::config(&pg, harness::pool(PoolMode::Transaction, 1))).await;
+    let pooler = harness::start(harness::config(
+        &pg,
+        harness::pool(PoolMode::Transaction, 1),
+    ))
+    .await;
     let mut stream = tokio::net::TcpStream::connect(pooler.addr).await.unwrap();
-    stream.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f]).await.unwrap();
+    stream
+        .write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f])
+        .await
+        .unwrap();
     let mut answer = [0u8; 1];
     stream.read_exact(&mut answer).await.unwrap();
     assert_eq!(&answer, b"N");
     // A startup packet with an absurd length: an 08P01 ErrorResponse, then close.
-    stream.write_all(&[0x7f, 0xff, 0xff, 0xff, 0, 3, 0, 0]).await.unwrap();
+    stream
+        .write_all(&[0x7f, 0xff, 0xff, 0xff, 0, 3, 0, 0])
+        .await
+        .unwrap();
     let mut reply = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut reply)).await.unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut reply))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(reply.first(), Some(&b'E'));
     assert!(String::from_utf8_lossy(&reply).contains("08P01"));
     // With sslmode=require, tokio-postgres gives up cleanly.

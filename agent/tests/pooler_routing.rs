@@ -18,7 +18,10 @@ async fn where_simple(client: &tokio_postgres::Client, sql: &str) -> (bool, u16)
             _ => None,
         })
         .expect("a row");
-    (row.get(0) == Some("t"), row.get(1).unwrap().parse().unwrap())
+    (
+        row.get(0) == Some("t"),
+        row.get(1).unwrap().parse().unwrap(),
+    )
 }
 
 async fn where_extended(client: &impl tokio_postgres::GenericClient, sql: &str) -> (bool, u16) {
@@ -68,7 +71,10 @@ async fn reads_run_on_the_standby_and_writes_on_the_primary() {
         assert_eq!(where_simple(&client, sql).await, (false, primary), "{sql}");
     }
     let writer = connect(pooler.addr).await;
-    writer.simple_query("INSERT INTO routed VALUES (1)").await.unwrap();
+    writer
+        .simple_query("INSERT INTO routed VALUES (1)")
+        .await
+        .unwrap();
     // After a write the session reads its writes on the primary.
     assert_eq!(where_simple(&writer, WHERE).await, (false, primary));
     assert_eq!(where_extended(&writer, WHERE).await, (false, primary));
@@ -78,13 +84,19 @@ async fn reads_run_on_the_standby_and_writes_on_the_primary() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn read_only_transactions_run_on_the_standby_and_plain_ones_on_the_primary() {
-    if !can_run_postgres("read_only_transactions_run_on_the_standby_and_plain_ones_on_the_primary") {
+    if !can_run_postgres("read_only_transactions_run_on_the_standby_and_plain_ones_on_the_primary")
+    {
         return;
     }
     let pg = cluster(true);
     let pooler = harness::start(split_config(&pg)).await;
     let mut client = connect(pooler.addr).await;
-    let tx = client.build_transaction().read_only(true).start().await.unwrap();
+    let tx = client
+        .build_transaction()
+        .read_only(true)
+        .start()
+        .await
+        .unwrap();
     let (recovery, port) = where_extended(&tx, WHERE).await;
     assert!(recovery);
     assert_eq!(port, pg.standby.as_ref().unwrap().port);
@@ -108,7 +120,9 @@ async fn after_set_primary_new_transactions_go_to_the_new_primary() {
     assert_eq!(where_simple(&client, WHERE).await, (false, pg.primary.port));
     // The health module's hook; here pointed at the standby to prove routing.
     let standby = pg.standby.as_ref().unwrap().port;
-    pooler.pooler.set_primary(std::net::SocketAddr::from(([127, 0, 0, 1], standby)));
+    pooler
+        .pooler
+        .set_primary(std::net::SocketAddr::from(([127, 0, 0, 1], standby)));
     assert_eq!(where_simple(&client, WHERE).await, (true, standby));
     let fresh = connect(pooler.addr).await;
     assert_eq!(where_simple(&fresh, WHERE).await, (true, standby));

@@ -24,6 +24,11 @@ use crate::{
     workspace_root,
 };
 
+/// One pgbench outcome: (TPS, average latency ms), or why it failed.
+type Outcome = std::result::Result<(f64, f64), String>;
+/// (workload and clients, target, outcome) rows of the table.
+type Row = (String, String, Outcome);
+
 const USER: &str = "bench";
 const PASSWORD: &str = "bench-pw";
 const POOL_SIZE: usize = 20;
@@ -55,7 +60,15 @@ fn wait_port(port: u16, what: &str) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let ready = Command::new("pg_isready")
-            .args(["-q", "-h", "127.0.0.1", "-p", &port.to_string(), "-d", "postgres"])
+            .args([
+                "-q",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+                "-d",
+                "postgres",
+            ])
             .status()?;
         // 0 accepting, 1 rejecting (a pooler that refuses the database): up.
         if matches!(ready.code(), Some(0 | 1)) {
@@ -127,7 +140,10 @@ pool_size = {POOL_SIZE}
         .stderr(log)
         .spawn()
         .context("starting agent pooler")?;
-    let proc = Proc { name: "agent pooler", child };
+    let proc = Proc {
+        name: "agent pooler",
+        child,
+    };
     wait_port(port, "agent pooler")?;
     Ok((proc, port))
 }
@@ -136,7 +152,10 @@ fn start_pgbouncer(dir: &Path, primary: u16) -> Result<(Proc, u16)> {
     let port = free_port()?;
     let (uid, gid) = postgres_ids()?;
     let ini = dir.join("pgbouncer.ini");
-    std::fs::write(dir.join("userlist.txt"), format!("\"{USER}\" \"{}\"\n", md5_secret()))?;
+    std::fs::write(
+        dir.join("userlist.txt"),
+        format!("\"{USER}\" \"{}\"\n", md5_secret()),
+    )?;
     std::fs::write(
         &ini,
         format!(
@@ -158,7 +177,10 @@ fn start_pgbouncer(dir: &Path, primary: u16) -> Result<(Proc, u16)> {
         .stderr(Stdio::null())
         .spawn()
         .context("starting pgbouncer (apt-get install pgbouncer)")?;
-    let proc = Proc { name: "pgbouncer", child };
+    let proc = Proc {
+        name: "pgbouncer",
+        child,
+    };
     wait_port(port, "pgbouncer")?;
     Ok((proc, port))
 }
@@ -198,15 +220,28 @@ fn start_pgpool(dir: &Path, primary: u16, clients: usize) -> Result<(Proc, u16)>
         .stderr(std::fs::File::create(dir.join("pgpool.log"))?)
         .spawn()
         .context("starting pgpool (apt-get install pgpool2)")?;
-    let proc = Proc { name: "pgpool", child };
+    let proc = Proc {
+        name: "pgpool",
+        child,
+    };
     wait_port(port, "pgpool")?;
     Ok((proc, port))
 }
 
 /// One pgbench run: TPS and average latency (ms), or why it failed.
-fn pgbench(port: u16, args: &[&str], seconds: u64) -> std::result::Result<(f64, f64), String> {
+fn pgbench(port: u16, args: &[&str], seconds: u64) -> Outcome {
     let output = Command::new("pgbench")
-        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", USER, "-n", "-T", &seconds.to_string()])
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-U",
+            USER,
+            "-n",
+            "-T",
+            &seconds.to_string(),
+        ])
         .args(args)
         .arg(USER)
         .env("PGPASSWORD", PASSWORD)
@@ -225,7 +260,11 @@ fn pgbench(port: u16, args: &[&str], seconds: u64) -> std::result::Result<(f64, 
         (Some(tps), Some(latency)) if !failed => Ok((tps, latency)),
         _ => {
             let stderr = String::from_utf8_lossy(&output.stderr);
-            let why = stderr.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("no output");
+            let why = stderr
+                .lines()
+                .rev()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("no output");
             Err(why.trim().chars().take(90).collect())
         }
     }
@@ -244,19 +283,42 @@ pub fn run() -> Result<BenchReport> {
         .split(',')
         .filter_map(|s| s.trim().parse().ok())
         .collect();
-    exec(Command::new("cargo")
-        .current_dir(workspace_root())
-        .args(["build", "--release", "--quiet", "-p", "farol-agent", "--bin", "agent"]))?;
+    exec(Command::new("cargo").current_dir(workspace_root()).args([
+        "build",
+        "--release",
+        "--quiet",
+        "-p",
+        "farol-agent",
+        "--bin",
+        "agent",
+    ]))?;
 
     println!("starting PostgreSQL 15 (scale 10)...");
     let pg = PgCluster::start("bench", false)?;
-    pg.primary.psql("postgres", &format!("CREATE ROLE {USER} LOGIN"))?;
-    pg.primary.psql("postgres", &format!("CREATE DATABASE {USER} OWNER {USER}"))?;
-    exec(Command::new("pgbench")
-        .args(["-h", "127.0.0.1", "-p", &pg.primary.port.to_string(), "-U", USER, "-i", "-q", "-s", "10", USER])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null()))?;
-    let dir: PathBuf = std::env::temp_dir().join(format!("farol-bench-pooler-{}", std::process::id()));
+    pg.primary
+        .psql("postgres", &format!("CREATE ROLE {USER} LOGIN"))?;
+    pg.primary
+        .psql("postgres", &format!("CREATE DATABASE {USER} OWNER {USER}"))?;
+    exec(
+        Command::new("pgbench")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &pg.primary.port.to_string(),
+                "-U",
+                USER,
+                "-i",
+                "-q",
+                "-s",
+                "10",
+                USER,
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    )?;
+    let dir: PathBuf =
+        std::env::temp_dir().join(format!("farol-bench-pooler-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let (uid, gid) = postgres_ids()?;
     std::os::unix::fs::chown(&dir, Some(uid), Some(gid))?;
@@ -269,15 +331,26 @@ pub fn run() -> Result<BenchReport> {
         ("churn-select", vec!["-S", "-M", "simple", "-C"]),
     ];
     let mut report = BenchReport::new("pooler");
-    let mut table: Vec<(String, String, std::result::Result<(f64, f64), String>)> = Vec::new();
+    let mut table: Vec<Row> = Vec::new();
     for &clients in &client_counts {
-        let targets = ["direct", "farol-transaction", "farol-session", "pgbouncer-transaction", "pgpool"];
+        let targets = [
+            "direct",
+            "farol-transaction",
+            "farol-session",
+            "pgbouncer-transaction",
+            "pgpool",
+        ];
         for target in targets {
             let started = match target {
                 "direct" => Ok((None, pg.primary.port)),
-                "farol-transaction" => start_farol(&dir, "transaction", pg.primary.port).map(|(p, port)| (Some(p), port)),
-                "farol-session" => start_farol(&dir, "session", pg.primary.port).map(|(p, port)| (Some(p), port)),
-                "pgbouncer-transaction" => start_pgbouncer(&dir, pg.primary.port).map(|(p, port)| (Some(p), port)),
+                "farol-transaction" => start_farol(&dir, "transaction", pg.primary.port)
+                    .map(|(p, port)| (Some(p), port)),
+                "farol-session" => {
+                    start_farol(&dir, "session", pg.primary.port).map(|(p, port)| (Some(p), port))
+                }
+                "pgbouncer-transaction" => {
+                    start_pgbouncer(&dir, pg.primary.port).map(|(p, port)| (Some(p), port))
+                }
                 _ => start_pgpool(&dir, pg.primary.port, clients).map(|(p, port)| (Some(p), port)),
             };
             let (proc, port) = match started {
@@ -291,7 +364,11 @@ pub fn run() -> Result<BenchReport> {
                 let clients_text = clients.to_string();
                 let mut full: Vec<&str> = args.clone();
                 // Churn: one pgbench thread per client (PEERS.md).
-                let threads = if full.contains(&"-C") { clients_text.clone() } else { "2".into() };
+                let threads = if full.contains(&"-C") {
+                    clients_text.clone()
+                } else {
+                    "2".into()
+                };
                 full.extend(["-c", &clients_text, "-j", &threads]);
                 let case = if clients == 10 {
                     format!("{target}-{workload}")
@@ -307,7 +384,11 @@ pub fn run() -> Result<BenchReport> {
                     }
                     Err(why) => println!("{case:48} fails: {why}"),
                 }
-                table.push((format!("{workload} -c {clients}"), target.to_owned(), result));
+                table.push((
+                    format!("{workload} -c {clients}"),
+                    target.to_owned(),
+                    result,
+                ));
             }
             drop(proc);
         }
@@ -317,7 +398,7 @@ pub fn run() -> Result<BenchReport> {
     Ok(report)
 }
 
-fn print_table(rows: &[(String, String, std::result::Result<(f64, f64), String>)]) {
+fn print_table(rows: &[Row]) {
     let mut workloads: Vec<&str> = Vec::new();
     let mut targets: Vec<&str> = Vec::new();
     for (workload, target, _) in rows {
@@ -328,20 +409,30 @@ fn print_table(rows: &[(String, String, std::result::Result<(f64, f64), String>)
             targets.push(target);
         }
     }
-    println!("\npgbench TPS (ratio to direct), average latency ms; scale 10, -j 2 (churn: -j = -c)");
+    println!(
+        "\npgbench TPS (ratio to direct), average latency ms; scale 10, -j 2 (churn: -j = -c)"
+    );
     print!("{:24}", "workload");
     for target in &targets {
         print!(" | {target:>26}");
     }
     println!();
     for workload in &workloads {
-        let get = |target: &str| rows.iter().find(|(w, t, _)| w == workload && t == target).map(|(_, _, r)| r);
-        let direct = get("direct").and_then(|r| r.as_ref().ok()).map(|(tps, _)| *tps);
+        let get = |target: &str| {
+            rows.iter()
+                .find(|(w, t, _)| w == workload && t == target)
+                .map(|(_, _, r)| r)
+        };
+        let direct = get("direct")
+            .and_then(|r| r.as_ref().ok())
+            .map(|(tps, _)| *tps);
         print!("{workload:24}");
         for target in &targets {
             let cell = match get(target) {
                 Some(Ok((tps, latency))) => match direct {
-                    Some(direct) if direct > 0.0 => format!("{tps:.0} ({:.2}x) {latency:.2}ms", tps / direct),
+                    Some(direct) if direct > 0.0 => {
+                        format!("{tps:.0} ({:.2}x) {latency:.2}ms", tps / direct)
+                    }
                     _ => format!("{tps:.0} {latency:.2}ms"),
                 },
                 Some(Err(_)) => "fails".into(),

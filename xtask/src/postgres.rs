@@ -33,8 +33,9 @@ pub fn free_port() -> Result<u16> {
 /// The uid and gid of the `postgres` user.
 fn postgres_ids() -> Result<(u32, u32)> {
     let id = |flag: &str| -> Result<u32> {
-        let output = capture(Command::new("id").args([flag, "postgres"]))
-            .context("the postgres user is needed to run PostgreSQL (apt-get install postgresql)")?;
+        let output = capture(Command::new("id").args([flag, "postgres"])).context(
+            "the postgres user is needed to run PostgreSQL (apt-get install postgresql)",
+        )?;
         Ok(String::from_utf8_lossy(&output.stdout).trim().parse()?)
     };
     Ok((id("-u")?, id("-g")?))
@@ -43,7 +44,11 @@ fn postgres_ids() -> Result<(u32, u32)> {
 fn as_postgres(program: &str) -> Result<Command> {
     let (uid, gid) = postgres_ids()?;
     let mut command = Command::new(Path::new(PG_BIN).join(program));
-    command.uid(uid).gid(gid).env_remove("PGPASSWORD").stdin(Stdio::null());
+    command
+        .uid(uid)
+        .gid(gid)
+        .env_remove("PGPASSWORD")
+        .stdin(Stdio::null());
     Ok(command)
 }
 
@@ -65,12 +70,18 @@ impl PgServer {
             .args(["-p", &port.to_string(), "-k"])
             .arg(data)
             .args([
-                "-c", "listen_addresses=127.0.0.1",
-                "-c", "fsync=off",
-                "-c", "synchronous_commit=off",
-                "-c", "full_page_writes=off",
-                "-c", "max_connections=200",
-                "-c", "shared_buffers=64MB",
+                "-c",
+                "listen_addresses=127.0.0.1",
+                "-c",
+                "fsync=off",
+                "-c",
+                "synchronous_commit=off",
+                "-c",
+                "full_page_writes=off",
+                "-c",
+                "max_connections=200",
+                "-c",
+                "shared_buffers=64MB",
             ])
             .args(extra)
             .stdout(Stdio::null())
@@ -95,8 +106,12 @@ impl PgServer {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                let log = std::fs::read_to_string(self.data.with_extension("log")).unwrap_or_default();
-                bail!("PostgreSQL on port {} not ready after {READY_TIMEOUT:?}:\n{log}", self.port);
+                let log =
+                    std::fs::read_to_string(self.data.with_extension("log")).unwrap_or_default();
+                bail!(
+                    "PostgreSQL on port {} not ready after {READY_TIMEOUT:?}:\n{log}",
+                    self.port
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -105,12 +120,22 @@ impl PgServer {
     /// Runs SQL with psql as the superuser over TCP (trust).
     pub fn psql(&self, database: &str, sql: &str) -> Result<String> {
         let output = capture(Command::new("psql").args([
-            "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1",
-            "-h", "127.0.0.1",
-            "-p", &self.port.to_string(),
-            "-U", "postgres",
-            "-d", database,
-            "-c", sql,
+            "-X",
+            "-q",
+            "-A",
+            "-t",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &self.port.to_string(),
+            "-U",
+            "postgres",
+            "-d",
+            database,
+            "-c",
+            sql,
         ]))?;
         Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
     }
@@ -173,7 +198,16 @@ impl PgCluster {
         let output = as_postgres("initdb")?
             .arg("-D")
             .arg(&primary_dir)
-            .args(["-A", "trust", "-U", "postgres", "-E", "UTF8", "--locale=C", "--no-sync"])
+            .args([
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+                "-E",
+                "UTF8",
+                "--locale=C",
+                "--no-sync",
+            ])
             .output()
             .context("running initdb")?;
         if !output.status.success() {
@@ -199,16 +233,30 @@ impl PgCluster {
                 .arg("-D")
                 .arg(&standby_dir)
                 .args([
-                    "-h", "127.0.0.1",
-                    "-p", &cluster.primary.port.to_string(),
-                    "-U", "postgres", "-R", "-X", "stream", "--no-sync",
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    &cluster.primary.port.to_string(),
+                    "-U",
+                    "postgres",
+                    "-R",
+                    "-X",
+                    "stream",
+                    "--no-sync",
                 ])
                 .output()
                 .context("running pg_basebackup")?;
             if !output.status.success() {
-                bail!("pg_basebackup failed: {}", String::from_utf8_lossy(&output.stderr));
+                bail!(
+                    "pg_basebackup failed: {}",
+                    String::from_utf8_lossy(&output.stderr)
+                );
             }
-            cluster.standby = Some(PgServer::start(&standby_dir, free_port()?, &["-c", "hot_standby=on"])?);
+            cluster.standby = Some(PgServer::start(
+                &standby_dir,
+                free_port()?,
+                &["-c", "hot_standby=on"],
+            )?);
         }
         Ok(cluster)
     }
@@ -218,7 +266,9 @@ impl PgCluster {
         let Some(standby) = &self.standby else {
             return Ok(());
         };
-        let lsn = self.primary.psql("postgres", "SELECT pg_current_wal_lsn()")?;
+        let lsn = self
+            .primary
+            .psql("postgres", "SELECT pg_current_wal_lsn()")?;
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
             let caught = standby.psql(

@@ -226,7 +226,7 @@ impl Collector for PoolerCollector {
             ),
         ];
         for (name, help, kind, figure) in figures {
-            let mut family = encoder.encode_descriptor(name, help, None, kind.clone())?;
+            let mut family = encoder.encode_descriptor(name, help, None, kind)?;
             for pool in &pools {
                 let server = pool.key.addr.to_string();
                 let labels = [

@@ -55,8 +55,10 @@ pub struct Router {
 
 impl Router {
     pub fn new(extra_primary_functions: &[String]) -> Router {
-        let mut primary_functions: HashSet<String> =
-            SIDE_EFFECT_FUNCTIONS.iter().map(|f| (*f).to_owned()).collect();
+        let mut primary_functions: HashSet<String> = SIDE_EFFECT_FUNCTIONS
+            .iter()
+            .map(|f| (*f).to_owned())
+            .collect();
         primary_functions.extend(extra_primary_functions.iter().map(|f| f.to_lowercase()));
         Router { primary_functions }
     }
@@ -67,10 +69,14 @@ impl Router {
             return Target::Primary;
         };
         if let Some(Statement::StartTransaction { modes, .. }) = statements.first() {
-            let read_only = modes
-                .iter()
-                .any(|mode| *mode == TransactionMode::AccessMode(TransactionAccessMode::ReadOnly));
-            return if read_only { Target::Standby } else { Target::Primary };
+            let read_only = modes.contains(&TransactionMode::AccessMode(
+                TransactionAccessMode::ReadOnly,
+            ));
+            return if read_only {
+                Target::Standby
+            } else {
+                Target::Primary
+            };
         }
         if statements.is_empty() || !statements.iter().all(|s| matches!(s, Statement::Query(_))) {
             return Target::Primary;

@@ -568,7 +568,10 @@ impl Relay {
     fn release(&mut self) {
         if let Some(server) = self.server.take() {
             self.entry.set_server(None);
-            self.server_pool.stats.transactions.fetch_add(1, Ordering::Relaxed);
+            self.server_pool
+                .stats
+                .transactions
+                .fetch_add(1, Ordering::Relaxed);
             self.server_pool.release(server);
         }
     }
@@ -627,7 +630,10 @@ impl Relay {
                 }
             }
             if tag == b'Q' || tag == b'E' {
-                self.server_pool.stats.queries.fetch_add(1, Ordering::Relaxed);
+                self.server_pool
+                    .stats
+                    .queries
+                    .fetch_add(1, Ordering::Relaxed);
             }
             let n = len.min(self.cbuf.len());
             self.sout.extend_from_slice(&self.cbuf[..n]);

@@ -25,7 +25,10 @@ pub(crate) const SERVER_PASSWORD: &str = "server-pw";
 pub(crate) fn can_run_postgres(test: &str) -> bool {
     let why = if !xtask::is_root() {
         Some("needs root (runs PostgreSQL as the postgres user)")
-    } else if !std::path::Path::new(xtask::postgres::PG_BIN).join("postgres").exists() {
+    } else if !std::path::Path::new(xtask::postgres::PG_BIN)
+        .join("postgres")
+        .exists()
+    {
         Some("PostgreSQL 15 is not installed (cargo xtask setup)")
     } else {
         None
@@ -153,7 +156,9 @@ pub(crate) async fn start(config: PoolerConfig) -> PoolerGuard {
     let task = tokio::spawn({
         let pooler = pooler.clone();
         async move {
-            pooler::run(pooler, listener, stop_rx).await.expect("pooler runs");
+            pooler::run(pooler, listener, stop_rx)
+                .await
+                .expect("pooler runs");
         }
     });
     PoolerGuard {
@@ -164,7 +169,11 @@ pub(crate) async fn start(config: PoolerConfig) -> PoolerGuard {
     }
 }
 
-pub(crate) fn client_config(addr: SocketAddr, user: &str, password: &str) -> tokio_postgres::Config {
+pub(crate) fn client_config(
+    addr: SocketAddr,
+    user: &str,
+    password: &str,
+) -> tokio_postgres::Config {
     let mut config = tokio_postgres::Config::new();
     config
         .host("127.0.0.1")
@@ -178,7 +187,9 @@ pub(crate) fn client_config(addr: SocketAddr, user: &str, password: &str) -> tok
 
 /// Connects as `app` through the pooler.
 pub(crate) async fn connect(addr: SocketAddr) -> tokio_postgres::Client {
-    connect_as(addr, "app", APP_PASSWORD).await.expect("connect through the pooler")
+    connect_as(addr, "app", APP_PASSWORD)
+        .await
+        .expect("connect through the pooler")
 }
 
 pub(crate) async fn connect_as(
@@ -209,4 +220,12 @@ pub(crate) fn message(error: &tokio_postgres::Error) -> String {
         .as_db_error()
         .map(|db| db.message().to_owned())
         .unwrap_or_else(|| error.to_string())
+}
+
+/// The error of a result that must have failed (clients are not `Debug`).
+pub(crate) fn failed<T, E>(result: Result<T, E>, what: &str) -> E {
+    match result {
+        Ok(_) => panic!("expected an error: {what}"),
+        Err(error) => error,
+    }
 }

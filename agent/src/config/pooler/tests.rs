@@ -59,7 +59,9 @@ fn pooler_section_loads_with_defaults() {
 
 #[test]
 fn durations_are_humantime_strings() {
-    let text = format!("{BASE}query_wait_timeout = \"250ms\"\nidle_timeout = \"2m\"\nmode = \"session\"\n");
+    let text = format!(
+        "{BASE}query_wait_timeout = \"250ms\"\nidle_timeout = \"2m\"\nmode = \"session\"\n"
+    );
     let config = load(&text).expect("valid");
     let pool = &config.pooler.unwrap().pools[0];
     assert_eq!(pool.query_wait_timeout, Duration::from_millis(250));
@@ -75,14 +77,18 @@ fn config_without_pooler_has_none() {
 
 #[test]
 fn unknown_pooler_key_is_refused_with_its_path() {
-    let error = load(&format!("{BASE}pool_sise = 3\n")).unwrap_err().to_string();
+    let error = load(&format!("{BASE}pool_sise = 3\n"))
+        .unwrap_err()
+        .to_string();
     assert!(error.contains("pooler.pools[0]"), "{error}");
     assert!(error.contains("pool_sise"), "{error}");
 }
 
 #[test]
 fn bad_duration_is_refused_with_its_path() {
-    let error = load(&format!("{BASE}idle_timeout = \"soon\"\n")).unwrap_err().to_string();
+    let error = load(&format!("{BASE}idle_timeout = \"soon\"\n"))
+        .unwrap_err()
+        .to_string();
     assert!(error.contains("pooler.pools[0].idle_timeout"), "{error}");
 }
 
@@ -133,7 +139,11 @@ fn plain_text_secret_is_refused() {
 #[test]
 fn empty_pool_database_is_refused() {
     let text = BASE.replace("database = \"app\"", "database = \"\"");
-    assert_one_problem(&text, "pooler.pools[0].database", "expected a database name");
+    assert_one_problem(
+        &text,
+        "pooler.pools[0].database",
+        "expected a database name",
+    );
 }
 
 #[test]
@@ -163,7 +173,11 @@ fn pool_size_zero_is_refused() {
 #[test]
 fn min_idle_above_pool_size_is_refused() {
     let text = format!("{BASE}pool_size = 2\nmin_idle = 3\n");
-    assert_one_problem(&text, "pooler.pools[0].min_idle", "must not exceed pool_size (2)");
+    assert_one_problem(
+        &text,
+        "pooler.pools[0].min_idle",
+        "must not exceed pool_size (2)",
+    );
 }
 
 #[test]
