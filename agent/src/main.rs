@@ -127,11 +127,14 @@ fn pooler(args: &PoolerArgs) -> ExitCode {
         eprintln!("{}: pooler: no [pooler] section", args.config.display());
         return ExitCode::from(EXIT_CONFIG);
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
+    let mut builder = if args.threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        builder.worker_threads(args.threads);
+        builder
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {
             error!(%error, "cannot start the async runtime");
@@ -146,7 +149,7 @@ fn pooler(args: &PoolerArgs) -> ExitCode {
         }
         let served = async {
             let listener = farol_agent::pooler::bind(pooler_config.listen).await?;
-            let pooler = farol_agent::pooler::Pooler::new(pooler_config);
+            let pooler = farol_agent::pooler::Pooler::new(pooler_config)?;
             farol_agent::pooler::run(pooler, listener, stop_rx).await
         };
         match served.await {

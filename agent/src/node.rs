@@ -81,7 +81,7 @@ pub async fn run(plan: NodePlan, mut shutdown: watch::Receiver<bool>) -> Result<
     );
     let pooler_task = match (plan.pooler.clone(), pooler_listener) {
         (Some(config), Some(listener)) => {
-            let pooler = crate::pooler::Pooler::new(config);
+            let pooler = crate::pooler::Pooler::new(config)?;
             metrics::register_pooler(&mut registry, pooler.clone());
             Some(tokio::spawn(crate::pooler::run(
                 pooler,

@@ -5,8 +5,10 @@
 //! same machine in the same run. Prints TPS, latency and the ratio to
 //! direct; writes `target/bench/pooler.json`.
 //!
-//! Knobs: FAROL_BENCH_SECONDS (default 10) and FAROL_BENCH_CLIENTS
-//! (default "10"; "10,50" adds the -c 50 rows).
+//! Knobs: FAROL_BENCH_SECONDS (default 10), FAROL_BENCH_CLIENTS
+//! (default "10"; "10,50" adds the -c 50 rows), FAROL_BENCH_TARGETS and
+//! FAROL_BENCH_WORKLOADS (comma lists of case names, to run a subset), and
+//! FAROL_POOLER_THREADS for the agent (default 1).
 
 use std::{
     os::unix::process::CommandExt,
@@ -332,6 +334,12 @@ pub fn run() -> Result<BenchReport> {
     ];
     let mut report = BenchReport::new("pooler");
     let mut table: Vec<Row> = Vec::new();
+    // FAROL_BENCH_TARGETS / FAROL_BENCH_WORKLOADS: comma lists to run a subset.
+    let only = |var: &str, name: &str| {
+        std::env::var(var)
+            .map(|list| list.split(',').any(|item| item.trim() == name))
+            .unwrap_or(true)
+    };
     for &clients in &client_counts {
         let targets = [
             "direct",
@@ -340,7 +348,10 @@ pub fn run() -> Result<BenchReport> {
             "pgbouncer-transaction",
             "pgpool",
         ];
-        for target in targets {
+        for target in targets
+            .into_iter()
+            .filter(|t| only("FAROL_BENCH_TARGETS", t))
+        {
             let started = match target {
                 "direct" => Ok((None, pg.primary.port)),
                 "farol-transaction" => start_farol(&dir, "transaction", pg.primary.port)
@@ -360,7 +371,10 @@ pub fn run() -> Result<BenchReport> {
                     continue;
                 }
             };
-            for (workload, args) in &workloads {
+            for (workload, args) in workloads
+                .iter()
+                .filter(|(w, _)| only("FAROL_BENCH_WORKLOADS", w))
+            {
                 let clients_text = clients.to_string();
                 let mut full: Vec<&str> = args.clone();
                 // Churn: one pgbench thread per client (PEERS.md).

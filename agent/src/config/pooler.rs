@@ -17,7 +17,7 @@
 //! pool_size = 20
 //! ```
 
-use std::{collections::HashSet, net::SocketAddr, time::Duration};
+use std::{collections::HashSet, net::SocketAddr, path::PathBuf, time::Duration};
 
 use serde::Deserialize;
 
@@ -60,6 +60,11 @@ pub struct PoolerConfig {
     /// Functions with side effects: a read that calls one goes to the primary.
     #[serde(default)]
     pub primary_functions: Vec<String>,
+    /// PEM certificate chain for TLS with clients; without it an SSLRequest
+    /// is refused ('N') and the client may go on in plain text.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `tls_cert`.
+    pub tls_key: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -167,6 +172,17 @@ impl PoolerConfig {
                 "pooler.read_write_split".into(),
                 "needs at least one address in pooler.standbys".into(),
             );
+        }
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(_), None) => problem(
+                "pooler.tls_key".into(),
+                "pooler.tls_cert is set: the key is needed too".into(),
+            ),
+            (None, Some(_)) => problem(
+                "pooler.tls_cert".into(),
+                "pooler.tls_key is set: the certificate is needed too".into(),
+            ),
+            _ => {}
         }
         let mut users = HashSet::new();
         for (index, user) in self.users.iter().enumerate() {

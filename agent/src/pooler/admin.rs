@@ -6,17 +6,17 @@
 use std::sync::{atomic::Ordering, Arc};
 
 use bytes::{Buf, BytesMut};
-use tokio::{io::AsyncWriteExt, net::TcpStream};
+use tokio::io::AsyncWriteExt;
 
 use super::{
     protocol::{self, FrontendMessage},
-    session::SessionError,
+    session::{ClientStream, SessionError},
     Pooler,
 };
 
 /// Serves admin queries until the client leaves.
-pub(super) async fn serve(
-    stream: &mut TcpStream,
+pub(super) async fn serve<S: ClientStream>(
+    stream: &mut S,
     mut buf: BytesMut,
     pooler: &Arc<Pooler>,
 ) -> Result<(), SessionError> {

@@ -59,6 +59,12 @@ pub enum PoolerError {
     },
     #[error("accepting a client connection")]
     Accept(#[source] std::io::Error),
+    #[error("pooler TLS: cannot use {what}")]
+    Tls {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Where a client's current transaction runs, for cancel requests.
@@ -97,11 +103,12 @@ impl ClientEntry {
 }
 
 /// State shared by every session: the config, the pools, the clients.
-#[derive(Debug)]
 pub struct Pooler {
     pub(crate) config: PoolerConfig,
     /// Set when `read_write_split` is on.
     pub(crate) router: Option<route::Router>,
+    /// Set when `tls_cert` and `tls_key` are configured.
+    pub(crate) tls: Option<tokio_rustls::TlsAcceptor>,
     pools: Mutex<HashMap<(String, String, SocketAddr), Arc<Pool>>>,
     clients: Mutex<HashMap<(i32, i32), Arc<ClientEntry>>>,
     client_slots: Arc<Semaphore>,
@@ -111,8 +118,15 @@ pub struct Pooler {
 }
 
 impl Pooler {
-    pub fn new(config: PoolerConfig) -> Arc<Pooler> {
-        Arc::new(Pooler {
+    /// Builds the shared state; fails only when the TLS certificate or key
+    /// cannot be used.
+    pub fn new(config: PoolerConfig) -> Result<Arc<Pooler>, PoolerError> {
+        let tls = match (&config.tls_cert, &config.tls_key) {
+            (Some(cert), Some(key)) => Some(tls_acceptor(cert, key)?),
+            _ => None,
+        };
+        Ok(Arc::new(Pooler {
+            tls,
             router: config
                 .read_write_split
                 .then(|| route::Router::new(&config.primary_functions)),
@@ -122,7 +136,7 @@ impl Pooler {
             pools: Mutex::new(HashMap::new()),
             clients: Mutex::new(HashMap::new()),
             config,
-        })
+        }))
     }
 
     /// The failover hook: new transactions go to `addr` from now on;
@@ -250,6 +264,44 @@ impl Pooler {
             return;
         };
         send_cancel(target).await;
+    }
+}
+
+/// A TLS server config from PEM files (rustls, ring provider).
+fn tls_acceptor(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> Result<tokio_rustls::TlsAcceptor, PoolerError> {
+    use rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
+    let error = |what: String| {
+        move |source: rustls::pki_types::pem::Error| PoolerError::Tls {
+            what,
+            source: std::io::Error::other(source.to_string()),
+        }
+    };
+    let chain = CertificateDer::pem_file_iter(cert)
+        .map_err(error(format!("certificate {}", cert.display())))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(error(format!("certificate {}", cert.display())))?;
+    let key_der = PrivateKeyDer::from_pem_file(key).map_err(error(format!("key {}", key.display())))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .and_then(|builder| builder.with_no_client_auth().with_single_cert(chain, key_der))
+        .map_err(|source| PoolerError::Tls {
+            what: format!("certificate {} with key {}", cert.display(), key.display()),
+            source: std::io::Error::other(source),
+        })?;
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
+impl std::fmt::Debug for Pooler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pooler")
+            .field("config", &self.config)
+            .field("tls", &self.tls.is_some())
+            .field("primary", &self.primary())
+            .finish_non_exhaustive()
     }
 }
 

@@ -21,7 +21,7 @@ use std::{
 
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
     net::TcpStream,
 };
 use tracing::{debug, info};
@@ -60,7 +60,13 @@ pub(crate) enum SessionError {
     LoginTimeout,
     #[error("refused: {message}")]
     Refused { code: &'static str, message: String },
+    #[error("TLS handshake with the client")]
+    Tls(#[source] std::io::Error),
 }
+
+/// What a client connection is: plain TCP or TLS over it.
+pub(crate) trait ClientStream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> ClientStream for S {}
 
 /// Entry point of a client task; never fails, logs once.
 pub(super) async fn serve(mut stream: TcpStream, peer: SocketAddr, pooler: Arc<Pooler>) {
@@ -79,18 +85,64 @@ pub(super) async fn serve(mut stream: TcpStream, peer: SocketAddr, pooler: Arc<P
         info!(%peer, limit, "refused a client over max_client_conn");
         return;
     };
-    match session(stream, peer, &pooler).await {
+    match negotiate(stream, peer, &pooler).await {
         Ok(()) => debug!(%peer, "client left"),
         Err(error) => debug!(%peer, error = %crate::error_chain(&error), "client session ended"),
     }
 }
 
-async fn session(
+/// The first packet: an SSLRequest gets TLS when a certificate is
+/// configured ('S', then the handshake), else 'N' and plain text
+/// (protocol docs 55.2.10 "SSL Session Encryption").
+async fn negotiate(
     mut stream: TcpStream,
     peer: SocketAddr,
     pooler: &Arc<Pooler>,
 ) -> Result<(), SessionError> {
     let mut buf = BytesMut::with_capacity(8192);
+    let first = tokio::time::timeout(LOGIN_TIMEOUT, async {
+        loop {
+            match protocol::parse_startup(&buf) {
+                Ok(None) => {
+                    if stream.read_buf(&mut buf).await.map_err(SessionError::ClientIo)? == 0 {
+                        return Ok(false);
+                    }
+                }
+                Ok(Some((Startup::SslRequest, used))) => {
+                    buf.advance(used);
+                    return Ok(true);
+                }
+                // Anything else, errors included, is for `session`.
+                _ => return Ok::<_, SessionError>(false),
+            }
+        }
+    })
+    .await
+    .map_err(|_| SessionError::LoginTimeout)??;
+    if first {
+        if let Some(acceptor) = pooler.tls.clone() {
+            stream.write_all(b"S").await.map_err(SessionError::ClientIo)?;
+            let tls = tokio::time::timeout(LOGIN_TIMEOUT, acceptor.accept(stream))
+                .await
+                .map_err(|_| SessionError::LoginTimeout)?
+                .map_err(SessionError::Tls)?;
+            return session(tls, buf, peer, pooler).await;
+        }
+        stream.write_all(b"N").await.map_err(SessionError::ClientIo)?;
+    }
+    if buf.is_empty() && !first {
+        // The client left before sending anything.
+        return Ok(());
+    }
+    session(stream, buf, peer, pooler).await
+}
+
+async fn session<S: ClientStream>(
+    mut stream: S,
+    mut buf: BytesMut,
+    peer: SocketAddr,
+    pooler: &Arc<Pooler>,
+) -> Result<(), SessionError> {
     let login = tokio::time::timeout(LOGIN_TIMEOUT, startup(&mut stream, &mut buf, pooler)).await;
     let (user, database) = match login {
         Err(_) => return Err(SessionError::LoginTimeout),
@@ -178,7 +230,7 @@ async fn session(
 
 /// Sends the ErrorResponse for a refusal, if the error is one the client
 /// should see.
-async fn refuse(stream: &mut TcpStream, error: &SessionError) {
+async fn refuse<S: ClientStream>(stream: &mut S, error: &SessionError) {
     let (code, message) = match error {
         SessionError::Refused { code, message } => (*code, message.clone()),
         SessionError::Auth(error @ AuthError::Failed { .. }) => ("28P01", error.to_string()),
@@ -194,8 +246,8 @@ async fn refuse(stream: &mut TcpStream, error: &SessionError) {
 
 /// Reads until `buf` holds one whole regular message; returns its type and
 /// the frame.
-async fn read_message(
-    stream: &mut TcpStream,
+async fn read_message<S: ClientStream>(
+    stream: &mut S,
     buf: &mut BytesMut,
 ) -> Result<(u8, BytesMut), SessionError> {
     loop {
@@ -215,8 +267,8 @@ async fn read_message(
 
 /// The startup phase: `Some((user, database))` for a login, `None` when
 /// the connection only carried a cancel request.
-async fn startup(
-    stream: &mut TcpStream,
+async fn startup<S: ClientStream>(
+    stream: &mut S,
     buf: &mut BytesMut,
     pooler: &Pooler,
 ) -> Result<Option<(String, String)>, SessionError> {
@@ -229,8 +281,8 @@ async fn startup(
             continue;
         };
         match packet {
-            // No TLS certificate is configured: refuse, the client may go on
-            // in plain text (protocol docs 55.2.10 "SSL Session Encryption").
+            // TLS was settled by `negotiate` (a second SSLRequest gets 'N');
+            // GSSAPI encryption is not offered.
             Startup::SslRequest | Startup::GssEncRequest => {
                 buf.advance(used);
                 stream
@@ -266,8 +318,8 @@ async fn startup(
 
 /// Authenticates the client against its secret: md5 or SCRAM-SHA-256 by
 /// the kind of secret, as PostgreSQL's `password_encryption` decides.
-async fn authenticate(
-    stream: &mut TcpStream,
+async fn authenticate<S: ClientStream>(
+    stream: &mut S,
     buf: &mut BytesMut,
     user: &str,
     secret: &Secret,
@@ -368,8 +420,8 @@ enum Event {
 }
 
 /// The relay between one client and (while it holds one) a server.
-struct Relay {
-    client: TcpStream,
+struct Relay<S> {
+    client: S,
     /// Bytes from the client not handled yet.
     cbuf: BytesMut,
     /// Bytes for the client, written once per batch.
@@ -405,14 +457,14 @@ struct Relay {
     terminated: bool,
 }
 
-impl Relay {
+impl<S: ClientStream> Relay<S> {
     fn new(
-        client: TcpStream,
+        client: S,
         cbuf: BytesMut,
         pool: Arc<Pool>,
         pooler: Arc<Pooler>,
         entry: Arc<ClientEntry>,
-    ) -> Relay {
+    ) -> Relay<S> {
         Relay {
             client,
             cbuf,

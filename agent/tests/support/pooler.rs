@@ -125,6 +125,8 @@ pub(crate) fn config(cluster: &PgCluster, pool: PoolConfig) -> PoolerConfig {
         read_write_split: false,
         read_your_writes: true,
         primary_functions: Vec::new(),
+        tls_cert: None,
+        tls_key: None,
     }
 }
 
@@ -151,7 +153,7 @@ pub(crate) async fn start(config: PoolerConfig) -> PoolerGuard {
         .try_init();
     let listener = pooler::bind(config.listen).await.expect("bind pooler");
     let addr = listener.local_addr().unwrap();
-    let pooler = Pooler::new(config);
+    let pooler = Pooler::new(config).expect("pooler config");
     let (stop, stop_rx) = watch::channel(false);
     let task = tokio::spawn({
         let pooler = pooler.clone();

@@ -191,3 +191,15 @@ fn zero_server_lifetime_is_refused() {
     let text = format!("{BASE}server_lifetime = \"0s\"\n");
     assert_one_problem(&text, "pooler.pools[0].server_lifetime", "positive");
 }
+
+#[test]
+fn tls_cert_without_key_is_refused() {
+    let text = BASE.replace("standbys = [", "tls_cert = \"/etc/farol/cert.pem\"\nstandbys = [");
+    assert_one_problem(&text, "pooler.tls_key", "key is needed");
+}
+
+#[test]
+fn tls_key_without_cert_is_refused() {
+    let text = BASE.replace("standbys = [", "tls_key = \"/etc/farol/key.pem\"\nstandbys = [");
+    assert_one_problem(&text, "pooler.tls_cert", "certificate is needed");
+}
