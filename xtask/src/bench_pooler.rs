@@ -7,7 +7,8 @@
 //!
 //! Knobs: FAROL_BENCH_SECONDS (default 10), FAROL_BENCH_CLIENTS
 //! (default "10"; "10,50" adds the -c 50 rows), FAROL_BENCH_TARGETS and
-//! FAROL_BENCH_WORKLOADS (comma lists of case names, to run a subset), and
+//! FAROL_BENCH_WORKLOADS (comma lists of case names, to run a subset),
+//! FAROL_BENCH_ROUNDS (default 3, interleaved, median reported), and
 //! FAROL_POOLER_THREADS for the agent (default 1).
 
 use std::{
@@ -340,18 +341,23 @@ pub fn run() -> Result<BenchReport> {
             .map(|list| list.split(',').any(|item| item.trim() == name))
             .unwrap_or(true)
     };
+    let rounds: usize = std::env::var("FAROL_BENCH_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3);
     for &clients in &client_counts {
-        let targets = [
+        // Every target runs at once (idle ones cost nothing) so the rounds
+        // can interleave them: the machine's load drifts, and each case
+        // sees the same drift. The median round is reported.
+        let all = [
             "direct",
             "farol-transaction",
             "farol-session",
             "pgbouncer-transaction",
             "pgpool",
         ];
-        for target in targets
-            .into_iter()
-            .filter(|t| only("FAROL_BENCH_TARGETS", t))
-        {
+        let mut targets: Vec<(&str, u16, Option<Proc>)> = Vec::new();
+        for target in all.into_iter().filter(|t| only("FAROL_BENCH_TARGETS", t)) {
             let started = match target {
                 "direct" => Ok((None, pg.primary.port)),
                 "farol-transaction" => start_farol(&dir, "transaction", pg.primary.port)
@@ -362,34 +368,40 @@ pub fn run() -> Result<BenchReport> {
                 "pgbouncer-transaction" => {
                     start_pgbouncer(&dir, pg.primary.port).map(|(p, port)| (Some(p), port))
                 }
-                _ => start_pgpool(&dir, pg.primary.port, clients).map(|(p, port)| (Some(p), port)),
+                _ => start_pgpool(&dir, pg.primary.port, clients)
+                    .map(|(p, port)| (Some(p), port)),
             };
-            let (proc, port) = match started {
-                Ok(started) => started,
-                Err(error) => {
-                    println!("{target}: cannot start: {error:#}");
-                    continue;
+            match started {
+                Ok((proc, port)) => targets.push((target, port, proc)),
+                Err(error) => println!("{target}: cannot start: {error:#}"),
+            }
+        }
+        for (workload, args) in workloads
+            .iter()
+            .filter(|(w, _)| only("FAROL_BENCH_WORKLOADS", w))
+        {
+            let clients_text = clients.to_string();
+            let mut full: Vec<&str> = args.clone();
+            // Churn: one pgbench thread per client (PEERS.md).
+            let threads = if full.contains(&"-C") {
+                clients_text.clone()
+            } else {
+                "2".into()
+            };
+            full.extend(["-c", &clients_text, "-j", &threads]);
+            let mut outcomes: Vec<Vec<Outcome>> = vec![Vec::new(); targets.len()];
+            for _ in 0..rounds {
+                for (index, (_, port, _)) in targets.iter().enumerate() {
+                    outcomes[index].push(pgbench(*port, &full, seconds));
                 }
-            };
-            for (workload, args) in workloads
-                .iter()
-                .filter(|(w, _)| only("FAROL_BENCH_WORKLOADS", w))
-            {
-                let clients_text = clients.to_string();
-                let mut full: Vec<&str> = args.clone();
-                // Churn: one pgbench thread per client (PEERS.md).
-                let threads = if full.contains(&"-C") {
-                    clients_text.clone()
-                } else {
-                    "2".into()
-                };
-                full.extend(["-c", &clients_text, "-j", &threads]);
+            }
+            for ((target, _, _), runs) in targets.iter().zip(outcomes) {
                 let case = if clients == 10 {
                     format!("{target}-{workload}")
                 } else {
                     format!("{target}-{workload}-c{clients}")
                 };
-                let result = pgbench(port, &full, seconds);
+                let result = median(runs);
                 match &result {
                     Ok((tps, latency)) => {
                         println!("{case:48} {tps:>10.0} tps {latency:>8.3} ms");
@@ -398,18 +410,24 @@ pub fn run() -> Result<BenchReport> {
                     }
                     Err(why) => println!("{case:48} fails: {why}"),
                 }
-                table.push((
-                    format!("{workload} -c {clients}"),
-                    target.to_owned(),
-                    result,
-                ));
+                table.push((format!("{workload} -c {clients}"), (*target).to_owned(), result));
             }
-            drop(proc);
         }
+        drop(targets);
     }
     print_table(&table);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(report)
+}
+
+/// The median TPS round (with its latency); any failed round fails the case.
+fn median(runs: Vec<Outcome>) -> Outcome {
+    let mut ok = Vec::new();
+    for run in runs {
+        ok.push(run?);
+    }
+    ok.sort_by(|a, b| a.0.total_cmp(&b.0));
+    ok.get(ok.len() / 2).copied().ok_or_else(|| "no rounds".to_owned())
 }
 
 fn print_table(rows: &[Row]) {

@@ -455,6 +455,8 @@ struct Relay<S> {
     server_left: usize,
     server_left_forward: bool,
     terminated: bool,
+    /// Reused for messages that are rewritten.
+    scratch: Vec<u8>,
 }
 
 impl<S: ClientStream> Relay<S> {
@@ -491,6 +493,7 @@ impl<S: ClientStream> Relay<S> {
             server_left: 0,
             server_left_forward: true,
             terminated: false,
+            scratch: Vec::with_capacity(1024),
         }
     }
 
@@ -665,8 +668,15 @@ impl<S: ClientStream> Relay<S> {
             }
             self.ensure_server().await?;
             if rewrite {
-                let frame = self.cbuf.split_to(len);
-                self.rewrite(&frame)?;
+                // Copied into a reused buffer: splitting `cbuf` would turn it
+                // into a shared buffer and allocate on every message.
+                let mut frame = std::mem::take(&mut self.scratch);
+                frame.clear();
+                frame.extend_from_slice(&self.cbuf[..len]);
+                self.cbuf.advance(len);
+                let rewritten = self.rewrite(&frame);
+                self.scratch = frame;
+                rewritten?;
                 continue;
             }
             if self.mode == PoolMode::Transaction {
