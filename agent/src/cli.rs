@@ -41,8 +41,9 @@ pub struct PoolerArgs {
     /// The cluster file with a [pooler] section.
     #[arg(long, short, env = "FAROL_CONFIG")]
     pub config: PathBuf,
-    /// Runtime worker threads (1: a single-threaded runtime, as PgBouncer).
-    #[arg(long, env = "FAROL_POOLER_THREADS", default_value_t = 1)]
+    /// Runtime worker threads (1: a single-threaded runtime, as PgBouncer;
+    /// 2, as `agent run`).
+    #[arg(long, env = "FAROL_POOLER_THREADS", default_value_t = 2)]
     pub threads: usize,
 }
 

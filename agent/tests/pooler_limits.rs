@@ -233,3 +233,51 @@ async fn ssl_requests_are_refused_cleanly_and_garbage_gets_08p01() {
     let client = connect(pooler.addr).await;
     client.simple_query("SELECT 1").await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_is_offered_when_a_certificate_is_configured() {
+    if !can_run_postgres("tls_is_offered_when_a_certificate_is_configured") {
+        return;
+    }
+    let pg = cluster(false);
+    let dir = std::env::temp_dir().join(format!("farol-pooler-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let made = std::process::Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1"])
+        .args(["-subj", "/CN=localhost", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    let mut config = harness::config(&pg, harness::pool(PoolMode::Transaction, 1));
+    config.tls_cert = Some(cert);
+    config.tls_key = Some(key);
+    let pooler = harness::start(config).await;
+    let psql = |sslmode: &str| {
+        let port = pooler.addr.port().to_string();
+        let sslmode = sslmode.to_owned();
+        async move {
+            tokio::process::Command::new("psql")
+                .args(["-X", "-h", "127.0.0.1", "-p", &port, "-U", "app", "-d", "app"])
+                .args(["-c", "\\conninfo", "-c", "SELECT 'through tls'"])
+                .env("PGPASSWORD", harness::APP_PASSWORD)
+                .env("PGSSLMODE", sslmode)
+                .output()
+                .await
+                .unwrap()
+        }
+    };
+    let out = psql("require").await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("SSL connection (protocol: TLSv1.3"), "{stdout}");
+    assert!(stdout.contains("through tls"), "{stdout}");
+    // Plain text still works when the client does not ask for TLS.
+    let out = psql("disable").await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("SSL connection"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
