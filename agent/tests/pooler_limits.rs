@@ -244,14 +244,28 @@ async fn tls_is_offered_when_a_certificate_is_configured() {
     std::fs::create_dir_all(&dir).unwrap();
     let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
     let made = std::process::Command::new("openssl")
-        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1"])
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "1",
+        ])
         .args(["-subj", "/CN=localhost", "-keyout"])
         .arg(&key)
         .arg("-out")
         .arg(&cert)
         .output()
         .unwrap();
-    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
     let mut config = harness::config(&pg, harness::pool(PoolMode::Transaction, 1));
     config.tls_cert = Some(cert);
     config.tls_key = Some(key);
@@ -261,7 +275,17 @@ async fn tls_is_offered_when_a_certificate_is_configured() {
         let sslmode = sslmode.to_owned();
         async move {
             tokio::process::Command::new("psql")
-                .args(["-X", "-h", "127.0.0.1", "-p", &port, "-U", "app", "-d", "app"])
+                .args([
+                    "-X",
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    &port,
+                    "-U",
+                    "app",
+                    "-d",
+                    "app",
+                ])
                 .args(["-c", "\\conninfo", "-c", "SELECT 'through tls'"])
                 .env("PGPASSWORD", harness::APP_PASSWORD)
                 .env("PGSSLMODE", sslmode)
@@ -272,12 +296,52 @@ async fn tls_is_offered_when_a_certificate_is_configured() {
     };
     let out = psql("require").await;
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(stdout.contains("SSL connection (protocol: TLSv1.3"), "{stdout}");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("SSL connection (protocol: TLSv1.3"),
+        "{stdout}"
+    );
     assert!(stdout.contains("through tls"), "{stdout}");
     // Plain text still works when the client does not ask for TLS.
     let out = psql("disable").await;
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(!String::from_utf8_lossy(&out.stdout).contains("SSL connection"));
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_server_connections_killed_by_the_server_are_not_handed_out() {
+    if !can_run_postgres("idle_server_connections_killed_by_the_server_are_not_handed_out") {
+        return;
+    }
+    let pg = cluster(false);
+    let pooler = harness::start(harness::config(
+        &pg,
+        harness::pool(PoolMode::Transaction, 1),
+    ))
+    .await;
+    let client = connect(pooler.addr).await;
+    let pid: i32 = client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    // The only server connection is idle in the pool; the server kills it.
+    pg.primary
+        .psql("app", &format!("SELECT pg_terminate_backend({pid})"))
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let row = client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap();
+    assert_ne!(row.get::<_, i32>(0), pid, "a fresh server connection");
 }

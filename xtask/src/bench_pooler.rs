@@ -368,8 +368,7 @@ pub fn run() -> Result<BenchReport> {
                 "pgbouncer-transaction" => {
                     start_pgbouncer(&dir, pg.primary.port).map(|(p, port)| (Some(p), port))
                 }
-                _ => start_pgpool(&dir, pg.primary.port, clients)
-                    .map(|(p, port)| (Some(p), port)),
+                _ => start_pgpool(&dir, pg.primary.port, clients).map(|(p, port)| (Some(p), port)),
             };
             match started {
                 Ok((proc, port)) => targets.push((target, port, proc)),
@@ -410,7 +409,11 @@ pub fn run() -> Result<BenchReport> {
                     }
                     Err(why) => println!("{case:48} fails: {why}"),
                 }
-                table.push((format!("{workload} -c {clients}"), (*target).to_owned(), result));
+                table.push((
+                    format!("{workload} -c {clients}"),
+                    (*target).to_owned(),
+                    result,
+                ));
             }
         }
         drop(targets);
@@ -427,7 +430,9 @@ fn median(runs: Vec<Outcome>) -> Outcome {
         ok.push(run?);
     }
     ok.sort_by(|a, b| a.0.total_cmp(&b.0));
-    ok.get(ok.len() / 2).copied().ok_or_else(|| "no rounds".to_owned())
+    ok.get(ok.len() / 2)
+        .copied()
+        .ok_or_else(|| "no rounds".to_owned())
 }
 
 fn print_table(rows: &[Row]) {

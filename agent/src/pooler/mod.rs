@@ -283,11 +283,16 @@ fn tls_acceptor(
         .map_err(error(format!("certificate {}", cert.display())))?
         .collect::<Result<Vec<_>, _>>()
         .map_err(error(format!("certificate {}", cert.display())))?;
-    let key_der = PrivateKeyDer::from_pem_file(key).map_err(error(format!("key {}", key.display())))?;
+    let key_der =
+        PrivateKeyDer::from_pem_file(key).map_err(error(format!("key {}", key.display())))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .and_then(|builder| builder.with_no_client_auth().with_single_cert(chain, key_der))
+        .and_then(|builder| {
+            builder
+                .with_no_client_auth()
+                .with_single_cert(chain, key_der)
+        })
         .map_err(|source| PoolerError::Tls {
             what: format!("certificate {} with key {}", cert.display(), key.display()),
             source: std::io::Error::other(source),

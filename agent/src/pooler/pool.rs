@@ -99,6 +99,17 @@ pub struct ServerConn {
     last_used: Instant,
 }
 
+impl ServerConn {
+    /// An idle connection has nothing to say: readable means the server
+    /// closed it or sent a FATAL error (restart, pg_terminate_backend).
+    /// Uses the reactor's cached readiness, so it costs no syscall when
+    /// nothing happened.
+    fn looks_alive(&self) -> bool {
+        let mut probe = [0u8; 1];
+        matches!(self.stream.try_read(&mut probe), Err(error) if error.kind() == std::io::ErrorKind::WouldBlock)
+    }
+}
+
 /// What a server told a new connection: ParameterStatus pairs.
 pub type ServerParams = Vec<(String, String)>;
 
@@ -190,6 +201,12 @@ impl Pool {
             match candidate {
                 Some(conn) if self.expired(&conn, now) => {
                     debug!(server = conn.id, "closing an expired server connection");
+                }
+                Some(conn) if !conn.looks_alive() => {
+                    debug!(
+                        server = conn.id,
+                        "dropping an idle server connection the server closed"
+                    );
                 }
                 Some(conn) => {
                     return Ok(PooledServer {

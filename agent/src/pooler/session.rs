@@ -104,7 +104,12 @@ async fn negotiate(
         loop {
             match protocol::parse_startup(&buf) {
                 Ok(None) => {
-                    if stream.read_buf(&mut buf).await.map_err(SessionError::ClientIo)? == 0 {
+                    if stream
+                        .read_buf(&mut buf)
+                        .await
+                        .map_err(SessionError::ClientIo)?
+                        == 0
+                    {
                         return Ok(false);
                     }
                 }
@@ -121,14 +126,20 @@ async fn negotiate(
     .map_err(|_| SessionError::LoginTimeout)??;
     if first {
         if let Some(acceptor) = pooler.tls.clone() {
-            stream.write_all(b"S").await.map_err(SessionError::ClientIo)?;
+            stream
+                .write_all(b"S")
+                .await
+                .map_err(SessionError::ClientIo)?;
             let tls = tokio::time::timeout(LOGIN_TIMEOUT, acceptor.accept(stream))
                 .await
                 .map_err(|_| SessionError::LoginTimeout)?
                 .map_err(SessionError::Tls)?;
             return session(tls, buf, peer, pooler).await;
         }
-        stream.write_all(b"N").await.map_err(SessionError::ClientIo)?;
+        stream
+            .write_all(b"N")
+            .await
+            .map_err(SessionError::ClientIo)?;
     }
     if buf.is_empty() && !first {
         // The client left before sending anything.

@@ -194,12 +194,18 @@ fn zero_server_lifetime_is_refused() {
 
 #[test]
 fn tls_cert_without_key_is_refused() {
-    let text = BASE.replace("standbys = [", "tls_cert = \"/etc/farol/cert.pem\"\nstandbys = [");
+    let text = BASE.replace(
+        "standbys = [",
+        "tls_cert = \"/etc/farol/cert.pem\"\nstandbys = [",
+    );
     assert_one_problem(&text, "pooler.tls_key", "key is needed");
 }
 
 #[test]
 fn tls_key_without_cert_is_refused() {
-    let text = BASE.replace("standbys = [", "tls_key = \"/etc/farol/key.pem\"\nstandbys = [");
+    let text = BASE.replace(
+        "standbys = [",
+        "tls_key = \"/etc/farol/key.pem\"\nstandbys = [",
+    );
     assert_one_problem(&text, "pooler.tls_cert", "certificate is needed");
 }
