@@ -127,3 +127,24 @@ async fn after_set_primary_new_transactions_go_to_the_new_primary() {
     let fresh = connect(pooler.addr).await;
     assert_eq!(where_simple(&fresh, WHERE).await, (true, standby));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_fall_back_to_the_primary_when_the_standby_is_down() {
+    if !can_run_postgres("reads_fall_back_to_the_primary_when_the_standby_is_down") {
+        return;
+    }
+    let mut pg = harness::private_cluster(true);
+    let pooler = harness::start(split_config(&pg)).await;
+    let client = connect(pooler.addr).await;
+    let standby = pg.standby.as_ref().unwrap().port;
+    assert_eq!(where_simple(&client, WHERE).await, (true, standby));
+    pg.standby.as_mut().unwrap().kill();
+    // The idle standby connection is dropped, a new one is refused: the
+    // read runs on the primary instead of failing.
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert_eq!(where_simple(&client, WHERE).await, (false, pg.primary.port));
+    assert_eq!(
+        where_extended(&client, WHERE).await,
+        (false, pg.primary.port)
+    );
+}

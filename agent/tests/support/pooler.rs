@@ -55,6 +55,15 @@ pub(crate) fn cluster(standby: bool) -> Arc<PgCluster> {
     if let Some(cluster) = slot.as_ref().and_then(Weak::upgrade) {
         return cluster;
     }
+    let cluster = private_cluster(standby);
+    let cluster = Arc::new(cluster);
+    *slot = Some(Arc::downgrade(&cluster));
+    cluster
+}
+
+/// A PostgreSQL of the test's own (for tests that break it), with the
+/// roles and database the pooler tests use.
+pub(crate) fn private_cluster(standby: bool) -> PgCluster {
     let cluster = PgCluster::start("pooler", standby).expect("start PostgreSQL");
     cluster
         .primary
@@ -75,8 +84,6 @@ pub(crate) fn cluster(standby: bool) -> Arc<PgCluster> {
         .psql("app", "GRANT ALL ON SCHEMA public TO PUBLIC")
         .expect("grant");
     cluster.wait_standby_caught_up().expect("standby caught up");
-    let cluster = Arc::new(cluster);
-    *slot = Some(Arc::downgrade(&cluster));
     cluster
 }
 
