@@ -353,6 +353,9 @@ pub async fn run(
                     Ok(accepted) => accepted,
                     Err(error) if is_transient(&error) => {
                         warn!(%error, "accept failed; continuing");
+                        // Out of file descriptors: give sessions a moment
+                        // to close some instead of spinning.
+                        tokio::time::sleep(Duration::from_millis(10)).await;
                         continue;
                     }
                     Err(error) => break Err(PoolerError::Accept(error)),

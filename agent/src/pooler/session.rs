@@ -666,8 +666,17 @@ impl<S: ClientStream> Relay<S> {
             else {
                 break;
             };
-            let rewrite =
+            let mut rewrite =
                 self.mode == PoolMode::Transaction && matches!(tag, b'P' | b'B' | b'D' | b'C');
+            // Unnamed statements and portals pass through as bytes.
+            let passthrough = if rewrite {
+                unnamed_expectation(tag, &self.cbuf, len)
+            } else {
+                None
+            };
+            if passthrough.is_some() {
+                rewrite = false;
+            }
             if (rewrite || tag == b'X' || tag == b'Q') && self.cbuf.len() < len {
                 self.cbuf.reserve(len - self.cbuf.len());
                 break;
@@ -678,6 +687,9 @@ impl<S: ClientStream> Relay<S> {
                 break;
             }
             self.ensure_server().await?;
+            if let Some(pending) = passthrough {
+                self.push(pending);
+            }
             if rewrite {
                 // Copied into a reused buffer: splitting `cbuf` would turn it
                 // into a shared buffer and allocate on every message.
@@ -1027,6 +1039,33 @@ impl<S: ClientStream> Relay<S> {
     }
 }
 
+/// The response a Parse, Bind, Describe or Close expects when it needs no
+/// renaming (unnamed statement, or a portal), read from its first bytes;
+/// `None` when it names a statement or more bytes are needed.
+fn unnamed_expectation(tag: u8, buf: &[u8], len: usize) -> Option<Pending> {
+    let body = buf.get(5..len.min(buf.len()))?;
+    match tag {
+        b'P' => (*body.first()? == 0).then_some(Pending::Parse {
+            hash: None,
+            swallow: false,
+        }),
+        b'B' => {
+            let portal_end = body.iter().position(|&b| b == 0)?;
+            (*body.get(portal_end + 1)? == 0).then_some(Pending::Bind)
+        }
+        b'D' | b'C' => {
+            let kind = *body.first()?;
+            let unnamed = *body.get(1)? == 0;
+            (kind == b'P' || unnamed).then_some(if tag == b'D' {
+                Pending::Describe
+            } else {
+                Pending::Close
+            })
+        }
+        _ => None,
+    }
+}
+
 /// `DISCARD ALL` before a session-mode connection serves another client.
 async fn reset(server: &mut PooledServer) -> Result<(), SessionError> {
     let mut out = BytesMut::with_capacity(32);
@@ -1061,5 +1100,43 @@ async fn reset(server: &mut PooledServer) -> Result<(), SessionError> {
         {
             return Err(SessionError::ServerClosed);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unnamed_statements_and_portals_pass_through_named_statements_do_not() {
+        let mut out = BytesMut::new();
+        protocol::parse(&mut out, "", "SELECT 1", &[0, 0]);
+        assert!(matches!(
+            unnamed_expectation(b'P', &out, out.len()),
+            Some(Pending::Parse { hash: None, .. })
+        ));
+        out.clear();
+        protocol::parse(&mut out, "s1", "SELECT 1", &[0, 0]);
+        assert_eq!(unnamed_expectation(b'P', &out, out.len()), None);
+        out.clear();
+        protocol::bind(&mut out, "", "", &[0, 0, 0, 0, 0, 0]);
+        assert_eq!(
+            unnamed_expectation(b'B', &out, out.len()),
+            Some(Pending::Bind)
+        );
+        out.clear();
+        protocol::bind(&mut out, "p1", "s1", &[0, 0, 0, 0, 0, 0]);
+        assert_eq!(unnamed_expectation(b'B', &out, out.len()), None);
+        out.clear();
+        protocol::describe(&mut out, b'P', "p1");
+        assert_eq!(
+            unnamed_expectation(b'D', &out, out.len()),
+            Some(Pending::Describe)
+        );
+        out.clear();
+        protocol::describe(&mut out, b'S', "s1");
+        assert_eq!(unnamed_expectation(b'D', &out, out.len()), None);
+        // Too few bytes to tell: the caller waits for the whole message.
+        assert_eq!(unnamed_expectation(b'B', &out[..5], out.len()), None);
     }
 }
