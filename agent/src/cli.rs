@@ -43,7 +43,7 @@ pub struct PoolerArgs {
     pub config: PathBuf,
     /// Runtime worker threads (1: a single-threaded runtime, as PgBouncer;
     /// 2, as `agent run`).
-    #[arg(long, env = "FAROL_POOLER_THREADS", default_value_t = 2)]
+    #[arg(long, env = "FAROL_POOLER_THREADS", default_value_t = 1)]
     pub threads: usize,
 }
 

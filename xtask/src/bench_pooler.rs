@@ -9,7 +9,8 @@
 //! (default "10"; "10,50" adds the -c 50 rows), FAROL_BENCH_TARGETS and
 //! FAROL_BENCH_WORKLOADS (comma lists of case names, to run a subset),
 //! FAROL_BENCH_ROUNDS (default 3, interleaved, median reported), and
-//! FAROL_POOLER_THREADS for the agent (default 2, as `agent run`).
+//! FAROL_POOLER_THREADS for the agent (default 1: on a saturated 2-core
+//! machine a single-threaded runtime measured ~10 % faster than two).
 
 use std::{
     os::unix::process::CommandExt,
