@@ -36,6 +36,21 @@ pub enum Command {
     Teardown(RunArgs),
     /// Replicated volumes: serve without XDP, heal-info, heal.
     Volume(crate::storage::cli::VolumeArgs),
+    /// Run only the PostgreSQL pooler of the cluster file (no data plane,
+    /// no root needed); for benchmarks and tests.
+    #[command(hide = true)]
+    Pooler(PoolerArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct PoolerArgs {
+    /// The cluster file with a [pooler] section.
+    #[arg(long, short, env = "FAROL_CONFIG")]
+    pub config: PathBuf,
+    /// Runtime worker threads (1: a single-threaded runtime, as PgBouncer;
+    /// 2, as `agent run`).
+    #[arg(long, env = "FAROL_POOLER_THREADS", default_value_t = 1)]
+    pub threads: usize,
 }
 
 #[derive(Debug, clap::Args)]

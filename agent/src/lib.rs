@@ -9,6 +9,7 @@
 //! - [`metrics`]: Prometheus text on `/metrics`.
 //! - [`node`]: what `agent run` does on one node.
 //! - [`storage`]: replicated volumes (FUSE mount, replication, self-heal).
+//! - [`pooler`]: the PostgreSQL connection pooler.
 //! - [`cli`]: the command line.
 
 pub mod balancer;
@@ -17,6 +18,7 @@ pub mod config;
 pub mod dataplane;
 pub mod metrics;
 pub mod node;
+pub mod pooler;
 pub mod storage;
 
 /// Renders an error with its chain of causes: "a: b: c".

@@ -4,7 +4,7 @@ use std::{path::Path, process::ExitCode};
 
 use clap::Parser;
 use farol_agent::{
-    cli::{CheckConfigArgs, Cli, Command, LogFormat, RunArgs},
+    cli::{CheckConfigArgs, Cli, Command, LogFormat, PoolerArgs, RunArgs},
     config::Config,
     error_chain,
     node::{self, NodePlan},
@@ -24,6 +24,7 @@ fn main() -> ExitCode {
         Command::Run(args) => run(args),
         Command::Teardown(args) => teardown(args),
         Command::Volume(args) => farol_agent::storage::cli::main(args),
+        Command::Pooler(args) => pooler(&args),
     }
 }
 
@@ -148,6 +149,56 @@ fn run(args: RunArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
         match node::run(plan, stop_rx).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                error!("{}", error_chain(&error));
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+/// `agent pooler`: only the PostgreSQL pooler, until SIGINT or SIGTERM.
+fn pooler(args: &PoolerArgs) -> ExitCode {
+    let config = match Config::load(&args.config) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("{error}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let Some(pooler_config) = config.pooler else {
+        eprintln!("{}: pooler: no [pooler] section", args.config.display());
+        return ExitCode::from(EXIT_CONFIG);
+    };
+    let mut builder = if args.threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        builder.worker_threads(args.threads);
+        builder
+    };
+    let runtime = match builder.enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            error!(%error, "cannot start the async runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        // The pooler alone has no data plane to keep: SIGUSR2 just stops it.
+        let keep = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        if let Err(error) = spawn_signal_handler(stop_tx, keep) {
+            error!(%error, "cannot install signal handlers");
+            return ExitCode::FAILURE;
+        }
+        let served = async {
+            let listener = farol_agent::pooler::bind(pooler_config.listen).await?;
+            let pooler = farol_agent::pooler::Pooler::new(pooler_config)?;
+            farol_agent::pooler::run(pooler, listener, stop_rx).await
+        };
+        match served.await {
             Ok(()) => ExitCode::SUCCESS,
             Err(error) => {
                 error!("{}", error_chain(&error));

@@ -11,7 +11,7 @@ use std::{
 };
 
 use tokio::sync::watch;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::{
     balancer::{self, BalancerError},
@@ -27,6 +27,8 @@ pub enum NodeError {
     Metrics(#[from] MetricsError),
     #[error("load balancer")]
     Balancer(#[from] BalancerError),
+    #[error(transparent)]
+    Pooler(#[from] crate::pooler::PoolerError),
     #[error("data plane on {iface}")]
     Dataplane {
         iface: String,
@@ -51,6 +53,8 @@ pub struct NodePlan {
     pub keep_on_exit: Arc<AtomicBool>,
     /// The replicated volumes this node holds a brick of.
     pub volumes: Vec<VolumePlan>,
+    /// The PostgreSQL pooler, when the cluster file has a `[pooler]`.
+    pub pooler: Option<crate::config::PoolerConfig>,
 }
 
 impl NodePlan {
@@ -69,6 +73,7 @@ impl NodePlan {
             metrics_listen: metrics_listen.unwrap_or_else(|| config.metrics_listen(node)),
             keep_on_exit: Arc::new(AtomicBool::new(false)),
             volumes: storage::plans(config, &node.name),
+            pooler: config.pooler.clone(),
         }
     }
 }
@@ -76,6 +81,10 @@ impl NodePlan {
 /// Runs the node until `shutdown` turns true.
 pub async fn run(plan: NodePlan, mut shutdown: watch::Receiver<bool>) -> Result<(), NodeError> {
     let listener = metrics::bind(plan.metrics_listen).await?;
+    let pooler_listener = match &plan.pooler {
+        Some(config) => Some(crate::pooler::bind(config.listen).await?),
+        None => None,
+    };
     let dataplane =
         Dataplane::start(&plan.node.interface, plan.xdp_mode, &plan.pin_dir).map_err(|source| {
             NodeError::Dataplane {
@@ -101,6 +110,25 @@ pub async fn run(plan: NodePlan, mut shutdown: watch::Receiver<bool>) -> Result<
         Some(dataplane.load_balancer()),
     );
     registry.register_collector(Box::new(volumes.collector()));
+    let pooler_task = match (plan.pooler.clone(), pooler_listener) {
+        (Some(config), Some(listener)) => {
+            let pooler = match crate::pooler::Pooler::new(config) {
+                Ok(pooler) => pooler,
+                Err(error) => {
+                    volumes.stop().await;
+                    dataplane.shutdown(OnExit::Remove);
+                    return Err(error.into());
+                }
+            };
+            metrics::register_pooler(&mut registry, pooler.clone());
+            Some(tokio::spawn(crate::pooler::run(
+                pooler,
+                listener,
+                shutdown.clone(),
+            )))
+        }
+        _ => None,
+    };
     info!(node = %plan.node.name, metrics = %plan.metrics_listen, "agent running");
 
     let mut balancer = tokio::spawn(balancer::run(
@@ -136,6 +164,17 @@ pub async fn run(plan: NodePlan, mut shutdown: watch::Receiver<bool>) -> Result<
             result
         }
     };
+    if let Some(task) = pooler_task {
+        if outcome.is_err() {
+            task.abort();
+        }
+        match task.await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => warn!(error = %crate::error_chain(&error), "pooler failed"),
+            Err(error) if error.is_cancelled() => {}
+            Err(error) => warn!(%error, "pooler task panicked"),
+        }
+    }
     volumes.stop().await;
     dataplane.shutdown(if plan.keep_on_exit.load(Ordering::SeqCst) {
         OnExit::Keep

@@ -6,11 +6,14 @@
 //! - [`lab`]: the cluster in network namespaces, with guards for tests.
 //! - [`packets`]: frames for PROG_TEST_RUN tests and benchmarks.
 //! - [`bench`]: `xtask bench NAME` and its JSON report.
+//! - [`postgres`]: PostgreSQL primary + standby guards for the pooler.
 
 pub mod bench;
 pub mod bench_lb;
+pub mod bench_pooler;
 pub mod lab;
 pub mod packets;
+pub mod postgres;
 pub mod toolchain;
 
 use std::{

@@ -53,6 +53,8 @@ enum BenchName {
     Lb,
     /// The replicated volume vs local ext4 (and GlusterFS when it runs).
     Volume,
+    /// pgbench through Farol's pooler vs direct, PgBouncer and pgpool-II.
+    Pooler,
 }
 
 #[derive(Debug, Subcommand)]
@@ -86,6 +88,11 @@ fn main() -> Result<()> {
             }
             BenchName::Volume => {
                 let report = bench_volume::run()?;
+                println!("wrote {}", report.write()?.display());
+                Ok(())
+            }
+            BenchName::Pooler => {
+                let report = xtask::bench_pooler::run()?;
                 println!("wrote {}", report.write()?.display());
                 Ok(())
             }

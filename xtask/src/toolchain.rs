@@ -38,6 +38,12 @@ const PACKAGES: &[(&str, &str)] = &[
     ),
     ("python3", "a small HTTP server for the lab's web nodes"),
     ("iputils-ping", "ping in the demo's traffic"),
+    (
+        "postgresql",
+        "PostgreSQL 15, psql and pgbench for the pooler's tests and benchmark",
+    ),
+    ("pgbouncer", "the pooler benchmark's PgBouncer baseline"),
+    ("pgpool2", "the pooler benchmark's pgpool-II baseline"),
 ];
 
 /// bpf-linker's release line that links against LLVM 22.

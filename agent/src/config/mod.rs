@@ -22,7 +22,10 @@ pub use service::{
     DEFAULT_WEIGHT, MAX_PORTS_PER_SERVICE, MAX_WEIGHT,
 };
 pub mod storage;
+pub use self::pooler::{PoolConfig, PoolMode, PoolerConfig, PoolerUser};
 pub use storage::VolumeConfig;
+
+pub mod pooler;
 
 /// Where pinned maps go unless the cluster or the node says otherwise.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/farol";
@@ -44,6 +47,9 @@ pub struct Config {
     /// Replicated volumes, in `[[volume]]` sections (see `storage.rs`).
     #[serde(default, rename = "volume")]
     pub volumes: Vec<VolumeConfig>,
+    /// The PostgreSQL pooler, when this cluster runs one.
+    #[serde(default)]
+    pub pooler: Option<PoolerConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -325,6 +331,9 @@ impl Config {
         }
         storage::validate(&self.volumes, &self.nodes, has_secret, &mut problem);
         service::validate(&self.services, &self.nodes, &mut problems);
+        if let Some(pooler) = &self.pooler {
+            problems.extend(pooler.validate());
+        }
         problems
     }
 

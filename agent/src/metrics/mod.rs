@@ -167,3 +167,93 @@ async fn metrics(State(registry): State<Arc<Registry>>) -> impl IntoResponse {
         ),
     }
 }
+
+/// Pool figures (the admin console's `SHOW POOLS`/`SHOW STATS`) at scrape
+/// time.
+#[derive(Debug)]
+struct PoolerCollector {
+    pooler: Arc<crate::pooler::Pooler>,
+}
+
+impl Collector for PoolerCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        use prometheus_client::metrics::MetricType;
+        use std::sync::atomic::Ordering::Relaxed;
+        let pools = self.pooler.pools();
+        type Figure = fn(&crate::pooler::pool::Pool) -> u64;
+        let figures: [(&str, &str, MetricType, Figure); 8] = [
+            (
+                "farol_pooler_server_connections_active",
+                "Server connections lent to clients",
+                MetricType::Gauge,
+                |p| p.active_count() as u64,
+            ),
+            (
+                "farol_pooler_server_connections_idle",
+                "Server connections idle in the pool",
+                MetricType::Gauge,
+                |p| p.idle_count() as u64,
+            ),
+            (
+                "farol_pooler_clients_waiting",
+                "Clients waiting for a server connection",
+                MetricType::Gauge,
+                |p| p.stats.waiting.load(Relaxed),
+            ),
+            (
+                "farol_pooler_transactions",
+                "Transactions (server lends) completed",
+                MetricType::Counter,
+                |p| p.stats.transactions.load(Relaxed),
+            ),
+            (
+                "farol_pooler_queries",
+                "Query and Execute messages relayed",
+                MetricType::Counter,
+                |p| p.stats.queries.load(Relaxed),
+            ),
+            (
+                "farol_pooler_wait_timeouts",
+                "Clients refused with 53300 after query_wait_timeout",
+                MetricType::Counter,
+                |p| p.stats.wait_timeouts.load(Relaxed),
+            ),
+            (
+                "farol_pooler_server_connects",
+                "Server connections opened",
+                MetricType::Counter,
+                |p| p.stats.server_connects.load(Relaxed),
+            ),
+            (
+                "farol_pooler_received_bytes",
+                "Bytes received from clients",
+                MetricType::Counter,
+                |p| p.stats.bytes_received.load(Relaxed),
+            ),
+        ];
+        for (name, help, kind, figure) in figures {
+            let mut family = encoder.encode_descriptor(name, help, None, kind)?;
+            for pool in &pools {
+                let server = pool.key.addr.to_string();
+                let labels = [
+                    ("database", pool.key.database.as_str()),
+                    ("user", pool.key.user.as_str()),
+                    ("server", server.as_str()),
+                ];
+                let value = figure(pool);
+                match kind {
+                    MetricType::Counter => {
+                        ConstCounter::new(value).encode(family.encode_family(&labels)?)?
+                    }
+                    _ => ConstGauge::new(value as i64).encode(family.encode_family(&labels)?)?,
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Adds the pooler's figures to the agent's registry.
+pub fn register_pooler(registry: &mut Registry, pooler: Arc<crate::pooler::Pooler>) {
+    registry.register_collector(Box::new(PoolerCollector { pooler }));
+}

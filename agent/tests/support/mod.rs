@@ -2,6 +2,8 @@
 
 #![allow(dead_code, reason = "each test binary uses a different subset")]
 
+pub(crate) mod pooler;
+
 /// True when this test may load BPF programs and create namespaces.
 /// Without root it skips (prints why); under `cargo xtask test`
 /// (FAROL_TEST_REQUIRE_PRIVILEGES=1) a skip is a failure instead.

@@ -1,0 +1,269 @@
+//! The `[pooler]` section: Farol's PostgreSQL connection pooler (issue 6).
+//!
+//! ```toml
+//! [pooler]
+//! listen = "0.0.0.0:6432"
+//! primary = "127.0.0.1:5432"
+//! standbys = ["127.0.0.1:5433"]
+//!
+//! [[pooler.users]]
+//! name = "app"
+//! secret = "SCRAM-SHA-256$4096:...$...:..."   # or "md5<hex>", as in pg_authid
+//! server_password = "..."                     # how the pooler logs in to PostgreSQL
+//!
+//! [[pooler.pools]]
+//! database = "app"
+//! mode = "transaction"
+//! pool_size = 20
+//! ```
+
+use std::{collections::HashSet, net::SocketAddr, path::PathBuf, time::Duration};
+
+use serde::Deserialize;
+
+use super::Problem;
+
+/// Default client-facing port (PgBouncer's; 5432 stays PostgreSQL's).
+pub const DEFAULT_POOLER_LISTEN: &str = "0.0.0.0:6432";
+/// The database name that reaches the admin console (`SHOW POOLS`, ...).
+pub const DEFAULT_ADMIN_DATABASE: &str = "farol";
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PoolerConfig {
+    /// Where clients connect.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// The PostgreSQL primary (writes, and reads when no standby fits).
+    pub primary: SocketAddr,
+    /// Hot standbys for reads when `read_write_split` is on.
+    #[serde(default)]
+    pub standbys: Vec<SocketAddr>,
+    /// Most client connections at once; one more is refused with 53300.
+    #[serde(default = "default_max_client_conn")]
+    pub max_client_conn: usize,
+    /// Database name of the admin console.
+    #[serde(default = "default_admin_database")]
+    pub admin_database: String,
+    /// Users allowed to connect, with their hashed secrets.
+    #[serde(default)]
+    pub users: Vec<PoolerUser>,
+    /// One pool per (database, user); `user` empty means every user.
+    #[serde(default)]
+    pub pools: Vec<PoolConfig>,
+    /// Send statements that only read to a standby.
+    #[serde(default)]
+    pub read_write_split: bool,
+    /// After a write, the rest of the client's session stays on the primary.
+    #[serde(default = "default_true")]
+    pub read_your_writes: bool,
+    /// Functions with side effects: a read that calls one goes to the primary.
+    #[serde(default)]
+    pub primary_functions: Vec<String>,
+    /// PEM certificate chain for TLS with clients; without it an SSLRequest
+    /// is refused ('N') and the client may go on in plain text.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `tls_cert`.
+    pub tls_key: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PoolerUser {
+    pub name: String,
+    /// `md5` + hex(md5(password + user)), or a SCRAM-SHA-256 verifier
+    /// `SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>` (both as
+    /// PostgreSQL stores them in `pg_authid.rolpassword`).
+    pub secret: String,
+    /// Password the pooler uses towards PostgreSQL (md5 or SCRAM); not
+    /// needed when the server trusts the pooler.
+    pub server_password: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PoolConfig {
+    pub database: String,
+    /// Only this user; empty for every configured user.
+    #[serde(default)]
+    pub user: String,
+    #[serde(default)]
+    pub mode: PoolMode,
+    /// Most server connections of this pool (per server).
+    #[serde(default = "default_pool_size")]
+    pub pool_size: usize,
+    /// Server connections kept open even when idle.
+    #[serde(default)]
+    pub min_idle: usize,
+    /// How long a client waits for a server connection before 53300.
+    #[serde(default = "default_query_wait_timeout", with = "humantime_serde")]
+    pub query_wait_timeout: Duration,
+    /// An idle server connection older than this is closed.
+    #[serde(default = "default_idle_timeout", with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// A server connection older than this is closed when released.
+    #[serde(default = "default_server_lifetime", with = "humantime_serde")]
+    pub server_lifetime: Duration,
+}
+
+/// When a server connection goes back to the pool.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum PoolMode {
+    /// After each transaction (PgBouncer's `pool_mode = transaction`).
+    #[default]
+    Transaction,
+    /// When the client disconnects.
+    Session,
+}
+
+fn default_listen() -> SocketAddr {
+    DEFAULT_POOLER_LISTEN
+        .parse()
+        .expect("DEFAULT_POOLER_LISTEN is a valid socket address")
+}
+fn default_max_client_conn() -> usize {
+    1000
+}
+fn default_admin_database() -> String {
+    DEFAULT_ADMIN_DATABASE.into()
+}
+fn default_true() -> bool {
+    true
+}
+fn default_pool_size() -> usize {
+    20
+}
+fn default_query_wait_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_idle_timeout() -> Duration {
+    Duration::from_secs(600)
+}
+fn default_server_lifetime() -> Duration {
+    Duration::from_secs(3600)
+}
+
+impl PoolerConfig {
+    /// Every rule of the section; keys start with `pooler.`.
+    pub fn validate(&self) -> Vec<Problem> {
+        let mut problems = Vec::new();
+        let mut problem = |key: String, message: String| problems.push(Problem { key, message });
+        if self.max_client_conn == 0 {
+            problem(
+                "pooler.max_client_conn".into(),
+                "expected at least 1, got 0".into(),
+            );
+        }
+        if self.admin_database.is_empty() {
+            problem(
+                "pooler.admin_database".into(),
+                "expected a database name, got an empty string".into(),
+            );
+        }
+        if self.standbys.contains(&self.primary) {
+            problem(
+                "pooler.standbys".into(),
+                format!("{} is also the primary", self.primary),
+            );
+        }
+        if self.read_write_split && self.standbys.is_empty() {
+            problem(
+                "pooler.read_write_split".into(),
+                "needs at least one address in pooler.standbys".into(),
+            );
+        }
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(_), None) => problem(
+                "pooler.tls_key".into(),
+                "pooler.tls_cert is set: the key is needed too".into(),
+            ),
+            (None, Some(_)) => problem(
+                "pooler.tls_cert".into(),
+                "pooler.tls_key is set: the certificate is needed too".into(),
+            ),
+            _ => {}
+        }
+        let mut users = HashSet::new();
+        for (index, user) in self.users.iter().enumerate() {
+            let at = |key: &str| format!("pooler.users[{index}].{key}");
+            if user.name.is_empty() {
+                problem(at("name"), "expected a user name".into());
+            } else if !users.insert(user.name.as_str()) {
+                problem(at("name"), format!("{:?} is listed twice", user.name));
+            }
+            if let Err(why) = crate::pooler::auth::Secret::parse(&user.secret) {
+                problem(at("secret"), why.to_string());
+            }
+        }
+        let mut pools = HashSet::new();
+        for (index, pool) in self.pools.iter().enumerate() {
+            let at = |key: &str| format!("pooler.pools[{index}].{key}");
+            if pool.database.is_empty() {
+                problem(at("database"), "expected a database name".into());
+            } else if pool.database == self.admin_database {
+                problem(
+                    at("database"),
+                    format!("{:?} is the admin database", pool.database),
+                );
+            }
+            if !pool.user.is_empty() && !users.contains(pool.user.as_str()) {
+                problem(
+                    at("user"),
+                    format!("{:?} is not in pooler.users", pool.user),
+                );
+            }
+            if !pools.insert((pool.database.as_str(), pool.user.as_str())) {
+                problem(
+                    at("database"),
+                    format!(
+                        "a pool for database {:?} and user {:?} is already defined",
+                        pool.database, pool.user
+                    ),
+                );
+            }
+            if pool.pool_size == 0 {
+                problem(at("pool_size"), "expected at least 1, got 0".into());
+            }
+            if pool.min_idle > pool.pool_size {
+                problem(
+                    at("min_idle"),
+                    format!(
+                        "must not exceed pool_size ({}), got {}",
+                        pool.pool_size, pool.min_idle
+                    ),
+                );
+            }
+            if pool.query_wait_timeout.is_zero() {
+                problem(
+                    at("query_wait_timeout"),
+                    "expected a positive duration".into(),
+                );
+            }
+            if pool.server_lifetime.is_zero() {
+                problem(at("server_lifetime"), "expected a positive duration".into());
+            }
+        }
+        problems
+    }
+
+    /// The pool settings for (database, user): an exact pool first, then
+    /// one for every user.
+    pub fn pool(&self, database: &str, user: &str) -> Option<&PoolConfig> {
+        self.pools
+            .iter()
+            .find(|pool| pool.database == database && pool.user == user)
+            .or_else(|| {
+                self.pools
+                    .iter()
+                    .find(|pool| pool.database == database && pool.user.is_empty())
+            })
+    }
+
+    pub fn user(&self, name: &str) -> Option<&PoolerUser> {
+        self.users.iter().find(|user| user.name == name)
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,211 @@
+//! One test per `[pooler]` validation rule, in the style of `config/tests.rs`.
+
+use std::{path::Path, time::Duration};
+
+use crate::config::{Config, ConfigError, PoolMode, Problem};
+
+const BASE: &str = r#"
+[cluster]
+name = "test"
+
+[[node]]
+name = "a"
+address = "192.0.2.11/24"
+interface = "eth0"
+
+[pooler]
+listen = "127.0.0.1:6432"
+primary = "127.0.0.1:5432"
+standbys = ["127.0.0.1:5433"]
+
+[[pooler.users]]
+name = "app"
+secret = "md5a3556571e93b0d20722ba62be61e8c2d"
+
+[[pooler.pools]]
+database = "app"
+"#;
+
+fn load(text: &str) -> Result<Config, ConfigError> {
+    Config::from_toml(Path::new("test.toml"), text)
+}
+
+fn assert_one_problem(text: &str, key: &str, fragment: &str) {
+    let problems: Vec<String> = match load(text) {
+        Ok(config) => panic!("expected an invalid config, got {config:#?}"),
+        Err(error) => error.problems().iter().map(Problem::to_string).collect(),
+    };
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.starts_with(&format!("{key}: ")) && p.contains(fragment)),
+        "expected a problem at {key} mentioning {fragment:?}, got {problems:#?}"
+    );
+}
+
+#[test]
+fn pooler_section_loads_with_defaults() {
+    let config = load(BASE).expect("valid");
+    let pooler = config.pooler.expect("pooler section");
+    assert_eq!(pooler.max_client_conn, 1000);
+    assert_eq!(pooler.admin_database, "farol");
+    assert!(pooler.read_your_writes);
+    let pool = pooler.pool("app", "app").expect("pool for every user");
+    assert_eq!(pool.mode, PoolMode::Transaction);
+    assert_eq!(pool.pool_size, 20);
+    assert_eq!(pool.query_wait_timeout, Duration::from_secs(30));
+    assert!(pooler.pool("other", "app").is_none());
+}
+
+#[test]
+fn durations_are_humantime_strings() {
+    let text = format!(
+        "{BASE}query_wait_timeout = \"250ms\"\nidle_timeout = \"2m\"\nmode = \"session\"\n"
+    );
+    let config = load(&text).expect("valid");
+    let pool = &config.pooler.unwrap().pools[0];
+    assert_eq!(pool.query_wait_timeout, Duration::from_millis(250));
+    assert_eq!(pool.idle_timeout, Duration::from_secs(120));
+    assert_eq!(pool.mode, PoolMode::Session);
+}
+
+#[test]
+fn config_without_pooler_has_none() {
+    let text = BASE.split("[pooler]").next().unwrap();
+    assert!(load(text).unwrap().pooler.is_none());
+}
+
+#[test]
+fn unknown_pooler_key_is_refused_with_its_path() {
+    let error = load(&format!("{BASE}pool_sise = 3\n"))
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("pooler.pools[0]"), "{error}");
+    assert!(error.contains("pool_sise"), "{error}");
+}
+
+#[test]
+fn bad_duration_is_refused_with_its_path() {
+    let error = load(&format!("{BASE}idle_timeout = \"soon\"\n"))
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("pooler.pools[0].idle_timeout"), "{error}");
+}
+
+#[test]
+fn max_client_conn_zero_is_refused() {
+    let text = BASE.replace("standbys = [", "max_client_conn = 0\nstandbys = [");
+    assert_one_problem(&text, "pooler.max_client_conn", "at least 1");
+}
+
+#[test]
+fn empty_admin_database_is_refused() {
+    let text = BASE.replace("standbys = [", "admin_database = \"\"\nstandbys = [");
+    assert_one_problem(&text, "pooler.admin_database", "expected a database name");
+}
+
+#[test]
+fn primary_listed_as_standby_is_refused() {
+    let text = BASE.replace("127.0.0.1:5433", "127.0.0.1:5432");
+    assert_one_problem(&text, "pooler.standbys", "also the primary");
+}
+
+#[test]
+fn read_write_split_without_standbys_is_refused() {
+    let text = BASE.replace("standbys = [\"127.0.0.1:5433\"]", "read_write_split = true");
+    assert_one_problem(&text, "pooler.read_write_split", "pooler.standbys");
+}
+
+#[test]
+fn duplicate_user_is_refused() {
+    let text = format!(
+        "{BASE}\n[[pooler.users]]\nname = \"app\"\nsecret = \"md5a3556571e93b0d20722ba62be61e8c2d\"\n"
+    );
+    assert_one_problem(&text, "pooler.users[1].name", "listed twice");
+}
+
+#[test]
+fn empty_user_name_is_refused() {
+    let text = BASE.replace("name = \"app\"", "name = \"\"");
+    assert_one_problem(&text, "pooler.users[0].name", "expected a user name");
+}
+
+#[test]
+fn plain_text_secret_is_refused() {
+    let text = BASE.replace("md5a3556571e93b0d20722ba62be61e8c2d", "hunter2");
+    assert_one_problem(&text, "pooler.users[0].secret", "SCRAM-SHA-256");
+}
+
+#[test]
+fn empty_pool_database_is_refused() {
+    let text = BASE.replace("database = \"app\"", "database = \"\"");
+    assert_one_problem(
+        &text,
+        "pooler.pools[0].database",
+        "expected a database name",
+    );
+}
+
+#[test]
+fn pool_on_the_admin_database_is_refused() {
+    let text = BASE.replace("database = \"app\"", "database = \"farol\"");
+    assert_one_problem(&text, "pooler.pools[0].database", "admin database");
+}
+
+#[test]
+fn pool_for_an_unknown_user_is_refused() {
+    let text = format!("{BASE}user = \"ghost\"\n");
+    assert_one_problem(&text, "pooler.pools[0].user", "not in pooler.users");
+}
+
+#[test]
+fn duplicate_pool_is_refused() {
+    let text = format!("{BASE}\n[[pooler.pools]]\ndatabase = \"app\"\n");
+    assert_one_problem(&text, "pooler.pools[1].database", "already defined");
+}
+
+#[test]
+fn pool_size_zero_is_refused() {
+    let text = format!("{BASE}pool_size = 0\n");
+    assert_one_problem(&text, "pooler.pools[0].pool_size", "at least 1");
+}
+
+#[test]
+fn min_idle_above_pool_size_is_refused() {
+    let text = format!("{BASE}pool_size = 2\nmin_idle = 3\n");
+    assert_one_problem(
+        &text,
+        "pooler.pools[0].min_idle",
+        "must not exceed pool_size (2)",
+    );
+}
+
+#[test]
+fn zero_query_wait_timeout_is_refused() {
+    let text = format!("{BASE}query_wait_timeout = \"0s\"\n");
+    assert_one_problem(&text, "pooler.pools[0].query_wait_timeout", "positive");
+}
+
+#[test]
+fn zero_server_lifetime_is_refused() {
+    let text = format!("{BASE}server_lifetime = \"0s\"\n");
+    assert_one_problem(&text, "pooler.pools[0].server_lifetime", "positive");
+}
+
+#[test]
+fn tls_cert_without_key_is_refused() {
+    let text = BASE.replace(
+        "standbys = [",
+        "tls_cert = \"/etc/farol/cert.pem\"\nstandbys = [",
+    );
+    assert_one_problem(&text, "pooler.tls_key", "key is needed");
+}
+
+#[test]
+fn tls_key_without_cert_is_refused() {
+    let text = BASE.replace(
+        "standbys = [",
+        "tls_key = \"/etc/farol/key.pem\"\nstandbys = [",
+    );
+    assert_one_problem(&text, "pooler.tls_cert", "certificate is needed");
+}

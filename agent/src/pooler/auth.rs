@@ -1,0 +1,370 @@
+//! Authentication on both sides of the pooler.
+//!
+//! Clients: md5 (RFC-less PostgreSQL scheme, docs 21.5 "Password
+//! Authentication") and SCRAM-SHA-256 (RFC 5802 / RFC 7677, without channel
+//! binding) against the configured secrets, which are stored exactly as
+//! PostgreSQL stores them in `pg_authid.rolpassword`, so no plain password
+//! sits in the config. The server side of SCRAM is written here with
+//! `hmac`/`sha2`/`base64`: `postgres-protocol` only implements the client.
+//!
+//! Servers: the pooler logs in with `server_password` through
+//! `postgres-protocol`'s md5 and SCRAM client.
+
+use base64::{engine::general_purpose::STANDARD as BASE64, Engine};
+use bytes::BytesMut;
+use hmac::{Hmac, Mac};
+use md5::{Digest as _, Md5};
+use sha2::Sha256;
+
+use super::protocol;
+
+/// SCRAM iterations of secrets the pooler makes (PostgreSQL's default).
+pub const SCRAM_ITERATIONS: u32 = 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("secret: expected \"md5\" followed by 32 hex digits or a SCRAM-SHA-256 verifier \"SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>\"")]
+    SecretFormat,
+    #[error("password authentication failed for user \"{user}\"")]
+    Failed { user: String },
+    #[error("malformed authentication message from the client: {what}")]
+    Malformed { what: &'static str },
+    #[error("the client chose SASL mechanism {mechanism:?}; only SCRAM-SHA-256 is offered")]
+    Mechanism { mechanism: String },
+    #[error("the server asked for a password and none is configured for user \"{user}\" (pooler.users[].server_password)")]
+    NoServerPassword { user: String },
+    #[error("the server asked for an unsupported authentication method {code}")]
+    Unsupported { code: u32 },
+    #[error("SCRAM exchange with the server failed")]
+    ServerScram(#[source] std::io::Error),
+}
+
+/// A user's secret as PostgreSQL stores it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Secret {
+    /// The 32 hex digits after `md5`: md5(password + user).
+    Md5(String),
+    Scram {
+        iterations: u32,
+        salt: Vec<u8>,
+        stored_key: [u8; 32],
+        server_key: [u8; 32],
+    },
+}
+
+impl Secret {
+    pub fn parse(text: &str) -> Result<Secret, AuthError> {
+        if let Some(hex) = text.strip_prefix("md5") {
+            if hex.len() == 32 && hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Ok(Secret::Md5(hex.to_ascii_lowercase()));
+            }
+            return Err(AuthError::SecretFormat);
+        }
+        let rest = text
+            .strip_prefix("SCRAM-SHA-256$")
+            .ok_or(AuthError::SecretFormat)?;
+        let (params, keys) = rest.split_once('$').ok_or(AuthError::SecretFormat)?;
+        let (iterations, salt) = params.split_once(':').ok_or(AuthError::SecretFormat)?;
+        let (stored, server) = keys.split_once(':').ok_or(AuthError::SecretFormat)?;
+        let key = |b64: &str| -> Result<[u8; 32], AuthError> {
+            BASE64
+                .decode(b64)
+                .ok()
+                .and_then(|bytes| bytes.try_into().ok())
+                .ok_or(AuthError::SecretFormat)
+        };
+        Ok(Secret::Scram {
+            iterations: iterations.parse().map_err(|_| AuthError::SecretFormat)?,
+            salt: BASE64.decode(salt).map_err(|_| AuthError::SecretFormat)?,
+            stored_key: key(stored)?,
+            server_key: key(server)?,
+        })
+    }
+}
+
+/// A SCRAM-SHA-256 verifier for `password`, as `CREATE ROLE ... PASSWORD`
+/// would store it (for configs and tests).
+pub fn scram_secret(password: &str) -> String {
+    postgres_protocol::password::scram_sha_256(password.as_bytes())
+}
+
+/// An md5 secret for `user` and `password`.
+pub fn md5_secret(user: &str, password: &str) -> String {
+    postgres_protocol::password::md5(password.as_bytes(), user)
+}
+
+fn md5_hex(parts: &[&[u8]]) -> String {
+    let mut hasher = Md5::new();
+    for part in parts {
+        hasher.update(part);
+    }
+    hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Checks an md5 PasswordMessage body (`md5<hex>\0`) against the secret.
+pub fn md5_check(
+    user: &str,
+    stored_hex: &str,
+    salt: [u8; 4],
+    body: &[u8],
+) -> Result<(), AuthError> {
+    let expected = format!("md5{}", md5_hex(&[stored_hex.as_bytes(), &salt]));
+    let sent = body.strip_suffix(&[0]).unwrap_or(body);
+    if constant_time_eq(sent, expected.as_bytes()) {
+        Ok(())
+    } else {
+        Err(AuthError::Failed {
+            user: user.to_owned(),
+        })
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn hmac(key: &[u8], data: &[u8]) -> [u8; 32] {
+    let mut mac =
+        <Hmac<Sha256> as Mac>::new_from_slice(key).expect("HMAC accepts keys of any length");
+    mac.update(data);
+    mac.finalize().into_bytes().into()
+}
+
+/// The server side of one SCRAM-SHA-256 exchange (RFC 5802 section 3).
+#[derive(Debug)]
+pub struct ScramServer {
+    user: String,
+    stored_key: [u8; 32],
+    server_key: [u8; 32],
+    /// `client-first-message-bare,server-first-message`, kept for the
+    /// AuthMessage.
+    first_messages: String,
+    /// The GS2 header the client sent, echoed base64-encoded in `c=`.
+    gs2_header: String,
+    nonce: String,
+}
+
+impl ScramServer {
+    /// Takes the client-first-message and returns the server-first-message.
+    pub fn start(
+        user: &str,
+        secret: &Secret,
+        client_first: &[u8],
+    ) -> Result<(ScramServer, String), AuthError> {
+        let Secret::Scram {
+            iterations,
+            salt,
+            stored_key,
+            server_key,
+        } = secret
+        else {
+            return Err(AuthError::Failed {
+                user: user.to_owned(),
+            });
+        };
+        let malformed = |what| AuthError::Malformed { what };
+        let text = std::str::from_utf8(client_first)
+            .map_err(|_| malformed("client-first-message is not UTF-8"))?;
+        // gs2-header: cbind-flag "," [authzid] ","
+        let mut parts = text.splitn(3, ',');
+        let flag = parts.next().unwrap_or_default();
+        let authzid = parts.next().ok_or(malformed("client-first-message"))?;
+        let bare = parts.next().ok_or(malformed("client-first-message"))?;
+        if flag != "n" && flag != "y" {
+            // "p=..." asks for channel binding, which is not offered.
+            return Err(malformed("channel binding is not supported"));
+        }
+        let client_nonce = bare
+            .split(',')
+            .find_map(|attr| attr.strip_prefix("r="))
+            .filter(|nonce| !nonce.is_empty())
+            .ok_or(malformed("client-first-message has no nonce"))?;
+        let server_nonce: [u8; 18] = rand::random();
+        let nonce = format!("{client_nonce}{}", BASE64.encode(server_nonce));
+        let server_first = format!("r={nonce},s={},i={iterations}", BASE64.encode(salt));
+        Ok((
+            ScramServer {
+                user: user.to_owned(),
+                stored_key: *stored_key,
+                server_key: *server_key,
+                first_messages: format!("{bare},{server_first}"),
+                gs2_header: format!("{flag},{authzid},"),
+                nonce,
+            },
+            server_first,
+        ))
+    }
+
+    /// Checks the client-final-message; returns the server-final-message.
+    pub fn finish(self, client_final: &[u8]) -> Result<String, AuthError> {
+        let malformed = |what| AuthError::Malformed { what };
+        let text = std::str::from_utf8(client_final)
+            .map_err(|_| malformed("client-final-message is not UTF-8"))?;
+        let (without_proof, proof) = text
+            .rsplit_once(",p=")
+            .ok_or(malformed("client-final-message has no proof"))?;
+        let mut channel = None;
+        let mut nonce = None;
+        for attr in without_proof.split(',') {
+            if let Some(value) = attr.strip_prefix("c=") {
+                channel = Some(value);
+            } else if let Some(value) = attr.strip_prefix("r=") {
+                nonce = Some(value);
+            }
+        }
+        let failed = || AuthError::Failed {
+            user: self.user.clone(),
+        };
+        if channel != Some(BASE64.encode(&self.gs2_header).as_str())
+            || nonce != Some(self.nonce.as_str())
+        {
+            return Err(failed());
+        }
+        let proof: [u8; 32] = BASE64
+            .decode(proof)
+            .ok()
+            .and_then(|bytes| bytes.try_into().ok())
+            .ok_or(malformed("client proof"))?;
+        let auth_message = format!("{},{without_proof}", self.first_messages);
+        let signature = hmac(&self.stored_key, auth_message.as_bytes());
+        let mut client_key = [0u8; 32];
+        for (i, byte) in client_key.iter_mut().enumerate() {
+            *byte = proof[i] ^ signature[i];
+        }
+        let computed: [u8; 32] = Sha256::digest(client_key).into();
+        if !constant_time_eq(&computed, &self.stored_key) {
+            return Err(failed());
+        }
+        let server_signature = hmac(&self.server_key, auth_message.as_bytes());
+        Ok(format!("v={}", BASE64.encode(server_signature)))
+    }
+}
+
+/// The pooler's side of a server's authentication request; `None` when
+/// nothing is to be sent (AuthenticationOk, SASLFinal).
+#[derive(Default)]
+pub struct ServerLogin {
+    scram: Option<postgres_protocol::authentication::sasl::ScramSha256>,
+}
+
+impl std::fmt::Debug for ServerLogin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerLogin").finish_non_exhaustive()
+    }
+}
+
+impl ServerLogin {
+    /// Answers one AuthenticationRequest body (after the type and length).
+    pub fn answer(
+        &mut self,
+        user: &str,
+        password: Option<&str>,
+        body: &[u8],
+        out: &mut BytesMut,
+    ) -> Result<(), AuthError> {
+        use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
+        let code = body
+            .get(..4)
+            .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+            .ok_or(AuthError::Unsupported { code: u32::MAX })?;
+        let password = || {
+            password.ok_or_else(|| AuthError::NoServerPassword {
+                user: user.to_owned(),
+            })
+        };
+        match code {
+            0 => {}
+            3 => {
+                let mut data = password()?.as_bytes().to_vec();
+                data.push(0);
+                protocol::password(out, &data);
+            }
+            5 => {
+                let salt: [u8; 4] = body
+                    .get(4..8)
+                    .and_then(|s| s.try_into().ok())
+                    .ok_or(AuthError::Unsupported { code })?;
+                let mut data = postgres_protocol::authentication::md5_hash(
+                    user.as_bytes(),
+                    password()?.as_bytes(),
+                    salt,
+                )
+                .into_bytes();
+                data.push(0);
+                protocol::password(out, &data);
+            }
+            10 => {
+                let scram = ScramSha256::new(password()?.as_bytes(), ChannelBinding::unsupported());
+                protocol::sasl_initial_response(out, "SCRAM-SHA-256", scram.message());
+                self.scram = Some(scram);
+            }
+            11 => {
+                let scram = self.scram.as_mut().ok_or(AuthError::Unsupported { code })?;
+                scram.update(&body[4..]).map_err(AuthError::ServerScram)?;
+                protocol::password(out, scram.message());
+            }
+            12 => {
+                let mut scram = self.scram.take().ok_or(AuthError::Unsupported { code })?;
+                scram.finish(&body[4..]).map_err(AuthError::ServerScram)?;
+            }
+            code => return Err(AuthError::Unsupported { code }),
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_made_by_postgres_protocol_parse() {
+        assert!(matches!(
+            Secret::parse(&scram_secret("pw")),
+            Ok(Secret::Scram {
+                iterations: 4096,
+                ..
+            })
+        ));
+        assert!(matches!(
+            Secret::parse(&md5_secret("u", "pw")),
+            Ok(Secret::Md5(_))
+        ));
+        assert!(Secret::parse("plain").is_err());
+        assert!(Secret::parse("md5xyz").is_err());
+        assert!(Secret::parse("SCRAM-SHA-256$4096:c2FsdA==$AAAA:BBBB").is_err());
+    }
+
+    #[test]
+    fn scram_exchange_with_postgres_protocol_client_succeeds_and_wrong_password_fails() {
+        use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
+        let secret = Secret::parse(&scram_secret("right")).unwrap();
+        for (password, ok) in [("right", true), ("wrong", false)] {
+            let mut client = ScramSha256::new(password.as_bytes(), ChannelBinding::unsupported());
+            let (server, first) = ScramServer::start("u", &secret, client.message()).unwrap();
+            client.update(first.as_bytes()).unwrap();
+            let result = server.finish(client.message());
+            assert_eq!(result.is_ok(), ok, "{result:?}");
+            if let Ok(last) = result {
+                client.finish(last.as_bytes()).unwrap();
+            }
+        }
+    }
+
+    #[test]
+    fn md5_check_accepts_the_libpq_answer() {
+        let secret = md5_secret("u", "pw");
+        let Secret::Md5(hex) = Secret::parse(&secret).unwrap() else {
+            panic!("md5 secret");
+        };
+        let salt = [1, 2, 3, 4];
+        let answer = postgres_protocol::authentication::md5_hash(b"u", b"pw", salt);
+        assert!(md5_check("u", &hex, salt, answer.as_bytes()).is_ok());
+        let wrong = postgres_protocol::authentication::md5_hash(b"u", b"no", salt);
+        assert!(md5_check("u", &hex, salt, wrong.as_bytes()).is_err());
+    }
+}

@@ -1,0 +1,401 @@
+//! Farol's PostgreSQL pooler: PgBouncer's job (and pgpool-II's connection
+//! limiting) inside the agent, speaking protocol v3.
+//!
+//! # Layout
+//! - [`protocol`]: typed messages both ways; "need more bytes" is a value.
+//! - [`auth`]: md5 and SCRAM-SHA-256 for clients, the server login.
+//! - [`pool`]: server connections and pools per (database, user, server).
+//! - `session`: one task per client: startup, auth, then the relay, with
+//!   prepared statements renamed and re-prepared in transaction mode.
+//! - `admin`: `SHOW POOLS|CLIENTS|SERVERS|STATS` on the admin database.
+//!
+//! - [`route`]: read/write split (which statements may run on a standby).
+//!
+//! Not here yet: TLS, `auth_query`, replication-lag checks of standbys.
+
+pub mod auth;
+pub mod pool;
+pub mod protocol;
+
+pub mod route;
+
+mod admin;
+mod session;
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex, RwLock,
+    },
+    time::{Duration, Instant},
+};
+
+use bytes::BytesMut;
+use tokio::{
+    io::AsyncWriteExt,
+    net::{TcpListener, TcpStream},
+    sync::{watch, Semaphore},
+    task::JoinSet,
+};
+use tracing::{debug, info, warn};
+
+use self::pool::{Pool, PoolKey};
+use crate::config::PoolerConfig;
+
+/// How often idle limits and `min_idle` are enforced.
+const MAINTAIN_EVERY: Duration = Duration::from_secs(1);
+/// How long shutdown waits for clients to finish.
+const DRAIN_DEADLINE: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum PoolerError {
+    #[error("cannot listen on {addr} for PostgreSQL clients (pooler.listen)")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("accepting a client connection")]
+    Accept(#[source] std::io::Error),
+    #[error("pooler TLS: cannot use {what}")]
+    Tls {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Where a client's current transaction runs, for cancel requests.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct CancelTarget {
+    pub(crate) addr: SocketAddr,
+    pub(crate) process_id: i32,
+    pub(crate) secret_key: i32,
+}
+
+/// A connected client, as the admin console and cancel requests see it.
+#[derive(Debug)]
+pub(crate) struct ClientEntry {
+    pub(crate) peer: SocketAddr,
+    pub(crate) user: String,
+    pub(crate) database: String,
+    pub(crate) since: Instant,
+    /// The server connection running this client's transaction, if any.
+    pub(crate) server: Mutex<Option<CancelTarget>>,
+}
+
+impl ClientEntry {
+    pub(crate) fn set_server(&self, target: Option<CancelTarget>) {
+        *self
+            .server
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner()) = target;
+    }
+
+    fn server(&self) -> Option<CancelTarget> {
+        *self
+            .server
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+    }
+}
+
+/// State shared by every session: the config, the pools, the clients.
+pub struct Pooler {
+    pub(crate) config: PoolerConfig,
+    /// Set when `read_write_split` is on.
+    pub(crate) router: Option<route::Router>,
+    /// Set when `tls_cert` and `tls_key` are configured.
+    pub(crate) tls: Option<tokio_rustls::TlsAcceptor>,
+    pools: Mutex<HashMap<(String, String, SocketAddr), Arc<Pool>>>,
+    clients: Mutex<HashMap<(i32, i32), Arc<ClientEntry>>>,
+    client_slots: Arc<Semaphore>,
+    primary: RwLock<SocketAddr>,
+    /// Bumped when the primary changes, so sessions refetch their pool.
+    primary_generation: AtomicU64,
+}
+
+impl Pooler {
+    /// Builds the shared state; fails only when the TLS certificate or key
+    /// cannot be used.
+    pub fn new(config: PoolerConfig) -> Result<Arc<Pooler>, PoolerError> {
+        let tls = match (&config.tls_cert, &config.tls_key) {
+            (Some(cert), Some(key)) => Some(tls_acceptor(cert, key)?),
+            _ => None,
+        };
+        Ok(Arc::new(Pooler {
+            tls,
+            router: config
+                .read_write_split
+                .then(|| route::Router::new(&config.primary_functions)),
+            client_slots: Arc::new(Semaphore::new(config.max_client_conn)),
+            primary: RwLock::new(config.primary),
+            primary_generation: AtomicU64::new(0),
+            pools: Mutex::new(HashMap::new()),
+            clients: Mutex::new(HashMap::new()),
+            config,
+        }))
+    }
+
+    /// The failover hook: new transactions go to `addr` from now on;
+    /// sessions holding a connection to the old primary keep it until
+    /// their transaction ends or the connection breaks.
+    pub fn set_primary(&self, addr: SocketAddr) {
+        let mut primary = self
+            .primary
+            .write()
+            .unwrap_or_else(|poison| poison.into_inner());
+        if *primary != addr {
+            info!(old = %*primary, new = %addr, "pooler: primary changed");
+            *primary = addr;
+            self.primary_generation.fetch_add(1, Ordering::Release);
+        }
+    }
+
+    pub fn primary(&self) -> SocketAddr {
+        *self
+            .primary
+            .read()
+            .unwrap_or_else(|poison| poison.into_inner())
+    }
+
+    pub(crate) fn primary_generation(&self) -> u64 {
+        self.primary_generation.load(Ordering::Acquire)
+    }
+
+    /// The pool for (database, user) on the current primary, if configured.
+    pub(crate) fn primary_pool(&self, database: &str, user: &str) -> Option<Arc<Pool>> {
+        self.pool_on(database, user, self.primary())
+    }
+
+    /// The pools for (database, user) on every standby.
+    pub(crate) fn standby_pools(&self, database: &str, user: &str) -> Vec<Arc<Pool>> {
+        let primary = self.primary();
+        self.config
+            .standbys
+            .iter()
+            .filter(|addr| **addr != primary)
+            .filter_map(|addr| self.pool_on(database, user, *addr))
+            .collect()
+    }
+
+    fn pool_on(&self, database: &str, user: &str, addr: SocketAddr) -> Option<Arc<Pool>> {
+        let settings = self.config.pool(database, user)?;
+        let server_password = self.config.user(user)?.server_password.clone();
+        let mut pools = self
+            .pools
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        let pool = pools
+            .entry((database.to_owned(), user.to_owned(), addr))
+            .or_insert_with(|| {
+                Arc::new(Pool::new(
+                    PoolKey {
+                        database: database.to_owned(),
+                        user: user.to_owned(),
+                        addr,
+                    },
+                    settings.clone(),
+                    server_password,
+                ))
+            });
+        Some(pool.clone())
+    }
+
+    /// Every pool made so far, sorted by database, user and server.
+    pub fn pools(&self) -> Vec<Arc<Pool>> {
+        let pools = self
+            .pools
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        let mut list: Vec<Arc<Pool>> = pools.values().cloned().collect();
+        list.sort_by(|a, b| {
+            (&a.key.database, &a.key.user, a.key.addr).cmp(&(
+                &b.key.database,
+                &b.key.user,
+                b.key.addr,
+            ))
+        });
+        list
+    }
+
+    pub(crate) fn clients(&self) -> Vec<Arc<ClientEntry>> {
+        let clients = self
+            .clients
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        clients.values().cloned().collect()
+    }
+
+    /// Registers a client under a fresh random BackendKeyData.
+    pub(crate) fn register(&self, entry: Arc<ClientEntry>) -> (i32, i32) {
+        let mut clients = self
+            .clients
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        loop {
+            let key: (i32, i32) = (rand::random::<i32>() & 0x7fff_ffff, rand::random());
+            if let std::collections::hash_map::Entry::Vacant(slot) = clients.entry(key) {
+                slot.insert(entry);
+                return key;
+            }
+        }
+    }
+
+    pub(crate) fn unregister(&self, key: (i32, i32)) {
+        self.clients
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+            .remove(&key);
+    }
+
+    /// Forwards a CancelRequest to the server running that client's query.
+    pub(crate) async fn cancel(&self, process_id: i32, secret_key: i32) {
+        let entry = self
+            .clients
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+            .get(&(process_id, secret_key))
+            .cloned();
+        let Some(target) = entry.and_then(|entry| entry.server()) else {
+            debug!("cancel request for no running query");
+            return;
+        };
+        send_cancel(target).await;
+    }
+}
+
+/// A TLS server config from PEM files (rustls, ring provider).
+fn tls_acceptor(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> Result<tokio_rustls::TlsAcceptor, PoolerError> {
+    use rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
+    let error = |what: String| {
+        move |source: rustls::pki_types::pem::Error| PoolerError::Tls {
+            what,
+            source: std::io::Error::other(source.to_string()),
+        }
+    };
+    let chain = CertificateDer::pem_file_iter(cert)
+        .map_err(error(format!("certificate {}", cert.display())))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(error(format!("certificate {}", cert.display())))?;
+    let key_der =
+        PrivateKeyDer::from_pem_file(key).map_err(error(format!("key {}", key.display())))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .and_then(|builder| {
+            builder
+                .with_no_client_auth()
+                .with_single_cert(chain, key_der)
+        })
+        .map_err(|source| PoolerError::Tls {
+            what: format!("certificate {} with key {}", cert.display(), key.display()),
+            source: std::io::Error::other(source),
+        })?;
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
+impl std::fmt::Debug for Pooler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pooler")
+            .field("config", &self.config)
+            .field("tls", &self.tls.is_some())
+            .field("primary", &self.primary())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Sends a CancelRequest to a server; failures are only logged.
+pub(crate) async fn send_cancel(target: CancelTarget) {
+    let mut out = BytesMut::with_capacity(16);
+    protocol::cancel_request(&mut out, target.process_id, target.secret_key);
+    let sent = async {
+        let mut stream = TcpStream::connect(target.addr).await?;
+        stream.write_all(&out).await?;
+        stream.shutdown().await
+    };
+    match tokio::time::timeout(Duration::from_secs(5), sent).await {
+        Ok(Ok(())) => debug!(server = %target.addr, pid = target.process_id, "cancel request sent"),
+        Ok(Err(error)) => warn!(server = %target.addr, %error, "cannot send cancel request"),
+        Err(_) => warn!(server = %target.addr, "cancel request timed out"),
+    }
+}
+
+/// Binds the client port; done before anything else starts so a port
+/// conflict is reported at once.
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener, PoolerError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| PoolerError::Bind { addr, source })
+}
+
+/// Accepts clients until `shutdown` turns true, then drains them with a
+/// deadline.
+pub async fn run(
+    pooler: Arc<Pooler>,
+    listener: TcpListener,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), PoolerError> {
+    info!(listen = %pooler.config.listen, primary = %pooler.primary(), "pooler running");
+    let mut sessions = JoinSet::new();
+    let mut maintain = tokio::time::interval(MAINTAIN_EVERY);
+    maintain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let result = loop {
+        tokio::select! {
+            () = async { let _ = shutdown.wait_for(|stop| *stop).await; } => break Ok(()),
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(accepted) => accepted,
+                    Err(error) if is_transient(&error) => {
+                        warn!(%error, "accept failed; continuing");
+                        // Out of file descriptors: give sessions a moment
+                        // to close some instead of spinning.
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        continue;
+                    }
+                    Err(error) => break Err(PoolerError::Accept(error)),
+                };
+                let _ = stream.set_nodelay(true);
+                let pooler = pooler.clone();
+                sessions.spawn(async move { session::serve(stream, peer, pooler).await });
+            }
+            _ = maintain.tick() => {
+                for pool in pooler.pools() {
+                    pool.maintain().await;
+                }
+            }
+            Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
+        }
+    };
+    drop(listener);
+    if !sessions.is_empty() {
+        info!(clients = sessions.len(), "pooler draining clients");
+        let drained = tokio::time::timeout(DRAIN_DEADLINE, async {
+            while sessions.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            warn!(
+                clients = sessions.len(),
+                "pooler drain deadline passed; closing clients"
+            );
+            sessions.abort_all();
+        }
+    }
+    info!("pooler stopped");
+    result
+}
+
+fn is_transient(error: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(
+        error.kind(),
+        ConnectionAborted | ConnectionReset | Interrupted | WouldBlock
+    ) || error.raw_os_error() == Some(libc::EMFILE)
+        || error.raw_os_error() == Some(libc::ENFILE)
+}

@@ -1,0 +1,1142 @@
+//! One task per client: startup (SSL refused with 'N', cancel requests
+//! routed), authentication, then the relay between the client and a
+//! borrowed server connection.
+//!
+//! The relay only parses message headers and passes bytes through in
+//! batches (one write per read), except in transaction mode, where named
+//! prepared statements are renamed to `farol_<hash of query and types>`
+//! and re-prepared on whichever server connection runs them (PgBouncer
+//! 1.21's scheme). A queue of the responses still expected from the server
+//! tells when a skipped Parse or Close must be answered by the pooler, when
+//! an injected Parse's ParseComplete must be swallowed, and when the
+//! transaction is over so the connection goes back to the pool.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    hash::{DefaultHasher, Hash, Hasher},
+    net::SocketAddr,
+    sync::{atomic::Ordering, Arc},
+    time::{Duration, Instant},
+};
+
+use bytes::{Buf, Bytes, BytesMut};
+use tokio::{
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
+    net::TcpStream,
+};
+use tracing::{debug, info};
+
+use super::{
+    admin,
+    auth::{self, AuthError, ScramServer, Secret},
+    pool::{Pool, PoolError, PooledServer},
+    protocol::{self, FrontendMessage, ProtocolError, Startup},
+    CancelTarget, ClientEntry, Pooler,
+};
+use crate::config::PoolMode;
+
+/// How long a client may take to log in.
+const LOGIN_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long the reset of a session-mode connection may take.
+const RESET_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum SessionError {
+    #[error("client connection")]
+    ClientIo(#[source] std::io::Error),
+    #[error("server connection")]
+    ServerIo(#[source] std::io::Error),
+    #[error("the server closed the connection")]
+    ServerClosed,
+    #[error("client broke the protocol")]
+    ClientProtocol(#[source] ProtocolError),
+    #[error("server broke the protocol")]
+    ServerProtocol(#[source] ProtocolError),
+    #[error("authentication")]
+    Auth(#[source] AuthError),
+    #[error("getting a server connection")]
+    Pool(#[source] PoolError),
+    #[error("the client did not log in within {LOGIN_TIMEOUT:?}")]
+    LoginTimeout,
+    #[error("refused: {message}")]
+    Refused { code: &'static str, message: String },
+    #[error("TLS handshake with the client")]
+    Tls(#[source] std::io::Error),
+}
+
+/// What a client connection is: plain TCP or TLS over it.
+pub(crate) trait ClientStream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> ClientStream for S {}
+
+/// Entry point of a client task; never fails, logs once.
+pub(super) async fn serve(mut stream: TcpStream, peer: SocketAddr, pooler: Arc<Pooler>) {
+    let Ok(_slot) = pooler.client_slots.clone().try_acquire_owned() else {
+        let mut out = BytesMut::new();
+        let limit = pooler.config.max_client_conn;
+        protocol::error_response(
+            &mut out,
+            "FATAL",
+            "53300",
+            &format!("too many client connections (pooler.max_client_conn is {limit})"),
+        );
+        // The client's startup packet is not read: it gets the refusal
+        // first, as PostgreSQL does for too many clients.
+        let _ = stream.write_all(&out).await;
+        info!(%peer, limit, "refused a client over max_client_conn");
+        return;
+    };
+    match negotiate(stream, peer, &pooler).await {
+        Ok(()) => debug!(%peer, "client left"),
+        Err(error) => debug!(%peer, error = %crate::error_chain(&error), "client session ended"),
+    }
+}
+
+/// The first packet: an SSLRequest gets TLS when a certificate is
+/// configured ('S', then the handshake), else 'N' and plain text
+/// (protocol docs 55.2.10 "SSL Session Encryption").
+async fn negotiate(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    pooler: &Arc<Pooler>,
+) -> Result<(), SessionError> {
+    let mut buf = BytesMut::with_capacity(8192);
+    let first = tokio::time::timeout(LOGIN_TIMEOUT, async {
+        loop {
+            match protocol::parse_startup(&buf) {
+                Ok(None) => {
+                    if stream
+                        .read_buf(&mut buf)
+                        .await
+                        .map_err(SessionError::ClientIo)?
+                        == 0
+                    {
+                        return Ok(false);
+                    }
+                }
+                Ok(Some((Startup::SslRequest, used))) => {
+                    buf.advance(used);
+                    return Ok(true);
+                }
+                // Anything else, errors included, is for `session`.
+                _ => return Ok::<_, SessionError>(false),
+            }
+        }
+    })
+    .await
+    .map_err(|_| SessionError::LoginTimeout)??;
+    if first {
+        if let Some(acceptor) = pooler.tls.clone() {
+            stream
+                .write_all(b"S")
+                .await
+                .map_err(SessionError::ClientIo)?;
+            let tls = tokio::time::timeout(LOGIN_TIMEOUT, acceptor.accept(stream))
+                .await
+                .map_err(|_| SessionError::LoginTimeout)?
+                .map_err(SessionError::Tls)?;
+            return session(tls, buf, peer, pooler).await;
+        }
+        stream
+            .write_all(b"N")
+            .await
+            .map_err(SessionError::ClientIo)?;
+    }
+    if buf.is_empty() && !first {
+        // The client left before sending anything.
+        return Ok(());
+    }
+    session(stream, buf, peer, pooler).await
+}
+
+async fn session<S: ClientStream>(
+    mut stream: S,
+    mut buf: BytesMut,
+    peer: SocketAddr,
+    pooler: &Arc<Pooler>,
+) -> Result<(), SessionError> {
+    let login = tokio::time::timeout(LOGIN_TIMEOUT, startup(&mut stream, &mut buf, pooler)).await;
+    let (user, database) = match login {
+        Err(_) => return Err(SessionError::LoginTimeout),
+        Ok(Ok(Some(names))) => names,
+        Ok(Ok(None)) => return Ok(()),
+        Ok(Err(error)) => {
+            refuse(&mut stream, &error).await;
+            return Err(error);
+        }
+    };
+    let login = async {
+        let user_config = pooler
+            .config
+            .user(&user)
+            .ok_or_else(|| SessionError::Refused {
+                code: "28P01",
+                message: format!("password authentication failed for user \"{user}\""),
+            })?;
+        let secret = Secret::parse(&user_config.secret).map_err(SessionError::Auth)?;
+        let is_admin = database == pooler.config.admin_database;
+        let pool = if is_admin {
+            None
+        } else {
+            Some(pooler.primary_pool(&database, &user).ok_or_else(|| SessionError::Refused {
+                code: "3D000",
+                message: format!("no pool for database \"{database}\" and user \"{user}\" (pooler.pools)"),
+            })?)
+        };
+        authenticate(&mut stream, &mut buf, &user, &secret).await?;
+        Ok::<_, SessionError>(pool)
+    };
+    let pool = match tokio::time::timeout(LOGIN_TIMEOUT, login).await {
+        Err(_) => return Err(SessionError::LoginTimeout),
+        Ok(Err(error)) => {
+            refuse(&mut stream, &error).await;
+            return Err(error);
+        }
+        Ok(Ok(pool)) => pool,
+    };
+    let entry = Arc::new(ClientEntry {
+        peer,
+        user: user.clone(),
+        database: database.clone(),
+        since: Instant::now(),
+        server: std::sync::Mutex::new(None),
+    });
+    let key = pooler.register(entry.clone());
+    let result = async {
+        let mut out = BytesMut::with_capacity(1024);
+        protocol::authentication_ok(&mut out);
+        let params = match &pool {
+            Some(pool) => pool.params().await.map_err(SessionError::Pool)?,
+            None => Arc::new(vec![
+                ("server_version".to_owned(), "15.0 (farol)".to_owned()),
+                ("client_encoding".to_owned(), "UTF8".to_owned()),
+                ("server_encoding".to_owned(), "UTF8".to_owned()),
+                ("DateStyle".to_owned(), "ISO, MDY".to_owned()),
+                ("integer_datetimes".to_owned(), "on".to_owned()),
+                ("standard_conforming_strings".to_owned(), "on".to_owned()),
+            ]),
+        };
+        for (name, value) in params.iter() {
+            protocol::parameter_status(&mut out, name, value);
+        }
+        protocol::backend_key_data(&mut out, key.0, key.1);
+        protocol::ready_for_query(&mut out, b'I');
+        stream
+            .write_all(&out)
+            .await
+            .map_err(SessionError::ClientIo)?;
+        match pool {
+            None => admin::serve(&mut stream, buf, pooler).await,
+            Some(pool) => {
+                let mut relay = Relay::new(stream, buf, pool, pooler.clone(), entry);
+                let result = relay.run().await;
+                relay.finish(&result).await;
+                result
+            }
+        }
+    }
+    .await;
+    pooler.unregister(key);
+    result
+}
+
+/// Sends the ErrorResponse for a refusal, if the error is one the client
+/// should see.
+async fn refuse<S: ClientStream>(stream: &mut S, error: &SessionError) {
+    let (code, message) = match error {
+        SessionError::Refused { code, message } => (*code, message.clone()),
+        SessionError::Auth(error @ AuthError::Failed { .. }) => ("28P01", error.to_string()),
+        SessionError::Auth(error) => ("08P01", error.to_string()),
+        SessionError::ClientProtocol(error) => ("08P01", error.to_string()),
+        SessionError::Pool(error) => (error.sqlstate(), error.to_string()),
+        _ => return,
+    };
+    let mut out = BytesMut::new();
+    protocol::error_response(&mut out, "FATAL", code, &message);
+    let _ = stream.write_all(&out).await;
+}
+
+/// Reads until `buf` holds one whole regular message; returns its type and
+/// the frame.
+async fn read_message<S: ClientStream>(
+    stream: &mut S,
+    buf: &mut BytesMut,
+) -> Result<(u8, BytesMut), SessionError> {
+    loop {
+        if let Some((tag, len)) = protocol::frame(buf).map_err(SessionError::ClientProtocol)? {
+            if buf.len() >= len {
+                return Ok((tag, buf.split_to(len)));
+            }
+            buf.reserve(len - buf.len());
+        }
+        if stream.read_buf(buf).await.map_err(SessionError::ClientIo)? == 0 {
+            return Err(SessionError::ClientIo(
+                std::io::ErrorKind::UnexpectedEof.into(),
+            ));
+        }
+    }
+}
+
+/// The startup phase: `Some((user, database))` for a login, `None` when
+/// the connection only carried a cancel request.
+async fn startup<S: ClientStream>(
+    stream: &mut S,
+    buf: &mut BytesMut,
+    pooler: &Pooler,
+) -> Result<Option<(String, String)>, SessionError> {
+    loop {
+        let parsed = protocol::parse_startup(buf).map_err(SessionError::ClientProtocol)?;
+        let Some((packet, used)) = parsed else {
+            if stream.read_buf(buf).await.map_err(SessionError::ClientIo)? == 0 {
+                return Ok(None);
+            }
+            continue;
+        };
+        match packet {
+            // TLS was settled by `negotiate` (a second SSLRequest gets 'N');
+            // GSSAPI encryption is not offered.
+            Startup::SslRequest | Startup::GssEncRequest => {
+                buf.advance(used);
+                stream
+                    .write_all(b"N")
+                    .await
+                    .map_err(SessionError::ClientIo)?;
+            }
+            Startup::Cancel {
+                process_id,
+                secret_key,
+            } => {
+                pooler.cancel(process_id, secret_key).await;
+                return Ok(None);
+            }
+            Startup::Params(params) => {
+                let get = |name: &str| {
+                    params
+                        .iter()
+                        .find(|(key, _)| *key == name)
+                        .map(|(_, value)| (*value).to_owned())
+                };
+                let user = get("user").ok_or_else(|| SessionError::Refused {
+                    code: "28000",
+                    message: "no PostgreSQL user name specified in startup packet".into(),
+                })?;
+                let database = get("database").unwrap_or_else(|| user.clone());
+                buf.advance(used);
+                return Ok(Some((user, database)));
+            }
+        }
+    }
+}
+
+/// Authenticates the client against its secret: md5 or SCRAM-SHA-256 by
+/// the kind of secret, as PostgreSQL's `password_encryption` decides.
+async fn authenticate<S: ClientStream>(
+    stream: &mut S,
+    buf: &mut BytesMut,
+    user: &str,
+    secret: &Secret,
+) -> Result<(), SessionError> {
+    let mut out = BytesMut::with_capacity(256);
+    let expect_password = |tag: u8, frame: &BytesMut| {
+        if tag == b'p' {
+            Ok(frame[5..].to_vec())
+        } else {
+            Err(SessionError::Auth(AuthError::Malformed {
+                what: "expected a password message",
+            }))
+        }
+    };
+    match secret {
+        Secret::Md5(hex) => {
+            let salt: [u8; 4] = rand::random();
+            protocol::authentication_md5(&mut out, salt);
+            stream
+                .write_all(&out)
+                .await
+                .map_err(SessionError::ClientIo)?;
+            let (tag, frame) = read_message(stream, buf).await?;
+            let body = expect_password(tag, &frame)?;
+            auth::md5_check(user, hex, salt, &body).map_err(SessionError::Auth)
+        }
+        Secret::Scram { .. } => {
+            protocol::authentication_sasl(&mut out, "SCRAM-SHA-256");
+            stream
+                .write_all(&out)
+                .await
+                .map_err(SessionError::ClientIo)?;
+            let (tag, frame) = read_message(stream, buf).await?;
+            let body = expect_password(tag, &frame)?;
+            let (mechanism, data) = protocol::parse_sasl_initial(&body).ok_or(
+                SessionError::Auth(AuthError::Malformed {
+                    what: "SASLInitialResponse",
+                }),
+            )?;
+            if mechanism != "SCRAM-SHA-256" {
+                return Err(SessionError::Auth(AuthError::Mechanism {
+                    mechanism: mechanism.to_owned(),
+                }));
+            }
+            let (server, first) =
+                ScramServer::start(user, secret, data).map_err(SessionError::Auth)?;
+            out.clear();
+            protocol::authentication_sasl_continue(&mut out, first.as_bytes());
+            stream
+                .write_all(&out)
+                .await
+                .map_err(SessionError::ClientIo)?;
+            let (tag, frame) = read_message(stream, buf).await?;
+            let body = expect_password(tag, &frame)?;
+            let last = server.finish(&body).map_err(SessionError::Auth)?;
+            out.clear();
+            protocol::authentication_sasl_final(&mut out, last.as_bytes());
+            stream.write_all(&out).await.map_err(SessionError::ClientIo)
+        }
+    }
+}
+
+/// A client's named prepared statement (transaction mode).
+#[derive(Debug)]
+struct Prepared {
+    hash: u64,
+    /// The query text, for routing.
+    sql: String,
+    server_name: String,
+    /// The Parse message under `server_name`, ready to send.
+    parse: Bytes,
+}
+
+/// A response the server still owes, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pending {
+    /// ParseComplete for a Parse we sent; `swallow` when the pooler
+    /// injected it, so the client must not see its answer.
+    Parse {
+        hash: Option<u64>,
+        swallow: bool,
+    },
+    Bind,
+    Describe,
+    Execute,
+    Close,
+    Sync,
+    /// Simple Query or FunctionCall: everything up to ReadyForQuery.
+    Query,
+    /// Answered by the pooler when it reaches the front of the queue.
+    SyntheticParseComplete,
+    SyntheticCloseComplete,
+}
+
+enum Event {
+    Client(std::io::Result<usize>),
+    Server(std::io::Result<usize>),
+}
+
+/// The relay between one client and (while it holds one) a server.
+struct Relay<S> {
+    client: S,
+    /// Bytes from the client not handled yet.
+    cbuf: BytesMut,
+    /// Bytes for the client, written once per batch.
+    cout: BytesMut,
+    /// Bytes for the server, written once per batch.
+    sout: BytesMut,
+    /// The primary's pool for this client's (database, user).
+    pool: Arc<Pool>,
+    pool_generation: u64,
+    /// The standbys' pools, when the read/write split is on.
+    standbys: Vec<Arc<Pool>>,
+    /// The pool the current server connection came from.
+    server_pool: Arc<Pool>,
+    /// After a write, with `read_your_writes`, the session stays on the
+    /// primary.
+    sticky_primary: bool,
+    pooler: Arc<Pooler>,
+    entry: Arc<ClientEntry>,
+    mode: PoolMode,
+    server: Option<PooledServer>,
+    pending: VecDeque<Pending>,
+    statements: HashMap<String, Arc<Prepared>>,
+    /// After an error in an extended-protocol batch the server ignores
+    /// everything up to Sync; so do the expectations.
+    discarding: bool,
+    /// Transaction status of the last ReadyForQuery.
+    status: u8,
+    /// Bytes of a client message still to pass through.
+    client_left: usize,
+    /// Bytes of a server message still to pass (true) or drop (false).
+    server_left: usize,
+    server_left_forward: bool,
+    terminated: bool,
+    /// Reused for messages that are rewritten.
+    scratch: Vec<u8>,
+}
+
+impl<S: ClientStream> Relay<S> {
+    fn new(
+        client: S,
+        cbuf: BytesMut,
+        pool: Arc<Pool>,
+        pooler: Arc<Pooler>,
+        entry: Arc<ClientEntry>,
+    ) -> Relay<S> {
+        Relay {
+            client,
+            cbuf,
+            cout: BytesMut::with_capacity(16 * 1024),
+            sout: BytesMut::with_capacity(8 * 1024),
+            mode: pool.settings.mode,
+            standbys: if pooler.router.is_some() && pool.settings.mode == PoolMode::Transaction {
+                pooler.standby_pools(&entry.database, &entry.user)
+            } else {
+                Vec::new()
+            },
+            server_pool: pool.clone(),
+            sticky_primary: false,
+            pool,
+            pool_generation: pooler.primary_generation(),
+            pooler,
+            entry,
+            server: None,
+            pending: VecDeque::new(),
+            statements: HashMap::new(),
+            discarding: false,
+            status: b'I',
+            client_left: 0,
+            server_left: 0,
+            server_left_forward: true,
+            terminated: false,
+            scratch: Vec::with_capacity(1024),
+        }
+    }
+
+    async fn run(&mut self) -> Result<(), SessionError> {
+        loop {
+            if self.cbuf.capacity() - self.cbuf.len() < 4096 {
+                self.cbuf.reserve(16 * 1024);
+            }
+            let event = match self.server.as_mut() {
+                Some(server) => {
+                    let conn = &mut server.conn;
+                    if conn.buf.capacity() - conn.buf.len() < 4096 {
+                        conn.buf.reserve(16 * 1024);
+                    }
+                    tokio::select! {
+                        read = self.client.read_buf(&mut self.cbuf) => Event::Client(read),
+                        read = conn.stream.read_buf(&mut conn.buf) => Event::Server(read),
+                    }
+                }
+                None => Event::Client(self.client.read_buf(&mut self.cbuf).await),
+            };
+            match event {
+                Event::Client(read) => {
+                    let n = read.map_err(SessionError::ClientIo)?;
+                    if n == 0 {
+                        return Ok(());
+                    }
+                    self.server_pool
+                        .stats
+                        .bytes_received
+                        .fetch_add(n as u64, Ordering::Relaxed);
+                    self.handle_client().await?;
+                    if self.terminated {
+                        return Ok(());
+                    }
+                }
+                Event::Server(read) => {
+                    let n = read.map_err(SessionError::ServerIo)?;
+                    if n == 0 {
+                        return Err(SessionError::ServerClosed);
+                    }
+                    self.server_pool
+                        .stats
+                        .bytes_sent
+                        .fetch_add(n as u64, Ordering::Relaxed);
+                    self.handle_server()?;
+                    self.maybe_release();
+                    self.flush_client().await?;
+                }
+            }
+        }
+    }
+
+    /// Borrows a server connection for the coming messages.
+    async fn ensure_server(&mut self) -> Result<(), SessionError> {
+        if self.server.is_some() {
+            return Ok(());
+        }
+        let generation = self.pooler.primary_generation();
+        if generation != self.pool_generation {
+            if let Some(pool) = self
+                .pooler
+                .primary_pool(&self.entry.database, &self.entry.user)
+            {
+                self.pool = pool;
+            }
+            self.pool_generation = generation;
+        }
+        let (pool, server) = self.route().await?;
+        self.server_pool = pool;
+        self.entry.set_server(Some(CancelTarget {
+            addr: server.conn.addr,
+            process_id: server.conn.process_id,
+            secret_key: server.conn.secret_key,
+        }));
+        self.server = Some(server);
+        Ok(())
+    }
+
+    /// Picks the pool for the transaction that starts with the first
+    /// message in `cbuf` and borrows a connection from it: a standby (the
+    /// least busy) for reads when the split is on, else the primary.
+    async fn route(&mut self) -> Result<(Arc<Pool>, PooledServer), SessionError> {
+        if !self.standbys.is_empty() && !self.sticky_primary {
+            if let Some(router) = self.pooler.router.as_ref() {
+                // A batch without SQL (Sync, Close) goes to the primary
+                // without making the session stick to it.
+                let target = self.first_sql().map(|sql| router.route(sql));
+                if target == Some(super::route::Target::Standby) {
+                    let standby = self
+                        .standbys
+                        .iter()
+                        .min_by_key(|pool| pool.active_count())
+                        .cloned();
+                    if let Some(pool) = standby {
+                        match pool.get().await {
+                            Ok(server) => return Ok((pool, server)),
+                            Err(error) => debug!(
+                                error = %crate::error_chain(&error),
+                                "standby unavailable; reading from the primary"
+                            ),
+                        }
+                    }
+                } else if target.is_some() && self.pooler.config.read_your_writes {
+                    self.sticky_primary = true;
+                }
+            }
+        }
+        let server = self.pool.get().await.map_err(SessionError::Pool)?;
+        Ok((self.pool.clone(), server))
+    }
+
+    /// The SQL of the whole first message in `cbuf`, if it carries any.
+    fn first_sql(&self) -> Option<&str> {
+        let (_, len) = protocol::frame(&self.cbuf).ok()??;
+        let frame = self.cbuf.get(..len)?;
+        match FrontendMessage::parse(frame).ok()? {
+            FrontendMessage::Query { sql } => Some(sql),
+            FrontendMessage::Parse { sql, .. } => Some(sql),
+            FrontendMessage::Bind { statement, .. } if !statement.is_empty() => {
+                self.statements.get(statement).map(|p| p.sql.as_str())
+            }
+            _ => None,
+        }
+    }
+
+    fn release(&mut self) {
+        if let Some(server) = self.server.take() {
+            self.entry.set_server(None);
+            self.server_pool
+                .stats
+                .transactions
+                .fetch_add(1, Ordering::Relaxed);
+            self.server_pool.release(server);
+        }
+    }
+
+    fn push(&mut self, pending: Pending) {
+        if !self.discarding {
+            self.pending.push_back(pending);
+        }
+    }
+
+    /// Handles every whole client message in `cbuf`, then writes.
+    async fn handle_client(&mut self) -> Result<(), SessionError> {
+        loop {
+            if self.client_left > 0 {
+                let n = self.client_left.min(self.cbuf.len());
+                self.sout.extend_from_slice(&self.cbuf[..n]);
+                self.cbuf.advance(n);
+                self.client_left -= n;
+                if self.client_left > 0 {
+                    break;
+                }
+                continue;
+            }
+            let Some((tag, len)) =
+                protocol::frame(&self.cbuf).map_err(SessionError::ClientProtocol)?
+            else {
+                break;
+            };
+            let mut rewrite =
+                self.mode == PoolMode::Transaction && matches!(tag, b'P' | b'B' | b'D' | b'C');
+            // Unnamed statements and portals pass through as bytes.
+            let passthrough = if rewrite {
+                unnamed_expectation(tag, &self.cbuf, len)
+            } else {
+                None
+            };
+            if passthrough.is_some() {
+                rewrite = false;
+            }
+            if (rewrite || tag == b'X' || tag == b'Q') && self.cbuf.len() < len {
+                self.cbuf.reserve(len - self.cbuf.len());
+                break;
+            }
+            if tag == b'X' {
+                self.terminated = true;
+                self.cbuf.advance(len);
+                break;
+            }
+            self.ensure_server().await?;
+            if let Some(pending) = passthrough {
+                self.push(pending);
+            }
+            if rewrite {
+                // Copied into a reused buffer: splitting `cbuf` would turn it
+                // into a shared buffer and allocate on every message.
+                let mut frame = std::mem::take(&mut self.scratch);
+                frame.clear();
+                frame.extend_from_slice(&self.cbuf[..len]);
+                self.cbuf.advance(len);
+                let rewritten = self.rewrite(&frame);
+                self.scratch = frame;
+                rewritten?;
+                continue;
+            }
+            if self.mode == PoolMode::Transaction {
+                match tag {
+                    b'E' => self.push(Pending::Execute),
+                    b'S' => {
+                        self.discarding = false;
+                        self.push(Pending::Sync);
+                    }
+                    b'Q' | b'F' => self.push(Pending::Query),
+                    b'c' | b'f' => self.forget_syncs_sent_during_copy_in(),
+                    _ => {}
+                }
+            }
+            if tag == b'Q' || tag == b'E' {
+                self.server_pool
+                    .stats
+                    .queries
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            let n = len.min(self.cbuf.len());
+            self.sout.extend_from_slice(&self.cbuf[..n]);
+            self.cbuf.advance(n);
+            self.client_left = len - n;
+        }
+        if !self.sout.is_empty() {
+            if let Some(server) = self.server.as_mut() {
+                server
+                    .conn
+                    .stream
+                    .write_all(&self.sout)
+                    .await
+                    .map_err(SessionError::ServerIo)?;
+            }
+            self.sout.clear();
+        }
+        self.answer_synthetic();
+        self.maybe_release();
+        self.flush_client().await
+    }
+
+    /// Transaction mode: Parse, Bind, Describe and Close of named
+    /// statements, renamed to their per-query server names.
+    fn rewrite(&mut self, frame: &[u8]) -> Result<(), SessionError> {
+        let message = FrontendMessage::parse(frame).map_err(SessionError::ClientProtocol)?;
+        match message {
+            FrontendMessage::Parse {
+                name,
+                sql,
+                param_types,
+            } if !name.is_empty() => {
+                let mut hasher = DefaultHasher::new();
+                sql.hash(&mut hasher);
+                param_types.hash(&mut hasher);
+                let hash = hasher.finish();
+                let server_name = format!("farol_{hash:016x}");
+                let mut parse = BytesMut::with_capacity(frame.len() + 16);
+                protocol::parse(&mut parse, &server_name, sql, param_types);
+                let prepared = Arc::new(Prepared {
+                    hash,
+                    sql: sql.to_owned(),
+                    server_name,
+                    parse: parse.freeze(),
+                });
+                self.statements.insert(name.to_owned(), prepared.clone());
+                let server = self.server.as_mut().ok_or(SessionError::ServerClosed)?;
+                if server.conn.prepared.contains(&hash) {
+                    self.push(Pending::SyntheticParseComplete);
+                } else {
+                    server.conn.prepared.insert(hash);
+                    self.sout.extend_from_slice(&prepared.parse);
+                    self.push(Pending::Parse {
+                        hash: Some(hash),
+                        swallow: false,
+                    });
+                }
+            }
+            FrontendMessage::Bind {
+                portal,
+                statement,
+                rest,
+            } if !statement.is_empty() => {
+                match self.statements.get(statement).cloned() {
+                    Some(prepared) => {
+                        self.ensure_prepared(&prepared)?;
+                        protocol::bind(&mut self.sout, portal, &prepared.server_name, rest);
+                    }
+                    None => self.sout.extend_from_slice(frame),
+                }
+                self.push(Pending::Bind);
+            }
+            FrontendMessage::Describe { kind: b'S', name } if !name.is_empty() => {
+                match self.statements.get(name).cloned() {
+                    Some(prepared) => {
+                        self.ensure_prepared(&prepared)?;
+                        protocol::describe(&mut self.sout, b'S', &prepared.server_name);
+                    }
+                    None => self.sout.extend_from_slice(frame),
+                }
+                self.push(Pending::Describe);
+            }
+            FrontendMessage::Close { kind: b'S', name } if !name.is_empty() => {
+                // The server keeps its copy for other clients; the client's
+                // name is forgotten.
+                self.statements.remove(name);
+                self.push(Pending::SyntheticCloseComplete);
+            }
+            other => {
+                self.sout.extend_from_slice(frame);
+                self.push(match other {
+                    FrontendMessage::Parse { .. } => Pending::Parse {
+                        hash: None,
+                        swallow: false,
+                    },
+                    FrontendMessage::Bind { .. } => Pending::Bind,
+                    FrontendMessage::Describe { .. } => Pending::Describe,
+                    _ => Pending::Close,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The server ignores Sync while in COPY FROM STDIN started by an
+    /// Execute (protocol docs 55.2.7 "COPY Operations"); drivers such as
+    /// tokio-postgres send Bind, Execute, Sync before the data, so those
+    /// Syncs get no ReadyForQuery and must not be waited for.
+    fn forget_syncs_sent_during_copy_in(&mut self) {
+        let syncs = self
+            .pending
+            .iter()
+            .rev()
+            .take_while(|pending| **pending == Pending::Sync)
+            .count();
+        let before = self.pending.len().checked_sub(syncs + 1);
+        if syncs > 0 && before.and_then(|at| self.pending.get(at)) == Some(&Pending::Execute) {
+            self.pending.truncate(self.pending.len() - syncs);
+        }
+    }
+
+    /// Sends the statement's Parse first when this server lacks it.
+    fn ensure_prepared(&mut self, prepared: &Prepared) -> Result<(), SessionError> {
+        let server = self.server.as_mut().ok_or(SessionError::ServerClosed)?;
+        if server.conn.prepared.insert(prepared.hash) {
+            self.sout.extend_from_slice(&prepared.parse);
+            self.push(Pending::Parse {
+                hash: Some(prepared.hash),
+                swallow: true,
+            });
+        }
+        Ok(())
+    }
+
+    /// Answers the pooler's own responses that are next in line.
+    fn answer_synthetic(&mut self) {
+        while let Some(front) = self.pending.front() {
+            match front {
+                Pending::SyntheticParseComplete => protocol::parse_complete(&mut self.cout),
+                Pending::SyntheticCloseComplete => protocol::close_complete(&mut self.cout),
+                _ => break,
+            }
+            self.pending.pop_front();
+        }
+    }
+
+    /// Handles every server message header in the server's buffer.
+    fn handle_server(&mut self) -> Result<(), SessionError> {
+        let Some(server) = self.server.as_mut() else {
+            return Ok(());
+        };
+        let buf = &mut server.conn.buf;
+        let transaction = self.mode == PoolMode::Transaction;
+        loop {
+            if self.server_left > 0 {
+                let n = self.server_left.min(buf.len());
+                if self.server_left_forward {
+                    self.cout.extend_from_slice(&buf[..n]);
+                }
+                buf.advance(n);
+                self.server_left -= n;
+                if self.server_left > 0 {
+                    break;
+                }
+                continue;
+            }
+            if transaction {
+                while let Some(front) = self.pending.front() {
+                    match front {
+                        Pending::SyntheticParseComplete => protocol::parse_complete(&mut self.cout),
+                        Pending::SyntheticCloseComplete => protocol::close_complete(&mut self.cout),
+                        _ => break,
+                    }
+                    self.pending.pop_front();
+                }
+            }
+            let Some((tag, len)) = protocol::frame(buf).map_err(SessionError::ServerProtocol)?
+            else {
+                break;
+            };
+            if tag == b'Z' {
+                if buf.len() < len {
+                    break;
+                }
+                self.status = buf[5];
+            }
+            let mut forward = true;
+            if transaction {
+                let front = self.pending.front().copied();
+                match (tag, front) {
+                    (b'E', Some(Pending::Query)) => {}
+                    (b'E', _) => {
+                        // The server skips to the next Sync: so do we.
+                        while let Some(front) = self.pending.front().copied() {
+                            if front == Pending::Sync {
+                                break;
+                            }
+                            if let Pending::Parse {
+                                hash: Some(hash), ..
+                            } = front
+                            {
+                                server.conn.prepared.remove(&hash);
+                            }
+                            self.pending.pop_front();
+                        }
+                        self.discarding = self.pending.is_empty();
+                    }
+                    (b'Z', _) => {
+                        self.pending.pop_front();
+                    }
+                    (b'1', Some(Pending::Parse { swallow, .. })) => {
+                        forward = !swallow;
+                        self.pending.pop_front();
+                    }
+                    (b'2', Some(Pending::Bind))
+                    | (b'3', Some(Pending::Close))
+                    | (b'T' | b'n', Some(Pending::Describe))
+                    | (b'C' | b'I' | b's', Some(Pending::Execute)) => {
+                        self.pending.pop_front();
+                    }
+                    _ => {}
+                }
+            }
+            let n = len.min(buf.len());
+            if forward {
+                self.cout.extend_from_slice(&buf[..n]);
+            }
+            buf.advance(n);
+            self.server_left = len - n;
+            self.server_left_forward = forward;
+        }
+        Ok(())
+    }
+
+    /// Transaction mode: the server goes back once the transaction is over
+    /// and nothing is in flight.
+    fn maybe_release(&mut self) {
+        if self.mode == PoolMode::Transaction
+            && self.status == b'I'
+            && self.pending.is_empty()
+            && self.server_left == 0
+            && self.client_left == 0
+            && self
+                .server
+                .as_ref()
+                .is_some_and(|server| server.conn.buf.is_empty())
+        {
+            self.release();
+        }
+    }
+
+    async fn flush_client(&mut self) -> Result<(), SessionError> {
+        if !self.cout.is_empty() {
+            let result = self.client.write_all(&self.cout).await;
+            self.cout.clear();
+            result.map_err(SessionError::ClientIo)?;
+        }
+        Ok(())
+    }
+
+    /// After the relay ends: a server in a clean state goes back to the
+    /// pool (reset with DISCARD ALL in session mode); one busy with a query
+    /// is cancelled and closed; the client hears why if the server failed.
+    async fn finish(&mut self, result: &Result<(), SessionError>) {
+        if let Err(error) = result {
+            let message = match error {
+                SessionError::ServerClosed | SessionError::ServerIo(_) => Some((
+                    "08006",
+                    "the server connection was lost; the transaction's outcome is unknown"
+                        .to_owned(),
+                )),
+                SessionError::Pool(error) => Some((error.sqlstate(), error.to_string())),
+                SessionError::ClientProtocol(error) => Some(("08P01", error.to_string())),
+                SessionError::ServerProtocol(error) => Some(("08P01", format!("server: {error}"))),
+                _ => None,
+            };
+            if let Some((code, message)) = message {
+                let mut out = BytesMut::new();
+                protocol::error_response(&mut out, "FATAL", code, &message);
+                let _ = self.client.write_all(&out).await;
+            }
+            if matches!(
+                error,
+                SessionError::ServerClosed | SessionError::ServerIo(_)
+            ) {
+                // Drop, do not reuse.
+                self.server.take();
+                self.entry.set_server(None);
+                return;
+            }
+        }
+        let Some(mut server) = self.server.take() else {
+            return;
+        };
+        self.entry.set_server(None);
+        let idle = self.status == b'I'
+            && self.pending.is_empty()
+            && self.server_left == 0
+            && self.client_left == 0;
+        if !idle {
+            // Client gone mid-query or mid-transaction: stop the query and
+            // close; PostgreSQL rolls the transaction back.
+            super::send_cancel(CancelTarget {
+                addr: server.conn.addr,
+                process_id: server.conn.process_id,
+                secret_key: server.conn.secret_key,
+            })
+            .await;
+            return;
+        }
+        if self.mode == PoolMode::Session {
+            match tokio::time::timeout(RESET_TIMEOUT, reset(&mut server)).await {
+                Ok(Ok(())) => {}
+                _ => return,
+            }
+        }
+        self.server_pool.release(server);
+    }
+}
+
+/// The response a Parse, Bind, Describe or Close expects when it needs no
+/// renaming (unnamed statement, or a portal), read from its first bytes;
+/// `None` when it names a statement or more bytes are needed.
+fn unnamed_expectation(tag: u8, buf: &[u8], len: usize) -> Option<Pending> {
+    let body = buf.get(5..len.min(buf.len()))?;
+    match tag {
+        b'P' => (*body.first()? == 0).then_some(Pending::Parse {
+            hash: None,
+            swallow: false,
+        }),
+        b'B' => {
+            let portal_end = body.iter().position(|&b| b == 0)?;
+            (*body.get(portal_end + 1)? == 0).then_some(Pending::Bind)
+        }
+        b'D' | b'C' => {
+            let kind = *body.first()?;
+            let unnamed = *body.get(1)? == 0;
+            (kind == b'P' || unnamed).then_some(if tag == b'D' {
+                Pending::Describe
+            } else {
+                Pending::Close
+            })
+        }
+        _ => None,
+    }
+}
+
+/// `DISCARD ALL` before a session-mode connection serves another client.
+async fn reset(server: &mut PooledServer) -> Result<(), SessionError> {
+    let mut out = BytesMut::with_capacity(32);
+    protocol::query(&mut out, "DISCARD ALL");
+    let conn = &mut server.conn;
+    conn.stream
+        .write_all(&out)
+        .await
+        .map_err(SessionError::ServerIo)?;
+    loop {
+        if let Some((tag, len)) =
+            protocol::frame(&conn.buf).map_err(SessionError::ServerProtocol)?
+        {
+            if conn.buf.len() >= len {
+                conn.buf.advance(len);
+                match tag {
+                    b'E' => return Err(SessionError::ServerClosed),
+                    b'Z' => {
+                        conn.prepared.clear();
+                        return Ok(());
+                    }
+                    _ => continue,
+                }
+            }
+        }
+        if conn
+            .stream
+            .read_buf(&mut conn.buf)
+            .await
+            .map_err(SessionError::ServerIo)?
+            == 0
+        {
+            return Err(SessionError::ServerClosed);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unnamed_statements_and_portals_pass_through_named_statements_do_not() {
+        let mut out = BytesMut::new();
+        protocol::parse(&mut out, "", "SELECT 1", &[0, 0]);
+        assert!(matches!(
+            unnamed_expectation(b'P', &out, out.len()),
+            Some(Pending::Parse { hash: None, .. })
+        ));
+        out.clear();
+        protocol::parse(&mut out, "s1", "SELECT 1", &[0, 0]);
+        assert_eq!(unnamed_expectation(b'P', &out, out.len()), None);
+        out.clear();
+        protocol::bind(&mut out, "", "", &[0, 0, 0, 0, 0, 0]);
+        assert_eq!(
+            unnamed_expectation(b'B', &out, out.len()),
+            Some(Pending::Bind)
+        );
+        out.clear();
+        protocol::bind(&mut out, "p1", "s1", &[0, 0, 0, 0, 0, 0]);
+        assert_eq!(unnamed_expectation(b'B', &out, out.len()), None);
+        out.clear();
+        protocol::describe(&mut out, b'P', "p1");
+        assert_eq!(
+            unnamed_expectation(b'D', &out, out.len()),
+            Some(Pending::Describe)
+        );
+        out.clear();
+        protocol::describe(&mut out, b'S', "s1");
+        assert_eq!(unnamed_expectation(b'D', &out, out.len()), None);
+        // Too few bytes to tell: the caller waits for the whole message.
+        assert_eq!(unnamed_expectation(b'B', &out[..5], out.len()), None);
+    }
+}

@@ -1,0 +1,483 @@
+//! `cargo xtask bench pooler`: pgbench (scale 10, `-j 2`, bounded `-T`)
+//! against PostgreSQL 15 directly, through Farol's pooler in transaction
+//! and session mode (the real `agent pooler` binary, release build),
+//! through PgBouncer in transaction mode and through pgpool-II, all on the
+//! same machine in the same run. Prints TPS, latency and the ratio to
+//! direct; writes `target/bench/pooler.json`.
+//!
+//! Knobs: FAROL_BENCH_SECONDS (default 10), FAROL_BENCH_CLIENTS
+//! (default "10"; "10,50" adds the -c 50 rows), FAROL_BENCH_TARGETS and
+//! FAROL_BENCH_WORKLOADS (comma lists of case names, to run a subset),
+//! FAROL_BENCH_ROUNDS (default 3, interleaved, median reported), and
+//! FAROL_POOLER_THREADS for the agent (default 1: on a saturated 2-core
+//! machine a single-threaded runtime measured ~10 % faster than two).
+
+use std::{
+    os::unix::process::CommandExt,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+
+use crate::{
+    bench::BenchReport,
+    exec,
+    postgres::{free_port, PgCluster},
+    workspace_root,
+};
+
+/// One pgbench outcome: (TPS, average latency ms), or why it failed.
+type Outcome = std::result::Result<(f64, f64), String>;
+/// (workload and clients, target, outcome) rows of the table.
+type Row = (String, String, Outcome);
+
+const USER: &str = "bench";
+const PASSWORD: &str = "bench-pw";
+const POOL_SIZE: usize = 20;
+
+/// A process stopped by PID (SIGTERM, then SIGKILL) when dropped.
+struct Proc {
+    name: &'static str,
+    child: Child,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on our own child's PID.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        eprintln!("{} did not stop on SIGTERM; killing it", self.name);
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn wait_port(port: u16, what: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let ready = Command::new("pg_isready")
+            .args([
+                "-q",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+                "-d",
+                "postgres",
+            ])
+            .status()?;
+        // 0 accepting, 1 rejecting (a pooler that refuses the database): up.
+        if matches!(ready.code(), Some(0 | 1)) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("{what} on port {port} did not come up");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn postgres_ids() -> Result<(u32, u32)> {
+    let id = |flag: &str| -> Result<u32> {
+        let output = crate::capture(Command::new("id").args([flag, "postgres"]))?;
+        Ok(String::from_utf8_lossy(&output.stdout).trim().parse()?)
+    };
+    Ok((id("-u")?, id("-g")?))
+}
+
+fn md5_secret() -> String {
+    // md5 + hex(md5(password + user)), as pg_authid stores it.
+    let output = Command::new("sh")
+        .args(["-c", &format!("printf '%s' '{PASSWORD}{USER}' | md5sum")])
+        .output()
+        .expect("md5sum runs");
+    let hex = String::from_utf8_lossy(&output.stdout);
+    format!("md5{}", hex.split_whitespace().next().unwrap_or_default())
+}
+
+fn start_farol(dir: &Path, mode: &str, primary: u16) -> Result<(Proc, u16)> {
+    let port = free_port()?;
+    let config = dir.join(format!("farol-{mode}.toml"));
+    std::fs::write(
+        &config,
+        format!(
+            r#"[cluster]
+name = "bench"
+
+[[node]]
+name = "bench"
+address = "192.0.2.1/24"
+interface = "lo"
+
+[pooler]
+listen = "127.0.0.1:{port}"
+primary = "127.0.0.1:{primary}"
+max_client_conn = 1000
+
+[[pooler.users]]
+name = "{USER}"
+secret = "{secret}"
+
+[[pooler.pools]]
+database = "{USER}"
+mode = "{mode}"
+pool_size = {POOL_SIZE}
+"#,
+            secret = md5_secret()
+        ),
+    )?;
+    let agent = workspace_root().join("target/release/agent");
+    let log = std::fs::File::create(dir.join(format!("farol-{mode}.log")))?;
+    let child = Command::new(agent)
+        .args(["pooler", "--config"])
+        .arg(&config)
+        .env("FAROL_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .context("starting agent pooler")?;
+    let proc = Proc {
+        name: "agent pooler",
+        child,
+    };
+    wait_port(port, "agent pooler")?;
+    Ok((proc, port))
+}
+
+fn start_pgbouncer(dir: &Path, primary: u16) -> Result<(Proc, u16)> {
+    let port = free_port()?;
+    let (uid, gid) = postgres_ids()?;
+    let ini = dir.join("pgbouncer.ini");
+    std::fs::write(
+        dir.join("userlist.txt"),
+        format!("\"{USER}\" \"{}\"\n", md5_secret()),
+    )?;
+    std::fs::write(
+        &ini,
+        format!(
+            "[databases]\n{USER} = host=127.0.0.1 port={primary} dbname={USER}\n\n\
+             [pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\n\
+             unix_socket_dir =\nauth_type = md5\nauth_file = {}\n\
+             pool_mode = transaction\ndefault_pool_size = {POOL_SIZE}\nmax_client_conn = 1000\n\
+             logfile = {}\npidfile = {}\n",
+            dir.join("userlist.txt").display(),
+            dir.join("pgbouncer.log").display(),
+            dir.join("pgbouncer.pid").display(),
+        ),
+    )?;
+    let child = Command::new("pgbouncer")
+        .arg(&ini)
+        .uid(uid)
+        .gid(gid)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting pgbouncer (apt-get install pgbouncer)")?;
+    let proc = Proc {
+        name: "pgbouncer",
+        child,
+    };
+    wait_port(port, "pgbouncer")?;
+    Ok((proc, port))
+}
+
+fn start_pgpool(dir: &Path, primary: u16, clients: usize) -> Result<(Proc, u16)> {
+    let port = free_port()?;
+    let pcp_port = free_port()?;
+    let (uid, gid) = postgres_ids()?;
+    let conf = dir.join("pgpool.conf");
+    let run = dir.join("pgpool-run");
+    std::fs::create_dir_all(&run)?;
+    std::os::unix::fs::chown(&run, Some(uid), Some(gid))?;
+    std::fs::write(
+        &conf,
+        format!(
+            "backend_clustering_mode = 'streaming_replication'\n\
+             listen_addresses = '127.0.0.1'\nport = {port}\n\
+             socket_dir = '{run}'\npcp_listen_addresses = ''\npcp_port = {pcp_port}\npcp_socket_dir = '{run}'\n\
+             backend_hostname0 = '127.0.0.1'\nbackend_port0 = {primary}\nbackend_weight0 = 1\n\
+             backend_flag0 = 'ALWAYS_PRIMARY'\n\
+             enable_pool_hba = off\nnum_init_children = {children}\nmax_pool = 1\n\
+             connection_cache = on\nload_balance_mode = off\n\
+             sr_check_period = 0\nhealth_check_period = 0\n\
+             pid_file_name = '{run}/pgpool.pid'\nlogdir = '{run}'\n\
+             log_min_messages = warning\n",
+            run = run.display(),
+            children = clients.max(32),
+        ),
+    )?;
+    let child = Command::new("pgpool")
+        .args(["-n", "-f"])
+        .arg(&conf)
+        .args(["-F", "/dev/null"])
+        .uid(uid)
+        .gid(gid)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("pgpool.log"))?)
+        .spawn()
+        .context("starting pgpool (apt-get install pgpool2)")?;
+    let proc = Proc {
+        name: "pgpool",
+        child,
+    };
+    wait_port(port, "pgpool")?;
+    Ok((proc, port))
+}
+
+/// One pgbench run: TPS and average latency (ms), or why it failed.
+fn pgbench(port: u16, args: &[&str], seconds: u64) -> Outcome {
+    let output = Command::new("pgbench")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-U",
+            USER,
+            "-n",
+            "-T",
+            &seconds.to_string(),
+        ])
+        .args(args)
+        .arg(USER)
+        .env("PGPASSWORD", PASSWORD)
+        .output()
+        .map_err(|error| format!("pgbench: {error}"))?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let find = |prefix: &str| {
+        stdout
+            .lines()
+            .find_map(|line| line.strip_prefix(prefix))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|value| value.parse::<f64>().ok())
+    };
+    let failed = stdout.contains("aborted") || !output.status.success();
+    match (find("tps = "), find("latency average = ")) {
+        (Some(tps), Some(latency)) if !failed => Ok((tps, latency)),
+        _ => {
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            let why = stderr
+                .lines()
+                .rev()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("no output");
+            Err(why.trim().chars().take(90).collect())
+        }
+    }
+}
+
+pub fn run() -> Result<BenchReport> {
+    if !crate::is_root() {
+        bail!("bench pooler runs PostgreSQL, PgBouncer and pgpool-II as the postgres user: run it as root");
+    }
+    let seconds: u64 = std::env::var("FAROL_BENCH_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10);
+    let client_counts: Vec<usize> = std::env::var("FAROL_BENCH_CLIENTS")
+        .unwrap_or_else(|_| "10".into())
+        .split(',')
+        .filter_map(|s| s.trim().parse().ok())
+        .collect();
+    exec(Command::new("cargo").current_dir(workspace_root()).args([
+        "build",
+        "--release",
+        "--quiet",
+        "-p",
+        "farol-agent",
+        "--bin",
+        "agent",
+    ]))?;
+
+    println!("starting PostgreSQL 15 (scale 10)...");
+    let pg = PgCluster::start("bench", false)?;
+    pg.primary
+        .psql("postgres", &format!("CREATE ROLE {USER} LOGIN"))?;
+    pg.primary
+        .psql("postgres", &format!("CREATE DATABASE {USER} OWNER {USER}"))?;
+    exec(
+        Command::new("pgbench")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &pg.primary.port.to_string(),
+                "-U",
+                USER,
+                "-i",
+                "-q",
+                "-s",
+                "10",
+                USER,
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    )?;
+    let dir: PathBuf =
+        std::env::temp_dir().join(format!("farol-bench-pooler-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let (uid, gid) = postgres_ids()?;
+    std::os::unix::fs::chown(&dir, Some(uid), Some(gid))?;
+
+    let workloads: [(&str, Vec<&str>); 5] = [
+        ("tpcb-simple", vec!["-M", "simple"]),
+        ("select-simple", vec!["-S", "-M", "simple"]),
+        ("select-extended", vec!["-S", "-M", "extended"]),
+        ("select-prepared", vec!["-S", "-M", "prepared"]),
+        ("churn-select", vec!["-S", "-M", "simple", "-C"]),
+    ];
+    let mut report = BenchReport::new("pooler");
+    let mut table: Vec<Row> = Vec::new();
+    // FAROL_BENCH_TARGETS / FAROL_BENCH_WORKLOADS: comma lists to run a subset.
+    let only = |var: &str, name: &str| {
+        std::env::var(var)
+            .map(|list| list.split(',').any(|item| item.trim() == name))
+            .unwrap_or(true)
+    };
+    let rounds: usize = std::env::var("FAROL_BENCH_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3);
+    for &clients in &client_counts {
+        // Every target runs at once (idle ones cost nothing) so the rounds
+        // can interleave them: the machine's load drifts, and each case
+        // sees the same drift. The median round is reported.
+        let all = [
+            "direct",
+            "farol-transaction",
+            "farol-session",
+            "pgbouncer-transaction",
+            "pgpool",
+        ];
+        let mut targets: Vec<(&str, u16, Option<Proc>)> = Vec::new();
+        for target in all.into_iter().filter(|t| only("FAROL_BENCH_TARGETS", t)) {
+            let started = match target {
+                "direct" => Ok((None, pg.primary.port)),
+                "farol-transaction" => start_farol(&dir, "transaction", pg.primary.port)
+                    .map(|(p, port)| (Some(p), port)),
+                "farol-session" => {
+                    start_farol(&dir, "session", pg.primary.port).map(|(p, port)| (Some(p), port))
+                }
+                "pgbouncer-transaction" => {
+                    start_pgbouncer(&dir, pg.primary.port).map(|(p, port)| (Some(p), port))
+                }
+                _ => start_pgpool(&dir, pg.primary.port, clients).map(|(p, port)| (Some(p), port)),
+            };
+            match started {
+                Ok((proc, port)) => targets.push((target, port, proc)),
+                Err(error) => println!("{target}: cannot start: {error:#}"),
+            }
+        }
+        for (workload, args) in workloads
+            .iter()
+            .filter(|(w, _)| only("FAROL_BENCH_WORKLOADS", w))
+        {
+            let clients_text = clients.to_string();
+            let mut full: Vec<&str> = args.clone();
+            // Churn: one pgbench thread per client (PEERS.md).
+            let threads = if full.contains(&"-C") {
+                clients_text.clone()
+            } else {
+                "2".into()
+            };
+            full.extend(["-c", &clients_text, "-j", &threads]);
+            let mut outcomes: Vec<Vec<Outcome>> = vec![Vec::new(); targets.len()];
+            for _ in 0..rounds {
+                for (index, (_, port, _)) in targets.iter().enumerate() {
+                    outcomes[index].push(pgbench(*port, &full, seconds));
+                }
+            }
+            for ((target, _, _), runs) in targets.iter().zip(outcomes) {
+                let case = if clients == 10 {
+                    format!("{target}-{workload}")
+                } else {
+                    format!("{target}-{workload}-c{clients}")
+                };
+                let result = median(runs);
+                match &result {
+                    Ok((tps, latency)) => {
+                        println!("{case:48} {tps:>10.0} tps {latency:>8.3} ms");
+                        report.push(&case, "tps", *tps, "1/s");
+                        report.push(&case, "latency", *latency, "ms");
+                    }
+                    Err(why) => println!("{case:48} fails: {why}"),
+                }
+                table.push((
+                    format!("{workload} -c {clients}"),
+                    (*target).to_owned(),
+                    result,
+                ));
+            }
+        }
+        drop(targets);
+    }
+    print_table(&table);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(report)
+}
+
+/// The median TPS round (with its latency); any failed round fails the case.
+fn median(runs: Vec<Outcome>) -> Outcome {
+    let mut ok = Vec::new();
+    for run in runs {
+        ok.push(run?);
+    }
+    ok.sort_by(|a, b| a.0.total_cmp(&b.0));
+    ok.get(ok.len() / 2)
+        .copied()
+        .ok_or_else(|| "no rounds".to_owned())
+}
+
+fn print_table(rows: &[Row]) {
+    let mut workloads: Vec<&str> = Vec::new();
+    let mut targets: Vec<&str> = Vec::new();
+    for (workload, target, _) in rows {
+        if !workloads.contains(&workload.as_str()) {
+            workloads.push(workload);
+        }
+        if !targets.contains(&target.as_str()) {
+            targets.push(target);
+        }
+    }
+    println!(
+        "\npgbench TPS (ratio to direct), average latency ms; scale 10, -j 2 (churn: -j = -c)"
+    );
+    print!("{:24}", "workload");
+    for target in &targets {
+        print!(" | {target:>26}");
+    }
+    println!();
+    for workload in &workloads {
+        let get = |target: &str| {
+            rows.iter()
+                .find(|(w, t, _)| w == workload && t == target)
+                .map(|(_, _, r)| r)
+        };
+        let direct = get("direct")
+            .and_then(|r| r.as_ref().ok())
+            .map(|(tps, _)| *tps);
+        print!("{workload:24}");
+        for target in &targets {
+            let cell = match get(target) {
+                Some(Ok((tps, latency))) => match direct {
+                    Some(direct) if direct > 0.0 => {
+                        format!("{tps:.0} ({:.2}x) {latency:.2}ms", tps / direct)
+                    }
+                    _ => format!("{tps:.0} {latency:.2}ms"),
+                },
+                Some(Err(_)) => "fails".into(),
+                None => "-".into(),
+            };
+            print!(" | {cell:>26}");
+        }
+        println!();
+    }
+}
