@@ -33,26 +33,7 @@ fn agent_command(lab: &Lab, node: &str) -> Command {
 }
 
 fn scrape(lab: &Lab, node: &str) -> Option<BTreeMap<String, u64>> {
-    let out = lab
-        .run(
-            node,
-            "curl",
-            &["-sf", "--max-time", "2", "http://127.0.0.1:9477/metrics"],
-        )
-        .ok()?;
-    if !out.status.success() {
-        return None;
-    }
-    Some(
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter(|line| !line.starts_with('#'))
-            .filter_map(|line| {
-                let (key, value) = line.rsplit_once(' ')?;
-                Some((key.to_owned(), value.parse().ok()?))
-            })
-            .collect(),
-    )
+    lab.metrics(node)
 }
 
 fn tcp_packets(metrics: &BTreeMap<String, u64>) -> u64 {

@@ -17,23 +17,27 @@ const AGENT: &str = env!("CARGO_BIN_EXE_agent");
 const VIP: &str = "192.0.2.100";
 
 fn scrape(lab: &Lab, node: &str) -> Option<BTreeMap<String, u64>> {
-    let out = lab
-        .run(
-            node,
-            "curl",
-            &["-sf", "--max-time", "2", "http://127.0.0.1:9477/metrics"],
-        )
-        .ok()?;
-    out.status.success().then(|| {
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter(|line| !line.starts_with('#'))
-            .filter_map(|line| {
-                let (key, value) = line.rsplit_once(' ')?;
-                Some((key.to_owned(), value.parse().ok()?))
-            })
-            .collect()
-    })
+    lab.metrics(node)
+}
+
+/// Waits until nuster1, which holds the VIP, sees all four backends up.
+fn wait_for_all_backends_up(lab: &Lab) {
+    wait_for(
+        "nuster1 to see all four backends up",
+        Duration::from_secs(30),
+        || {
+            let metrics = scrape(lab, "nuster1")?;
+            let up = (1..=4)
+                .filter(|n| {
+                    metrics.get(&format!(
+                        "farol_lb_backend_up{{service=\"web\",backend=\"nuster{n}\"}}"
+                    )) == Some(&1)
+                })
+                .count();
+            (up == 4).then_some(())
+        },
+    )
+    .unwrap();
 }
 
 /// A config like the lab's with the web service's scheduler replaced.
@@ -93,22 +97,7 @@ fn cluster(tag: &str, scheduler: &str) -> Cluster {
         processes.push(lab.spawn(&node.name, &mut server, "web").unwrap());
         processes.push(start_agent(&lab, &node.name, &config, &log(&node.name)));
     }
-    wait_for(
-        "nuster1 to see all four backends up",
-        Duration::from_secs(30),
-        || {
-            let metrics = scrape(&lab, "nuster1")?;
-            let up = (1..=4)
-                .filter(|n| {
-                    metrics.get(&format!(
-                        "farol_lb_backend_up{{service=\"web\",backend=\"nuster{n}\"}}"
-                    )) == Some(&1)
-                })
-                .count();
-            (up == 4).then_some(())
-        },
-    )
-    .unwrap();
+    wait_for_all_backends_up(&lab);
     for node in lab.nodes() {
         let ip = node.ip().to_owned();
         wait_for("web servers", Duration::from_secs(10), || {
@@ -472,22 +461,7 @@ fn udp_flows_are_balanced_in_dsr_mode() {
             .stderr(Stdio::null());
         processes.push(lab.spawn(&node.name, &mut server, "udp server").unwrap());
     }
-    wait_for(
-        "nuster1 to see all four backends up",
-        Duration::from_secs(30),
-        || {
-            let metrics = scrape(&lab, "nuster1")?;
-            let up = (1..=4)
-                .filter(|n| {
-                    metrics.get(&format!(
-                        "farol_lb_backend_up{{service=\"web\",backend=\"nuster{n}\"}}"
-                    )) == Some(&1)
-                })
-                .count();
-            (up == 4).then_some(())
-        },
-    )
-    .unwrap();
+    wait_for_all_backends_up(&lab);
     let out = lab
         .command(CLIENT, "python3")
         .arg(dir.0.join("client.py"))

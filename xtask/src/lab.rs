@@ -302,6 +302,28 @@ impl Lab {
         Ok(lines.join("\n"))
     }
 
+    /// The agent's `/metrics` on a host, as `name{labels}` -> value; None
+    /// while it does not answer.
+    pub fn metrics(&self, host: &str) -> Option<std::collections::BTreeMap<String, u64>> {
+        let out = self
+            .run(
+                host,
+                "curl",
+                &["-sf", "--max-time", "2", "http://127.0.0.1:9477/metrics"],
+            )
+            .ok()?;
+        out.status.success().then(|| {
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .filter(|line| !line.starts_with('#'))
+                .filter_map(|line| {
+                    let (key, value) = line.rsplit_once(' ')?;
+                    Some((key.to_owned(), value.parse::<f64>().ok()? as u64))
+                })
+                .collect()
+        })
+    }
+
     /// The id of the XDP program attached to a host's interface, if any.
     pub fn xdp_program_id(&self, host: &str) -> Result<Option<u64>> {
         let out = capture(Command::new("ip").args([
