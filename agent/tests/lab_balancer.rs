@@ -393,6 +393,7 @@ const UDP_SERVER: &str = r#"
 import socket, sys
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 s.bind((sys.argv[1], int(sys.argv[2])))
+open(sys.argv[4], "w").close()
 while True:
     data, peer = s.recvfrom(2048)
     s.sendto(sys.argv[3].encode(), peer)
@@ -457,11 +458,19 @@ fn udp_flows_are_balanced_in_dsr_mode() {
         server
             .arg(dir.0.join("server.py"))
             .args([VIP, "5353", &node.name])
+            .arg(dir.0.join(format!("{}.ready", node.name)))
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         processes.push(lab.spawn(&node.name, &mut server, "udp server").unwrap());
     }
     wait_for_all_backends_up(&lab);
+    for node in lab.nodes() {
+        let ready = dir.0.join(format!("{}.ready", node.name));
+        wait_for("the UDP server to bind", Duration::from_secs(10), || {
+            ready.exists().then_some(())
+        })
+        .unwrap();
+    }
     let out = lab
         .command(CLIENT, "python3")
         .arg(dir.0.join("client.py"))
