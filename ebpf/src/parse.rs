@@ -77,6 +77,9 @@ pub(crate) struct Packet {
     /// Where the transport header starts (valid once `transport` is set).
     pub(crate) l4_offset: usize,
     /// For TCP and UDP: the 5-tuple as it arrived (IPv4 mapped to IPv6).
+    /// Ports and protocol are set by `classify`; the addresses only by
+    /// [`fill_addresses`], once the packet may be for a VIP: copying them
+    /// for every packet cost more than the rest of the parse.
     pub(crate) flow: FlowKey,
     /// TCP flags byte (FIN 0x01, SYN 0x02, RST 0x04, ACK 0x10), 0 otherwise.
     pub(crate) tcp_flags: u8,
@@ -133,21 +136,11 @@ pub(crate) fn classify(ctx: &XdpContext, packet: &mut Packet) -> Result<(), Malf
         ETH_P_IPV4 => {
             let ip = ipv4(ctx, l3_offset)?;
             packet.network = Network::Ipv4;
-            let header: Ipv4Hdr = read_at(ctx, l3_offset).ok_or(MalformedReason::TruncatedIpv4)?;
-            packet.flow.src[10] = 0xff;
-            packet.flow.src[11] = 0xff;
-            packet.flow.src[12..16].copy_from_slice(&header.src_addr);
-            packet.flow.dst[10] = 0xff;
-            packet.flow.dst[11] = 0xff;
-            packet.flow.dst[12..16].copy_from_slice(&header.dst_addr);
             transport(ctx, packet, ip)
         }
         ETH_P_IPV6 => {
             let ip = ipv6(ctx, l3_offset)?;
             packet.network = Network::Ipv6;
-            let header: Ipv6Hdr = read_at(ctx, l3_offset).ok_or(MalformedReason::TruncatedIpv6)?;
-            packet.flow.src = header.src_addr;
-            packet.flow.dst = header.dst_addr;
             let ip = ipv6_extensions(ctx, ip)?;
             transport(ctx, packet, ip)
         }
@@ -403,4 +396,37 @@ pub(crate) fn icmp_error_flow(ctx: &XdpContext, packet: &Packet) -> Option<FlowK
     key.sport_be = u16::from_ne_bytes([ports[2], ports[3]]);
     key.dport_be = u16::from_ne_bytes([ports[0], ports[1]]);
     Some(key)
+}
+
+/// The IPv4 destination as it sits in the header, for the cheap VIP test.
+#[inline(always)]
+pub(crate) fn ipv4_destination(ctx: &XdpContext, packet: &Packet) -> Option<[u8; 4]> {
+    // SAFETY: reading a field through a reference to it (see frame_len).
+    let l3 = unsafe { core::ptr::read_volatile(&packet.l3_offset) };
+    read_at(ctx, l3 + 16)
+}
+
+/// Copies source and destination into `packet.flow` (IPv4 mapped).
+#[inline(always)]
+pub(crate) fn fill_addresses(ctx: &XdpContext, packet: &mut Packet) -> Option<()> {
+    // SAFETY: reading a field through a reference to it (see frame_len).
+    let l3 = unsafe { core::ptr::read_volatile(&packet.l3_offset) };
+    match packet.network {
+        Network::Ipv4 => {
+            let addresses: [u8; 8] = read_at(ctx, l3 + 12)?;
+            packet.flow.src[10] = 0xff;
+            packet.flow.src[11] = 0xff;
+            packet.flow.src[12..16].copy_from_slice(&addresses[0..4]);
+            packet.flow.dst[10] = 0xff;
+            packet.flow.dst[11] = 0xff;
+            packet.flow.dst[12..16].copy_from_slice(&addresses[4..8]);
+        }
+        Network::Ipv6 => {
+            let header: Ipv6Hdr = read_at(ctx, l3)?;
+            packet.flow.src = header.src_addr;
+            packet.flow.dst = header.dst_addr;
+        }
+        _ => return None,
+    }
+    Some(())
 }

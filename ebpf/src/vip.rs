@@ -30,6 +30,10 @@ pub(crate) fn answer_arp(ctx: &XdpContext, l3: usize) -> u32 {
         return xdp_action::XDP_PASS;
     }
     let target = [arp[24], arp[25], arp[26], arp[27]];
+    // Most ARP traffic is for node addresses: leave before the hash lookup.
+    if !crate::balance::is_vip(&ipv4_mapped(target)) {
+        return xdp_action::XDP_PASS;
+    }
     // SAFETY: the value is read, not kept; the agent only writes whole entries.
     if unsafe { OWNED_VIPS.get(ipv4_mapped(target)) }.is_none() {
         return xdp_action::XDP_PASS;
