@@ -13,9 +13,10 @@
 
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use farol_common::lb::{
-    flow_hash, maglev_base, Backend, Flow, VipKey, VipMeta, BACKEND_ACTIVE, BACKEND_ALIVE,
-    BACKEND_LOCAL, FLOW_CLOSING, MAGLEV_TABLE_SIZE, MAX_BACKENDS_PER_SERVICE, NO_BACKEND,
-    SCHEDULER_LEASTCONN, SCHEDULER_ROUNDROBIN, SCHEDULER_SOURCE, SERVICE_PRESENT, VIP_OWNED,
+    flow_hash, maglev_base, Backend, Flow, LbConfig, VipKey, VipMeta, BACKEND_ACTIVE,
+    BACKEND_ALIVE, BACKEND_LOCAL, FLOW_CLOSING, MAGLEV_TABLE_SIZE, MAX_BACKENDS_PER_SERVICE,
+    NO_BACKEND, SCHEDULER_LEASTCONN, SCHEDULER_ROUNDROBIN, SCHEDULER_SOURCE, SERVICE_PRESENT,
+    VIP_OWNED,
 };
 
 use crate::{
@@ -28,7 +29,10 @@ use crate::{
 
 #[inline(always)]
 pub(crate) fn forward(ctx: &XdpContext, packet: &mut Packet, bytes: u64) -> u32 {
-    if !may_be_vip(ctx, packet) {
+    let Some(config) = LB_CONFIG.get(0) else {
+        return xdp_action::XDP_PASS;
+    };
+    if !may_be_vip(ctx, packet, config) {
         return xdp_action::XDP_PASS;
     }
     if parse::fill_addresses(ctx, packet).is_none() {
@@ -89,7 +93,7 @@ pub(crate) fn forward(ctx: &XdpContext, packet: &mut Packet, bytes: u64) -> u32 
     if backend.flags & BACKEND_LOCAL != 0 {
         return xdp_action::XDP_PASS;
     }
-    send_to(ctx, &backend)
+    send_to(ctx, &backend, config)
 }
 
 /// An ICMP error about a VIP flow (fragmentation needed, unreachable, time
@@ -101,7 +105,10 @@ pub(crate) fn forward_icmp_error(ctx: &XdpContext, packet: &Packet, bytes: u64) 
     let Some(key) = parse::icmp_error_flow(ctx, packet) else {
         return xdp_action::XDP_PASS;
     };
-    if !is_vip(&key.dst) {
+    let Some(config) = LB_CONFIG.get(0) else {
+        return xdp_action::XDP_PASS;
+    };
+    if !is_vip(&key.dst, config) {
         return xdp_action::XDP_PASS;
     }
     // SAFETY: copied out at once; LRU entries may be evicted concurrently.
@@ -131,15 +138,12 @@ pub(crate) fn forward_icmp_error(ctx: &XdpContext, packet: &Packet, bytes: u64) 
     if backend.flags & BACKEND_LOCAL != 0 {
         return xdp_action::XDP_PASS;
     }
-    send_to(ctx, &backend)
+    send_to(ctx, &backend, config)
 }
 
 /// Rewrites the Ethernet addresses towards `backend` and transmits (DSR).
 #[inline(always)]
-fn send_to(ctx: &XdpContext, backend: &Backend) -> u32 {
-    let Some(config) = LB_CONFIG.get(0) else {
-        return xdp_action::XDP_PASS;
-    };
+fn send_to(ctx: &XdpContext, backend: &Backend, config: &LbConfig) -> u32 {
     let Some(eth) = parse::ptr_at_mut::<[u8; 12]>(ctx, 0) else {
         return xdp_action::XDP_PASS;
     };
@@ -155,10 +159,7 @@ fn send_to(ctx: &XdpContext, backend: &Backend) -> u32 {
 /// than any map lookup (a Bloom filter's helper call measured ~55 ns per
 /// packet here). IPv4 compares the four address bytes only.
 #[inline(always)]
-fn may_be_vip(ctx: &XdpContext, packet: &Packet) -> bool {
-    let Some(config) = LB_CONFIG.get(0) else {
-        return false;
-    };
+fn may_be_vip(ctx: &XdpContext, packet: &Packet, config: &LbConfig) -> bool {
     let count = config.vip_count;
     if count == 0 {
         return false;
@@ -176,10 +177,7 @@ fn may_be_vip(ctx: &XdpContext, packet: &Packet) -> bool {
 
 /// True when `addr` (16-byte form) is one of the VIP addresses.
 #[inline(always)]
-pub(crate) fn is_vip(addr: &[u8; 16]) -> bool {
-    let Some(config) = LB_CONFIG.get(0) else {
-        return false;
-    };
+pub(crate) fn is_vip(addr: &[u8; 16], config: &LbConfig) -> bool {
     match config.vip_count {
         0 => false,
         1 => config.vips[0] == *addr,

@@ -30,17 +30,17 @@ pub(crate) fn answer_arp(ctx: &XdpContext, l3: usize) -> u32 {
         return xdp_action::XDP_PASS;
     }
     let target = [arp[24], arp[25], arp[26], arp[27]];
+    let Some(config) = LB_CONFIG.get(0) else {
+        return xdp_action::XDP_PASS;
+    };
     // Most ARP traffic is for node addresses: leave before the hash lookup.
-    if !crate::balance::is_vip(&ipv4_mapped(target)) {
+    if !crate::balance::is_vip(&ipv4_mapped(target), config) {
         return xdp_action::XDP_PASS;
     }
     // SAFETY: the value is read, not kept; the agent only writes whole entries.
     if unsafe { OWNED_VIPS.get(ipv4_mapped(target)) }.is_none() {
         return xdp_action::XDP_PASS;
     }
-    let Some(config) = LB_CONFIG.get(0) else {
-        return xdp_action::XDP_PASS;
-    };
     let local_mac = config.local_mac;
     // RFC 826 reply: swap sender and target, our MAC as the sender's.
     let requester_mac = [arp[8], arp[9], arp[10], arp[11], arp[12], arp[13]];

@@ -33,16 +33,7 @@ pub(crate) fn can_run_postgres(test: &str) -> bool {
     } else {
         None
     };
-    match why {
-        None => true,
-        Some(why) if std::env::var_os("FAROL_TEST_REQUIRE_PRIVILEGES").is_some() => {
-            panic!("{test}: {why}")
-        }
-        Some(why) => {
-            eprintln!("skipping {test}: {why}");
-            false
-        }
-    }
+    super::may_run(test, why)
 }
 
 static CLUSTERS: Mutex<[Option<Weak<PgCluster>>; 2]> = Mutex::new([None, None]);
