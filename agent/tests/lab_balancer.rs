@@ -494,3 +494,145 @@ fn udp_flows_are_balanced_in_dsr_mode() {
     );
     drop(processes);
 }
+
+/// NAT mode: only nuster1 runs an agent; nuster2..4 are bare servers on
+/// port 8080 (TCP) and 5353 (UDP) with no VIP and no set-up at all.
+#[test]
+fn nat_mode_serves_tcp_and_udp_through_backends_that_have_no_setup() {
+    if !support::privileged("nat_mode_serves_tcp_and_udp_through_backends_that_have_no_setup") {
+        return;
+    }
+    let lab = LabGuard::up(Lab::new(&unique_prefix("lbnat")).unwrap()).unwrap();
+    let dir = TempDir(std::env::temp_dir().join(format!("farol-lb-{}", lab.prefix())));
+    std::fs::create_dir_all(&dir.0).unwrap();
+    let text = std::fs::read_to_string(lab_config()).unwrap();
+    let nodes = text.split("[[service]]").next().unwrap();
+    let backends = |port: u16| {
+        (2..=4)
+            .map(|n| format!("{{ node = \"nuster{n}\", port = {port} }}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let config = dir.0.join("lab-nat.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "{nodes}\n[[service]]\nname = \"web\"\nvip = \"{VIP}\"\nport = 80\nscheduler = \"roundrobin\"\n\
+             forwarding = \"nat\"\nbackends = [{}]\n\n\
+             [[service]]\nname = \"dns\"\nvip = \"{VIP}\"\nport = 5353\nprotocol = \"udp\"\n\
+             forwarding = \"nat\"\nbackends = [{}]\n",
+            backends(8080),
+            backends(5353)
+        ),
+    )
+    .unwrap();
+    std::fs::write(dir.0.join("server.py"), UDP_SERVER).unwrap();
+    std::fs::write(dir.0.join("client.py"), UDP_CLIENT).unwrap();
+    let mut processes = Vec::new();
+    for n in 2..=4 {
+        let node = format!("nuster{n}");
+        let root = dir.0.join(&node);
+        std::fs::create_dir_all(&root).unwrap();
+        std::fs::write(root.join("index.html"), format!("{node}\n")).unwrap();
+        let mut web = lab.command(&node, "python3");
+        web.args(["-m", "http.server", "8080", "--directory"])
+            .arg(&root)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.0.join(format!("{node}-web.log"))).unwrap());
+        processes.push(lab.spawn(&node, &mut web, "web").unwrap());
+        let mut udp = lab.command(&node, "python3");
+        udp.arg(dir.0.join("server.py"))
+            .args(["0.0.0.0", "5353", &node])
+            .arg(dir.0.join(format!("{node}.ready")))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        processes.push(lab.spawn(&node, &mut udp, "udp server").unwrap());
+    }
+    processes.push(start_agent(
+        &lab,
+        "nuster1",
+        &config,
+        &dir.0.join("nuster1.log"),
+    ));
+    wait_for(
+        "nuster1 to see the NAT backends up",
+        Duration::from_secs(30),
+        || {
+            let metrics = scrape(&lab, "nuster1")?;
+            let up = (2..=4)
+                .filter(|n| {
+                    metrics.get(&format!(
+                        "farol_lb_backend_up{{service=\"web\",backend=\"nuster{n}\"}}"
+                    )) == Some(&1)
+                })
+                .count();
+            (up == 3).then_some(())
+        },
+    )
+    .unwrap();
+    for n in 2..=4 {
+        let url = format!("http://192.0.2.1{n}:8080/");
+        wait_for("the web servers", Duration::from_secs(10), || {
+            lab.run(CLIENT, "curl", &["-sf", "--max-time", "1", &url])
+                .ok()
+                .filter(|out| out.status.success())
+        })
+        .unwrap();
+        let ready = dir.0.join(format!("nuster{n}.ready"));
+        wait_for("the UDP servers", Duration::from_secs(10), || {
+            ready.exists().then_some(())
+        })
+        .unwrap();
+    }
+
+    let answers = requests(&lab, 30, None);
+    assert_eq!(answers.len(), 3, "three NAT backends answered: {answers:?}");
+    for (node, count) in &answers {
+        assert!(
+            (5..=15).contains(count),
+            "{node} answered {count} of 30: {answers:?}"
+        );
+    }
+    // To the backends, every request through the VIP came from the
+    // balancer (the client's one is the readiness check above).
+    let log = std::fs::read_to_string(dir.0.join("nuster2-web.log")).unwrap();
+    let from = |addr: &str| log.lines().filter(|l| l.starts_with(addr)).count();
+    assert_eq!(
+        (from("192.0.2.11 "), from("192.0.2.2 ")),
+        (answers["nuster2"], 1),
+        "nuster2's requests came from the balancer:\n{log}"
+    );
+
+    let out = lab
+        .run(
+            CLIENT,
+            "python3",
+            &[dir.0.join("client.py").to_str().unwrap(), VIP, "5353", "20"],
+        )
+        .unwrap();
+    let replies = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = replies.lines().collect();
+    assert_eq!(lines.len(), 20, "{replies}");
+    assert!(
+        !lines.contains(&"timeout"),
+        "every datagram answered: {replies}"
+    );
+    let distinct: std::collections::BTreeSet<&str> = lines.iter().copied().collect();
+    assert!(distinct.len() >= 2, "UDP flows spread: {replies}");
+
+    let metrics = scrape(&lab, "nuster1").unwrap();
+    let translated = |service: &str| {
+        metrics[&format!("farol_lb_service_nat_replies_packets_total{{service=\"{service}\"}}")]
+    };
+    assert!(
+        translated("web") >= 60,
+        "HTTP replies translated: {}",
+        translated("web")
+    );
+    assert!(
+        translated("dns") >= 20,
+        "UDP replies translated: {}",
+        translated("dns")
+    );
+    drop(processes);
+}
