@@ -40,9 +40,10 @@ use crate::parse::{Network, Packet, Transport};
 #[xdp]
 pub fn farol_ingress(ctx: XdpContext) -> u32 {
     let frame_len = (ctx.data_end() - ctx.data()) as u64;
-    let mut packet = Packet::default();
-    let verdict = try_farol_ingress(&ctx, &mut packet, frame_len);
-    stats::count_packet(&packet, frame_len);
+    let mut slot = core::mem::MaybeUninit::uninit();
+    let packet = Packet::zero(&mut slot);
+    let verdict = try_farol_ingress(&ctx, packet, frame_len);
+    stats::count_packet(packet, frame_len);
     match verdict {
         Ok(nat::HANDOFF) => nat::hand_off(&ctx),
         Ok(action) => action,

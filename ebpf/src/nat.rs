@@ -63,11 +63,12 @@ pub(crate) fn may_be_reply(ctx: &XdpContext, packet: &Packet, config: &LbConfig)
 #[xdp]
 pub fn farol_nat(ctx: XdpContext) -> u32 {
     let bytes = (ctx.data_end() - ctx.data()) as u64;
-    let mut packet = Packet::default();
-    if parse::classify(&ctx, &mut packet).is_err()
+    let mut slot = core::mem::MaybeUninit::uninit();
+    let packet = Packet::zero(&mut slot);
+    if parse::classify(&ctx, packet).is_err()
         || packet.network != Network::Ipv4
         || !matches!(packet.transport, Transport::Tcp | Transport::Udp)
-        || parse::fill_addresses(&ctx, &mut packet).is_none()
+        || parse::fill_addresses(&ctx, packet).is_none()
     {
         return xdp_action::XDP_PASS;
     }
@@ -75,9 +76,9 @@ pub fn farol_nat(ctx: XdpContext) -> u32 {
         return xdp_action::XDP_PASS;
     };
     if packet.flow.dst[12..16] == config.snat_ipv4 {
-        return from_backend(&ctx, &packet, config, bytes);
+        return from_backend(&ctx, packet, config, bytes);
     }
-    to_backend(&ctx, &packet, config, bytes)
+    to_backend(&ctx, packet, config, bytes)
 }
 
 /// A client's packet for a NAT service: scheduled, then rewritten to go
