@@ -18,9 +18,10 @@
 //! config_test = ["/usr/sbin/apache2", "-f", "/etc/farol/apache/farol.conf", "-t"]
 //! ```
 //!
-//! In `args`, `env` values, `working_dir`, `config_test`, `volume_fallback`
-//! and `ready.host`, `{node}`, `{address}` and `{cluster}` stand for this
-//! node's name, its LAN address and the cluster's name.
+//! In `args`, `env` values, `working_dir`, `runtime_dir`, `config_test`,
+//! `volume_fallback` and `ready.host`, `{node}`, `{address}` and `{cluster}`
+//! stand for this node's name, its LAN address and the cluster's name; in
+//! `env` values `{volume}` stands for `FAROL_VOLUME_MOUNT`.
 
 use std::{collections::BTreeMap, path::PathBuf, time::Duration};
 
@@ -57,13 +58,18 @@ pub struct SuperviseConfig {
     pub env: BTreeMap<String, String>,
     /// The child's working directory; default: `/`.
     pub working_dir: Option<PathBuf>,
+    /// A directory created (with its parents) before every start, for pid
+    /// files and sockets, given to the child as `FAROL_RUNTIME_DIR`
+    /// (systemd's `RuntimeDirectory=`).
+    pub runtime_dir: Option<PathBuf>,
     /// The `[[service]]` this child serves: this node's backend in it is
     /// drained before the child stops and while it is down.
     pub service: Option<String>,
     /// A `[[volume]]` the child serves files from: `FAROL_VOLUME_MOUNT` is
     /// its mount point on nodes holding a replica, else `volume_fallback`.
     pub volume: Option<String>,
-    /// `FAROL_VOLUME_MOUNT` on nodes without a replica of `volume`.
+    /// `FAROL_VOLUME_MOUNT` (and `{volume}` in `env` values) on nodes
+    /// without a replica of `volume`.
     pub volume_fallback: Option<PathBuf>,
     /// How to tell the child is serving; without it, running is ready.
     pub ready: Option<ReadyConfig>,
@@ -96,7 +102,7 @@ pub struct ReadyConfig {
     /// Where to connect; default `127.0.0.1`.
     #[serde(default = "default_ready_host")]
     pub host: String,
-    /// The path of an HTTP/1.1 GET that must answer 2xx or 3xx.
+    /// The path of an HTTP/1.1 GET that must get an answer below 500.
     pub http: Option<String>,
     /// Longest time from start to ready; a child not ready by then is
     /// killed and counts as a failed start.
@@ -245,8 +251,7 @@ fn default_stable_after() -> Duration {
 impl SuperviseConfig {
     /// Whether `node` runs this child.
     pub fn runs_on(&self, node: &NodeConfig) -> bool {
-        self.nodes.contains(&node.name)
-            || self.roles.iter().any(|role| node.roles.contains(role))
+        self.nodes.contains(&node.name) || self.roles.iter().any(|role| node.roles.contains(role))
     }
 }
 
@@ -303,13 +308,21 @@ pub(super) fn validate(
                 format!("expected an absolute path, got {:?}", entry.command),
             );
         }
-        if let Some(dir) = &entry.working_dir {
-            if !dir.is_absolute() {
-                problem(
-                    at("working_dir"),
-                    format!("expected an absolute path, got {dir:?}"),
-                );
+        for (key, dir) in [
+            ("working_dir", &entry.working_dir),
+            ("runtime_dir", &entry.runtime_dir),
+        ] {
+            if let Some(dir) = dir {
+                if !dir.is_absolute() {
+                    problem(at(key), format!("expected an absolute path, got {dir:?}"));
+                }
             }
+        }
+        if entry.volume.is_none() && entry.env.values().any(|v| v.contains("{volume}")) {
+            problem(
+                at("env"),
+                "{volume} is only known with volume = \"NAME\"".into(),
+            );
         }
         for key in entry.env.keys() {
             if key.is_empty() || key.contains('=') || key.contains('\0') {
@@ -603,11 +616,19 @@ restart = { tries = 3 }
 name = "x y"
 command = "apache2"
 working_dir = "relative"
+runtime_dir = "run"
+env = { ROOT = "{volume}" }
 "#;
         assert_problem(text, "supervise[0].name", "letters, digits");
         assert_problem(text, "supervise[0].nodes", "nodes or roles");
         assert_problem(text, "supervise[0].command", "absolute path");
         assert_problem(text, "supervise[0].working_dir", "absolute path");
+        assert_problem(text, "supervise[0].runtime_dir", "absolute path");
+        assert_problem(
+            text,
+            "supervise[0].env",
+            "{volume} is only known with volume",
+        );
     }
 
     #[test]

@@ -138,6 +138,11 @@ pub(super) async fn supervise(
     loop {
         status.update(|s| s.state = ChildState::Starting);
         let started = Instant::now();
+        if let Some(dir) = &spec.runtime_dir {
+            if let Err(error) = std::fs::create_dir_all(dir) {
+                warn!(child = %name, dir = %dir.display(), %error, "cannot create the runtime directory");
+            }
+        }
         let outcome = match Running::spawn(&name, &spec.program) {
             Err(error) => {
                 error!(child = %name, error = %crate::error_chain(&error), "child failed to start");
@@ -352,7 +357,9 @@ async fn reload(
             Ok((true, _)) => {}
             Ok((false, output)) => {
                 count("refused");
-                warn!(child = %name, output = %output, "config test failed: reload refused, the running child keeps its config");
+                // One log line, whatever the tool printed.
+                let flat = output.lines().collect::<Vec<_>>().join(" | ");
+                warn!(child = %name, output = %flat, "config test failed: reload refused, the running child keeps its config");
                 return Err(ReloadError::Refused {
                     child: name.clone(),
                     output,
@@ -370,6 +377,7 @@ async fn reload(
     }
     if let Err(error) = running.signal(signal) {
         count("failed");
+        warn!(child = %name, %error, "cannot send the reload signal");
         return Err(ReloadError::Signal {
             child: name.clone(),
             why: error.to_string(),

@@ -68,6 +68,8 @@ pub enum ReloadError {
 #[derive(Debug, Clone, PartialEq)]
 pub struct ChildSpec {
     pub name: String,
+    /// Created before every start.
+    pub runtime_dir: Option<PathBuf>,
     pub program: Program,
     pub service: Option<String>,
     pub ready: Option<ReadyCheck>,
@@ -98,16 +100,35 @@ pub fn specs(config: &Config, node: &NodeConfig) -> Vec<ChildSpec> {
                 ),
                 ("FAROL_CLUSTER".to_owned(), cluster.to_owned()),
             ];
+            let mut volume_mount = None;
             if let Some(name) = &entry.volume {
                 let volume = config.volumes.iter().find(|v| v.name == *name);
                 let mount = volume
                     .and_then(|v| v.replica(&node.name).and_then(|r| v.mount_point(r)))
                     .or_else(|| entry.volume_fallback.clone());
                 if let Some(mount) = mount {
-                    env.push(("FAROL_VOLUME_MOUNT".to_owned(), x(&mount.to_string_lossy())));
+                    let mount = x(&mount.to_string_lossy());
+                    env.push(("FAROL_VOLUME_MOUNT".to_owned(), mount.clone()));
+                    volume_mount = Some(mount);
                 }
             }
-            env.extend(entry.env.iter().map(|(k, v)| (k.clone(), x(v))));
+            let runtime_dir = entry
+                .runtime_dir
+                .as_ref()
+                .map(|dir| PathBuf::from(x(&dir.to_string_lossy())));
+            if let Some(dir) = &runtime_dir {
+                env.push((
+                    "FAROL_RUNTIME_DIR".to_owned(),
+                    dir.to_string_lossy().into_owned(),
+                ));
+            }
+            env.extend(entry.env.iter().map(|(k, v)| {
+                let v = match &volume_mount {
+                    Some(mount) => v.replace("{volume}", mount),
+                    None => v.clone(),
+                };
+                (k.clone(), x(&v))
+            }));
             let working_dir = entry.working_dir.as_ref().map_or_else(
                 || PathBuf::from("/"),
                 |dir| PathBuf::from(x(&dir.to_string_lossy())),
@@ -123,6 +144,7 @@ pub fn specs(config: &Config, node: &NodeConfig) -> Vec<ChildSpec> {
                 });
             ChildSpec {
                 name: entry.name.clone(),
+                runtime_dir,
                 program: Program {
                     command: entry.command.clone(),
                     args: entry.args.iter().map(|a| x(a)).collect(),
@@ -220,13 +242,16 @@ impl Supervisor {
             .unwrap_or_else(|_| Err(ReloadError::NotRunning(name.to_owned())))
     }
 
-    /// Reloads every child that has a reload signal; logs each outcome.
+    /// Reloads every child that has a reload signal (each outcome is
+    /// logged by the child's task).
     pub async fn reload_all(&self) {
         for child in &self.children {
             match self.reload(&child.name).await {
-                Ok(()) => {}
-                Err(ReloadError::NoReloadSignal(_)) => {}
-                Err(error) => warn!(child = %child.name, "{error}"),
+                Ok(()) | Err(ReloadError::NoReloadSignal(_)) => {}
+                Err(ReloadError::NotRunning(_)) => {
+                    info!(child = %child.name, "not running: nothing to reload")
+                }
+                Err(_) => {}
             }
         }
     }

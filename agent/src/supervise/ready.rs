@@ -1,5 +1,6 @@
 //! Readiness of a started child: a TCP connect, or an HTTP/1.1 GET that
-//! must answer 2xx or 3xx. Only "is it serving yet"; health checks of
+//! must get an answer with a status below 500 (a 404 still shows the server
+//! serves; whether the content is right is for health checks). Only "is it serving yet"; health checks of
 //! running backends belong to `health`.
 
 use std::time::Duration;
@@ -54,7 +55,7 @@ impl ReadyCheck {
                 read += n;
             }
             parse_status(&head[..read])
-                .filter(|status| (200..400).contains(status))
+                .filter(|status| (100..500).contains(status))
                 .map(|_| ())
                 .ok_or_else(|| {
                     format!(
@@ -134,11 +135,13 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn http_check_wants_2xx_or_3xx() {
+    async fn http_check_wants_an_answer_below_500() {
         let ok = server(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n").await;
         let moved = server(b"HTTP/1.1 301 Moved\r\nContent-Length: 0\r\n\r\n").await;
         let broken = server(b"HTTP/1.1 503 Unavailable\r\nContent-Length: 0\r\n\r\n").await;
         let garbage = server(b"hello").await;
+        let missing = server(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n").await;
+        assert_eq!(check(missing, Some("/")).probe().await, Ok(()));
         assert_eq!(check(ok, Some("/")).probe().await, Ok(()));
         assert_eq!(check(moved, Some("/")).probe().await, Ok(()));
         let why = check(broken, Some("/x")).probe().await.unwrap_err();

@@ -48,6 +48,7 @@ impl Drainer for RecordingDrainer {
 fn spec(name: &str, command: &str, args: &[&str]) -> ChildSpec {
     ChildSpec {
         name: name.into(),
+        runtime_dir: None,
         program: Program {
             command: command.into(),
             args: args.iter().map(|a| (*a).to_owned()).collect(),
@@ -486,7 +487,8 @@ name = "apache"
 roles = ["web"]
 command = "/usr/sbin/apache2"
 args = ["-f", "/etc/farol/{cluster}-{node}.conf"]
-env = { RUN = "/run/farol/{node}" }
+env = { RUN = "/run/farol/{node}", ROOT = "{volume}/htdocs" }
+runtime_dir = "/run/farol/{cluster}/{node}"
 volume = "www"
 volume_fallback = "/var/www/{node}"
 ready = { port = 80, host = "{address}", http = "/" }
@@ -513,6 +515,13 @@ config_test = ["/usr/sbin/apache2", "-f", "/etc/farol/{cluster}-{node}.conf", "-
         Some("192.0.2.12")
     );
     assert_eq!(env(one, "FAROL_VOLUME_MOUNT").as_deref(), Some("/srv/www"));
+    assert_eq!(env(one, "ROOT").as_deref(), Some("/srv/www/htdocs"));
+    assert_eq!(env(two, "ROOT").as_deref(), Some("/var/www/n2/htdocs"));
+    assert_eq!(
+        env(two, "FAROL_RUNTIME_DIR").as_deref(),
+        Some("/run/farol/lab/n2")
+    );
+    assert_eq!(two.runtime_dir, Some(PathBuf::from("/run/farol/lab/n2")));
     assert_eq!(
         env(two, "FAROL_VOLUME_MOUNT").as_deref(),
         Some("/var/www/n2")
