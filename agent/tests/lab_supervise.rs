@@ -518,3 +518,170 @@ fn graceful_reloads_under_load_lose_nothing_and_a_broken_config_is_refused() {
     assert!(answers.iter().any(|n| n == "nuster2"), "{answers:?}");
     std::fs::write(&cluster.apache.apache_conf, good).unwrap();
 }
+
+/// A TCP connection from a socket with a small receive buffer, so the
+/// server cannot push the whole answer at once and a slow reader keeps the
+/// flow open as long as it reads.
+fn small_window_connect(target: SocketAddr) -> std::io::Result<TcpStream> {
+    use std::os::fd::FromRawFd;
+    let SocketAddr::V4(v4) = target else {
+        panic!("IPv4 only")
+    };
+    // SAFETY: plain socket(2)/setsockopt(2)/connect(2) calls on a new fd
+    // that is owned by the TcpStream afterwards (or closed on error).
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let stream = TcpStream::from_raw_fd(fd);
+        let size: libc::c_int = 16 * 1024;
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (&size as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+        let addr = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: v4.port().to_be(),
+            sin_addr: libc::in_addr {
+                s_addr: u32::from_ne_bytes(v4.ip().octets()),
+            },
+            sin_zero: [0; 8],
+        };
+        let result = libc::connect(
+            fd,
+            (&addr as *const libc::sockaddr_in).cast(),
+            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        );
+        if result != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(stream)
+    }
+}
+
+/// Downloads `/big.bin` through the VIP from the client's namespace, on a
+/// connection the balancer gave to `node` (retried until it did), reading
+/// at most 16 KiB every 10 ms. Sends the node once the headers arrived, then the
+/// body size (or why it failed).
+fn slow_download_on(
+    lab: &Lab,
+    node: &'static str,
+) -> (
+    std::sync::mpsc::Receiver<()>,
+    std::thread::JoinHandle<Result<usize, String>>,
+) {
+    let (started_tx, started) = std::sync::mpsc::channel();
+    let path = format!("/run/netns/{}", lab.netns(CLIENT));
+    let thread = std::thread::spawn(move || {
+        let netns = std::fs::File::open(&path).unwrap();
+        // SAFETY: setns(2) on this thread only.
+        assert_eq!(
+            unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) },
+            0
+        );
+        let target: SocketAddr = format!("{VIP}:80").parse().unwrap();
+        for _ in 0..16 {
+            let mut stream = small_window_connect(target).map_err(|e| e.to_string())?;
+            stream
+                .write_all(b"GET /big.bin HTTP/1.1\r\nHost: farol\r\nConnection: close\r\n\r\n")
+                .map_err(|e| e.to_string())?;
+            let mut received = Vec::new();
+            let mut chunk = [0u8; 16 * 1024];
+            let head_end = loop {
+                let n = stream.read(&mut chunk).map_err(|e| e.to_string())?;
+                if n == 0 {
+                    return Err("closed before the headers".into());
+                }
+                received.extend_from_slice(&chunk[..n]);
+                if let Some(at) = received.windows(4).position(|w| w == b"\r\n\r\n") {
+                    break at + 4;
+                }
+            };
+            let head = String::from_utf8_lossy(&received[..head_end]).to_ascii_lowercase();
+            if !head.contains(&format!("x-farol-node: {node}")) {
+                continue;
+            }
+            started_tx.send(()).unwrap();
+            let mut body = received.len() - head_end;
+            loop {
+                std::thread::sleep(Duration::from_millis(10));
+                match stream.read(&mut chunk) {
+                    Ok(0) => return Ok(body),
+                    Ok(n) => body += n,
+                    Err(e) => return Err(format!("after {body} bytes: {e}")),
+                }
+            }
+        }
+        Err(format!("no connection landed on {node} in 16 tries"))
+    });
+    (started, thread)
+}
+
+#[test]
+fn sigterm_drains_the_local_backend_then_stops_apache_after_its_flows_end() {
+    let test = "sigterm_drains_the_local_backend_then_stops_apache_after_its_flows_end";
+    if !may_run(test) {
+        return;
+    }
+    let cluster = Cluster::start("svdrain", |text| {
+        text.replace("drain_timeout = \"10s\"", "drain_timeout = \"30s\"")
+    });
+    const SIZE: usize = 2 << 20;
+    for node in cluster.lab.nodes() {
+        std::fs::write(
+            cluster.apache.document_root(&node.name).join("big.bin"),
+            vec![b'x'; SIZE],
+        )
+        .unwrap();
+    }
+    // nuster1 balances (it holds the VIP) and serves; a 2 MiB download,
+    // read slowly, runs on its own Apache when its agent gets SIGTERM.
+    let (started, download) = slow_download_on(&cluster.lab, "nuster1");
+    if started.recv_timeout(Duration::from_secs(10)).is_err() {
+        panic!("the download did not start: {:?}", download.join());
+    }
+    let flows = cluster.metrics("nuster1")
+        ["farol_lb_backend_active_flows{service=\"web\",backend=\"nuster1\"}"];
+    assert_eq!(flows, 1, "the download is the one flow to nuster1");
+    let stopped_at = Instant::now();
+    cluster.signal_agent("nuster1", libc::SIGTERM);
+
+    // While nuster1 drains, new flows through the VIP go to the others.
+    std::thread::sleep(Duration::from_millis(300));
+    let answers: Vec<String> = (0..8)
+        .map(|_| cluster.get(VIP).expect("the VIP serves while draining").1)
+        .collect();
+    assert!(
+        answers.iter().all(|n| n != "nuster1"),
+        "a drained backend got new flows: {answers:?}"
+    );
+
+    let body = download.join().unwrap();
+    assert_eq!(body, Ok(SIZE), "the download in flight finished whole");
+    let finished = stopped_at.elapsed();
+    assert!(
+        finished > Duration::from_secs(1),
+        "the download outlived the SIGTERM: {finished:?}"
+    );
+    wait_for("nuster1's agent to exit", Duration::from_secs(20), || {
+        let log = cluster.log("nuster1");
+        log.contains("agent stopped").then_some(())
+    })
+    .unwrap();
+    let log = cluster.log("nuster1");
+    let at = |needle: &str| {
+        log.find(needle)
+            .unwrap_or_else(|| panic!("{needle:?} not in\n{log}"))
+    };
+    assert!(at("drained: no flows left") < at("stopping child"), "{log}");
+    assert!(at("stopping child") < at("child stopped"), "{log}");
+    println!(
+        "SIGTERM on nuster1 with a download in flight: new flows went to {answers:?}; the download \
+         finished whole {:.1} s after SIGTERM, then Apache was stopped",
+        finished.as_secs_f64()
+    );
+}
