@@ -261,9 +261,9 @@ fn apache_killed_with_sigkill_is_restarted_and_serves_again_through_the_vip() {
     // answer from nuster3 after the last failure.
     let last_failure = log
         .iter()
-        .filter(|(t, r)| *t > killed && r.is_err())
+        .rev()
+        .find(|(t, r)| *t > killed && r.is_err())
         .map(|(t, _)| *t)
-        .last()
         .unwrap_or(killed);
     let back = log
         .iter()
