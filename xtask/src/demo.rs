@@ -51,12 +51,15 @@ pub(crate) fn run(seconds: u64) -> Result<()> {
     let lab = LabGuard::up(Lab::new("lab")?)?;
     let web_root = tempdir("farol-demo-web")?;
     let names: Vec<String> = lab.nodes().iter().map(|n| n.name.clone()).collect();
-    // configs/lab.toml with its [[supervise]] Apache, paths under web_root.
-    let apache = xtask::apache::lab_apache(&web_root, &names, |text| text)?;
+    // configs/lab.toml with its [[supervise]] Apache, paths under web_root,
+    // plus a replicated volume `www` on nuster1..3 as Apache's document root
+    // (nuster4 holds no brick and serves a local directory).
+    let apache =
+        xtask::apache::lab_apache(&web_root, &names, |text| with_volume(&text, &web_root))?;
     for node in &names {
         std::fs::write(
             apache.document_root(node).join("index.html"),
-            format!("hello from {node}\n"),
+            format!("hello from {node} (a local directory: no brick of the volume here)\n"),
         )?;
     }
     let mut processes: Vec<LabProcess> = Vec::new();
@@ -111,6 +114,37 @@ pub(crate) fn run(seconds: u64) -> Result<()> {
         );
     }
 
+    let page = volume_mount(&web_root, "nuster1").join("index.html");
+    std::fs::write(
+        &page,
+        "hello from the replicated volume www (written once, on nuster1's mount)\n",
+    )
+    .with_context(|| format!("writing {}", page.display()))?;
+    println!(
+        "      wrote {} (nuster1's mount of the volume www, replicated to nuster2 and nuster3)",
+        page.display()
+    );
+    for _ in 0..8 {
+        let out = lab.run(
+            CLIENT,
+            "curl",
+            &["-s", "--max-time", "2", "-i", &format!("http://{VIP}/")],
+        )?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let node = text
+            .lines()
+            .find_map(|l| l.strip_prefix("X-Farol-Node: "))
+            .unwrap_or("?")
+            .trim()
+            .to_owned();
+        let body = text
+            .rsplit("\r\n\r\n")
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_owned();
+        println!("      GET http://{VIP}/ -> {node}: {body}");
+    }
     let headers = lab.run(
         CLIENT,
         "curl",
@@ -165,6 +199,41 @@ pub(crate) fn run(seconds: u64) -> Result<()> {
     drop(lab);
     let _ = std::fs::remove_dir_all(&web_root);
     result.map(|_| println!("demo finished: every agent detached its program and removed its pins"))
+}
+
+const VOLUME_NODES: [&str; 3] = ["nuster1", "nuster2", "nuster3"];
+
+fn volume_mount(dir: &std::path::Path, node: &str) -> PathBuf {
+    dir.join(format!("mnt-{node}"))
+}
+
+/// The lab's cluster file with a replicated volume `www` (bricks and mounts
+/// under `dir`, one per node since all run on this machine) that Apache
+/// serves on the nodes holding a replica.
+fn with_volume(text: &str, dir: &std::path::Path) -> String {
+    let fallback = format!("{}/{{node}}/www", dir.display());
+    let mut text = text
+        .replacen(
+            "name = \"lab\"\n",
+            "name = \"lab\"\nsecret = \"farol demo volume secret 0123456789\"\n",
+            1,
+        )
+        .replace(
+            &format!("env = {{ FAROL_DOCUMENT_ROOT = \"{fallback}\" }}"),
+            &format!(
+                "volume = \"www\"\nvolume_fallback = \"{fallback}\"\nenv = {{ FAROL_DOCUMENT_ROOT = \"{{volume}}\" }}"
+            ),
+        );
+    text.push_str("\n[[volume]]\nname = \"www\"\nreplicas = [\n");
+    for node in VOLUME_NODES {
+        text.push_str(&format!(
+            "  {{ node = \"{node}\", brick = \"{}\", mount = \"{}\" }},\n",
+            dir.join(format!("brick-{node}")).display(),
+            volume_mount(dir, node).display()
+        ));
+    }
+    text.push_str("]\n");
+    text
 }
 
 /// `kill -9` of one node's Apache; its agent starts a new one.
