@@ -69,16 +69,7 @@ impl Cluster {
         let apache = lab_apache(&dir, &names, edit).unwrap();
         let mut agents = BTreeMap::new();
         for node in &names {
-            let mut agent = lab.command(node, AGENT);
-            agent
-                .args(["run", "--node", node, "--config"])
-                .arg(&apache.cluster_file)
-                .arg("--pin-dir")
-                .arg(lab.pin_dir(node))
-                .env("FAROL_LOG", "info")
-                .env("NO_COLOR", "1")
-                .stderr(std::fs::File::create(dir.join(format!("agent-{node}.log"))).unwrap());
-            agents.insert(node.clone(), lab.spawn(node, &mut agent, "agent").unwrap());
+            agents.insert(node.clone(), spawn_agent(&lab, node, &apache, &dir));
         }
         let cluster = Cluster {
             agents,
@@ -155,6 +146,25 @@ impl Cluster {
         // SAFETY: kill(2) on a child this test started.
         assert_eq!(unsafe { libc::kill(pid as i32, signal) }, 0);
     }
+}
+
+/// `agent run` on `node`, its log appended to `dir/agent-NODE.log`.
+fn spawn_agent(lab: &Lab, node: &str, apache: &LabApache, dir: &Path) -> LabProcess {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join(format!("agent-{node}.log")))
+        .unwrap();
+    let mut agent = lab.command(node, AGENT);
+    agent
+        .args(["run", "--node", node, "--config"])
+        .arg(&apache.cluster_file)
+        .arg("--pin-dir")
+        .arg(lab.pin_dir(node))
+        .env("FAROL_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stderr(log);
+    lab.spawn(node, &mut agent, "agent").unwrap()
 }
 
 /// Runs `f` on a thread inside the client's network namespace.
@@ -684,4 +694,47 @@ fn sigterm_drains_the_local_backend_then_stops_apache_after_its_flows_end() {
          finished whole {:.1} s after SIGTERM, then Apache was stopped",
         finished.as_secs_f64()
     );
+}
+
+#[test]
+fn apache_left_by_a_killed_agent_serves_on_until_the_next_agent_replaces_it() {
+    let test = "apache_left_by_a_killed_agent_serves_on_until_the_next_agent_replaces_it";
+    if !may_run(test) {
+        return;
+    }
+    let mut cluster = Cluster::start("svorph", |text| text);
+    let node = "nuster2";
+    let orphan = cluster.apache.pid(node).unwrap();
+    cluster.signal_agent(node, libc::SIGKILL);
+    let mut killed = cluster.agents.remove(node).unwrap();
+    let _ = killed.child_mut().wait();
+    // Nobody supervises it now, but it still serves.
+    assert_eq!(cluster.get("192.0.2.12").unwrap().1, node);
+    let agent = spawn_agent(&cluster.lab, node, &cluster.apache, &cluster._dir.0);
+    cluster.agents.insert(node.to_owned(), agent);
+    let fresh = wait_for("a new Apache on nuster2", Duration::from_secs(30), || {
+        cluster.apache.pid(node).filter(|pid| *pid != orphan)
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", cluster.log(node)));
+    wait_for("it to serve", Duration::from_secs(30), || {
+        cluster.get("192.0.2.12").ok().filter(|(_, n)| n == node)
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", cluster.log(node)));
+    assert!(
+        !std::path::Path::new(&format!("/proc/{orphan}")).exists()
+            || std::fs::read_to_string(format!("/proc/{orphan}/stat"))
+                .is_ok_and(|s| s.contains(") Z ")),
+        "the orphan is gone"
+    );
+    let log = cluster.log(node);
+    assert!(
+        log.contains("ended a child a previous agent left running"),
+        "{log}"
+    );
+    let metrics = cluster.metrics(node);
+    assert_eq!(
+        metrics["farol_supervise_crashes_total{child=\"apache\"}"], 0,
+        "{log}"
+    );
+    println!("agent SIGKILLed on {node}: its Apache {orphan} kept serving; the next agent ended it and started {fresh}");
 }

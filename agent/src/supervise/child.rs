@@ -13,7 +13,7 @@ use tracing::{error, info, warn};
 
 use super::{
     drain::Drainer,
-    process::{describe_exit, run_check, Running},
+    process::{describe_exit, end_leftover, forget_child, record_child, run_check, Running},
     ChildSpec, ReloadError,
 };
 
@@ -142,6 +142,9 @@ pub(super) async fn supervise(
             if let Err(error) = std::fs::create_dir_all(dir) {
                 warn!(child = %name, dir = %dir.display(), %error, "cannot create the runtime directory");
             }
+            if let Some(pid) = end_leftover(dir, &spec.program).await {
+                warn!(child = %name, pid, "ended a child a previous agent left running (its process group got SIGKILL)");
+            }
         }
         let outcome = match Running::spawn(&name, &spec.program) {
             Err(error) => {
@@ -151,6 +154,9 @@ pub(super) async fn supervise(
             Ok(mut running) => {
                 let pid = running.pid();
                 status.update(|s| s.pid = Some(pid));
+                if let Some(dir) = &spec.runtime_dir {
+                    record_child(dir, pid);
+                }
                 info!(child = %name, pid, command = %spec.program.command.display(), "child started");
                 let mut ready = false;
                 let ready_check = async {
@@ -333,6 +339,9 @@ async fn stop(
     }
     info!(child = %name, pid = running.pid(), signal = spec.stop_signal.name(), grace = ?spec.stop_grace, "stopping child");
     let exit = running.stop(spec.stop_signal, spec.stop_grace).await;
+    if let Some(dir) = &spec.runtime_dir {
+        forget_child(dir);
+    }
     record_exit(status, exit);
     status.update(|s| {
         s.state = ChildState::Stopped;

@@ -3,7 +3,7 @@
 //! the child's PID), never by name.
 
 use std::{
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{ExitStatus, Stdio},
     time::Duration,
 };
@@ -219,4 +219,67 @@ pub(super) fn describe_exit(status: ExitStatus) -> String {
         (None, Some(signal)) => SignalName::describe(signal),
         (None, None) => "unknown".into(),
     }
+}
+
+/// Where the agent records the PID of the child it runs, so the next agent
+/// (after a crash or SIGKILL of this one) can end a child left behind
+/// instead of failing to start a second one on the same port.
+const LEFTOVER_FILE: &str = ".farol-supervise.pid";
+
+/// Ends the process group a previous agent left running in `runtime_dir`,
+/// if the recorded PID still leads a group running `program` (a reused PID
+/// running something else is left alone). Returns the PID it ended.
+pub(super) async fn end_leftover(runtime_dir: &Path, program: &Program) -> Option<u32> {
+    let record = runtime_dir.join(LEFTOVER_FILE);
+    let pid: u32 = std::fs::read_to_string(&record).ok()?.trim().parse().ok()?;
+    let _ = std::fs::remove_file(&record);
+    if !leads_group_running(pid, &program.command) {
+        return None;
+    }
+    kill_group(pid, libc::SIGKILL);
+    // It is not our child (its parent was the previous agent): wait, up to
+    // 5 s, until whoever inherited it reaped it. Not only its socket must
+    // be gone: a daemon that checks its pid file (Apache: "httpd (pid N)
+    // already running") still sees a zombie.
+    let proc_entry = PathBuf::from(format!("/proc/{pid}"));
+    for _ in 0..250 {
+        if !proc_entry.exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Some(pid)
+}
+
+/// Records `pid` as the running child in `runtime_dir`.
+pub(super) fn record_child(runtime_dir: &Path, pid: u32) {
+    if let Err(error) = std::fs::write(runtime_dir.join(LEFTOVER_FILE), format!("{pid}\n")) {
+        warn!(dir = %runtime_dir.display(), %error, "cannot record the child's pid");
+    }
+}
+
+/// The child ended under supervision: nothing left to clean up.
+pub(super) fn forget_child(runtime_dir: &Path) {
+    let _ = std::fs::remove_file(runtime_dir.join(LEFTOVER_FILE));
+}
+
+/// True when `pid` is alive (not a zombie), leads its own process group
+/// and runs `command`.
+fn leads_group_running(pid: u32, command: &Path) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // Fields after the command name in parentheses: state, ppid, pgrp.
+    let Some((_, rest)) = stat.rsplit_once(") ") else {
+        return false;
+    };
+    let mut fields = rest.split(' ');
+    let state = fields.next();
+    let pgrp = fields.nth(1).and_then(|f| f.parse::<u32>().ok());
+    if state == Some("Z") || pgrp != Some(pid) {
+        return false;
+    }
+    std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|cmdline| {
+        cmdline.split(|b| *b == 0).next() == Some(command.as_os_str().as_encoded_bytes())
+    })
 }

@@ -531,3 +531,55 @@ config_test = ["/usr/sbin/apache2", "-f", "/etc/farol/{cluster}-{node}.conf", "-
     assert_eq!(test.args.last().map(String::as_str), Some("-t"));
     assert_eq!(test.args[1], "/etc/farol/lab-n1.conf");
 }
+
+#[tokio::test]
+async fn a_child_left_by_a_crashed_agent_is_ended_before_the_next_start() {
+    let dir = TempDir::new("leftover");
+    let mut sleeper = spec("sleeper", "/bin/sleep", &["1000"]);
+    sleeper.runtime_dir = Some(dir.0.clone());
+    // What a SIGKILLed agent leaves: its child, leading its own group, and
+    // the record of its PID.
+    use std::os::unix::process::CommandExt;
+    let mut leftover = std::process::Command::new("/bin/sleep")
+        .arg("1000")
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    let leftover_pid = leftover.id();
+    std::fs::write(dir.path(".farol-supervise.pid"), leftover_pid.to_string()).unwrap();
+    // Its new parent (init, after the agent died) reaps it once it ends.
+    let reaper = std::thread::spawn(move || leftover.wait().unwrap());
+    let supervisor =
+        Supervisor::start(vec![sleeper.clone()], Arc::new(RecordingDrainer::default()));
+    let pid = until("the new child", Duration::from_secs(5), || {
+        running_pid(&supervisor, "sleeper")
+    })
+    .await;
+    assert_ne!(pid, leftover_pid);
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(reaper.join().unwrap().signal(), Some(libc::SIGKILL));
+    assert_eq!(
+        std::fs::read_to_string(dir.path(".farol-supervise.pid"))
+            .unwrap()
+            .trim(),
+        pid.to_string()
+    );
+    supervisor.stop().await;
+    assert!(
+        !dir.path(".farol-supervise.pid").exists(),
+        "a clean stop forgets it"
+    );
+
+    // A recorded PID now running something else is left alone.
+    std::fs::write(
+        dir.path(".farol-supervise.pid"),
+        std::process::id().to_string(),
+    )
+    .unwrap();
+    let supervisor = Supervisor::start(vec![sleeper], Arc::new(RecordingDrainer::default()));
+    until("the child", Duration::from_secs(5), || {
+        running_pid(&supervisor, "sleeper")
+    })
+    .await;
+    supervisor.stop().await;
+}
