@@ -72,6 +72,10 @@ pub struct RunArgs {
     /// Overrides the metrics address of the config.
     #[arg(long, env = "FAROL_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
+    /// Start none of the config's `[[supervise]]` children (labs and tests
+    /// that run their own web servers).
+    #[arg(long, env = "FAROL_NO_SUPERVISE")]
+    pub no_supervise: bool,
 }
 
 #[derive(Debug, clap::Args)]

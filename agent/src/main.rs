@@ -78,12 +78,11 @@ fn node_plan(args: &RunArgs) -> Result<NodePlan, ExitCode> {
         eprintln!("{error}");
         ExitCode::from(EXIT_CONFIG)
     })?;
-    Ok(NodePlan::new(
-        &config,
-        node,
-        args.pin_dir.clone(),
-        args.metrics_listen,
-    ))
+    let mut plan = NodePlan::new(&config, node, args.pin_dir.clone(), args.metrics_listen);
+    if args.no_supervise {
+        std::sync::Arc::make_mut(&mut plan.config).supervise.clear();
+    }
+    Ok(plan)
 }
 
 fn teardown(args: RunArgs) -> ExitCode {

@@ -19,6 +19,7 @@ use crate::{
     dataplane::{Dataplane, DataplaneError, OnExit},
     metrics::{self, MetricsError, XdpAttachment},
     storage::{self, StorageError, VolumePlan},
+    supervise,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -79,7 +80,10 @@ impl NodePlan {
 }
 
 /// Runs the node until `shutdown` turns true.
-pub async fn run(plan: NodePlan, mut shutdown: watch::Receiver<bool>) -> Result<(), NodeError> {
+pub async fn run(plan: NodePlan, shutdown: watch::Receiver<bool>) -> Result<(), NodeError> {
+    // Every subsystem below stops only after the supervised children are
+    // drained and stopped.
+    let (supervision, mut shutdown) = supervise::Supervision::chain(shutdown);
     let listener = metrics::bind(plan.metrics_listen).await?;
     let pooler_listener = match &plan.pooler {
         Some(config) => Some(crate::pooler::bind(config.listen).await?),
@@ -129,6 +133,17 @@ pub async fn run(plan: NodePlan, mut shutdown: watch::Receiver<bool>) -> Result<
         }
         _ => None,
     };
+    let drains = balancer::Drains::default();
+    let supervisor = supervise::Supervisor::start(
+        supervise::specs(&plan.config, &plan.node),
+        Arc::new(supervise::LocalDrainer::new(
+            dataplane.load_balancer(),
+            drains.clone(),
+            plan.config.clone(),
+        )),
+    );
+    registry.register_collector(Box::new(supervisor.collector()));
+    let supervision = supervision.run(supervisor);
     info!(node = %plan.node.name, metrics = %plan.metrics_listen, "agent running");
 
     let mut balancer = tokio::spawn(balancer::run(
@@ -137,6 +152,7 @@ pub async fn run(plan: NodePlan, mut shutdown: watch::Receiver<bool>) -> Result<
         plan.node.clone(),
         shutdown.clone(),
         plan.keep_on_exit.clone(),
+        drains,
     ));
 
     let stop = async move {
@@ -164,6 +180,10 @@ pub async fn run(plan: NodePlan, mut shutdown: watch::Receiver<bool>) -> Result<
             result
         }
     };
+    // Stopped already on a normal shutdown; after a failure, dropping the
+    // task kills the children.
+    supervision.abort();
+    let _ = supervision.await;
     if let Some(task) = pooler_task {
         if outcome.is_err() {
             task.abort();

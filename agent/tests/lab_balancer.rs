@@ -121,7 +121,7 @@ fn cluster(tag: &str, scheduler: &str) -> Cluster {
 fn start_agent(lab: &Lab, node: &str, config: &Path, log: &Path) -> LabProcess {
     let mut agent = lab.command(node, AGENT);
     agent
-        .args(["run", "--node", node, "--config"])
+        .args(["run", "--no-supervise", "--node", node, "--config"])
         .arg(config)
         .arg("--pin-dir")
         .arg(lab.pin_dir(node))

@@ -351,7 +351,7 @@ fn start_agents(lab: &Lab, agent: &Path, work: &Path) -> Result<Vec<LabProcess>>
     for node in lab.nodes() {
         let mut command = lab.command(&node.name, agent);
         command
-            .args(["run", "--node", &node.name, "--config"])
+            .args(["run", "--no-supervise", "--node", &node.name, "--config"])
             .arg(&config)
             .arg("--pin-dir")
             .arg(lab.pin_dir(&node.name))

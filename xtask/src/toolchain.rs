@@ -45,6 +45,11 @@ const PACKAGES: &[(&str, &str)] = &[
     ),
     ("pgbouncer", "the pooler benchmark's PgBouncer baseline"),
     ("pgpool2", "the pooler benchmark's pgpool-II baseline"),
+    (
+        "apache2",
+        "Apache on every lab node, supervised by the agents",
+    ),
+    ("wrk", "HTTP load during Apache reloads in the lab tests"),
 ];
 
 /// bpf-linker's release line that links against LLVM 22.

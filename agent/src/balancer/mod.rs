@@ -6,6 +6,7 @@
 //! Until VRRP (issue 4) elects a master, the first node with the `balancer`
 //! role in the cluster file holds every VIP.
 
+mod drains;
 mod host;
 
 use std::{
@@ -28,6 +29,7 @@ use crate::{
     },
 };
 
+pub use drains::Drains;
 pub use host::{remove_vips_from_lo, HostError};
 
 /// How often unresolved backends are retried and the plan refreshed.
@@ -164,6 +166,7 @@ pub async fn run(
     node: NodeConfig,
     mut shutdown: watch::Receiver<bool>,
     keep_on_exit: Arc<AtomicBool>,
+    drains: Drains,
 ) -> Result<(), BalancerError> {
     if config.services.is_empty() {
         return Ok(());
@@ -185,7 +188,8 @@ pub async fn run(
                 }
             }
             resolver.resolve_all(&addresses).await;
-            let next = plan(&config, &node, local_mac, &mut |addr| resolver.mac(addr));
+            let mut next = plan(&config, &node, local_mac, &mut |addr| resolver.mac(addr));
+            drains.apply_to(&mut next);
             {
                 let mut maps = maps.lock().await;
                 if maps.applied() != &next {
