@@ -1,5 +1,5 @@
-//! The balancer for real: agents on all four lab nodes, web servers on all
-//! four, HTTP from the client to the VIP. nuster1 holds the VIP and spreads
+//! The balancer for real: agents on all four lab nodes, each running Apache
+//! (the seed's web tier), HTTP from the client to the VIP. nuster1 holds the VIP and spreads
 //! flows in DSR mode; the backends answer the client directly.
 
 mod support;
@@ -11,7 +11,10 @@ use std::{
     time::Duration,
 };
 
-use xtask::lab::{lab_config, unique_prefix, wait_for, Lab, LabGuard, LabProcess, CLIENT};
+use xtask::{
+    apache::lab_apache,
+    lab::{lab_config, unique_prefix, wait_for, Lab, LabGuard, LabProcess, CLIENT},
+};
 
 const AGENT: &str = env!("CARGO_BIN_EXE_agent");
 const VIP: &str = "192.0.2.100";
@@ -67,8 +70,56 @@ struct Cluster {
     _dir: TempDir,
 }
 
-/// The lab with a web server and an agent on every node, all backends up.
+/// The lab with an agent on every node, each running Apache from the lab
+/// config's `[[supervise]]` entry (the seed's web tier), all backends up.
 fn cluster(tag: &str, scheduler: &str) -> Cluster {
+    let lab = LabGuard::up(Lab::new(&unique_prefix(tag)).unwrap()).unwrap();
+    let dir = std::env::temp_dir().join(format!("farol-lb-{}", lab.prefix()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let names: Vec<String> = lab.nodes().iter().map(|n| n.name.clone()).collect();
+    let apache = lab_apache(&dir, &names, |text| {
+        text.replace(
+            "scheduler = \"roundrobin\"",
+            &format!("scheduler = \"{scheduler}\""),
+        )
+    })
+    .unwrap();
+    let mut processes = Vec::new();
+    for node in lab.nodes() {
+        let log = dir.join(format!("agent-{}.log", node.name));
+        processes.push(spawn_agent(
+            &lab,
+            &node.name,
+            &apache.cluster_file,
+            &log,
+            true,
+        ));
+    }
+    wait_for_all_backends_up(&lab);
+    for node in lab.nodes() {
+        let ip = node.ip().to_owned();
+        wait_for("Apache on every node", Duration::from_secs(30), || {
+            lab.run(
+                CLIENT,
+                "curl",
+                &["-sf", "--max-time", "1", &format!("http://{ip}/")],
+            )
+            .ok()
+            .filter(|out| out.status.success())
+        })
+        .unwrap();
+    }
+    Cluster {
+        processes,
+        lab,
+        _dir: TempDir(dir),
+    }
+}
+
+/// The lab with a Python web server and an agent without Apache on every
+/// node, all backends up: for tests that kill agents, whose successors
+/// would restart the Apache they supervised.
+fn cluster_with_own_servers(tag: &str, scheduler: &str) -> Cluster {
     let lab = LabGuard::up(Lab::new(&unique_prefix(tag)).unwrap()).unwrap();
     let dir = std::env::temp_dir().join(format!("farol-lb-{}", lab.prefix()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -118,10 +169,19 @@ fn cluster(tag: &str, scheduler: &str) -> Cluster {
     }
 }
 
+/// An agent without Apache, for tests that run their own servers.
 fn start_agent(lab: &Lab, node: &str, config: &Path, log: &Path) -> LabProcess {
+    spawn_agent(lab, node, config, log, false)
+}
+
+fn spawn_agent(lab: &Lab, node: &str, config: &Path, log: &Path, apache: bool) -> LabProcess {
     let mut agent = lab.command(node, AGENT);
+    agent.arg("run");
+    if !apache {
+        agent.arg("--no-supervise");
+    }
     agent
-        .args(["run", "--no-supervise", "--node", node, "--config"])
+        .args(["--node", node, "--config"])
         .arg(config)
         .arg("--pin-dir")
         .arg(lab.pin_dir(node))
@@ -283,7 +343,7 @@ fn a_killed_agent_leaves_flows_running_and_its_successor_adopts_them() {
     if !support::privileged("a_killed_agent_leaves_flows_running_and_its_successor_adopts_them") {
         return;
     }
-    let mut cluster = cluster("lbkill", "roundrobin");
+    let mut cluster = cluster_with_own_servers("lbkill", "roundrobin");
     let dir = cluster._dir.0.clone();
     let script = dir.join("keepalive.py");
     std::fs::write(&script, KEEPALIVE_CLIENT).unwrap();
