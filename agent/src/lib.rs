@@ -16,6 +16,7 @@ pub mod balancer;
 pub mod cli;
 pub mod config;
 pub mod dataplane;
+pub mod health;
 pub mod metrics;
 pub mod node;
 pub mod pooler;

@@ -21,6 +21,8 @@ pub use service::{
     BackendConfig, Forwarding, PortRange, PortSpec, Protocol, Scheduler, ServiceConfig,
     DEFAULT_WEIGHT, MAX_PORTS_PER_SERVICE, MAX_WEIGHT,
 };
+pub mod health;
+pub use health::{CheckKind, HealthCheckConfig, PgRole, StatusRange};
 pub mod storage;
 pub use self::pooler::{PoolConfig, PoolMode, PoolerConfig, PoolerUser};
 pub use storage::VolumeConfig;
