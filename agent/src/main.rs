@@ -25,6 +25,9 @@ fn main() -> ExitCode {
         Command::Teardown(args) => teardown(args),
         Command::Volume(args) => farol_agent::storage::cli::main(args),
         Command::Pooler(args) => pooler(&args),
+        Command::Status(args) => farol_agent::control::client::main_status(&args),
+        Command::Backend(args) => farol_agent::control::client::main_backend(&args),
+        Command::Reload(args) => farol_agent::control::client::main_reload(&args),
     }
 }
 
@@ -78,12 +81,12 @@ fn node_plan(args: &RunArgs) -> Result<NodePlan, ExitCode> {
         eprintln!("{error}");
         ExitCode::from(EXIT_CONFIG)
     })?;
-    Ok(NodePlan::new(
-        &config,
-        node,
-        args.pin_dir.clone(),
-        args.metrics_listen,
-    ))
+    let mut plan = NodePlan::new(&config, node, args.pin_dir.clone(), args.metrics_listen);
+    plan.config_path = Some(args.config.clone());
+    if let Some(socket) = &args.control_socket {
+        plan.control_socket = socket.clone();
+    }
+    Ok(plan)
 }
 
 fn teardown(args: RunArgs) -> ExitCode {

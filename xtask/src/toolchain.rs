@@ -44,6 +44,12 @@ const PACKAGES: &[(&str, &str)] = &[
     ),
     ("pgbouncer", "the pooler benchmark's PgBouncer baseline"),
     ("pgpool2", "the pooler benchmark's pgpool-II baseline"),
+    (
+        "prometheus",
+        "promtool: the tests check /metrics with `promtool check metrics`",
+    ),
+    ("chromium", "headless browser for the status page test"),
+    ("wrk", "HTTP load in the health detection benchmark"),
 ];
 
 /// bpf-linker's release line that links against LLVM 22.
