@@ -9,6 +9,7 @@
 //! - [`postgres`]: PostgreSQL primary + standby guards for the pooler.
 
 pub mod bench;
+pub mod bench_health;
 pub mod bench_lb;
 pub mod bench_pooler;
 pub mod lab;

@@ -55,6 +55,8 @@ enum BenchName {
     Volume,
     /// pgbench through Farol's pooler vs direct, PgBouncer and pgpool-II.
     Pooler,
+    /// Health checks: time to take a stopped backend out, failed requests.
+    Health,
 }
 
 #[derive(Debug, Subcommand)]
@@ -93,6 +95,11 @@ fn main() -> Result<()> {
             }
             BenchName::Pooler => {
                 let report = xtask::bench_pooler::run()?;
+                println!("wrote {}", report.write()?.display());
+                Ok(())
+            }
+            BenchName::Health => {
+                let report = xtask::bench_health::run()?;
                 println!("wrote {}", report.write()?.display());
                 Ok(())
             }
