@@ -64,9 +64,12 @@ pub async fn check(target: SocketAddr, config: &HealthCheckConfig) -> Result<Pas
     };
     let role = if standby { "standby" } else { "primary" };
     match (config.role(), standby) {
-        (PgRole::Primary, true) | (PgRole::Standby, false) => Err(CheckFailure::new(
-            format!("PostgreSQL is a {role}, wanted {:?}", config.role()).to_lowercase(),
-        )),
+        (PgRole::Primary, true) => {
+            Err(CheckFailure::new("PostgreSQL is a standby, wanted primary"))
+        }
+        (PgRole::Standby, false) => {
+            Err(CheckFailure::new("PostgreSQL is a primary, wanted standby"))
+        }
         _ => Ok(Passed::new(format!("PostgreSQL {role}"))),
     }
 }
