@@ -87,8 +87,8 @@ refreshes every {REFRESH_SECONDS} s &middot; <a href=\"/status.json\">JSON</a> &
             service.dropped_no_backend
         );
         html.push_str(
-            "<div class=\"scroll\"><table><tr><th>backend</th><th>state</th><th>weight</th>\
-<th>flows</th><th>new flows</th><th>packets</th><th>last check</th><th>latency</th>\
+            "<div class=\"scroll\"><table><tr><th>backend</th><th>state</th><th>last check</th>\
+<th>latency</th><th>weight</th><th>flows</th><th>new flows</th><th>packets</th>\
 <th>checks ok/failed</th><th>changes</th><th>address</th></tr>",
         );
         for b in &service.backends {
@@ -103,12 +103,13 @@ refreshes every {REFRESH_SECONDS} s &middot; <a href=\"/status.json\">JSON</a> &
             let _ = write!(
                 html,
                 "<tr class=\"{state}\" data-backend=\"{name}\"><td>{name}</td><td class=\"s\">{state}</td>\
+<td>{}</td><td class=\"n\">{latency}</td>\
 <td class=\"n\">{weight}</td><td class=\"n\">{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td>\
-<td>{}</td><td class=\"n\">{latency}</td><td class=\"n\">{}/{}</td><td class=\"n\">{}</td><td>{}</td></tr>",
+<td class=\"n\">{}/{}</td><td class=\"n\">{}</td><td>{}</td></tr>",
+                escape(b.last_check.as_deref().unwrap_or("-")),
                 b.active_flows,
                 b.new_flows,
                 b.packets,
-                escape(b.last_check.as_deref().unwrap_or("-")),
                 b.checks_passed,
                 b.checks_failed,
                 b.state_changes,
