@@ -6,7 +6,9 @@
 //! applied plan, read from `/status.json`), and wrk's failed requests.
 //! Cases: HAProxy's defaults (`inter 2s rise 2 fall 3`), an aggressive
 //! 100 ms interval, and no check at all (the backend stays in while it
-//! answers ARP: the baseline).
+//! answers ARP: the baseline). The peer: HAProxy (`mode tcp`, roundrobin,
+//! `option httpchk`) on nuster1 with the same two check settings, its
+//! server state read from its stats socket.
 
 use std::{
     path::{Path, PathBuf},
@@ -64,6 +66,7 @@ pub fn run() -> Result<BenchReport> {
     crate::toolchain::ensure_packages(&[
         ("wrk", "the HTTP load generator"),
         ("nginx", "the backends"),
+        ("haproxy", "the peer balancer and its health checks"),
     ])?;
     crate::toolchain::build_ebpf()?;
     println!("bench health: building the agent (release)");
@@ -166,69 +169,174 @@ fn run_cases(agent: &Path, work: &Path, report: &mut BenchReport) -> Result<()> 
             Duration::from_secs(30),
             || victim(&lab).filter(|(alive, state)| *alive && state == "up"),
         )?;
-        let seconds = format!("{}s", case.run.as_secs());
-        let mut wrk = lab.command(CLIENT, "wrk");
-        wrk.args([
-            "-t",
-            "2",
-            "-c",
-            "16",
-            "-d",
-            &seconds,
-            "-H",
-            "Connection: close",
-        ])
-        .arg(format!("http://{VIP}/1k.html"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-        let wrk = lab.spawn(CLIENT, &mut wrk, "wrk")?;
-        std::thread::sleep(case.stop_after);
-        let position = nginx
-            .iter()
-            .position(|(n, _)| n == VICTIM)
-            .context("victim nginx")?;
-        let (_, mut victim_nginx) = nginx.remove(position);
-        let stopped = Instant::now();
-        victim_nginx.terminate(Duration::from_secs(5))?;
-        let deadline = case.run.saturating_sub(case.stop_after);
-        let mut detection = None;
-        while stopped.elapsed() < deadline {
-            if victim(&lab).is_some_and(|(alive, _)| !alive) {
-                detection = Some(stopped.elapsed());
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let output = wrk_output(wrk)?;
-        let (requests, failed, rate) =
-            parse(&output).with_context(|| format!("parsing wrk output:\n{output}"))?;
-        let shown = detection.map_or("not removed".to_owned(), |d| {
-            format!("{:.0}", d.as_secs_f64() * 1000.0)
-        });
-        println!(
-            "{:<26} {:>16} {:>10} {:>10} {:>9.0}",
-            case.name, shown, requests, failed, rate
-        );
-        if let Some(detection) = detection {
-            report.push(
-                case.name,
-                "detection_ms",
-                detection.as_secs_f64() * 1000.0,
-                "ms",
-            );
-        }
-        report.push(case.name, "failed_requests", failed as f64, "1");
-        report.push(case.name, "requests", requests as f64, "1");
-        report.push(
-            case.name,
-            "failed_window_s_at_this_rate",
-            failed as f64 / rate.max(1.0),
-            "s",
-        );
-        nginx.push((VICTIM.to_owned(), start_nginx(&lab, VICTIM, work)?));
+        measure(
+            &lab,
+            work,
+            &mut nginx,
+            case,
+            &format!("http://{VIP}/1k.html"),
+            || victim(&lab).is_some_and(|(alive, _)| !alive),
+            report,
+        )?;
     }
     drop(agents);
+    for (name, inter) in [
+        ("haproxy-default-2s", "2s"),
+        ("haproxy-aggressive-100ms", "100ms"),
+    ] {
+        let socket = work.join(format!("haproxy-{inter}.sock"));
+        let _haproxy = start_haproxy(&lab, work, inter, &socket)?;
+        wait_for(
+            "HAProxy to see every server up",
+            Duration::from_secs(30),
+            || haproxy_victim_up(&socket).filter(|up| *up),
+        )?;
+        let url = format!("http://{}/1k.html", lab.node("nuster1")?.ip());
+        let case = Case {
+            name,
+            check: None,
+            run: if inter == "2s" {
+                Duration::from_secs(16)
+            } else {
+                Duration::from_secs(8)
+            },
+            stop_after: Duration::from_secs(3),
+        };
+        measure(
+            &lab,
+            work,
+            &mut nginx,
+            &case,
+            &url,
+            || haproxy_victim_up(&socket).is_some_and(|up| !up),
+            report,
+        )?;
+    }
     drop(nginx);
+    Ok(())
+}
+
+/// HAProxy in front of the three nginx, checking them every `inter`.
+fn start_haproxy(lab: &Lab, work: &Path, inter: &str, socket: &Path) -> Result<LabProcess> {
+    let mut servers = String::new();
+    for node in BACKENDS {
+        servers.push_str(&format!("  server {node} {}:80\n", lab.node(node)?.ip()));
+    }
+    let config = work.join(format!("haproxy-{inter}.cfg"));
+    std::fs::write(
+        &config,
+        format!(
+            "global\n  maxconn 8000\n  stats socket {} level admin\n\n\
+             defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n  timeout check {inter}\n\n\
+             frontend web\n  bind {}:80\n  default_backend web\n\n\
+             backend web\n  balance roundrobin\n  option httpchk GET /1k.html\n\
+             default-server check inter {inter} rise 2 fall 3\n{servers}",
+            socket.display(),
+            lab.node("nuster1")?.ip()
+        ),
+    )?;
+    let mut command = lab.command("nuster1", "haproxy");
+    command
+        .arg("-db")
+        .arg("-f")
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    lab.spawn("nuster1", &mut command, "haproxy")
+}
+
+/// Whether HAProxy has the victim UP (`show stat` on its stats socket).
+fn haproxy_victim_up(socket: &Path) -> Option<bool> {
+    use std::io::{Read, Write};
+    let mut stream = std::os::unix::net::UnixStream::connect(socket).ok()?;
+    stream.write_all(b"show stat\n").ok()?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).ok()?;
+    let header: Vec<&str> = text
+        .lines()
+        .next()?
+        .trim_start_matches("# ")
+        .split(',')
+        .collect();
+    let status = header.iter().position(|h| *h == "status")?;
+    let line = text
+        .lines()
+        .find(|line| line.starts_with(&format!("web,{VICTIM},")))?;
+    let state = line.split(',').nth(status)?;
+    Some(state.starts_with("UP"))
+}
+
+/// One run: wrk against `url`, the victim's nginx stopped mid-run, the
+/// time until `removed` says so, wrk's failures; nginx restarted after.
+fn measure(
+    lab: &Lab,
+    work: &Path,
+    nginx: &mut Vec<(String, LabProcess)>,
+    case: &Case,
+    url: &str,
+    mut removed: impl FnMut() -> bool,
+    report: &mut BenchReport,
+) -> Result<()> {
+    let seconds = format!("{}s", case.run.as_secs());
+    let mut wrk = lab.command(CLIENT, "wrk");
+    wrk.args([
+        "-t",
+        "2",
+        "-c",
+        "16",
+        "-d",
+        &seconds,
+        "-H",
+        "Connection: close",
+    ])
+    .arg(url)
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let wrk = lab.spawn(CLIENT, &mut wrk, "wrk")?;
+    std::thread::sleep(case.stop_after);
+    let position = nginx
+        .iter()
+        .position(|(n, _)| n == VICTIM)
+        .context("victim nginx")?;
+    let (_, mut victim_nginx) = nginx.remove(position);
+    let stopped = Instant::now();
+    victim_nginx.terminate(Duration::from_secs(5))?;
+    let deadline = case.run.saturating_sub(case.stop_after);
+    let mut detection = None;
+    while stopped.elapsed() < deadline {
+        if removed() {
+            detection = Some(stopped.elapsed());
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let output = wrk_output(wrk)?;
+    let (requests, failed, rate) =
+        parse(&output).with_context(|| format!("parsing wrk output:\n{output}"))?;
+    let shown = detection.map_or("not removed".to_owned(), |d| {
+        format!("{:.0}", d.as_secs_f64() * 1000.0)
+    });
+    println!(
+        "{:<26} {:>16} {:>10} {:>10} {:>9.0}",
+        case.name, shown, requests, failed, rate
+    );
+    if let Some(detection) = detection {
+        report.push(
+            case.name,
+            "detection_ms",
+            detection.as_secs_f64() * 1000.0,
+            "ms",
+        );
+    }
+    report.push(case.name, "failed_requests", failed as f64, "1");
+    report.push(case.name, "requests", requests as f64, "1");
+    report.push(
+        case.name,
+        "failed_window_s_at_this_rate",
+        failed as f64 / rate.max(1.0),
+        "s",
+    );
+    nginx.push((VICTIM.to_owned(), start_nginx(lab, VICTIM, work)?));
     Ok(())
 }
 
