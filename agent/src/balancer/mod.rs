@@ -26,7 +26,7 @@ use std::{
 use tokio::sync::{watch, Mutex};
 
 use crate::health::{BackendKey, Health};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::{
     config::{Config, Forwarding, NodeConfig, Role},
@@ -178,17 +178,22 @@ fn log_changes(before: &LbPlan, after: &LbPlan) {
                 .find(|s| s.name == service.name)
                 .and_then(|s| s.backends.iter().find(|b| b.slot == backend.slot));
             let resolved = backend.local || backend.mac.is_some();
-            if was.map(|b| b.local || b.mac.is_some()) != Some(resolved) && !resolved {
-                warn!(service = %service.name, backend = %backend.name, addr = %backend.addr, "backend unreachable: no ARP answer");
+            if was.map(|b| b.local || b.mac.is_some()) != Some(resolved) {
+                if resolved {
+                    info!(service = %service.name, backend = %backend.name, addr = %backend.addr, "backend reachable on the LAN");
+                } else {
+                    warn!(service = %service.name, backend = %backend.name, addr = %backend.addr, "backend unreachable: no ARP answer, takes no flows");
+                }
             }
             if was.map(|b| b.alive) != Some(backend.alive) {
+                // The health module logged why at info; this is the effect.
                 if backend.alive {
-                    info!(service = %service.name, backend = %backend.name, addr = %backend.addr, weight = backend.weight, "data plane: backend takes flows");
+                    debug!(service = %service.name, backend = %backend.name, addr = %backend.addr, weight = backend.weight, "data plane: backend takes flows");
                 } else {
-                    warn!(service = %service.name, backend = %backend.name, addr = %backend.addr, "data plane: backend takes no flows, its established flows move");
+                    debug!(service = %service.name, backend = %backend.name, addr = %backend.addr, "data plane: backend takes no flows, its established flows move");
                 }
             } else if was.map(|b| b.weight) != Some(backend.weight) {
-                info!(service = %service.name, backend = %backend.name, from = was.map(|b| b.weight), to = backend.weight, "data plane: backend weight changed");
+                debug!(service = %service.name, backend = %backend.name, from = was.map(|b| b.weight), to = backend.weight, "data plane: backend weight changed");
             }
         }
     }
