@@ -36,6 +36,14 @@ pub enum Command {
     Teardown(RunArgs),
     /// Replicated volumes: serve without XDP, heal-info, heal.
     Volume(crate::storage::cli::VolumeArgs),
+    /// Show this node's VIPs, services and backends (state, weight, flows,
+    /// last check and its latency), from the running agent.
+    Status(ControlArgs),
+    /// Drain, enable, disable or re-weight a backend at runtime.
+    Backend(BackendArgs),
+    /// Make the running agent re-read its config file (as SIGHUP does):
+    /// only what changed is applied; a file with errors is refused.
+    Reload(ControlArgs),
     /// Run only the PostgreSQL pooler of the cluster file (no data plane,
     /// no root needed); for benchmarks and tests.
     #[command(hide = true)]
@@ -76,6 +84,68 @@ pub struct RunArgs {
     /// that run their own web servers).
     #[arg(long, env = "FAROL_NO_SUPERVISE")]
     pub no_supervise: bool,
+    /// Overrides the control socket (default: the node's `control_socket`,
+    /// else /run/farol/NODE.sock).
+    #[arg(long, env = "FAROL_CONTROL_SOCKET")]
+    pub control_socket: Option<PathBuf>,
+}
+
+/// How the CLI finds a running agent's control socket.
+#[derive(Debug, clap::Args)]
+pub struct ControlArgs {
+    /// The control socket (default: from the cluster file's node, else
+    /// /run/farol/NODE.sock).
+    #[arg(long, env = "FAROL_CONTROL_SOCKET")]
+    pub socket: Option<PathBuf>,
+    /// The cluster file, to find the node's control_socket.
+    #[arg(
+        long,
+        short,
+        env = "FAROL_CONFIG",
+        default_value = "/etc/farol/cluster.toml"
+    )]
+    pub config: PathBuf,
+    /// This node's name (default: the hostname).
+    #[arg(long, env = "FAROL_NODE")]
+    pub node: Option<String>,
+    /// Print JSON instead of a table (`agent status`).
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct BackendArgs {
+    /// drain: no new flows, established ones finish; enable: back to
+    /// normal; disable: out of service; weight: set the weight.
+    pub action: BackendAction,
+    /// The backend: a node name (or address) of a service.
+    pub backend: String,
+    /// The weight, for `weight` (0..=1000).
+    pub weight: Option<u32>,
+    /// Only in this service (default: every service).
+    #[arg(long)]
+    pub service: Option<String>,
+    #[command(flatten)]
+    pub control: ControlArgs,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum BackendAction {
+    Drain,
+    Enable,
+    Disable,
+    Weight,
+}
+
+impl BackendAction {
+    pub fn label(self) -> &'static str {
+        match self {
+            BackendAction::Drain => "drain",
+            BackendAction::Enable => "enable",
+            BackendAction::Disable => "disable",
+            BackendAction::Weight => "weight",
+        }
+    }
 }
 
 #[derive(Debug, clap::Args)]

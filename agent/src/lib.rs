@@ -6,6 +6,8 @@
 //! - [`dataplane`]: the eBPF side (load, attach, pin, counters); the only
 //!   module that touches BPF maps.
 //! - [`balancer`]: `[[service]]` to a kernel plan, DSR host set-up.
+//! - [`health`]: health checks, admin states, the agent check.
+//! - [`control`]: control socket, status page, reload.
 //! - [`metrics`]: Prometheus text on `/metrics`.
 //! - [`node`]: what `agent run` does on one node.
 //! - [`storage`]: replicated volumes (FUSE mount, replication, self-heal).
@@ -16,7 +18,9 @@
 pub mod balancer;
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod dataplane;
+pub mod health;
 pub mod metrics;
 pub mod node;
 pub mod pooler;

@@ -25,6 +25,9 @@ fn main() -> ExitCode {
         Command::Teardown(args) => teardown(args),
         Command::Volume(args) => farol_agent::storage::cli::main(args),
         Command::Pooler(args) => pooler(&args),
+        Command::Status(args) => farol_agent::control::client::main_status(&args),
+        Command::Backend(args) => farol_agent::control::client::main_backend(&args),
+        Command::Reload(args) => farol_agent::control::client::main_reload(&args),
     }
 }
 
@@ -81,6 +84,10 @@ fn node_plan(args: &RunArgs) -> Result<NodePlan, ExitCode> {
     let mut plan = NodePlan::new(&config, node, args.pin_dir.clone(), args.metrics_listen);
     if args.no_supervise {
         std::sync::Arc::make_mut(&mut plan.config).supervise.clear();
+    }
+    plan.config_path = Some(args.config.clone());
+    if let Some(socket) = &args.control_socket {
+        plan.control_socket = socket.clone();
     }
     Ok(plan)
 }

@@ -38,6 +38,8 @@ pub enum NodeError {
     },
     #[error(transparent)]
     Storage(#[from] StorageError),
+    #[error(transparent)]
+    Control(#[from] crate::control::ControlError),
 }
 
 /// Where this node's state lives, after CLI overrides.
@@ -56,6 +58,10 @@ pub struct NodePlan {
     pub volumes: Vec<VolumePlan>,
     /// The PostgreSQL pooler, when the cluster file has a `[pooler]`.
     pub pooler: Option<crate::config::PoolerConfig>,
+    /// The cluster file, re-read on `agent reload` and SIGHUP.
+    pub config_path: Option<PathBuf>,
+    /// The control socket (`agent status`, `agent backend`, `agent reload`).
+    pub control_socket: PathBuf,
 }
 
 impl NodePlan {
@@ -75,6 +81,11 @@ impl NodePlan {
             keep_on_exit: Arc::new(AtomicBool::new(false)),
             volumes: storage::plans(config, &node.name),
             pooler: config.pooler.clone(),
+            config_path: None,
+            control_socket: node
+                .control_socket
+                .clone()
+                .unwrap_or_else(|| crate::control::default_socket(&node.name)),
         }
     }
 }
@@ -85,6 +96,7 @@ pub async fn run(plan: NodePlan, shutdown: watch::Receiver<bool>) -> Result<(), 
     // drained and stopped.
     let (supervision, mut shutdown) = supervise::Supervision::chain(shutdown);
     let listener = metrics::bind(plan.metrics_listen).await?;
+    let control_listener = crate::control::bind(&plan.control_socket).await?;
     let pooler_listener = match &plan.pooler {
         Some(config) => Some(crate::pooler::bind(config.listen).await?),
         None => None,
@@ -144,11 +156,39 @@ pub async fn run(plan: NodePlan, shutdown: watch::Receiver<bool>) -> Result<(), 
     );
     registry.register_collector(Box::new(supervisor.collector()));
     let supervision = supervision.run(supervisor);
-    info!(node = %plan.node.name, metrics = %plan.metrics_listen, "agent running");
+    // Health checks, runtime control and reloads (issue 5): the config
+    // lives in a watch channel that reloads write and subsystems follow.
+    let (config_tx, config_rx) = watch::channel(plan.config.clone());
+    let health = crate::health::Health::new(&plan.node.name);
+    let control = crate::control::Control::new(
+        &plan.cluster,
+        &plan.node.name,
+        plan.config_path.clone(),
+        config_tx,
+        health.clone(),
+        Some(dataplane.load_balancer()),
+    );
+    registry.register_collector(Box::new(crate::health::HealthCollector::new(
+        health.clone(),
+    )));
+    registry.register_collector(Box::new(crate::control::ControlCollector(control.clone())));
+    let health_task = tokio::spawn(crate::health::run(
+        health.clone(),
+        config_rx.clone(),
+        shutdown.clone(),
+    ));
+    let control_task = tokio::spawn(crate::control::serve(
+        control_listener,
+        plan.control_socket.clone(),
+        control.clone(),
+        shutdown.clone(),
+    ));
+    info!(node = %plan.node.name, metrics = %plan.metrics_listen, control = %plan.control_socket.display(), "agent running");
 
     let mut balancer = tokio::spawn(balancer::run(
         dataplane.load_balancer(),
-        plan.config.clone(),
+        config_rx,
+        health,
         plan.node.clone(),
         shutdown.clone(),
         plan.keep_on_exit.clone(),
@@ -159,7 +199,12 @@ pub async fn run(plan: NodePlan, shutdown: watch::Receiver<bool>) -> Result<(), 
         // A closed channel means the sender is gone: stop as well.
         let _ = shutdown.wait_for(|stop| *stop).await;
     };
-    let mut served = tokio::spawn(metrics::serve(listener, registry, stop));
+    let mut served = tokio::spawn(metrics::serve_with(
+        listener,
+        registry,
+        crate::control::public_routes(control),
+        stop,
+    ));
     // Both tasks end on shutdown; if one fails first, the other is aborted
     // (dropping the balancer's host set-up restores it).
     let outcome = tokio::select! {
@@ -184,6 +229,16 @@ pub async fn run(plan: NodePlan, shutdown: watch::Receiver<bool>) -> Result<(), 
     // task kills the children.
     supervision.abort();
     let _ = supervision.await;
+    health_task.abort();
+    if outcome.is_err() {
+        control_task.abort();
+    }
+    match control_task.await {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => warn!(error = %crate::error_chain(&error), "control socket failed"),
+        Err(error) if error.is_cancelled() => {}
+        Err(error) => warn!(%error, "control socket task ended abnormally"),
+    }
     if let Some(task) = pooler_task {
         if outcome.is_err() {
             task.abort();

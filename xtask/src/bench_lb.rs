@@ -267,7 +267,7 @@ fn to_ms(value: &str) -> Result<f64> {
     })
 }
 
-fn start_nginx(lab: &Lab, node: &str, work: &Path) -> Result<LabProcess> {
+pub(crate) fn start_nginx(lab: &Lab, node: &str, work: &Path) -> Result<LabProcess> {
     let root = work.join(node);
     std::fs::create_dir_all(&root)?;
     std::fs::write(

@@ -10,6 +10,7 @@
 
 pub mod apache;
 pub mod bench;
+pub mod bench_health;
 pub mod bench_lb;
 pub mod bench_pooler;
 pub mod lab;

@@ -57,6 +57,8 @@ enum BenchName {
     Storage,
     /// pgbench through Farol's pooler vs direct, PgBouncer and pgpool-II.
     Pooler,
+    /// Health checks: time to take a stopped backend out, failed requests.
+    Health,
 }
 
 #[derive(Debug, Subcommand)]
@@ -95,6 +97,11 @@ fn main() -> Result<()> {
             }
             BenchName::Pooler => {
                 let report = xtask::bench_pooler::run()?;
+                println!("wrote {}", report.write()?.display());
+                Ok(())
+            }
+            BenchName::Health => {
+                let report = xtask::bench_health::run()?;
                 println!("wrote {}", report.write()?.display());
                 Ok(())
             }

@@ -49,7 +49,15 @@ const PACKAGES: &[(&str, &str)] = &[
         "apache2",
         "Apache on every lab node, supervised by the agents",
     ),
-    ("wrk", "HTTP load during Apache reloads in the lab tests"),
+    (
+        "prometheus",
+        "promtool: the tests check /metrics with `promtool check metrics`",
+    ),
+    ("chromium", "headless browser for the status page test"),
+    (
+        "wrk",
+        "HTTP load: Apache reloads in the lab tests, benchmarks",
+    ),
 ];
 
 /// bpf-linker's release line that links against LLVM 22.

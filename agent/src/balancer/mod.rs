@@ -3,6 +3,12 @@
 //! holds), prepares this node to serve DSR flows (VIP on `lo`, ARP
 //! suppressed), and keeps the plan current as backends appear or vanish.
 //!
+//! Backends' health (checks, admin states, slow start) comes from
+//! [`crate::health::Health`]: the loop wakes when a verdict changes, so a
+//! backend going down reaches the kernel at once, not at the next refresh;
+//! a reloaded config arrives on a watch channel and is applied as a diff
+//! (only services whose plan changed get new tables).
+//!
 //! Until VRRP (issue 4) elects a master, the first node with the `balancer`
 //! role in the cluster file holds every VIP.
 
@@ -19,7 +25,9 @@ use std::{
 };
 
 use tokio::sync::{watch, Mutex};
-use tracing::{info, warn};
+
+use crate::health::{BackendKey, Health};
+use tracing::{debug, info, warn};
 
 use crate::{
     config::{Config, Forwarding, NodeConfig, Role},
@@ -34,6 +42,8 @@ pub use host::{remove_vips_from_lo, HostError};
 
 /// How often unresolved backends are retried and the plan refreshed.
 const REFRESH: Duration = Duration::from_secs(2);
+/// How often the plan is rebuilt while a backend ramps up (slow start).
+const SLOWSTART_STEP: Duration = Duration::from_millis(500);
 
 #[derive(Debug, thiserror::Error)]
 pub enum BalancerError {
@@ -80,6 +90,27 @@ pub fn plan(
     local_mac: [u8; 6],
     resolve_mac: &mut dyn FnMut(IpAddr) -> Option<[u8; 6]>,
 ) -> LbPlan {
+    plan_with(
+        config,
+        node,
+        local_mac,
+        resolve_mac,
+        &|_, weight, reachable| (reachable, weight),
+    )
+}
+
+/// `(alive, weight)` of a backend from its key, configured weight and
+/// whether it is reachable (health checks and admin states decide).
+pub type VerdictFn<'a> = dyn Fn(&BackendKey, u32, bool) -> (bool, u32) + 'a;
+
+/// [`plan`] with each backend's liveness and weight from `verdict`.
+pub fn plan_with(
+    config: &Config,
+    node: &NodeConfig,
+    local_mac: [u8; 6],
+    resolve_mac: &mut dyn FnMut(IpAddr) -> Option<[u8; 6]>,
+    verdict: &VerdictFn<'_>,
+) -> LbPlan {
     let owner = vip_owner(config).is_some_and(|owner| owner.name == node.name);
     let services: Vec<ServicePlan> = config
         .services
@@ -102,15 +133,24 @@ pub fn plan(
                     let addr = backend.resolve(&config.nodes)?;
                     let local = addr == node.address.addr();
                     let mac = if local { None } else { resolve_mac(addr) };
+                    let name = backend.node.clone().unwrap_or_else(|| addr.to_string());
+                    let port = backend.port.unwrap_or(service.port.first());
+                    let key = BackendKey {
+                        service: service.name.clone(),
+                        name: name.clone(),
+                        addr,
+                        port,
+                    };
+                    let (alive, weight) = verdict(&key, backend.weight, local || mac.is_some());
                     Some(BackendPlan {
                         slot: slot as u32,
-                        name: backend.node.clone().unwrap_or_else(|| addr.to_string()),
+                        name,
                         addr,
-                        port: backend.port.unwrap_or(service.port.first()),
+                        port,
                         mac,
-                        weight: backend.weight,
+                        weight,
                         local,
-                        alive: local || mac.is_some(),
+                        alive,
                     })
                 })
                 .collect(),
@@ -137,7 +177,8 @@ pub fn plan(
     }
 }
 
-/// Logs each backend that became reachable or unreachable since `before`.
+/// Logs what changed for each backend in the kernel since `before` (the
+/// health module logs why: which check failed, who drained it).
 fn log_changes(before: &LbPlan, after: &LbPlan) {
     for service in &after.services {
         for backend in &service.backends {
@@ -145,63 +186,104 @@ fn log_changes(before: &LbPlan, after: &LbPlan) {
                 .services
                 .iter()
                 .find(|s| s.name == service.name)
-                .and_then(|s| s.backends.iter().find(|b| b.slot == backend.slot))
-                .map(|b| b.alive);
-            if was != Some(backend.alive) {
-                if backend.alive {
-                    info!(service = %service.name, backend = %backend.name, addr = %backend.addr, "backend up: reachable on the LAN");
+                .and_then(|s| s.backends.iter().find(|b| b.slot == backend.slot));
+            let resolved = backend.local || backend.mac.is_some();
+            if was.map(|b| b.local || b.mac.is_some()) != Some(resolved) {
+                if resolved {
+                    info!(service = %service.name, backend = %backend.name, addr = %backend.addr, "backend reachable on the LAN");
                 } else {
-                    warn!(service = %service.name, backend = %backend.name, addr = %backend.addr, "backend down: no ARP answer, takes no flows");
+                    warn!(service = %service.name, backend = %backend.name, addr = %backend.addr, "backend unreachable: no ARP answer, takes no flows");
                 }
+            }
+            if was.map(|b| b.alive) != Some(backend.alive) {
+                // The health module logged why at info; this is the effect.
+                if backend.alive {
+                    debug!(service = %service.name, backend = %backend.name, addr = %backend.addr, weight = backend.weight, "data plane: backend takes flows");
+                } else {
+                    debug!(service = %service.name, backend = %backend.name, addr = %backend.addr, "data plane: backend takes no flows, its established flows move");
+                }
+            } else if was.map(|b| b.weight) != Some(backend.weight) {
+                debug!(service = %service.name, backend = %backend.name, from = was.map(|b| b.weight), to = backend.weight, "data plane: backend weight changed");
             }
         }
     }
 }
 
-/// Keeps the kernel's plan current until `shutdown`; undoes the host
-/// preparation on the way out.
+/// Keeps the kernel's plan current until `shutdown`, with health verdicts
+/// from `health` and the config from `config` (reloads arrive there);
+/// undoes the host preparation on the way out.
 pub async fn run(
     maps: Arc<Mutex<LoadBalancerMaps>>,
-    config: Arc<Config>,
+    mut config: watch::Receiver<Arc<Config>>,
+    health: Arc<Health>,
     node: NodeConfig,
     mut shutdown: watch::Receiver<bool>,
     keep_on_exit: Arc<AtomicBool>,
     drains: Drains,
 ) -> Result<(), BalancerError> {
-    if config.services.is_empty() {
+    let initial = config.borrow_and_update().clone();
+    if initial.services.is_empty() {
         return Ok(());
     }
     let iface = node.interface.clone();
     let local_mac = host::interface_mac(&iface)?;
-    let mut prepared = host::DsrHost::prepare(&iface, &local_vips(&config, &node))?;
+    let vips = local_vips(&initial, &node);
+    let mut prepared = host::DsrHost::prepare(&iface, &vips)?;
     let result = async {
+        let mut resolver = host::NeighborResolver::new(&iface);
+        let mut resolved_at: Option<tokio::time::Instant> = None;
+        let mut current = initial;
         loop {
-            let mut resolver = host::NeighborResolver::new(&iface);
-            let mut addresses = Vec::new();
-            for service in &config.services {
-                for backend in &service.backends {
-                    if let Some(addr) = backend.resolve(&config.nodes) {
-                        if addr != node.address.addr() {
-                            addresses.push(addr);
+            if resolved_at.is_none_or(|at| at.elapsed() >= REFRESH) {
+                let mut addresses = Vec::new();
+                for service in &current.services {
+                    for backend in &service.backends {
+                        if let Some(addr) = backend.resolve(&current.nodes) {
+                            if addr != node.address.addr() {
+                                addresses.push(addr);
+                            }
                         }
                     }
                 }
+                resolver.resolve_all(&addresses).await;
+                resolved_at = Some(tokio::time::Instant::now());
             }
-            resolver.resolve_all(&addresses).await;
-            let mut next = plan(&config, &node, local_mac, &mut |addr| resolver.mac(addr));
+            let verdict = |key: &BackendKey, weight: u32, reachable: bool| {
+                let verdict = health.verdict(key, weight, reachable);
+                (verdict.alive, verdict.weight)
+            };
+            let mut next = plan_with(&current, &node, local_mac, &mut |addr| resolver.mac(addr), &verdict);
             drains.apply_to(&mut next);
             {
                 let mut maps = maps.lock().await;
                 if maps.applied() != &next {
                     log_changes(maps.applied(), &next);
+                    let ownership_changed = maps.applied().owned_vips != next.owned_vips;
                     maps.apply(&next)?;
-                    if !next.owned_vips.is_empty() {
+                    if !next.owned_vips.is_empty() && ownership_changed {
                         info!(vips = ?next.owned_vips, "holding VIPs (first balancer in the cluster file)");
                     }
                 }
             }
+            // Slow start: re-plan often enough to follow the ramp.
+            let wait = if health.ramping() {
+                SLOWSTART_STEP
+            } else {
+                resolved_at.map_or(REFRESH, |at| REFRESH.saturating_sub(at.elapsed()))
+            };
             tokio::select! {
-                _ = tokio::time::sleep(REFRESH) => {}
+                _ = tokio::time::sleep(wait) => {}
+                _ = health.changed() => {}
+                changed = config.changed() => {
+                    if changed.is_ok() {
+                        current = config.borrow_and_update().clone();
+                        resolved_at = None;
+                        let wanted = local_vips(&current, &node);
+                        if wanted != vips {
+                            warn!(before = ?vips, after = ?wanted, "the VIPs this node serves changed: the VIPs on lo follow at the next restart");
+                        }
+                    }
+                }
                 _ = shutdown.wait_for(|stop| *stop) => return Ok(()),
             }
         }

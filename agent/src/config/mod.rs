@@ -21,6 +21,8 @@ pub use service::{
     BackendConfig, Forwarding, PortRange, PortSpec, Protocol, Scheduler, ServiceConfig,
     DEFAULT_WEIGHT, MAX_PORTS_PER_SERVICE, MAX_WEIGHT,
 };
+pub mod health;
+pub use health::{CheckKind, HealthCheckConfig, PgRole, StatusRange};
 pub mod storage;
 pub use self::pooler::{PoolConfig, PoolMode, PoolerConfig, PoolerUser};
 pub use storage::VolumeConfig;
@@ -109,6 +111,9 @@ pub struct NodeConfig {
     pub pin_dir: Option<PathBuf>,
     /// Overrides `cluster.metrics_listen` for this node.
     pub metrics_listen: Option<SocketAddr>,
+    /// The control socket (`agent status`, `agent backend`, `agent
+    /// reload`); default `/run/farol/<name>.sock`.
+    pub control_socket: Option<PathBuf>,
 }
 
 /// The seed's roles: the two HAProxy/keepalived balancers, Apache on every
@@ -313,6 +318,16 @@ impl Config {
                         format!("{pin_dir:?} is already the pin_dir of another node"),
                     );
                 }
+            }
+            if node
+                .control_socket
+                .as_ref()
+                .is_some_and(|path| !path.is_absolute())
+            {
+                problem(
+                    at("control_socket"),
+                    "expected an absolute path for the control socket".into(),
+                );
             }
             if node.metrics_listen.is_some_and(|addr| addr.port() == 0) {
                 problem(

@@ -31,6 +31,10 @@ pub struct ServiceConfig {
     #[serde(default)]
     pub forwarding: Forwarding,
     pub backends: Vec<BackendConfig>,
+    /// How backends are health-checked (`[service.check]`, see health.rs);
+    /// without one a backend is up while it answers ARP.
+    #[serde(default)]
+    pub check: Option<super::health::HealthCheckConfig>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -283,6 +287,14 @@ pub(super) fn validate(
                 at("backends"),
                 "every weight is 0: no backend could take a flow".into(),
             );
+        }
+        if let Some(check) = &service.check {
+            let mut found = Vec::new();
+            let udp = service.protocol == Protocol::Udp;
+            super::health::validate(check, &at("check"), udp, &mut found);
+            for found in found {
+                problem(found.key, found.message);
+            }
         }
         let mut seen = HashSet::new();
         for (b, backend) in service.backends.iter().enumerate() {

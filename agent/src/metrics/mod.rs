@@ -24,6 +24,10 @@ use tracing::warn;
 use crate::dataplane::{lb::LoadBalancerMaps, AttachMode, Counters};
 
 mod lb;
+mod text;
+
+/// What Prometheus text 0.0.4 is served as (see text.rs).
+const TEXT_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
@@ -147,19 +151,44 @@ pub async fn serve(
     registry: Registry,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), MetricsError> {
+    serve_with(listener, registry, Router::new(), shutdown).await
+}
+
+/// Serves `/metrics` and `extra`'s routes (the status page, the agent
+/// check) until `shutdown` resolves.
+pub async fn serve_with(
+    listener: TcpListener,
+    registry: Registry,
+    extra: Router,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), MetricsError> {
     let app = Router::new()
         .route("/metrics", get(metrics))
-        .with_state(Arc::new(registry));
+        .with_state(Arc::new(registry))
+        .merge(extra);
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
         .map_err(MetricsError::Serve)
 }
 
-async fn metrics(State(registry): State<Arc<Registry>>) -> impl IntoResponse {
+async fn metrics(
+    State(registry): State<Arc<Registry>>,
+    headers: axum::http::HeaderMap,
+) -> impl IntoResponse {
     let mut body = String::new();
+    let accept = headers
+        .get(header::ACCEPT)
+        .and_then(|value| value.to_str().ok());
     match prometheus_client::encoding::text::encode(&mut body, &registry) {
-        Ok(()) => (StatusCode::OK, [(header::CONTENT_TYPE, CONTENT_TYPE)], body),
+        Ok(()) if text::wants_openmetrics(accept) => {
+            (StatusCode::OK, [(header::CONTENT_TYPE, CONTENT_TYPE)], body)
+        }
+        Ok(()) => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, TEXT_CONTENT_TYPE)],
+            text::to_prometheus_text(&body),
+        ),
         Err(_) => (
             StatusCode::INTERNAL_SERVER_ERROR,
             [(header::CONTENT_TYPE, "text/plain")],
@@ -251,6 +280,14 @@ impl Collector for PoolerCollector {
         }
         Ok(())
     }
+}
+
+/// The registry in Prometheus text format 0.0.4 (what `/metrics` serves
+/// to clients that do not ask for OpenMetrics).
+pub fn encode_prometheus_text(registry: &Registry) -> Result<String, std::fmt::Error> {
+    let mut body = String::new();
+    prometheus_client::encoding::text::encode(&mut body, registry)?;
+    Ok(text::to_prometheus_text(&body))
 }
 
 /// Adds the pooler's figures to the agent's registry.

@@ -1,0 +1,201 @@
+//! The CLI side of the control socket: `agent status`, `agent backend ...`,
+//! `agent reload`.
+
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use tokio::net::UnixStream;
+
+use super::{status::Status, Reply};
+use crate::health::http::{exchange, Response};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot reach the agent's control socket {path} (is `agent run` running? --socket or FAROL_CONTROL_SOCKET name another)")]
+    Connect {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("talking to the agent")]
+    Http(#[from] crate::health::http::HttpError),
+    #[error("the agent answered something unreadable: {0}")]
+    Decode(String),
+    #[error("{0}")]
+    Refused(String),
+}
+
+async fn call(socket: &Path, method: &str, path: &str) -> Result<Response, ClientError> {
+    let stream = UnixStream::connect(socket)
+        .await
+        .map_err(|source| ClientError::Connect {
+            path: socket.to_owned(),
+            source,
+        })?;
+    let body = (method == "POST").then(Bytes::new);
+    Ok(exchange(stream, method, path, "localhost", body).await?)
+}
+
+pub async fn status(socket: &Path) -> Result<Status, ClientError> {
+    let response = call(socket, "GET", "/status").await?;
+    serde_json::from_slice(&response.body).map_err(|error| ClientError::Decode(error.to_string()))
+}
+
+async fn write(socket: &Path, path: &str) -> Result<String, ClientError> {
+    let response = call(socket, "POST", path).await?;
+    let reply: Reply = serde_json::from_slice(&response.body).map_err(|error| {
+        ClientError::Decode(format!(
+            "HTTP {}: {error}: {}",
+            response.status,
+            String::from_utf8_lossy(&response.body)
+        ))
+    })?;
+    if reply.ok {
+        Ok(reply.message)
+    } else {
+        Err(ClientError::Refused(reply.message))
+    }
+}
+
+/// Query values are names (letters, digits, '-', '_', '.', ':').
+fn encode(text: &str) -> String {
+    text.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-_.:".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+pub async fn backend(
+    socket: &Path,
+    action: &str,
+    name: &str,
+    service: Option<&str>,
+    weight: Option<u32>,
+) -> Result<String, ClientError> {
+    let mut path = format!("/backend/{}/{}", encode(name), encode(action));
+    let mut query = Vec::new();
+    if let Some(service) = service {
+        query.push(format!("service={}", encode(service)));
+    }
+    if let Some(weight) = weight {
+        query.push(format!("weight={weight}"));
+    }
+    if !query.is_empty() {
+        path.push('?');
+        path.push_str(&query.join("&"));
+    }
+    write(socket, &path).await
+}
+
+pub async fn reload(socket: &Path) -> Result<String, ClientError> {
+    write(socket, "/reload").await
+}
+
+/// Which socket the CLI talks to: --socket, else the node's
+/// `control_socket` in the cluster file, else /run/farol/NODE.sock.
+pub fn socket_path(args: &crate::cli::ControlArgs) -> Result<PathBuf, String> {
+    if let Some(socket) = &args.socket {
+        return Ok(socket.clone());
+    }
+    let node = match &args.node {
+        Some(node) => node.clone(),
+        None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|name| name.trim().to_owned())
+            .map_err(|_| {
+                "cannot tell which node this is: pass --node NAME or --socket PATH".to_owned()
+            })?,
+    };
+    let configured = crate::config::Config::load(&args.config)
+        .ok()
+        .and_then(|config| config.nodes.iter().find(|n| n.name == node).cloned())
+        .and_then(|n| n.control_socket);
+    Ok(configured.unwrap_or_else(|| super::default_socket(&node)))
+}
+
+/// Runs `future` on a small runtime; prints the error and fails on error.
+fn block<T>(
+    args: &crate::cli::ControlArgs,
+    call: impl FnOnce(
+        PathBuf,
+    )
+        -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<T, ClientError>>>>,
+    show: impl FnOnce(T),
+) -> std::process::ExitCode {
+    let socket = match socket_path(args) {
+        Ok(socket) => socket,
+        Err(error) => {
+            eprintln!("{error}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("cannot start the async runtime: {error}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(call(socket)) {
+        Ok(value) => {
+            show(value);
+            std::process::ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("{}", crate::error_chain(&error));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// `agent status`.
+pub fn main_status(args: &crate::cli::ControlArgs) -> std::process::ExitCode {
+    let json = args.json;
+    block(
+        args,
+        |socket| Box::pin(async move { status(&socket).await }),
+        |status| {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&status).unwrap_or_default()
+                );
+            } else {
+                print!("{}", super::status::render_table(&status));
+            }
+        },
+    )
+}
+
+/// `agent backend ACTION NAME [WEIGHT] [--service S]`.
+pub fn main_backend(args: &crate::cli::BackendArgs) -> std::process::ExitCode {
+    let action = args.action.label();
+    let name = args.backend.clone();
+    let service = args.service.clone();
+    let weight = args.weight;
+    block(
+        &args.control,
+        move |socket| {
+            Box::pin(
+                async move { backend(&socket, action, &name, service.as_deref(), weight).await },
+            )
+        },
+        |message| println!("{message}"),
+    )
+}
+
+/// `agent reload`.
+pub fn main_reload(args: &crate::cli::ControlArgs) -> std::process::ExitCode {
+    block(
+        args,
+        |socket| Box::pin(async move { reload(&socket).await }),
+        |message| println!("reloaded: {message}"),
+    )
+}

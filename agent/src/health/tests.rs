@@ -1,0 +1,239 @@
+use std::net::Ipv4Addr;
+
+use super::*;
+
+fn key(name: &str) -> BackendKey {
+    BackendKey {
+        service: "web".into(),
+        name: name.into(),
+        addr: IpAddr::V4(Ipv4Addr::new(192, 0, 2, 12)),
+        port: 80,
+    }
+}
+
+fn health_with(config: Option<HealthCheckConfig>) -> Arc<Health> {
+    let health = Health::new("nuster1");
+    health
+        .lock()
+        .backends
+        .insert(key("nuster2"), BackendHealth::new(config));
+    health
+}
+
+fn failing() -> Result<Passed, CheckFailure> {
+    Err(CheckFailure::new("connection refused"))
+}
+
+fn passing() -> Result<Passed, CheckFailure> {
+    Ok(Passed::new("HTTP 200"))
+}
+
+#[test]
+fn an_unchecked_backend_follows_reachability_only() {
+    let health = health_with(None);
+    let up = health.verdict(&key("nuster2"), 100, true);
+    assert_eq!((up.alive, up.weight), (true, 100));
+    assert!(!health.verdict(&key("nuster2"), 100, false).alive);
+}
+
+#[test]
+fn failed_checks_take_a_backend_out_and_passing_ones_bring_it_back() {
+    let health = health_with(Some(HealthCheckConfig::new(CheckKind::Http)));
+    let k = key("nuster2");
+    health.record_check(&k, passing(), Duration::from_millis(1));
+    for _ in 0..2 {
+        health.record_check(&k, failing(), Duration::from_millis(1));
+        assert!(health.verdict(&k, 100, true).alive, "fall is 3");
+    }
+    health.record_check(&k, failing(), Duration::from_millis(1));
+    assert!(!health.verdict(&k, 100, true).alive);
+    let row = &health.status()[0];
+    assert_eq!(row.check_state, "down");
+    assert_eq!(
+        row.last_check.as_ref().unwrap().detail,
+        "connection refused"
+    );
+    assert_eq!(
+        (row.checks_passed, row.checks_failed, row.state_changes),
+        (1, 3, 1)
+    );
+    health.record_check(&k, passing(), Duration::from_millis(1));
+    assert!(!health.verdict(&k, 100, true).alive, "rise is 2");
+    health.record_check(&k, passing(), Duration::from_millis(1));
+    assert!(health.verdict(&k, 100, true).alive);
+}
+
+#[test]
+fn drain_zeroes_the_weight_but_keeps_the_backend_alive_and_maint_takes_it_out() {
+    let health = health_with(None);
+    let k = key("nuster2");
+    health.set_override(
+        None,
+        "nuster2",
+        Override {
+            admin: Some(AdminState::Drain),
+            weight: None,
+        },
+    );
+    let drained = health.verdict(&k, 100, true);
+    assert_eq!(
+        (drained.alive, drained.weight, drained.admin),
+        (true, 0, AdminState::Drain)
+    );
+    health.set_override(
+        Some("web".into()),
+        "nuster2",
+        Override {
+            admin: Some(AdminState::Maint),
+            weight: None,
+        },
+    );
+    assert!(!health.verdict(&k, 100, true).alive);
+    health.set_override(Some("web".into()), "nuster2", Override::default());
+    health.set_override(None, "nuster2", Override::default());
+    assert_eq!(health.verdict(&k, 100, true).weight, 100);
+}
+
+#[test]
+fn the_most_restrictive_admin_state_wins_and_an_agent_drain_reaches_the_verdict() {
+    let health = health_with(None);
+    let k = key("nuster2");
+    health.record_agent(&k, Ok(AdminState::Drain));
+    health.set_override(
+        None,
+        "nuster2",
+        Override {
+            admin: Some(AdminState::Ready),
+            weight: Some(50),
+        },
+    );
+    let verdict = health.verdict(&k, 100, true);
+    assert_eq!((verdict.weight, verdict.admin), (0, AdminState::Drain));
+    health.record_agent(&k, Err("connection refused".into()));
+    assert_eq!(
+        health.verdict(&k, 100, true).admin,
+        AdminState::Drain,
+        "an unreachable agent keeps its last state"
+    );
+    health.record_agent(&k, Ok(AdminState::Ready));
+    assert_eq!(health.verdict(&k, 100, true).weight, 50, "weight override");
+}
+
+#[test]
+fn own_state_applies_to_this_nodes_backends() {
+    let health = Health::new("nuster2");
+    health
+        .lock()
+        .backends
+        .insert(key("nuster2"), BackendHealth::new(None));
+    let mut watch = health.watch_own_state();
+    health.set_own_state(AdminState::Drain, "test");
+    assert!(watch.has_changed().unwrap());
+    assert_eq!(*watch.borrow_and_update(), AdminState::Drain);
+    assert_eq!(health.verdict(&key("nuster2"), 100, true).weight, 0);
+}
+
+#[test]
+fn slow_start_ramps_the_weight_after_coming_back() {
+    let mut config = HealthCheckConfig::new(CheckKind::Tcp);
+    config.slowstart = Some(Duration::from_secs(100));
+    config.rise = 1;
+    let health = health_with(Some(config));
+    let k = key("nuster2");
+    health.record_check(&k, failing(), Duration::ZERO);
+    assert!(!health.ramping());
+    health.record_check(&k, passing(), Duration::ZERO);
+    assert!(health.ramping());
+    let weight = health.verdict(&k, 100, true).weight;
+    assert!((1..=5).contains(&weight), "just came up: {weight}");
+    // Pretend it came up 50 s ago.
+    health.lock().backends.get_mut(&k).unwrap().up_since =
+        Some(Instant::now() - Duration::from_secs(50));
+    let weight = health.verdict(&k, 100, true).weight;
+    assert!((49..=52).contains(&weight), "half way: {weight}");
+    health.lock().backends.get_mut(&k).unwrap().up_since =
+        Some(Instant::now() - Duration::from_secs(101));
+    assert_eq!(health.verdict(&k, 100, true).weight, 100);
+    assert!(!health.ramping());
+}
+
+fn config_with_check(check: &str) -> Config {
+    let text = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/lab.toml"),
+    )
+    .unwrap()
+    .replace(
+        "forwarding = \"dsr\"\n",
+        &format!("forwarding = \"dsr\"\n{check}\n"),
+    );
+    Config::from_toml(std::path::Path::new("lab.toml"), &text).unwrap()
+}
+
+#[test]
+fn probes_ask_every_other_nodes_agent_and_check_every_backend() {
+    let config = config_with_check("check = { type = \"http\", port = 8080 }");
+    let probes = probes(&config, "nuster1");
+    assert_eq!(probes.len(), 4);
+    let nuster1 = probes.iter().find(|(k, _)| k.name == "nuster1").unwrap();
+    assert!(nuster1.1.agent.is_none(), "its own state is known locally");
+    let nuster3 = probes.iter().find(|(k, _)| k.name == "nuster3").unwrap();
+    assert_eq!(nuster3.1.agent, Some("192.0.2.13:9477".parse().unwrap()));
+    assert_eq!(nuster3.1.target, "192.0.2.13:8080".parse().unwrap());
+    assert_eq!(nuster3.0.port, 80);
+}
+
+/// A backend check against a real local server, through the task loop:
+/// it goes down when the server stops and comes back when it returns, and
+/// the balancer's wake-up fires each time.
+#[tokio::test]
+async fn the_probe_loop_follows_a_server_that_stops_and_returns() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut check = HealthCheckConfig::new(CheckKind::Tcp);
+    check.interval = Duration::from_millis(20);
+    check.timeout = Some(Duration::from_millis(20));
+    let health = Health::new("nuster1");
+    let k = BackendKey {
+        service: "web".into(),
+        name: "local".into(),
+        addr: addr.ip(),
+        port: addr.port(),
+    };
+    health
+        .lock()
+        .backends
+        .insert(k.clone(), BackendHealth::new(Some(check.clone())));
+    let task = tokio::spawn(probe_loop(
+        health.clone(),
+        k.clone(),
+        Probe {
+            check: Some(check),
+            target: addr,
+            agent: None,
+        },
+        Duration::ZERO,
+    ));
+    let wait_for = |want: bool| {
+        let health = health.clone();
+        let k = k.clone();
+        async move {
+            tokio::time::timeout(Duration::from_secs(5), async {
+                loop {
+                    if health.verdict(&k, 1, true).alive == want {
+                        return;
+                    }
+                    health.changed().await;
+                }
+            })
+            .await
+            .expect("state change within 5 s")
+        }
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    wait_for(true).await;
+    drop(listener);
+    wait_for(false).await;
+    let _listener = std::net::TcpListener::bind(addr).unwrap();
+    wait_for(true).await;
+    task.abort();
+}
