@@ -95,6 +95,12 @@ pub async fn run(plan: NodePlan, shutdown: watch::Receiver<bool>) -> Result<(), 
     // Every subsystem below stops only after the supervised children are
     // drained and stopped.
     let (supervision, mut shutdown) = supervise::Supervision::chain(shutdown);
+    // Refused first for what most often stops a first run, before sockets
+    // that an unprivileged user could not create either.
+    crate::dataplane::check_privileges().map_err(|source| NodeError::Dataplane {
+        iface: plan.node.interface.clone(),
+        source,
+    })?;
     let listener = metrics::bind(plan.metrics_listen).await?;
     let control_listener = crate::control::bind(&plan.control_socket).await?;
     let pooler_listener = match &plan.pooler {
@@ -145,21 +151,28 @@ pub async fn run(plan: NodePlan, shutdown: watch::Receiver<bool>) -> Result<(), 
         }
         _ => None,
     };
-    let drains = balancer::Drains::default();
-    let supervisor = supervise::Supervisor::start(
-        supervise::specs(&plan.config, &plan.node),
-        Arc::new(supervise::LocalDrainer::new(
-            dataplane.load_balancer(),
-            drains.clone(),
-            plan.config.clone(),
-        )),
-    );
-    registry.register_collector(Box::new(supervisor.collector()));
-    let supervision = supervision.run(supervisor);
     // Health checks, runtime control and reloads (issue 5): the config
     // lives in a watch channel that reloads write and subsystems follow.
     let (config_tx, config_rx) = watch::channel(plan.config.clone());
     let health = crate::health::Health::new(&plan.node.name);
+    // A supervised child's drain reaches every balancer through this
+    // node's agent check (its admin state), and this node's maps at once.
+    let drains = balancer::Drains::default();
+    let supervisor = supervise::Supervisor::start(
+        supervise::specs(&plan.config, &plan.node),
+        Arc::new(supervise::ClusterDrainer::new(
+            supervise::LocalDrainer::new(
+                dataplane.load_balancer(),
+                drains.clone(),
+                plan.config.clone(),
+            ),
+            health.clone(),
+            plan.config.clone(),
+            plan.node.clone(),
+        )),
+    );
+    registry.register_collector(Box::new(supervisor.collector()));
+    let supervision = supervision.run(supervisor);
     let control = crate::control::Control::new(
         &plan.cluster,
         &plan.node.name,

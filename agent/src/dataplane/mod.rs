@@ -343,7 +343,7 @@ fn interface_index(iface: &str) -> Option<u32> {
 
 /// Checks the effective capabilities rather than the uid, so the systemd
 /// unit can run the agent with only what it needs.
-fn check_privileges() -> Result<(), DataplaneError> {
+pub fn check_privileges() -> Result<(), DataplaneError> {
     const CAP_NET_ADMIN: u32 = 12;
     const CAP_SYS_ADMIN: u32 = 21;
     const CAP_BPF: u32 = 39;

@@ -26,7 +26,7 @@ use tokio::{
 use tracing::{info, warn};
 
 pub use child::{ChildSnapshot, ChildState};
-pub use drain::{DrainError, Drainer, LocalDrainer};
+pub use drain::{ClusterDrainer, DrainError, Drainer, LocalDrainer};
 pub use metrics::SuperviseCollector;
 pub use process::Program;
 pub use ready::ReadyCheck;
