@@ -738,3 +738,59 @@ fn apache_left_by_a_killed_agent_serves_on_until_the_next_agent_replaces_it() {
     );
     println!("agent SIGKILLed on {node}: its Apache {orphan} kept serving; the next agent ended it and started {fresh}");
 }
+
+/// Issue 8's drain across nodes: nuster3 is a backend, not the balancer.
+/// Its agent gets SIGTERM during a bounded wrk run through the VIP; its
+/// admin state turns `drain`, nuster1 reads that through the agent check
+/// and sends nuster3 no new flow, nuster3 waits for its established
+/// connections, then stops Apache: not one request fails.
+#[test]
+fn sigterm_on_a_backend_node_drains_it_at_the_balancer_with_no_failed_request() {
+    let test = "sigterm_on_a_backend_node_drains_it_at_the_balancer_with_no_failed_request";
+    if !may_run(test) {
+        return;
+    }
+    let cluster = Cluster::start("svxdrain", |text| text);
+    let lab = cluster.lab.clone();
+    let load = std::thread::spawn(move || wrk(&lab, 8));
+    std::thread::sleep(Duration::from_secs(2));
+    let stopped_at = Instant::now();
+    cluster.signal_agent("nuster3", libc::SIGTERM);
+    wait_for("nuster3's agent to stop", Duration::from_secs(30), || {
+        cluster
+            .log("nuster3")
+            .contains("agent stopped")
+            .then_some(())
+    })
+    .unwrap();
+    let stop_took = stopped_at.elapsed();
+    let (requests, errors, text) = load.join().unwrap();
+    assert!(requests > 100, "wrk ran: {text}");
+    assert!(
+        errors.is_empty(),
+        "requests failed while nuster3 drained and stopped: {errors:?}\n{text}\n{}",
+        cluster.log("nuster3")
+    );
+    let log = cluster.log("nuster3");
+    let at = |needle: &str| {
+        log.find(needle)
+            .unwrap_or_else(|| panic!("{needle:?} not in\n{log}"))
+    };
+    assert!(
+        at("node admin state changed") < at("stopping child"),
+        "{log}"
+    );
+    // The balancer took nuster3 out: its agent check said drain.
+    let answers: Vec<String> = (0..8)
+        .map(|_| cluster.get(VIP).expect("the VIP serves").1)
+        .collect();
+    assert!(
+        answers.iter().all(|n| n != "nuster3"),
+        "nuster3 is gone, yet answered: {answers:?}"
+    );
+    println!(
+        "SIGTERM on nuster3 during wrk: {requests} requests, none failed; nuster3 drained and \
+         stopped in {:.1} s",
+        stop_took.as_secs_f64()
+    );
+}
