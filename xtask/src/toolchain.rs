@@ -37,6 +37,7 @@ const PACKAGES: &[(&str, &str)] = &[
         "nsenter (run in a node's namespace) and setpriv",
     ),
     ("python3", "a small HTTP server for the lab's web nodes"),
+    ("rsync", "the volume's real-world workload test"),
     ("iputils-ping", "ping in the demo's traffic"),
     (
         "postgresql",

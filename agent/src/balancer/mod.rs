@@ -51,15 +51,16 @@ pub fn vip_owner(config: &Config) -> Option<&NodeConfig> {
         .find(|node| node.roles.contains(&Role::Balancer))
 }
 
-/// VIPs this node must hold on `lo`: those of DSR services it serves or owns.
+/// VIPs this node must hold on `lo`: those of DSR services it serves or
+/// owns, and of NAT services it serves (a NAT flow scheduled to the
+/// balancer itself is served locally, as in DSR).
 pub fn local_vips(config: &Config, node: &NodeConfig) -> Vec<IpAddr> {
     let owner = vip_owner(config).is_some_and(|owner| owner.name == node.name);
     let mut vips: Vec<IpAddr> = config
         .services
         .iter()
-        .filter(|service| service.forwarding == Forwarding::Dsr)
         .filter(|service| {
-            owner
+            (owner && service.forwarding == Forwarding::Dsr)
                 || service
                     .backends
                     .iter()
@@ -91,6 +92,7 @@ pub fn plan(
             ports: service.port.ports().collect(),
             protocol: service.protocol,
             scheduler: service.scheduler,
+            forwarding: service.forwarding,
             seed: format!("{}/{}", config.cluster.name, service.name),
             backends: service
                 .backends
@@ -122,10 +124,16 @@ pub fn plan(
     } else {
         Vec::new()
     };
+    let uses_nat = services.iter().any(|s| s.forwarding == Forwarding::Nat);
+    let snat_ipv4 = match node.address.addr() {
+        IpAddr::V4(addr) if uses_nat => Some(addr),
+        _ => None,
+    };
     LbPlan {
         local_mac,
         services,
         owned_vips,
+        snat_ipv4,
     }
 }
 
