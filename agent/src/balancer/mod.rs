@@ -189,9 +189,11 @@ pub async fn run(
             }
             resolver.resolve_all(&addresses).await;
             let mut next = plan(&config, &node, local_mac, &mut |addr| resolver.mac(addr));
-            drains.apply_to(&mut next);
             {
                 let mut maps = maps.lock().await;
+                // Read under the lock, as the drainer writes it before
+                // taking the lock: neither undoes the other.
+                drains.apply_to(&mut next);
                 if maps.applied() != &next {
                     log_changes(maps.applied(), &next);
                     maps.apply(&next)?;
