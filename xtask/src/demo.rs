@@ -54,8 +54,9 @@ pub(crate) fn run(seconds: u64) -> Result<()> {
     // configs/lab.toml with its [[supervise]] Apache, paths under web_root,
     // plus a replicated volume `www` on nuster1..3 as Apache's document root
     // (nuster4 holds no brick and serves a local directory).
-    let apache =
-        xtask::apache::lab_apache(&web_root, &names, |text| with_volume(&text, &web_root))?;
+    let apache = xtask::apache::lab_apache(&web_root, &names, |text| {
+        with_volume(&text, &web_root) + NAT_SERVICE
+    })?;
     for node in &names {
         std::fs::write(
             apache.document_root(node).join("index.html"),
@@ -145,6 +146,35 @@ pub(crate) fn run(seconds: u64) -> Result<()> {
             .to_owned();
         println!("      GET http://{VIP}/ -> {node}: {body}");
     }
+    println!(
+        "      NAT mode: http://{VIP}:{NAT_PORT}/ goes through nuster1 to the Apaches of nuster2..4, \
+         which see nuster1 as the client; nuster1 translates the replies back"
+    );
+    for _ in 0..6 {
+        let out = lab.run(
+            CLIENT,
+            "curl",
+            &[
+                "-s",
+                "--max-time",
+                "2",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code} %header{x-farol-node}",
+                &format!("http://{VIP}:{NAT_PORT}/"),
+            ],
+        )?;
+        println!(
+            "      GET http://{VIP}:{NAT_PORT}/ -> {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    let translated = scrape(&lab, "nuster1")?
+        .get("farol_lb_service_nat_replies_packets_total{service=\"web-nat\"}")
+        .copied()
+        .unwrap_or(0.0);
+    println!("      nuster1 translated {translated} reply packets back to the client");
     let headers = lab.run(
         CLIENT,
         "curl",
@@ -202,6 +232,23 @@ pub(crate) fn run(seconds: u64) -> Result<()> {
 }
 
 const VOLUME_NODES: [&str; 3] = ["nuster1", "nuster2", "nuster3"];
+
+/// The demo's NAT service: the VIP's port 8080 through nuster1 to the
+/// Apaches of nuster2..4 on port 80.
+const NAT_PORT: u16 = 8080;
+const NAT_SERVICE: &str = r#"
+[[service]]
+name = "web-nat"
+vip = "192.0.2.100"
+port = 8080
+scheduler = "roundrobin"
+forwarding = "nat"
+backends = [
+    { node = "nuster2", port = 80 },
+    { node = "nuster3", port = 80 },
+    { node = "nuster4", port = 80 },
+]
+"#;
 
 fn volume_mount(dir: &std::path::Path, node: &str) -> PathBuf {
     dir.join(format!("mnt-{node}"))
