@@ -516,9 +516,18 @@ impl Probe {
     }
 }
 
-/// Every backend of `config` with what to probe.
+/// Every backend of `config` with what to probe; none on a node without
+/// the `balancer` role (it never sends flows, so it need not load the
+/// backends with checks).
 fn probes(config: &Config, this_node: &str) -> Vec<(BackendKey, Probe)> {
     let mut probes = Vec::new();
+    let balances = config
+        .nodes
+        .iter()
+        .any(|node| node.name == this_node && node.roles.contains(&crate::config::Role::Balancer));
+    if !balances {
+        return probes;
+    }
     for service in &config.services {
         for backend in &service.backends {
             let Some(addr) = backend.resolve(&config.nodes) else {

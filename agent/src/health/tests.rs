@@ -180,6 +180,10 @@ fn probes_ask_every_other_nodes_agent_and_check_every_backend() {
     assert_eq!(nuster3.1.agent, Some("192.0.2.13:9477".parse().unwrap()));
     assert_eq!(nuster3.1.target, "192.0.2.13:8080".parse().unwrap());
     assert_eq!(nuster3.0.port, 80);
+    assert!(
+        super::probes(&config, "nuster3").is_empty(),
+        "nuster3 does not balance"
+    );
 }
 
 /// A backend check against a real local server, through the task loop:
