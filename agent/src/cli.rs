@@ -107,6 +107,13 @@ pub struct ControlArgs {
     /// Print JSON instead of a table (`agent status`).
     #[arg(long)]
     pub json: bool,
+    /// Talk to an agent's HTTP port instead (`http://HOST:9477`); needs
+    /// the cluster's control_token_file.
+    #[arg(long, env = "FAROL_CONTROL_URL")]
+    pub url: Option<String>,
+    /// The token file for --url.
+    #[arg(long, env = "FAROL_CONTROL_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]

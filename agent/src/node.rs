@@ -143,6 +143,12 @@ pub async fn run(plan: NodePlan, mut shutdown: watch::Receiver<bool>) -> Result<
     };
     // Health checks, runtime control and reloads (issue 5): the config
     // lives in a watch channel that reloads write and subsystems follow.
+    let token = match &plan.config.cluster.control_token_file {
+        Some(path) => {
+            Some(crate::control::read_token(path).map_err(crate::control::ControlError::Token)?)
+        }
+        None => None,
+    };
     let (config_tx, config_rx) = watch::channel(plan.config.clone());
     let health = crate::health::Health::new(&plan.node.name);
     let control = crate::control::Control::new(
@@ -152,6 +158,7 @@ pub async fn run(plan: NodePlan, mut shutdown: watch::Receiver<bool>) -> Result<
         config_tx,
         health.clone(),
         Some(dataplane.load_balancer()),
+        token,
     );
     registry.register_collector(Box::new(crate::health::HealthCollector::new(
         health.clone(),
