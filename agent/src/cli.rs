@@ -104,6 +104,10 @@ pub struct ControlArgs {
     /// This node's name (default: the hostname).
     #[arg(long, env = "FAROL_NODE")]
     pub node: Option<String>,
+    /// The pin directory `agent run` was given, when it was overridden (the
+    /// default socket name derives from it).
+    #[arg(long, env = "FAROL_PIN_DIR")]
+    pub pin_dir: Option<PathBuf>,
     /// Print JSON instead of a table (`agent status`).
     #[arg(long)]
     pub json: bool,

@@ -70,21 +70,22 @@ impl NodePlan {
         pin_dir: Option<PathBuf>,
         metrics_listen: Option<SocketAddr>,
     ) -> NodePlan {
+        let pin_dir = pin_dir.unwrap_or_else(|| config.pin_dir(node));
         NodePlan {
             config: Arc::new(config.clone()),
             cluster: config.cluster.name.clone(),
             node: node.clone(),
             xdp_mode: config.cluster.xdp_mode,
-            pin_dir: pin_dir.unwrap_or_else(|| config.pin_dir(node)),
+            control_socket: node
+                .control_socket
+                .clone()
+                .unwrap_or_else(|| crate::control::default_socket(&node.name, &pin_dir)),
+            pin_dir,
             metrics_listen: metrics_listen.unwrap_or_else(|| config.metrics_listen(node)),
             keep_on_exit: Arc::new(AtomicBool::new(false)),
             volumes: storage::plans(config, &node.name),
             pooler: config.pooler.clone(),
             config_path: None,
-            control_socket: node
-                .control_socket
-                .clone()
-                .unwrap_or_else(|| crate::control::default_socket(&node.name)),
         }
     }
 }

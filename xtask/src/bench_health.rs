@@ -146,7 +146,8 @@ fn run_cases(agent: &Path, work: &Path, report: &mut BenchReport) -> Result<()> 
             .arg("--control-socket")
             .arg(work.join(format!("{}.sock", node.name)))
             .env("FAROL_LOG", "warn")
-            .stdout(Stdio::null());
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
         agents.push(lab.spawn(&node.name, &mut command, "agent")?);
     }
     println!(

@@ -186,11 +186,19 @@ fn socket_path(args: &crate::cli::ControlArgs) -> Result<PathBuf, String> {
                 "cannot tell which node this is: pass --node NAME or --socket PATH".to_owned()
             })?,
     };
-    let configured = crate::config::Config::load(&args.config)
-        .ok()
-        .and_then(|config| config.nodes.iter().find(|n| n.name == node).cloned())
-        .and_then(|n| n.control_socket);
-    Ok(configured.unwrap_or_else(|| super::default_socket(&node)))
+    let config = crate::config::Config::load(&args.config).ok();
+    let configured = config
+        .as_ref()
+        .and_then(|config| config.nodes.iter().find(|n| n.name == node));
+    if let Some(socket) = configured.and_then(|n| n.control_socket.clone()) {
+        return Ok(socket);
+    }
+    let pin_dir = match (&args.pin_dir, config.as_ref(), configured) {
+        (Some(pin_dir), _, _) => pin_dir.clone(),
+        (None, Some(config), Some(node)) => config.pin_dir(node),
+        _ => PathBuf::from(crate::config::DEFAULT_PIN_DIR),
+    };
+    Ok(super::default_socket(&node, &pin_dir))
 }
 
 /// Runs `future` on a small runtime; prints the error and fails on error.

@@ -4,10 +4,9 @@
 //! `POST /reload` and SIGHUP), and the CLI side of `agent status`,
 //! `agent backend ...` and `agent reload`.
 //!
-//! The socket is `/run/farol/<node>.sock` unless the node's
-//! `control_socket`, `agent run --control-socket` or FAROL_CONTROL_SOCKET
-//! say otherwise (lab nodes share one file system, so tests give each its
-//! own). It is created mode 0600: whoever may use it may drain backends.
+//! The socket is `/run/farol/<node>.sock` (see [`default_socket`] for a
+//! non-default pin directory) unless the node's `control_socket`,
+//! `agent run --control-socket` or FAROL_CONTROL_SOCKET say otherwise. It is created mode 0600: whoever may use it may drain backends.
 //! Write operations exist only there, and on the TCP port only when
 //! `cluster.control_token_file` is set: then `/control/...` serves the same
 //! API to clients that send `Authorization: Bearer TOKEN` (compared in
@@ -54,9 +53,34 @@ use crate::{
     health::{AdminState, Health},
 };
 
-/// Where the control socket goes when nothing says otherwise.
-pub fn default_socket(node: &str) -> PathBuf {
-    PathBuf::from(format!("/run/farol/{node}.sock"))
+/// Where the control socket goes when nothing says otherwise:
+/// `/run/farol/NODE.sock` with the default pin directory; with another one
+/// (the lab runs many nodes, and tests many labs, on one machine) a name
+/// made from the pin directory, which is already unique per running agent:
+/// `/sys/fs/bpf/farol-lab/nuster1` gives `/run/farol/farol-lab-nuster1.sock`.
+pub fn default_socket(node: &str, pin_dir: &Path) -> PathBuf {
+    if pin_dir == Path::new(crate::config::DEFAULT_PIN_DIR) {
+        return PathBuf::from(format!("/run/farol/{node}.sock"));
+    }
+    let relative = pin_dir.strip_prefix("/sys/fs/bpf").unwrap_or(pin_dir);
+    let name: String = relative
+        .components()
+        .filter_map(|part| match part {
+            std::path::Component::Normal(part) => Some(part.to_string_lossy().into_owned()),
+            _ => None,
+        })
+        .collect::<Vec<_>>()
+        .join("-")
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    PathBuf::from(format!("/run/farol/{name}.sock"))
 }
 
 #[derive(Debug, thiserror::Error)]

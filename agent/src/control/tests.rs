@@ -360,3 +360,19 @@ async fn the_control_api_over_tcp_needs_the_token() {
         Some(AdminState::Drain)
     );
 }
+
+#[test]
+fn default_sockets_are_unique_per_pin_directory() {
+    assert_eq!(
+        default_socket("nuster1", Path::new("/sys/fs/bpf/farol")),
+        PathBuf::from("/run/farol/nuster1.sock")
+    );
+    assert_eq!(
+        default_socket("nuster1", Path::new("/sys/fs/bpf/farol-lab/nuster1")),
+        PathBuf::from("/run/farol/farol-lab-nuster1.sock")
+    );
+    assert_ne!(
+        default_socket("nuster1", Path::new("/sys/fs/bpf/farol-lbrr7/nuster1")),
+        default_socket("nuster1", Path::new("/sys/fs/bpf/farol-lbsrc7/nuster1"))
+    );
+}
