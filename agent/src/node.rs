@@ -93,7 +93,6 @@ impl NodePlan {
 /// Runs the node until `shutdown` turns true.
 pub async fn run(plan: NodePlan, mut shutdown: watch::Receiver<bool>) -> Result<(), NodeError> {
     let listener = metrics::bind(plan.metrics_listen).await?;
-    let control_listener = crate::control::bind(&plan.control_socket).await?;
     let pooler_listener = match &plan.pooler {
         Some(config) => Some(crate::pooler::bind(config.listen).await?),
         None => None,
@@ -105,6 +104,14 @@ pub async fn run(plan: NodePlan, mut shutdown: watch::Receiver<bool>) -> Result<
                 source,
             }
         })?;
+    // After the data plane: its privilege checks give the clearer error.
+    let control_listener = match crate::control::bind(&plan.control_socket).await {
+        Ok(listener) => listener,
+        Err(error) => {
+            dataplane.shutdown(OnExit::Remove);
+            return Err(error.into());
+        }
+    };
     let attachment = XdpAttachment {
         interface: dataplane.interface().to_owned(),
         mode: dataplane.mode(),

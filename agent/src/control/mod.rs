@@ -543,7 +543,11 @@ pub async fn bind(path: &Path) -> Result<UnixListener, ControlError> {
                 path: path.to_owned(),
             });
         }
-        let _ = std::fs::remove_file(path);
+        // A dead agent's socket: nobody answers on it.
+        std::fs::remove_file(path).map_err(|source| ControlError::Bind {
+            path: path.to_owned(),
+            source,
+        })?;
     }
     let listener = UnixListener::bind(path).map_err(|source| ControlError::Bind {
         path: path.to_owned(),
