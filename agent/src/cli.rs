@@ -80,6 +80,10 @@ pub struct RunArgs {
     /// Overrides the metrics address of the config.
     #[arg(long, env = "FAROL_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
+    /// Start none of the config's `[[supervise]]` children (labs and tests
+    /// that run their own web servers).
+    #[arg(long, env = "FAROL_NO_SUPERVISE")]
+    pub no_supervise: bool,
     /// Overrides the control socket (default: the node's `control_socket`,
     /// else /run/farol/NODE.sock).
     #[arg(long, env = "FAROL_CONTROL_SOCKET")]

@@ -12,6 +12,7 @@
 //! - [`node`]: what `agent run` does on one node.
 //! - [`storage`]: replicated volumes (FUSE mount, replication, self-heal).
 //! - [`pooler`]: the PostgreSQL connection pooler.
+//! - [`supervise`]: child processes such as Apache (start, restart, drain, stop).
 //! - [`cli`]: the command line.
 
 pub mod balancer;
@@ -24,6 +25,7 @@ pub mod metrics;
 pub mod node;
 pub mod pooler;
 pub mod storage;
+pub mod supervise;
 
 /// Renders an error with its chain of causes: "a: b: c".
 pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {

@@ -82,6 +82,9 @@ fn node_plan(args: &RunArgs) -> Result<NodePlan, ExitCode> {
         ExitCode::from(EXIT_CONFIG)
     })?;
     let mut plan = NodePlan::new(&config, node, args.pin_dir.clone(), args.metrics_listen);
+    if args.no_supervise {
+        std::sync::Arc::make_mut(&mut plan.config).supervise.clear();
+    }
     plan.config_path = Some(args.config.clone());
     if let Some(socket) = &args.control_socket {
         plan.control_socket = socket.clone();

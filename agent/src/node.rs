@@ -19,6 +19,7 @@ use crate::{
     dataplane::{Dataplane, DataplaneError, OnExit},
     metrics::{self, MetricsError, XdpAttachment},
     storage::{self, StorageError, VolumePlan},
+    supervise,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -91,7 +92,16 @@ impl NodePlan {
 }
 
 /// Runs the node until `shutdown` turns true.
-pub async fn run(plan: NodePlan, mut shutdown: watch::Receiver<bool>) -> Result<(), NodeError> {
+pub async fn run(plan: NodePlan, shutdown: watch::Receiver<bool>) -> Result<(), NodeError> {
+    // Every subsystem below stops only after the supervised children are
+    // drained and stopped.
+    let (supervision, mut shutdown) = supervise::Supervision::chain(shutdown);
+    // Refused first for what most often stops a first run, before sockets
+    // that an unprivileged user could not create either.
+    crate::dataplane::check_privileges().map_err(|source| NodeError::Dataplane {
+        iface: plan.node.interface.clone(),
+        source,
+    })?;
     let listener = metrics::bind(plan.metrics_listen).await?;
     let pooler_listener = match &plan.pooler {
         Some(config) => Some(crate::pooler::bind(config.listen).await?),
@@ -159,6 +169,24 @@ pub async fn run(plan: NodePlan, mut shutdown: watch::Receiver<bool>) -> Result<
     };
     let (config_tx, config_rx) = watch::channel(plan.config.clone());
     let health = crate::health::Health::new(&plan.node.name);
+    // A supervised child's drain reaches every balancer through this
+    // node's agent check (its admin state), and this node's maps at once.
+    let drains = balancer::Drains::default();
+    let supervisor = supervise::Supervisor::start(
+        supervise::specs(&plan.config, &plan.node),
+        Arc::new(supervise::ClusterDrainer::new(
+            supervise::LocalDrainer::new(
+                dataplane.load_balancer(),
+                drains.clone(),
+                plan.config.clone(),
+            ),
+            health.clone(),
+            plan.config.clone(),
+            plan.node.clone(),
+        )),
+    );
+    registry.register_collector(Box::new(supervisor.collector()));
+    let supervision = supervision.run(supervisor);
     let control = crate::control::Control::new(
         &plan.cluster,
         &plan.node.name,
@@ -192,6 +220,7 @@ pub async fn run(plan: NodePlan, mut shutdown: watch::Receiver<bool>) -> Result<
         plan.node.clone(),
         shutdown.clone(),
         plan.keep_on_exit.clone(),
+        drains,
     ));
 
     let stop = async move {
@@ -224,6 +253,10 @@ pub async fn run(plan: NodePlan, mut shutdown: watch::Receiver<bool>) -> Result<
             result
         }
     };
+    // Stopped already on a normal shutdown; after a failure, dropping the
+    // task kills the children.
+    supervision.abort();
+    let _ = supervision.await;
     health_task.abort();
     if outcome.is_err() {
         control_task.abort();

@@ -24,7 +24,7 @@ fn lab(tag: &str) -> LabGuard {
 fn agent_command(lab: &Lab, node: &str) -> Command {
     let mut command = lab.command(node, AGENT);
     command
-        .args(["run", "--config"])
+        .args(["run", "--no-supervise", "--config"])
         .arg(lab_config())
         .args(["--node", node, "--pin-dir"])
         .arg(lab.pin_dir(node))
@@ -220,7 +220,7 @@ fn agent_refuses_clearly_when_it_cannot_run() {
     let (code, log) = run_to_exit(
         &lab,
         lab.command(NODE, AGENT)
-            .args(["run", "--node", NODE, "--config"])
+            .args(["run", "--no-supervise", "--node", NODE, "--config"])
             .arg(&config)
             .arg("--pin-dir")
             .arg(lab.pin_dir(NODE)),
@@ -273,7 +273,7 @@ fn agent_refuses_clearly_when_it_cannot_run() {
                 "--",
             ])
             .arg(AGENT)
-            .args(["run", "--node", NODE, "--config"])
+            .args(["run", "--no-supervise", "--node", NODE, "--config"])
             .arg(lab_config())
             .arg("--pin-dir")
             .arg(lab.pin_dir(NODE)),
@@ -291,7 +291,7 @@ fn agent_refuses_clearly_when_it_cannot_run() {
     let (code, log) = run_to_exit(
         &lab,
         lab.command(NODE, AGENT)
-            .args(["run", "--node", NODE, "--config"])
+            .args(["run", "--no-supervise", "--node", NODE, "--config"])
             .arg(&bad),
     );
     assert_eq!(code, 2, "{log}");

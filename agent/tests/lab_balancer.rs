@@ -1,5 +1,5 @@
-//! The balancer for real: agents on all four lab nodes, web servers on all
-//! four, HTTP from the client to the VIP. nuster1 holds the VIP and spreads
+//! The balancer for real: agents on all four lab nodes, each running Apache
+//! (the seed's web tier), HTTP from the client to the VIP. nuster1 holds the VIP and spreads
 //! flows in DSR mode; the backends answer the client directly.
 
 mod support;
@@ -11,7 +11,10 @@ use std::{
     time::Duration,
 };
 
-use xtask::lab::{lab_config, unique_prefix, wait_for, Lab, LabGuard, LabProcess, CLIENT};
+use xtask::{
+    apache::lab_apache,
+    lab::{lab_config, unique_prefix, wait_for, Lab, LabGuard, LabProcess, CLIENT},
+};
 
 const AGENT: &str = env!("CARGO_BIN_EXE_agent");
 const VIP: &str = "192.0.2.100";
@@ -67,8 +70,56 @@ struct Cluster {
     _dir: TempDir,
 }
 
-/// The lab with a web server and an agent on every node, all backends up.
+/// The lab with an agent on every node, each running Apache from the lab
+/// config's `[[supervise]]` entry (the seed's web tier), all backends up.
 fn cluster(tag: &str, scheduler: &str) -> Cluster {
+    let lab = LabGuard::up(Lab::new(&unique_prefix(tag)).unwrap()).unwrap();
+    let dir = std::env::temp_dir().join(format!("farol-lb-{}", lab.prefix()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let names: Vec<String> = lab.nodes().iter().map(|n| n.name.clone()).collect();
+    let apache = lab_apache(&dir, &names, |text| {
+        text.replace(
+            "scheduler = \"roundrobin\"",
+            &format!("scheduler = \"{scheduler}\""),
+        )
+    })
+    .unwrap();
+    let mut processes = Vec::new();
+    for node in lab.nodes() {
+        let log = dir.join(format!("agent-{}.log", node.name));
+        processes.push(spawn_agent(
+            &lab,
+            &node.name,
+            &apache.cluster_file,
+            &log,
+            true,
+        ));
+    }
+    wait_for_all_backends_up(&lab);
+    for node in lab.nodes() {
+        let ip = node.ip().to_owned();
+        wait_for("Apache on every node", Duration::from_secs(30), || {
+            lab.run(
+                CLIENT,
+                "curl",
+                &["-sf", "--max-time", "1", &format!("http://{ip}/")],
+            )
+            .ok()
+            .filter(|out| out.status.success())
+        })
+        .unwrap();
+    }
+    Cluster {
+        processes,
+        lab,
+        _dir: TempDir(dir),
+    }
+}
+
+/// The lab with a Python web server and an agent without Apache on every
+/// node, all backends up: for tests that kill agents, whose successors
+/// would restart the Apache they supervised.
+fn cluster_with_own_servers(tag: &str, scheduler: &str) -> Cluster {
     let lab = LabGuard::up(Lab::new(&unique_prefix(tag)).unwrap()).unwrap();
     let dir = std::env::temp_dir().join(format!("farol-lb-{}", lab.prefix()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -118,10 +169,19 @@ fn cluster(tag: &str, scheduler: &str) -> Cluster {
     }
 }
 
+/// An agent without Apache, for tests that run their own servers.
 fn start_agent(lab: &Lab, node: &str, config: &Path, log: &Path) -> LabProcess {
+    spawn_agent(lab, node, config, log, false)
+}
+
+fn spawn_agent(lab: &Lab, node: &str, config: &Path, log: &Path, apache: bool) -> LabProcess {
     let mut agent = lab.command(node, AGENT);
+    agent.arg("run");
+    if !apache {
+        agent.arg("--no-supervise");
+    }
     agent
-        .args(["run", "--node", node, "--config"])
+        .args(["--node", node, "--config"])
         .arg(config)
         .arg("--pin-dir")
         .arg(lab.pin_dir(node))
@@ -283,7 +343,7 @@ fn a_killed_agent_leaves_flows_running_and_its_successor_adopts_them() {
     if !support::privileged("a_killed_agent_leaves_flows_running_and_its_successor_adopts_them") {
         return;
     }
-    let mut cluster = cluster("lbkill", "roundrobin");
+    let mut cluster = cluster_with_own_servers("lbkill", "roundrobin");
     let dir = cluster._dir.0.clone();
     let script = dir.join("keepalive.py");
     std::fs::write(&script, KEEPALIVE_CLIENT).unwrap();
@@ -491,6 +551,148 @@ fn udp_flows_are_balanced_in_dsr_mode() {
         distinct.len(),
         4,
         "roundrobin reaches all four nodes over UDP: {answers:?}"
+    );
+    drop(processes);
+}
+
+/// NAT mode: only nuster1 runs an agent; nuster2..4 are bare servers on
+/// port 8080 (TCP) and 5353 (UDP) with no VIP and no set-up at all.
+#[test]
+fn nat_mode_serves_tcp_and_udp_through_backends_that_have_no_setup() {
+    if !support::privileged("nat_mode_serves_tcp_and_udp_through_backends_that_have_no_setup") {
+        return;
+    }
+    let lab = LabGuard::up(Lab::new(&unique_prefix("lbnat")).unwrap()).unwrap();
+    let dir = TempDir(std::env::temp_dir().join(format!("farol-lb-{}", lab.prefix())));
+    std::fs::create_dir_all(&dir.0).unwrap();
+    let text = std::fs::read_to_string(lab_config()).unwrap();
+    let nodes = text.split("[[service]]").next().unwrap();
+    let backends = |port: u16| {
+        (2..=4)
+            .map(|n| format!("{{ node = \"nuster{n}\", port = {port} }}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let config = dir.0.join("lab-nat.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "{nodes}\n[[service]]\nname = \"web\"\nvip = \"{VIP}\"\nport = 80\nscheduler = \"roundrobin\"\n\
+             forwarding = \"nat\"\nbackends = [{}]\n\n\
+             [[service]]\nname = \"dns\"\nvip = \"{VIP}\"\nport = 5353\nprotocol = \"udp\"\n\
+             forwarding = \"nat\"\nbackends = [{}]\n",
+            backends(8080),
+            backends(5353)
+        ),
+    )
+    .unwrap();
+    std::fs::write(dir.0.join("server.py"), UDP_SERVER).unwrap();
+    std::fs::write(dir.0.join("client.py"), UDP_CLIENT).unwrap();
+    let mut processes = Vec::new();
+    for n in 2..=4 {
+        let node = format!("nuster{n}");
+        let root = dir.0.join(&node);
+        std::fs::create_dir_all(&root).unwrap();
+        std::fs::write(root.join("index.html"), format!("{node}\n")).unwrap();
+        let mut web = lab.command(&node, "python3");
+        web.args(["-m", "http.server", "8080", "--directory"])
+            .arg(&root)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.0.join(format!("{node}-web.log"))).unwrap());
+        processes.push(lab.spawn(&node, &mut web, "web").unwrap());
+        let mut udp = lab.command(&node, "python3");
+        udp.arg(dir.0.join("server.py"))
+            .args(["0.0.0.0", "5353", &node])
+            .arg(dir.0.join(format!("{node}.ready")))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        processes.push(lab.spawn(&node, &mut udp, "udp server").unwrap());
+    }
+    processes.push(start_agent(
+        &lab,
+        "nuster1",
+        &config,
+        &dir.0.join("nuster1.log"),
+    ));
+    wait_for(
+        "nuster1 to see the NAT backends up",
+        Duration::from_secs(30),
+        || {
+            let metrics = scrape(&lab, "nuster1")?;
+            let up = (2..=4)
+                .filter(|n| {
+                    metrics.get(&format!(
+                        "farol_lb_backend_up{{service=\"web\",backend=\"nuster{n}\"}}"
+                    )) == Some(&1)
+                })
+                .count();
+            (up == 3).then_some(())
+        },
+    )
+    .unwrap();
+    for n in 2..=4 {
+        let url = format!("http://192.0.2.1{n}:8080/");
+        wait_for("the web servers", Duration::from_secs(10), || {
+            lab.run(CLIENT, "curl", &["-sf", "--max-time", "1", &url])
+                .ok()
+                .filter(|out| out.status.success())
+        })
+        .unwrap();
+        let ready = dir.0.join(format!("nuster{n}.ready"));
+        wait_for("the UDP servers", Duration::from_secs(10), || {
+            ready.exists().then_some(())
+        })
+        .unwrap();
+    }
+
+    let answers = requests(&lab, 30, None);
+    assert_eq!(answers.len(), 3, "three NAT backends answered: {answers:?}");
+    for (node, count) in &answers {
+        assert!(
+            (5..=15).contains(count),
+            "{node} answered {count} of 30: {answers:?}"
+        );
+    }
+    // To the backends, every request through the VIP came from the
+    // balancer (the client's one is the readiness check above).
+    let log = std::fs::read_to_string(dir.0.join("nuster2-web.log")).unwrap();
+    let from = |addr: &str| log.lines().filter(|l| l.starts_with(addr)).count();
+    assert_eq!(
+        (from("192.0.2.11 "), from("192.0.2.2 ")),
+        (answers["nuster2"], 1),
+        "nuster2's requests came from the balancer:\n{log}"
+    );
+
+    let out = lab
+        .run(
+            CLIENT,
+            "python3",
+            &[dir.0.join("client.py").to_str().unwrap(), VIP, "5353", "20"],
+        )
+        .unwrap();
+    let replies = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = replies.lines().collect();
+    assert_eq!(lines.len(), 20, "{replies}");
+    assert!(
+        !lines.contains(&"timeout"),
+        "every datagram answered: {replies}"
+    );
+    let distinct: std::collections::BTreeSet<&str> = lines.iter().copied().collect();
+    assert!(distinct.len() >= 2, "UDP flows spread: {replies}");
+
+    let metrics = scrape(&lab, "nuster1").unwrap();
+    let translated = |service: &str| {
+        metrics[&format!("farol_lb_service_nat_replies_packets_total{{service=\"{service}\"}}")]
+    };
+    assert!(
+        translated("web") >= 60,
+        "HTTP replies translated: {}",
+        translated("web")
+    );
+    assert!(
+        translated("dns") >= 20,
+        "UDP replies translated: {}",
+        translated("dns")
     );
     drop(processes);
 }

@@ -80,7 +80,7 @@ impl Cluster {
         let log = self.dir.0.join(format!("agent-{node}.log"));
         let mut agent = self.lab.command(node, AGENT);
         agent
-            .args(["run", "--node", node, "--config"])
+            .args(["run", "--no-supervise", "--node", node, "--config"])
             .arg(&self.config)
             .arg("--pin-dir")
             .arg(self.lab.pin_dir(node))

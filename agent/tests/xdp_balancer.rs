@@ -11,7 +11,7 @@ use aya::{
     Ebpf,
 };
 use farol_agent::{
-    config::{Protocol, Scheduler},
+    config::{Forwarding, Protocol, Scheduler},
     dataplane::{
         self,
         lb::{BackendPlan, LbPlan, LoadBalancerMaps, ServicePlan},
@@ -56,6 +56,7 @@ fn service(scheduler: Scheduler, backends: Vec<BackendPlan>) -> ServicePlan {
         ports: vec![80],
         protocol: Protocol::Tcp,
         scheduler,
+        forwarding: Forwarding::Dsr,
         seed: "lab/web".into(),
         backends,
     }
@@ -67,6 +68,7 @@ fn plan(services: Vec<ServicePlan>) -> LbPlan {
         local_mac: LOCAL_MAC,
         services,
         owned_vips,
+        snat_ipv4: None,
     }
 }
 
@@ -79,7 +81,8 @@ impl Harness {
     fn new(plan: &LbPlan) -> Harness {
         let mut ebpf = dataplane::load_object().expect("load the eBPF object");
         let mut lb = LoadBalancerMaps::take_from(&mut ebpf).expect("lb maps");
-        dataplane::load_xdp(&mut ebpf, PROGRAM_INGRESS).expect("verifier accepts farol_ingress");
+        dataplane::load_balancer_programs(&mut ebpf)
+            .expect("verifier accepts farol_nat and farol_ingress");
         lb.apply(plan).expect("apply plan");
         Harness { ebpf, lb }
     }
@@ -497,5 +500,225 @@ fn icmp_errors_about_a_flow_reach_its_backend() {
             .stats
             .icmp_errors_forwarded,
         16
+    );
+}
+
+// NAT mode: `farol_nat`, reached from `farol_ingress` by a tail call.
+
+const BALANCER: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 11);
+const NAT_BACKEND_PORT: u16 = 8080;
+
+fn nat_plan(protocol: Protocol, port: u16) -> LbPlan {
+    let backends = (1..3)
+        .map(|slot| BackendPlan {
+            port: NAT_BACKEND_PORT,
+            ..backend(slot, 100)
+        })
+        .collect();
+    let mut web = service(Scheduler::Roundrobin, backends);
+    web.forwarding = Forwarding::Nat;
+    web.protocol = protocol;
+    web.ports = vec![port];
+    LbPlan {
+        snat_ipv4: Some(BALANCER),
+        ..plan(vec![web])
+    }
+}
+
+/// Checks the frame's IPv4 and TCP/UDP checksums by recomputing them.
+fn assert_checksums_valid(frame: &[u8]) {
+    let sliced = etherparse::SlicedPacket::from_ethernet(frame).expect("parses");
+    let Some(etherparse::NetSlice::Ipv4(ip)) = &sliced.net else {
+        panic!("not IPv4: {}", hex(frame));
+    };
+    let header = ip.header().to_header();
+    assert_eq!(
+        header.header_checksum,
+        header.calc_header_checksum(),
+        "IPv4 header checksum of {}",
+        hex(frame)
+    );
+    match &sliced.transport {
+        Some(etherparse::TransportSlice::Tcp(tcp)) => {
+            let expected = tcp
+                .to_header()
+                .calc_checksum_ipv4(&header, tcp.payload())
+                .unwrap();
+            assert_eq!(tcp.checksum(), expected, "TCP checksum of {}", hex(frame));
+        }
+        Some(etherparse::TransportSlice::Udp(udp)) => {
+            let expected = udp
+                .to_header()
+                .calc_checksum_ipv4(&header, udp.payload())
+                .unwrap();
+            assert_eq!(udp.checksum(), expected, "UDP checksum of {}", hex(frame));
+        }
+        _ => panic!("no TCP or UDP in {}", hex(frame)),
+    }
+}
+
+struct NatView {
+    src: [u8; 4],
+    dst: [u8; 4],
+    sport: u16,
+    dport: u16,
+}
+
+fn view(frame: &[u8]) -> NatView {
+    let (l3, l4) = (packets::L3, packets::L4_V4);
+    NatView {
+        src: frame[l3 + 12..l3 + 16].try_into().unwrap(),
+        dst: frame[l3 + 16..l3 + 20].try_into().unwrap(),
+        sport: u16::from_be_bytes([frame[l4], frame[l4 + 1]]),
+        dport: u16::from_be_bytes([frame[l4 + 2], frame[l4 + 3]]),
+    }
+}
+
+/// The backend's answer to `sent` (a frame the balancer sent it): addresses,
+/// ports and MACs swapped, valid checksums, as a real backend would send.
+fn reply_to(sent: &[u8], syn_ack: bool) -> Vec<u8> {
+    let sent = view(sent);
+    let step =
+        etherparse::PacketBuilder::ethernet2(backend_mac(sent.dst[3] as u32 - 11), LOCAL_MAC)
+            .ipv4(sent.dst, sent.src, 64);
+    let mut frame = Vec::new();
+    if syn_ack {
+        let step = step
+            .tcp(sent.dport, sent.sport, 5000, 64240)
+            .syn()
+            .ack(1001);
+        step.write(&mut frame, &[]).unwrap();
+    } else {
+        let step = step
+            .tcp(sent.dport, sent.sport, 5001, 64240)
+            .ack(1030)
+            .psh();
+        step.write(&mut frame, b"HTTP/1.1 200 OK\r\n\r\n").unwrap();
+    }
+    frame
+}
+
+#[test]
+fn nat_rewrites_a_tcp_flow_both_ways_with_valid_checksums() {
+    if !support::privileged("nat_rewrites_a_tcp_flow_both_ways_with_valid_checksums") {
+        return;
+    }
+    pinned(|| {
+        let harness = Harness::new(&nat_plan(Protocol::Tcp, 80));
+        let syn = packets::tcp_syn_v4();
+        let (verdict, out) = harness.run(&syn);
+        assert_eq!(verdict, XDP_TX, "a NAT SYN is sent on: {}", hex(&out));
+        let sent = view(&out);
+        assert_eq!(&out[6..12], &LOCAL_MAC, "from the balancer's MAC");
+        let slot = u32::from(out[5]);
+        assert_eq!(&out[0..6], &backend_mac(slot), "to a backend's MAC");
+        assert_eq!(sent.src, BALANCER.octets(), "from the balancer's address");
+        assert_eq!(sent.dst, [192, 0, 2, 11 + slot as u8], "to that backend");
+        assert_eq!(sent.dport, NAT_BACKEND_PORT, "to the backend's port");
+        assert!(
+            (10240..32768).contains(&sent.sport),
+            "from a NAT port, got {}",
+            sent.sport
+        );
+        let l4 = packets::L4_V4;
+        assert_eq!(
+            (&out[l4 + 4..l4 + 16], &out[l4 + 18..]),
+            (&syn[l4 + 4..l4 + 16], &syn[l4 + 18..]),
+            "TCP past the ports is untouched but the checksum"
+        );
+        assert_checksums_valid(&out);
+
+        let (verdict, back) = harness.run(&reply_to(&out, true));
+        assert_eq!(verdict, XDP_TX, "the SYN-ACK goes back: {}", hex(&back));
+        let back_view = view(&back);
+        assert_eq!(&back[0..6], &packets::CLIENT_MAC, "to the client's MAC");
+        assert_eq!(&back[6..12], &LOCAL_MAC);
+        assert_eq!(back_view.src, packets::VIP, "from the VIP");
+        assert_eq!(back_view.dst, packets::CLIENT, "to the client");
+        assert_eq!(back_view.sport, packets::HTTP_PORT);
+        assert_eq!(back_view.dport, packets::CLIENT_PORT);
+        assert_checksums_valid(&back);
+
+        // The rest of the flow keeps its backend and port, both ways.
+        let (verdict, data) = harness.run(&packets::tcp_established_v4());
+        assert_eq!(verdict, XDP_TX);
+        let data_view = view(&data);
+        assert_eq!((data_view.dst, data_view.sport), (sent.dst, sent.sport));
+        assert_checksums_valid(&data);
+        let (verdict, answer) = harness.run(&reply_to(&data, false));
+        assert_eq!(verdict, XDP_TX);
+        assert_checksums_valid(&answer);
+        assert!(
+            answer.ends_with(b"HTTP/1.1 200 OK\r\n\r\n"),
+            "payload intact"
+        );
+
+        let stats = &harness.lb.snapshot().unwrap().services[0].stats;
+        assert_eq!(stats.nat_replies, 2, "two replies translated");
+        assert_eq!(stats.new_flows, 1);
+    });
+}
+
+#[test]
+fn nat_gives_every_flow_its_own_port_and_passes_unknown_replies() {
+    if !support::privileged("nat_gives_every_flow_its_own_port_and_passes_unknown_replies") {
+        return;
+    }
+    pinned(|| {
+        let harness = Harness::new(&nat_plan(Protocol::Tcp, 80));
+        let mut seen = std::collections::HashSet::new();
+        for port in 20000..20200 {
+            let (verdict, out) = harness.run(&tcp(port, true));
+            assert_eq!(verdict, XDP_TX);
+            let sent = view(&out);
+            assert!(
+                seen.insert((sent.dst, sent.sport)),
+                "flow from client port {port} got a NAT port already in use: {}",
+                sent.sport
+            );
+            // A retransmitted SYN keeps its backend and port.
+            let (_, again) = harness.run(&tcp(port, true));
+            let again = view(&again);
+            assert_eq!((again.dst, again.sport), (sent.dst, sent.sport));
+        }
+        // A packet to the balancer's address that answers no NAT flow is
+        // the kernel's (its own connections, SSH, ...).
+        let (_, out) = harness.run(&packets::tcp_syn_v4());
+        let mut stray = reply_to(&out, false);
+        let l4 = packets::L4_V4;
+        stray[l4 + 2..l4 + 4].copy_from_slice(&22u16.to_be_bytes());
+        assert_eq!(
+            harness.run(&stray).0,
+            XDP_PASS,
+            "a port outside the NAT range"
+        );
+        let mut unknown = reply_to(&out, false);
+        unknown[l4 + 2..l4 + 4].copy_from_slice(&32000u16.to_be_bytes());
+        assert_eq!(harness.run(&unknown).0, XDP_PASS, "a NAT port with no flow");
+    });
+}
+
+#[test]
+fn nat_translates_udp_and_keeps_a_zero_checksum_zero() {
+    if !support::privileged("nat_translates_udp_and_keeps_a_zero_checksum_zero") {
+        return;
+    }
+    let harness = Harness::new(&nat_plan(Protocol::Udp, 53));
+    let datagram = packets::udp_v4();
+    let (verdict, out) = harness.run(&datagram);
+    assert_eq!(verdict, XDP_TX);
+    assert_eq!(view(&out).dport, NAT_BACKEND_PORT);
+    assert_checksums_valid(&out);
+    assert!(out.ends_with(b"query"));
+
+    let mut no_checksum = packets::udp_v4();
+    no_checksum[packets::L4_V4 + 1] = 0x35; // another client port: a new flow
+    no_checksum[packets::L4_V4 + 6..packets::L4_V4 + 8].copy_from_slice(&[0, 0]);
+    let (verdict, out) = harness.run(&no_checksum);
+    assert_eq!(verdict, XDP_TX);
+    assert_eq!(
+        &out[packets::L4_V4 + 6..packets::L4_V4 + 8],
+        &[0, 0],
+        "UDP without checksum stays so"
     );
 }

@@ -35,6 +35,27 @@ pub const MAP_ACTIVE_FLOWS: &str = "ACTIVE_FLOWS";
 pub const MAP_RR_CURSOR: &str = "RR_CURSOR";
 pub const MAP_LB_CONFIG: &str = "LB_CONFIG";
 pub const MAP_SERVICE_META: &str = "SVC_META";
+pub const MAP_NAT_REVERSE: &str = "NAT_REVERSE";
+pub const MAP_NAT_PROGRAMS: &str = "NAT_PROGRAMS";
+
+/// NAT mode runs in its own program, `farol_nat`, which `farol_ingress`
+/// tail-calls through slot 0 of `NAT_PROGRAMS`: kept apart, neither program
+/// nears the verifier's limits, and DSR packets pay nothing for NAT.
+pub const PROGRAM_NAT: &str = "farol_nat";
+pub const NAT_PROGRAM_SLOT: u32 = 0;
+
+/// Source ports NAT mode gives its flows towards backends: below Linux's
+/// ephemeral range (32768-60999), so they never meet the balancer's own
+/// outgoing connections, and above the usual service ports.
+pub const NAT_PORT_FIRST: u16 = 10240;
+pub const NAT_PORT_COUNT: u16 = 22528;
+/// Ports tried for a new flow before it is dropped as unallocatable.
+pub const NAT_PORT_TRIES: u32 = 4;
+/// A port whose flow closed (FIN or RST seen) is given out again after this
+/// long, so the backend's TIME_WAIT for the old flow has mostly gone.
+pub const NAT_REUSE_CLOSED_NS: u64 = 2_000_000_000;
+/// A port whose flow was silent this long is given out again.
+pub const NAT_REUSE_IDLE_NS: u64 = 300_000_000_000;
 
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
@@ -139,7 +160,10 @@ pub struct Flow {
     /// The service, so an established flow needs no `VIPS` lookup.
     pub service: u32,
     pub flags: u32,
-    pub _pad: u32,
+    /// NAT mode: the balancer's source port towards the backend (network
+    /// order); 0 in DSR mode.
+    pub nat_port_be: u16,
+    pub _pad: u16,
 }
 const _: () = assert!(size_of::<Flow>() == 16);
 
@@ -156,8 +180,12 @@ pub struct ServiceStats {
     pub not_owned: u64,
     /// ICMP errors about a flow sent on to the flow's backend.
     pub icmp_errors_forwarded: u64,
+    /// NAT: new flows dropped because no source port was free.
+    pub drops_no_nat_port: u64,
+    /// NAT: backend replies translated back to the client.
+    pub nat_replies: u64,
 }
-const _: () = assert!(size_of::<ServiceStats>() == 48);
+const _: () = assert!(size_of::<ServiceStats>() == 64);
 
 /// Per-backend counters, `BACKEND_STATS` (per CPU).
 #[repr(C)]
@@ -182,7 +210,10 @@ pub struct LbConfig {
     /// addresses set it to `u32::MAX`, and every packet takes the `VIPS`
     /// hash lookup instead.
     pub vip_count: u32,
-    pub _pad2: u32,
+    /// NAT mode: this node's IPv4 address, the source of packets sent to
+    /// backends and the destination of their replies; zero when no service
+    /// uses NAT.
+    pub snat_ipv4: [u8; 4],
     /// The cluster's VIP addresses (most clusters have one or two): non-VIP
     /// traffic leaves after two compares instead of a map lookup.
     pub vips: [[u8; 16]; FAST_VIPS],
@@ -191,6 +222,41 @@ const _: () = assert!(size_of::<LbConfig>() == 16 + 16 * FAST_VIPS);
 
 /// VIP addresses `LbConfig` holds for the fast non-VIP test.
 pub const FAST_VIPS: usize = 2;
+
+/// Key of `NAT_REVERSE`: a backend's reply as it reaches the balancer
+/// (the destination is always `LbConfig::snat_ipv4`). NAT is IPv4 only.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct NatKey {
+    pub backend_addr: [u8; 4],
+    pub backend_port_be: u16,
+    pub local_port_be: u16,
+    pub protocol: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(size_of::<NatKey>() == 12);
+
+/// Value of `NAT_REVERSE`: what the reply must look like to the client.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NatEntry {
+    pub client_addr: [u8; 4],
+    pub vip_addr: [u8; 4],
+    pub client_port_be: u16,
+    pub vip_port_be: u16,
+    /// Where the client's packets came from (the client or its router).
+    pub client_mac: [u8; 6],
+    /// `NAT_CLOSING` once the backend sent FIN or RST.
+    pub flags: u16,
+    pub backend: u32,
+    pub service: u32,
+    /// `bpf_ktime_get_ns` of the last packet either way.
+    pub last_seen_ns: u64,
+}
+const _: () = assert!(size_of::<NatEntry>() == 40);
+
+/// `NatEntry::flags`: the flow is closing; its port may be reused soon.
+pub const NAT_CLOSING: u16 = 1;
 
 /// The index of `(service, half)`'s first slot in `MAGLEV_RING`.
 pub const fn maglev_base(service: u32, half: u32) -> u32 {
@@ -242,4 +308,6 @@ mod pod {
     unsafe impl aya::Pod for ServiceStats {}
     unsafe impl aya::Pod for BackendStats {}
     unsafe impl aya::Pod for LbConfig {}
+    unsafe impl aya::Pod for NatKey {}
+    unsafe impl aya::Pod for NatEntry {}
 }

@@ -30,6 +30,8 @@ pub const PINNED_MAPS: &[&str] = &[
     crate::lb::MAP_RR_CURSOR,
     crate::lb::MAP_LB_CONFIG,
     crate::lb::MAP_SERVICE_META,
+    crate::lb::MAP_NAT_REVERSE,
+    crate::lb::MAP_NAT_PROGRAMS,
 ];
 
 /// A packet and byte count; the value of [`MAP_PACKET_STATS`].

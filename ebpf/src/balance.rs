@@ -9,14 +9,15 @@
 //! - no backend can take it: dropped and counted (the kernel would answer
 //!   with a confusing RST);
 //! - the backend is this node: passed up to the local server;
-//! - otherwise DSR: destination MAC rewritten to the backend's, XDP_TX.
+//! - otherwise DSR: destination MAC rewritten to the backend's, XDP_TX;
+//! - NAT services and replies to NAT ports go to `farol_nat` (`nat.rs`).
 
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use farol_common::lb::{
     flow_hash, maglev_base, Backend, Flow, LbConfig, VipKey, VipMeta, BACKEND_ACTIVE,
-    BACKEND_ALIVE, BACKEND_LOCAL, FLOW_CLOSING, MAGLEV_TABLE_SIZE, MAX_BACKENDS_PER_SERVICE,
-    NO_BACKEND, SCHEDULER_LEASTCONN, SCHEDULER_ROUNDROBIN, SCHEDULER_SOURCE, SERVICE_PRESENT,
-    VIP_OWNED,
+    BACKEND_ALIVE, BACKEND_LOCAL, FLOW_CLOSING, FORWARD_NAT, MAGLEV_TABLE_SIZE,
+    MAX_BACKENDS_PER_SERVICE, NO_BACKEND, SCHEDULER_LEASTCONN, SCHEDULER_ROUNDROBIN,
+    SCHEDULER_SOURCE, SERVICE_PRESENT, VIP_OWNED,
 };
 
 use crate::{
@@ -24,6 +25,7 @@ use crate::{
         ACTIVE_FLOWS, BACKENDS, BACKEND_STATS, FLOWS, LB_CONFIG, MAGLEV_RING, RR_CURSOR,
         SVC_BACKENDS, SVC_META, SVC_STATS, VIPS,
     },
+    nat,
     parse::{self, Network, Packet, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
@@ -32,6 +34,9 @@ pub(crate) fn forward(ctx: &XdpContext, packet: &mut Packet, bytes: u64) -> u32 
     let Some(config) = LB_CONFIG.get(0) else {
         return xdp_action::XDP_PASS;
     };
+    if nat::may_be_reply(ctx, packet, config) {
+        return nat::HANDOFF;
+    }
     if !may_be_vip(ctx, packet, config) {
         return xdp_action::XDP_PASS;
     }
@@ -39,61 +44,85 @@ pub(crate) fn forward(ctx: &XdpContext, packet: &mut Packet, bytes: u64) -> u32 
         return xdp_action::XDP_PASS;
     }
     let packet = &*packet;
-    // SAFETY: copied out at once; LRU entries may be evicted concurrently.
-    let flow = unsafe { FLOWS.get(packet.flow) }.copied();
-    let known = flow
-        .and_then(|flow| SVC_META.get(flow.service).copied())
-        .filter(|meta| meta.flags & SERVICE_PRESENT != 0);
-    let meta = match known {
-        Some(meta) => meta,
-        None => {
-            let key = VipKey {
-                addr: packet.flow.dst,
-                port_be: packet.flow.dport_be,
-                protocol: packet.flow.protocol,
-                _pad: 0,
-            };
-            // SAFETY: entries are plain values the agent replaces whole.
-            match unsafe { VIPS.get(key) }.copied() {
-                Some(meta) => meta,
-                None => return xdp_action::XDP_PASS,
-            }
-        }
+    let (meta, flow) = match service_of(packet) {
+        Ok(found) => found,
+        Err(verdict) => return verdict,
     };
-    let flow = if known.is_some() { flow } else { None };
-    let stats = SVC_STATS.get_ptr_mut(meta.service);
     if meta.flags & VIP_OWNED == 0 {
-        if let Some(stats) = stats {
+        if let Some(stats) = SVC_STATS.get_ptr_mut(meta.service) {
             // SAFETY: this CPU's slot, valid for this invocation.
             unsafe { (*stats).not_owned += 1 };
         }
         return xdp_action::XDP_PASS;
     }
-    if let Some(stats) = stats {
+    if meta.forwarding == FORWARD_NAT {
+        return nat::HANDOFF;
+    }
+    count_service(meta.service, bytes);
+    let Some((backend_id, backend, _)) = backend_for(packet, &meta, flow, |_, _| Some(0)) else {
+        count_no_backend(meta.service);
+        return xdp_action::XDP_DROP;
+    };
+    count_backend(backend_id, bytes);
+    if backend.flags & BACKEND_LOCAL != 0 {
+        return xdp_action::XDP_PASS;
+    }
+    send_to(ctx, &backend, config)
+}
+
+/// The packet's service and, when the connection table knows the flow, its
+/// entry; `Err` holds the verdict for a packet no service wants.
+#[inline(always)]
+pub(crate) fn service_of(packet: &Packet) -> Result<(VipMeta, Option<Flow>), u32> {
+    // SAFETY: copied out at once; LRU entries may be evicted concurrently.
+    let flow = unsafe { FLOWS.get(packet.flow) }.copied();
+    let known = flow
+        .and_then(|flow| SVC_META.get(flow.service).copied())
+        .filter(|meta| meta.flags & SERVICE_PRESENT != 0);
+    if let Some(meta) = known {
+        return Ok((meta, flow));
+    }
+    let key = VipKey {
+        addr: packet.flow.dst,
+        port_be: packet.flow.dport_be,
+        protocol: packet.flow.protocol,
+        _pad: 0,
+    };
+    // SAFETY: entries are plain values the agent replaces whole.
+    match unsafe { VIPS.get(key) }.copied() {
+        Some(meta) => Ok((meta, None)),
+        None => Err(xdp_action::XDP_PASS),
+    }
+}
+
+#[inline(always)]
+pub(crate) fn count_service(service: u32, bytes: u64) {
+    if let Some(stats) = SVC_STATS.get_ptr_mut(service) {
         // SAFETY: this CPU's slot, valid for this invocation.
         unsafe {
             (*stats).packets += 1;
             (*stats).bytes += bytes;
         }
     }
-    let Some((backend_id, backend)) = backend_for(packet, &meta, flow) else {
-        if let Some(stats) = stats {
-            // SAFETY: this CPU's slot, valid for this invocation.
-            unsafe { (*stats).drops_no_backend += 1 };
-        }
-        return xdp_action::XDP_DROP;
-    };
-    if let Some(backend_stats) = BACKEND_STATS.get_ptr_mut(backend_id) {
+}
+
+#[inline(always)]
+pub(crate) fn count_no_backend(service: u32) {
+    if let Some(stats) = SVC_STATS.get_ptr_mut(service) {
+        // SAFETY: this CPU's slot, valid for this invocation.
+        unsafe { (*stats).drops_no_backend += 1 };
+    }
+}
+
+#[inline(always)]
+pub(crate) fn count_backend(backend: u32, bytes: u64) {
+    if let Some(stats) = BACKEND_STATS.get_ptr_mut(backend) {
         // SAFETY: this CPU's slot, valid for this invocation.
         unsafe {
-            (*backend_stats).packets += 1;
-            (*backend_stats).bytes += bytes;
+            (*stats).packets += 1;
+            (*stats).bytes += bytes;
         }
     }
-    if backend.flags & BACKEND_LOCAL != 0 {
-        return xdp_action::XDP_PASS;
-    }
-    send_to(ctx, &backend, config)
 }
 
 /// An ICMP error about a VIP flow (fragmentation needed, unreachable, time
@@ -118,7 +147,8 @@ pub(crate) fn forward_icmp_error(ctx: &XdpContext, packet: &Packet, bytes: u64) 
     let Some(meta) = SVC_META.get(flow.service).copied() else {
         return xdp_action::XDP_PASS;
     };
-    if meta.flags & VIP_OWNED == 0 {
+    // NAT flows would need the quoted packet translated too: the kernel's.
+    if meta.flags & VIP_OWNED == 0 || meta.forwarding == FORWARD_NAT {
         return xdp_action::XDP_PASS;
     }
     let Some(backend) = BACKENDS.get(flow.backend).copied() else {
@@ -186,14 +216,23 @@ pub(crate) fn is_vip(addr: &[u8; 16], config: &LbConfig) -> bool {
     }
 }
 
-/// The flow's backend: the recorded one while it lives, else a new choice
-/// (recorded). Counts new and moved flows.
+/// The flow's backend and NAT port: the recorded ones while the backend
+/// lives, else a new choice (recorded; `nat_port` gives a new flow its
+/// source port, or `None` to drop it). Counts new and moved flows.
 #[inline(always)]
-fn backend_for(packet: &Packet, meta: &VipMeta, flow: Option<Flow>) -> Option<(u32, Backend)> {
+pub(crate) fn backend_for(
+    packet: &Packet,
+    meta: &VipMeta,
+    flow: Option<Flow>,
+    nat_port: impl FnOnce(u32, &Backend) -> Option<u16>,
+) -> Option<(u32, Backend, u16)> {
     let closing = packet.tcp_flags & (TCP_FIN | TCP_RST) != 0;
     if let Some(flow) = flow {
         if let Some(backend) = BACKENDS.get(flow.backend).copied() {
-            if backend.flags & BACKEND_ALIVE != 0 && packet.tcp_flags & TCP_SYN == 0 {
+            // A SYN on a closed flow is a new connection reusing the
+            // 4-tuple; on an open one, a retransmission that must stay.
+            let reopened = packet.tcp_flags & TCP_SYN != 0 && flow.flags & FLOW_CLOSING != 0;
+            if backend.flags & BACKEND_ALIVE != 0 && !reopened {
                 if closing && flow.flags & FLOW_CLOSING == 0 {
                     let _ = FLOWS.insert(
                         packet.flow,
@@ -205,7 +244,7 @@ fn backend_for(packet: &Packet, meta: &VipMeta, flow: Option<Flow>) -> Option<(u
                     );
                     add_active(flow.backend, -1);
                 }
-                return Some((flow.backend, backend));
+                return Some((flow.backend, backend, flow.nat_port_be));
             }
             if backend.flags & BACKEND_ALIVE == 0 {
                 if let Some(stats) = BACKEND_STATS.get_ptr_mut(flow.backend) {
@@ -223,6 +262,7 @@ fn backend_for(packet: &Packet, meta: &VipMeta, flow: Option<Flow>) -> Option<(u
     if backend.flags & BACKEND_ACTIVE == 0 {
         return None;
     }
+    let nat_port_be = nat_port(backend_id, &backend)?;
     let flags = if closing { FLOW_CLOSING } else { 0 };
     let _ = FLOWS.insert(
         packet.flow,
@@ -230,6 +270,7 @@ fn backend_for(packet: &Packet, meta: &VipMeta, flow: Option<Flow>) -> Option<(u
             backend: backend_id,
             service: meta.service,
             flags,
+            nat_port_be,
             _pad: 0,
         },
         0,
@@ -245,7 +286,7 @@ fn backend_for(packet: &Packet, meta: &VipMeta, flow: Option<Flow>) -> Option<(u
         // SAFETY: this CPU's slot, valid for this invocation.
         unsafe { (*stats).new_flows += 1 };
     }
-    Some((backend_id, backend))
+    Some((backend_id, backend, nat_port_be))
 }
 
 #[inline(always)]

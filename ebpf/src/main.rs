@@ -11,6 +11,8 @@
 //! - TCP and UDP to a VIP: balanced (`balance.rs`): sent to a backend's MAC
 //!   (XDP_TX, DSR), passed up when the backend is this node, dropped and
 //!   counted when no backend can take the flow;
+//! - NAT services and replies to NAT ports: `farol_nat` (`nat.rs`), by a
+//!   tail call;
 //! - everything else is passed to the kernel (XDP_PASS).
 //!
 //! A packet is counted under each layer it completed; one whose headers are
@@ -25,6 +27,7 @@
 
 mod balance;
 mod maps;
+mod nat;
 mod parse;
 mod stats;
 mod vip;
@@ -37,10 +40,12 @@ use crate::parse::{Network, Packet, Transport};
 #[xdp]
 pub fn farol_ingress(ctx: XdpContext) -> u32 {
     let frame_len = (ctx.data_end() - ctx.data()) as u64;
-    let mut packet = Packet::default();
-    let verdict = try_farol_ingress(&ctx, &mut packet, frame_len);
-    stats::count_packet(&packet, frame_len);
+    let mut slot = core::mem::MaybeUninit::uninit();
+    let packet = Packet::zero(&mut slot);
+    let verdict = try_farol_ingress(&ctx, packet, frame_len);
+    stats::count_packet(packet, frame_len);
     match verdict {
+        Ok(nat::HANDOFF) => nat::hand_off(&ctx),
         Ok(action) => action,
         Err(reason) => {
             stats::count_malformed(reason, frame_len);

@@ -14,10 +14,11 @@ pub(crate) static PACKET_STATS: PerCpuArray<PacketStats, { PacketClass::COUNT as
 pub(crate) static MALFORMED: PerCpuArray<PacketStats, { MalformedReason::COUNT as usize }> =
     PerCpuArray::new();
 
-use aya_ebpf::btf_maps::{Array, HashMap, LruHashMap};
+use aya_ebpf::btf_maps::{Array, HashMap, LruHashMap, ProgramArray};
 use farol_common::lb::{
-    Backend, BackendStats, Flow, FlowKey, LbConfig, ServiceStats, VipKey, VipMeta, MAGLEV_HALVES,
-    MAGLEV_TABLE_SIZE, MAX_BACKENDS, MAX_BACKENDS_PER_SERVICE, MAX_FLOWS, MAX_SERVICES,
+    Backend, BackendStats, Flow, FlowKey, LbConfig, NatEntry, NatKey, ServiceStats, VipKey,
+    VipMeta, MAGLEV_HALVES, MAGLEV_TABLE_SIZE, MAX_BACKENDS, MAX_BACKENDS_PER_SERVICE, MAX_FLOWS,
+    MAX_SERVICES,
 };
 
 /// (VIP, port, protocol) -> service, written by the agent.
@@ -77,3 +78,12 @@ pub(crate) static LB_CONFIG: Array<LbConfig, 1> = Array::new();
 /// `FLOWS` without a `VIPS` lookup.
 #[btf_map]
 pub(crate) static SVC_META: Array<VipMeta, { MAX_SERVICES as usize }> = Array::new();
+
+/// NAT mode: a backend's reply (as it arrives) -> the client it goes to.
+#[btf_map]
+pub(crate) static NAT_REVERSE: LruHashMap<NatKey, NatEntry, { MAX_FLOWS as usize }> =
+    LruHashMap::new();
+
+/// Slot 0: `farol_nat`, set by the agent (see `farol_common::lb::PROGRAM_NAT`).
+#[btf_map]
+pub(crate) static NAT_PROGRAMS: ProgramArray<1> = ProgramArray::new();

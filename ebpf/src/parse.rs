@@ -85,6 +85,28 @@ pub(crate) struct Packet {
     pub(crate) tcp_flags: u8,
 }
 
+const _: () = assert!(size_of::<Packet>() % 8 == 0);
+
+impl Packet {
+    /// Makes `slot` a packet with nothing established yet, as `Default`
+    /// gives, but zeroed in place in word stores: LLVM merges the zeroing
+    /// (or copy) of a whole `Packet` into a `memset`, which reaches the BPF
+    /// program as a byte-at-a-time loop (about 300 instructions for every
+    /// packet).
+    #[inline(always)]
+    pub(crate) fn zero(slot: &mut core::mem::MaybeUninit<Packet>) -> &mut Packet {
+        let words = slot.as_mut_ptr() as *mut u64;
+        for i in 0..size_of::<Packet>() / 8 {
+            // SAFETY: in bounds of `slot` (size a multiple of 8, align 8);
+            // volatile so the stores stay stores.
+            unsafe { core::ptr::write_volatile(words.add(i), 0) };
+        }
+        // SAFETY: every byte is zero, which is `Packet::default()`: the
+        // enums' first variants are 0, numbers and arrays zero.
+        unsafe { slot.assume_init_mut() }
+    }
+}
+
 pub(crate) const TCP_FIN: u8 = 0x01;
 pub(crate) const TCP_SYN: u8 = 0x02;
 pub(crate) const TCP_RST: u8 = 0x04;

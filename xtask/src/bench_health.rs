@@ -139,7 +139,7 @@ fn run_cases(agent: &Path, work: &Path, report: &mut BenchReport) -> Result<()> 
     for node in lab.nodes() {
         let mut command = lab.command(&node.name, agent);
         command
-            .args(["run", "--node", &node.name, "--config"])
+            .args(["run", "--no-supervise", "--node", &node.name, "--config"])
             .arg(&config)
             .arg("--pin-dir")
             .arg(lab.pin_dir(&node.name))

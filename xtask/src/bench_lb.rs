@@ -1,8 +1,8 @@
 //! `cargo xtask bench lb`: HTTP through the balancer against the peers, in
 //! one run on the lab. nginx serves 1 KB on nuster2..4; wrk runs in the
 //! client namespace against one backend directly, HAProxy (`mode tcp`,
-//! roundrobin) on nuster1, and Farol (DSR, roundrobin, VIP held by
-//! nuster1), with keep-alive and with a new connection per request. Also the
+//! roundrobin) on nuster1, and Farol (roundrobin, VIP held by nuster1) in
+//! DSR mode (port 80) and NAT mode (port 8080), with keep-alive and with a new connection per request. Also the
 //! per-packet cost of the balancer's paths (BPF_PROG_TEST_RUN).
 
 use std::{
@@ -23,6 +23,8 @@ use crate::{
 const BACKENDS: [&str; 3] = ["nuster2", "nuster3", "nuster4"];
 const BALANCER: &str = "nuster1";
 const VIP: &str = "192.0.2.100";
+/// The NAT service's port on the VIP (the DSR one is 80).
+const NAT_PORT: u16 = 8080;
 const WRK_THREADS: &str = "2";
 const WRK_CONNECTIONS: &str = "50";
 
@@ -148,6 +150,15 @@ fn run_http(agent: &Path, work: &Path, seconds: u64, report: &mut BenchReport) -
                 wrk(&lab, &vip_url, pattern, seconds)?,
             ));
         }
+        let nat_url = format!("http://{VIP}:{NAT_PORT}/1k.html");
+        for pattern in ["keepalive", "close"] {
+            println!("bench lb: farol nat, {pattern}");
+            rows.push((
+                "farol-nat".into(),
+                pattern,
+                wrk(&lab, &nat_url, pattern, seconds)?,
+            ));
+        }
     }
 
     println!(
@@ -176,14 +187,16 @@ fn run_http(agent: &Path, work: &Path, seconds: u64, report: &mut BenchReport) -
                 .find(|(x, p, _)| x == t && *p == pattern)
                 .map(|(_, _, r)| r.requests_per_s)
         };
-        if let (Some(farol), Some(haproxy)) = (get("farol-dsr"), get("haproxy")) {
-            println!("farol-dsr / haproxy, {pattern}: {:.2}x", farol / haproxy);
-            report.push(
-                &format!("farol-dsr-{pattern}"),
-                "ratio_to_haproxy",
-                farol / haproxy,
-                "x",
-            );
+        for farol in ["farol-dsr", "farol-nat"] {
+            if let (Some(ours), Some(haproxy)) = (get(farol), get("haproxy")) {
+                println!("{farol} / haproxy, {pattern}: {:.2}x", ours / haproxy);
+                report.push(
+                    &format!("{farol}-{pattern}"),
+                    "ratio_to_haproxy",
+                    ours / haproxy,
+                    "x",
+                );
+            }
         }
     }
     Ok(())
@@ -319,19 +332,26 @@ fn start_agents(lab: &Lab, agent: &Path, work: &Path) -> Result<Vec<LabProcess>>
         .iter()
         .map(|n| format!("{{ node = \"{n}\" }}"))
         .collect();
+    let nat_backends: Vec<String> = BACKENDS
+        .iter()
+        .map(|n| format!("{{ node = \"{n}\", port = 80 }}"))
+        .collect();
     std::fs::write(
         &config,
         format!(
             "{nodes}\n[[service]]\nname = \"web\"\nvip = \"{VIP}\"\nport = 80\nscheduler = \"roundrobin\"\n\
-             forwarding = \"dsr\"\nbackends = [{}]\n",
-            backends.join(", ")
+             forwarding = \"dsr\"\nbackends = [{}]\n\n\
+             [[service]]\nname = \"web-nat\"\nvip = \"{VIP}\"\nport = {NAT_PORT}\nscheduler = \"roundrobin\"\n\
+             forwarding = \"nat\"\nbackends = [{}]\n",
+            backends.join(", "),
+            nat_backends.join(", ")
         ),
     )?;
     let mut agents = Vec::new();
     for node in lab.nodes() {
         let mut command = lab.command(&node.name, agent);
         command
-            .args(["run", "--node", &node.name, "--config"])
+            .args(["run", "--no-supervise", "--node", &node.name, "--config"])
             .arg(&config)
             .arg("--pin-dir")
             .arg(lab.pin_dir(&node.name))

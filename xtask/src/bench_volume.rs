@@ -1,4 +1,4 @@
-//! `cargo xtask bench volume`: the replicated volume against local ext4
+//! `cargo xtask bench storage`: the replicated volume against local ext4
 //! (the directory the bricks live on) and, when it installs and runs,
 //! GlusterFS 3-replica on the same machine, in the same run. Workloads
 //! from shared/PEERS.md: create 4 KB files with fsync, cold read of them,
@@ -334,7 +334,7 @@ fn run_workloads(dir: &Path) -> Result<Figures> {
 
 pub(crate) fn run() -> Result<BenchReport> {
     if !xtask::is_root() {
-        bail!("bench volume mounts FUSE file systems and drops the page cache: run it as root");
+        bail!("bench storage mounts FUSE file systems and drops the page cache: run it as root");
     }
     exec(Command::new("cargo").current_dir(workspace_root()).args([
         "build",
@@ -369,7 +369,7 @@ pub(crate) fn run() -> Result<BenchReport> {
         Err(error) => println!("GlusterFS not compared: {error:#}"),
     }
 
-    let mut report = BenchReport::new("volume");
+    let mut report = BenchReport::new("storage");
     let mut rows: Vec<(&str, Figures)> = Vec::new();
     for target in &targets {
         println!(

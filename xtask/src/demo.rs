@@ -1,8 +1,10 @@
 //! `cargo xtask demo`: the whole cluster on this machine. Sets up what is
-//! missing, builds, brings the lab up, starts a web server and a real agent
-//! on every node, sends traffic from the client while showing each node's
-//! live counters from `/metrics`, then stops the agents (which detach and
-//! unpin) and tears the lab down, also on Ctrl-C or failure.
+//! missing, builds, brings the lab up, starts a real agent on every node
+//! (each runs Apache from the config's `[[supervise]]`), sends traffic from
+//! the client while showing which node answered (X-Farol-Node) and each
+//! node's live counters from `/metrics`, then stops the agents (which drain,
+//! stop Apache, detach and unpin) and tears the lab down, also on Ctrl-C or
+//! failure.
 
 use std::{
     collections::BTreeMap,
@@ -35,6 +37,7 @@ pub(crate) fn run(seconds: u64) -> Result<()> {
             .context("installing the Ctrl-C handler")?;
     }
     println!("[1/6] toolchain");
+    toolchain::ensure_packages(&[("apache2", "Apache on every lab node, run by the agents")])?;
     toolchain::build_ebpf()?;
     println!("[2/6] building the agent");
     exec(
@@ -47,39 +50,29 @@ pub(crate) fn run(seconds: u64) -> Result<()> {
     println!("[3/6] lab up: nuster1..4 and client on a bridge, 192.0.2.0/24");
     let lab = LabGuard::up(Lab::new("lab")?)?;
     let web_root = tempdir("farol-demo-web")?;
-    let mut processes: Vec<LabProcess> = Vec::new();
-    for node in lab.nodes() {
-        let root = web_root.join(&node.name);
-        std::fs::create_dir_all(&root)?;
+    let names: Vec<String> = lab.nodes().iter().map(|n| n.name.clone()).collect();
+    // configs/lab.toml with its [[supervise]] Apache, paths under web_root,
+    // plus a replicated volume `www` on nuster1..3 as Apache's document root
+    // (nuster4 holds no brick and serves a local directory).
+    let apache =
+        xtask::apache::lab_apache(&web_root, &names, |text| with_volume(&text, &web_root))?;
+    for node in &names {
         std::fs::write(
-            root.join("index.html"),
-            format!("hello from {}\n", node.name),
+            apache.document_root(node).join("index.html"),
+            format!("hello from {node} (a local directory: no brick of the volume here)\n"),
         )?;
-        let mut server = lab.command(&node.name, "python3");
-        server
-            .args([
-                "-m",
-                "http.server",
-                WEB_PORT,
-                "--bind",
-                "0.0.0.0",
-                "--directory",
-            ])
-            .arg(&root)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null());
-        processes.push(lab.spawn(&node.name, &mut server, "web server")?);
     }
+    let mut processes: Vec<LabProcess> = Vec::new();
 
     println!(
-        "[4/6] starting an agent on every node ({})",
+        "[4/6] starting an agent on every node ({}, with configs/apache/farol.conf); each agent runs Apache",
         lab_config().display()
     );
     for node in lab.nodes() {
         let mut command = lab.command(&node.name, &agent);
         command
             .args(["run", "--config"])
-            .arg(lab_config())
+            .arg(&apache.cluster_file)
             .args(["--node", &node.name, "--pin-dir"])
             .arg(lab.pin_dir(&node.name))
             .env("FAROL_LOG", "warn");
@@ -97,20 +90,79 @@ pub(crate) fn run(seconds: u64) -> Result<()> {
         )?;
     }
     for node in lab.nodes() {
+        wait_for(
+            &format!("Apache on {} to be ready under its agent", node.name),
+            Duration::from_secs(30),
+            || {
+                let metrics = scrape(&lab, &node.name).ok()?;
+                (metrics.get("farol_supervise_state{child=\"apache\",state=\"running\"}")
+                    == Some(&1.0))
+                .then_some(())
+            },
+        )?;
+    }
+    for node in lab.nodes() {
         let attached = lab
             .xdp_program_id(&node.name)?
             .map_or("none".into(), |id| format!("prog id {id}"));
         println!(
-            "      {}: farol_ingress attached to eth0 ({attached})",
-            node.name
+            "      {}: farol_ingress attached to eth0 ({attached}), Apache pid {}",
+            node.name,
+            apache
+                .pid(&node.name)
+                .map_or("?".into(), |pid| pid.to_string())
         );
     }
 
+    let page = volume_mount(&web_root, "nuster1").join("index.html");
+    std::fs::write(
+        &page,
+        "hello from the replicated volume www (written once, on nuster1's mount)\n",
+    )
+    .with_context(|| format!("writing {}", page.display()))?;
+    println!(
+        "      wrote {} (nuster1's mount of the volume www, replicated to nuster2 and nuster3)",
+        page.display()
+    );
+    for _ in 0..8 {
+        let out = lab.run(
+            CLIENT,
+            "curl",
+            &["-s", "--max-time", "2", "-i", &format!("http://{VIP}/")],
+        )?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let node = text
+            .lines()
+            .find_map(|l| l.strip_prefix("X-Farol-Node: "))
+            .unwrap_or("?")
+            .trim()
+            .to_owned();
+        let body = text
+            .rsplit("\r\n\r\n")
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_owned();
+        println!("      GET http://{VIP}/ -> {node}: {body}");
+    }
+    let headers = lab.run(
+        CLIENT,
+        "curl",
+        &["-si", "--max-time", "2", &format!("http://{VIP}/")],
+    )?;
+    println!("      curl -si http://{VIP}/ from the client:");
+    for line in String::from_utf8_lossy(&headers.stdout).lines().take(12) {
+        println!("        {line}");
+    }
     println!(
         "[5/6] traffic from the client for {seconds} s: HTTP to the VIP {VIP} (nuster1 holds it and \
-         spreads flows roundrobin in DSR mode; every node answers directly), one ping a second"
+         spreads flows roundrobin in DSR mode; every node's Apache answers directly, naming \
+         itself in X-Farol-Node), one ping a second"
     );
-    let result = traffic(&lab, seconds, &stop);
+    let result = traffic(&lab, seconds, &stop).and_then(|counts| {
+        kill_and_watch_apache(&lab, &apache, "nuster3")?;
+        Ok(counts)
+    });
     if let Ok((ok, total)) = &result {
         println!("      {ok}/{total} HTTP requests answered");
         let node = &lab.nodes()[0].name;
@@ -125,9 +177,12 @@ pub(crate) fn run(seconds: u64) -> Result<()> {
         }
     }
 
-    println!("[6/6] stopping agents (SIGTERM: detach and unpin), tearing the lab down");
+    println!(
+        "[6/6] stopping agents (SIGTERM: drain, stop Apache gracefully, detach and unpin), tearing the lab down"
+    );
     for process in processes.iter_mut().rev() {
-        let status = process.terminate(Duration::from_secs(10))?;
+        // Draining and Apache's graceful stop come first: allow for them.
+        let status = process.terminate(Duration::from_secs(30))?;
         if process.label().starts_with("agent") && !status.success() {
             bail!("{} exited with {status}", process.label());
         }
@@ -144,6 +199,89 @@ pub(crate) fn run(seconds: u64) -> Result<()> {
     drop(lab);
     let _ = std::fs::remove_dir_all(&web_root);
     result.map(|_| println!("demo finished: every agent detached its program and removed its pins"))
+}
+
+const VOLUME_NODES: [&str; 3] = ["nuster1", "nuster2", "nuster3"];
+
+fn volume_mount(dir: &std::path::Path, node: &str) -> PathBuf {
+    dir.join(format!("mnt-{node}"))
+}
+
+/// The lab's cluster file with a replicated volume `www` (bricks and mounts
+/// under `dir`, one per node since all run on this machine) that Apache
+/// serves on the nodes holding a replica.
+fn with_volume(text: &str, dir: &std::path::Path) -> String {
+    let fallback = format!("{}/{{node}}/www", dir.display());
+    let mut text = text
+        .replacen(
+            "name = \"lab\"\n",
+            "name = \"lab\"\nsecret = \"farol demo volume secret 0123456789\"\n",
+            1,
+        )
+        .replace(
+            &format!("env = {{ FAROL_DOCUMENT_ROOT = \"{fallback}\" }}"),
+            &format!(
+                "volume = \"www\"\nvolume_fallback = \"{fallback}\"\nenv = {{ FAROL_DOCUMENT_ROOT = \"{{volume}}\" }}"
+            ),
+        );
+    text.push_str("\n[[volume]]\nname = \"www\"\nreplicas = [\n");
+    for node in VOLUME_NODES {
+        text.push_str(&format!(
+            "  {{ node = \"{node}\", brick = \"{}\", mount = \"{}\" }},\n",
+            dir.join(format!("brick-{node}")).display(),
+            volume_mount(dir, node).display()
+        ));
+    }
+    text.push_str("]\n");
+    text
+}
+
+/// `kill -9` of one node's Apache; its agent starts a new one.
+fn kill_and_watch_apache(lab: &Lab, apache: &xtask::apache::LabApache, node: &str) -> Result<()> {
+    let Some(pid) = apache.pid(node) else {
+        bail!("no Apache pid file on {node}");
+    };
+    println!("      kill -9 {pid} (Apache on {node}): its agent restarts it");
+    let killed = Instant::now();
+    // SAFETY: kill(2) on the PID of an Apache this demo's agent started.
+    if unsafe { libc::kill(pid as i32, libc::SIGKILL) } != 0 {
+        bail!("kill -9 {pid}: {}", std::io::Error::last_os_error());
+    }
+    let (new_pid, answered) = wait_for(
+        &format!("Apache on {node} to answer again"),
+        Duration::from_secs(30),
+        || {
+            let new_pid = apache.pid(node).filter(|p| *p != pid)?;
+            let ip = lab.node(node).ok()?.ip().to_owned();
+            let out = lab
+                .run(
+                    CLIENT,
+                    "curl",
+                    &["-sf", "--max-time", "1", &format!("http://{ip}/")],
+                )
+                .ok()?;
+            out.status.success().then(|| (new_pid, killed.elapsed()))
+        },
+    )?;
+    let metrics = scrape(lab, node)?;
+    println!(
+        "      {node}: new Apache pid {new_pid}, answering {:.0} ms after the kill \
+         (agent: restarts {}, crashes {}, exit SIGKILL counted {})",
+        answered.as_secs_f64() * 1000.0,
+        metrics
+            .get("farol_supervise_restarts_total{child=\"apache\"}")
+            .copied()
+            .unwrap_or(0.0),
+        metrics
+            .get("farol_supervise_crashes_total{child=\"apache\"}")
+            .copied()
+            .unwrap_or(0.0),
+        metrics
+            .get("farol_supervise_exits_total{child=\"apache\",status=\"SIGKILL\"}")
+            .copied()
+            .unwrap_or(0.0),
+    );
+    Ok(())
 }
 
 fn tempdir(name: &str) -> Result<PathBuf> {
@@ -180,6 +318,20 @@ fn packets(metrics: &BTreeMap<String, f64>, class: &str) -> u64 {
 
 const VIP: &str = "192.0.2.100";
 
+/// The supervised Apache's state on a node, from its metrics.
+fn apache_state(metrics: &BTreeMap<String, f64>) -> &'static str {
+    [
+        "running", "starting", "backoff", "gave_up", "stopping", "stopped",
+    ]
+    .into_iter()
+    .find(|state| {
+        metrics.get(&format!(
+            "farol_supervise_state{{child=\"apache\",state=\"{state}\"}}"
+        )) == Some(&1.0)
+    })
+    .unwrap_or("?")
+}
+
 /// Sends bounded traffic to the VIP and prints, every few seconds, which
 /// node answered and what each node's XDP program counted.
 fn traffic(lab: &Lab, seconds: u64, stop: &AtomicBool) -> Result<(u64, u64)> {
@@ -196,11 +348,23 @@ fn traffic(lab: &Lab, seconds: u64, stop: &AtomicBool) -> Result<(u64, u64)> {
         let tick = Instant::now();
         for _ in 0..12 {
             total += 1;
-            let out = lab.run(CLIENT, "curl", &["-sf", "--max-time", "2", &url])?;
+            let out = lab.run(
+                CLIENT,
+                "curl",
+                &[
+                    "-sf",
+                    "--max-time",
+                    "2",
+                    "-o",
+                    "/dev/null",
+                    "-w",
+                    "%header{x-farol-node}",
+                    &url,
+                ],
+            )?;
             if out.status.success() {
                 ok += 1;
-                let body = String::from_utf8_lossy(&out.stdout);
-                let node = body.trim().trim_start_matches("hello from ").to_owned();
+                let node = String::from_utf8_lossy(&out.stdout).trim().to_owned();
                 *answered.entry(node).or_default() += 1;
             }
         }
@@ -209,7 +373,7 @@ fn traffic(lab: &Lab, seconds: u64, stop: &AtomicBool) -> Result<(u64, u64)> {
             let balancer = scrape(lab, &nodes[0].name).unwrap_or_default();
             println!(
                 "      {:<8} {:>9} {:>12} {:>10} {:>10} {:>10}",
-                "node", "answered", "lb->backend", "xdp tcp", "xdp arp", "malformed"
+                "node", "answered", "lb->backend", "xdp tcp", "xdp arp", "apache"
             );
             for node in &nodes {
                 let metrics = scrape(lab, &node.name).unwrap_or_default();
@@ -227,7 +391,7 @@ fn traffic(lab: &Lab, seconds: u64, stop: &AtomicBool) -> Result<(u64, u64)> {
                     forwarded,
                     packets(&metrics, "tcp"),
                     packets(&metrics, "arp"),
-                    packets(&metrics, "malformed"),
+                    apache_state(&metrics),
                 );
             }
         }

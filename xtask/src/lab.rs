@@ -267,6 +267,11 @@ impl Lab {
             std::fs::remove_dir_all(&pin_root)
                 .with_context(|| format!("removing {}", pin_root.display()))?;
         }
+        let sockets = PathBuf::from(format!("/run/farol-lab/{}", self.prefix));
+        if sockets.exists() {
+            std::fs::remove_dir_all(&sockets)
+                .with_context(|| format!("removing {}", sockets.display()))?;
+        }
         Ok(())
     }
 
@@ -347,8 +352,16 @@ impl Lab {
         command
             .arg(format!("--net=/run/netns/{}", self.netns(host)))
             .arg("--")
-            .arg(program);
+            .arg(program)
+            // Agents of parallel labs share one /run: each lab node gets its
+            // own control socket, which `agent status` etc. run here find too.
+            .env("FAROL_CONTROL_SOCKET", self.control_socket(host));
         command
+    }
+
+    /// The control socket of the agent on `host` in this lab.
+    pub fn control_socket(&self, host: &str) -> PathBuf {
+        PathBuf::from(format!("/run/farol-lab/{}/{host}.sock", self.prefix))
     }
 
     /// Runs a command in a host's namespace and returns its output, whatever

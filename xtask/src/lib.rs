@@ -8,6 +8,7 @@
 //! - [`bench`]: `xtask bench NAME` and its JSON report.
 //! - [`postgres`]: PostgreSQL primary + standby guards for the pooler.
 
+pub mod apache;
 pub mod bench;
 pub mod bench_health;
 pub mod bench_lb;

@@ -51,8 +51,10 @@ enum BenchName {
     Xdp,
     /// HTTP through Farol (DSR) vs HAProxy vs direct, with wrk on the lab.
     Lb,
-    /// The replicated volume vs local ext4 (and GlusterFS when it runs).
-    Volume,
+    /// The replicated volume vs local ext4 (and GlusterFS when it runs);
+    /// `volume` is an older name for it.
+    #[value(alias = "volume")]
+    Storage,
     /// pgbench through Farol's pooler vs direct, PgBouncer and pgpool-II.
     Pooler,
     /// Health checks: time to take a stopped backend out, failed requests.
@@ -88,7 +90,7 @@ fn main() -> Result<()> {
                 println!("wrote {}", report.write()?.display());
                 Ok(())
             }
-            BenchName::Volume => {
+            BenchName::Storage => {
                 let report = bench_volume::run()?;
                 println!("wrote {}", report.write()?.display());
                 Ok(())

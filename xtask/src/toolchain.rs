@@ -37,6 +37,7 @@ const PACKAGES: &[(&str, &str)] = &[
         "nsenter (run in a node's namespace) and setpriv",
     ),
     ("python3", "a small HTTP server for the lab's web nodes"),
+    ("rsync", "the volume's real-world workload test"),
     ("iputils-ping", "ping in the demo's traffic"),
     (
         "postgresql",
@@ -45,11 +46,18 @@ const PACKAGES: &[(&str, &str)] = &[
     ("pgbouncer", "the pooler benchmark's PgBouncer baseline"),
     ("pgpool2", "the pooler benchmark's pgpool-II baseline"),
     (
+        "apache2",
+        "Apache on every lab node, supervised by the agents",
+    ),
+    (
         "prometheus",
         "promtool: the tests check /metrics with `promtool check metrics`",
     ),
     ("chromium", "headless browser for the status page test"),
-    ("wrk", "HTTP load in the health detection benchmark"),
+    (
+        "wrk",
+        "HTTP load: Apache reloads in the lab tests, benchmarks",
+    ),
 ];
 
 /// bpf-linker's release line that links against LLVM 22.

@@ -2,14 +2,13 @@
 //! the neighbour table, the VIPs on `lo`, and ARP for them suppressed on the
 //! LAN (LVS-DR's `arp_ignore=1`, `arp_announce=2`), undone on stop.
 //!
-//! Addresses on `lo` are set with iproute2's `ip` and the neighbour table is
-//! read from /proc/net/arp: both are per network namespace, as the lab
-//! needs. (A netlink crate would do the same without a child process; see
-//! the closing note of the load balancer issue.)
+//! The neighbour table (ARP and NDP) is read over rtnetlink; addresses on
+//! `lo` are still set with iproute2's `ip`. Both are per network namespace,
+//! as the lab needs.
 
 use std::{
     collections::HashMap,
-    net::{IpAddr, Ipv4Addr, SocketAddr},
+    net::{IpAddr, SocketAddr},
     process::Command,
     time::Duration,
 };
@@ -70,24 +69,39 @@ pub(super) fn interface_mac(iface: &str) -> Result<[u8; 6], HostError> {
     Ok(std::array::from_fn(|i| data[i] as u8))
 }
 
-/// Finds backends' MACs: a datagram to the discard port makes the kernel
-/// resolve the address; the answer lands in the neighbour table.
+/// Finds backends' MACs (IPv4 through ARP, IPv6 through NDP): a datagram
+/// to the discard port makes the kernel resolve the address; the answer
+/// lands in the neighbour table, read over rtnetlink.
 pub(super) struct NeighborResolver {
-    iface: String,
+    iface_index: u32,
+    netlink: Option<(rtnetlink::Handle, tokio::task::JoinHandle<()>)>,
     table: HashMap<IpAddr, [u8; 6]>,
 }
 
 impl NeighborResolver {
+    /// Needs a tokio runtime (the netlink connection runs as a task).
     pub(super) fn new(iface: &str) -> NeighborResolver {
+        let iface_index = std::ffi::CString::new(iface)
+            // SAFETY: a valid NUL-terminated name; the call only reads it.
+            .map(|name| unsafe { libc::if_nametoindex(name.as_ptr()) })
+            .unwrap_or(0);
+        let netlink = match rtnetlink::new_connection() {
+            Ok((connection, handle, _)) => Some((handle, tokio::spawn(connection))),
+            Err(error) => {
+                warn!(%error, "cannot open a netlink socket: backends stay unresolved");
+                None
+            }
+        };
         NeighborResolver {
-            iface: iface.to_owned(),
+            iface_index,
+            netlink,
             table: HashMap::new(),
         }
     }
 
     pub(super) async fn resolve_all(&mut self, addresses: &[IpAddr]) {
         for attempt in 0..10 {
-            self.table = read_arp_table(&self.iface);
+            self.table = self.read_neighbours().await;
             let missing: Vec<IpAddr> = addresses
                 .iter()
                 .copied()
@@ -97,12 +111,7 @@ impl NeighborResolver {
                 return;
             }
             if attempt == 0 || attempt == 5 {
-                if let Ok(socket) = tokio::net::UdpSocket::bind("0.0.0.0:0").await {
-                    for addr in &missing {
-                        // Discard port: nothing listens; the point is the ARP.
-                        let _ = socket.send_to(&[], SocketAddr::new(*addr, 9)).await;
-                    }
-                }
+                kick_resolution(&missing).await;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -111,30 +120,82 @@ impl NeighborResolver {
     pub(super) fn mac(&self, addr: IpAddr) -> Option<[u8; 6]> {
         self.table.get(&addr).copied()
     }
+
+    /// Usable entries of the neighbour table (ARP and NDP) on our interface.
+    async fn read_neighbours(&self) -> HashMap<IpAddr, [u8; 6]> {
+        use futures_util::TryStreamExt;
+        use rtnetlink::packet_route::neighbour::{
+            NeighbourAddress, NeighbourAttribute, NeighbourState,
+        };
+        let mut table = HashMap::new();
+        let Some((handle, _)) = &self.netlink else {
+            return table;
+        };
+        let mut dump = handle.neighbours().get().execute();
+        loop {
+            let message = match dump.try_next().await {
+                Ok(Some(message)) => message,
+                Ok(None) => break,
+                Err(error) => {
+                    warn!(%error, "reading the neighbour table failed");
+                    break;
+                }
+            };
+            let usable = matches!(
+                message.header.state,
+                NeighbourState::Reachable
+                    | NeighbourState::Stale
+                    | NeighbourState::Delay
+                    | NeighbourState::Probe
+                    | NeighbourState::Permanent
+                    | NeighbourState::Noarp
+            );
+            if message.header.ifindex != self.iface_index || !usable {
+                continue;
+            }
+            let (mut addr, mut mac) = (None, None);
+            for attribute in message.attributes {
+                match attribute {
+                    NeighbourAttribute::Destination(NeighbourAddress::Inet(v4)) => {
+                        addr = Some(IpAddr::V4(v4))
+                    }
+                    NeighbourAttribute::Destination(NeighbourAddress::Inet6(v6)) => {
+                        addr = Some(IpAddr::V6(v6))
+                    }
+                    NeighbourAttribute::LinkLayerAddress(bytes) => {
+                        mac = <[u8; 6]>::try_from(bytes.as_slice()).ok()
+                    }
+                    _ => {}
+                }
+            }
+            if let (Some(addr), Some(mac)) = (addr, mac) {
+                table.insert(addr, mac);
+            }
+        }
+        table
+    }
 }
 
-/// Complete IPv4 entries of /proc/net/arp on `iface`.
-fn read_arp_table(iface: &str) -> HashMap<IpAddr, [u8; 6]> {
-    const ATF_COM: u32 = 0x2;
-    let text = std::fs::read_to_string("/proc/net/arp").unwrap_or_default();
-    text.lines()
-        .skip(1)
-        .filter_map(|line| {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            let [ip, _hw_type, flags, mac, _mask, device] = fields[..] else {
-                return None;
-            };
-            let flags = u32::from_str_radix(flags.trim_start_matches("0x"), 16).ok()?;
-            if device != iface || flags & ATF_COM == 0 {
-                return None;
-            }
-            let ip: Ipv4Addr = ip.parse().ok()?;
-            let mut octets = mac.split(':').map(|part| u8::from_str_radix(part, 16));
-            let mac: [u8; 6] =
-                std::array::from_fn(|_| octets.next().and_then(Result::ok).unwrap_or(0));
-            Some((IpAddr::V4(ip), mac))
-        })
-        .collect()
+impl Drop for NeighborResolver {
+    fn drop(&mut self) {
+        if let Some((_, task)) = &self.netlink {
+            task.abort();
+        }
+    }
+}
+
+/// Makes the kernel resolve `addresses` (ARP or NDP) by sending each an
+/// empty datagram to the discard port, where nothing listens.
+async fn kick_resolution(addresses: &[IpAddr]) {
+    for family in [true, false] {
+        let bind = if family { "0.0.0.0:0" } else { "[::]:0" };
+        let Ok(socket) = tokio::net::UdpSocket::bind(bind).await else {
+            continue;
+        };
+        for addr in addresses.iter().filter(|addr| addr.is_ipv4() == family) {
+            let _ = socket.send_to(&[], SocketAddr::new(*addr, 9)).await;
+        }
+    }
 }
 
 /// The VIPs on `lo` and the ARP sysctls, with what to restore.

@@ -12,6 +12,7 @@
 //! Until VRRP (issue 4) elects a master, the first node with the `balancer`
 //! role in the cluster file holds every VIP.
 
+mod drains;
 mod host;
 
 use std::{
@@ -36,6 +37,7 @@ use crate::{
     },
 };
 
+pub use drains::Drains;
 pub use host::{remove_vips_from_lo, HostError};
 
 /// How often unresolved backends are retried and the plan refreshed.
@@ -59,15 +61,16 @@ pub fn vip_owner(config: &Config) -> Option<&NodeConfig> {
         .find(|node| node.roles.contains(&Role::Balancer))
 }
 
-/// VIPs this node must hold on `lo`: those of DSR services it serves or owns.
+/// VIPs this node must hold on `lo`: those of DSR services it serves or
+/// owns, and of NAT services it serves (a NAT flow scheduled to the
+/// balancer itself is served locally, as in DSR).
 pub fn local_vips(config: &Config, node: &NodeConfig) -> Vec<IpAddr> {
     let owner = vip_owner(config).is_some_and(|owner| owner.name == node.name);
     let mut vips: Vec<IpAddr> = config
         .services
         .iter()
-        .filter(|service| service.forwarding == Forwarding::Dsr)
         .filter(|service| {
-            owner
+            (owner && service.forwarding == Forwarding::Dsr)
                 || service
                     .backends
                     .iter()
@@ -120,6 +123,7 @@ pub fn plan_with(
             ports: service.port.ports().collect(),
             protocol: service.protocol,
             scheduler: service.scheduler,
+            forwarding: service.forwarding,
             seed: format!("{}/{}", config.cluster.name, service.name),
             backends: service
                 .backends
@@ -160,10 +164,16 @@ pub fn plan_with(
     } else {
         Vec::new()
     };
+    let uses_nat = services.iter().any(|s| s.forwarding == Forwarding::Nat);
+    let snat_ipv4 = match node.address.addr() {
+        IpAddr::V4(addr) if uses_nat => Some(addr),
+        _ => None,
+    };
     LbPlan {
         local_mac,
         services,
         owned_vips,
+        snat_ipv4,
     }
 }
 
@@ -209,6 +219,7 @@ pub async fn run(
     node: NodeConfig,
     mut shutdown: watch::Receiver<bool>,
     keep_on_exit: Arc<AtomicBool>,
+    drains: Drains,
 ) -> Result<(), BalancerError> {
     let initial = config.borrow_and_update().clone();
     if initial.services.is_empty() {
@@ -241,7 +252,8 @@ pub async fn run(
                 let verdict = health.verdict(key, weight, reachable);
                 (verdict.alive, verdict.weight)
             };
-            let next = plan_with(&current, &node, local_mac, &mut |addr| resolver.mac(addr), &verdict);
+            let mut next = plan_with(&current, &node, local_mac, &mut |addr| resolver.mac(addr), &verdict);
+            drains.apply_to(&mut next);
             {
                 let mut maps = maps.lock().await;
                 if maps.applied() != &next {

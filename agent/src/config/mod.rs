@@ -28,6 +28,8 @@ pub use self::pooler::{PoolConfig, PoolMode, PoolerConfig, PoolerUser};
 pub use storage::VolumeConfig;
 
 pub mod pooler;
+pub mod supervise;
+pub use supervise::SuperviseConfig;
 
 /// Where pinned maps go unless the cluster or the node says otherwise.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/farol";
@@ -52,6 +54,9 @@ pub struct Config {
     /// The PostgreSQL pooler, when this cluster runs one.
     #[serde(default)]
     pub pooler: Option<PoolerConfig>,
+    /// Child processes the agents run (Apache), in `[[supervise]]` sections.
+    #[serde(default, rename = "supervise")]
+    pub supervise: Vec<SuperviseConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -353,6 +358,13 @@ impl Config {
         if let Some(pooler) = &self.pooler {
             problems.extend(pooler.validate());
         }
+        supervise::validate(
+            &self.supervise,
+            &self.nodes,
+            &self.services,
+            &self.volumes,
+            &mut problems,
+        );
         problems
     }
 

@@ -216,9 +216,29 @@ pub(super) fn validate(
             );
         }
         if service.forwarding == Forwarding::Nat {
+            for node in nodes
+                .iter()
+                .filter(|node| node.roles.contains(&Role::Balancer))
+            {
+                if !node.address.addr().is_ipv4() {
+                    problem(
+                        at("forwarding"),
+                        format!(
+                            "\"nat\" sends from the balancer's IPv4 address, but balancer {} has {}",
+                            node.name,
+                            node.address.addr()
+                        ),
+                    );
+                }
+            }
+        }
+        if service.forwarding == Forwarding::Nat && !service.vip.is_ipv4() {
             problem(
                 at("forwarding"),
-                "\"nat\" is not available yet in this version; use \"dsr\"".into(),
+                format!(
+                    "\"nat\" is IPv4 only, but the VIP {} is IPv6; use \"dsr\"",
+                    service.vip
+                ),
             );
         }
         let (first, last) = (service.port.first(), service.port.last());

@@ -476,11 +476,14 @@ fn duplicate_backend_is_refused() {
 }
 
 #[test]
-fn nat_is_refused_until_it_exists() {
+fn nat_is_accepted_for_ipv4_and_refused_for_ipv6() {
+    let nat = WITH_SERVICE.replace("port = 80", "port = 80\nforwarding = \"nat\"");
+    let config = load(&nat).expect("NAT with an IPv4 VIP is valid");
+    assert_eq!(config.services[0].forwarding, Forwarding::Nat);
     assert_one_problem(
-        &WITH_SERVICE.replace("port = 80", "port = 80\nforwarding = \"nat\""),
+        &nat.replace("vip = \"192.0.2.100\"", "vip = \"2001:db8::64\""),
         "service[0].forwarding",
-        "not available yet",
+        "IPv4 only",
     );
 }
 

@@ -24,7 +24,7 @@ use super::{
     maglev::{maglev_table, round_robin_table, TableBackend},
     DataplaneError,
 };
-use crate::config::{Protocol, Scheduler};
+use crate::config::{Forwarding, Protocol, Scheduler};
 
 /// What the kernel should balance, computed by the `balancer` module.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -33,6 +33,9 @@ pub struct LbPlan {
     pub services: Vec<ServicePlan>,
     /// VIPs this node holds (answers ARP for, balances).
     pub owned_vips: Vec<IpAddr>,
+    /// NAT services: this node's address, the source of their packets to
+    /// backends. None when no service uses NAT.
+    pub snat_ipv4: Option<std::net::Ipv4Addr>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,6 +47,7 @@ pub struct ServicePlan {
     pub ports: Vec<u16>,
     pub protocol: Protocol,
     pub scheduler: Scheduler,
+    pub forwarding: Forwarding,
     /// Seeds the Maglev permutations: the same on every balancer.
     pub seed: String,
     pub backends: Vec<BackendPlan>,
@@ -278,7 +282,10 @@ impl LoadBalancerMaps {
         let meta = VipMeta {
             service: service.index,
             scheduler: scheduler_code(service.scheduler),
-            forwarding: farol_common::lb::FORWARD_DSR,
+            forwarding: match service.forwarding {
+                Forwarding::Dsr => farol_common::lb::FORWARD_DSR,
+                Forwarding::Nat => farol_common::lb::FORWARD_NAT,
+            },
             table_half: self.halves.get(&service.index).copied().unwrap_or(0),
             backend_count: service.backends.len() as u32,
             flags: if owned { VIP_OWNED } else { 0 },
@@ -351,6 +358,8 @@ impl LoadBalancerMaps {
                     drops_no_backend: a.drops_no_backend + v.drops_no_backend,
                     not_owned: a.not_owned + v.not_owned,
                     icmp_errors_forwarded: a.icmp_errors_forwarded + v.icmp_errors_forwarded,
+                    drops_no_nat_port: a.drops_no_nat_port + v.drops_no_nat_port,
+                    nat_replies: a.nat_replies + v.nat_replies,
                 });
             let mut backends = Vec::new();
             for backend in &service.backends {
@@ -387,7 +396,8 @@ impl LoadBalancerMaps {
     }
 }
 
-/// Node-wide settings: our MAC and the VIP addresses for the fast test.
+/// Node-wide settings: our MAC, the VIP addresses for the fast test, the
+/// NAT source address.
 fn lb_config(plan: &LbPlan) -> LbConfig {
     let mut vips: Vec<[u8; 16]> = plan.services.iter().map(|s| addr16(s.vip)).collect();
     vips.sort_unstable();
@@ -396,7 +406,7 @@ fn lb_config(plan: &LbPlan) -> LbConfig {
         local_mac: plan.local_mac,
         _pad: [0; 2],
         vip_count: vips.len() as u32,
-        _pad2: 0,
+        snat_ipv4: plan.snat_ipv4.map_or([0; 4], |addr| addr.octets()),
         vips: [[0; 16]; FAST_VIPS],
     };
     if vips.len() > FAST_VIPS {

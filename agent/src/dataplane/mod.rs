@@ -149,6 +149,33 @@ pub fn load_xdp<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xd
     Ok(program)
 }
 
+/// Loads (verifies) `farol_nat`, puts it in the `NAT_PROGRAMS` slot that
+/// `farol_ingress` tail-calls, then loads `farol_ingress` and returns it.
+/// A re-used pinned `NAT_PROGRAMS` gets the new `farol_nat` in place of the
+/// old one.
+pub fn load_balancer_programs(ebpf: &mut Ebpf) -> Result<&mut Xdp, DataplaneError> {
+    use farol_common::lb::{MAP_NAT_PROGRAMS, NAT_PROGRAM_SLOT, PROGRAM_NAT};
+    let name = PROGRAM_NAT;
+    let nat = load_xdp(ebpf, name)?
+        .fd()
+        .and_then(|fd| fd.try_clone().map_err(Into::into))
+        .map_err(|source| DataplaneError::ProgramLoad { name, source })?;
+    let map_error = |source| DataplaneError::Map {
+        name: MAP_NAT_PROGRAMS,
+        source,
+    };
+    let map = ebpf
+        .map_mut(MAP_NAT_PROGRAMS)
+        .ok_or(DataplaneError::MissingMap {
+            name: MAP_NAT_PROGRAMS,
+        })?;
+    aya::maps::ProgramArray::try_from(map)
+        .map_err(map_error)?
+        .set(NAT_PROGRAM_SLOT, &nat, 0)
+        .map_err(map_error)?;
+    load_xdp(ebpf, PROGRAM_INGRESS)
+}
+
 /// The running data plane of one node.
 ///
 /// The program runs through a pinned bpf_link and the maps are pinned, so
@@ -211,7 +238,7 @@ impl Dataplane {
             lb::LoadBalancerMaps::take_from(&mut ebpf)?,
         ));
         let link_pin = pins.link_path();
-        let program = load_xdp(&mut ebpf, PROGRAM_INGRESS)?;
+        let program = load_balancer_programs(&mut ebpf)?;
         let adopted = adopt && link_pin.exists();
         let mode = if adopted {
             adoption::replace_program_in_link(program, &link_pin)?;
@@ -316,7 +343,7 @@ fn interface_index(iface: &str) -> Option<u32> {
 
 /// Checks the effective capabilities rather than the uid, so the systemd
 /// unit can run the agent with only what it needs.
-fn check_privileges() -> Result<(), DataplaneError> {
+pub fn check_privileges() -> Result<(), DataplaneError> {
     const CAP_NET_ADMIN: u32 = 12;
     const CAP_SYS_ADMIN: u32 = 21;
     const CAP_BPF: u32 = 39;

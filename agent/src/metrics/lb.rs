@@ -56,7 +56,7 @@ impl Collector for LbCollector {
         drop(maps);
 
         type ServiceField = fn(&farol_common::lb::ServiceStats) -> u64;
-        let service_families: [(&str, &str, ServiceField); 6] = [
+        let service_families: [(&str, &str, ServiceField); 8] = [
             (
                 "farol_lb_service_packets",
                 "Packets for the service's VIP balanced by this node",
@@ -86,6 +86,16 @@ impl Collector for LbCollector {
                 "farol_lb_service_icmp_errors_forwarded",
                 "ICMP errors about a flow sent on to the flow's backend",
                 |s| s.icmp_errors_forwarded,
+            ),
+            (
+                "farol_lb_service_dropped_no_nat_port_flows",
+                "New NAT flows dropped: no source port of this node was free",
+                |s| s.drops_no_nat_port,
+            ),
+            (
+                "farol_lb_service_nat_replies_packets",
+                "Backend replies translated back to the client (NAT mode)",
+                |s| s.nat_replies,
             ),
         ];
         for (name, help, field) in service_families {

@@ -1,0 +1,280 @@
+//! Taking this node out of a service before its child stops, behind
+//! [`Drainer`] so the cluster-wide drain (health/runtime API, issue 5) can
+//! replace the local one without touching the supervisor.
+//!
+//! [`LocalDrainer`] acts on this node's own load balancer maps only: it
+//! stops new flows to this node's backend where this node balances (holds
+//! the VIP), and counts the flows this node's maps still track.
+//! [`ClusterDrainer`], which `agent run` uses, adds the node's admin state
+//! that every balancer reads through the agent check.
+
+use std::sync::Arc;
+
+use futures_util::future::BoxFuture;
+use tokio::sync::Mutex;
+
+use crate::{
+    balancer::Drains,
+    config::Config,
+    dataplane::{lb::LoadBalancerMaps, DataplaneError},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DrainError {
+    #[error("writing the load balancer maps")]
+    Dataplane(#[from] DataplaneError),
+}
+
+/// Drains and restores this node's backend in a service.
+pub trait Drainer: Send + Sync + 'static {
+    /// No new flows to this node's backend in `service`; established flows
+    /// continue.
+    fn drain<'a>(&'a self, service: &'a str) -> BoxFuture<'a, Result<(), DrainError>>;
+    /// This node's backend in `service` takes new flows again.
+    fn undrain<'a>(&'a self, service: &'a str) -> BoxFuture<'a, Result<(), DrainError>>;
+    /// Flows to this node's backend in `service` not yet finished, as far
+    /// as this drainer can see.
+    fn active_flows<'a>(&'a self, service: &'a str) -> BoxFuture<'a, Result<u64, DrainError>>;
+}
+
+/// The drain through this node's own maps (see the module comment).
+pub struct LocalDrainer {
+    maps: Arc<Mutex<LoadBalancerMaps>>,
+    drains: Drains,
+    config: Arc<Config>,
+}
+
+impl LocalDrainer {
+    /// `drains` must be the set the balancer task applies, so its refresh
+    /// keeps the drain.
+    pub fn new(
+        maps: Arc<Mutex<LoadBalancerMaps>>,
+        drains: Drains,
+        config: Arc<Config>,
+    ) -> LocalDrainer {
+        LocalDrainer {
+            maps,
+            drains,
+            config,
+        }
+    }
+
+    /// The configured weight of `service`'s backend at `slot`.
+    fn configured_weight(&self, service: &str, slot: u32) -> Option<u32> {
+        self.config
+            .services
+            .iter()
+            .find(|s| s.name == service)?
+            .backends
+            .get(slot as usize)
+            .map(|backend| backend.weight)
+    }
+}
+
+impl Drainer for LocalDrainer {
+    fn drain<'a>(&'a self, service: &'a str) -> BoxFuture<'a, Result<(), DrainError>> {
+        Box::pin(async move {
+            self.drains.set(service, true);
+            let mut maps = self.maps.lock().await;
+            let mut plan = maps.applied().clone();
+            self.drains.apply_to(&mut plan);
+            if &plan != maps.applied() {
+                maps.apply(&plan)?;
+            }
+            Ok(())
+        })
+    }
+
+    fn undrain<'a>(&'a self, service: &'a str) -> BoxFuture<'a, Result<(), DrainError>> {
+        Box::pin(async move {
+            self.drains.set(service, false);
+            let mut maps = self.maps.lock().await;
+            let mut plan = maps.applied().clone();
+            for s in plan.services.iter_mut().filter(|s| s.name == service) {
+                for backend in s.backends.iter_mut().filter(|b| b.local) {
+                    if let Some(weight) = self.configured_weight(service, backend.slot) {
+                        backend.weight = weight;
+                    }
+                }
+            }
+            if &plan != maps.applied() {
+                maps.apply(&plan)?;
+            }
+            Ok(())
+        })
+    }
+
+    fn active_flows<'a>(&'a self, service: &'a str) -> BoxFuture<'a, Result<u64, DrainError>> {
+        Box::pin(async move {
+            let maps = self.maps.lock().await;
+            let local: Vec<String> = maps
+                .applied()
+                .services
+                .iter()
+                .filter(|s| s.name == service)
+                .flat_map(|s| s.backends.iter().filter(|b| b.local))
+                .map(|b| b.name.clone())
+                .collect();
+            let snapshot = maps.snapshot()?;
+            Ok(snapshot
+                .services
+                .iter()
+                .filter(|s| s.name == service)
+                .flat_map(|s| s.backends.iter())
+                .filter(|b| local.contains(&b.name))
+                .map(|b| b.active_flows)
+                .sum())
+        })
+    }
+}
+
+/// The drain every balancer honours: this node's admin state becomes
+/// `drain`, which its agent check serves and every balancer reads at each
+/// check of the node (see `crate::health::agent`), and this node's own
+/// maps are drained at once through [`LocalDrainer`].
+///
+/// Flows still open are counted where they end: established TCP
+/// connections to the service's port on this node (in DSR the balancer
+/// sees only the client's half of a flow, and another balancer's maps are
+/// out of reach), plus what this node's maps track when it balances. Until
+/// one check interval has passed since the drain, at least one flow is
+/// reported, so no balancer can still be choosing this node when the child
+/// stops. The admin state is node-wide: it takes the node out of every
+/// service the balancers check it in.
+pub struct ClusterDrainer {
+    local: LocalDrainer,
+    health: Arc<crate::health::Health>,
+    config: Arc<Config>,
+    node: crate::config::NodeConfig,
+    drained_at: std::sync::Mutex<Option<std::time::Instant>>,
+}
+
+/// Added to a check interval before balancers are taken to have seen a
+/// drain (a check's own duration, scheduling).
+const DRAIN_PROPAGATION_MARGIN: std::time::Duration = std::time::Duration::from_millis(500);
+
+impl ClusterDrainer {
+    pub fn new(
+        local: LocalDrainer,
+        health: Arc<crate::health::Health>,
+        config: Arc<Config>,
+        node: crate::config::NodeConfig,
+    ) -> ClusterDrainer {
+        ClusterDrainer {
+            local,
+            health,
+            config,
+            node,
+            drained_at: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// How long balancers may take to see the drain: `service`'s check
+    /// interval (the default one without a `check`), plus a margin.
+    fn propagation(&self, service: &str) -> std::time::Duration {
+        let interval = self
+            .config
+            .services
+            .iter()
+            .find(|s| s.name == service)
+            .and_then(|s| s.check.as_ref().map(|check| check.interval))
+            .unwrap_or(crate::config::health::DEFAULT_CHECK_INTERVAL);
+        interval + DRAIN_PROPAGATION_MARGIN
+    }
+
+    /// The ports this node serves `service` on.
+    fn ports(&self, service: &str) -> Vec<u16> {
+        let Some(config) = self.config.services.iter().find(|s| s.name == service) else {
+            return Vec::new();
+        };
+        config
+            .backends
+            .iter()
+            .filter(|backend| backend.resolve(&self.config.nodes) == Some(self.node.address.addr()))
+            .map(|backend| backend.port.unwrap_or(config.port.first()))
+            .collect()
+    }
+}
+
+impl Drainer for ClusterDrainer {
+    fn drain<'a>(&'a self, service: &'a str) -> BoxFuture<'a, Result<(), DrainError>> {
+        Box::pin(async move {
+            *self
+                .drained_at
+                .lock()
+                .unwrap_or_else(|poison| poison.into_inner()) = Some(std::time::Instant::now());
+            self.health.set_own_state(
+                crate::health::AdminState::Drain,
+                &format!("the child backing {service} is down or stopping"),
+            );
+            self.local.drain(service).await
+        })
+    }
+
+    fn undrain<'a>(&'a self, service: &'a str) -> BoxFuture<'a, Result<(), DrainError>> {
+        Box::pin(async move {
+            *self
+                .drained_at
+                .lock()
+                .unwrap_or_else(|poison| poison.into_inner()) = None;
+            self.health.set_own_state(
+                crate::health::AdminState::Ready,
+                &format!("the child backing {service} is ready"),
+            );
+            self.local.undrain(service).await
+        })
+    }
+
+    fn active_flows<'a>(&'a self, service: &'a str) -> BoxFuture<'a, Result<u64, DrainError>> {
+        Box::pin(async move {
+            let local = self.local.active_flows(service).await?;
+            let connections = established_connections(&self.ports(service));
+            let since = *self
+                .drained_at
+                .lock()
+                .unwrap_or_else(|poison| poison.into_inner());
+            let unseen = since.is_some_and(|at| at.elapsed() < self.propagation(service));
+            Ok((local + connections).max(u64::from(unseen)))
+        })
+    }
+}
+
+/// Established TCP connections whose local port is one of `ports`, in this
+/// network namespace (/proc/net/tcp and tcp6).
+fn established_connections(ports: &[u16]) -> u64 {
+    const ESTABLISHED: &str = "01";
+    ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .filter_map(|path| std::fs::read_to_string(path).ok())
+        .map(|table| {
+            table
+                .lines()
+                .skip(1)
+                .filter(|line| {
+                    let fields: Vec<&str> = line.split_whitespace().collect();
+                    let local_port = fields
+                        .get(1)
+                        .and_then(|local| local.rsplit(':').next())
+                        .and_then(|port| u16::from_str_radix(port, 16).ok());
+                    fields.get(3) == Some(&ESTABLISHED)
+                        && local_port.is_some_and(|port| ports.contains(&port))
+                })
+                .count() as u64
+        })
+        .sum()
+}
+
+#[cfg(test)]
+mod cluster_tests {
+    use super::established_connections;
+
+    #[test]
+    fn established_connections_to_a_port_are_counted() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        assert_eq!(established_connections(&[port]), 0);
+        let _client = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let (_server, _) = listener.accept().unwrap();
+        assert_eq!(established_connections(&[port]), 1, "the server's side");
+    }
+}
