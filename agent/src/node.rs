@@ -102,7 +102,15 @@ pub async fn run(plan: NodePlan, shutdown: watch::Receiver<bool>) -> Result<(), 
         iface: plan.node.interface.clone(),
         source,
     })?;
+    // The control API's token over TCP, read before anything is set up.
+    let token = match &plan.config.cluster.control_token_file {
+        Some(path) => {
+            Some(crate::control::read_token(path).map_err(crate::control::ControlError::Token)?)
+        }
+        None => None,
+    };
     let listener = metrics::bind(plan.metrics_listen).await?;
+    let control_listener = crate::control::bind(&plan.control_socket).await?;
     let pooler_listener = match &plan.pooler {
         Some(config) => Some(crate::pooler::bind(config.listen).await?),
         None => None,
@@ -114,14 +122,6 @@ pub async fn run(plan: NodePlan, shutdown: watch::Receiver<bool>) -> Result<(), 
                 source,
             }
         })?;
-    // After the data plane: its privilege checks give the clearer error.
-    let control_listener = match crate::control::bind(&plan.control_socket).await {
-        Ok(listener) => listener,
-        Err(error) => {
-            dataplane.shutdown(OnExit::Remove);
-            return Err(error.into());
-        }
-    };
     let attachment = XdpAttachment {
         interface: dataplane.interface().to_owned(),
         mode: dataplane.mode(),
@@ -161,12 +161,6 @@ pub async fn run(plan: NodePlan, shutdown: watch::Receiver<bool>) -> Result<(), 
     };
     // Health checks, runtime control and reloads (issue 5): the config
     // lives in a watch channel that reloads write and subsystems follow.
-    let token = match &plan.config.cluster.control_token_file {
-        Some(path) => {
-            Some(crate::control::read_token(path).map_err(crate::control::ControlError::Token)?)
-        }
-        None => None,
-    };
     let (config_tx, config_rx) = watch::channel(plan.config.clone());
     let health = crate::health::Health::new(&plan.node.name);
     // A supervised child's drain reaches every balancer through this
