@@ -600,6 +600,12 @@ async fn probe_loop(health: Arc<Health>, key: BackendKey, probe: Probe, offset: 
     }
 }
 
+/// When the `position`-th of `total` probes first runs: evenly over one
+/// interval, so a big cluster does not probe in bursts.
+fn spread_offset(interval: Duration, position: u32, total: u32) -> Duration {
+    interval * position.min(total) / total.max(1)
+}
+
 /// Keeps one probe task per backend in line with the config until
 /// `shutdown`.
 pub async fn run(
@@ -640,8 +646,7 @@ pub async fn run(
             if tasks.contains_key(&key) {
                 continue;
             }
-            // Spread first checks over the interval: no bursts.
-            let offset = probe.interval() * position as u32 / total;
+            let offset = spread_offset(probe.interval(), position as u32, total);
             let handle = tokio::spawn(probe_loop(
                 health.clone(),
                 key.clone(),

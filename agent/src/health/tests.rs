@@ -241,3 +241,14 @@ async fn the_probe_loop_follows_a_server_that_stops_and_returns() {
     wait_for(true).await;
     task.abort();
 }
+
+#[test]
+fn first_checks_are_spread_evenly_over_the_interval() {
+    let interval = Duration::from_secs(2);
+    let offsets: Vec<Duration> = (0..4).map(|i| spread_offset(interval, i, 4)).collect();
+    assert_eq!(
+        offsets,
+        [0, 500, 1000, 1500].map(Duration::from_millis).to_vec()
+    );
+    assert_eq!(spread_offset(interval, 0, 0), Duration::ZERO);
+}
