@@ -217,6 +217,78 @@ fn request(target: SocketAddr) -> Result<String, String> {
         .ok_or_else(|| "no X-Farol-Node header".into())
 }
 
+/// What a client saw through the VIP around a `kill -9` of `victim`'s Apache.
+struct KillProbe {
+    /// From the kill to the first answer from `victim` after the last
+    /// failed request.
+    back_after: Duration,
+    failed: Vec<String>,
+    requests_after_kill: usize,
+}
+
+/// Sends a request through the VIP every 5 ms on a new connection, kills
+/// `victim`'s Apache (SIGKILL to the parent's PID) 0.5 s in, and goes on
+/// until `victim` has answered again and 2 s have passed (at most 15 s).
+fn kill_apache_under_probe(cluster: &Cluster, victim: &'static str) -> KillProbe {
+    let pid = cluster.apache.pid(victim).expect("Apache's pid file");
+    in_client(&cluster.lab, move || {
+        let target: SocketAddr = format!("{VIP}:80").parse().unwrap();
+        let start = Instant::now();
+        let mut log: Vec<(Instant, Result<String, String>)> = Vec::new();
+        let mut killed = None;
+        // From the kill to `victim` answering after the last failure.
+        let back = |log: &[(Instant, Result<String, String>)], at: Instant| {
+            let last_failure = log
+                .iter()
+                .rev()
+                .find(|(t, r)| *t > at && r.is_err())
+                .map_or(at, |(t, _)| *t);
+            log.iter()
+                .find(|(t, r)| *t > last_failure && r.as_deref() == Ok(victim))
+                .map(|(t, _)| *t - at)
+        };
+        while start.elapsed() < Duration::from_secs(15) && log.len() < 3000 {
+            if killed.is_none() && start.elapsed() > Duration::from_millis(500) {
+                // SAFETY: kill(2) with SIGKILL on the Apache parent's PID
+                // (from its pid file).
+                assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
+                killed = Some(Instant::now());
+            }
+            log.push((Instant::now(), request(target)));
+            if let Some(at) = killed {
+                if at.elapsed() > Duration::from_secs(2) && back(&log, at).is_some() {
+                    break;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let at = killed.unwrap();
+        KillProbe {
+            back_after: back(&log, at).unwrap_or_else(|| panic!("{victim} never answered again")),
+            failed: log
+                .iter()
+                .filter_map(|(t, r)| r.as_ref().err().filter(|_| *t > at).cloned())
+                .collect(),
+            requests_after_kill: log.iter().filter(|(t, _)| *t > at).count(),
+        }
+    })
+}
+
+/// The agent's own measure: from the exit it saw to ready again.
+fn agent_recovery(cluster: &Cluster, node: &str) -> String {
+    let out = cluster
+        .lab
+        .run(node, "curl", &["-s", "http://127.0.0.1:9477/metrics"])
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("farol_supervise_last_recovery_seconds{child=\"apache\"} ")
+                .map(str::to_owned)
+        })
+        .unwrap()
+}
+
 #[test]
 fn apache_killed_with_sigkill_is_restarted_and_serves_again_through_the_vip() {
     let test = "apache_killed_with_sigkill_is_restarted_and_serves_again_through_the_vip";
@@ -224,81 +296,35 @@ fn apache_killed_with_sigkill_is_restarted_and_serves_again_through_the_vip() {
         return;
     }
     let cluster = Cluster::start("svkill", |text| text);
-    let victim = "nuster3";
-    let before = cluster
-        .apache
-        .pid(victim)
-        .expect("Apache's pid file on nuster3");
 
-    // A client sends a request every 5 ms through the VIP for up to 15 s,
-    // new connection each time; the kill comes 0.5 s in.
-    let (killed_tx, killed_rx) = std::sync::mpsc::channel::<Instant>();
-    let log = in_client(&cluster.lab, {
-        let pid = before;
-        move || {
-            let target: SocketAddr = format!("{VIP}:80").parse().unwrap();
-            let start = Instant::now();
-            let mut log: Vec<(Instant, Result<String, String>)> = Vec::new();
-            let mut killed = None;
-            while start.elapsed() < Duration::from_secs(15) && log.len() < 3000 {
-                if killed.is_none() && start.elapsed() > Duration::from_millis(500) {
-                    // SAFETY: kill(2) with SIGKILL on the Apache parent's PID
-                    // (from its pid file).
-                    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
-                    let at = Instant::now();
-                    killed = Some(at);
-                    killed_tx.send(at).unwrap();
-                }
-                log.push((Instant::now(), request(target)));
-                // Done 1 s after nuster3 answered again following a failure.
-                let recovered = killed.and_then(|at| {
-                    let last_failure = log.iter().rev().find(|(t, r)| *t > at && r.is_err())?.0;
-                    log.iter()
-                        .find(|(t, r)| *t > last_failure && r.as_deref() == Ok(victim))
-                        .map(|(t, _)| *t)
-                });
-                if recovered.is_some_and(|t| t.elapsed() > Duration::from_secs(1)) {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            log
-        }
-    });
-    let killed = killed_rx.recv().unwrap();
-    // Apache's workers may still answer for a moment after their parent
-    // died (until the agent kills the group): the outage ends at the first
-    // answer from nuster3 after the last failure.
-    let last_failure = log
-        .iter()
-        .rev()
-        .find(|(t, r)| *t > killed && r.is_err())
-        .map(|(t, _)| *t)
-        .unwrap_or(killed);
-    let back = log
-        .iter()
-        .find(|(t, r)| *t > last_failure && r.as_deref() == Ok(victim))
-        .map(|(t, _)| *t)
-        .unwrap_or_else(|| panic!("nuster3 never answered again\n{}", cluster.log(victim)));
-    let failed: Vec<&String> = log.iter().filter_map(|(_, r)| r.as_ref().err()).collect();
-    let after_kill = log.iter().filter(|(t, _)| *t > killed).count();
-    let downtime = back - killed;
+    // nuster3: only nuster1 balances, and nuster1's balancer does not hear
+    // that nuster3's Apache is down: nuster3's share fails until it is back.
+    let before = cluster.apache.pid("nuster3").unwrap();
+    let probe = kill_apache_under_probe(&cluster, "nuster3");
     println!(
-        "kill -9 Apache on {victim}: back through the VIP after {:.0} ms; {} of {} requests \
-         through the VIP failed after the kill (the balancer on nuster1 kept sending nuster3 \
-         its share); first error: {:?}",
-        downtime.as_secs_f64() * 1000.0,
-        failed.len(),
-        after_kill,
-        failed.first()
+        "kill -9 Apache on nuster3: back through the VIP after {:.0} ms; {} of {} requests \
+         through the VIP failed after the kill (nuster1's balancer kept sending nuster3 its \
+         share); first error: {:?}; the agent's own measure (exit seen to ready): {} s",
+        probe.back_after.as_secs_f64() * 1000.0,
+        probe.failed.len(),
+        probe.requests_after_kill,
+        probe.failed.first(),
+        agent_recovery(&cluster, "nuster3"),
     );
-    assert!(downtime < Duration::from_secs(10), "{downtime:?}");
+    assert!(
+        probe.back_after < Duration::from_secs(10),
+        "{:?}",
+        probe.back_after
+    );
     // Only nuster3's share fails, and only while it is down.
-    assert!(failed.len() * 2 < after_kill, "{failed:?}");
-
-    let after = cluster.apache.pid(victim).expect("a new pid file");
+    assert!(
+        probe.failed.len() * 2 < probe.requests_after_kill,
+        "{:?}",
+        probe.failed
+    );
+    let after = cluster.apache.pid("nuster3").expect("a new pid file");
     assert_ne!(after, before, "a new Apache runs");
-    let metrics = cluster.metrics(victim);
+    let metrics = cluster.metrics("nuster3");
     assert_eq!(
         metrics["farol_supervise_restarts_total{child=\"apache\"}"],
         1
@@ -315,21 +341,29 @@ fn apache_killed_with_sigkill_is_restarted_and_serves_again_through_the_vip() {
         metrics["farol_supervise_state{child=\"apache\",state=\"running\"}"],
         1
     );
-    let log = cluster.log(victim);
+    let log = cluster.log("nuster3");
     assert!(log.contains("child ready again"), "{log}");
-    // The agent measured its side too: from the exit it saw to ready.
-    let recovery = cluster
-        .lab
-        .run(victim, "curl", &["-s", "http://127.0.0.1:9477/metrics"])
-        .unwrap();
-    let recovery = String::from_utf8_lossy(&recovery.stdout)
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("farol_supervise_last_recovery_seconds{child=\"apache\"} ")
-                .map(str::to_owned)
-        })
-        .unwrap();
-    println!("the agent's own measure (exit seen to ready): {recovery} s");
+
+    // nuster1 holds the VIP: its agent drains its own backend as soon as it
+    // sees Apache exit (before the leftover workers are killed), so its
+    // share goes to the others while it restarts.
+    let probe = kill_apache_under_probe(&cluster, "nuster1");
+    println!(
+        "kill -9 Apache on nuster1 (the balancer): back after {:.0} ms; {} of {} requests \
+         through the VIP failed after the kill ({:?}); the agent's own measure: {} s",
+        probe.back_after.as_secs_f64() * 1000.0,
+        probe.failed.len(),
+        probe.requests_after_kill,
+        probe.failed,
+        agent_recovery(&cluster, "nuster1"),
+    );
+    // A request in flight on a worker when it gets SIGKILL may fail; new
+    // ones do not go to nuster1 while it is down.
+    assert!(probe.failed.len() <= 2, "{:?}", probe.failed);
+    assert_eq!(
+        cluster.metrics("nuster1")["farol_supervise_restarts_total{child=\"apache\"}"],
+        1
+    );
 }
 
 #[test]

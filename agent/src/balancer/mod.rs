@@ -253,9 +253,11 @@ pub async fn run(
                 (verdict.alive, verdict.weight)
             };
             let mut next = plan_with(&current, &node, local_mac, &mut |addr| resolver.mac(addr), &verdict);
-            drains.apply_to(&mut next);
             {
                 let mut maps = maps.lock().await;
+                // Read under the lock, as the drainer writes it before
+                // taking the lock: neither undoes the other.
+                drains.apply_to(&mut next);
                 if maps.applied() != &next {
                     log_changes(maps.applied(), &next);
                     let ownership_changed = maps.applied().owned_vips != next.owned_vips;

@@ -192,11 +192,16 @@ pub(super) async fn supervise(
                         }
                         Event::Ready(Err(why)) => {
                             warn!(child = %name, pid, timeout = ?spec.ready.as_ref().map(|r| r.timeout), reason = %why, "child not ready in time; stopping it");
+                            // Never undrained, so still out of the service.
                             let exit = running.stop(spec.stop_signal, spec.stop_grace).await;
                             record_exit(&status, exit);
                             break format!("not ready in time ({why})");
                         }
                         Event::Exited(exit) => {
+                            // Out of the service before the leftover
+                            // workers, which may still serve, are killed.
+                            drain(&spec, &*drainer).await;
+                            running.end_group();
                             record_exit(&status, exit);
                             break describe_exit(exit);
                         }
@@ -218,8 +223,8 @@ pub(super) async fn supervise(
                 outcome
             }
         };
-        // The child ended without being asked to.
-        drain(&spec, &*drainer).await;
+        // The child ended without being asked to (and this node is out of
+        // its service: drained at start and on every exit path above).
         down_since.get_or_insert_with(Instant::now);
         failures = if started.elapsed() >= spec.restart.stable_after {
             1

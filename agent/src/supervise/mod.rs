@@ -171,53 +171,123 @@ pub fn specs(config: &Config, node: &NodeConfig) -> Vec<ChildSpec> {
         .collect()
 }
 
+#[derive(Clone)]
 struct ChildHandle {
     name: String,
     status: Arc<child::ChildStatus>,
     control: mpsc::Sender<child::Control>,
-    task: JoinHandle<()>,
+}
+
+/// A cheap, clonable handle on the running children, for whatever asks for
+/// a reload or reads their state (SIGHUP today; the runtime API later).
+#[derive(Clone)]
+pub struct SupervisorHandle {
+    children: Arc<Vec<ChildHandle>>,
 }
 
 /// The running children of this node.
 pub struct Supervisor {
-    children: Vec<ChildHandle>,
+    handle: SupervisorHandle,
+    tasks: Vec<JoinHandle<()>>,
 }
 
 impl Supervisor {
     /// Starts every child (each in its own task).
     pub fn start(specs: Vec<ChildSpec>, drainer: Arc<dyn Drainer>) -> Supervisor {
-        let children = specs
-            .into_iter()
-            .map(|spec| {
-                let (control, receiver) = mpsc::channel(4);
-                let status = Arc::new(child::ChildStatus::new(&spec.name));
-                let task = tokio::spawn(child::supervise(
-                    spec.clone(),
-                    status.clone(),
-                    drainer.clone(),
-                    receiver,
-                ));
-                ChildHandle {
-                    name: spec.name,
-                    status,
-                    control,
-                    task,
-                }
-            })
-            .collect();
-        Supervisor { children }
+        let mut children = Vec::new();
+        let mut tasks = Vec::new();
+        for spec in specs {
+            let (control, receiver) = mpsc::channel(4);
+            let status = Arc::new(child::ChildStatus::new(&spec.name));
+            tasks.push(tokio::spawn(child::supervise(
+                spec.clone(),
+                status.clone(),
+                drainer.clone(),
+                receiver,
+            )));
+            children.push(ChildHandle {
+                name: spec.name,
+                status,
+                control,
+            });
+        }
+        Supervisor {
+            handle: SupervisorHandle {
+                children: Arc::new(children),
+            },
+            tasks,
+        }
+    }
+
+    pub fn handle(&self) -> SupervisorHandle {
+        self.handle.clone()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.children.is_empty()
+        self.handle.children.is_empty()
     }
 
+    /// See [`SupervisorHandle::snapshot`].
+    pub fn snapshot(&self, name: &str) -> Option<ChildSnapshot> {
+        self.handle.snapshot(name)
+    }
+
+    /// See [`SupervisorHandle::reload`].
+    pub async fn reload(&self, name: &str) -> Result<(), ReloadError> {
+        self.handle.reload(name).await
+    }
+
+    /// See [`SupervisorHandle::reload_all`].
+    pub async fn reload_all(&self) {
+        self.handle.reload_all().await
+    }
+
+    /// Drains and stops every child at once; returns when all are stopped.
+    pub async fn stop(self) {
+        let mut waits = Vec::new();
+        for child in self.handle.children.iter() {
+            let (reply, done) = oneshot::channel();
+            if child
+                .control
+                .send(child::Control::Stop(reply))
+                .await
+                .is_ok()
+            {
+                waits.push(done);
+            }
+        }
+        for done in waits {
+            let _ = done.await;
+        }
+        for task in self.tasks {
+            let _ = task.await;
+        }
+    }
+
+    /// The children's part of `/metrics`.
+    pub fn collector(&self) -> SuperviseCollector {
+        SuperviseCollector::new(
+            self.handle
+                .children
+                .iter()
+                .map(|c| c.status.clone())
+                .collect(),
+        )
+    }
+}
+
+impl SupervisorHandle {
     /// The state and counters of child `name`.
     pub fn snapshot(&self, name: &str) -> Option<ChildSnapshot> {
         self.children
             .iter()
             .find(|c| c.name == name)
             .map(|c| c.status.snapshot())
+    }
+
+    /// Every child's state and counters, in config order.
+    pub fn snapshots(&self) -> Vec<ChildSnapshot> {
+        self.children.iter().map(|c| c.status.snapshot()).collect()
     }
 
     /// Tests the child's config (if it has a test) and sends its reload
@@ -245,7 +315,7 @@ impl Supervisor {
     /// Reloads every child that has a reload signal (each outcome is
     /// logged by the child's task).
     pub async fn reload_all(&self) {
-        for child in &self.children {
+        for child in self.children.iter() {
             match self.reload(&child.name).await {
                 Ok(()) | Err(ReloadError::NoReloadSignal(_)) => {}
                 Err(ReloadError::NotRunning(_)) => {
@@ -254,33 +324,6 @@ impl Supervisor {
                 Err(_) => {}
             }
         }
-    }
-
-    /// Drains and stops every child at once; returns when all are stopped.
-    pub async fn stop(self) {
-        let mut waits = Vec::new();
-        for child in &self.children {
-            let (reply, done) = oneshot::channel();
-            if child
-                .control
-                .send(child::Control::Stop(reply))
-                .await
-                .is_ok()
-            {
-                waits.push(done);
-            }
-        }
-        for done in waits {
-            let _ = done.await;
-        }
-        for child in self.children {
-            let _ = child.task.await;
-        }
-    }
-
-    /// The children's part of `/metrics`.
-    pub fn collector(&self) -> SuperviseCollector {
-        SuperviseCollector::new(self.children.iter().map(|c| c.status.clone()).collect())
     }
 }
 

@@ -94,9 +94,9 @@ impl Running {
         self.pid
     }
 
-    /// Waits for the leader to exit, then kills what is left of its group
-    /// (workers of a leader killed with SIGKILL keep the listening socket
-    /// and would make the next start fail).
+    /// Waits for the leader to exit. What is left of its group (workers of
+    /// a leader killed with SIGKILL keep serving on the listening socket)
+    /// stays until [`Running::end_group`].
     pub(super) async fn wait(&mut self) -> ExitStatus {
         let status = loop {
             match self.child.wait().await {
@@ -109,9 +109,14 @@ impl Running {
                 }
             }
         };
+        status
+    }
+
+    /// Kills what is left of the group after the leader exited: leftover
+    /// workers would hold the port and make the next start fail.
+    pub(super) fn end_group(&mut self) {
         kill_group(self.pid, libc::SIGKILL);
         self.exited = true;
-        status
     }
 
     /// Sends `signal` to the leader.
@@ -125,7 +130,7 @@ impl Running {
         if let Err(error) = self.signal(signal) {
             warn!(pid = self.pid, signal = signal.name(), %error, "cannot signal the child");
         }
-        match tokio::time::timeout(grace, self.wait()).await {
+        let status = match tokio::time::timeout(grace, self.wait()).await {
             Ok(status) => status,
             Err(_) => {
                 warn!(
@@ -136,7 +141,9 @@ impl Running {
                 kill_group(self.pid, libc::SIGKILL);
                 self.wait().await
             }
-        }
+        };
+        self.end_group();
+        status
     }
 }
 

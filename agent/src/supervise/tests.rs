@@ -366,7 +366,10 @@ async fn reload_runs_the_config_test_first_and_refuses_a_broken_config() {
     assert_eq!(running_pid(&supervisor, "daemon"), Some(pid));
 
     std::fs::write(&good, "").unwrap();
-    supervisor.reload("daemon").await.unwrap();
+    // Through a handle, as the runtime API would.
+    let handle = supervisor.handle();
+    handle.reload("daemon").await.unwrap();
+    assert_eq!(handle.snapshots().len(), 1);
     until("the child to reload", Duration::from_secs(5), || {
         std::fs::read_to_string(&marker)
             .ok()
