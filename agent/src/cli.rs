@@ -108,9 +108,20 @@ pub struct ControlArgs {
     /// This node's name (default: the hostname).
     #[arg(long, env = "FAROL_NODE")]
     pub node: Option<String>,
+    /// The pin directory `agent run` was given, when it was overridden (the
+    /// default socket name derives from it).
+    #[arg(long, env = "FAROL_PIN_DIR")]
+    pub pin_dir: Option<PathBuf>,
     /// Print JSON instead of a table (`agent status`).
     #[arg(long)]
     pub json: bool,
+    /// Talk to an agent's HTTP port instead (`http://HOST:9477`); needs
+    /// the cluster's control_token_file.
+    #[arg(long, env = "FAROL_CONTROL_URL")]
+    pub url: Option<String>,
+    /// The token file for --url.
+    #[arg(long, env = "FAROL_CONTROL_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]

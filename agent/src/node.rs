@@ -71,21 +71,22 @@ impl NodePlan {
         pin_dir: Option<PathBuf>,
         metrics_listen: Option<SocketAddr>,
     ) -> NodePlan {
+        let pin_dir = pin_dir.unwrap_or_else(|| config.pin_dir(node));
         NodePlan {
             config: Arc::new(config.clone()),
             cluster: config.cluster.name.clone(),
             node: node.clone(),
             xdp_mode: config.cluster.xdp_mode,
-            pin_dir: pin_dir.unwrap_or_else(|| config.pin_dir(node)),
+            control_socket: node
+                .control_socket
+                .clone()
+                .unwrap_or_else(|| crate::control::default_socket(&node.name, &pin_dir)),
+            pin_dir,
             metrics_listen: metrics_listen.unwrap_or_else(|| config.metrics_listen(node)),
             keep_on_exit: Arc::new(AtomicBool::new(false)),
             volumes: storage::plans(config, &node.name),
             pooler: config.pooler.clone(),
             config_path: None,
-            control_socket: node
-                .control_socket
-                .clone()
-                .unwrap_or_else(|| crate::control::default_socket(&node.name)),
         }
     }
 }
@@ -101,6 +102,13 @@ pub async fn run(plan: NodePlan, shutdown: watch::Receiver<bool>) -> Result<(), 
         iface: plan.node.interface.clone(),
         source,
     })?;
+    // The control API's token over TCP, read before anything is set up.
+    let token = match &plan.config.cluster.control_token_file {
+        Some(path) => {
+            Some(crate::control::read_token(path).map_err(crate::control::ControlError::Token)?)
+        }
+        None => None,
+    };
     let listener = metrics::bind(plan.metrics_listen).await?;
     let control_listener = crate::control::bind(&plan.control_socket).await?;
     let pooler_listener = match &plan.pooler {
@@ -180,6 +188,7 @@ pub async fn run(plan: NodePlan, shutdown: watch::Receiver<bool>) -> Result<(), 
         config_tx,
         health.clone(),
         Some(dataplane.load_balancer()),
+        token,
     );
     registry.register_collector(Box::new(crate::health::HealthCollector::new(
         health.clone(),

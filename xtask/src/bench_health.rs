@@ -146,7 +146,8 @@ fn run_cases(agent: &Path, work: &Path, report: &mut BenchReport) -> Result<()> 
             .arg("--control-socket")
             .arg(work.join(format!("{}.sock", node.name)))
             .env("FAROL_LOG", "warn")
-            .stdout(Stdio::null());
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
         agents.push(lab.spawn(&node.name, &mut command, "agent")?);
     }
     println!(
@@ -355,8 +356,10 @@ fn wrk_output(mut wrk: LabProcess) -> Result<String> {
     Ok(text)
 }
 
-/// (requests, failed requests, requests/s): failed are socket errors plus
-/// non-2xx answers.
+/// (requests, failed, requests/s): failed are wrk's socket errors (connect,
+/// read, write, timeout) plus non-2xx answers. A refused connect is a
+/// failure that wrk does not count as a request, so failed can exceed
+/// requests when a dead backend refuses connections fast.
 fn parse(text: &str) -> Result<(u64, u64, f64)> {
     let requests = text
         .lines()

@@ -79,6 +79,10 @@ pub struct ClusterConfig {
     pub secret: Option<String>,
     /// A file holding the cluster secret (trailing whitespace ignored).
     pub secret_file: Option<PathBuf>,
+    /// A file holding a token (trailing whitespace ignored); when set, the
+    /// control API is also served on the HTTP port under `/control/`, to
+    /// clients that send `Authorization: Bearer TOKEN`.
+    pub control_token_file: Option<PathBuf>,
 }
 
 /// How to attach the XDP program.

@@ -7,7 +7,7 @@ use bytes::Bytes;
 use tokio::net::UnixStream;
 
 use super::{status::Status, Reply};
-use crate::health::http::{exchange, Response};
+use crate::health::http::{exchange, exchange_with_token, Response};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -25,24 +25,63 @@ pub enum ClientError {
     Refused(String),
 }
 
-async fn call(socket: &Path, method: &str, path: &str) -> Result<Response, ClientError> {
-    let stream = UnixStream::connect(socket)
-        .await
-        .map_err(|source| ClientError::Connect {
-            path: socket.to_owned(),
-            source,
-        })?;
+/// Where the agent's control API is.
+#[derive(Debug, Clone)]
+pub enum Target {
+    /// The local Unix socket.
+    Socket(PathBuf),
+    /// The HTTP port, `http://HOST:PORT`, with the bearer token.
+    Tcp { url: String, token: String },
+}
+
+async fn call(target: &Target, method: &str, path: &str) -> Result<Response, ClientError> {
     let body = (method == "POST").then(Bytes::new);
-    Ok(exchange(stream, method, path, "localhost", body).await?)
+    match target {
+        Target::Socket(socket) => {
+            let stream =
+                UnixStream::connect(socket)
+                    .await
+                    .map_err(|source| ClientError::Connect {
+                        path: socket.to_owned(),
+                        source,
+                    })?;
+            Ok(exchange(stream, method, path, "localhost", body).await?)
+        }
+        Target::Tcp { url, token } => {
+            let authority = url
+                .strip_prefix("http://")
+                .unwrap_or(url)
+                .trim_end_matches('/');
+            let stream = tokio::net::TcpStream::connect(authority)
+                .await
+                .map_err(|source| ClientError::Connect {
+                    path: PathBuf::from(url),
+                    source,
+                })?;
+            let path = format!("{}{path}", super::CONTROL_PREFIX);
+            Ok(exchange_with_token(stream, method, &path, authority, body, Some(token)).await?)
+        }
+    }
 }
 
 pub async fn status(socket: &Path) -> Result<Status, ClientError> {
-    let response = call(socket, "GET", "/status").await?;
+    status_over(&Target::Socket(socket.to_owned())).await
+}
+
+pub async fn status_over(target: &Target) -> Result<Status, ClientError> {
+    let response = call(target, "GET", "/status").await?;
+    if response.status != 200 {
+        return Err(ClientError::Refused(format!(
+            "HTTP {}: {}",
+            response.status,
+            String::from_utf8_lossy(&response.body)
+        )));
+    }
     serde_json::from_slice(&response.body).map_err(|error| ClientError::Decode(error.to_string()))
 }
 
-async fn write(socket: &Path, path: &str) -> Result<String, ClientError> {
-    let response = call(socket, "POST", path).await?;
+async fn write(target: &Target, path: &str) -> Result<String, ClientError> {
+    let response = call(target, "POST", path).await?;
     let reply: Reply = serde_json::from_slice(&response.body).map_err(|error| {
         ClientError::Decode(format!(
             "HTTP {}: {error}: {}",
@@ -77,6 +116,23 @@ pub async fn backend(
     service: Option<&str>,
     weight: Option<u32>,
 ) -> Result<String, ClientError> {
+    backend_over(
+        &Target::Socket(socket.to_owned()),
+        action,
+        name,
+        service,
+        weight,
+    )
+    .await
+}
+
+pub async fn backend_over(
+    target: &Target,
+    action: &str,
+    name: &str,
+    service: Option<&str>,
+    weight: Option<u32>,
+) -> Result<String, ClientError> {
     let mut path = format!("/backend/{}/{}", encode(name), encode(action));
     let mut query = Vec::new();
     if let Some(service) = service {
@@ -89,16 +145,36 @@ pub async fn backend(
         path.push('?');
         path.push_str(&query.join("&"));
     }
-    write(socket, &path).await
+    write(target, &path).await
 }
 
 pub async fn reload(socket: &Path) -> Result<String, ClientError> {
-    write(socket, "/reload").await
+    reload_over(&Target::Socket(socket.to_owned())).await
 }
 
-/// Which socket the CLI talks to: --socket, else the node's
-/// `control_socket` in the cluster file, else /run/farol/NODE.sock.
-pub fn socket_path(args: &crate::cli::ControlArgs) -> Result<PathBuf, String> {
+pub async fn reload_over(target: &Target) -> Result<String, ClientError> {
+    write(target, "/reload").await
+}
+
+/// What the CLI talks to: --url with --token-file (TCP), else --socket,
+/// else the node's `control_socket` in the cluster file, else
+/// /run/farol/NODE.sock.
+pub fn target(args: &crate::cli::ControlArgs) -> Result<Target, String> {
+    if let Some(url) = &args.url {
+        let Some(file) = &args.token_file else {
+            return Err("--url needs --token-file (the cluster's control_token_file)".into());
+        };
+        let token =
+            super::read_token(file).map_err(|error| format!("{}: {error}", file.display()))?;
+        return Ok(Target::Tcp {
+            url: url.clone(),
+            token,
+        });
+    }
+    socket_path(args).map(Target::Socket)
+}
+
+fn socket_path(args: &crate::cli::ControlArgs) -> Result<PathBuf, String> {
     if let Some(socket) = &args.socket {
         return Ok(socket.clone());
     }
@@ -110,24 +186,32 @@ pub fn socket_path(args: &crate::cli::ControlArgs) -> Result<PathBuf, String> {
                 "cannot tell which node this is: pass --node NAME or --socket PATH".to_owned()
             })?,
     };
-    let configured = crate::config::Config::load(&args.config)
-        .ok()
-        .and_then(|config| config.nodes.iter().find(|n| n.name == node).cloned())
-        .and_then(|n| n.control_socket);
-    Ok(configured.unwrap_or_else(|| super::default_socket(&node)))
+    let config = crate::config::Config::load(&args.config).ok();
+    let configured = config
+        .as_ref()
+        .and_then(|config| config.nodes.iter().find(|n| n.name == node));
+    if let Some(socket) = configured.and_then(|n| n.control_socket.clone()) {
+        return Ok(socket);
+    }
+    let pin_dir = match (&args.pin_dir, config.as_ref(), configured) {
+        (Some(pin_dir), _, _) => pin_dir.clone(),
+        (None, Some(config), Some(node)) => config.pin_dir(node),
+        _ => PathBuf::from(crate::config::DEFAULT_PIN_DIR),
+    };
+    Ok(super::default_socket(&node, &pin_dir))
 }
 
 /// Runs `future` on a small runtime; prints the error and fails on error.
 fn block<T>(
     args: &crate::cli::ControlArgs,
     call: impl FnOnce(
-        PathBuf,
+        Target,
     )
         -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<T, ClientError>>>>,
     show: impl FnOnce(T),
 ) -> std::process::ExitCode {
-    let socket = match socket_path(args) {
-        Ok(socket) => socket,
+    let socket = match target(args) {
+        Ok(target) => target,
         Err(error) => {
             eprintln!("{error}");
             return std::process::ExitCode::FAILURE;
@@ -160,7 +244,7 @@ pub fn main_status(args: &crate::cli::ControlArgs) -> std::process::ExitCode {
     let json = args.json;
     block(
         args,
-        |socket| Box::pin(async move { status(&socket).await }),
+        |target| Box::pin(async move { status_over(&target).await }),
         |status| {
             if json {
                 println!(
@@ -183,9 +267,9 @@ pub fn main_backend(args: &crate::cli::BackendArgs) -> std::process::ExitCode {
     block(
         &args.control,
         move |socket| {
-            Box::pin(
-                async move { backend(&socket, action, &name, service.as_deref(), weight).await },
-            )
+            Box::pin(async move {
+                backend_over(&socket, action, &name, service.as_deref(), weight).await
+            })
         },
         |message| println!("{message}"),
     )
@@ -195,7 +279,7 @@ pub fn main_backend(args: &crate::cli::BackendArgs) -> std::process::ExitCode {
 pub fn main_reload(args: &crate::cli::ControlArgs) -> std::process::ExitCode {
     block(
         args,
-        |socket| Box::pin(async move { reload(&socket).await }),
+        |target| Box::pin(async move { reload_over(&target).await }),
         |message| println!("reloaded: {message}"),
     )
 }

@@ -4,11 +4,13 @@
 //! `POST /reload` and SIGHUP), and the CLI side of `agent status`,
 //! `agent backend ...` and `agent reload`.
 //!
-//! The socket is `/run/farol/<node>.sock` unless the node's
-//! `control_socket`, `agent run --control-socket` or FAROL_CONTROL_SOCKET
-//! say otherwise (lab nodes share one file system, so tests give each its
-//! own). It is created mode 0600: whoever may use it may drain backends.
-//! Write operations exist only there, never on the TCP port.
+//! The socket is `/run/farol/<node>.sock` (see [`default_socket`] for a
+//! non-default pin directory) unless the node's `control_socket`,
+//! `agent run --control-socket` or FAROL_CONTROL_SOCKET say otherwise. It is created mode 0600: whoever may use it may drain backends.
+//! Write operations exist only there, and on the TCP port only when
+//! `cluster.control_token_file` is set: then `/control/...` serves the same
+//! API to clients that send `Authorization: Bearer TOKEN` (compared in
+//! constant time); without the token they get 401.
 //!
 //! Drains travel through the agent check (see [`crate::health::agent`]):
 //! `agent backend drain NODE` run on NODE itself sets the node's own admin
@@ -51,9 +53,34 @@ use crate::{
     health::{AdminState, Health},
 };
 
-/// Where the control socket goes when nothing says otherwise.
-pub fn default_socket(node: &str) -> PathBuf {
-    PathBuf::from(format!("/run/farol/{node}.sock"))
+/// Where the control socket goes when nothing says otherwise:
+/// `/run/farol/NODE.sock` with the default pin directory; with another one
+/// (the lab runs many nodes, and tests many labs, on one machine) a name
+/// made from the pin directory, which is already unique per running agent:
+/// `/sys/fs/bpf/farol-lab/nuster1` gives `/run/farol/farol-lab-nuster1.sock`.
+pub fn default_socket(node: &str, pin_dir: &Path) -> PathBuf {
+    if pin_dir == Path::new(crate::config::DEFAULT_PIN_DIR) {
+        return PathBuf::from(format!("/run/farol/{node}.sock"));
+    }
+    let relative = pin_dir.strip_prefix("/sys/fs/bpf").unwrap_or(pin_dir);
+    let name: String = relative
+        .components()
+        .filter_map(|part| match part {
+            std::path::Component::Normal(part) => Some(part.to_string_lossy().into_owned()),
+            _ => None,
+        })
+        .collect::<Vec<_>>()
+        .join("-")
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    PathBuf::from(format!("/run/farol/{name}.sock"))
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -74,6 +101,8 @@ pub enum ControlError {
     },
     #[error("the control socket server failed")]
     Serve(#[source] std::io::Error),
+    #[error("cannot read cluster.control_token_file")]
+    Token(#[source] std::io::Error),
 }
 
 /// What the control routes work on.
@@ -86,6 +115,9 @@ pub struct Control {
     pub config: watch::Sender<Arc<Config>>,
     pub health: Arc<Health>,
     pub maps: Option<Arc<tokio::sync::Mutex<LoadBalancerMaps>>>,
+    /// The bearer token of the control API on the TCP port (None: that
+    /// API is not served).
+    token: Option<String>,
     reloads_applied: AtomicU64,
     reloads_refused: AtomicU64,
 }
@@ -117,6 +149,7 @@ impl Control {
         config: watch::Sender<Arc<Config>>,
         health: Arc<Health>,
         maps: Option<Arc<tokio::sync::Mutex<LoadBalancerMaps>>>,
+        token: Option<String>,
     ) -> Arc<Control> {
         Arc::new(Control {
             cluster: cluster.to_owned(),
@@ -125,6 +158,7 @@ impl Control {
             config,
             health,
             maps,
+            token,
             reloads_applied: AtomicU64::new(0),
             reloads_refused: AtomicU64::new(0),
         })
@@ -329,12 +363,71 @@ impl Control {
 /// Read-only routes for the agent's HTTP port: the status page at
 /// `/status` (and `/`), `/status.json`, and `/agent` (the agent check).
 pub fn public_routes(control: Arc<Control>) -> Router {
-    Router::new()
+    let mut router = Router::new()
         .route("/", get(|| async { Redirect::temporary("/status") }))
         .route("/status", get(status_page))
         .route("/status.json", get(status_json))
         .route(crate::health::agent::AGENT_PATH, get(agent_state))
-        .with_state(control)
+        .with_state(control.clone());
+    if control.token.is_some() {
+        let guarded = socket_routes(control.clone())
+            .layer(axum::middleware::from_fn_with_state(control, require_token));
+        router = router.nest(CONTROL_PREFIX, guarded);
+    }
+    router
+}
+
+/// Where the control API lives on the TCP port.
+pub const CONTROL_PREFIX: &str = "/control";
+
+/// Lets a request through only with the configured bearer token.
+async fn require_token(
+    State(control): State<Arc<Control>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "));
+    let allowed = match (&control.token, presented) {
+        (Some(expected), Some(presented)) => {
+            constant_time_eq(expected.as_bytes(), presented.as_bytes())
+        }
+        _ => false,
+    };
+    if allowed {
+        next.run(request).await
+    } else {
+        warn!("control API request over TCP without the right token refused");
+        reply(
+            StatusCode::UNAUTHORIZED,
+            false,
+            "the control API over TCP needs Authorization: Bearer TOKEN".into(),
+        )
+    }
+}
+
+/// Equal bytes, in a time that does not depend on where they differ.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Reads a token file (trailing whitespace ignored); an empty one is an error.
+pub fn read_token(path: &Path) -> Result<String, std::io::Error> {
+    let text = std::fs::read_to_string(path)?;
+    let token = text.trim_end().to_owned();
+    if token.len() < 16 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!(
+                "{}: expected a token of at least 16 characters",
+                path.display()
+            ),
+        ));
+    }
+    Ok(token)
 }
 
 async fn status_page(State(control): State<Arc<Control>>) -> impl IntoResponse {
@@ -450,7 +543,11 @@ pub async fn bind(path: &Path) -> Result<UnixListener, ControlError> {
                 path: path.to_owned(),
             });
         }
-        let _ = std::fs::remove_file(path);
+        // A dead agent's socket: nobody answers on it.
+        std::fs::remove_file(path).map_err(|source| ControlError::Bind {
+            path: path.to_owned(),
+            source,
+        })?;
     }
     let listener = UnixListener::bind(path).map_err(|source| ControlError::Bind {
         path: path.to_owned(),

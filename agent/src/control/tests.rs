@@ -9,6 +9,7 @@ use super::*;
 use crate::health::{self, Health};
 
 const LAB: &str = include_str!("../../../configs/lab.toml");
+const TOKEN: &str = "0123456789abcdef-test";
 
 fn with_check(text: &str, check: &str) -> String {
     text.replace(
@@ -47,6 +48,7 @@ async fn fixture(tag: &str) -> Fixture {
         config_tx,
         health.clone(),
         None,
+        Some(TOKEN.into()),
     );
     let (stop, stop_rx) = watch::channel(false);
     tokio::spawn(health::run(
@@ -309,4 +311,68 @@ pub(crate) fn promtool_check(text: &str) -> std::process::Output {
         .write_all(text.as_bytes())
         .unwrap();
     child.wait_with_output().unwrap()
+}
+
+#[tokio::test]
+async fn the_control_api_over_tcp_needs_the_token() {
+    let f = fixture("token").await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let registry = crate::metrics::registry("lab", "nuster1", None, None);
+    tokio::spawn(crate::metrics::serve_with(
+        listener,
+        registry,
+        public_routes(f.control.clone()),
+        std::future::pending(),
+    ));
+    let post = |token: Option<&'static str>| async move {
+        let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        health::http::exchange_with_token(
+            stream,
+            "POST",
+            "/control/backend/nuster2/drain",
+            "localhost",
+            Some(bytes::Bytes::new()),
+            token,
+        )
+        .await
+        .unwrap()
+    };
+    assert_eq!(post(None).await.status, 401);
+    assert_eq!(post(Some("wrong-token-0000000")).await.status, 401);
+    assert_eq!(f.control.health.override_of(None, "nuster2").admin, None);
+    let url = format!("http://{addr}");
+    let message = client::backend_over(
+        &client::Target::Tcp {
+            url: url.clone(),
+            token: TOKEN.into(),
+        },
+        "drain",
+        "nuster2",
+        None,
+        None,
+    )
+    .await
+    .unwrap();
+    assert!(message.contains("nuster2 drains"), "{message}");
+    assert_eq!(
+        f.control.health.override_of(None, "nuster2").admin,
+        Some(AdminState::Drain)
+    );
+}
+
+#[test]
+fn default_sockets_are_unique_per_pin_directory() {
+    assert_eq!(
+        default_socket("nuster1", Path::new("/sys/fs/bpf/farol")),
+        PathBuf::from("/run/farol/nuster1.sock")
+    );
+    assert_eq!(
+        default_socket("nuster1", Path::new("/sys/fs/bpf/farol-lab/nuster1")),
+        PathBuf::from("/run/farol/farol-lab-nuster1.sock")
+    );
+    assert_ne!(
+        default_socket("nuster1", Path::new("/sys/fs/bpf/farol-lbrr7/nuster1")),
+        default_socket("nuster1", Path::new("/sys/fs/bpf/farol-lbsrc7/nuster1"))
+    );
 }

@@ -67,6 +67,22 @@ pub async fn exchange<IO>(
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    exchange_with_token(io, method, path, host, body, None).await
+}
+
+/// [`exchange`] with `Authorization: Bearer TOKEN` (the control API over
+/// TCP).
+pub async fn exchange_with_token<IO>(
+    io: IO,
+    method: &str,
+    path: &str,
+    host: &str,
+    body: Option<Bytes>,
+    token: Option<&str>,
+) -> Result<Response, HttpError>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let (mut sender, connection) = http1::handshake(TokioIo::new(io)).await?;
     let driver = tokio::spawn(async move {
         let _ = connection.await;
@@ -79,6 +95,9 @@ where
         .header(hyper::header::CONNECTION, "close");
     if body.is_some() {
         request = request.header(hyper::header::CONTENT_TYPE, "application/json");
+    }
+    if let Some(token) = token {
+        request = request.header(hyper::header::AUTHORIZATION, format!("Bearer {token}"));
     }
     let request = request.body(Full::new(body.unwrap_or_default()))?;
     let result = async {

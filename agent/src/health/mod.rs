@@ -516,9 +516,18 @@ impl Probe {
     }
 }
 
-/// Every backend of `config` with what to probe.
+/// Every backend of `config` with what to probe; none on a node without
+/// the `balancer` role (it never sends flows, so it need not load the
+/// backends with checks).
 fn probes(config: &Config, this_node: &str) -> Vec<(BackendKey, Probe)> {
     let mut probes = Vec::new();
+    let balances = config
+        .nodes
+        .iter()
+        .any(|node| node.name == this_node && node.roles.contains(&crate::config::Role::Balancer));
+    if !balances {
+        return probes;
+    }
     for service in &config.services {
         for backend in &service.backends {
             let Some(addr) = backend.resolve(&config.nodes) else {
@@ -591,6 +600,12 @@ async fn probe_loop(health: Arc<Health>, key: BackendKey, probe: Probe, offset: 
     }
 }
 
+/// When the `position`-th of `total` probes first runs: evenly over one
+/// interval, so a big cluster does not probe in bursts.
+fn spread_offset(interval: Duration, position: u32, total: u32) -> Duration {
+    interval * position.min(total) / total.max(1)
+}
+
 /// Keeps one probe task per backend in line with the config until
 /// `shutdown`.
 pub async fn run(
@@ -631,8 +646,7 @@ pub async fn run(
             if tasks.contains_key(&key) {
                 continue;
             }
-            // Spread first checks over the interval: no bursts.
-            let offset = probe.interval() * position as u32 / total;
+            let offset = spread_offset(probe.interval(), position as u32, total);
             let handle = tokio::spawn(probe_loop(
                 health.clone(),
                 key.clone(),

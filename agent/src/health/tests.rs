@@ -180,6 +180,10 @@ fn probes_ask_every_other_nodes_agent_and_check_every_backend() {
     assert_eq!(nuster3.1.agent, Some("192.0.2.13:9477".parse().unwrap()));
     assert_eq!(nuster3.1.target, "192.0.2.13:8080".parse().unwrap());
     assert_eq!(nuster3.0.port, 80);
+    assert!(
+        super::probes(&config, "nuster3").is_empty(),
+        "nuster3 does not balance"
+    );
 }
 
 /// A backend check against a real local server, through the task loop:
@@ -236,4 +240,15 @@ async fn the_probe_loop_follows_a_server_that_stops_and_returns() {
     let _listener = std::net::TcpListener::bind(addr).unwrap();
     wait_for(true).await;
     task.abort();
+}
+
+#[test]
+fn first_checks_are_spread_evenly_over_the_interval() {
+    let interval = Duration::from_secs(2);
+    let offsets: Vec<Duration> = (0..4).map(|i| spread_offset(interval, i, 4)).collect();
+    assert_eq!(
+        offsets,
+        [0, 500, 1000, 1500].map(Duration::from_millis).to_vec()
+    );
+    assert_eq!(spread_offset(interval, 0, 0), Duration::ZERO);
 }
