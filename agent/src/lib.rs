@@ -11,6 +11,7 @@
 //! - [`storage`]: replicated volumes (FUSE mount, replication, self-heal).
 //! - [`pooler`]: the PostgreSQL connection pooler.
 //! - [`cli`]: the command line.
+//! - [`vrrp`]: VRRPv3 (RFC 5798): which node holds the VIPs.
 
 pub mod balancer;
 pub mod cli;
@@ -20,6 +21,7 @@ pub mod metrics;
 pub mod node;
 pub mod pooler;
 pub mod storage;
+pub mod vrrp;
 
 /// Renders an error with its chain of causes: "a: b: c".
 pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {

@@ -129,6 +129,21 @@ pub async fn run(plan: NodePlan, mut shutdown: watch::Receiver<bool>) -> Result<
         }
         _ => None,
     };
+    let vrrp = crate::vrrp::Setup::new(&plan.config, &plan.node);
+    if let Some(vrrp) = &vrrp {
+        registry.register_collector(Box::new(crate::vrrp::VrrpCollector::new(
+            vrrp.stats.clone(),
+        )));
+    }
+    let ownership = vrrp.as_ref().map(|vrrp| vrrp.ownership.clone());
+    let vrrp_task = vrrp.map(|vrrp| {
+        tokio::spawn(crate::vrrp::run(
+            vrrp,
+            plan.config.clone(),
+            plan.node.clone(),
+            shutdown.clone(),
+        ))
+    });
     info!(node = %plan.node.name, metrics = %plan.metrics_listen, "agent running");
 
     let mut balancer = tokio::spawn(balancer::run(
@@ -137,6 +152,7 @@ pub async fn run(plan: NodePlan, mut shutdown: watch::Receiver<bool>) -> Result<
         plan.node.clone(),
         shutdown.clone(),
         plan.keep_on_exit.clone(),
+        ownership,
     ));
 
     let stop = async move {
@@ -173,6 +189,19 @@ pub async fn run(plan: NodePlan, mut shutdown: watch::Receiver<bool>) -> Result<
             Ok(Err(error)) => warn!(error = %crate::error_chain(&error), "pooler failed"),
             Err(error) if error.is_cancelled() => {}
             Err(error) => warn!(%error, "pooler task panicked"),
+        }
+    }
+    if let Some(task) = vrrp_task {
+        if outcome.is_err() {
+            task.abort();
+        }
+        match task.await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => {
+                tracing::error!(error = %crate::error_chain(&error), "VRRP failed: this node holds no VRRP VIP")
+            }
+            Err(error) if error.is_cancelled() => {}
+            Err(error) => warn!(%error, "VRRP task panicked"),
         }
     }
     volumes.stop().await;

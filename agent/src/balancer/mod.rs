@@ -3,12 +3,15 @@
 //! holds), prepares this node to serve DSR flows (VIP on `lo`, ARP
 //! suppressed), and keeps the plan current as backends appear or vanish.
 //!
-//! Until VRRP (issue 4) elects a master, the first node with the `balancer`
-//! role in the cluster file holds every VIP.
+//! A VIP that a `[[vrrp]]` instance carries is held by that instance's
+//! master: the `vrrp` module says which through a watch channel, applied
+//! at once (a few map writes). Any other VIP is held by the first node with
+//! the `balancer` role in the cluster file.
 
 mod host;
 
 use std::{
+    collections::BTreeSet,
     net::IpAddr,
     sync::{
         atomic::{AtomicBool, Ordering},
@@ -22,12 +25,14 @@ use tracing::{info, warn};
 
 use crate::{
     config::{Config, Forwarding, NodeConfig, Role},
+    vrrp::VipOwnership,
     dataplane::{
         lb::{BackendPlan, LbPlan, LoadBalancerMaps, ServicePlan},
         DataplaneError,
     },
 };
 
+pub(crate) use host::interface_mac;
 pub use host::{remove_vips_from_lo, HostError};
 
 /// How often unresolved backends are retried and the plan refreshed.
@@ -49,7 +54,50 @@ pub fn vip_owner(config: &Config) -> Option<&NodeConfig> {
         .find(|node| node.roles.contains(&Role::Balancer))
 }
 
-/// VIPs this node must hold on `lo`: those of DSR services it serves or owns.
+/// True when a `[[vrrp]]` instance carries `vip`: VRRP decides its holder.
+pub fn vrrp_carries(config: &Config, vip: IpAddr) -> bool {
+    config
+        .vrrp
+        .iter()
+        .any(|instance| instance.vips.contains(&vip))
+}
+
+/// True when `node` takes part in a `[[vrrp]]` instance that carries `vip`.
+fn vrrp_candidate(config: &Config, node: &NodeConfig, vip: IpAddr) -> bool {
+    config.vrrp.iter().any(|instance| {
+        instance.vips.contains(&vip) && instance.priority.contains_key(&node.name)
+    })
+}
+
+/// The service VIPs this node holds now: those VRRP made it master for
+/// (`vrrp_owned`), and, for VIPs no VRRP instance carries, all of them if
+/// it is the first balancer.
+pub fn owned_vips(
+    config: &Config,
+    node: &NodeConfig,
+    vrrp_owned: &BTreeSet<IpAddr>,
+) -> Vec<IpAddr> {
+    let first_balancer = vip_owner(config).is_some_and(|owner| owner.name == node.name);
+    let mut vips: Vec<IpAddr> = config
+        .services
+        .iter()
+        .map(|service| service.vip)
+        .filter(|&vip| {
+            if vrrp_carries(config, vip) {
+                vrrp_owned.contains(&vip)
+            } else {
+                first_balancer
+            }
+        })
+        .collect();
+    vips.sort();
+    vips.dedup();
+    vips
+}
+
+/// VIPs this node must hold on `lo`: those of DSR services it serves or
+/// may own (first balancer, or a candidate of the VRRP instance carrying
+/// the VIP, which keeps it on `lo` with ARP suppressed while backup).
 pub fn local_vips(config: &Config, node: &NodeConfig) -> Vec<IpAddr> {
     let owner = vip_owner(config).is_some_and(|owner| owner.name == node.name);
     let mut vips: Vec<IpAddr> = config
@@ -57,7 +105,12 @@ pub fn local_vips(config: &Config, node: &NodeConfig) -> Vec<IpAddr> {
         .iter()
         .filter(|service| service.forwarding == Forwarding::Dsr)
         .filter(|service| {
-            owner
+            let may_own = if vrrp_carries(config, service.vip) {
+                vrrp_candidate(config, node, service.vip)
+            } else {
+                owner
+            };
+            may_own
                 || service
                     .backends
                     .iter()
@@ -77,7 +130,6 @@ pub fn plan(
     local_mac: [u8; 6],
     resolve_mac: &mut dyn FnMut(IpAddr) -> Option<[u8; 6]>,
 ) -> LbPlan {
-    let owner = vip_owner(config).is_some_and(|owner| owner.name == node.name);
     let services: Vec<ServicePlan> = config
         .services
         .iter()
@@ -112,14 +164,7 @@ pub fn plan(
                 .collect(),
         })
         .collect();
-    let owned_vips = if owner {
-        let mut vips: Vec<IpAddr> = services.iter().map(|s| s.vip).collect();
-        vips.sort();
-        vips.dedup();
-        vips
-    } else {
-        Vec::new()
-    };
+    let owned_vips = owned_vips(config, node, &BTreeSet::new());
     LbPlan {
         local_mac,
         services,
@@ -156,6 +201,7 @@ pub async fn run(
     node: NodeConfig,
     mut shutdown: watch::Receiver<bool>,
     keep_on_exit: Arc<AtomicBool>,
+    vrrp: Option<VipOwnership>,
 ) -> Result<(), BalancerError> {
     if config.services.is_empty() {
         return Ok(());
@@ -163,6 +209,16 @@ pub async fn run(
     let iface = node.interface.clone();
     let local_mac = host::interface_mac(&iface)?;
     let mut prepared = host::DsrHost::prepare(&iface, &local_vips(&config, &node))?;
+    // What VRRP says this node holds; an empty set, never changing, when
+    // this node runs no VRRP instance.
+    let (_no_vrrp, owned) = watch::channel(BTreeSet::new());
+    let owned = vrrp.map_or(owned, |vrrp| vrrp.owned);
+    let follower = tokio::spawn(follow_vrrp(
+        maps.clone(),
+        config.clone(),
+        node.clone(),
+        owned.clone(),
+    ));
     let result = async {
         loop {
             let mut resolver = host::NeighborResolver::new(&iface);
@@ -177,14 +233,18 @@ pub async fn run(
                 }
             }
             resolver.resolve_all(&addresses).await;
-            let next = plan(&config, &node, local_mac, &mut |addr| resolver.mac(addr));
+            let mut next = plan(&config, &node, local_mac, &mut |addr| resolver.mac(addr));
             {
                 let mut maps = maps.lock().await;
+                // Read under the lock, so this never undoes a newer VRRP
+                // change that `follow_vrrp` applied meanwhile.
+                next.owned_vips = owned_vips(&config, &node, &owned.borrow());
                 if maps.applied() != &next {
                     log_changes(maps.applied(), &next);
+                    let newly_owned = next.owned_vips != maps.applied().owned_vips;
                     maps.apply(&next)?;
-                    if !next.owned_vips.is_empty() {
-                        info!(vips = ?next.owned_vips, "holding VIPs (first balancer in the cluster file)");
+                    if newly_owned && !next.owned_vips.is_empty() {
+                        info!(vips = ?next.owned_vips, "holding VIPs");
                     }
                 }
             }
@@ -195,12 +255,43 @@ pub async fn run(
         }
     }
     .await;
+    follower.abort();
     if keep_on_exit.load(Ordering::SeqCst) {
         prepared.keep();
     } else {
         prepared.restore();
     }
     result
+}
+
+/// Applies each VRRP ownership change to the maps as soon as it comes:
+/// the applied plan with only `owned_vips` changed, so the data plane
+/// rewrites a few VIP entries and the ownership map, nothing else.
+async fn follow_vrrp(
+    maps: Arc<Mutex<LoadBalancerMaps>>,
+    config: Arc<Config>,
+    node: NodeConfig,
+    mut owned: watch::Receiver<BTreeSet<IpAddr>>,
+) {
+    loop {
+        if owned.changed().await.is_err() {
+            return;
+        }
+        let mut maps = maps.lock().await;
+        // Before the first refresh there is no plan: the refresh reads the
+        // channel itself.
+        if maps.applied().services.is_empty() {
+            continue;
+        }
+        let mut next = maps.applied().clone();
+        next.owned_vips = owned_vips(&config, &node, &owned.borrow_and_update());
+        if next != *maps.applied() {
+            match maps.apply(&next) {
+                Ok(()) => info!(vips = ?next.owned_vips, "VIP ownership from VRRP applied to the data plane"),
+                Err(error) => warn!(error = %crate::error_chain(&error), "cannot apply VIP ownership from VRRP"),
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -26,6 +26,8 @@ pub use self::pooler::{PoolConfig, PoolMode, PoolerConfig, PoolerUser};
 pub use storage::VolumeConfig;
 
 pub mod pooler;
+pub mod vrrp;
+pub use vrrp::{TrackConfig, VrrpConfig};
 
 /// Where pinned maps go unless the cluster or the node says otherwise.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/farol";
@@ -50,6 +52,10 @@ pub struct Config {
     /// The PostgreSQL pooler, when this cluster runs one.
     #[serde(default)]
     pub pooler: Option<PoolerConfig>,
+    /// Virtual routers that move VIPs between nodes, in `[[vrrp]]`
+    /// sections (see `vrrp.rs`).
+    #[serde(default, rename = "vrrp")]
+    pub vrrp: Vec<VrrpConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -334,6 +340,7 @@ impl Config {
         if let Some(pooler) = &self.pooler {
             problems.extend(pooler.validate());
         }
+        vrrp::validate(&self.vrrp, &self.nodes, &mut problems);
         problems
     }
 
