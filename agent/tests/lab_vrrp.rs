@@ -493,7 +493,7 @@ fn keepalived(
     );
     let path = dir.join("keepalived.conf");
     std::fs::write(&path, conf).unwrap();
-    let log = dir.join("keepalived.log");
+    let log = std::fs::File::create(dir.join("keepalived.log")).unwrap();
     let mut command = cluster.lab.command(node, "keepalived");
     command
         .args(["-n", "-l", "-D", "-P", "-f"])
@@ -502,8 +502,8 @@ fn keepalived(
         .arg(dir.join("keepalived.pid"))
         .arg("-r")
         .arg(dir.join("vrrp.pid"))
-        .stdout(std::fs::File::create(&log).unwrap())
-        .stderr(Stdio::null());
+        .stdout(log.try_clone().unwrap())
+        .stderr(log);
     let process = cluster.lab.spawn(node, &mut command, "keepalived").unwrap();
     (process, dir)
 }
@@ -532,8 +532,9 @@ fn keepalived_interop(tag: &str, unicast: bool) {
     };
     // keepalived as nuster2 (backup), the agent as nuster1.
     let mut cluster = cluster(tag, router, &["nuster1", "nuster3", "nuster4"]);
-    let (keepalived2, dir2) = keepalived(&cluster, "nuster2", 100, unicast.then_some("192.0.2.11"));
     wait_state(&cluster, "nuster1", "master", Duration::from_secs(30));
+    // Started under a running master, keepalived must stay backup.
+    let (keepalived2, dir2) = keepalived(&cluster, "nuster2", 100, unicast.then_some("192.0.2.11"));
     wait_for("keepalived to be backup", Duration::from_secs(10), || {
         keepalived_log(&dir2).contains("Entering BACKUP STATE").then_some(())
     })
