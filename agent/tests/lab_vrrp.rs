@@ -70,9 +70,10 @@ fn node_config(base: &Path, node: &str, router: &Router) -> PathBuf {
         "nuster1" => "192.0.2.12",
         _ => "192.0.2.11",
     };
-    let text = std::fs::read_to_string(base)
-        .unwrap()
-        .replace("vips = [", &format!("unicast_peers = [\"{peer}\"]\nvips = ["));
+    let text = std::fs::read_to_string(base).unwrap().replace(
+        "vips = [",
+        &format!("unicast_peers = [\"{peer}\"]\nvips = ["),
+    );
     let path = base.with_file_name(format!("lab-vrrp-{node}.toml"));
     std::fs::write(&path, text).unwrap();
     path
@@ -97,10 +98,10 @@ struct Cluster {
 
 impl Cluster {
     fn start_agent(&mut self, node: &str) {
-        let log = self.dir.0.join(format!(
-            "agent-{node}-{}.log",
-            self.processes.len()
-        ));
+        let log = self
+            .dir
+            .0
+            .join(format!("agent-{node}-{}.log", self.processes.len()));
         let config = node_config(&self.config, node, &self.router);
         let mut agent = self.lab.command(node, AGENT);
         agent
@@ -185,11 +186,13 @@ fn metrics(lab: &Lab, node: &str) -> Option<BTreeMap<String, u64>> {
 /// The VRRP state an agent reports, if it answers.
 fn state(lab: &Lab, node: &str) -> Option<&'static str> {
     let metrics = metrics(lab, node)?;
-    ["master", "backup", "initialize"].into_iter().find(|state| {
-        metrics.get(&format!(
-            "farol_vrrp_state{{instance=\"web\",vrid=\"51\",state=\"{state}\"}}"
-        )) == Some(&1)
-    })
+    ["master", "backup", "initialize"]
+        .into_iter()
+        .find(|state| {
+            metrics.get(&format!(
+                "farol_vrrp_state{{instance=\"web\",vrid=\"51\",state=\"{state}\"}}"
+            )) == Some(&1)
+        })
 }
 
 fn wait_state(cluster: &Cluster, node: &str, wanted: &str, timeout: Duration) -> Duration {
@@ -209,7 +212,9 @@ fn wait_state(cluster: &Cluster, node: &str, wanted: &str, timeout: Duration) ->
 
 fn mac(lab: &Lab, node: &str) -> String {
     // Not /sys/class/net: /sys shows the namespace that mounted it.
-    let out = lab.run(node, "ip", &["-o", "link", "show", "eth0"]).unwrap();
+    let out = lab
+        .run(node, "ip", &["-o", "link", "show", "eth0"])
+        .unwrap();
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     text.split("link/ether ")
         .nth(1)
@@ -363,9 +368,11 @@ fn kill_9_of_the_master_moves_the_vip_and_it_comes_back_with_preemption() {
     eprintln!("nuster2 reported master {took:?} after the kill (100 ms adverts)");
     // nuster2's gratuitous ARPs moved the client to it.
     let nuster2_mac = mac(&cluster.lab, "nuster2");
-    wait_for("the client's ARP entry to move", Duration::from_secs(5), || {
-        (client_vip_mac(&cluster.lab).as_deref() == Some(nuster2_mac.as_str())).then_some(())
-    })
+    wait_for(
+        "the client's ARP entry to move",
+        Duration::from_secs(5),
+        || (client_vip_mac(&cluster.lab).as_deref() == Some(nuster2_mac.as_str())).then_some(()),
+    )
     .unwrap();
     assert!(vip_on_eth0(&cluster.lab, "nuster2"));
     let metrics2 = metrics(&cluster.lab, "nuster2").unwrap();
@@ -386,9 +393,11 @@ fn kill_9_of_the_master_moves_the_vip_and_it_comes_back_with_preemption() {
     wait_state(&cluster, "nuster1", "master", Duration::from_secs(30));
     wait_state(&cluster, "nuster2", "backup", Duration::from_secs(5));
     let nuster1_mac = mac(&cluster.lab, "nuster1");
-    wait_for("the client's ARP entry to return", Duration::from_secs(5), || {
-        (client_vip_mac(&cluster.lab).as_deref() == Some(nuster1_mac.as_str())).then_some(())
-    })
+    wait_for(
+        "the client's ARP entry to return",
+        Duration::from_secs(5),
+        || (client_vip_mac(&cluster.lab).as_deref() == Some(nuster1_mac.as_str())).then_some(()),
+    )
     .unwrap();
     assert!(!vip_on_eth0(&cluster.lab, "nuster2"), "backup gave it up");
     // nuster2 still serves its DSR share: the VIP stays on its lo.
@@ -453,8 +462,8 @@ fn without_preemption_the_returning_node_stays_backup_and_a_clean_stop_hands_ove
     let mut master = cluster.take("agent@nuster1");
     let stopped = Instant::now();
     master.terminate(Duration::from_secs(10)).unwrap();
-    let took = stopped.elapsed()
-        + wait_state(&cluster, "nuster2", "master", Duration::from_secs(10));
+    let took =
+        stopped.elapsed() + wait_state(&cluster, "nuster2", "master", Duration::from_secs(10));
     assert!(
         took < Duration::from_millis(3000),
         "clean stop handed over in {took:?}, not after the master-down interval"
@@ -481,7 +490,9 @@ fn keepalived(
     std::fs::create_dir_all(&dir).unwrap();
     let ip = cluster.lab.node(node).unwrap().ip().to_owned();
     let unicast = unicast_peer
-        .map(|peer| format!("    unicast_src_ip {ip}\n    unicast_peer {{\n        {peer}\n    }}\n"))
+        .map(|peer| {
+            format!("    unicast_src_ip {ip}\n    unicast_peer {{\n        {peer}\n    }}\n")
+        })
         .unwrap_or_default();
     let interval = cluster.router.advert_interval.trim_end_matches("ms");
     let interval: f64 = interval.parse::<f64>().unwrap() / 1000.0;
@@ -536,7 +547,9 @@ fn keepalived_interop(tag: &str, unicast: bool) {
     // Started under a running master, keepalived must stay backup.
     let (keepalived2, dir2) = keepalived(&cluster, "nuster2", 100, unicast.then_some("192.0.2.11"));
     wait_for("keepalived to be backup", Duration::from_secs(10), || {
-        keepalived_log(&dir2).contains("Entering BACKUP STATE").then_some(())
+        keepalived_log(&dir2)
+            .contains("Entering BACKUP STATE")
+            .then_some(())
     })
     .unwrap_or_else(|_| panic!("{}\n{}", keepalived_log(&dir2), cluster.logs()));
     std::thread::sleep(Duration::from_secs(1));
@@ -549,16 +562,20 @@ fn keepalived_interop(tag: &str, unicast: bool) {
     let mut agent = cluster.take("agent@nuster1");
     kill9(&mut agent);
     wait_for("keepalived to be master", Duration::from_secs(5), || {
-        keepalived_log(&dir2).contains("Entering MASTER STATE").then_some(())
+        keepalived_log(&dir2)
+            .contains("Entering MASTER STATE")
+            .then_some(())
     })
     .unwrap_or_else(|_| panic!("{}", keepalived_log(&dir2)));
     assert!(vip_on_eth0(&cluster.lab, "nuster2"));
     // The agent returns and preempts keepalived.
     cluster.start_agent("nuster1");
     wait_state(&cluster, "nuster1", "master", Duration::from_secs(30));
-    wait_for("keepalived to give the VIP up", Duration::from_secs(5), || {
-        (!vip_on_eth0(&cluster.lab, "nuster2")).then_some(())
-    })
+    wait_for(
+        "keepalived to give the VIP up",
+        Duration::from_secs(5),
+        || (!vip_on_eth0(&cluster.lab, "nuster2")).then_some(()),
+    )
     .unwrap_or_else(|_| panic!("{}", keepalived_log(&dir2)));
     let drops = metrics(&cluster.lab, "nuster1").unwrap();
     let dropped: u64 = drops
@@ -566,7 +583,10 @@ fn keepalived_interop(tag: &str, unicast: bool) {
         .filter(|(k, _)| k.starts_with("farol_vrrp_dropped_packets_total"))
         .map(|(_, v)| v)
         .sum();
-    assert_eq!(dropped, 0, "every keepalived advert passed the checks: {drops:?}");
+    assert_eq!(
+        dropped, 0,
+        "every keepalived advert passed the checks: {drops:?}"
+    );
     drop(keepalived2);
 
     // keepalived as nuster1 (master, 150), the agent as nuster2.
@@ -575,7 +595,9 @@ fn keepalived_interop(tag: &str, unicast: bool) {
     cluster.start_agent("nuster2");
     let (keepalived1, dir1) = keepalived(&cluster, "nuster1", 150, unicast.then_some("192.0.2.12"));
     wait_for("keepalived to be master", Duration::from_secs(20), || {
-        keepalived_log(&dir1).contains("Entering MASTER STATE").then_some(())
+        keepalived_log(&dir1)
+            .contains("Entering MASTER STATE")
+            .then_some(())
     })
     .unwrap_or_else(|_| panic!("{}", keepalived_log(&dir1)));
     wait_state(&cluster, "nuster2", "backup", Duration::from_secs(10));

@@ -1,5 +1,6 @@
 //! `cargo xtask COMMAND`: Farol's developer commands.
 
+mod bench_failover;
 mod bench_volume;
 mod demo;
 
@@ -55,6 +56,8 @@ enum BenchName {
     Volume,
     /// pgbench through Farol's pooler vs direct, PgBouncer and pgpool-II.
     Pooler,
+    /// VIP failover: Farol's VRRP pair vs keepalived + HAProxy, 10 ms and 1 s adverts.
+    Failover,
 }
 
 #[derive(Debug, Subcommand)]
@@ -93,6 +96,11 @@ fn main() -> Result<()> {
             }
             BenchName::Pooler => {
                 let report = xtask::bench_pooler::run()?;
+                println!("wrote {}", report.write()?.display());
+                Ok(())
+            }
+            BenchName::Failover => {
+                let report = bench_failover::run()?;
                 println!("wrote {}", report.write()?.display());
                 Ok(())
             }

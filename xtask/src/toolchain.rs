@@ -44,6 +44,14 @@ const PACKAGES: &[(&str, &str)] = &[
     ),
     ("pgbouncer", "the pooler benchmark's PgBouncer baseline"),
     ("pgpool2", "the pooler benchmark's pgpool-II baseline"),
+    (
+        "keepalived",
+        "the VRRP peer of the failover lab tests and benchmark",
+    ),
+    (
+        "haproxy",
+        "the balancer behind keepalived in the failover benchmark",
+    ),
 ];
 
 /// bpf-linker's release line that links against LLVM 22.

@@ -25,11 +25,11 @@ use tracing::{info, warn};
 
 use crate::{
     config::{Config, Forwarding, NodeConfig, Role},
-    vrrp::VipOwnership,
     dataplane::{
         lb::{BackendPlan, LbPlan, LoadBalancerMaps, ServicePlan},
         DataplaneError,
     },
+    vrrp::VipOwnership,
 };
 
 pub(crate) use host::interface_mac;
@@ -64,9 +64,10 @@ pub fn vrrp_carries(config: &Config, vip: IpAddr) -> bool {
 
 /// True when `node` takes part in a `[[vrrp]]` instance that carries `vip`.
 fn vrrp_candidate(config: &Config, node: &NodeConfig, vip: IpAddr) -> bool {
-    config.vrrp.iter().any(|instance| {
-        instance.vips.contains(&vip) && instance.priority.contains_key(&node.name)
-    })
+    config
+        .vrrp
+        .iter()
+        .any(|instance| instance.vips.contains(&vip) && instance.priority.contains_key(&node.name))
 }
 
 /// The service VIPs this node holds now: those VRRP made it master for
@@ -212,12 +213,14 @@ pub async fn run(
     // What VRRP says this node holds; an empty set, never changing, when
     // this node runs no VRRP instance.
     let (_no_vrrp, owned) = watch::channel(BTreeSet::new());
-    let owned = vrrp.map_or(owned, |vrrp| vrrp.owned);
+    let (applied, _) = watch::channel(BTreeSet::new());
+    let (owned, applied) = vrrp.map_or((owned, applied), |vrrp| (vrrp.owned, vrrp.applied));
     let follower = tokio::spawn(follow_vrrp(
         maps.clone(),
         config.clone(),
         node.clone(),
         owned.clone(),
+        applied.clone(),
     ));
     let result = async {
         loop {
@@ -243,6 +246,7 @@ pub async fn run(
                     log_changes(maps.applied(), &next);
                     let newly_owned = next.owned_vips != maps.applied().owned_vips;
                     maps.apply(&next)?;
+                    applied.send_replace(next.owned_vips.iter().copied().collect());
                     if newly_owned && !next.owned_vips.is_empty() {
                         info!(vips = ?next.owned_vips, "holding VIPs");
                     }
@@ -272,6 +276,7 @@ async fn follow_vrrp(
     config: Arc<Config>,
     node: NodeConfig,
     mut owned: watch::Receiver<BTreeSet<IpAddr>>,
+    applied: watch::Sender<BTreeSet<IpAddr>>,
 ) {
     loop {
         if owned.changed().await.is_err() {
@@ -287,8 +292,13 @@ async fn follow_vrrp(
         next.owned_vips = owned_vips(&config, &node, &owned.borrow_and_update());
         if next != *maps.applied() {
             match maps.apply(&next) {
-                Ok(()) => info!(vips = ?next.owned_vips, "VIP ownership from VRRP applied to the data plane"),
-                Err(error) => warn!(error = %crate::error_chain(&error), "cannot apply VIP ownership from VRRP"),
+                Ok(()) => {
+                    applied.send_replace(next.owned_vips.iter().copied().collect());
+                    info!(vips = ?next.owned_vips, "VIP ownership from VRRP applied to the data plane");
+                }
+                Err(error) => {
+                    warn!(error = %crate::error_chain(&error), "cannot apply VIP ownership from VRRP")
+                }
             }
         }
     }

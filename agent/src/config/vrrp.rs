@@ -137,7 +137,11 @@ impl VrrpConfig {
 }
 
 /// The rules `agent check-config` applies to `[[vrrp]]`.
-pub(super) fn validate(instances: &[VrrpConfig], nodes: &[NodeConfig], problems: &mut Vec<Problem>) {
+pub(super) fn validate(
+    instances: &[VrrpConfig],
+    nodes: &[NodeConfig],
+    problems: &mut Vec<Problem>,
+) {
     let mut problem = |key: String, message: String| problems.push(Problem { key, message });
     let mut names = HashSet::new();
     let mut vrids = HashSet::new();
@@ -155,7 +159,10 @@ pub(super) fn validate(instances: &[VrrpConfig], nodes: &[NodeConfig], problems:
         } else if !names.insert(instance.name.as_str()) {
             problem(
                 at("name"),
-                format!("{:?} is already the name of another instance", instance.name),
+                format!(
+                    "{:?} is already the name of another instance",
+                    instance.name
+                ),
             );
         }
         if instance.vrid == 0 {
@@ -205,7 +212,10 @@ pub(super) fn validate(instances: &[VrrpConfig], nodes: &[NodeConfig], problems:
         if instance.vips.len() > 255 {
             problem(
                 at("vips"),
-                format!("at most 255 addresses fit an advert, got {}", instance.vips.len()),
+                format!(
+                    "at most 255 addresses fit an advert, got {}",
+                    instance.vips.len()
+                ),
             );
         }
         for (v, vip) in instance.vips.iter().enumerate() {
@@ -216,12 +226,19 @@ pub(super) fn validate(instances: &[VrrpConfig], nodes: &[NodeConfig], problems:
                     format!("{vip}: only IPv4 virtual routers are supported in this version"),
                 ),
                 IpAddr::V4(v4) => {
-                    if v4.is_unspecified() || v4.is_multicast() || v4.is_loopback() || v4.is_broadcast() {
+                    if v4.is_unspecified()
+                        || v4.is_multicast()
+                        || v4.is_loopback()
+                        || v4.is_broadcast()
+                    {
                         problem(key, format!("expected a unicast address, got {vip}"));
                     } else if nodes.iter().any(|node| node.address.addr() == *vip) {
                         problem(key, format!("{vip} is a node's own address"));
                     } else if !nodes.iter().any(|node| node.address.contains(vip)) {
-                        problem(key, format!("{vip} is in no node's subnet: VRRP moves it on one LAN"));
+                        problem(
+                            key,
+                            format!("{vip} is in no node's subnet: VRRP moves it on one LAN"),
+                        );
                     } else if !all_vips.insert(*vip) {
                         problem(key, format!("{vip} is already carried by another instance"));
                     }
@@ -229,7 +246,11 @@ pub(super) fn validate(instances: &[VrrpConfig], nodes: &[NodeConfig], problems:
             }
         }
         for (p, peer) in instance.unicast_peers.iter().enumerate() {
-            if peer.is_unspecified() || peer.is_multicast() || peer.is_loopback() || peer.is_broadcast() {
+            if peer.is_unspecified()
+                || peer.is_multicast()
+                || peer.is_loopback()
+                || peer.is_broadcast()
+            {
                 problem(
                     format!("vrrp[{index}].unicast_peers[{p}]"),
                     format!("expected a unicast address, got {peer}"),
@@ -259,14 +280,20 @@ pub(super) fn validate(instances: &[VrrpConfig], nodes: &[NodeConfig], problems:
                 }
                 (None, Some(command)) => {
                     if command.trim().is_empty() {
-                        problem(at("command"), "expected a command, got an empty string".into());
+                        problem(
+                            at("command"),
+                            "expected a command, got an empty string".into(),
+                        );
                     }
                 }
             }
             if !(-254..=-1).contains(&track.weight) {
                 problem(
                     at("weight"),
-                    format!("expected -254..=-1 (the priority drops while failing), got {}", track.weight),
+                    format!(
+                        "expected -254..=-1 (the priority drops while failing), got {}",
+                        track.weight
+                    ),
                 );
             }
             if track.every < Duration::from_millis(10) {

@@ -75,7 +75,11 @@ pub enum Action {
     SendAdvert { priority: u8 },
     /// The state changed; to Master means: own the VIPs and send
     /// gratuitous ARPs; from Master: give them up.
-    Transition { from: State, to: State, reason: Reason },
+    Transition {
+        from: State,
+        to: State,
+        reason: Reason,
+    },
     /// Another master was heard while this node is master.
     MastersMet { peer: Ipv4Addr, won: bool },
     /// Send gratuitous ARPs again (the winner of a split brain).
@@ -306,14 +310,20 @@ impl Fsm {
             self.master_adver_interval = interval;
             let transition = self.become_backup(now, Reason::HigherPriorityMaster);
             return vec![
-                Action::MastersMet { peer: from, won: false },
+                Action::MastersMet {
+                    peer: from,
+                    won: false,
+                },
                 transition,
             ];
         }
         // We win: the RFC discards the advert; we also answer at once so
         // the other master leaves now, and re-announce our MAC.
         let mut actions = vec![
-            Action::MastersMet { peer: from, won: true },
+            Action::MastersMet {
+                peer: from,
+                won: true,
+            },
             Action::SendAdvert {
                 priority: self.priority,
             },

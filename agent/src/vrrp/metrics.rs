@@ -45,7 +45,9 @@ struct Inner {
 impl VrrpStats {
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         // A panic while holding this lock leaves plain counters: usable.
-        self.inner.lock().unwrap_or_else(|poison| poison.into_inner())
+        self.inner
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
     }
 
     pub(super) fn add_instance(&self, name: &str, vrid: u8, priority: u8) -> usize {
@@ -74,7 +76,10 @@ impl VrrpStats {
     pub(super) fn add_interface(&self, interface: &str) {
         let mut inner = self.lock();
         for reason in DropReason::ALL {
-            inner.drops.entry((interface.to_owned(), reason)).or_insert(0);
+            inner
+                .drops
+                .entry((interface.to_owned(), reason))
+                .or_insert(0);
         }
     }
 
@@ -118,7 +123,8 @@ impl Collector for VrrpCollector {
             let inner = self.stats.lock();
             (inner.instances.clone(), inner.drops.clone())
         };
-        let labels = |i: &InstanceStats| [("instance", i.name.clone()), ("vrid", i.vrid.to_string())];
+        let labels =
+            |i: &InstanceStats| [("instance", i.name.clone()), ("vrid", i.vrid.to_string())];
 
         let mut state = encoder.encode_descriptor(
             "farol_vrrp_state",
@@ -146,9 +152,8 @@ impl Collector for VrrpCollector {
         )?;
         for instance in &instances {
             let [a, b] = labels(instance);
-            ConstGauge::new(i64::from(instance.priority)).encode(
-                priority.encode_family(&[(a.0, a.1.as_str()), (b.0, b.1.as_str())])?,
-            )?;
+            ConstGauge::new(i64::from(instance.priority))
+                .encode(priority.encode_family(&[(a.0, a.1.as_str()), (b.0, b.1.as_str())])?)?;
         }
         let mut transitions = encoder.encode_descriptor(
             "farol_vrrp_transitions",
@@ -168,7 +173,9 @@ impl Collector for VrrpCollector {
             }
         }
         let per_instance: [(&str, &str, fn(&InstanceStats) -> u64); 4] = [
-            ("farol_vrrp_adverts_sent", "Adverts sent", |i| i.adverts_sent),
+            ("farol_vrrp_adverts_sent", "Adverts sent", |i| {
+                i.adverts_sent
+            }),
             (
                 "farol_vrrp_adverts_received",
                 "Adverts accepted for this virtual router",
@@ -189,9 +196,8 @@ impl Collector for VrrpCollector {
             let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
             for instance in &instances {
                 let [a, b] = labels(instance);
-                ConstCounter::new(get(instance)).encode(
-                    family.encode_family(&[(a.0, a.1.as_str()), (b.0, b.1.as_str())])?,
-                )?;
+                ConstCounter::new(get(instance))
+                    .encode(family.encode_family(&[(a.0, a.1.as_str()), (b.0, b.1.as_str())])?)?;
             }
         }
         let mut dropped = encoder.encode_descriptor(
@@ -204,7 +210,10 @@ impl Collector for VrrpCollector {
             drops.keys().map(|(interface, _)| interface).collect();
         for interface in interfaces {
             for reason in DropReason::ALL {
-                let count = drops.get(&(interface.clone(), reason)).copied().unwrap_or(0);
+                let count = drops
+                    .get(&(interface.clone(), reason))
+                    .copied()
+                    .unwrap_or(0);
                 ConstCounter::new(count).encode(dropped.encode_family(&[
                     ("interface", interface.as_str()),
                     ("reason", reason.as_str()),

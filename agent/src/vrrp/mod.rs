@@ -73,6 +73,10 @@ pub struct VipOwnership {
     pub managed: BTreeSet<IpAddr>,
     /// Of those, the ones this node is master for now.
     pub owned: watch::Receiver<BTreeSet<IpAddr>>,
+    /// The balancer publishes here the VIPs the data plane holds once the
+    /// maps say so: gratuitous ARPs wait for it, so that no client is sent
+    /// to this node before its XDP program balances for the VIP.
+    pub applied: watch::Sender<BTreeSet<IpAddr>>,
 }
 
 /// The instances `node` takes part in.
@@ -90,6 +94,10 @@ pub struct Setup {
     pub ownership: VipOwnership,
     pub stats: Arc<VrrpStats>,
     owned: watch::Sender<BTreeSet<IpAddr>>,
+    applied: watch::Receiver<BTreeSet<IpAddr>>,
+    /// VIPs of `[[service]]` sections: those the data plane must hold
+    /// before gratuitous ARPs go out.
+    service_vips: BTreeSet<IpAddr>,
 }
 
 impl Setup {
@@ -104,13 +112,17 @@ impl Setup {
             .flat_map(|instance| instance.vips.iter().copied())
             .collect();
         let (owned, receiver) = watch::channel(BTreeSet::new());
+        let (applied_tx, applied) = watch::channel(BTreeSet::new());
         Some(Setup {
             ownership: VipOwnership {
                 managed,
                 owned: receiver,
+                applied: applied_tx,
             },
             stats: Arc::new(VrrpStats::default()),
             owned,
+            applied,
+            service_vips: config.services.iter().map(|service| service.vip).collect(),
         })
     }
 }
@@ -147,14 +159,24 @@ enum Event {
 }
 
 enum HostOp {
-    Add { index: u32, interface: String, vip: Ipv4Addr },
-    Remove { index: u32, interface: String, vip: Ipv4Addr },
+    Add {
+        index: u32,
+        interface: String,
+        vip: Ipv4Addr,
+    },
+    Remove {
+        index: u32,
+        interface: String,
+        vip: Ipv4Addr,
+    },
 }
 
 struct Router {
     instances: Vec<Instance>,
     sockets: Vec<Arc<VrrpSocket>>,
     owned: watch::Sender<BTreeSet<IpAddr>>,
+    applied: watch::Receiver<BTreeSet<IpAddr>>,
+    service_vips: BTreeSet<IpAddr>,
     stats: Arc<VrrpStats>,
     host: mpsc::UnboundedSender<HostOp>,
 }
@@ -195,13 +217,15 @@ pub async fn run(
             socket_of.insert(interface.clone(), sockets.len());
             sockets.push(Arc::new(socket));
             setup.stats.add_interface(&interface);
-            let mac = crate::balancer::interface_mac(&interface).map_err(|source| {
-                VrrpError::Mac {
+            let mac =
+                crate::balancer::interface_mac(&interface).map_err(|source| VrrpError::Mac {
                     interface: interface.clone(),
                     source,
-                }
-            })?;
-            garps.insert(interface.clone(), Arc::new(GarpSender::open(&interface, mac)?));
+                })?;
+            garps.insert(
+                interface.clone(),
+                Arc::new(GarpSender::open(&interface, mac)?),
+            );
         }
         let priority = config.priority[&node.name];
         let interface_index = net::interface_index(&interface)?;
@@ -227,7 +251,9 @@ pub async fn run(
             socket: socket_of[&interface],
             garp: garps[&interface].clone(),
             garp_task: None,
-            stats_index: setup.stats.add_instance(&config.name, config.vrid, priority),
+            stats_index: setup
+                .stats
+                .add_instance(&config.name, config.vrid, priority),
             config: config.clone(),
             interface,
             interface_index,
@@ -262,6 +288,8 @@ pub async fn run(
         instances,
         sockets,
         owned: setup.owned,
+        applied: setup.applied,
+        service_vips: setup.service_vips,
         stats: setup.stats,
         host,
     };
@@ -391,7 +419,9 @@ async fn apply_host_ops(mut ops: mpsc::UnboundedReceiver<HostOp>, addresses: Add
                 vip,
             } => match addresses.add(index, vip).await {
                 Ok(()) => info!(%vip, %interface, "VIP added to the interface"),
-                Err(error) => warn!(%vip, %interface, %error, "cannot add the VIP to the interface"),
+                Err(error) => {
+                    warn!(%vip, %interface, %error, "cannot add the VIP to the interface")
+                }
             },
             HostOp::Remove {
                 index,
@@ -625,7 +655,8 @@ impl Router {
         });
         let vips: Vec<IpAddr> = instance.vips.iter().map(|&v| IpAddr::V4(v)).collect();
         if to == State::Master {
-            self.owned.send_modify(|owned| owned.extend(vips.iter().copied()));
+            self.owned
+                .send_modify(|owned| owned.extend(vips.iter().copied()));
             self.gratuitous_arps(i, true);
             let instance = &self.instances[i];
             for &vip in &instance.vips {
@@ -657,9 +688,11 @@ impl Router {
         self.notify(i, to);
     }
 
-    /// One round of gratuitous ARPs now, the rest of the burst (and the
-    /// repeat, on becoming master) from a task.
-    fn gratuitous_arps(&mut self, i: usize, with_repeat: bool) {
+    /// Gratuitous ARPs: a burst of `garp_count` rounds (and, on becoming
+    /// master, a repeat later), from a task. On becoming master the first
+    /// round waits until the data plane holds the VIPs (at most 100 ms:
+    /// a balancer that cannot apply them must not keep the LAN waiting).
+    fn gratuitous_arps(&mut self, i: usize, becoming_master: bool) {
         let instance = &mut self.instances[i];
         let send_round = {
             let garp = instance.garp.clone();
@@ -673,7 +706,13 @@ impl Router {
                 }
             }
         };
-        send_round();
+        let needed: BTreeSet<IpAddr> = instance
+            .vips
+            .iter()
+            .map(|&vip| IpAddr::V4(vip))
+            .filter(|vip| self.service_vips.contains(vip))
+            .collect();
+        let mut applied = self.applied.clone();
         let count = instance.config.garp_count;
         let interval = instance.config.garp_interval;
         let repeat_after = instance.config.garp_repeat_after;
@@ -681,13 +720,22 @@ impl Router {
             task.abort();
         }
         instance.garp_task = Some(tokio::spawn(async move {
-            for _ in 1..count {
-                if !interval.is_zero() {
+            if becoming_master && !needed.is_empty() {
+                let held = applied.wait_for(|applied| needed.is_subset(applied));
+                if tokio::time::timeout(Duration::from_millis(100), held)
+                    .await
+                    .is_err()
+                {
+                    warn!(vips = ?needed, "the data plane did not hold the VIPs within 100 ms; announcing them anyway");
+                }
+            }
+            for round in 0..count {
+                if round > 0 && !interval.is_zero() {
                     tokio::time::sleep(interval).await;
                 }
                 send_round();
             }
-            if with_repeat && !repeat_after.is_zero() {
+            if becoming_master && !repeat_after.is_zero() {
                 tokio::time::sleep(repeat_after).await;
                 for round in 0..count {
                     if round > 0 && !interval.is_zero() {
@@ -716,7 +764,13 @@ impl Router {
         let commands = specific
             .map(|command| (command.clone(), false))
             .into_iter()
-            .chain(instance.config.notify.clone().map(|command| (command, true)));
+            .chain(
+                instance
+                    .config
+                    .notify
+                    .clone()
+                    .map(|command| (command, true)),
+            );
         for (command, with_arguments) in commands {
             let mut child = tokio::process::Command::new("sh");
             child.arg("-c").stdin(std::process::Stdio::null());

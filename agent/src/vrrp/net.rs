@@ -67,8 +67,9 @@ impl VrrpSocket {
             .map_err(error("set non-blocking"))?;
         // SAFETY: the socket is owned by the AsyncFd from here on and is
         // closed only when it is dropped (the I/O safety `register` asks).
-        let socket = unsafe { AsyncFd::register_with_interest(socket, tokio::io::Interest::READABLE) }
-            .map_err(|registration| error("register with tokio")(registration.into()))?;
+        let socket =
+            unsafe { AsyncFd::register_with_interest(socket, tokio::io::Interest::READABLE) }
+                .map_err(|registration| error("register with tokio")(registration.into()))?;
         Ok(VrrpSocket {
             socket,
             interface: interface.to_owned(),
@@ -90,10 +91,7 @@ impl VrrpSocket {
     /// full send buffer is an error, counted by the caller).
     pub(super) fn send(&self, packet: &[u8], destination: Ipv4Addr) -> std::io::Result<()> {
         let address = SockAddr::from(SocketAddrV4::new(destination, 0));
-        self.socket
-            .get_ref()
-            .send_to(packet, &address)
-            .map(|_| ())
+        self.socket.get_ref().send_to(packet, &address).map(|_| ())
     }
 }
 
@@ -202,14 +200,8 @@ impl GarpSender {
     pub(super) fn send(&self, vip: Ipv4Addr) -> std::io::Result<()> {
         let frame = garp_frame(self.mac, vip);
         // SAFETY: frame is a valid buffer of its length; fd is bound.
-        let sent = unsafe {
-            libc::send(
-                self.fd.as_raw_fd(),
-                frame.as_ptr().cast(),
-                frame.len(),
-                0,
-            )
-        };
+        let sent =
+            unsafe { libc::send(self.fd.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
         if sent < 0 {
             return Err(std::io::Error::last_os_error());
         }
@@ -257,9 +249,7 @@ impl AddressManager {
             .execute()
             .await
         {
-            Err(rtnetlink::Error::NetlinkError(message))
-                if message.raw_code() == -libc::EEXIST =>
-            {
+            Err(rtnetlink::Error::NetlinkError(message)) if message.raw_code() == -libc::EEXIST => {
                 Ok(())
             }
             other => other,

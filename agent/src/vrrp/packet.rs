@@ -260,8 +260,7 @@ mod tests {
         assert_eq!(&bytes[8..], &VIP.octets());
         // Recomputed by hand: words of the pseudo-header and the message.
         let words: u32 = [
-            0xc000u32, 0x020b, 0xe000, 0x0012, 0x0070, 12, 0x3133, 0x9601, 0x0001, 0xc000,
-            0x0264,
+            0xc000u32, 0x020b, 0xe000, 0x0012, 0x0070, 12, 0x3133, 0x9601, 0x0001, 0xc000, 0x0264,
         ]
         .iter()
         .sum();
@@ -321,7 +320,11 @@ mod tests {
                 p[20] = (version << 4) | 1;
                 fix_checksum(p);
             });
-            assert_eq!(result.unwrap_err(), DropReason::Version, "version {version}");
+            assert_eq!(
+                result.unwrap_err(),
+                DropReason::Version,
+                "version {version}"
+            );
         }
     }
 

@@ -56,13 +56,13 @@ fn skew_and_master_down_interval_follow_the_rfc_formulas() {
     let fsm = Fsm::new(params(100, SECOND));
     // (256 - 100) * 1 s / 256 = 609.375 ms; 3 s + skew.
     assert_eq!(fsm.skew_time(), Duration::from_micros(609_375));
-    assert_eq!(
-        fsm.master_down_interval(),
-        Duration::from_micros(3_609_375)
-    );
+    assert_eq!(fsm.master_down_interval(), Duration::from_micros(3_609_375));
     let fast = Fsm::new(params(100, CS));
     // The floor quoted in the issue: 36.1 ms with 10 ms adverts.
-    assert_eq!(fast.master_down_interval(), Duration::from_nanos(36_093_750));
+    assert_eq!(
+        fast.master_down_interval(),
+        Duration::from_nanos(36_093_750)
+    );
     let owner = Fsm::new(params(255, SECOND));
     assert_eq!(owner.skew_time(), Duration::from_nanos(3_906_250));
 }
@@ -88,7 +88,9 @@ fn a_non_owner_starts_as_backup_with_the_master_down_timer() {
 fn backup_takes_over_after_master_down_interval() {
     let (mut fsm, t0) = backup(100, CS);
     let down = fsm.master_down_interval();
-    assert!(fsm.on_timer(t0 + down - Duration::from_micros(1)).is_empty());
+    assert!(fsm
+        .on_timer(t0 + down - Duration::from_micros(1))
+        .is_empty());
     assert_eq!(fsm.state(), State::Backup);
     let actions = fsm.on_timer(t0 + down);
     assert_eq!(sent(&actions), vec![100], "advert first");
