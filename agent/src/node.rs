@@ -136,14 +136,29 @@ pub async fn run(plan: NodePlan, mut shutdown: watch::Receiver<bool>) -> Result<
         )));
     }
     let ownership = vrrp.as_ref().map(|vrrp| vrrp.ownership.clone());
-    let vrrp_task = vrrp.map(|vrrp| {
-        tokio::spawn(crate::vrrp::run(
-            vrrp,
-            plan.config.clone(),
-            plan.node.clone(),
-            shutdown.clone(),
-        ))
-    });
+    let vrrp_task = match vrrp {
+        Some(vrrp) => {
+            let done = crate::vrrp::spawn_dedicated(
+                vrrp,
+                plan.config.clone(),
+                plan.node.clone(),
+                shutdown.clone(),
+            );
+            Some(tokio::spawn(async move {
+                // Logged when it happens, not at shutdown: until fixed, this
+                // node never holds a VRRP VIP.
+                let result = match done {
+                    Ok(done) => done.await.unwrap_or(Ok(())),
+                    Err(source) => Err(crate::vrrp::VrrpError::Runtime(source)),
+                };
+                if let Err(error) = &result {
+                    tracing::error!(error = %crate::error_chain(error), "VRRP failed: this node holds no VRRP VIP");
+                }
+                result
+            }))
+        }
+        None => None,
+    };
     info!(node = %plan.node.name, metrics = %plan.metrics_listen, "agent running");
 
     let mut balancer = tokio::spawn(balancer::run(
@@ -197,9 +212,7 @@ pub async fn run(plan: NodePlan, mut shutdown: watch::Receiver<bool>) -> Result<
         }
         match task.await {
             Ok(Ok(())) => {}
-            Ok(Err(error)) => {
-                tracing::error!(error = %crate::error_chain(&error), "VRRP failed: this node holds no VRRP VIP")
-            }
+            Ok(Err(_logged)) => {}
             Err(error) if error.is_cancelled() => {}
             Err(error) => warn!(%error, "VRRP task panicked"),
         }

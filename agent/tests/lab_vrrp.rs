@@ -233,6 +233,24 @@ fn client_vip_mac(lab: &Lab) -> Option<String> {
         .map(str::to_owned)
 }
 
+/// Waits until the client's ARP entry for the VIP is `node`'s MAC.
+fn wait_client_on(cluster: &Cluster, node: &str, timeout: Duration) {
+    let wanted = mac(&cluster.lab, node);
+    if wait_for(
+        &format!("the client's ARP entry on {node}"),
+        timeout,
+        || (client_vip_mac(&cluster.lab).as_deref() == Some(wanted.as_str())).then_some(()),
+    )
+    .is_err()
+    {
+        panic!(
+            "the client's ARP entry is {:?}, not {node}'s {wanted}\n{}",
+            client_vip_mac(&cluster.lab),
+            cluster.logs()
+        );
+    }
+}
+
 fn vip_on_eth0(lab: &Lab, node: &str) -> bool {
     let out = lab
         .run(node, "ip", &["-o", "addr", "show", "dev", "eth0"])
@@ -355,10 +373,8 @@ fn kill_9_of_the_master_moves_the_vip_and_it_comes_back_with_preemption() {
         return;
     }
     let mut cluster = elected("vrkill", Router::default());
-    assert_eq!(
-        client_vip_mac(&cluster.lab).as_deref(),
-        Some(mac(&cluster.lab, "nuster1").as_str())
-    );
+    // (nuster2 may have held the VIP for a moment at start-up.)
+    wait_client_on(&cluster, "nuster1", Duration::from_secs(5));
     let long_lived = LongLived::start(&cluster, 8);
     std::thread::sleep(Duration::from_millis(500));
 
@@ -367,13 +383,7 @@ fn kill_9_of_the_master_moves_the_vip_and_it_comes_back_with_preemption() {
     let took = wait_state(&cluster, "nuster2", "master", Duration::from_secs(5));
     eprintln!("nuster2 reported master {took:?} after the kill (100 ms adverts)");
     // nuster2's gratuitous ARPs moved the client to it.
-    let nuster2_mac = mac(&cluster.lab, "nuster2");
-    wait_for(
-        "the client's ARP entry to move",
-        Duration::from_secs(5),
-        || (client_vip_mac(&cluster.lab).as_deref() == Some(nuster2_mac.as_str())).then_some(()),
-    )
-    .unwrap();
+    wait_client_on(&cluster, "nuster2", Duration::from_secs(5));
     assert!(vip_on_eth0(&cluster.lab, "nuster2"));
     let metrics2 = metrics(&cluster.lab, "nuster2").unwrap();
     assert!(
@@ -392,13 +402,7 @@ fn kill_9_of_the_master_moves_the_vip_and_it_comes_back_with_preemption() {
     cluster.start_agent("nuster1");
     wait_state(&cluster, "nuster1", "master", Duration::from_secs(30));
     wait_state(&cluster, "nuster2", "backup", Duration::from_secs(5));
-    let nuster1_mac = mac(&cluster.lab, "nuster1");
-    wait_for(
-        "the client's ARP entry to return",
-        Duration::from_secs(5),
-        || (client_vip_mac(&cluster.lab).as_deref() == Some(nuster1_mac.as_str())).then_some(()),
-    )
-    .unwrap();
+    wait_client_on(&cluster, "nuster1", Duration::from_secs(5));
     assert!(!vip_on_eth0(&cluster.lab, "nuster2"), "backup gave it up");
     // nuster2 still serves its DSR share: the VIP stays on its lo.
     let lo = cluster
@@ -456,7 +460,12 @@ fn without_preemption_the_returning_node_stays_backup_and_a_clean_stop_hands_ove
         advert_interval: "1s",
         ..Router::default()
     };
-    let mut cluster = elected("vrnopre", router);
+    // Without preemption the first master stays: nuster1 starts first.
+    let mut cluster = cluster("vrnopre", router, &["nuster1", "nuster3", "nuster4"]);
+    wait_state(&cluster, "nuster1", "master", Duration::from_secs(30));
+    cluster.start_agent("nuster2");
+    wait_state(&cluster, "nuster2", "backup", Duration::from_secs(30));
+    wait_http(&cluster);
     // A clean stop sends priority 0: nuster2 takes over after its skew
     // time (~0.6 s), well before the master-down interval (3.6 s).
     let mut master = cluster.take("agent@nuster1");
@@ -477,6 +486,62 @@ fn without_preemption_the_returning_node_stays_backup_and_a_clean_stop_hands_ove
     assert_eq!(state(&cluster.lab, "nuster1"), Some("backup"));
     assert_eq!(state(&cluster.lab, "nuster2"), Some("master"));
     assert!(http_ok(&cluster.lab));
+}
+
+/// Cuts (or restores) the LAN between the two balancers only: isolated
+/// bridge ports reach the other ports but not each other.
+fn isolate_balancers(lab: &Lab, on: bool) {
+    for node in ["nuster1", "nuster2"] {
+        let out = std::process::Command::new("ip")
+            .args(["-n", &lab.netns("lan"), "link", "set", "dev", node])
+            .args([
+                "type",
+                "bridge_slave",
+                "isolated",
+                if on { "on" } else { "off" },
+            ])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+    }
+}
+
+fn masters_met(lab: &Lab, node: &str) -> u64 {
+    metrics(lab, node).unwrap()["farol_vrrp_masters_met_total{instance=\"web\",vrid=\"51\"}"]
+}
+
+#[test]
+fn two_masters_meeting_after_a_partition_heal_at_once() {
+    if !support::privileged("two_masters_meeting_after_a_partition_heal_at_once") {
+        return;
+    }
+    let cluster = elected("vrsplit", Router::default());
+    isolate_balancers(&cluster.lab, true);
+    wait_state(&cluster, "nuster2", "master", Duration::from_secs(5));
+    assert_eq!(
+        state(&cluster.lab, "nuster1"),
+        Some("master"),
+        "split brain"
+    );
+    // (The start-up election may already have counted a meeting.)
+    let met_before = (
+        masters_met(&cluster.lab, "nuster1"),
+        masters_met(&cluster.lab, "nuster2"),
+    );
+
+    isolate_balancers(&cluster.lab, false);
+    let healed = wait_state(&cluster, "nuster2", "backup", Duration::from_secs(5));
+    assert!(
+        healed < Duration::from_secs(1),
+        "the loser left {healed:?} after the partition healed"
+    );
+    assert_eq!(state(&cluster.lab, "nuster1"), Some("master"));
+    assert!(masters_met(&cluster.lab, "nuster1") > met_before.0);
+    assert!(masters_met(&cluster.lab, "nuster2") > met_before.1);
+    // The winner's gratuitous ARPs bring the client back.
+    wait_client_on(&cluster, "nuster1", Duration::from_secs(3));
+    assert!(!vip_on_eth0(&cluster.lab, "nuster2"));
+    wait_http(&cluster);
 }
 
 /// keepalived's VRRPv3 instance for one node, in its own directory.

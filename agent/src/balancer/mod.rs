@@ -213,7 +213,7 @@ pub async fn run(
     // What VRRP says this node holds; an empty set, never changing, when
     // this node runs no VRRP instance.
     let (_no_vrrp, owned) = watch::channel(BTreeSet::new());
-    let (applied, _) = watch::channel(BTreeSet::new());
+    let (applied, _) = watch::channel(None);
     let (owned, applied) = vrrp.map_or((owned, applied), |vrrp| (vrrp.owned, vrrp.applied));
     let follower = tokio::spawn(follow_vrrp(
         maps.clone(),
@@ -246,7 +246,7 @@ pub async fn run(
                     log_changes(maps.applied(), &next);
                     let newly_owned = next.owned_vips != maps.applied().owned_vips;
                     maps.apply(&next)?;
-                    applied.send_replace(next.owned_vips.iter().copied().collect());
+                    applied.send_replace(Some(next.owned_vips.iter().copied().collect()));
                     if newly_owned && !next.owned_vips.is_empty() {
                         info!(vips = ?next.owned_vips, "holding VIPs");
                     }
@@ -276,7 +276,7 @@ async fn follow_vrrp(
     config: Arc<Config>,
     node: NodeConfig,
     mut owned: watch::Receiver<BTreeSet<IpAddr>>,
-    applied: watch::Sender<BTreeSet<IpAddr>>,
+    applied: watch::Sender<Option<BTreeSet<IpAddr>>>,
 ) {
     loop {
         if owned.changed().await.is_err() {
@@ -293,7 +293,7 @@ async fn follow_vrrp(
         if next != *maps.applied() {
             match maps.apply(&next) {
                 Ok(()) => {
-                    applied.send_replace(next.owned_vips.iter().copied().collect());
+                    applied.send_replace(Some(next.owned_vips.iter().copied().collect()));
                     info!(vips = ?next.owned_vips, "VIP ownership from VRRP applied to the data plane");
                 }
                 Err(error) => {

@@ -15,8 +15,9 @@ fn mac_of(addr: IpAddr) -> Option<[u8; 6]> {
 }
 
 #[test]
-fn the_first_balancer_holds_the_vips() {
-    let config = config();
+fn the_first_balancer_holds_the_vips_no_vrrp_instance_carries() {
+    let mut config = config();
+    config.vrrp.clear();
     assert_eq!(vip_owner(&config).unwrap().name, "nuster1");
     let nuster1 = config.node(Path::new("lab"), "nuster1").unwrap();
     let nuster2 = config.node(Path::new("lab"), "nuster2").unwrap();
@@ -77,4 +78,39 @@ fn backends_and_the_owner_hold_the_vip_on_lo() {
         let vips = local_vips(&config, node);
         assert!(!vips.is_empty(), "{} serves the web service", node.name);
     }
+}
+
+#[test]
+fn vrrp_decides_who_holds_the_vips_it_carries() {
+    let config = config();
+    let vip: IpAddr = "192.0.2.100".parse().unwrap();
+    assert!(vrrp_carries(&config, vip));
+    let nuster1 = config.node(Path::new("lab"), "nuster1").unwrap();
+    let nuster2 = config.node(Path::new("lab"), "nuster2").unwrap();
+    // Until elected, not even the first balancer holds it.
+    assert!(plan(&config, nuster1, [2; 6], &mut mac_of)
+        .owned_vips
+        .is_empty());
+    let master = std::collections::BTreeSet::from([vip]);
+    assert_eq!(owned_vips(&config, nuster2, &master), vec![vip]);
+    assert!(owned_vips(&config, nuster1, &Default::default()).is_empty());
+}
+
+#[test]
+fn vrrp_candidates_keep_the_vip_on_lo_even_when_they_serve_nothing() {
+    let mut config = config();
+    // nuster2 stops being a web backend: it still takes part in VRRP, so
+    // it holds the VIP on lo (with ARP suppressed) for when it is master.
+    for service in &mut config.services {
+        service
+            .backends
+            .retain(|backend| backend.node.as_deref() != Some("nuster2"));
+    }
+    let nuster2 = config.node(Path::new("lab"), "nuster2").unwrap().clone();
+    assert_eq!(
+        local_vips(&config, &nuster2),
+        vec!["192.0.2.100".parse::<IpAddr>().unwrap()]
+    );
+    config.vrrp.clear();
+    assert!(local_vips(&config, &nuster2).is_empty());
 }

@@ -308,12 +308,17 @@ impl Fsm {
             || (priority == self.priority && from > self.params.primary_address);
         if higher {
             self.master_adver_interval = interval;
+            let priority = self.priority;
             let transition = self.become_backup(now, Reason::HigherPriorityMaster);
+            // One last advert of ours (keepalived's higher_prio_send_advert):
+            // the winner may never have heard us, and only hearing a lower
+            // master tells it to re-send gratuitous ARPs for clients we had.
             return vec![
                 Action::MastersMet {
                     peer: from,
                     won: false,
                 },
+                Action::SendAdvert { priority },
                 transition,
             ];
         }

@@ -42,6 +42,15 @@ use crate::config::{Config, NodeConfig, VrrpConfig};
 /// How often interface carriers (the VRRP interface and tracked ones) are
 /// read.
 const CARRIER_POLL: Duration = Duration::from_millis(100);
+/// How long a node that left master keeps balancing the VIP in its data
+/// plane: packets a client sends before the new master's gratuitous ARP
+/// reaches it are still balanced (to the same backend, by Maglev) instead
+/// of meeting a kernel that would reset them. Both nodes balancing alike
+/// for a moment is harmless; the interface address goes at once.
+const DISOWN_GRACE: Duration = Duration::from_millis(50);
+/// The longest VRRP waits for the balancer's first plan before it joins
+/// the election anyway.
+const DATAPLANE_READY_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum VrrpError {
@@ -60,6 +69,8 @@ pub enum VrrpError {
         #[source]
         source: crate::balancer::HostError,
     },
+    #[error("cannot start the VRRP thread's runtime")]
+    Runtime(#[source] std::io::Error),
     #[error("cannot open a netlink socket")]
     Netlink(#[source] std::io::Error),
     #[error("node {node}: VRRP needs an IPv4 node address, got {address}")]
@@ -76,7 +87,8 @@ pub struct VipOwnership {
     /// The balancer publishes here the VIPs the data plane holds once the
     /// maps say so: gratuitous ARPs wait for it, so that no client is sent
     /// to this node before its XDP program balances for the VIP.
-    pub applied: watch::Sender<BTreeSet<IpAddr>>,
+    /// None until the balancer applied its first plan.
+    pub applied: watch::Sender<Option<BTreeSet<IpAddr>>>,
 }
 
 /// The instances `node` takes part in.
@@ -94,7 +106,7 @@ pub struct Setup {
     pub ownership: VipOwnership,
     pub stats: Arc<VrrpStats>,
     owned: watch::Sender<BTreeSet<IpAddr>>,
-    applied: watch::Receiver<BTreeSet<IpAddr>>,
+    applied: watch::Receiver<Option<BTreeSet<IpAddr>>>,
     /// VIPs of `[[service]]` sections: those the data plane must hold
     /// before gratuitous ARPs go out.
     service_vips: BTreeSet<IpAddr>,
@@ -112,7 +124,7 @@ impl Setup {
             .flat_map(|instance| instance.vips.iter().copied())
             .collect();
         let (owned, receiver) = watch::channel(BTreeSet::new());
-        let (applied_tx, applied) = watch::channel(BTreeSet::new());
+        let (applied_tx, applied) = watch::channel(None);
         Some(Setup {
             ownership: VipOwnership {
                 managed,
@@ -142,6 +154,9 @@ struct Instance {
     socket: usize,
     garp: Arc<GarpSender>,
     garp_task: Option<JoinHandle<()>>,
+    /// The delayed removal of the VIPs from the data plane after leaving
+    /// master (see DISOWN_GRACE); cancelled on becoming master again.
+    disown_task: Option<JoinHandle<()>>,
     stats_index: usize,
 }
 
@@ -175,10 +190,36 @@ struct Router {
     instances: Vec<Instance>,
     sockets: Vec<Arc<VrrpSocket>>,
     owned: watch::Sender<BTreeSet<IpAddr>>,
-    applied: watch::Receiver<BTreeSet<IpAddr>>,
+    applied: watch::Receiver<Option<BTreeSet<IpAddr>>>,
     service_vips: BTreeSet<IpAddr>,
     stats: Arc<VrrpStats>,
     host: mpsc::UnboundedSender<HostOp>,
+}
+
+/// Runs [`run`] on a thread of its own with a single-threaded runtime, so
+/// that advert and master-down timers keep their millisecond precision
+/// while the agent's main runtime is busy (a Maglev table of 65,537 map
+/// writes blocks a worker for a while). The receiver yields run's result.
+pub fn spawn_dedicated(
+    setup: Setup,
+    config: Arc<Config>,
+    node: NodeConfig,
+    shutdown: watch::Receiver<bool>,
+) -> std::io::Result<tokio::sync::oneshot::Receiver<Result<(), VrrpError>>> {
+    let (done, result) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("vrrp".into())
+        .spawn(move || {
+            let outcome = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime.block_on(run(setup, config, node, shutdown)),
+                Err(source) => Err(VrrpError::Runtime(source)),
+            };
+            let _ = done.send(outcome);
+        })?;
+    Ok(result)
 }
 
 /// Runs every instance of `setup` until `shutdown`, then hands over (a
@@ -251,6 +292,7 @@ pub async fn run(
             socket: socket_of[&interface],
             garp: garps[&interface].clone(),
             garp_task: None,
+            disown_task: None,
             stats_index: setup
                 .stats
                 .add_instance(&config.name, config.vrid, priority),
@@ -293,6 +335,19 @@ pub async fn run(
         stats: setup.stats,
         host,
     };
+    // A node must not win an election before its data plane can balance:
+    // the balancer's first plan (a Maglev table per service) comes first.
+    if !router.service_vips.is_empty() {
+        let mut applied = router.applied.clone();
+        tokio::select! {
+            ready = tokio::time::timeout(DATAPLANE_READY_TIMEOUT, applied.wait_for(Option::is_some)) => {
+                if ready.is_err() {
+                    warn!("the data plane has no plan after {DATAPLANE_READY_TIMEOUT:?}; joining the election anyway");
+                }
+            }
+            _ = shutdown.wait_for(|stop| *stop) => {}
+        }
+    }
     router.poll_carriers(Instant::now());
 
     let mut carrier_poll = tokio::time::interval(CARRIER_POLL);
@@ -324,10 +379,27 @@ pub async fn run(
         }
     }
     let now = Instant::now();
+    let mut grace = Duration::ZERO;
     for i in 0..router.instances.len() {
+        let instance = &router.instances[i];
+        if instance.fsm.state() == State::Master {
+            // The backup takes over within its skew time (at most one
+            // interval) of our priority 0, then announces itself.
+            grace = grace.max(instance.config.advert_interval + DISOWN_GRACE);
+        }
         let actions = router.instances[i].fsm.shutdown(now);
         router.perform(i, actions);
         if let Some(task) = router.instances[i].garp_task.take() {
+            task.abort();
+        }
+    }
+    if !grace.is_zero() {
+        // The data plane keeps balancing the VIPs until the backup holds
+        // them (node.rs removes it only after this task ends).
+        tokio::time::sleep(grace).await;
+    }
+    for instance in &mut router.instances {
+        if let Some(task) = instance.disown_task.take() {
             task.abort();
         }
     }
@@ -655,6 +727,9 @@ impl Router {
         });
         let vips: Vec<IpAddr> = instance.vips.iter().map(|&v| IpAddr::V4(v)).collect();
         if to == State::Master {
+            if let Some(task) = instance.disown_task.take() {
+                task.abort();
+            }
             self.owned
                 .send_modify(|owned| owned.extend(vips.iter().copied()));
             self.gratuitous_arps(i, true);
@@ -668,12 +743,16 @@ impl Router {
             }
         }
         if from == State::Master {
-            self.owned.send_modify(|owned| {
-                for vip in &vips {
-                    owned.remove(vip);
-                }
-            });
+            let owned = self.owned.clone();
             let instance = &mut self.instances[i];
+            instance.disown_task = Some(tokio::spawn(async move {
+                tokio::time::sleep(DISOWN_GRACE).await;
+                owned.send_modify(|owned| {
+                    for vip in &vips {
+                        owned.remove(vip);
+                    }
+                });
+            }));
             if let Some(task) = instance.garp_task.take() {
                 task.abort();
             }
@@ -716,12 +795,13 @@ impl Router {
         let count = instance.config.garp_count;
         let interval = instance.config.garp_interval;
         let repeat_after = instance.config.garp_repeat_after;
-        if let Some(task) = instance.garp_task.take() {
-            task.abort();
-        }
-        instance.garp_task = Some(tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             if becoming_master && !needed.is_empty() {
-                let held = applied.wait_for(|applied| needed.is_subset(applied));
+                let held = applied.wait_for(|applied| {
+                    applied
+                        .as_ref()
+                        .is_some_and(|applied| needed.is_subset(applied))
+                });
                 if tokio::time::timeout(Duration::from_millis(100), held)
                     .await
                     .is_err()
@@ -744,7 +824,14 @@ impl Router {
                     send_round();
                 }
             }
-        }));
+        });
+        // The burst of a split-brain win runs beside the one (and its
+        // repeat) started on becoming master, never in place of it.
+        if becoming_master {
+            if let Some(previous) = instance.garp_task.replace(task) {
+                previous.abort();
+            }
+        }
     }
 
     /// keepalived's notify commands, started after the change is done.

@@ -240,7 +240,7 @@ fn master_shutdown_sends_priority_zero() {
 }
 
 #[test]
-fn master_steps_down_for_a_higher_priority() {
+fn master_steps_down_for_a_higher_priority_after_one_last_advert() {
     let (mut fsm, t0) = master(100, CS);
     let actions = fsm.on_advert(t0, LOWER_IP, 150, CS * 2);
     assert_eq!(
@@ -250,6 +250,7 @@ fn master_steps_down_for_a_higher_priority() {
                 peer: LOWER_IP,
                 won: false
             },
+            Action::SendAdvert { priority: 100 },
             Action::Transition {
                 from: State::Master,
                 to: State::Backup,
