@@ -15,6 +15,9 @@ use prometheus_client::{
 
 use super::{fsm::State, packet::DropReason};
 
+/// Name, help and how to read one counter of an instance.
+type InstanceCounter = (&'static str, &'static str, fn(&InstanceStats) -> u64);
+
 #[derive(Debug, Clone)]
 pub struct InstanceStats {
     pub name: String,
@@ -172,7 +175,7 @@ impl Collector for VrrpCollector {
                 ])?)?;
             }
         }
-        let per_instance: [(&str, &str, fn(&InstanceStats) -> u64); 4] = [
+        let per_instance: [InstanceCounter; 4] = [
             ("farol_vrrp_adverts_sent", "Adverts sent", |i| {
                 i.adverts_sent
             }),

@@ -80,7 +80,7 @@ impl VrrpSocket {
     pub(super) async fn recv(&self, buffer: &mut [u8]) -> std::io::Result<usize> {
         loop {
             let mut guard = self.socket.readable().await?;
-            match guard.try_io(|socket| (&*socket.get_ref()).read(buffer)) {
+            match guard.try_io(|socket| socket.get_ref().read(buffer)) {
                 Ok(result) => return result,
                 Err(_would_block) => continue,
             }
