@@ -304,7 +304,7 @@ fn run_case(agent: &Path, work: &Path, case: Case) -> Result<Outcome> {
         }
     }
     let poll = wait_child_output(&mut poller, Duration::from_secs(30))?;
-    let keepalive = wait_child_output(&mut long_lived, Duration::from_secs(30))?;
+    let keepalive = wait_child_output(&mut long_lived, Duration::from_secs(40))?;
     drop(master_processes);
     drop(processes);
 
@@ -641,10 +641,11 @@ print(json.dumps({"probes": probes, "garps": garps}))
 "#;
 
 /// One keep-alive connection, a request every 50 ms; prints
-/// "ok errors connections backends".
+/// "ok errors connections backends". A request may wait 10 s, longer than
+/// any failover here: what ends the connection is a reset, not impatience.
 const KEEPALIVE_CLIENT: &str = r#"
 import http.client, sys, time
-conn = http.client.HTTPConnection(sys.argv[1], 80, timeout=2)
+conn = http.client.HTTPConnection(sys.argv[1], 80, timeout=10)
 ok = errors = 0
 nodes = set()
 ports = set()
@@ -658,7 +659,7 @@ while time.time() < end:
     except Exception as error:
         errors += 1
         conn.close()
-        conn = http.client.HTTPConnection(sys.argv[1], 80, timeout=2)
+        conn = http.client.HTTPConnection(sys.argv[1], 80, timeout=10)
     time.sleep(0.05)
 print(ok, errors, len(ports), ",".join(sorted(nodes)))
 "#;
