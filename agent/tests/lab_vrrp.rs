@@ -488,6 +488,109 @@ fn without_preemption_the_returning_node_stays_backup_and_a_clean_stop_hands_ove
     assert!(http_ok(&cluster.lab));
 }
 
+/// Sends crafted VRRP packets from the client to nuster1 (unicast, which a
+/// multicast instance hears as well): one per malformed kind, then one
+/// well-formed advert of priority 1 as a control.
+const CRAFTED_ADVERTS: &str = r#"
+import socket, struct, sys
+src, dst, vip = sys.argv[1], sys.argv[2], sys.argv[3]
+def checksum(data):
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack("!%dH" % (len(data) // 2), data))
+    while total > 0xffff:
+        total = (total & 0xffff) + (total >> 16)
+    return ~total & 0xffff
+def advert(version=3, kind=1, vrid=51, priority=254, count=1, interval=10, addresses=(vip,), good=True):
+    body = bytes([version << 4 | kind, vrid, priority, count]) + struct.pack("!HH", interval, 0)
+    body += b"".join(socket.inet_aton(a) for a in addresses)
+    pseudo = socket.inet_aton(src) + socket.inet_aton(dst) + bytes([0, 112]) + struct.pack("!H", len(body))
+    sum_ = checksum(pseudo + body) if good else 0x1234
+    return body[:6] + struct.pack("!H", sum_) + body[8:]
+def ip(payload, ttl=255):
+    return struct.pack("!BBHHHBBH4s4s", 0x45, 0xc0, 20 + len(payload), 0, 0, ttl, 112, 0,
+                       socket.inet_aton(src), socket.inet_aton(dst)) + payload
+s = socket.socket(socket.AF_INET, socket.SOCK_RAW, 112)
+s.setsockopt(socket.IPPROTO_IP, socket.IP_HDRINCL, 1)
+packets = [
+    ip(advert(), ttl=64),
+    ip(advert(version=2)),
+    ip(advert(kind=2)),
+    ip(advert(good=False)),
+    ip(advert(count=2)),
+    ip(advert(vrid=52)),
+    ip(advert(addresses=("192.0.2.101",))),
+    ip(advert(interval=0)),
+    ip(advert()[:5]),
+]
+if sys.argv[4] == "control":
+    packets = [ip(advert(priority=1))]
+for packet in packets:
+    s.sendto(packet, (dst, 0))
+"#;
+
+#[test]
+fn malformed_adverts_are_dropped_and_counted_without_a_state_change() {
+    if !support::privileged("malformed_adverts_are_dropped_and_counted_without_a_state_change") {
+        return;
+    }
+    let cluster = elected("vrbad", Router::default());
+    let script = cluster.dir.0.join("crafted.py");
+    std::fs::write(&script, CRAFTED_ADVERTS).unwrap();
+    let send = |mode: &str| {
+        let out = cluster
+            .lab
+            .command(CLIENT, "python3")
+            .arg(&script)
+            .args(["192.0.2.2", "192.0.2.11", VIP, mode])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+    };
+    let received = |metrics: &BTreeMap<String, u64>| {
+        metrics["farol_vrrp_adverts_received_total{instance=\"web\",vrid=\"51\"}"]
+    };
+    let before = metrics(&cluster.lab, "nuster1").unwrap();
+    send("malformed");
+    let reasons = [
+        "ttl",
+        "version",
+        "type",
+        "checksum",
+        "address_count",
+        "vrid",
+        "address_list",
+        "interval",
+        "truncated",
+    ];
+    let key = |reason: &str| {
+        format!("farol_vrrp_dropped_packets_total{{interface=\"eth0\",reason=\"{reason}\"}}")
+    };
+    let after = wait_for("every malformed packet counted", Duration::from_secs(5), || {
+        let after = metrics(&cluster.lab, "nuster1")?;
+        reasons
+            .iter()
+            .all(|reason| after[&key(reason)] == before[&key(reason)] + 1)
+            .then_some(after)
+    })
+    .unwrap_or_else(|_| panic!("{:#?}", metrics(&cluster.lab, "nuster1")));
+    // Priority 254 in every one of them, and nothing changed.
+    assert_eq!(state(&cluster.lab, "nuster1"), Some("master"));
+    assert_eq!(state(&cluster.lab, "nuster2"), Some("backup"));
+    // (A backup sends no adverts: nothing else reaches nuster1.)
+    assert_eq!(received(&after), received(&before), "none was accepted");
+
+    // The control: a well-formed advert passes the same checks, is counted
+    // as received, and a master of 150 keeps its role against priority 1.
+    send("control");
+    wait_for("the control advert", Duration::from_secs(5), || {
+        (received(&metrics(&cluster.lab, "nuster1")?) == received(&before) + 1).then_some(())
+    })
+    .unwrap();
+    assert_eq!(state(&cluster.lab, "nuster1"), Some("master"));
+    assert!(http_ok(&cluster.lab));
+}
+
 /// Cuts (or restores) the LAN between the two balancers only: isolated
 /// bridge ports reach the other ports but not each other.
 fn isolate_balancers(lab: &Lab, on: bool) {

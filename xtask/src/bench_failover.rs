@@ -151,7 +151,9 @@ pub(crate) fn run() -> Result<BenchReport> {
     ];
     let mut report = BenchReport::new("failover");
     let mut rows = Vec::new();
-    for case in cases {
+    // FAROL_BENCH_CASES=farol-10ms runs only the cases whose name contains it.
+    let only = std::env::var("FAROL_BENCH_CASES").unwrap_or_default();
+    for case in cases.into_iter().filter(|case| case.name().contains(&only)) {
         println!("bench failover: {}", case.name());
         let outcome =
             run_case(&agent, &work, case).with_context(|| format!("case {}", case.name()))?;
@@ -254,7 +256,7 @@ fn run_case(agent: &Path, work: &Path, case: Case) -> Result<Outcome> {
             .arg(&keepalive_script)
             .args([VIP, &format!("{total}")])
             .stdout(Stdio::piped())
-            .stderr(Stdio::null()),
+            .stderr(std::fs::File::create(dir.join("keepalive.err"))?),
         "keep-alive client",
     )?;
     let poller_script = dir.join("poller.py");
@@ -312,6 +314,7 @@ fn run_case(agent: &Path, work: &Path, case: Case) -> Result<Outcome> {
         serde_json::from_str(poll.trim()).with_context(|| format!("poller output: {poll}"))?;
     let probes = result["probes"].as_array().context("probes")?;
     let mut outcome = Outcome::default();
+    let mut failures = Vec::new();
     for probe in probes {
         let start = probe[0].as_f64().unwrap_or_default();
         let end = probe[1].as_f64().unwrap_or_default();
@@ -319,6 +322,7 @@ fn run_case(agent: &Path, work: &Path, case: Case) -> Result<Outcome> {
         outcome.probes += 1;
         if !ok {
             outcome.failed_probes += 1;
+            failures.push(format!("{:.0}", (start - before) * 1000.0));
         }
         if ok && start >= after && case.stop == Stop::Crash {
             let ms = (end - before) * 1000.0;
@@ -344,6 +348,13 @@ fn run_case(agent: &Path, work: &Path, case: Case) -> Result<Outcome> {
         outcome.probes,
         keepalive.trim()
     );
+    if !failures.is_empty() {
+        println!("  failed probes started at (ms from the stop): {}", failures.join(" "));
+    }
+    let errors = std::fs::read_to_string(dir.join("keepalive.err")).unwrap_or_default();
+    if !errors.trim().is_empty() {
+        println!("  keep-alive client: {}", errors.trim().replace('\n', " | "));
+    }
     Ok(outcome)
 }
 
@@ -658,6 +669,7 @@ while time.time() < end:
         ok += 1
     except Exception as error:
         errors += 1
+        print("%.3f %r" % (time.monotonic(), error), file=sys.stderr)
         conn.close()
         conn = http.client.HTTPConnection(sys.argv[1], 80, timeout=10)
     time.sleep(0.05)

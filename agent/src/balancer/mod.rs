@@ -62,14 +62,6 @@ pub fn vrrp_carries(config: &Config, vip: IpAddr) -> bool {
         .any(|instance| instance.vips.contains(&vip))
 }
 
-/// True when `node` takes part in a `[[vrrp]]` instance that carries `vip`.
-fn vrrp_candidate(config: &Config, node: &NodeConfig, vip: IpAddr) -> bool {
-    config
-        .vrrp
-        .iter()
-        .any(|instance| instance.vips.contains(&vip) && instance.priority.contains_key(&node.name))
-}
-
 /// The service VIPs this node holds now: those VRRP made it master for
 /// (`vrrp_owned`), and, for VIPs no VRRP instance carries, all of them if
 /// it is the first balancer.
@@ -96,9 +88,12 @@ pub fn owned_vips(
     vips
 }
 
-/// VIPs this node must hold on `lo`: those of DSR services it serves or
-/// may own (first balancer, or a candidate of the VRRP instance carrying
-/// the VIP, which keeps it on `lo` with ARP suppressed while backup).
+/// VIPs this node must hold on `lo`: those of DSR services it serves, and
+/// for the first balancer those no VRRP instance carries. A VRRP master
+/// that serves nothing does not need it there (VRRP adds the VIP to its
+/// interface): a packet its XDP program passes up during a change of
+/// master is then dropped and retransmitted, not refused by a kernel that
+/// holds the VIP with nothing listening.
 pub fn local_vips(config: &Config, node: &NodeConfig) -> Vec<IpAddr> {
     let owner = vip_owner(config).is_some_and(|owner| owner.name == node.name);
     let mut vips: Vec<IpAddr> = config
@@ -106,11 +101,7 @@ pub fn local_vips(config: &Config, node: &NodeConfig) -> Vec<IpAddr> {
         .iter()
         .filter(|service| service.forwarding == Forwarding::Dsr)
         .filter(|service| {
-            let may_own = if vrrp_carries(config, service.vip) {
-                vrrp_candidate(config, node, service.vip)
-            } else {
-                owner
-            };
+            let may_own = owner && !vrrp_carries(config, service.vip);
             may_own
                 || service
                     .backends
