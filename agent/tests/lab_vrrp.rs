@@ -566,13 +566,17 @@ fn malformed_adverts_are_dropped_and_counted_without_a_state_change() {
     let key = |reason: &str| {
         format!("farol_vrrp_dropped_packets_total{{interface=\"eth0\",reason=\"{reason}\"}}")
     };
-    let after = wait_for("every malformed packet counted", Duration::from_secs(5), || {
-        let after = metrics(&cluster.lab, "nuster1")?;
-        reasons
-            .iter()
-            .all(|reason| after[&key(reason)] == before[&key(reason)] + 1)
-            .then_some(after)
-    })
+    let after = wait_for(
+        "every malformed packet counted",
+        Duration::from_secs(5),
+        || {
+            let after = metrics(&cluster.lab, "nuster1")?;
+            reasons
+                .iter()
+                .all(|reason| after[&key(reason)] == before[&key(reason)] + 1)
+                .then_some(after)
+        },
+    )
     .unwrap_or_else(|_| panic!("{:#?}", metrics(&cluster.lab, "nuster1")));
     // Priority 254 in every one of them, and nothing changed.
     assert_eq!(state(&cluster.lab, "nuster1"), Some("master"));
