@@ -383,9 +383,11 @@ fn run_case(agent: &Path, work: &Path, case: Case) -> Result<Outcome> {
         keepalive.trim()
     );
     if !failures.is_empty() {
+        let shown = failures.len().min(12);
         println!(
-            "  failed probes started at (ms from the stop): {}",
-            failures.join(" ")
+            "  failed probes started at (ms from the stop): {}{}",
+            failures[..shown].join(" "),
+            if failures.len() > shown { " ..." } else { "" }
         );
     }
     let errors = std::fs::read_to_string(dir.join("keepalive.err")).unwrap_or_default();

@@ -42,12 +42,13 @@ use crate::config::{Config, NodeConfig, VrrpConfig};
 /// How often interface carriers (the VRRP interface and tracked ones) are
 /// read.
 const CARRIER_POLL: Duration = Duration::from_millis(100);
-/// How long a node that left master keeps balancing the VIP in its data
-/// plane: packets a client sends before the new master's gratuitous ARP
-/// reaches it are still balanced (to the same backend, by Maglev) instead
-/// of meeting a kernel that would reset them. Both nodes balancing alike
-/// for a moment is harmless; the interface address goes at once.
-const DISOWN_GRACE: Duration = Duration::from_millis(50);
+/// How long a stopping master keeps balancing the VIP in its data plane
+/// after its backup's skew time: packets a client sends before the new
+/// master's gratuitous ARP reaches it are still balanced (to the same
+/// backend, by Maglev). Not used when stepping down for a higher priority:
+/// the XDP program also answers ARP for a VIP it holds, and a client that
+/// asks at that moment could pick the MAC of a node about to let go.
+const STOP_GRACE: Duration = Duration::from_millis(50);
 /// The longest VRRP waits for the balancer's first plan before it joins
 /// the election anyway.
 const DATAPLANE_READY_TIMEOUT: Duration = Duration::from_secs(60);
@@ -154,9 +155,6 @@ struct Instance {
     socket: usize,
     garp: Arc<GarpSender>,
     garp_task: Option<JoinHandle<()>>,
-    /// The delayed removal of the VIPs from the data plane after leaving
-    /// master (see DISOWN_GRACE); cancelled on becoming master again.
-    disown_task: Option<JoinHandle<()>>,
     stats_index: usize,
 }
 
@@ -292,7 +290,6 @@ pub async fn run(
             socket: socket_of[&interface],
             garp: garps[&interface].clone(),
             garp_task: None,
-            disown_task: None,
             stats_index: setup
                 .stats
                 .add_instance(&config.name, config.vrid, priority),
@@ -385,7 +382,7 @@ pub async fn run(
         if instance.fsm.state() == State::Master {
             // The backup takes over within its skew time (at most one
             // interval) of our priority 0, then announces itself.
-            grace = grace.max(instance.config.advert_interval + DISOWN_GRACE);
+            grace = grace.max(instance.config.advert_interval + STOP_GRACE);
         }
         let actions = router.instances[i].fsm.shutdown(now);
         router.perform(i, actions);
@@ -398,11 +395,7 @@ pub async fn run(
         // them (node.rs removes it only after this task ends).
         tokio::time::sleep(grace).await;
     }
-    for instance in &mut router.instances {
-        if let Some(task) = instance.disown_task.take() {
-            task.abort();
-        }
-    }
+
     for task in receivers.into_iter().chain(trackers) {
         task.abort();
     }
@@ -727,9 +720,6 @@ impl Router {
         });
         let vips: Vec<IpAddr> = instance.vips.iter().map(|&v| IpAddr::V4(v)).collect();
         if to == State::Master {
-            if let Some(task) = instance.disown_task.take() {
-                task.abort();
-            }
             self.owned
                 .send_modify(|owned| owned.extend(vips.iter().copied()));
             self.gratuitous_arps(i, true);
@@ -743,16 +733,15 @@ impl Router {
             }
         }
         if from == State::Master {
-            let owned = self.owned.clone();
+            // On shutdown the data plane keeps the VIPs until node.rs
+            // removes it, after run() waited STOP_GRACE: this only
+            // matters to a node that goes on running.
+            self.owned.send_modify(|owned| {
+                for vip in &vips {
+                    owned.remove(vip);
+                }
+            });
             let instance = &mut self.instances[i];
-            instance.disown_task = Some(tokio::spawn(async move {
-                tokio::time::sleep(DISOWN_GRACE).await;
-                owned.send_modify(|owned| {
-                    for vip in &vips {
-                        owned.remove(vip);
-                    }
-                });
-            }));
             if let Some(task) = instance.garp_task.take() {
                 task.abort();
             }
