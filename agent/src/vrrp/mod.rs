@@ -15,6 +15,7 @@ mod fsm;
 mod metrics;
 mod net;
 pub mod packet;
+mod tasks;
 
 use std::{
     collections::{BTreeSet, HashMap},
@@ -303,13 +304,13 @@ pub async fn run(
     let receivers: Vec<JoinHandle<()>> = sockets
         .iter()
         .enumerate()
-        .map(|(index, socket)| tokio::spawn(receive(index, socket.clone(), events.clone())))
+        .map(|(index, socket)| tokio::spawn(tasks::receive(index, socket.clone(), events.clone())))
         .collect();
     let mut trackers = Vec::new();
     for (i, instance) in instances.iter().enumerate() {
         for (t, track) in instance.config.track.iter().enumerate() {
             if let Some(command) = &track.command {
-                trackers.push(tokio::spawn(track_command(
+                trackers.push(tokio::spawn(tasks::track_command(
                     i,
                     t,
                     command.clone(),
@@ -322,7 +323,7 @@ pub async fn run(
     }
     drop(events);
     let (host, host_rx) = mpsc::unbounded_channel();
-    let host_task = tokio::spawn(apply_host_ops(host_rx, addresses));
+    let host_task = tokio::spawn(tasks::apply_host_ops(host_rx, addresses));
     let mut router = Router {
         instances,
         sockets,
@@ -407,100 +408,6 @@ pub async fn run(
         warn!("VIPs not removed from the interface within 5 s of stopping");
     }
     Ok(())
-}
-
-async fn receive(index: usize, socket: Arc<VrrpSocket>, events: mpsc::Sender<Event>) {
-    let mut buffer = vec![0u8; 2048];
-    loop {
-        match socket.recv(&mut buffer).await {
-            Ok(len) => {
-                let event = Event::Packet {
-                    socket: index,
-                    bytes: buffer[..len].to_vec(),
-                    at: Instant::now(),
-                };
-                if events.send(event).await.is_err() {
-                    return;
-                }
-            }
-            Err(error) => {
-                warn!(interface = %socket.interface, %error, "VRRP receive failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    }
-}
-
-/// Runs a track command every `every` (its own timeout too): failing
-/// while it exits non-zero or hangs.
-async fn track_command(
-    instance: usize,
-    track: usize,
-    command: String,
-    every: Duration,
-    directory: Option<std::path::PathBuf>,
-    events: mpsc::Sender<Event>,
-) {
-    loop {
-        let mut child = tokio::process::Command::new("sh");
-        child
-            .arg("-c")
-            .arg(&command)
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .kill_on_drop(true);
-        if let Some(directory) = &directory {
-            child.current_dir(directory);
-        }
-        let failing = match child.spawn() {
-            Ok(mut child) => !matches!(
-                tokio::time::timeout(every, child.wait()).await,
-                Ok(Ok(status)) if status.success()
-            ),
-            Err(error) => {
-                warn!(%command, %error, "cannot run a VRRP track command");
-                true
-            }
-        };
-        let event = Event::Track {
-            instance,
-            track,
-            failing,
-        };
-        if events.send(event).await.is_err() {
-            return;
-        }
-        tokio::time::sleep(every).await;
-    }
-}
-
-/// Adds and removes VIPs on interfaces, in order, off the failover path.
-async fn apply_host_ops(mut ops: mpsc::UnboundedReceiver<HostOp>, addresses: AddressManager) {
-    while let Some(op) = ops.recv().await {
-        match op {
-            HostOp::Add {
-                index,
-                interface,
-                vip,
-            } => match addresses.add(index, vip).await {
-                Ok(()) => info!(%vip, %interface, "VIP added to the interface"),
-                Err(error) => {
-                    warn!(%vip, %interface, %error, "cannot add the VIP to the interface")
-                }
-            },
-            HostOp::Remove {
-                index,
-                interface,
-                vip,
-            } => match addresses.remove(index, vip).await {
-                Ok(true) => info!(%vip, %interface, "VIP removed from the interface"),
-                Ok(false) => {}
-                Err(error) => {
-                    warn!(%vip, %interface, %error, "cannot remove the VIP from the interface")
-                }
-            },
-        }
-    }
 }
 
 impl Router {
