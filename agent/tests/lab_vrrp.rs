@@ -27,6 +27,8 @@ struct Router {
     preempt: bool,
     /// Unicast: each balancer lists the other; else multicast.
     unicast: bool,
+    /// Extra lines for the `[[vrrp]]` section (track, notify).
+    extra: String,
 }
 
 impl Default for Router {
@@ -35,6 +37,7 @@ impl Default for Router {
             advert_interval: "100ms",
             preempt: true,
             unicast: false,
+            extra: String::new(),
         }
     }
 }
@@ -51,10 +54,11 @@ fn write_config(dir: &Path, router: &Router) -> PathBuf {
         "{nodes}\n[[service]]\nname = \"web\"\nvip = \"{VIP}\"\nport = 80\nscheduler = \"maglev\"\n\
          forwarding = \"dsr\"\nbackends = [{}]\n\n[[vrrp]]\nname = \"web\"\nvrid = 51\n\
          priority = {{ nuster1 = 150, nuster2 = 100 }}\nadvert_interval = \"{}\"\npreempt = {}\n\
-         vips = [\"{VIP}\"]\ngarp_repeat_after = \"1s\"\n",
+         vips = [\"{VIP}\"]\ngarp_repeat_after = \"1s\"\n{}\n",
         backends.join(", "),
         router.advert_interval,
         router.preempt,
+        router.extra,
     );
     let path = dir.join("lab-vrrp.toml");
     std::fs::write(&path, config).unwrap();
@@ -486,6 +490,53 @@ fn without_preemption_the_returning_node_stays_backup_and_a_clean_stop_hands_ove
     assert_eq!(state(&cluster.lab, "nuster1"), Some("backup"));
     assert_eq!(state(&cluster.lab, "nuster2"), Some("master"));
     assert!(http_ok(&cluster.lab));
+}
+
+#[test]
+fn a_failing_track_command_lowers_the_priority_and_notify_commands_run() {
+    if !support::privileged("a_failing_track_command_lowers_the_priority_and_notify_commands_run") {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("farol-vrrp-track-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let _cleanup = TempDir(dir.clone());
+    let flag = dir.join("nuster1-unhealthy");
+    let log = dir.join("notify.log");
+    // Fails on nuster1 only (both agents run it), while the flag exists.
+    let check = format!(
+        "! (ip -o addr show dev eth0 | grep -q ' 192.0.2.11/' && test -e {})",
+        flag.display()
+    );
+    let router = Router {
+        extra: format!(
+            "track = [{{ command = \"{check}\", every = \"100ms\", weight = -60 }}]\n\
+             notify = \"echo >> {}\"\n",
+            log.display()
+        ),
+        ..Router::default()
+    };
+    let cluster = elected("vrtrack", router);
+    std::fs::write(&flag, "").unwrap();
+    // 150 - 60 = 90 < 100: nuster2 preempts.
+    wait_state(&cluster, "nuster2", "master", Duration::from_secs(10));
+    wait_state(&cluster, "nuster1", "backup", Duration::from_secs(5));
+    let priority = |node: &str| {
+        metrics(&cluster.lab, node).unwrap()["farol_vrrp_priority{instance=\"web\",vrid=\"51\"}"]
+    };
+    assert_eq!(priority("nuster1"), 90);
+    wait_client_on(&cluster, "nuster2", Duration::from_secs(5));
+    assert!(http_ok(&cluster.lab));
+    // The check passes again: 150 is back and nuster1 preempts.
+    std::fs::remove_file(&flag).unwrap();
+    wait_state(&cluster, "nuster1", "master", Duration::from_secs(10));
+    assert_eq!(priority("nuster1"), 150);
+    let notified = wait_for("the notify commands", Duration::from_secs(5), || {
+        let text = std::fs::read_to_string(&log).ok()?;
+        text.contains("INSTANCE web MASTER 100").then_some(text)
+    })
+    .unwrap();
+    assert!(notified.contains("INSTANCE web BACKUP 90"), "{notified}");
+    assert!(notified.contains("INSTANCE web MASTER 150"), "{notified}");
 }
 
 /// Sends crafted VRRP packets from the client to nuster1 (unicast, which a
