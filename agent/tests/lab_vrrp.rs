@@ -418,6 +418,29 @@ fn kill_9_of_the_master_moves_the_vip_and_it_comes_back_with_preemption() {
         assert!(http_ok(&cluster.lab), "HTTP after the return");
     }
     long_lived.assert_survived(&cluster);
+
+    // Killed again, it leaves the VIP on its interface: `agent teardown`
+    // removes it.
+    let mut master = cluster.take("agent@nuster1");
+    kill9(&mut master);
+    assert!(vip_on_eth0(&cluster.lab, "nuster1"));
+    let out = cluster
+        .lab
+        .command("nuster1", AGENT)
+        .args(["teardown", "--node", "nuster1", "--config"])
+        .arg(&cluster.config)
+        .arg("--pin-dir")
+        .arg(cluster.lab.pin_dir("nuster1"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains(&format!("removed {VIP} from eth0")), "{text}");
+    assert!(!vip_on_eth0(&cluster.lab, "nuster1"));
 }
 
 #[test]

@@ -73,6 +73,8 @@ pub enum VrrpError {
     },
     #[error("cannot start the VRRP thread's runtime")]
     Runtime(#[source] std::io::Error),
+    #[error("a netlink request failed")]
+    NetlinkRequest(#[source] rtnetlink::Error),
     #[error("cannot open a netlink socket")]
     Netlink(#[source] std::io::Error),
     #[error("node {node}: VRRP needs an IPv4 node address, got {address}")]
@@ -100,6 +102,37 @@ pub fn instances_for<'a>(config: &'a Config, node: &str) -> Vec<&'a VrrpConfig> 
         .iter()
         .filter(|instance| instance.priority.contains_key(node))
         .collect()
+}
+
+/// `agent teardown`: removes this node's VRRP VIPs from their interfaces
+/// (an agent killed while master leaves them); returns what it removed.
+pub fn teardown(config: &Config, node: &NodeConfig) -> Result<Vec<(Ipv4Addr, String)>, VrrpError> {
+    let instances = instances_for(config, &node.name);
+    if instances.is_empty() {
+        return Ok(Vec::new());
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(VrrpError::Runtime)?;
+    runtime.block_on(async {
+        let addresses = AddressManager::open()?;
+        let mut removed = Vec::new();
+        for instance in instances {
+            let interface = instance.interface_on(node);
+            let index = net::interface_index(interface)?;
+            for vip in instance.vips_v4() {
+                if addresses
+                    .remove(index, vip)
+                    .await
+                    .map_err(VrrpError::NetlinkRequest)?
+                {
+                    removed.push((vip, interface.to_owned()));
+                }
+            }
+        }
+        Ok(removed)
+    })
 }
 
 /// The channel ends and counters of a node's VRRP, before it runs.
