@@ -379,3 +379,83 @@ fn two_routers_elect_the_higher_priority() {
     assert_eq!(a.state(), State::Master);
     assert_eq!(b.state(), State::Backup);
 }
+
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    #[derive(Debug, Clone)]
+    enum Event {
+        Advert {
+            from: u8,
+            priority: u8,
+            interval_cs: u16,
+        },
+        Timer,
+        Priority(u8),
+        Shutdown,
+        Startup,
+    }
+
+    fn event() -> impl Strategy<Value = Event> {
+        prop_oneof![
+            4 => (any::<u8>(), any::<u8>(), 1u16..=4095).prop_map(|(from, priority, interval_cs)| {
+                Event::Advert { from, priority, interval_cs }
+            }),
+            4 => Just(Event::Timer),
+            1 => (1u8..=254).prop_map(Event::Priority),
+            1 => Just(Event::Shutdown),
+            1 => Just(Event::Startup),
+        ]
+    }
+
+    proptest! {
+        /// Whatever arrives, in any order: no panic, a timer armed exactly
+        /// when the RFC says one runs, transitions that match the state,
+        /// and never a priority 0 advert except when stopping.
+        #[test]
+        fn any_event_sequence_keeps_the_machine_consistent(
+            priority in 1u8..=255,
+            interval_cs in 1u16..=100,
+            events in proptest::collection::vec((event(), 0u64..50), 1..200),
+        ) {
+            let t0 = Instant::now();
+            let mut fsm = Fsm::new(params(priority, CS * u32::from(interval_cs)));
+            let mut now = t0;
+            for (event, advance_ms) in events {
+                now += Duration::from_millis(advance_ms);
+                let before = fsm.state();
+                let actions = match event {
+                    Event::Advert { from, priority, interval_cs } => fsm.on_advert(
+                        now,
+                        Ipv4Addr::new(192, 0, 2, from),
+                        priority,
+                        CS * u32::from(interval_cs),
+                    ),
+                    Event::Timer => fsm.on_timer(now),
+                    Event::Priority(p) => fsm.set_priority(now, p),
+                    Event::Shutdown => fsm.shutdown(now),
+                    Event::Startup => fsm.startup(now),
+                };
+                let mut state = before;
+                for action in &actions {
+                    match action {
+                        Action::Transition { from, to, .. } => {
+                            prop_assert_eq!(*from, state);
+                            prop_assert_ne!(*from, *to);
+                            state = *to;
+                        }
+                        Action::SendAdvert { priority: 0 } => {
+                            prop_assert_eq!(before, State::Master);
+                        }
+                        _ => {}
+                    }
+                }
+                prop_assert_eq!(state, fsm.state());
+                prop_assert_eq!(fsm.next_deadline().is_some(), fsm.state() != State::Initialize);
+                prop_assert!(fsm.priority() != 0);
+            }
+        }
+    }
+}
