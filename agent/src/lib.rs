@@ -14,6 +14,7 @@
 //! - [`pooler`]: the PostgreSQL connection pooler.
 //! - [`supervise`]: child processes such as Apache (start, restart, drain, stop).
 //! - [`cli`]: the command line.
+//! - [`vrrp`]: VRRPv3 (RFC 5798): which node holds the VIPs.
 
 pub mod balancer;
 pub mod cli;
@@ -26,6 +27,7 @@ pub mod node;
 pub mod pooler;
 pub mod storage;
 pub mod supervise;
+pub mod vrrp;
 
 /// Renders an error with its chain of causes: "a: b: c".
 pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {

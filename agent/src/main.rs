@@ -124,6 +124,17 @@ fn teardown(args: RunArgs) -> ExitCode {
             failed = true;
         }
     }
+    match farol_agent::vrrp::teardown(&plan.config, &plan.node) {
+        Ok(removed) => {
+            for (vip, interface) in removed {
+                println!("removed {vip} from {interface}");
+            }
+        }
+        Err(error) => {
+            eprintln!("{}", error_chain(&error));
+            failed = true;
+        }
+    }
     if failed {
         ExitCode::FAILURE
     } else {

@@ -205,16 +205,49 @@ pub async fn run(plan: NodePlan, shutdown: watch::Receiver<bool>) -> Result<(), 
         control.clone(),
         shutdown.clone(),
     ));
+    let vrrp = crate::vrrp::Setup::new(&plan.config, &plan.node);
+    if let Some(vrrp) = &vrrp {
+        registry.register_collector(Box::new(crate::vrrp::VrrpCollector::new(
+            vrrp.stats.clone(),
+        )));
+    }
+    let ownership = vrrp.as_ref().map(|vrrp| vrrp.ownership.clone());
+    let vrrp_task = match vrrp {
+        Some(vrrp) => {
+            let done = crate::vrrp::spawn_dedicated(
+                vrrp,
+                plan.config.clone(),
+                plan.node.clone(),
+                shutdown.clone(),
+            );
+            Some(tokio::spawn(async move {
+                // Logged when it happens, not at shutdown: until fixed, this
+                // node never holds a VRRP VIP.
+                let result = match done {
+                    Ok(done) => done.await.unwrap_or(Ok(())),
+                    Err(source) => Err(crate::vrrp::VrrpError::Runtime(source)),
+                };
+                if let Err(error) = &result {
+                    tracing::error!(error = %crate::error_chain(error), "VRRP failed: this node holds no VRRP VIP");
+                }
+                result
+            }))
+        }
+        None => None,
+    };
     info!(node = %plan.node.name, metrics = %plan.metrics_listen, control = %plan.control_socket.display(), "agent running");
 
     let mut balancer = tokio::spawn(balancer::run(
         dataplane.load_balancer(),
         config_rx,
-        health,
+        balancer::Deciders {
+            health,
+            drains,
+            vrrp: ownership,
+        },
         plan.node.clone(),
         shutdown.clone(),
         plan.keep_on_exit.clone(),
-        drains,
     ));
 
     let stop = async move {
@@ -270,6 +303,17 @@ pub async fn run(plan: NodePlan, shutdown: watch::Receiver<bool>) -> Result<(), 
             Ok(Err(error)) => warn!(error = %crate::error_chain(&error), "pooler failed"),
             Err(error) if error.is_cancelled() => {}
             Err(error) => warn!(%error, "pooler task panicked"),
+        }
+    }
+    if let Some(task) = vrrp_task {
+        if outcome.is_err() {
+            task.abort();
+        }
+        match task.await {
+            Ok(Ok(())) => {}
+            Ok(Err(_logged)) => {}
+            Err(error) if error.is_cancelled() => {}
+            Err(error) => warn!(%error, "VRRP task panicked"),
         }
     }
     volumes.stop().await;

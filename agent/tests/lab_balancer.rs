@@ -43,15 +43,34 @@ fn wait_for_all_backends_up(lab: &Lab) {
     .unwrap();
 }
 
-/// A config like the lab's with the web service's scheduler replaced.
+/// A config like the lab's with the web service's scheduler replaced and
+/// without its `[[vrrp]]` section: nuster1 holds the VIP throughout, as
+/// these tests expect (VRRP failover has its own tests, lab_vrrp.rs).
 fn config_with(dir: &Path, scheduler: &str) -> PathBuf {
-    let text = std::fs::read_to_string(lab_config()).unwrap().replace(
+    let full = std::fs::read_to_string(lab_config()).unwrap();
+    let text = without_vrrp(&full).replace(
         "scheduler = \"roundrobin\"",
         &format!("scheduler = \"{scheduler}\""),
     );
     let path = dir.join(format!("lab-{scheduler}.toml"));
     std::fs::write(&path, text).unwrap();
     path
+}
+
+/// `text` without its `[[vrrp]]` sections (each up to the next table).
+fn without_vrrp(text: &str) -> String {
+    let mut kept = String::new();
+    let mut in_vrrp = false;
+    for line in text.lines() {
+        if line.starts_with('[') {
+            in_vrrp = line.trim() == "[[vrrp]]";
+        }
+        if !in_vrrp {
+            kept.push_str(line);
+            kept.push('\n');
+        }
+    }
+    kept
 }
 
 /// A temporary directory removed on drop.
@@ -71,14 +90,15 @@ struct Cluster {
 }
 
 /// The lab with an agent on every node, each running Apache from the lab
-/// config's `[[supervise]]` entry (the seed's web tier), all backends up.
+/// config's `[[supervise]]` entry (the seed's web tier), all backends up;
+/// without VRRP, so nuster1 holds the VIP throughout.
 fn cluster(tag: &str, scheduler: &str) -> Cluster {
     let lab = LabGuard::up(Lab::new(&unique_prefix(tag)).unwrap()).unwrap();
     let dir = std::env::temp_dir().join(format!("farol-lb-{}", lab.prefix()));
     std::fs::create_dir_all(&dir).unwrap();
     let names: Vec<String> = lab.nodes().iter().map(|n| n.name.clone()).collect();
     let apache = lab_apache(&dir, &names, |text| {
-        text.replace(
+        without_vrrp(&text).replace(
             "scheduler = \"roundrobin\"",
             &format!("scheduler = \"{scheduler}\""),
         )

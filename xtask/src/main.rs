@@ -1,5 +1,6 @@
 //! `cargo xtask COMMAND`: Farol's developer commands.
 
+mod bench_failover;
 mod bench_volume;
 mod demo;
 
@@ -59,6 +60,8 @@ enum BenchName {
     Pooler,
     /// Health checks: time to take a stopped backend out, failed requests.
     Health,
+    /// VIP failover: Farol's VRRP pair vs keepalived + HAProxy, 10 ms and 1 s adverts.
+    Failover,
 }
 
 #[derive(Debug, Subcommand)]
@@ -102,6 +105,11 @@ fn main() -> Result<()> {
             }
             BenchName::Health => {
                 let report = xtask::bench_health::run()?;
+                println!("wrote {}", report.write()?.display());
+                Ok(())
+            }
+            BenchName::Failover => {
+                let report = bench_failover::run()?;
                 println!("wrote {}", report.write()?.display());
                 Ok(())
             }

@@ -58,6 +58,14 @@ const PACKAGES: &[(&str, &str)] = &[
         "wrk",
         "HTTP load: Apache reloads in the lab tests, benchmarks",
     ),
+    (
+        "keepalived",
+        "the VRRP peer of the failover lab tests and benchmark",
+    ),
+    (
+        "haproxy",
+        "the balancer behind keepalived in the failover benchmark",
+    ),
 ];
 
 /// bpf-linker's release line that links against LLVM 22.

@@ -37,7 +37,7 @@ pub enum HostError {
 
 /// The MAC of `iface` in this network namespace (SIOCGIFHWADDR; sysfs would
 /// show the namespace that mounted /sys, not ours).
-pub(super) fn interface_mac(iface: &str) -> Result<[u8; 6], HostError> {
+pub(crate) fn interface_mac(iface: &str) -> Result<[u8; 6], HostError> {
     let error = |source| HostError::InterfaceMac {
         iface: iface.to_owned(),
         source,

@@ -9,13 +9,16 @@
 //! a reloaded config arrives on a watch channel and is applied as a diff
 //! (only services whose plan changed get new tables).
 //!
-//! Until VRRP (issue 4) elects a master, the first node with the `balancer`
-//! role in the cluster file holds every VIP.
+//! A VIP that a `[[vrrp]]` instance carries is held by that instance's
+//! master: the `vrrp` module says which through a watch channel, applied
+//! at once (a few map writes). Any other VIP is held by the first node with
+//! the `balancer` role in the cluster file.
 
 mod drains;
 mod host;
 
 use std::{
+    collections::BTreeSet,
     net::IpAddr,
     sync::{
         atomic::{AtomicBool, Ordering},
@@ -35,9 +38,11 @@ use crate::{
         lb::{BackendPlan, LbPlan, LoadBalancerMaps, ServicePlan},
         DataplaneError,
     },
+    vrrp::VipOwnership,
 };
 
 pub use drains::Drains;
+pub(crate) use host::interface_mac;
 pub use host::{remove_vips_from_lo, HostError};
 
 /// How often unresolved backends are retried and the plan refreshed.
@@ -61,16 +66,58 @@ pub fn vip_owner(config: &Config) -> Option<&NodeConfig> {
         .find(|node| node.roles.contains(&Role::Balancer))
 }
 
-/// VIPs this node must hold on `lo`: those of DSR services it serves or
-/// owns, and of NAT services it serves (a NAT flow scheduled to the
-/// balancer itself is served locally, as in DSR).
+/// True when a `[[vrrp]]` instance carries `vip`: VRRP decides its holder.
+pub fn vrrp_carries(config: &Config, vip: IpAddr) -> bool {
+    config
+        .vrrp
+        .iter()
+        .any(|instance| instance.vips.contains(&vip))
+}
+
+/// The service VIPs this node holds now: those VRRP made it master for
+/// (`vrrp_owned`), and, for VIPs no VRRP instance carries, all of them if
+/// it is the first balancer.
+pub fn owned_vips(
+    config: &Config,
+    node: &NodeConfig,
+    vrrp_owned: &BTreeSet<IpAddr>,
+) -> Vec<IpAddr> {
+    let first_balancer = vip_owner(config).is_some_and(|owner| owner.name == node.name);
+    let mut vips: Vec<IpAddr> = config
+        .services
+        .iter()
+        .map(|service| service.vip)
+        .filter(|&vip| {
+            if vrrp_carries(config, vip) {
+                vrrp_owned.contains(&vip)
+            } else {
+                first_balancer
+            }
+        })
+        .collect();
+    vips.sort();
+    vips.dedup();
+    vips
+}
+
+/// VIPs this node must hold on `lo`: those of services it serves (DSR or
+/// NAT: a NAT flow scheduled to the balancer itself is served locally, as
+/// in DSR), and for the first balancer those of DSR services no VRRP
+/// instance carries. A VRRP master
+/// that serves nothing does not need it there (VRRP adds the VIP to its
+/// interface): a packet its XDP program passes up during a change of
+/// master is then dropped and retransmitted, not refused by a kernel that
+/// holds the VIP with nothing listening.
 pub fn local_vips(config: &Config, node: &NodeConfig) -> Vec<IpAddr> {
     let owner = vip_owner(config).is_some_and(|owner| owner.name == node.name);
     let mut vips: Vec<IpAddr> = config
         .services
         .iter()
         .filter(|service| {
-            (owner && service.forwarding == Forwarding::Dsr)
+            let may_own = owner
+                && !vrrp_carries(config, service.vip)
+                && service.forwarding == Forwarding::Dsr;
+            may_own
                 || service
                     .backends
                     .iter()
@@ -111,7 +158,6 @@ pub fn plan_with(
     resolve_mac: &mut dyn FnMut(IpAddr) -> Option<[u8; 6]>,
     verdict: &VerdictFn<'_>,
 ) -> LbPlan {
-    let owner = vip_owner(config).is_some_and(|owner| owner.name == node.name);
     let services: Vec<ServicePlan> = config
         .services
         .iter()
@@ -156,14 +202,7 @@ pub fn plan_with(
                 .collect(),
         })
         .collect();
-    let owned_vips = if owner {
-        let mut vips: Vec<IpAddr> = services.iter().map(|s| s.vip).collect();
-        vips.sort();
-        vips.dedup();
-        vips
-    } else {
-        Vec::new()
-    };
+    let owned_vips = owned_vips(config, node, &BTreeSet::new());
     let uses_nat = services.iter().any(|s| s.forwarding == Forwarding::Nat);
     let snat_ipv4 = match node.address.addr() {
         IpAddr::V4(addr) if uses_nat => Some(addr),
@@ -209,18 +248,33 @@ fn log_changes(before: &LbPlan, after: &LbPlan) {
     }
 }
 
-/// Keeps the kernel's plan current until `shutdown`, with health verdicts
-/// from `health` and the config from `config` (reloads arrive there);
-/// undoes the host preparation on the way out.
+/// What decides, beside the config, which backends take flows and which
+/// VIPs this node holds.
+pub struct Deciders {
+    /// Health checks and admin states.
+    pub health: Arc<Health>,
+    /// This node's own backends drained by the agent (supervised children).
+    pub drains: Drains,
+    /// VRRP's verdict on the VIPs it carries; None without VRRP.
+    pub vrrp: Option<VipOwnership>,
+}
+
+/// Keeps the kernel's plan current until `shutdown`, with the config from
+/// `config` (reloads arrive there) and the verdicts of `deciders`; undoes
+/// the host preparation on the way out.
 pub async fn run(
     maps: Arc<Mutex<LoadBalancerMaps>>,
     mut config: watch::Receiver<Arc<Config>>,
-    health: Arc<Health>,
+    deciders: Deciders,
     node: NodeConfig,
     mut shutdown: watch::Receiver<bool>,
     keep_on_exit: Arc<AtomicBool>,
-    drains: Drains,
 ) -> Result<(), BalancerError> {
+    let Deciders {
+        health,
+        drains,
+        vrrp,
+    } = deciders;
     let initial = config.borrow_and_update().clone();
     if initial.services.is_empty() {
         return Ok(());
@@ -229,6 +283,18 @@ pub async fn run(
     let local_mac = host::interface_mac(&iface)?;
     let vips = local_vips(&initial, &node);
     let mut prepared = host::DsrHost::prepare(&iface, &vips)?;
+    // What VRRP says this node holds; an empty set, never changing, when
+    // this node runs no VRRP instance.
+    let (_no_vrrp, owned) = watch::channel(BTreeSet::new());
+    let (applied, _) = watch::channel(None);
+    let (owned, applied) = vrrp.map_or((owned, applied), |vrrp| (vrrp.owned, vrrp.applied));
+    let follower = tokio::spawn(follow_vrrp(
+        maps.clone(),
+        initial.clone(),
+        node.clone(),
+        owned.clone(),
+        applied.clone(),
+    ));
     let result = async {
         let mut resolver = host::NeighborResolver::new(&iface);
         let mut resolved_at: Option<tokio::time::Instant> = None;
@@ -255,15 +321,18 @@ pub async fn run(
             let mut next = plan_with(&current, &node, local_mac, &mut |addr| resolver.mac(addr), &verdict);
             {
                 let mut maps = maps.lock().await;
-                // Read under the lock, as the drainer writes it before
-                // taking the lock: neither undoes the other.
+                // Read under the lock: the drainer writes its set before
+                // taking the lock, and `follow_vrrp` may have applied a newer
+                // VRRP change meanwhile; neither is undone.
                 drains.apply_to(&mut next);
+                next.owned_vips = owned_vips(&current, &node, &owned.borrow());
                 if maps.applied() != &next {
                     log_changes(maps.applied(), &next);
-                    let ownership_changed = maps.applied().owned_vips != next.owned_vips;
+                    let newly_owned = next.owned_vips != maps.applied().owned_vips;
                     maps.apply(&next)?;
-                    if !next.owned_vips.is_empty() && ownership_changed {
-                        info!(vips = ?next.owned_vips, "holding VIPs (first balancer in the cluster file)");
+                    applied.send_replace(Some(next.owned_vips.iter().copied().collect()));
+                    if newly_owned && !next.owned_vips.is_empty() {
+                        info!(vips = ?next.owned_vips, "holding VIPs");
                     }
                 }
             }
@@ -291,12 +360,49 @@ pub async fn run(
         }
     }
     .await;
+    follower.abort();
     if keep_on_exit.load(Ordering::SeqCst) {
         prepared.keep();
     } else {
         prepared.restore();
     }
     result
+}
+
+/// Applies each VRRP ownership change to the maps as soon as it comes:
+/// the applied plan with only `owned_vips` changed, so the data plane
+/// rewrites a few VIP entries and the ownership map, nothing else.
+async fn follow_vrrp(
+    maps: Arc<Mutex<LoadBalancerMaps>>,
+    config: Arc<Config>,
+    node: NodeConfig,
+    mut owned: watch::Receiver<BTreeSet<IpAddr>>,
+    applied: watch::Sender<Option<BTreeSet<IpAddr>>>,
+) {
+    loop {
+        if owned.changed().await.is_err() {
+            return;
+        }
+        let mut maps = maps.lock().await;
+        // Before the first refresh there is no plan: the refresh reads the
+        // channel itself.
+        if maps.applied().services.is_empty() {
+            continue;
+        }
+        let mut next = maps.applied().clone();
+        next.owned_vips = owned_vips(&config, &node, &owned.borrow_and_update());
+        if next != *maps.applied() {
+            match maps.apply(&next) {
+                Ok(()) => {
+                    applied.send_replace(Some(next.owned_vips.iter().copied().collect()));
+                    info!(vips = ?next.owned_vips, "VIP ownership from VRRP applied to the data plane");
+                }
+                Err(error) => {
+                    warn!(error = %crate::error_chain(&error), "cannot apply VIP ownership from VRRP")
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]

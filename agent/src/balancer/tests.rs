@@ -15,8 +15,9 @@ fn mac_of(addr: IpAddr) -> Option<[u8; 6]> {
 }
 
 #[test]
-fn the_first_balancer_holds_the_vips() {
-    let config = config();
+fn the_first_balancer_holds_the_vips_no_vrrp_instance_carries() {
+    let mut config = config();
+    config.vrrp.clear();
     assert_eq!(vip_owner(&config).unwrap().name, "nuster1");
     let nuster1 = config.node(Path::new("lab"), "nuster1").unwrap();
     let nuster2 = config.node(Path::new("lab"), "nuster2").unwrap();
@@ -77,4 +78,40 @@ fn backends_and_the_owner_hold_the_vip_on_lo() {
         let vips = local_vips(&config, node);
         assert!(!vips.is_empty(), "{} serves the web service", node.name);
     }
+}
+
+#[test]
+fn vrrp_decides_who_holds_the_vips_it_carries() {
+    let config = config();
+    let vip: IpAddr = "192.0.2.100".parse().unwrap();
+    assert!(vrrp_carries(&config, vip));
+    let nuster1 = config.node(Path::new("lab"), "nuster1").unwrap();
+    let nuster2 = config.node(Path::new("lab"), "nuster2").unwrap();
+    // Until elected, not even the first balancer holds it.
+    assert!(plan(&config, nuster1, [2; 6], &mut mac_of)
+        .owned_vips
+        .is_empty());
+    let master = std::collections::BTreeSet::from([vip]);
+    assert_eq!(owned_vips(&config, nuster2, &master), vec![vip]);
+    assert!(owned_vips(&config, nuster1, &Default::default()).is_empty());
+}
+
+#[test]
+fn a_vrrp_candidate_that_serves_nothing_keeps_no_vip_on_lo() {
+    let mut config = config();
+    // nuster2 stops being a web backend: as a VRRP master it forwards
+    // every flow, so its kernel must not hold (and refuse for) the VIP.
+    for service in &mut config.services {
+        service
+            .backends
+            .retain(|backend| backend.node.as_deref() != Some("nuster2"));
+    }
+    let nuster2 = config.node(Path::new("lab"), "nuster2").unwrap().clone();
+    assert!(local_vips(&config, &nuster2).is_empty());
+    // nuster1 serves: it keeps it, master or backup.
+    let nuster1 = config.node(Path::new("lab"), "nuster1").unwrap().clone();
+    assert_eq!(
+        local_vips(&config, &nuster1),
+        vec!["192.0.2.100".parse::<IpAddr>().unwrap()]
+    );
 }

@@ -30,6 +30,8 @@ pub use storage::VolumeConfig;
 pub mod pooler;
 pub mod supervise;
 pub use supervise::SuperviseConfig;
+pub mod vrrp;
+pub use vrrp::{TrackConfig, VrrpConfig};
 
 /// Where pinned maps go unless the cluster or the node says otherwise.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/farol";
@@ -57,6 +59,10 @@ pub struct Config {
     /// Child processes the agents run (Apache), in `[[supervise]]` sections.
     #[serde(default, rename = "supervise")]
     pub supervise: Vec<SuperviseConfig>,
+    /// Virtual routers that move VIPs between nodes, in `[[vrrp]]`
+    /// sections (see `vrrp.rs`).
+    #[serde(default, rename = "vrrp")]
+    pub vrrp: Vec<VrrpConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -365,6 +371,7 @@ impl Config {
             &self.volumes,
             &mut problems,
         );
+        vrrp::validate(&self.vrrp, &self.nodes, &mut problems);
         problems
     }
 
