@@ -49,8 +49,9 @@ pub const NAT_PROGRAM_SLOT: u32 = 0;
 /// outgoing connections, and above the usual service ports.
 pub const NAT_PORT_FIRST: u16 = 10240;
 pub const NAT_PORT_COUNT: u16 = 22528;
-/// Ports tried for a new flow before it is dropped as unallocatable.
-pub const NAT_PORT_TRIES: u32 = 4;
+/// Ports tried for a new flow before it is dropped as unallocatable (with
+/// half the ports taken, 16 tries all fail once in 65,536 flows).
+pub const NAT_PORT_TRIES: u32 = 16;
 /// A port whose flow closed (FIN or RST seen) is given out again after this
 /// long, so the backend's TIME_WAIT for the old flow has mostly gone.
 pub const NAT_REUSE_CLOSED_NS: u64 = 2_000_000_000;
