@@ -44,6 +44,9 @@ pub enum Command {
     /// Make the running agent re-read its config file (as SIGHUP does):
     /// only what changed is applied; a file with errors is refused.
     Reload(ControlArgs),
+    /// Stop the running agent as SIGTERM does: its supervised children are
+    /// drained at every balancer and stopped first.
+    Stop(ControlArgs),
     /// Run only the PostgreSQL pooler of the cluster file (no data plane,
     /// no root needed); for benchmarks and tests.
     #[command(hide = true)]

@@ -28,6 +28,7 @@ fn main() -> ExitCode {
         Command::Status(args) => farol_agent::control::client::main_status(&args),
         Command::Backend(args) => farol_agent::control::client::main_backend(&args),
         Command::Reload(args) => farol_agent::control::client::main_reload(&args),
+        Command::Stop(args) => farol_agent::control::client::main_stop(&args),
     }
 }
 

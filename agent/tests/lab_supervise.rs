@@ -774,13 +774,13 @@ fn apache_left_by_a_killed_agent_serves_on_until_the_next_agent_replaces_it() {
 }
 
 /// Issue 8's drain across nodes: nuster3 is a backend, not the balancer.
-/// Its agent gets SIGTERM during a bounded wrk run through the VIP; its
+/// `agent stop` stops its agent during a bounded wrk run through the VIP; its
 /// admin state turns `drain`, nuster1 reads that through the agent check
 /// and sends nuster3 no new flow, nuster3 waits for its established
 /// connections, then stops Apache: not one request fails.
 #[test]
-fn sigterm_on_a_backend_node_drains_it_at_the_balancer_with_no_failed_request() {
-    let test = "sigterm_on_a_backend_node_drains_it_at_the_balancer_with_no_failed_request";
+fn agent_stop_on_a_backend_node_drains_it_at_the_balancer_with_no_failed_request() {
+    let test = "agent_stop_on_a_backend_node_drains_it_at_the_balancer_with_no_failed_request";
     if !may_run(test) {
         return;
     }
@@ -789,7 +789,13 @@ fn sigterm_on_a_backend_node_drains_it_at_the_balancer_with_no_failed_request() 
     let load = std::thread::spawn(move || wrk(&lab, 8));
     std::thread::sleep(Duration::from_secs(2));
     let stopped_at = Instant::now();
-    cluster.signal_agent("nuster3", libc::SIGTERM);
+    // `agent stop` on nuster3 finds its agent's control socket (the lab sets
+    // FAROL_CONTROL_SOCKET per node) and stops it as SIGTERM would.
+    let stop = cluster.lab.run("nuster3", AGENT, &["stop"]).unwrap();
+    assert!(
+        stop.status.success() && String::from_utf8_lossy(&stop.stdout).contains("nuster3 stops"),
+        "agent stop: {stop:?}"
+    );
     wait_for("nuster3's agent to stop", Duration::from_secs(30), || {
         cluster
             .log("nuster3")
@@ -823,7 +829,7 @@ fn sigterm_on_a_backend_node_drains_it_at_the_balancer_with_no_failed_request() 
         "nuster3 is gone, yet answered: {answers:?}"
     );
     println!(
-        "SIGTERM on nuster3 during wrk: {requests} requests, none failed; nuster3 drained and \
+        "agent stop on nuster3 during wrk: {requests} requests, none failed; nuster3 drained and \
          stopped in {:.1} s",
         stop_took.as_secs_f64()
     );

@@ -156,6 +156,11 @@ pub async fn reload_over(target: &Target) -> Result<String, ClientError> {
     write(target, "/reload").await
 }
 
+/// Asks the agent to stop (drain, stop children, remove the data plane).
+pub async fn stop_over(target: &Target) -> Result<String, ClientError> {
+    write(target, "/stop").await
+}
+
 /// What the CLI talks to: --url with --token-file (TCP), else --socket,
 /// else the node's `control_socket` in the cluster file, else
 /// /run/farol/NODE.sock.
@@ -276,6 +281,14 @@ pub fn main_backend(args: &crate::cli::BackendArgs) -> std::process::ExitCode {
 }
 
 /// `agent reload`.
+pub fn main_stop(args: &crate::cli::ControlArgs) -> std::process::ExitCode {
+    block(
+        args,
+        |target| Box::pin(async move { stop_over(&target).await }),
+        |message| println!("stopping: {message}"),
+    )
+}
+
 pub fn main_reload(args: &crate::cli::ControlArgs) -> std::process::ExitCode {
     block(
         args,

@@ -445,7 +445,11 @@ async fn status_json(State(control): State<Arc<Control>>) -> Response {
     json(StatusCode::OK, &control.status().await)
 }
 
-async fn agent_state(State(control): State<Arc<Control>>) -> impl IntoResponse {
+async fn agent_state(
+    State(control): State<Arc<Control>>,
+    axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<std::net::SocketAddr>,
+) -> impl IntoResponse {
+    control.health.agent_reads.record(peer.ip());
     (
         [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
         format!("{}\n", control.health.own_state().label()),
@@ -519,12 +523,39 @@ async fn reload(State(control): State<Arc<Control>>) -> Response {
     }
 }
 
+/// `agent stop`: the agent stops as on SIGTERM (supervised children drained
+/// at every balancer and stopped, then the data plane removed), by sending
+/// itself that signal, so there is one way to stop.
+async fn stop(State(control): State<Arc<Control>>) -> Response {
+    info!(node = %control.node, "stop asked through the control API");
+    // SAFETY: kill(2) on our own PID with a signal we handle.
+    let sent = unsafe { libc::kill(std::process::id() as i32, libc::SIGTERM) };
+    if sent == 0 {
+        reply(
+            StatusCode::OK,
+            true,
+            format!(
+                "{} stops: supervised children are drained at every balancer and stopped first",
+                control.node
+            ),
+        )
+    } else {
+        let error = std::io::Error::last_os_error();
+        reply(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            false,
+            format!("cannot signal the agent: {error}"),
+        )
+    }
+}
+
 /// Every route of the control socket.
 fn socket_routes(control: Arc<Control>) -> Router {
     Router::new()
         .route("/status", get(status_json))
         .route("/backend/{name}/{action}", post(backend_action))
         .route("/reload", post(reload))
+        .route("/stop", post(stop))
         .with_state(control)
 }
 

@@ -192,6 +192,32 @@ pub struct Health {
     inner: Mutex<Inner>,
     changed: Notify,
     own_tx: watch::Sender<AdminState>,
+    /// Who read this node's admin state (the agent check), and when.
+    pub agent_reads: AgentReads,
+}
+
+/// When each peer last read this node's admin state at `GET /agent`: a
+/// drain waits until every balancer has read it since the drain began.
+#[derive(Debug, Default)]
+pub struct AgentReads(Mutex<std::collections::HashMap<std::net::IpAddr, Instant>>);
+
+impl AgentReads {
+    pub fn record(&self, peer: std::net::IpAddr) {
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .insert(peer, Instant::now());
+    }
+
+    /// When `peer` last read the admin state, if that was after `since`.
+    pub fn read_after(&self, peer: std::net::IpAddr, since: Instant) -> Option<Instant> {
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .get(&peer)
+            .copied()
+            .filter(|at| *at > since)
+    }
 }
 
 /// One backend's row for the status page, the JSON API and `agent status`.
@@ -224,6 +250,7 @@ impl Health {
             inner: Mutex::new(Inner::default()),
             changed: Notify::new(),
             own_tx: watch::channel(AdminState::Ready).0,
+            agent_reads: AgentReads::default(),
         })
     }
 

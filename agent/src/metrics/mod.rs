@@ -166,10 +166,15 @@ pub async fn serve_with(
         .route("/metrics", get(metrics))
         .with_state(Arc::new(registry))
         .merge(extra);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
-        .map_err(MetricsError::Serve)
+    // Peers' addresses reach the handlers: the agent check records which
+    // balancer read this node's admin state (see `health::AgentReads`).
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
+    .map_err(MetricsError::Serve)
 }
 
 async fn metrics(

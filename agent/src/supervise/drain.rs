@@ -137,10 +137,12 @@ impl Drainer for LocalDrainer {
 /// connections to the service's port on this node (in DSR the balancer
 /// sees only the client's half of a flow, and another balancer's maps are
 /// out of reach), plus what this node's maps track when it balances. Until
-/// one check interval has passed since the drain, at least one flow is
-/// reported, so no balancer can still be choosing this node when the child
-/// stops. The admin state is node-wide: it takes the node out of every
-/// service the balancers check it in.
+/// every other balancer of the cluster has read the drain (its agent check
+/// came after the drain began) and had a moment to apply it, at least one
+/// flow is reported, so no balancer can still be choosing this node when
+/// the child stops; a balancer that does not ask within three check
+/// intervals is taken to be down. The admin state is node-wide: it takes
+/// the node out of every service the balancers check it in.
 pub struct ClusterDrainer {
     local: LocalDrainer,
     health: Arc<crate::health::Health>,
@@ -149,9 +151,9 @@ pub struct ClusterDrainer {
     drained_at: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
-/// Added to a check interval before balancers are taken to have seen a
-/// drain (a check's own duration, scheduling).
-const DRAIN_PROPAGATION_MARGIN: std::time::Duration = std::time::Duration::from_millis(500);
+/// After the last balancer read the drain: its plan's rebuild and swap (a
+/// Maglev table is 65537 map writes).
+const DRAIN_APPLY_MARGIN: std::time::Duration = std::time::Duration::from_millis(500);
 
 impl ClusterDrainer {
     pub fn new(
@@ -169,9 +171,9 @@ impl ClusterDrainer {
         }
     }
 
-    /// How long balancers may take to see the drain: `service`'s check
-    /// interval (the default one without a `check`), plus a margin.
-    fn propagation(&self, service: &str) -> std::time::Duration {
+    /// How long to wait at most for balancers to read the drain: three of
+    /// `service`'s check intervals (the default one without a `check`).
+    fn read_deadline(&self, service: &str) -> std::time::Duration {
         let interval = self
             .config
             .services
@@ -179,7 +181,29 @@ impl ClusterDrainer {
             .find(|s| s.name == service)
             .and_then(|s| s.check.as_ref().map(|check| check.interval))
             .unwrap_or(crate::config::health::DEFAULT_CHECK_INTERVAL);
-        interval + DRAIN_PROPAGATION_MARGIN
+        interval * 3
+    }
+
+    /// True while some other balancer may not have seen the drain begun at
+    /// `since` yet.
+    fn drain_unseen(&self, service: &str, since: std::time::Instant) -> bool {
+        if since.elapsed() >= self.read_deadline(service) {
+            return false;
+        }
+        let mut last_read = since;
+        for balancer in self.config.nodes.iter().filter(|n| {
+            n.name != self.node.name && n.roles.contains(&crate::config::Role::Balancer)
+        }) {
+            match self
+                .health
+                .agent_reads
+                .read_after(balancer.address.addr(), since)
+            {
+                Some(at) => last_read = last_read.max(at),
+                None => return true,
+            }
+        }
+        last_read.elapsed() < DRAIN_APPLY_MARGIN
     }
 
     /// The ports this node serves `service` on.
@@ -199,14 +223,16 @@ impl ClusterDrainer {
 impl Drainer for ClusterDrainer {
     fn drain<'a>(&'a self, service: &'a str) -> BoxFuture<'a, Result<(), DrainError>> {
         Box::pin(async move {
-            *self
-                .drained_at
-                .lock()
-                .unwrap_or_else(|poison| poison.into_inner()) = Some(std::time::Instant::now());
+            // State first, then the time: a read after that time surely saw
+            // `drain`.
             self.health.set_own_state(
                 crate::health::AdminState::Drain,
                 &format!("the child backing {service} is down or stopping"),
             );
+            *self
+                .drained_at
+                .lock()
+                .unwrap_or_else(|poison| poison.into_inner()) = Some(std::time::Instant::now());
             self.local.drain(service).await
         })
     }
@@ -233,7 +259,7 @@ impl Drainer for ClusterDrainer {
                 .drained_at
                 .lock()
                 .unwrap_or_else(|poison| poison.into_inner());
-            let unseen = since.is_some_and(|at| at.elapsed() < self.propagation(service));
+            let unseen = since.is_some_and(|at| self.drain_unseen(service, at));
             Ok((local + connections).max(u64::from(unseen)))
         })
     }
