@@ -205,7 +205,10 @@ pub async fn run(plan: NodePlan, shutdown: watch::Receiver<bool>) -> Result<(), 
         control.clone(),
         shutdown.clone(),
     ));
-    let vrrp = crate::vrrp::Setup::new(&plan.config, &plan.node);
+    let vrrp = crate::vrrp::Setup::new(&plan.config, &plan.node).map(|mut setup| {
+        setup.load_balancer = Some(dataplane.load_balancer());
+        setup
+    });
     if let Some(vrrp) = &vrrp {
         registry.register_collector(Box::new(crate::vrrp::VrrpCollector::new(
             vrrp.stats.clone(),

@@ -371,7 +371,7 @@ impl Config {
             &self.volumes,
             &mut problems,
         );
-        vrrp::validate(&self.vrrp, &self.nodes, &mut problems);
+        vrrp::validate(&self.vrrp, &self.nodes, &self.services, &mut problems);
         problems
     }
 

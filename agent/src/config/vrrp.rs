@@ -88,6 +88,9 @@ pub struct TrackConfig {
     pub interface: Option<String>,
     /// Fails while this command (`sh -c`) exits non-zero or times out.
     pub command: Option<String>,
+    /// Fails while this `[[service]]` has no backend that can take a new
+    /// flow on this node (health checks, drains and reachability decide).
+    pub service: Option<String>,
     /// How often the command runs (interfaces are polled every 100 ms).
     #[serde(default = "default_track_every", with = "humantime_serde")]
     pub every: Duration,
@@ -140,6 +143,7 @@ impl VrrpConfig {
 pub(super) fn validate(
     instances: &[VrrpConfig],
     nodes: &[NodeConfig],
+    services: &[super::ServiceConfig],
     problems: &mut Vec<Problem>,
 ) {
     let mut problem = |key: String, message: String| problems.push(Problem { key, message });
@@ -268,17 +272,13 @@ pub(super) fn validate(
         }
         for (t, track) in instance.track.iter().enumerate() {
             let at = |key: &str| format!("vrrp[{index}].track[{t}].{key}");
-            match (&track.interface, &track.command) {
-                (Some(_), Some(_)) | (None, None) => problem(
-                    at("interface"),
-                    "expected interface = \"NAME\" or command = \"...\", one of them".into(),
-                ),
-                (Some(interface), None) => {
+            match (&track.interface, &track.command, &track.service) {
+                (Some(interface), None, None) => {
                     if let Err(why) = check_interface_name(interface) {
                         problem(at("interface"), why);
                     }
                 }
-                (None, Some(command)) => {
+                (None, Some(command), None) => {
                     if command.trim().is_empty() {
                         problem(
                             at("command"),
@@ -286,6 +286,19 @@ pub(super) fn validate(
                         );
                     }
                 }
+                (None, None, Some(service)) => {
+                    if !services.iter().any(|s| &s.name == service) {
+                        problem(
+                            at("service"),
+                            format!("expected the name of a [[service]], got {service:?}"),
+                        );
+                    }
+                }
+                _ => problem(
+                    at("interface"),
+                    "expected interface = \"NAME\", command = \"...\" or service = \"NAME\", one of them"
+                        .into(),
+                ),
             }
             if !(-254..=-1).contains(&track.weight) {
                 problem(
@@ -450,6 +463,39 @@ track = [{ weight = 10 }]
                 "expected {key} mentioning {fragment:?} in {problems:#?}"
             );
         }
+    }
+
+    #[test]
+    fn a_service_track_names_a_service() {
+        let instance = |service: &str| {
+            format!(
+                r#"
+[[service]]
+name = "web"
+vip = "192.0.2.100"
+port = 80
+backends = [{{ node = "a" }}]
+
+[[vrrp]]
+name = "web"
+vrid = 51
+priority = {{ a = 150 }}
+vips = ["192.0.2.100"]
+track = [{{ service = "{service}", weight = -100 }}]
+"#
+            )
+        };
+        let config = load(&instance("web")).expect("a known service");
+        assert_eq!(config.vrrp[0].track[0].service.as_deref(), Some("web"));
+        assert_problem(&instance("www"), "vrrp[0].track[0].service", "[[service]]");
+        assert_problem(
+            &instance("web").replace(
+                "service = \"web\", weight",
+                "service = \"web\", command = \"true\", weight",
+            ),
+            "vrrp[0].track[0].interface",
+            "one of them",
+        );
     }
 
     #[test]

@@ -145,6 +145,9 @@ pub struct Setup {
     /// VIPs of `[[service]]` sections: those the data plane must hold
     /// before gratuitous ARPs go out.
     service_vips: BTreeSet<IpAddr>,
+    /// The balancer's maps, for `track = [{ service = ... }]`: a service
+    /// with no usable backend lowers the priority.
+    pub load_balancer: Option<Arc<tokio::sync::Mutex<crate::dataplane::lb::LoadBalancerMaps>>>,
 }
 
 impl Setup {
@@ -170,6 +173,7 @@ impl Setup {
             owned,
             applied,
             service_vips: config.services.iter().map(|service| service.vip).collect(),
+            load_balancer: None,
         })
     }
 }
@@ -342,6 +346,16 @@ pub async fn run(
     let mut trackers = Vec::new();
     for (i, instance) in instances.iter().enumerate() {
         for (t, track) in instance.config.track.iter().enumerate() {
+            if let (Some(service), Some(maps)) = (&track.service, &setup.load_balancer) {
+                trackers.push(tokio::spawn(tasks::track_service(
+                    i,
+                    t,
+                    service.clone(),
+                    track.every,
+                    maps.clone(),
+                    events.clone(),
+                )));
+            }
             if let Some(command) = &track.command {
                 trackers.push(tokio::spawn(tasks::track_command(
                     i,
@@ -514,6 +528,12 @@ impl Router {
                 .command
                 .clone()
                 .or_else(|| config.track[track].interface.clone())
+                .or_else(|| {
+                    config.track[track]
+                        .service
+                        .as_ref()
+                        .map(|service| format!("service {service}"))
+                })
                 .unwrap_or_default();
             if failing {
                 warn!(instance = %config.name, track = %what, "tracked condition failing");

@@ -110,3 +110,101 @@ pub(super) async fn apply_host_ops(
         }
     }
 }
+
+/// Checks every `every` whether `service` has a backend that can take a new
+/// flow in the balancer's applied plan: failing while it has none.
+pub(super) async fn track_service(
+    instance: usize,
+    track: usize,
+    service: String,
+    every: Duration,
+    maps: std::sync::Arc<tokio::sync::Mutex<crate::dataplane::lb::LoadBalancerMaps>>,
+    events: mpsc::Sender<Event>,
+) {
+    loop {
+        let failing = {
+            let maps = maps.lock().await;
+            !has_usable_backend(maps.applied(), &service)
+        };
+        let event = Event::Track {
+            instance,
+            track,
+            failing,
+        };
+        if events.send(event).await.is_err() {
+            return;
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
+/// True when `service` has a backend that takes new flows in `plan`:
+/// alive, weight above 0, and served here or reachable at L2.
+pub(super) fn has_usable_backend(plan: &crate::dataplane::lb::LbPlan, service: &str) -> bool {
+    plan.services
+        .iter()
+        .filter(|s| s.name == service)
+        .flat_map(|s| s.backends.iter())
+        .any(|b| b.alive && b.weight > 0 && (b.local || b.mac.is_some()))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{IpAddr, Ipv4Addr};
+
+    use super::has_usable_backend;
+    use crate::{
+        config::{Forwarding, Protocol, Scheduler},
+        dataplane::lb::{BackendPlan, LbPlan, ServicePlan},
+    };
+
+    fn plan(backends: Vec<(bool, u32, bool)>) -> LbPlan {
+        LbPlan {
+            services: vec![ServicePlan {
+                index: 0,
+                name: "web".into(),
+                vip: IpAddr::V4(Ipv4Addr::new(192, 0, 2, 100)),
+                ports: vec![80],
+                protocol: Protocol::Tcp,
+                scheduler: Scheduler::Maglev,
+                forwarding: Forwarding::Dsr,
+                seed: "t/web".into(),
+                backends: backends
+                    .into_iter()
+                    .enumerate()
+                    .map(|(slot, (alive, weight, resolved))| BackendPlan {
+                        slot: slot as u32,
+                        name: format!("n{slot}"),
+                        addr: IpAddr::V4(Ipv4Addr::new(192, 0, 2, 11 + slot as u8)),
+                        port: 80,
+                        mac: resolved.then_some([2, 0, 0, 0, 0, slot as u8]),
+                        weight,
+                        local: false,
+                        alive,
+                    })
+                    .collect(),
+            }],
+            ..LbPlan::default()
+        }
+    }
+
+    #[test]
+    fn a_service_fails_its_track_when_no_backend_can_take_a_flow() {
+        assert!(has_usable_backend(
+            &plan(vec![(false, 100, true), (true, 100, true)]),
+            "web"
+        ));
+        assert!(
+            !has_usable_backend(&plan(vec![(false, 100, true), (true, 0, true)]), "web"),
+            "dead or drained"
+        );
+        assert!(
+            !has_usable_backend(&plan(vec![(true, 100, false)]), "web"),
+            "unresolved"
+        );
+        assert!(
+            !has_usable_backend(&plan(vec![(true, 100, true)]), "db"),
+            "unknown service"
+        );
+    }
+}
