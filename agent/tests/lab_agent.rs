@@ -260,7 +260,16 @@ fn agent_refuses_clearly_when_it_cannot_run() {
     );
     squatter.terminate(Duration::from_secs(5)).unwrap();
 
-    // No privileges: an unprivileged user with no capabilities.
+    // No privileges: an unprivileged user with no capabilities. It gets
+    // its own readable copies of the agent and the config: a clone may sit
+    // in a directory only root can enter (`mktemp -d`).
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&config_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let agent_copy = config_dir.join("agent");
+    std::fs::copy(AGENT, &agent_copy).unwrap();
+    let config_copy = config_dir.join("lab.toml");
+    std::fs::copy(lab_config(), &config_copy).unwrap();
+    std::fs::set_permissions(&config_copy, std::fs::Permissions::from_mode(0o644)).unwrap();
     let (code, log) = run_to_exit(
         &lab,
         lab.command(NODE, "setpriv")
@@ -272,9 +281,9 @@ fn agent_refuses_clearly_when_it_cannot_run() {
                 "--bounding-set=-all",
                 "--",
             ])
-            .arg(AGENT)
+            .arg(&agent_copy)
             .args(["run", "--no-supervise", "--node", NODE, "--config"])
-            .arg(lab_config())
+            .arg(&config_copy)
             .arg("--pin-dir")
             .arg(lab.pin_dir(NODE)),
     );
