@@ -8,7 +8,7 @@
 //! [`ClusterDrainer`], which `agent run` uses, adds the node's admin state
 //! that every balancer reads through the agent check.
 
-use std::sync::Arc;
+use std::{collections::HashSet, sync::Arc};
 
 use futures_util::future::BoxFuture;
 use tokio::sync::Mutex;
@@ -149,7 +149,14 @@ pub struct ClusterDrainer {
     config: Arc<Config>,
     node: crate::config::NodeConfig,
     drained_at: std::sync::Mutex<Option<std::time::Instant>>,
+    /// The connections to the service's ports seen at the last count, and
+    /// when a new one last appeared.
+    arrivals: std::sync::Mutex<(HashSet<String>, std::time::Instant)>,
 }
+
+/// No new connection to the service's ports for this long: the balancers
+/// have stopped sending (their plan is applied), not merely read the drain.
+const DRAIN_QUIET: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// After the last balancer read the drain: its plan's rebuild and swap (a
 /// Maglev table is 65537 map writes).
@@ -168,6 +175,7 @@ impl ClusterDrainer {
             config,
             node,
             drained_at: std::sync::Mutex::new(None),
+            arrivals: std::sync::Mutex::new((HashSet::new(), std::time::Instant::now())),
         }
     }
 
@@ -233,6 +241,10 @@ impl Drainer for ClusterDrainer {
                 .drained_at
                 .lock()
                 .unwrap_or_else(|poison| poison.into_inner()) = Some(std::time::Instant::now());
+            self.arrivals
+                .lock()
+                .unwrap_or_else(|poison| poison.into_inner())
+                .1 = std::time::Instant::now();
             self.local.drain(service).await
         })
     }
@@ -254,53 +266,66 @@ impl Drainer for ClusterDrainer {
     fn active_flows<'a>(&'a self, service: &'a str) -> BoxFuture<'a, Result<u64, DrainError>> {
         Box::pin(async move {
             let local = self.local.active_flows(service).await?;
-            let connections = established_connections(&self.ports(service));
+            let current = connections(&self.ports(service));
+            let quiet = {
+                let mut arrivals = self
+                    .arrivals
+                    .lock()
+                    .unwrap_or_else(|poison| poison.into_inner());
+                if current.iter().any(|c| !arrivals.0.contains(c)) {
+                    arrivals.1 = std::time::Instant::now();
+                }
+                let quiet = arrivals.1.elapsed() >= DRAIN_QUIET;
+                arrivals.0 = current.clone();
+                quiet
+            };
+            let connections = current.len() as u64;
             let since = *self
                 .drained_at
                 .lock()
                 .unwrap_or_else(|poison| poison.into_inner());
-            let unseen = since.is_some_and(|at| self.drain_unseen(service, at));
+            let unseen = since.is_some_and(|at| self.drain_unseen(service, at)) || !quiet;
             Ok((local + connections).max(u64::from(unseen)))
         })
     }
 }
 
-/// Established TCP connections whose local port is one of `ports`, in this
-/// network namespace (/proc/net/tcp and tcp6).
-fn established_connections(ports: &[u16]) -> u64 {
+/// TCP connections (established, or half-open: SYN received) whose local
+/// port is one of `ports`, in this network namespace (/proc/net/tcp and
+/// tcp6), each as "local remote" in the kernel's notation.
+fn connections(ports: &[u16]) -> HashSet<String> {
     const ESTABLISHED: &str = "01";
+    const SYN_RECV: &str = "03";
     ["/proc/net/tcp", "/proc/net/tcp6"]
         .iter()
         .filter_map(|path| std::fs::read_to_string(path).ok())
-        .map(|table| {
+        .flat_map(|table| {
             table
                 .lines()
                 .skip(1)
-                .filter(|line| {
+                .filter_map(|line| {
                     let fields: Vec<&str> = line.split_whitespace().collect();
-                    let local_port = fields
-                        .get(1)
-                        .and_then(|local| local.rsplit(':').next())
-                        .and_then(|port| u16::from_str_radix(port, 16).ok());
-                    fields.get(3) == Some(&ESTABLISHED)
-                        && local_port.is_some_and(|port| ports.contains(&port))
+                    let (local, remote, state) = (fields.get(1)?, fields.get(2)?, fields.get(3)?);
+                    let port = u16::from_str_radix(local.rsplit(':').next()?, 16).ok()?;
+                    (ports.contains(&port) && (*state == ESTABLISHED || *state == SYN_RECV))
+                        .then(|| format!("{local} {remote}"))
                 })
-                .count() as u64
+                .collect::<Vec<_>>()
         })
-        .sum()
+        .collect()
 }
 
 #[cfg(test)]
 mod cluster_tests {
-    use super::established_connections;
+    use super::connections;
 
     #[test]
-    fn established_connections_to_a_port_are_counted() {
+    fn connections_to_a_port_are_counted() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
-        assert_eq!(established_connections(&[port]), 0);
+        assert!(connections(&[port]).is_empty());
         let _client = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
         let (_server, _) = listener.accept().unwrap();
-        assert_eq!(established_connections(&[port]), 1, "the server's side");
+        assert_eq!(connections(&[port]).len(), 1, "the server's side");
     }
 }
