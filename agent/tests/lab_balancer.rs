@@ -129,46 +129,12 @@ fn cluster(tag: &str, scheduler: &str) -> Cluster {
         })
         .unwrap();
     }
-    wait_until_every_node_is_ready_at_the_balancer(&lab);
+    support::wait_until_every_node_is_ready_at(&lab, "nuster1");
     Cluster {
         processes,
         lab,
         _dir: TempDir(dir),
     }
-}
-
-/// A node stays drained (its agent check says `drain`) until its Apache is
-/// ready; nuster1 reads that at its next check. Waits until every node says
-/// `ready` and nuster1 has seen it, so distribution tests see all four.
-fn wait_until_every_node_is_ready_at_the_balancer(lab: &Lab) {
-    for node in lab.nodes() {
-        let url = format!("http://{}:9477/agent", node.ip());
-        wait_for(
-            "every node's agent check to say ready",
-            Duration::from_secs(30),
-            || {
-                let out = lab
-                    .run(CLIENT, "curl", &["-sf", "--max-time", "1", &url])
-                    .ok()?;
-                (String::from_utf8_lossy(&out.stdout).trim() == "ready").then_some(())
-            },
-        )
-        .unwrap();
-    }
-    wait_for("nuster1 to see every node ready", Duration::from_secs(30), || {
-        let metrics = scrape(lab, "nuster1")?;
-        (1..=4)
-            .all(|n| {
-                metrics.get(&format!(
-                    "farol_health_backend_admin_state{{service=\"web\",backend=\"nuster{n}\",state=\"ready\"}}"
-                )) == Some(&1)
-                    && metrics.get(&format!(
-                        "farol_lb_backend_up{{service=\"web\",backend=\"nuster{n}\"}}"
-                    )) == Some(&1)
-            })
-            .then_some(())
-    })
-    .unwrap();
 }
 
 /// The lab with a Python web server and an agent without Apache on every

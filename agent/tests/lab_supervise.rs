@@ -102,6 +102,7 @@ impl Cluster {
             )
             .unwrap_or_else(|error| panic!("{error:#}\n{}", cluster.log(&name)));
         }
+        support::wait_until_every_node_is_ready_at(&cluster.lab, "nuster1");
         cluster
     }
 

@@ -46,3 +46,47 @@ pub(crate) fn fuse_privileged(test: &str) -> bool {
     };
     may_run(test, why)
 }
+
+/// A node stays drained (its agent check says `drain`) until its supervised
+/// Apache is ready, and `balancer` learns that at its next check. Waits
+/// until every lab node says `ready` and `balancer` has seen it with the
+/// backend up, so tests that count where flows go see all four.
+pub(crate) fn wait_until_every_node_is_ready_at(lab: &xtask::lab::Lab, balancer: &str) {
+    use std::time::Duration;
+    for node in lab.nodes() {
+        let url = format!("http://{}:9477/agent", node.ip());
+        xtask::lab::wait_for(
+            "every node's agent check to say ready",
+            Duration::from_secs(30),
+            || {
+                let out = lab
+                    .run(
+                        xtask::lab::CLIENT,
+                        "curl",
+                        &["-sf", "--max-time", "1", &url],
+                    )
+                    .ok()?;
+                (String::from_utf8_lossy(&out.stdout).trim() == "ready").then_some(())
+            },
+        )
+        .unwrap();
+    }
+    xtask::lab::wait_for(
+        &format!("{balancer} to see every node ready"),
+        Duration::from_secs(30),
+        || {
+            let metrics = lab.metrics(balancer)?;
+            lab.nodes()
+                .iter()
+                .all(|node| {
+                    let labels = format!("service=\"web\",backend=\"{}\"", node.name);
+                    metrics.get(&format!(
+                        "farol_health_backend_admin_state{{{labels},state=\"ready\"}}"
+                    )) == Some(&1)
+                        && metrics.get(&format!("farol_lb_backend_up{{{labels}}}")) == Some(&1)
+                })
+                .then_some(())
+        },
+    )
+    .unwrap();
+}
