@@ -73,6 +73,19 @@ fn without_vrrp(text: &str) -> String {
     kept
 }
 
+/// Waits until every node's web server answers the client directly.
+fn wait_for_web_servers(lab: &Lab, limit: Duration) {
+    for node in lab.nodes() {
+        let url = format!("http://{}/", node.ip());
+        wait_for(&format!("the web server on {}", node.name), limit, || {
+            lab.run(CLIENT, "curl", &["-sf", "--max-time", "1", &url])
+                .ok()
+                .filter(|out| out.status.success())
+        })
+        .unwrap();
+    }
+}
+
 /// A temporary directory removed on drop.
 struct TempDir(PathBuf);
 
@@ -116,19 +129,7 @@ fn cluster(tag: &str, scheduler: &str) -> Cluster {
         ));
     }
     wait_for_all_backends_up(&lab);
-    for node in lab.nodes() {
-        let ip = node.ip().to_owned();
-        wait_for("Apache on every node", Duration::from_secs(30), || {
-            lab.run(
-                CLIENT,
-                "curl",
-                &["-sf", "--max-time", "1", &format!("http://{ip}/")],
-            )
-            .ok()
-            .filter(|out| out.status.success())
-        })
-        .unwrap();
-    }
+    wait_for_web_servers(&lab, Duration::from_secs(30));
     support::wait_until_every_node_is_ready_at(&lab, "nuster1");
     Cluster {
         processes,
@@ -170,19 +171,7 @@ fn cluster_with_own_servers(tag: &str, scheduler: &str) -> Cluster {
         processes.push(start_agent(&lab, &node.name, &config, &log(&node.name)));
     }
     wait_for_all_backends_up(&lab);
-    for node in lab.nodes() {
-        let ip = node.ip().to_owned();
-        wait_for("web servers", Duration::from_secs(10), || {
-            lab.run(
-                CLIENT,
-                "curl",
-                &["-sf", "--max-time", "1", &format!("http://{ip}/")],
-            )
-            .ok()
-            .filter(|out| out.status.success())
-        })
-        .unwrap();
-    }
+    wait_for_web_servers(&lab, Duration::from_secs(10));
     Cluster {
         processes,
         lab,
@@ -335,30 +324,6 @@ fn agents_stop_cleanly_and_remove_the_vip_from_lo() {
     }
 }
 
-/// A client that keeps one HTTP/1.1 connection to the VIP and sends a
-/// request every 50 ms for `seconds`; prints "ok errors nodes".
-const KEEPALIVE_CLIENT: &str = r#"
-import http.client, sys, time
-conn = http.client.HTTPConnection(sys.argv[1], 80, timeout=2)
-ok = errors = 0
-nodes = set()
-ports = set()
-end = time.time() + float(sys.argv[2])
-while time.time() < end:
-    try:
-        conn.request("GET", "/")
-        ports.add(conn.sock.getsockname()[1])
-        nodes.add(conn.getresponse().read().decode().strip())
-        ok += 1
-    except Exception as error:
-        errors += 1
-        print(repr(error), file=sys.stderr)
-        conn.close()
-        conn = http.client.HTTPConnection(sys.argv[1], 80, timeout=2)
-    time.sleep(0.05)
-print(ok, errors, len(ports), ",".join(sorted(nodes)))
-"#;
-
 #[test]
 fn a_killed_agent_leaves_flows_running_and_its_successor_adopts_them() {
     if !support::privileged("a_killed_agent_leaves_flows_running_and_its_successor_adopts_them") {
@@ -367,7 +332,7 @@ fn a_killed_agent_leaves_flows_running_and_its_successor_adopts_them() {
     let mut cluster = cluster_with_own_servers("lbkill", "roundrobin");
     let dir = cluster._dir.0.clone();
     let script = dir.join("keepalive.py");
-    std::fs::write(&script, KEEPALIVE_CLIENT).unwrap();
+    std::fs::write(&script, xtask::lab::KEEPALIVE_CLIENT).unwrap();
     let mut client = cluster.lab.command(CLIENT, "python3");
     client.arg(&script).args([VIP, "6"]).stdout(Stdio::piped());
     let mut client = cluster

@@ -281,36 +281,12 @@ fn wait_http(cluster: &Cluster) {
     }
 }
 
-/// One keep-alive HTTP connection, a request every 50 ms for `seconds`;
-/// prints "ok errors connections backends".
-const KEEPALIVE_CLIENT: &str = r#"
-import http.client, sys, time
-conn = http.client.HTTPConnection(sys.argv[1], 80, timeout=2)
-ok = errors = 0
-nodes = set()
-ports = set()
-end = time.time() + float(sys.argv[2])
-while time.time() < end:
-    try:
-        conn.request("GET", "/")
-        ports.add(conn.sock.getsockname()[1])
-        nodes.add(conn.getresponse().read().decode().strip())
-        ok += 1
-    except Exception as error:
-        errors += 1
-        print(repr(error), file=sys.stderr)
-        conn.close()
-        conn = http.client.HTTPConnection(sys.argv[1], 80, timeout=2)
-    time.sleep(0.05)
-print(ok, errors, len(ports), ",".join(sorted(nodes)))
-"#;
-
 struct LongLived(LabProcess);
 
 impl LongLived {
     fn start(cluster: &Cluster, seconds: u32) -> LongLived {
         let script = cluster.dir.0.join("keepalive.py");
-        std::fs::write(&script, KEEPALIVE_CLIENT).unwrap();
+        std::fs::write(&script, xtask::lab::KEEPALIVE_CLIENT).unwrap();
         let mut client = cluster.lab.command(CLIENT, "python3");
         client
             .arg(&script)

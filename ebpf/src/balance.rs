@@ -158,13 +158,7 @@ pub(crate) fn forward_icmp_error(ctx: &XdpContext, packet: &Packet, bytes: u64) 
         // SAFETY: this CPU's slot, valid for this invocation.
         unsafe { (*stats).icmp_errors_forwarded += 1 };
     }
-    if let Some(backend_stats) = BACKEND_STATS.get_ptr_mut(flow.backend) {
-        // SAFETY: this CPU's slot, valid for this invocation.
-        unsafe {
-            (*backend_stats).packets += 1;
-            (*backend_stats).bytes += bytes;
-        }
-    }
+    count_backend(flow.backend, bytes);
     if backend.flags & BACKEND_LOCAL != 0 {
         return xdp_action::XDP_PASS;
     }

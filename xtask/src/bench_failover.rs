@@ -282,13 +282,15 @@ fn run_case(agent: &Path, work: &Path, case: Case) -> Result<Outcome> {
     let backup_mac = mac(&lab, BACKUP)?;
 
     let keepalive_script = dir.join("keepalive.py");
-    std::fs::write(&keepalive_script, KEEPALIVE_CLIENT)?;
+    std::fs::write(&keepalive_script, xtask::lab::KEEPALIVE_CLIENT)?;
     let total = case.poll_seconds() + 1.0;
     let mut long_lived = lab.spawn(
         CLIENT,
         lab.command(CLIENT, "python3")
             .arg(&keepalive_script)
-            .args([VIP, &format!("{total}")])
+            // A request may wait 10 s, longer than any failover here: what
+            // ends the connection is a reset, not impatience.
+            .args([VIP, &format!("{total}"), "10"])
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(dir.join("keepalive.err"))?),
         "keep-alive client",
@@ -691,29 +693,4 @@ async def main():
 asyncio.run(main())
 time.sleep(0.3)
 print(json.dumps({"probes": probes, "garps": garps}))
-"#;
-
-/// One keep-alive connection, a request every 50 ms; prints
-/// "ok errors connections backends". A request may wait 10 s, longer than
-/// any failover here: what ends the connection is a reset, not impatience.
-const KEEPALIVE_CLIENT: &str = r#"
-import http.client, sys, time
-conn = http.client.HTTPConnection(sys.argv[1], 80, timeout=10)
-ok = errors = 0
-nodes = set()
-ports = set()
-end = time.time() + float(sys.argv[2])
-while time.time() < end:
-    try:
-        conn.request("GET", "/")
-        ports.add(conn.sock.getsockname()[1])
-        nodes.add(conn.getresponse().read().decode().strip())
-        ok += 1
-    except Exception as error:
-        errors += 1
-        print("%.3f %r" % (time.monotonic(), error), file=sys.stderr)
-        conn.close()
-        conn = http.client.HTTPConnection(sys.argv[1], 80, timeout=10)
-    time.sleep(0.05)
-print(ok, errors, len(ports), ",".join(sorted(nodes)))
 "#;

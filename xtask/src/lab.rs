@@ -573,3 +573,31 @@ fn stop_namespace_processes(netns: &str) {
         signal(pid.unsigned_abs(), libc::SIGKILL);
     }
 }
+
+/// A client that keeps one HTTP/1.1 connection to `argv[1]`:80 and sends a
+/// request every 50 ms for `argv[2]` seconds, each allowed `argv[3]`
+/// seconds (default 2); a failed request is logged with its time on stderr
+/// and a new connection opened. Prints "ok errors connections backends".
+/// Lab tests and the failover benchmark run it in the client namespace.
+pub const KEEPALIVE_CLIENT: &str = r#"
+import http.client, sys, time
+timeout = float(sys.argv[3]) if len(sys.argv) > 3 else 2
+conn = http.client.HTTPConnection(sys.argv[1], 80, timeout=timeout)
+ok = errors = 0
+nodes = set()
+ports = set()
+end = time.time() + float(sys.argv[2])
+while time.time() < end:
+    try:
+        conn.request("GET", "/")
+        ports.add(conn.sock.getsockname()[1])
+        nodes.add(conn.getresponse().read().decode().strip())
+        ok += 1
+    except Exception as error:
+        errors += 1
+        print("%.3f %r" % (time.monotonic(), error), file=sys.stderr)
+        conn.close()
+        conn = http.client.HTTPConnection(sys.argv[1], 80, timeout=timeout)
+    time.sleep(0.05)
+print(ok, errors, len(ports), ",".join(sorted(nodes)))
+"#;
