@@ -20,7 +20,10 @@ mod tasks;
 use std::{
     collections::{BTreeSet, HashMap},
     net::{IpAddr, Ipv4Addr},
-    sync::Arc,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
     time::{Duration, Instant},
 };
 
@@ -193,6 +196,8 @@ struct Instance {
     socket: usize,
     garp: Arc<GarpSender>,
     garp_task: Option<JoinHandle<()>>,
+    /// Whether the instance is master now, read by the host task.
+    master: Arc<AtomicBool>,
     stats_index: usize,
 }
 
@@ -210,6 +215,9 @@ enum Event {
 }
 
 enum HostOp {
+    /// Waits (at most [`DATAPLANE_HOLD_WAIT`]) until the data plane holds
+    /// the VIP: a VIP on the interface that XDP does not balance is one the
+    /// kernel answers itself, with a reset.
     Add {
         index: u32,
         interface: String,
@@ -220,12 +228,23 @@ enum HostOp {
         interface: String,
         vip: Ipv4Addr,
     },
+    /// After the removals queued before it: the data plane lets the VIPs
+    /// go, unless the instance became master again meanwhile. Until then
+    /// packets still sent here are balanced, not reset by the kernel.
+    Release {
+        vips: Vec<IpAddr>,
+        master: Arc<AtomicBool>,
+    },
 }
+
+/// How long adding a VIP and announcing it wait for the data plane: a
+/// balancer that cannot apply it must not keep the LAN waiting.
+const DATAPLANE_HOLD_WAIT: Duration = Duration::from_millis(100);
 
 struct Router {
     instances: Vec<Instance>,
     sockets: Vec<Arc<VrrpSocket>>,
-    owned: watch::Sender<BTreeSet<IpAddr>>,
+    owned: Arc<watch::Sender<BTreeSet<IpAddr>>>,
     applied: watch::Receiver<Option<BTreeSet<IpAddr>>>,
     service_vips: BTreeSet<IpAddr>,
     stats: Arc<VrrpStats>,
@@ -328,6 +347,7 @@ pub async fn run(
             socket: socket_of[&interface],
             garp: garps[&interface].clone(),
             garp_task: None,
+            master: Arc::new(AtomicBool::new(false)),
             stats_index: setup
                 .stats
                 .add_instance(&config.name, config.vrid, priority),
@@ -370,11 +390,20 @@ pub async fn run(
     }
     drop(events);
     let (host, host_rx) = mpsc::unbounded_channel();
-    let host_task = tokio::spawn(tasks::apply_host_ops(host_rx, addresses));
+    let owned = Arc::new(setup.owned);
+    let host_task = tokio::spawn(tasks::apply_host_ops(
+        host_rx,
+        addresses,
+        tasks::DataPlaneHold {
+            owned: owned.clone(),
+            applied: setup.applied.clone(),
+            service_vips: setup.service_vips.clone(),
+        },
+    ));
     let mut router = Router {
         instances,
         sockets,
-        owned: setup.owned,
+        owned,
         applied: setup.applied,
         service_vips: setup.service_vips,
         stats: setup.stats,
@@ -679,6 +708,9 @@ impl Router {
             *s.transitions.entry(to.as_str()).or_insert(0) += 1;
         });
         let vips: Vec<IpAddr> = instance.vips.iter().map(|&v| IpAddr::V4(v)).collect();
+        self.instances[i]
+            .master
+            .store(to == State::Master, Ordering::SeqCst);
         if to == State::Master {
             self.owned
                 .send_modify(|owned| owned.extend(vips.iter().copied()));
@@ -693,14 +725,6 @@ impl Router {
             }
         }
         if from == State::Master {
-            // On shutdown the data plane keeps the VIPs until node.rs
-            // removes it, after run() waited STOP_GRACE: this only
-            // matters to a node that goes on running.
-            self.owned.send_modify(|owned| {
-                for vip in &vips {
-                    owned.remove(vip);
-                }
-            });
             let instance = &mut self.instances[i];
             if let Some(task) = instance.garp_task.take() {
                 task.abort();
@@ -712,14 +736,23 @@ impl Router {
                     vip,
                 });
             }
+            // On shutdown the data plane keeps the VIPs until node.rs
+            // removes it, after run() waited STOP_GRACE: this only
+            // matters to a node that goes on running.
+            let _ = self.host.send(HostOp::Release {
+                vips,
+                master: instance.master.clone(),
+            });
         }
         self.notify(i, to);
     }
 
     /// Gratuitous ARPs: a burst of `garp_count` rounds (and, on becoming
-    /// master, a repeat later), from a task. On becoming master the first
-    /// round waits until the data plane holds the VIPs (at most 100 ms:
-    /// a balancer that cannot apply them must not keep the LAN waiting).
+    /// master, a repeat later), from a task. The first round waits until
+    /// the data plane holds the VIPs (at most [`DATAPLANE_HOLD_WAIT`]): a
+    /// client sent here before XDP balances the VIP gets the kernel's
+    /// reset. That holds for a split-brain win too, which can come within
+    /// the same millisecond as becoming master.
     fn gratuitous_arps(&mut self, i: usize, becoming_master: bool) {
         let instance = &mut self.instances[i];
         let send_round = {
@@ -745,18 +778,8 @@ impl Router {
         let interval = instance.config.garp_interval;
         let repeat_after = instance.config.garp_repeat_after;
         let task = tokio::spawn(async move {
-            if becoming_master && !needed.is_empty() {
-                let held = applied.wait_for(|applied| {
-                    applied
-                        .as_ref()
-                        .is_some_and(|applied| needed.is_subset(applied))
-                });
-                if tokio::time::timeout(Duration::from_millis(100), held)
-                    .await
-                    .is_err()
-                {
-                    warn!(vips = ?needed, "the data plane did not hold the VIPs within 100 ms; announcing them anyway");
-                }
+            if !tasks::wait_until_held(&mut applied, &needed).await {
+                warn!(vips = ?needed, "the data plane did not hold the VIPs within {DATAPLANE_HOLD_WAIT:?}; announcing them anyway");
             }
             for round in 0..count {
                 if round > 0 && !interval.is_zero() {

@@ -2,16 +2,18 @@
 //! the netlink queue that adds and removes VIPs off the failover path.
 
 use std::{
-    sync::Arc,
+    collections::BTreeSet,
+    net::IpAddr,
+    sync::{atomic::Ordering, Arc},
     time::{Duration, Instant},
 };
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
 use super::{
     net::{AddressManager, VrrpSocket},
-    Event, HostOp,
+    Event, HostOp, DATAPLANE_HOLD_WAIT,
 };
 
 pub(super) async fn receive(index: usize, socket: Arc<VrrpSocket>, events: mpsc::Sender<Event>) {
@@ -79,10 +81,39 @@ pub(super) async fn track_command(
     }
 }
 
+/// What the host task needs to order VIP changes with the data plane.
+pub(super) struct DataPlaneHold {
+    pub owned: Arc<watch::Sender<BTreeSet<IpAddr>>>,
+    pub applied: watch::Receiver<Option<BTreeSet<IpAddr>>>,
+    /// Only these VIPs are balanced; others need no wait.
+    pub service_vips: BTreeSet<IpAddr>,
+}
+
+/// Whether the balancer applied a plan holding every VIP of `needed`
+/// within [`DATAPLANE_HOLD_WAIT`] (at once when `needed` is empty).
+pub(super) async fn wait_until_held(
+    applied: &mut watch::Receiver<Option<BTreeSet<IpAddr>>>,
+    needed: &BTreeSet<IpAddr>,
+) -> bool {
+    if needed.is_empty() {
+        return true;
+    }
+    let held = applied.wait_for(|applied| {
+        applied
+            .as_ref()
+            .is_some_and(|applied| needed.is_subset(applied))
+    });
+    matches!(
+        tokio::time::timeout(DATAPLANE_HOLD_WAIT, held).await,
+        Ok(Ok(_))
+    )
+}
+
 /// Adds and removes VIPs on interfaces, in order, off the failover path.
 pub(super) async fn apply_host_ops(
     mut ops: mpsc::UnboundedReceiver<HostOp>,
     addresses: AddressManager,
+    mut hold: DataPlaneHold,
 ) {
     while let Some(op) = ops.recv().await {
         match op {
@@ -90,12 +121,21 @@ pub(super) async fn apply_host_ops(
                 index,
                 interface,
                 vip,
-            } => match addresses.add(index, vip).await {
-                Ok(()) => info!(%vip, %interface, "VIP added to the interface"),
-                Err(error) => {
-                    warn!(%vip, %interface, %error, "cannot add the VIP to the interface")
+            } => {
+                let needed: BTreeSet<IpAddr> = [IpAddr::V4(vip)]
+                    .into_iter()
+                    .filter(|vip| hold.service_vips.contains(vip))
+                    .collect();
+                if !wait_until_held(&mut hold.applied, &needed).await {
+                    warn!(%vip, "the data plane did not hold the VIP within {DATAPLANE_HOLD_WAIT:?}; adding it to the interface anyway");
                 }
-            },
+                match addresses.add(index, vip).await {
+                    Ok(()) => info!(%vip, %interface, "VIP added to the interface"),
+                    Err(error) => {
+                        warn!(%vip, %interface, %error, "cannot add the VIP to the interface")
+                    }
+                }
+            }
             HostOp::Remove {
                 index,
                 interface,
@@ -107,6 +147,16 @@ pub(super) async fn apply_host_ops(
                     warn!(%vip, %interface, %error, "cannot remove the VIP from the interface")
                 }
             },
+            HostOp::Release { vips, master } => {
+                hold.owned.send_if_modified(|owned| {
+                    if master.load(Ordering::SeqCst) {
+                        return false;
+                    }
+                    let before = owned.len();
+                    owned.retain(|vip| !vips.contains(vip));
+                    owned.len() != before
+                });
+            }
         }
     }
 }
