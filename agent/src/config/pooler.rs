@@ -65,6 +65,23 @@ pub struct PoolerConfig {
     pub tls_cert: Option<PathBuf>,
     /// PEM private key of `tls_cert`.
     pub tls_key: Option<PathBuf>,
+    /// How often every server (primary and standbys) is asked for its role
+    /// and WAL position: the pooler follows a promoted standby and keeps
+    /// reads off lagging ones. `0s` turns it off (the primary stays where
+    /// the config or `Pooler::set_primary` put it).
+    #[serde(default = "default_role_check_interval", with = "humantime_serde")]
+    pub role_check_interval: Duration,
+    /// The login of those checks: a user of `pooler.users`, with its
+    /// `server_password` (default: the first user).
+    #[serde(default)]
+    pub role_check_user: Option<String>,
+    /// The database those checks connect to.
+    #[serde(default = "default_role_check_database")]
+    pub role_check_database: String,
+    /// A standby whose replay is further than this behind the primary's
+    /// WAL gets no reads until it catches up (no bound by default).
+    #[serde(default)]
+    pub max_standby_lag_bytes: Option<u64>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -131,6 +148,12 @@ fn default_admin_database() -> String {
 fn default_true() -> bool {
     true
 }
+fn default_role_check_interval() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_role_check_database() -> String {
+    "postgres".into()
+}
 fn default_pool_size() -> usize {
     20
 }
@@ -195,6 +218,25 @@ impl PoolerConfig {
             if let Err(why) = crate::pooler::auth::Secret::parse(&user.secret) {
                 problem(at("secret"), why.to_string());
             }
+        }
+        if let Some(user) = &self.role_check_user {
+            if !users.contains(user.as_str()) {
+                problem(
+                    "pooler.role_check_user".into(),
+                    format!("{user:?} is not in pooler.users"),
+                );
+            }
+        } else if !self.role_check_interval.is_zero() && self.users.is_empty() {
+            problem(
+                "pooler.role_check_interval".into(),
+                "role checks log in as a user of pooler.users, and there is none: add one or set \"0s\"".into(),
+            );
+        }
+        if self.role_check_database.is_empty() {
+            problem(
+                "pooler.role_check_database".into(),
+                "expected a database name, got an empty string".into(),
+            );
         }
         let mut pools = HashSet::new();
         for (index, pool) in self.pools.iter().enumerate() {
@@ -262,6 +304,21 @@ impl PoolerConfig {
 
     pub fn user(&self, name: &str) -> Option<&PoolerUser> {
         self.users.iter().find(|user| user.name == name)
+    }
+
+    /// The user role checks log in as.
+    pub fn role_check_login(&self) -> Option<&PoolerUser> {
+        match &self.role_check_user {
+            Some(name) => self.user(name),
+            None => self.users.first(),
+        }
+    }
+
+    /// Every server the pooler may use, the configured primary first.
+    pub fn servers(&self) -> Vec<SocketAddr> {
+        let mut servers = vec![self.primary];
+        servers.extend(self.standbys.iter().copied());
+        servers
     }
 }
 

@@ -283,6 +283,32 @@ impl Collector for PoolerCollector {
                 }
             }
         }
+        ConstCounter::new(self.pooler.primary_changes()).encode(encoder.encode_descriptor(
+            "farol_pooler_primary_changes",
+            "Times the pooler moved writes to another primary",
+            None,
+            MetricType::Counter,
+        )?)?;
+        let primary = self.pooler.primary();
+        let readable = self.pooler.readable_standbys();
+        let mut roles = encoder.encode_descriptor(
+            "farol_pooler_server_role",
+            "Each configured server's role as the pooler uses it (1 for the current one): primary, standby (takes reads) or unused",
+            None,
+            MetricType::Gauge,
+        )?;
+        for server in self.pooler.config.servers() {
+            let role = if server == primary {
+                "primary"
+            } else if readable.contains(&server) {
+                "standby"
+            } else {
+                "unused"
+            };
+            let server = server.to_string();
+            ConstGauge::new(1i64)
+                .encode(roles.encode_family(&[("server", server.as_str()), ("role", role)])?)?;
+        }
         Ok(())
     }
 }

@@ -10,14 +10,17 @@
 //! - `admin`: `SHOW POOLS|CLIENTS|SERVERS|STATS` on the admin database.
 //!
 //! - [`route`]: read/write split (which statements may run on a standby).
+//! - [`topology`]: which server is the primary and which standbys may take
+//!   reads, from what the servers answer (failover routing, lag bound).
 //!
-//! Not here yet: TLS, `auth_query`, replication-lag checks of standbys.
+//! Not here yet: `auth_query`.
 
 pub mod auth;
 pub mod pool;
 pub mod protocol;
 
 pub mod route;
+pub mod topology;
 
 mod admin;
 mod session;
@@ -113,8 +116,15 @@ pub struct Pooler {
     clients: Mutex<HashMap<(i32, i32), Arc<ClientEntry>>>,
     client_slots: Arc<Semaphore>,
     primary: RwLock<SocketAddr>,
-    /// Bumped when the primary changes, so sessions refetch their pool.
-    primary_generation: AtomicU64,
+    /// Standbys that may take reads now; None until the first role check
+    /// (then every configured standby may).
+    readable_standbys: RwLock<Option<Vec<SocketAddr>>>,
+    /// Bumped when the primary or the readable standbys change, so
+    /// sessions refetch their pools; a session holding a connection to a
+    /// primary that is no longer one is ended.
+    topology: watch::Sender<u64>,
+    /// Times the primary moved.
+    primary_changes: AtomicU64,
 }
 
 impl Pooler {
@@ -132,26 +142,55 @@ impl Pooler {
                 .then(|| route::Router::new(&config.primary_functions)),
             client_slots: Arc::new(Semaphore::new(config.max_client_conn)),
             primary: RwLock::new(config.primary),
-            primary_generation: AtomicU64::new(0),
+            readable_standbys: RwLock::new(None),
+            topology: watch::Sender::new(0),
+            primary_changes: AtomicU64::new(0),
             pools: Mutex::new(HashMap::new()),
             clients: Mutex::new(HashMap::new()),
             config,
         }))
     }
 
-    /// The failover hook: new transactions go to `addr` from now on;
-    /// sessions holding a connection to the old primary keep it until
-    /// their transaction ends or the connection breaks.
+    /// The failover hook: new transactions go to `addr` from now on; idle
+    /// connections to the old primary are closed, and sessions holding
+    /// one (in a transaction, or in session mode) are ended with an error
+    /// that says so, rather than left to hang on a dead or demoted server.
     pub fn set_primary(&self, addr: SocketAddr) {
-        let mut primary = self
-            .primary
+        let old = {
+            let mut primary = self
+                .primary
+                .write()
+                .unwrap_or_else(|poison| poison.into_inner());
+            std::mem::replace(&mut *primary, addr)
+        };
+        if old == addr {
+            return;
+        }
+        info!(old = %old, new = %addr, "pooler: primary changed; new transactions go to the new primary");
+        self.primary_changes.fetch_add(1, Ordering::Relaxed);
+        for pool in self.pools() {
+            if pool.key.addr == old {
+                pool.close_idle();
+            }
+        }
+        self.topology.send_modify(|generation| *generation += 1);
+    }
+
+    /// The standbys that may take reads (from the role checks).
+    pub fn set_readable_standbys(&self, standbys: Vec<SocketAddr>) {
+        let mut readable = self
+            .readable_standbys
             .write()
             .unwrap_or_else(|poison| poison.into_inner());
-        if *primary != addr {
-            info!(old = %*primary, new = %addr, "pooler: primary changed");
-            *primary = addr;
-            self.primary_generation.fetch_add(1, Ordering::Release);
+        if readable.as_ref() == Some(&standbys) {
+            return;
         }
+        if readable.is_some() || standbys != self.config.standbys {
+            info!(standbys = ?standbys, "pooler: standbys taking reads changed");
+        }
+        *readable = Some(standbys);
+        drop(readable);
+        self.topology.send_modify(|generation| *generation += 1);
     }
 
     pub fn primary(&self) -> SocketAddr {
@@ -161,8 +200,30 @@ impl Pooler {
             .unwrap_or_else(|poison| poison.into_inner())
     }
 
-    pub(crate) fn primary_generation(&self) -> u64 {
-        self.primary_generation.load(Ordering::Acquire)
+    /// Times the primary moved (a metric).
+    pub fn primary_changes(&self) -> u64 {
+        self.primary_changes.load(Ordering::Relaxed)
+    }
+
+    /// The standbys that take reads now.
+    pub fn readable_standbys(&self) -> Vec<SocketAddr> {
+        let primary = self.primary();
+        self.readable_standbys
+            .read()
+            .unwrap_or_else(|poison| poison.into_inner())
+            .clone()
+            .unwrap_or_else(|| self.config.standbys.clone())
+            .into_iter()
+            .filter(|addr| *addr != primary)
+            .collect()
+    }
+
+    pub(crate) fn topology_generation(&self) -> u64 {
+        *self.topology.borrow()
+    }
+
+    pub(crate) fn watch_topology(&self) -> watch::Receiver<u64> {
+        self.topology.subscribe()
     }
 
     /// The pool for (database, user) on the current primary, if configured.
@@ -170,14 +231,11 @@ impl Pooler {
         self.pool_on(database, user, self.primary())
     }
 
-    /// The pools for (database, user) on every standby.
+    /// The pools for (database, user) on every standby that may take reads.
     pub(crate) fn standby_pools(&self, database: &str, user: &str) -> Vec<Arc<Pool>> {
-        let primary = self.primary();
-        self.config
-            .standbys
-            .iter()
-            .filter(|addr| **addr != primary)
-            .filter_map(|addr| self.pool_on(database, user, *addr))
+        self.readable_standbys()
+            .into_iter()
+            .filter_map(|addr| self.pool_on(database, user, addr))
             .collect()
     }
 
@@ -342,6 +400,7 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), PoolerError> {
     info!(listen = %pooler.config.listen, primary = %pooler.primary(), "pooler running");
+    let roles = tokio::spawn(topology::follow(pooler.clone(), shutdown.clone()));
     let mut sessions = JoinSet::new();
     let mut maintain = tokio::time::interval(MAINTAIN_EVERY);
     maintain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -373,6 +432,7 @@ pub async fn run(
         }
     };
     drop(listener);
+    roles.abort();
     if !sessions.is_empty() {
         info!(clients = sessions.len(), "pooler draining clients");
         let drained = tokio::time::timeout(DRAIN_DEADLINE, async {

@@ -288,6 +288,14 @@ impl Pool {
         }
     }
 
+    /// Closes every idle connection (its server is no longer the primary).
+    pub fn close_idle(&self) {
+        let closed = std::mem::take(&mut *self.lock_idle()).len();
+        if closed > 0 {
+            info!(server = %self.key.addr, closed, "closed idle server connections to a former primary");
+        }
+    }
+
     pub fn idle_count(&self) -> usize {
         self.lock_idle().len()
     }

@@ -62,6 +62,8 @@ pub(crate) enum SessionError {
     Refused { code: &'static str, message: String },
     #[error("TLS handshake with the client")]
     Tls(#[source] std::io::Error),
+    #[error("the primary moved from {old} to {new} while this session held a connection to {old}")]
+    PrimaryMoved { old: SocketAddr, new: SocketAddr },
 }
 
 /// What a client connection is: plain TCP or TLS over it.
@@ -442,6 +444,9 @@ struct Relay<S> {
     /// The primary's pool for this client's (database, user).
     pool: Arc<Pool>,
     pool_generation: u64,
+    /// Wakes the relay when the primary moves, even while it waits on a
+    /// server that will never answer.
+    topology: tokio::sync::watch::Receiver<u64>,
     /// The standbys' pools, when the read/write split is on.
     standbys: Vec<Arc<Pool>>,
     /// The pool the current server connection came from.
@@ -492,7 +497,8 @@ impl<S: ClientStream> Relay<S> {
             server_pool: pool.clone(),
             sticky_primary: false,
             pool,
-            pool_generation: pooler.primary_generation(),
+            pool_generation: pooler.topology_generation(),
+            topology: pooler.watch_topology(),
             pooler,
             entry,
             server: None,
@@ -522,6 +528,12 @@ impl<S: ClientStream> Relay<S> {
                     tokio::select! {
                         read = self.client.read_buf(&mut self.cbuf) => Event::Client(read),
                         read = conn.stream.read_buf(&mut conn.buf) => Event::Server(read),
+                        changed = self.topology.changed() => {
+                            if changed.is_ok() {
+                                self.end_if_on_a_former_primary()?;
+                            }
+                            continue;
+                        }
                     }
                 }
                 None => Event::Client(self.client.read_buf(&mut self.cbuf).await),
@@ -558,18 +570,38 @@ impl<S: ClientStream> Relay<S> {
         }
     }
 
+    /// A connection to the server that was the primary is given up: its
+    /// transaction cannot commit anywhere else, and waiting on a dead
+    /// server would hang the client. Standby connections are untouched.
+    fn end_if_on_a_former_primary(&mut self) -> Result<(), SessionError> {
+        let primary = self.pooler.primary();
+        let on_primary_pool = Arc::ptr_eq(&self.server_pool, &self.pool);
+        if self.server.is_some() && on_primary_pool && self.pool.key.addr != primary {
+            return Err(SessionError::PrimaryMoved {
+                old: self.pool.key.addr,
+                new: primary,
+            });
+        }
+        Ok(())
+    }
+
     /// Borrows a server connection for the coming messages.
     async fn ensure_server(&mut self) -> Result<(), SessionError> {
         if self.server.is_some() {
             return Ok(());
         }
-        let generation = self.pooler.primary_generation();
+        let generation = self.pooler.topology_generation();
         if generation != self.pool_generation {
             if let Some(pool) = self
                 .pooler
                 .primary_pool(&self.entry.database, &self.entry.user)
             {
                 self.pool = pool;
+            }
+            if self.pooler.router.is_some() && self.mode == PoolMode::Transaction {
+                self.standbys = self
+                    .pooler
+                    .standby_pools(&self.entry.database, &self.entry.user);
             }
             self.pool_generation = generation;
         }
@@ -993,6 +1025,10 @@ impl<S: ClientStream> Relay<S> {
                 SessionError::Pool(error) => Some((error.sqlstate(), error.to_string())),
                 SessionError::ClientProtocol(error) => Some(("08P01", error.to_string())),
                 SessionError::ServerProtocol(error) => Some(("08P01", format!("server: {error}"))),
+                SessionError::PrimaryMoved { .. } => Some((
+                    "57P01",
+                    format!("{error}; the transaction there is lost, reconnect to reach the new primary"),
+                )),
                 _ => None,
             };
             if let Some((code, message)) = message {
@@ -1002,7 +1038,9 @@ impl<S: ClientStream> Relay<S> {
             }
             if matches!(
                 error,
-                SessionError::ServerClosed | SessionError::ServerIo(_)
+                SessionError::ServerClosed
+                    | SessionError::ServerIo(_)
+                    | SessionError::PrimaryMoved { .. }
             ) {
                 // Drop, do not reuse.
                 self.server.take();

@@ -125,6 +125,12 @@ pub(crate) fn config(cluster: &PgCluster, pool: PoolConfig) -> PoolerConfig {
         primary_functions: Vec::new(),
         tls_cert: None,
         tls_key: None,
+        // Tests that move the primary by hand must not be overruled;
+        // pooler_failover turns the checks on.
+        role_check_interval: Duration::ZERO,
+        role_check_user: None,
+        role_check_database: "postgres".into(),
+        max_standby_lag_bytes: None,
     }
 }
 

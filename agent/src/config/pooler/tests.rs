@@ -209,3 +209,40 @@ fn tls_key_without_cert_is_refused() {
     );
     assert_one_problem(&text, "pooler.tls_cert", "certificate is needed");
 }
+
+#[test]
+fn role_checks_default_to_every_second_as_the_first_user() {
+    let pooler = load(BASE).unwrap().pooler.unwrap();
+    assert_eq!(pooler.role_check_interval, Duration::from_secs(1));
+    assert_eq!(pooler.role_check_login().unwrap().name, "app");
+    assert_eq!(pooler.role_check_database, "postgres");
+    assert_eq!(pooler.max_standby_lag_bytes, None);
+    assert_eq!(pooler.servers().len(), 2);
+}
+
+#[test]
+fn role_check_user_must_be_a_pooler_user() {
+    let text = BASE.replace(
+        "standbys = [\"127.0.0.1:5433\"]",
+        "standbys = [\"127.0.0.1:5433\"]\nrole_check_user = \"monitor\"\nmax_standby_lag_bytes = 1048576",
+    );
+    assert_one_problem(
+        &text,
+        "pooler.role_check_user",
+        "\"monitor\" is not in pooler.users",
+    );
+}
+
+#[test]
+fn role_checks_without_any_user_are_refused_unless_turned_off() {
+    let without_users = BASE.replace(
+        "[[pooler.users]]\nname = \"app\"\nsecret = \"md5a3556571e93b0d20722ba62be61e8c2d\"\n",
+        "",
+    );
+    assert_one_problem(&without_users, "pooler.role_check_interval", "no");
+    let off = without_users.replace(
+        "standbys = [\"127.0.0.1:5433\"]",
+        "standbys = [\"127.0.0.1:5433\"]\nrole_check_interval = \"0s\"",
+    );
+    assert!(load(&off).is_ok(), "{:?}", load(&off).err());
+}

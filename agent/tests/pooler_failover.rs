@@ -1,0 +1,240 @@
+//! Failover routing with a real primary and streaming standby: the pooler's
+//! role checks follow a promoted standby, end the sessions stuck on the old
+//! primary with a clear error, and keep reads off a standby that lags.
+
+mod support;
+
+use std::{
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use farol_agent::config::{PoolMode, PoolerConfig};
+use support::pooler::{self as harness, can_run_postgres, connect};
+use tokio_postgres::SimpleQueryMessage;
+use xtask::postgres::{PgCluster, PgServer};
+
+const WHERE: &str = "SELECT pg_is_in_recovery(), inet_server_port()";
+
+fn following_config(pg: &PgCluster) -> PoolerConfig {
+    let mut config = harness::config(pg, harness::pool(PoolMode::Transaction, 4));
+    config.read_write_split = true;
+    config.role_check_interval = Duration::from_millis(200);
+    config
+}
+
+/// (in recovery, port) of where a read ran, or the error.
+async fn where_read(client: &tokio_postgres::Client) -> Result<(bool, u16), tokio_postgres::Error> {
+    let messages = client.simple_query(WHERE).await?;
+    let row = messages
+        .iter()
+        .find_map(|m| match m {
+            SimpleQueryMessage::Row(row) => Some(row),
+            _ => None,
+        })
+        .expect("a row");
+    Ok((
+        row.get(0) == Some("t"),
+        row.get(1).unwrap().parse().unwrap(),
+    ))
+}
+
+/// Polls `probe` every 100 ms until it is true or `within` passes.
+async fn eventually<F, Fut>(within: Duration, mut probe: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if probe().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
+/// A server's postmaster and every child of it, frozen with SIGSTOP as a
+/// hung or cut-off host would be; thawed when dropped (also on panic), so
+/// the harness can stop them.
+struct Frozen(Vec<i32>);
+
+impl Frozen {
+    fn server(server: &PgServer) -> Frozen {
+        let pid_file = std::fs::read_to_string(server.data.join("postmaster.pid")).unwrap();
+        let postmaster: i32 = pid_file.lines().next().unwrap().trim().parse().unwrap();
+        let mut pids = vec![postmaster];
+        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+                continue;
+            };
+            // The fields after the command name, which may hold spaces.
+            let after = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("");
+            let parent = after.split_whitespace().nth(1).and_then(|p| p.parse().ok());
+            if parent == Some(postmaster) {
+                pids.push(pid);
+            }
+        }
+        for &pid in &pids {
+            // SAFETY: kill(2) on PIDs of the server this test started.
+            unsafe { libc::kill(pid, libc::SIGSTOP) };
+        }
+        Frozen(pids)
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        for &pid in &self.0 {
+            // SAFETY: as above.
+            unsafe { libc::kill(pid, libc::SIGCONT) };
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_promoted_standby_takes_the_writes_and_a_session_stuck_on_the_old_primary_gets_an_error()
+{
+    if !can_run_postgres(
+        "a_promoted_standby_takes_the_writes_and_a_session_stuck_on_the_old_primary_gets_an_error",
+    ) {
+        return;
+    }
+    let pg = harness::private_cluster(true);
+    let primary = pg.primary.port;
+    let standby = pg.standby.as_ref().unwrap();
+    let standby_addr = SocketAddr::from(([127, 0, 0, 1], standby.port));
+    pg.primary
+        .psql(
+            "app",
+            "CREATE TABLE moved (id int PRIMARY KEY); GRANT ALL ON moved TO PUBLIC",
+        )
+        .unwrap();
+    pg.wait_standby_caught_up().unwrap();
+    let pooler = harness::start(following_config(&pg)).await;
+
+    let reader = connect(pooler.addr).await;
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            where_read(&reader).await.ok() == Some((true, standby.port))
+        })
+        .await,
+        "reads go to the standby"
+    );
+    let stuck = connect(pooler.addr).await;
+    stuck
+        .simple_query("BEGIN; INSERT INTO moved VALUES (1)")
+        .await
+        .unwrap();
+
+    // The primary hangs (a cut cable looks the same from here) while the
+    // session waits on it for its next statement; then the standby is
+    // promoted, as the pgha module or an operator would.
+    let frozen = Frozen::server(&pg.primary);
+    let pending = tokio::spawn(async move {
+        stuck
+            .simple_query("INSERT INTO moved VALUES (2)")
+            .await
+            .map(|_| ())
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let promoted_at = Instant::now();
+    standby
+        .psql("postgres", "SELECT pg_promote(true, 30)")
+        .unwrap();
+
+    // It hears why at once, not after TCP gives up.
+    let error = tokio::time::timeout(Duration::from_secs(10), pending)
+        .await
+        .expect("the stuck session gets an answer within 10 s")
+        .unwrap()
+        .expect_err("its transaction cannot go on");
+    let ended_after = promoted_at.elapsed();
+    let db = error.as_db_error().expect("a server-style error");
+    assert_eq!(db.code().code(), "57P01", "{db:?}");
+    assert!(db.message().contains("primary moved"), "{db:?}");
+
+    // New transactions go to the promoted standby and commit there.
+    let writer = connect(pooler.addr).await;
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            writer
+                .simple_query("INSERT INTO moved VALUES (3)")
+                .await
+                .is_ok()
+        })
+        .await,
+        "writes work again through the pooler"
+    );
+    let writes_back_after = promoted_at.elapsed();
+    assert_eq!(where_read(&writer).await.unwrap(), (false, standby.port));
+    assert_eq!(pooler.pooler.primary(), standby_addr);
+    assert_eq!(pooler.pooler.primary_changes(), 1);
+    // The uncommitted row never reached the standby; the committed one is there.
+    assert_eq!(
+        standby
+            .psql("app", "SELECT array_agg(id ORDER BY id) FROM moved")
+            .unwrap(),
+        "{3}"
+    );
+    // A hung old primary takes no reads either.
+    let fresh = connect(pooler.addr).await;
+    assert_eq!(where_read(&fresh).await.unwrap(), (false, standby.port));
+    assert_ne!(standby.port, primary);
+    println!(
+        "promotion to the stuck session's error: {ended_after:?}; to the first write through the pooler: {writes_back_after:?}"
+    );
+    drop(frozen);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_lagging_past_the_bound_gets_no_reads_until_it_catches_up() {
+    if !can_run_postgres("a_standby_lagging_past_the_bound_gets_no_reads_until_it_catches_up") {
+        return;
+    }
+    let pg = harness::private_cluster(true);
+    let standby = pg.standby.as_ref().unwrap();
+    let mut config = following_config(&pg);
+    config.max_standby_lag_bytes = Some(1 << 20);
+    let pooler = harness::start(config).await;
+    let reader = connect(pooler.addr).await;
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            where_read(&reader).await.ok() == Some((true, standby.port))
+        })
+        .await,
+        "a caught-up standby takes reads"
+    );
+
+    standby
+        .psql("postgres", "SELECT pg_wal_replay_pause()")
+        .unwrap();
+    pg.primary
+        .psql(
+            "app",
+            "CREATE TABLE bulk AS SELECT g AS id, repeat('x', 500) AS pad FROM generate_series(1, 20000) g",
+        )
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            where_read(&reader).await.ok() == Some((false, pg.primary.port))
+        })
+        .await,
+        "with replay paused past 1 MiB of WAL, reads go to the primary"
+    );
+
+    standby
+        .psql("postgres", "SELECT pg_wal_replay_resume()")
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            where_read(&reader).await.ok() == Some((true, standby.port))
+        })
+        .await,
+        "caught up again, the standby takes reads again"
+    );
+}
