@@ -16,6 +16,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use crate::demo_postgres;
 use anyhow::{bail, Context, Result};
 use xtask::{
     exec,
@@ -36,10 +37,13 @@ pub(crate) fn run(seconds: u64) -> Result<()> {
         ctrlc::set_handler(move || stop.store(true, Ordering::SeqCst))
             .context("installing the Ctrl-C handler")?;
     }
-    println!("[1/6] toolchain");
-    toolchain::ensure_packages(&[("apache2", "Apache on every lab node, run by the agents")])?;
+    println!("[1/7] toolchain");
+    toolchain::ensure_packages(&[
+        ("apache2", "Apache on every lab node, run by the agents"),
+        ("postgresql", "PostgreSQL primary and standby in the lab"),
+    ])?;
     toolchain::build_ebpf()?;
-    println!("[2/6] building the agent");
+    println!("[2/7] building the agent");
     exec(
         std::process::Command::new("cargo")
             .current_dir(workspace_root())
@@ -47,15 +51,22 @@ pub(crate) fn run(seconds: u64) -> Result<()> {
     )?;
     let agent = workspace_root().join("target/debug/agent");
 
-    println!("[3/6] lab up: nuster1..4 and client on a bridge, 192.0.2.0/24");
+    println!("[3/7] lab up: nuster1..4 and client on a bridge, 192.0.2.0/24");
     let lab = LabGuard::up(Lab::new("lab")?)?;
     let web_root = tempdir("farol-demo-web")?;
     let names: Vec<String> = lab.nodes().iter().map(|n| n.name.clone()).collect();
     // configs/lab.toml with its [[supervise]] Apache, paths under web_root,
     // plus a replicated volume `www` on nuster1..3 as Apache's document root
     // (nuster4 holds no brick and serves a local directory).
+    println!(
+        "[4/7] PostgreSQL 15: primary on {}, streaming hot standby on {} (pg_basebackup), port 5432 in their namespaces",
+        demo_postgres::PRIMARY,
+        demo_postgres::STANDBY
+    );
+    let mut pg = demo_postgres::start(&lab)?;
+    let pooler = demo_postgres::pooler_section(&lab)?;
     let apache = xtask::apache::lab_apache(&web_root, &names, |text| {
-        with_volume(&text, &web_root) + NAT_SERVICE
+        with_volume(&text, &web_root) + NAT_SERVICE + &pooler
     })?;
     for node in &names {
         std::fs::write(
@@ -66,7 +77,7 @@ pub(crate) fn run(seconds: u64) -> Result<()> {
     let mut processes: Vec<LabProcess> = Vec::new();
 
     println!(
-        "[4/6] starting an agent on every node ({}, with configs/apache/farol.conf); each agent runs Apache",
+        "[5/7] starting an agent on every node ({}, with configs/apache/farol.conf); each agent runs Apache",
         lab_config().display()
     );
     for node in lab.nodes() {
@@ -185,12 +196,13 @@ pub(crate) fn run(seconds: u64) -> Result<()> {
         println!("        {line}");
     }
     println!(
-        "[5/6] traffic from the client for {seconds} s: HTTP to the VIP {VIP} (nuster1 holds it and \
+        "[6/7] traffic from the client for {seconds} s: HTTP to the VIP {VIP} (nuster1 holds it and \
          spreads flows roundrobin in DSR mode; every node's Apache answers directly, naming \
          itself in X-Farol-Node), one ping a second"
     );
     let result = traffic(&lab, seconds, &stop).and_then(|counts| {
         kill_and_watch_apache(&lab, &apache, "nuster3")?;
+        demo_postgres::show(&lab, VIP, &mut pg)?;
         Ok(counts)
     });
     if let Ok((ok, total)) = &result {
@@ -208,7 +220,7 @@ pub(crate) fn run(seconds: u64) -> Result<()> {
     }
 
     println!(
-        "[6/6] stopping agents (SIGTERM: drain, stop Apache gracefully, detach and unpin), tearing the lab down"
+        "[7/7] stopping agents (SIGTERM: drain, stop Apache gracefully, detach and unpin), tearing the lab down"
     );
     for process in processes.iter_mut().rev() {
         // Draining and Apache's graceful stop come first: allow for them.
@@ -226,6 +238,7 @@ pub(crate) fn run(seconds: u64) -> Result<()> {
         }
     }
     drop(processes);
+    drop(pg);
     drop(lab);
     let _ = std::fs::remove_dir_all(&web_root);
     result.map(|_| println!("demo finished: every agent detached its program and removed its pins"))

@@ -3,6 +3,7 @@
 mod bench_failover;
 mod bench_volume;
 mod demo;
+mod demo_postgres;
 
 use std::process::Command;
 

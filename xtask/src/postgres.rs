@@ -52,18 +52,71 @@ fn as_postgres(program: &str) -> Result<Command> {
     Ok(command)
 }
 
+/// `program` as the postgres user, in `netns` when given: nsenter enters
+/// the namespace as root, then drops to postgres, and execs (no fork, so
+/// the child's PID is the server's).
+fn as_postgres_in(netns: Option<&str>, program: &str) -> Result<Command> {
+    let Some(netns) = netns else {
+        return as_postgres(program);
+    };
+    let (uid, gid) = postgres_ids()?;
+    let mut command = Command::new("nsenter");
+    command
+        .arg(format!("--net=/run/netns/{netns}"))
+        .args([
+            "--setuid",
+            &uid.to_string(),
+            "--setgid",
+            &gid.to_string(),
+            "--",
+        ])
+        .arg(Path::new(PG_BIN).join(program))
+        .env_remove("PGPASSWORD")
+        .stdin(Stdio::null());
+    Ok(command)
+}
+
+/// A root command, in `netns` when given.
+fn command_in(netns: Option<&str>, program: &str) -> Command {
+    match netns {
+        Some(netns) => {
+            let mut command = Command::new("nsenter");
+            command
+                .arg(format!("--net=/run/netns/{netns}"))
+                .arg("--")
+                .arg(program);
+            command
+        }
+        None => Command::new(program),
+    }
+}
+
 /// One running postmaster.
 #[derive(Debug)]
 pub struct PgServer {
     pub port: u16,
     pub data: PathBuf,
+    /// The address it listens on (127.0.0.1 outside a lab).
+    pub host: String,
+    /// The lab network namespace it runs in, if any.
+    netns: Option<String>,
     child: Option<Child>,
 }
 
 impl PgServer {
     fn start(data: &Path, port: u16, extra: &[&str]) -> Result<PgServer> {
+        PgServer::start_at(data, None, "127.0.0.1", port, extra)
+    }
+
+    fn start_at(
+        data: &Path,
+        netns: Option<&str>,
+        host: &str,
+        port: u16,
+        extra: &[&str],
+    ) -> Result<PgServer> {
         let log = std::fs::File::create(data.with_extension("log"))?;
-        let mut command = as_postgres("postgres")?;
+        let mut command = as_postgres_in(netns, "postgres")?;
         command
             .arg("-D")
             .arg(data)
@@ -71,7 +124,7 @@ impl PgServer {
             .arg(data)
             .args([
                 "-c",
-                "listen_addresses=127.0.0.1",
+                &format!("listen_addresses={host}"),
                 "-c",
                 "fsync=off",
                 "-c",
@@ -90,6 +143,8 @@ impl PgServer {
         let server = PgServer {
             port,
             data: data.to_owned(),
+            host: host.to_owned(),
+            netns: netns.map(str::to_owned),
             child: Some(child),
         };
         server.wait_ready()?;
@@ -99,8 +154,8 @@ impl PgServer {
     fn wait_ready(&self) -> Result<()> {
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
-            let status = Command::new("pg_isready")
-                .args(["-q", "-h", "127.0.0.1", "-p", &self.port.to_string()])
+            let status = command_in(self.netns.as_deref(), "pg_isready")
+                .args(["-q", "-h", &self.host, "-p", &self.port.to_string()])
                 .status()?;
             if status.success() {
                 return Ok(());
@@ -119,7 +174,7 @@ impl PgServer {
 
     /// Runs SQL with psql as the superuser over TCP (trust).
     pub fn psql(&self, database: &str, sql: &str) -> Result<String> {
-        let output = capture(Command::new("psql").args([
+        let output = capture(command_in(self.netns.as_deref(), "psql").args([
             "-X",
             "-q",
             "-A",
@@ -127,7 +182,7 @@ impl PgServer {
             "-v",
             "ON_ERROR_STOP=1",
             "-h",
-            "127.0.0.1",
+            &self.host,
             "-p",
             &self.port.to_string(),
             "-U",
@@ -172,6 +227,45 @@ impl Drop for PgServer {
     }
 }
 
+/// A new data directory: superuser `postgres`, trust, UTF8, C locale.
+fn initdb(data: &Path) -> Result<()> {
+    let output = as_postgres("initdb")?
+        .arg("-D")
+        .arg(data)
+        .args([
+            "-A",
+            "trust",
+            "-U",
+            "postgres",
+            "-E",
+            "UTF8",
+            "--locale=C",
+            "--no-sync",
+        ])
+        .output()
+        .context("running initdb")?;
+    if !output.status.success() {
+        bail!("initdb failed: {}", String::from_utf8_lossy(&output.stderr));
+    }
+    Ok(())
+}
+
+/// `192.0.2.11/24` -> `192.0.2.0/24` (IPv4 lab addresses).
+fn lab_subnet(address: &str) -> String {
+    let (ip, prefix) = address.split_once('/').unwrap_or((address, "32"));
+    let prefix: u32 = prefix.parse().unwrap_or(32).min(32);
+    let ip: std::net::Ipv4Addr = ip.parse().unwrap_or(std::net::Ipv4Addr::UNSPECIFIED);
+    let mask = if prefix == 0 {
+        0
+    } else {
+        u32::MAX << (32 - prefix)
+    };
+    format!(
+        "{}/{prefix}",
+        std::net::Ipv4Addr::from(u32::from(ip) & mask)
+    )
+}
+
 /// A primary, an optional streaming standby, and their directory.
 #[derive(Debug)]
 pub struct PgCluster {
@@ -195,24 +289,7 @@ impl PgCluster {
         std::fs::create_dir_all(&dir)?;
         std::os::unix::fs::chown(&dir, Some(uid), Some(gid))?;
         let primary_dir = dir.join("primary");
-        let output = as_postgres("initdb")?
-            .arg("-D")
-            .arg(&primary_dir)
-            .args([
-                "-A",
-                "trust",
-                "-U",
-                "postgres",
-                "-E",
-                "UTF8",
-                "--locale=C",
-                "--no-sync",
-            ])
-            .output()
-            .context("running initdb")?;
-        if !output.status.success() {
-            bail!("initdb failed: {}", String::from_utf8_lossy(&output.stderr));
-        }
+        initdb(&primary_dir)?;
         std::fs::write(
             primary_dir.join("pg_hba.conf"),
             "local all all trust\n\
@@ -258,6 +335,92 @@ impl PgCluster {
                 &["-c", "hot_standby=on"],
             )?);
         }
+        Ok(cluster)
+    }
+
+    /// A primary on `primary` and a streaming standby on `standby`, each in
+    /// its lab node's namespace on the node's address, port 5432, trusting
+    /// the lab's subnet (as the seed's pg_hba did for the LAN).
+    pub fn start_in_lab(
+        lab: &crate::lab::Lab,
+        primary: &str,
+        standby: &str,
+        extra: &[&str],
+    ) -> Result<PgCluster> {
+        let (uid, gid) = postgres_ids()?;
+        let dir = std::env::temp_dir().join(format!(
+            "farol-pg-lab-{}-{}",
+            std::process::id(),
+            NEXT_DIR.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        std::os::unix::fs::chown(&dir, Some(uid), Some(gid))?;
+        let primary_dir = dir.join(primary);
+        initdb(&primary_dir)?;
+        let subnet = lab_subnet(lab.node(primary)?.address.as_str());
+        std::fs::write(
+            primary_dir.join("pg_hba.conf"),
+            format!(
+                "local all all trust\n\
+                 host all all {subnet} trust\n\
+                 host replication all {subnet} trust\n"
+            ),
+        )?;
+        let primary_host = lab.node(primary)?.ip().to_owned();
+        let primary_netns = lab.netns(primary);
+        let mut options = vec!["-c", "wal_log_hints=on"];
+        options.extend_from_slice(extra);
+        let primary_server = PgServer::start_at(
+            &primary_dir,
+            Some(&primary_netns),
+            &primary_host,
+            5432,
+            &options,
+        )?;
+        let mut cluster = PgCluster {
+            primary: primary_server,
+            standby: None,
+            dir: dir.clone(),
+        };
+        let standby_dir = dir.join(standby);
+        let standby_netns = lab.netns(standby);
+        let output = as_postgres_in(Some(&standby_netns), "pg_basebackup")?
+            .arg("-D")
+            .arg(&standby_dir)
+            .args([
+                "-h",
+                &primary_host,
+                "-p",
+                "5432",
+                "-U",
+                "postgres",
+                "-R",
+                "-X",
+                "stream",
+                "--no-sync",
+            ])
+            .output()
+            .context("running pg_basebackup in the lab")?;
+        if !output.status.success() {
+            bail!(
+                "pg_basebackup from {primary} failed: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        // The copy holds the primary's socket lock (its socket lives in its
+        // data directory); on the same port the standby would take it for
+        // a running server's.
+        let _ = std::fs::remove_file(standby_dir.join(".s.PGSQL.5432.lock"));
+        let mut standby_options = vec!["-c", "hot_standby=on"];
+        standby_options.extend_from_slice(&options);
+        cluster.standby = Some(PgServer::start_at(
+            &standby_dir,
+            Some(&standby_netns),
+            lab.node(standby)?.ip(),
+            5432,
+            &standby_options,
+        )?);
         Ok(cluster)
     }
 
