@@ -26,6 +26,7 @@ fn main() -> ExitCode {
         Command::Volume(args) => farol_agent::storage::cli::main(args),
         Command::Pooler(args) => pooler(&args),
         Command::Status(args) => farol_agent::control::client::main_status(&args),
+        Command::Cluster(args) => farol_agent::cluster::control::main(&args),
         Command::Backend(args) => farol_agent::control::client::main_backend(&args),
         Command::Reload(args) => farol_agent::control::client::main_reload(&args),
         Command::Stop(args) => farol_agent::control::client::main_stop(&args),
