@@ -36,7 +36,8 @@ pub enum ClusterCommand {
     /// still hold its lease). Run on the current primary, it hands over.
     SetPrimary {
         /// The node to make primary.
-        node: String,
+        #[arg(value_name = "NODE")]
+        primary: String,
         /// The epoch the change is based on (default: the one this agent
         /// sees now).
         #[arg(long)]
@@ -210,11 +211,11 @@ pub fn main(args: &ClusterArgs) -> std::process::ExitCode {
             )
         }
         ClusterCommand::SetPrimary {
-            node,
+            primary,
             epoch,
             control,
         } => {
-            let (node, epoch) = (node.clone(), *epoch);
+            let (node, epoch) = (primary.clone(), *epoch);
             client::block(
                 control,
                 move |target| Box::pin(async move { request_primary(&target, &node, epoch).await }),
