@@ -168,7 +168,9 @@ impl Cluster {
             for node in nodes {
                 let status = self.status(node)?;
                 let seen = status["membership"]["raft_leader"].as_str()?.to_owned();
-                if !status["membership"]["has_quorum"].as_bool()? {
+                // A dead leader is remembered until the next election.
+                if !status["membership"]["has_quorum"].as_bool()? || !nodes.contains(&seen.as_str())
+                {
                     return None;
                 }
                 if leader.get_or_insert_with(|| seen.clone()) != &seen {
@@ -440,15 +442,19 @@ fn kill_9_of_the_raft_leader_keeps_the_record_and_the_lease() {
         "{}",
         cluster.logs()
     );
-    // A change made while it was away...
-    let moved = cluster.set_primary(primary, &new_leader, Some(1));
+    // A change made while it was away (a handoff by the primary)...
+    let next = NODES
+        .into_iter()
+        .find(|node| *node != leader && *node != primary)
+        .unwrap();
+    let moved = cluster.set_primary(primary, next, Some(1));
     assert!(moved.is_ok(), "{moved:?}");
 
     // ...is what the restarted agent sees: it kept its vote and log on disk
     // and catches up from the leader.
     let restarted = Instant::now();
     cluster.start_agent(&leader);
-    cluster.wait_for_record(&[leader.as_str()], &new_leader, 2, Duration::from_secs(30));
+    cluster.wait_for_record(&[leader.as_str()], next, 2, Duration::from_secs(30));
     eprintln!(
         "restarted {leader} saw the new record {:?} after its start",
         restarted.elapsed()

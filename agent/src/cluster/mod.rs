@@ -486,8 +486,12 @@ pub async fn start(
     let raft_config = openraft::Config {
         cluster_name: config.cluster.name.clone(),
         heartbeat_interval: settings.heartbeat_interval.as_millis() as u64,
-        election_timeout_min: settings.election_timeout.as_millis() as u64,
-        election_timeout_max: settings.election_timeout.as_millis() as u64 * 2,
+        // openraft waits `election_timeout_max` (its leader lease) plus a
+        // random timeout in [min, max) after the last word of a committed
+        // leader before it elects: this split makes that wait
+        // election_timeout to 1.1 x election_timeout.
+        election_timeout_min: settings.election_timeout.as_millis() as u64 * 45 / 100,
+        election_timeout_max: settings.election_timeout.as_millis() as u64 * 55 / 100,
         install_snapshot_timeout: settings.lease.as_millis() as u64,
         snapshot_policy: SnapshotPolicy::LogsSinceLast(500),
         max_in_snapshot_log_to_keep: 100,

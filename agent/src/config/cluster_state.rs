@@ -45,8 +45,8 @@ pub struct ClusterStateConfig {
     /// How often the Raft leader tells the others it is alive.
     #[serde(default = "default_heartbeat", with = "humantime_serde")]
     pub heartbeat_interval: Duration,
-    /// A follower that hears no leader for between this and twice this
-    /// long starts an election.
+    /// A follower that hears no leader for this long (up to 10% more, at
+    /// random) starts an election.
     #[serde(default = "default_election_timeout", with = "humantime_serde")]
     pub election_timeout: Duration,
     /// How long the primary may keep accepting writes after a majority of
@@ -165,7 +165,7 @@ pub fn validate(
             "lease",
             format!(
                 "expected at least 3 x election_timeout ({}) so that electing a new Raft leader \
-                 (up to 2 x election_timeout) does not cost the primary its lease, got {}",
+                 (up to about 2 x election_timeout) does not cost the primary its lease, got {}",
                 humantime::format_duration(section.election_timeout * 3),
                 humantime::format_duration(section.lease)
             ),
