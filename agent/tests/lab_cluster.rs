@@ -555,11 +555,8 @@ fn a_two_two_split_is_decided_by_the_side_with_two_of_three_voters() {
         Duration::from_secs(10),
         || {
             let quorum = |node: &str| cluster.status(node)?["membership"]["has_quorum"].as_bool();
-            (quorum("nuster1")? == false
-                && quorum("nuster4")? == false
-                && quorum("nuster2")?
-                && quorum("nuster3")?)
-            .then_some(())
+            (!quorum("nuster1")? && !quorum("nuster4")? && quorum("nuster2")? && quorum("nuster3")?)
+                .then_some(())
         },
     );
     // Side A cannot change anything.

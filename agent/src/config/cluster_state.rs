@@ -105,7 +105,7 @@ pub fn validate(
             "voters",
             "expected at least one voter (an odd number of [[node]] names)".into(),
         );
-    } else if section.voters.len() % 2 == 0 {
+    } else if section.voters.len().is_multiple_of(2) {
         problem(
             "voters",
             format!(
