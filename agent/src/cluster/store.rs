@@ -607,7 +607,129 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use openraft::{
+        storage::RaftLogStorageExt,
+        testing::{StoreBuilder, Suite},
+        CommittedLeaderId,
+    };
+
     use super::*;
+
+    /// A state directory removed on drop.
+    struct Scratch(PathBuf);
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn scratch() -> Scratch {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "farol-cluster-store-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        Scratch(dir)
+    }
+
+    struct Builder;
+
+    impl StoreBuilder<TypeConfig, LogStore, StateMachine, Scratch> for Builder {
+        async fn build(&self) -> Result<(Scratch, LogStore, StateMachine), StorageError<NodeId>> {
+            let dir = scratch();
+            let log = LogStore::open(&dir.0).expect("open the log");
+            let machine =
+                StateMachine::open(&dir.0, watch::channel(None).0).expect("open the machine");
+            Ok((dir, log, machine))
+        }
+    }
+
+    /// openraft's own storage conformance suite, on the files.
+    #[test]
+    fn the_storage_passes_openrafts_suite() {
+        Suite::test_all(Builder).unwrap();
+    }
+
+    fn entry(term: u64, index: u64, command: Command) -> Entry<TypeConfig> {
+        Entry {
+            log_id: LogId::new(CommittedLeaderId::new(term, 1), index),
+            payload: EntryPayload::Normal(command),
+        }
+    }
+
+    #[tokio::test]
+    async fn vote_log_and_snapshot_survive_a_restart() {
+        let dir = scratch();
+        let renew = |epoch| Command::Renew {
+            node: "a".into(),
+            epoch,
+        };
+        {
+            let mut log = LogStore::open(&dir.0).unwrap();
+            log.save_vote(&Vote::new(3, 7)).await.unwrap();
+            log.blocking_append((1..=6).map(|i| entry(3, i, renew(i))))
+                .await
+                .unwrap();
+            log.truncate(LogId::new(CommittedLeaderId::new(3, 1), 5))
+                .await
+                .unwrap();
+            log.purge(LogId::new(CommittedLeaderId::new(3, 1), 2))
+                .await
+                .unwrap();
+            let mut machine = StateMachine::open(&dir.0, watch::channel(None).0).unwrap();
+            machine
+                .apply([entry(3, 1, set("a", 0, 0, None))])
+                .await
+                .unwrap();
+            machine
+                .get_snapshot_builder()
+                .await
+                .build_snapshot()
+                .await
+                .unwrap();
+        }
+        // A crash in the middle of an append: a torn last line.
+        let mut file = OpenOptions::new()
+            .append(true)
+            .open(dir.0.join("log.jsonl"))
+            .unwrap();
+        file.write_all(b"{\"log_id\":{\"lea").unwrap();
+        drop(file);
+
+        let mut log = LogStore::open(&dir.0).unwrap();
+        assert_eq!(log.read_vote().await.unwrap(), Some(Vote::new(3, 7)));
+        let state = log.get_log_state().await.unwrap();
+        assert_eq!(state.last_purged_log_id.map(|id| id.index), Some(2));
+        assert_eq!(state.last_log_id.map(|id| id.index), Some(4));
+        let indexes: Vec<u64> = log
+            .try_get_log_entries(0..100)
+            .await
+            .unwrap()
+            .iter()
+            .map(|e| e.log_id.index)
+            .collect();
+        assert_eq!(indexes, vec![3, 4]);
+        let (tx, rx) = watch::channel(None);
+        let mut machine = StateMachine::open(&dir.0, tx).unwrap();
+        assert_eq!(
+            *rx.borrow(),
+            Some(PrimaryRecord {
+                node: "a".into(),
+                epoch: 1
+            })
+        );
+        assert_eq!(
+            machine.applied_state().await.unwrap().0.map(|id| id.index),
+            Some(1)
+        );
+        // The primary in the snapshot is counted as renewing from now.
+        assert!(machine.view().last_renewal.is_some());
+    }
 
     fn set(node: &str, epoch: u64, renewals: u64, handoff: Option<&str>) -> Command {
         Command::SetPrimary {
