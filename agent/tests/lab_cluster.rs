@@ -498,56 +498,7 @@ fn a_two_two_split_is_decided_by_the_side_with_two_of_three_voters() {
     }
     let cut = Instant::now();
 
-    // Side B tries to move the primary as fast as it can, while a thread
-    // watches side A's primary: the order of the two is observed.
-    let stop = std::sync::atomic::AtomicBool::new(false);
-    let (lease_lost, moved, refusals) = std::thread::scope(|scope| {
-        let watcher = scope.spawn(|| {
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                if cluster.holds_lease("nuster1") == Some(false) {
-                    return Some(cut.elapsed());
-                }
-            }
-            None
-        });
-        let mut moved = None;
-        let mut refusals = Vec::new();
-        while moved.is_none() && cut.elapsed() < Duration::from_secs(20) {
-            match cluster.set_primary("nuster2", "nuster2", Some(1)) {
-                Ok(_) => moved = Some(cut.elapsed()),
-                Err(why) => refusals.push(why),
-            }
-        }
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        (watcher.join().unwrap(), moved, refusals)
-    });
-    let logs = cluster.logs();
-    let moved =
-        moved.unwrap_or_else(|| panic!("side B never moved the primary: {refusals:?}\n{logs}"));
-    let lease_lost = lease_lost.unwrap_or_else(|| {
-        panic!("nuster1 still held its lease when nuster2 became primary\n{logs}")
-    });
-    eprintln!(
-        "split: nuster1 reported the lease lost {lease_lost:?} after the cut; nuster2 became primary {moved:?} after it ({} refusals before)",
-        refusals.len()
-    );
-    assert!(
-        lease_lost <= LEASE + Duration::from_secs(1),
-        "{lease_lost:?}\n{logs}"
-    );
-    assert!(lease_lost < moved, "{lease_lost:?} {moved:?}\n{logs}");
-    // The last renewal was at most a renewal period (lease / 4) before the
-    // cut; a new primary needs lease + margin without one.
-    assert!(
-        moved >= LEASE + LEASE_MARGIN - LEASE / 4 - Duration::from_millis(100),
-        "{moved:?}\n{logs}"
-    );
-    assert!(
-        refusals
-            .iter()
-            .any(|r| r.contains("may still hold the primary lease")),
-        "{refusals:?}"
-    );
+    race_for_the_primary(&cluster, "nuster1", "nuster2", 1, cut, "split");
 
     // Quorum as each side sees it.
     cluster.wait(
@@ -580,4 +531,101 @@ fn a_two_two_split_is_decided_by_the_side_with_two_of_three_voters() {
     cluster.wait_for_leader(&NODES, Duration::from_secs(20));
     assert_eq!(cluster.holds_lease("nuster1"), Some(false));
     assert_eq!(cluster.holds_lease("nuster2"), Some(true));
+}
+
+/// After `cut` isolated `old` (the primary of `epoch`), `new` tries to
+/// become primary as fast as it can while a thread watches `old`: the order
+/// of the two is observed. `old` must report the lease lost within the
+/// lease, before `new` succeeds, and `new` must wait out the lease.
+fn race_for_the_primary(
+    cluster: &Cluster,
+    old: &str,
+    new: &str,
+    epoch: u64,
+    cut: Instant,
+    case: &str,
+) {
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (lease_lost, moved, refusals) = std::thread::scope(|scope| {
+        let watcher = scope.spawn(|| {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if cluster.holds_lease(old) == Some(false) {
+                    return Some(cut.elapsed());
+                }
+            }
+            None
+        });
+        let mut moved = None;
+        let mut refusals = Vec::new();
+        while moved.is_none() && cut.elapsed() < Duration::from_secs(20) {
+            match cluster.set_primary(new, new, Some(epoch)) {
+                Ok(_) => moved = Some(cut.elapsed()),
+                Err(why) => refusals.push(why),
+            }
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        (watcher.join().unwrap(), moved, refusals)
+    });
+    let logs = cluster.logs();
+    let moved = moved.unwrap_or_else(|| panic!("{new} never became primary: {refusals:?}\n{logs}"));
+    let lease_lost = lease_lost
+        .unwrap_or_else(|| panic!("{old} still held its lease when {new} became primary\n{logs}"));
+    eprintln!(
+        "{case}: {old} reported the lease lost {lease_lost:?} after the cut; {new} became primary {moved:?} after it ({} refusals before)",
+        refusals.len()
+    );
+    assert!(
+        lease_lost <= LEASE + Duration::from_secs(1),
+        "{lease_lost:?}\n{logs}"
+    );
+    assert!(lease_lost < moved, "{lease_lost:?} {moved:?}\n{logs}");
+    // The last renewal was at most a renewal period (lease / 4) before the
+    // cut; a new primary needs lease + margin without one.
+    assert!(
+        moved >= LEASE + LEASE_MARGIN - LEASE / 4 - Duration::from_millis(100),
+        "{moved:?}\n{logs}"
+    );
+    assert!(
+        refusals
+            .iter()
+            .any(|r| r.contains("may still hold the primary lease")),
+        "{refusals:?}"
+    );
+}
+
+/// The primary's node loses its link (its packets vanish: the others time
+/// out instead of being refused). It reports the lease lost within the
+/// lease; the three others (two voters and the learner) make nuster1 the
+/// primary only after the lease; back online, nuster3 follows the new
+/// record without the lease.
+#[test]
+fn the_primary_losing_its_link_loses_the_lease_before_another_is_chosen() {
+    if !support::privileged("the_primary_losing_its_link_loses_the_lease_before_another_is_chosen")
+    {
+        return;
+    }
+    let cluster = Cluster::start("cllink");
+    cluster.wait_for_leader(&NODES, Duration::from_secs(30));
+    cluster.set_primary("nuster1", "nuster3", Some(0)).unwrap();
+    cluster.wait_for_record(&NODES, "nuster3", 1, Duration::from_secs(10));
+    cluster.wait("nuster3 to hold the lease", Duration::from_secs(10), || {
+        cluster.holds_lease("nuster3").filter(|held| *held)
+    });
+    let out = cluster
+        .lab
+        .run("nuster3", "ip", &["link", "set", "eth0", "down"])
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let cut = Instant::now();
+    race_for_the_primary(&cluster, "nuster3", "nuster1", 1, cut, "link down");
+    let out = cluster
+        .lab
+        .run("nuster3", "ip", &["link", "set", "eth0", "up"])
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    cluster.wait_for_record(&NODES, "nuster1", 2, Duration::from_secs(20));
+    assert_eq!(cluster.holds_lease("nuster3"), Some(false));
+    cluster.wait("nuster1 to hold the lease", Duration::from_secs(10), || {
+        cluster.holds_lease("nuster1").filter(|held| *held)
+    });
 }
