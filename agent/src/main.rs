@@ -33,8 +33,12 @@ fn main() -> ExitCode {
     }
 }
 
+/// openraft logs every failed RPC to an unreachable peer (twice a second
+/// per peer) at ERROR: the cluster module logs each change once instead
+/// (`FAROL_LOG=info,openraft=info` shows openraft's own logs).
 fn init_tracing(format: LogFormat) {
-    let filter = EnvFilter::try_from_env("FAROL_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::try_from_env("FAROL_LOG")
+        .unwrap_or_else(|_| EnvFilter::new("info,openraft=off"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

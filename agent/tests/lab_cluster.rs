@@ -321,6 +321,20 @@ fn agents_elect_and_agree_on_the_primary_record() {
     cluster.wait("nuster3 to hold the lease", Duration::from_secs(10), || {
         cluster.holds_lease("nuster3").filter(|held| *held)
     });
+    // `agent status` shows the cluster state too.
+    let out = cluster
+        .lab
+        .command("nuster4", AGENT)
+        .args(["status", "--json", "--node", "nuster4", "--config"])
+        .arg(&cluster.config)
+        .output()
+        .unwrap();
+    let status: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        status["cluster_state"]["primary"]["node"], "nuster3",
+        "{status}"
+    );
+    assert_eq!(status["cluster_state"]["is_voter"], false, "{status}");
 
     // Bad input on the cluster port: garbage, unsigned, wrongly signed,
     // oversized. Refused, counted, and the agent carries on.
@@ -332,7 +346,6 @@ def send(data):
     s = socket.create_connection(("{ip}", {port}), timeout=5)
     try:
         s.sendall(data)
-        s.shutdown(socket.SHUT_WR)
         out = b""
         while True:
             chunk = s.recv(65536)
@@ -345,10 +358,10 @@ def send(data):
         s.close()
 print(send(b"\x00\xffGARBAGE\r\n\r\n"))
 body = b'{{"x":1}}'
-print(send(b"POST /raft/vote HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body))
-print(send(b"POST /raft/vote HTTP/1.1\r\nHost: x\r\nx-farol-node: nuster2\r\nx-farol-mac: 00ff\r\nContent-Length: %d\r\n\r\n" % len(body) + body))
+print(send(b"POST /raft/vote HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: %d\r\n\r\n" % len(body) + body))
+print(send(b"POST /raft/vote HTTP/1.1\r\nHost: x\r\nConnection: close\r\nx-farol-node: nuster2\r\nx-farol-mac: 00ff\r\nContent-Length: %d\r\n\r\n" % len(body) + body))
 big = 5 * 1024 * 1024
-print(send(b"POST /raft/append HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % big + b"a" * big))
+print(send(b"POST /raft/append HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: %d\r\n\r\n" % big + b"a" * big))
 "#,
         ip = target.split(':').next().unwrap(),
         port = 9480

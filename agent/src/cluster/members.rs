@@ -82,6 +82,11 @@ pub(crate) async fn run(handle: ClusterHandle, mut shutdown: watch::Receiver<boo
 fn update(handle: &ClusterHandle) {
     let core = &handle.core;
     let metrics = handle.raft_metrics();
+    if let Err(fatal) = &metrics.running_state {
+        if !core.counters.fatal.swap(true, Ordering::Relaxed) {
+            tracing::error!(error = %fatal, "the cluster state stopped (Raft failed): this node no longer votes, renews or follows the primary record; restart the agent");
+        }
+    }
     let reachable = core.reachable();
     let voters_reachable = core
         .settings

@@ -164,6 +164,8 @@ pub(crate) struct Counters {
     pub(crate) lease_lost: std::sync::atomic::AtomicU64,
     pub(crate) quorum_lost: std::sync::atomic::AtomicU64,
     pub(crate) leader_changes: std::sync::atomic::AtomicU64,
+    /// Set once openraft stopped on a fatal error (logged once).
+    pub(crate) fatal: std::sync::atomic::AtomicBool,
 }
 
 impl ClusterHandle {

@@ -169,14 +169,16 @@ impl Control {
 
     pub async fn status(&self) -> status::Status {
         let config = self.config.borrow().clone();
-        status::gather(
+        let mut status = status::gather(
             &self.cluster,
             &self.node,
             &config,
             &self.health,
             self.maps.as_ref(),
         )
-        .await
+        .await;
+        status.cluster_state = self.cluster_state.get().map(|cluster| cluster.status());
+        status
     }
 
     /// Re-reads the config file; applies it when valid, keeps the running
