@@ -451,6 +451,13 @@ impl MachineInner {
                     node: node.clone(),
                     epoch: state.epoch,
                 };
+                let from = state.primary.as_ref().map(|r| r.node.as_str());
+                let reason = match (handoff_from, from) {
+                    (Some(by), _) => format!("handed over by {by}"),
+                    (None, Some(old)) => format!("{old} renewed no lease for lease + margin"),
+                    (None, None) => "first primary".to_owned(),
+                };
+                tracing::info!(primary = %node, epoch = state.epoch, previous = from.unwrap_or("none"), %reason, "primary record changed (committed by a majority of voters)");
                 state.primary = Some(record.clone());
                 state.renewals = 0;
                 self.view.last_renewal = None;
