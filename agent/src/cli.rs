@@ -47,6 +47,8 @@ pub enum Command {
     /// Stop the running agent as SIGTERM does: its supervised children are
     /// drained at every balancer and stopped first.
     Stop(ControlArgs),
+    /// The agents' shared cluster state: `status`, `set-primary NODE`.
+    Cluster(crate::cluster::control::ClusterArgs),
     /// Run only the PostgreSQL pooler of the cluster file (no data plane,
     /// no root needed); for benchmarks and tests.
     #[command(hide = true)]

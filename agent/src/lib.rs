@@ -18,6 +18,7 @@
 
 pub mod balancer;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod control;
 pub mod dataplane;

@@ -26,14 +26,19 @@ fn main() -> ExitCode {
         Command::Volume(args) => farol_agent::storage::cli::main(args),
         Command::Pooler(args) => pooler(&args),
         Command::Status(args) => farol_agent::control::client::main_status(&args),
+        Command::Cluster(args) => farol_agent::cluster::control::main(&args),
         Command::Backend(args) => farol_agent::control::client::main_backend(&args),
         Command::Reload(args) => farol_agent::control::client::main_reload(&args),
         Command::Stop(args) => farol_agent::control::client::main_stop(&args),
     }
 }
 
+/// openraft logs every failed RPC to an unreachable peer (twice a second
+/// per peer) at ERROR: the cluster module logs each change once instead
+/// (`FAROL_LOG=info,openraft=info` shows openraft's own logs).
 fn init_tracing(format: LogFormat) {
-    let filter = EnvFilter::try_from_env("FAROL_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::try_from_env("FAROL_LOG")
+        .unwrap_or_else(|_| EnvFilter::new("info,openraft=off"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

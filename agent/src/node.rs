@@ -40,6 +40,8 @@ pub enum NodeError {
     Storage(#[from] StorageError),
     #[error(transparent)]
     Control(#[from] crate::control::ControlError),
+    #[error("cluster state")]
+    Cluster(#[from] crate::cluster::ClusterError),
 }
 
 /// Where this node's state lives, after CLI overrides.
@@ -205,6 +207,22 @@ pub async fn run(plan: NodePlan, shutdown: watch::Receiver<bool>) -> Result<(), 
         control.clone(),
         shutdown.clone(),
     ));
+    // The agents' shared state (issue 9), when the config has a
+    // [cluster_state]; it stops with the other subsystems on shutdown.
+    let cluster = match crate::cluster::start(&plan.config, &plan.node, shutdown.clone()).await {
+        Ok(cluster) => cluster,
+        Err(error) => {
+            volumes.stop().await;
+            dataplane.shutdown(OnExit::Remove);
+            return Err(error.into());
+        }
+    };
+    if let Some(cluster) = cluster {
+        registry.register_collector(Box::new(crate::cluster::metrics::ClusterCollector(
+            cluster.clone(),
+        )));
+        let _ = control.cluster_state.set(cluster);
+    }
     let vrrp = crate::vrrp::Setup::new(&plan.config, &plan.node).map(|mut setup| {
         setup.load_balancer = Some(dataplane.load_balancer());
         setup

@@ -32,6 +32,8 @@ pub mod supervise;
 pub use supervise::SuperviseConfig;
 pub mod vrrp;
 pub use vrrp::{TrackConfig, VrrpConfig};
+pub mod cluster_state;
+pub use cluster_state::ClusterStateConfig;
 
 /// Where pinned maps go unless the cluster or the node says otherwise.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/farol";
@@ -63,6 +65,10 @@ pub struct Config {
     /// sections (see `vrrp.rs`).
     #[serde(default, rename = "vrrp")]
     pub vrrp: Vec<VrrpConfig>,
+    /// The agents' shared state on Raft (voters, primary lease), when
+    /// this cluster keeps one (see `cluster_state.rs`).
+    #[serde(default)]
+    pub cluster_state: Option<ClusterStateConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -372,6 +378,9 @@ impl Config {
             &mut problems,
         );
         vrrp::validate(&self.vrrp, &self.nodes, &self.services, &mut problems);
+        if let Some(section) = &self.cluster_state {
+            cluster_state::validate(section, &self.nodes, has_secret, &mut problems);
+        }
         problems
     }
 

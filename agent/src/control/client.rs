@@ -34,7 +34,11 @@ pub enum Target {
     Tcp { url: String, token: String },
 }
 
-async fn call(target: &Target, method: &str, path: &str) -> Result<Response, ClientError> {
+pub(crate) async fn call(
+    target: &Target,
+    method: &str,
+    path: &str,
+) -> Result<Response, ClientError> {
     let body = (method == "POST").then(Bytes::new);
     match target {
         Target::Socket(socket) => {
@@ -97,7 +101,7 @@ async fn write(target: &Target, path: &str) -> Result<String, ClientError> {
 }
 
 /// Query values are names (letters, digits, '-', '_', '.', ':').
-fn encode(text: &str) -> String {
+pub(crate) fn encode(text: &str) -> String {
     text.bytes()
         .map(|b| {
             if b.is_ascii_alphanumeric() || b"-_.:".contains(&b) {
@@ -207,7 +211,7 @@ fn socket_path(args: &crate::cli::ControlArgs) -> Result<PathBuf, String> {
 }
 
 /// Runs `future` on a small runtime; prints the error and fails on error.
-fn block<T>(
+pub(crate) fn block<T>(
     args: &crate::cli::ControlArgs,
     call: impl FnOnce(
         Target,

@@ -118,6 +118,8 @@ pub struct Control {
     /// The bearer token of the control API on the TCP port (None: that
     /// API is not served).
     token: Option<String>,
+    /// The cluster state, once `agent run` started it (`/cluster` routes).
+    pub cluster_state: std::sync::OnceLock<crate::cluster::ClusterHandle>,
     reloads_applied: AtomicU64,
     reloads_refused: AtomicU64,
 }
@@ -159,6 +161,7 @@ impl Control {
             health,
             maps,
             token,
+            cluster_state: std::sync::OnceLock::new(),
             reloads_applied: AtomicU64::new(0),
             reloads_refused: AtomicU64::new(0),
         })
@@ -166,14 +169,16 @@ impl Control {
 
     pub async fn status(&self) -> status::Status {
         let config = self.config.borrow().clone();
-        status::gather(
+        let mut status = status::gather(
             &self.cluster,
             &self.node,
             &config,
             &self.health,
             self.maps.as_ref(),
         )
-        .await
+        .await;
+        status.cluster_state = self.cluster_state.get().map(|cluster| cluster.status());
+        status
     }
 
     /// Re-reads the config file; applies it when valid, keeps the running
@@ -368,6 +373,7 @@ pub fn public_routes(control: Arc<Control>) -> Router {
         .route("/status", get(status_page))
         .route("/status.json", get(status_json))
         .route(crate::health::agent::AGENT_PATH, get(agent_state))
+        .route("/cluster.json", get(crate::cluster::control::status))
         .with_state(control.clone());
     if control.token.is_some() {
         let guarded = socket_routes(control.clone())
@@ -556,6 +562,11 @@ fn socket_routes(control: Arc<Control>) -> Router {
         .route("/backend/{name}/{action}", post(backend_action))
         .route("/reload", post(reload))
         .route("/stop", post(stop))
+        .route("/cluster", get(crate::cluster::control::status))
+        .route(
+            "/cluster/primary/{node}",
+            post(crate::cluster::control::set_primary),
+        )
         .with_state(control)
 }
 

@@ -174,6 +174,7 @@ mod tests {
                     slowstart: None,
                 }],
             }],
+            cluster_state: None,
         };
         let html = render(&status);
         assert!(html.contains("http-equiv=\"refresh\""));

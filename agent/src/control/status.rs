@@ -21,6 +21,9 @@ pub struct Status {
     pub admin: AdminState,
     pub vips: Vec<VipStatus>,
     pub services: Vec<ServiceStatus>,
+    /// The agents' shared state, when the config has a [cluster_state].
+    #[serde(default)]
+    pub cluster_state: Option<crate::cluster::ClusterStatus>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -201,6 +204,7 @@ pub async fn gather(
         admin: health.own_state(),
         vips,
         services,
+        cluster_state: None,
     }
 }
 
@@ -262,6 +266,13 @@ pub fn render_table(status: &Status) -> String {
                 b.last_check.as_deref().unwrap_or("-")
             );
         }
+    }
+    if let Some(cluster) = &status.cluster_state {
+        let _ = write!(
+            out,
+            "\ncluster state\n{}",
+            crate::cluster::control::render(cluster)
+        );
     }
     out
 }
