@@ -27,6 +27,8 @@ pub mod storage;
 pub use self::pooler::{PoolConfig, PoolMode, PoolerConfig, PoolerUser};
 pub use storage::VolumeConfig;
 
+pub mod pgha;
+pub use pgha::PostgresConfig;
 pub mod pooler;
 pub mod supervise;
 pub use supervise::SuperviseConfig;
@@ -63,6 +65,9 @@ pub struct Config {
     /// sections (see `vrrp.rs`).
     #[serde(default, rename = "vrrp")]
     pub vrrp: Vec<VrrpConfig>,
+    /// PostgreSQL run and replicated by the agents (see `pgha.rs`).
+    #[serde(default)]
+    pub postgres: Option<PostgresConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -372,6 +377,9 @@ impl Config {
             &mut problems,
         );
         vrrp::validate(&self.vrrp, &self.nodes, &self.services, &mut problems);
+        if let Some(postgres) = &self.postgres {
+            pgha::validate(postgres, &self.nodes, &mut problems);
+        }
         problems
     }
 
