@@ -354,7 +354,9 @@ pub async fn run(plan: NodePlan, shutdown: watch::Receiver<bool>) -> Result<(), 
         let _ = task.await;
         match api.await {
             Ok(Ok(())) => {}
-            Ok(Err(error)) => warn!(error = %crate::error_chain(&error), "PostgreSQL endpoint failed"),
+            Ok(Err(error)) => {
+                warn!(error = %crate::error_chain(&error), "PostgreSQL endpoint failed")
+            }
             Err(error) if error.is_cancelled() => {}
             Err(error) => warn!(%error, "PostgreSQL endpoint task panicked"),
         }

@@ -219,7 +219,13 @@ impl Cluster {
     async fn wait_bootstrapped(&self) {
         wait_http(self.node("a").api, "/primary", 200, Duration::from_secs(60)).await;
         for name in ["b", "c"] {
-            wait_http(self.node(name).api, "/replica", 200, Duration::from_secs(60)).await;
+            wait_http(
+                self.node(name).api,
+                "/replica",
+                200,
+                Duration::from_secs(60),
+            )
+            .await;
         }
     }
 }
@@ -282,13 +288,18 @@ async fn wait_http(api: SocketAddr, path: &str, want: u16, limit: Duration) -> D
 /// Runs `sql` as the superuser on `plan`'s server; rows as text.
 async fn sql(plan: &PgPlan, sql: &str) -> Vec<Vec<Option<String>>> {
     let client = local::connect(plan).await.expect("connect");
-    let messages = client.simple_query(sql).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+    let messages = client
+        .simple_query(sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
     messages
         .into_iter()
         .filter_map(|m| match m {
-            SimpleQueryMessage::Row(row) => {
-                Some((0..row.len()).map(|i| row.get(i).map(str::to_owned)).collect())
-            }
+            SimpleQueryMessage::Row(row) => Some(
+                (0..row.len())
+                    .map(|i| row.get(i).map(str::to_owned))
+                    .collect(),
+            ),
             _ => None,
         })
         .collect()
@@ -355,11 +366,12 @@ fn standby_of(node: &str) -> Role {
 fn spawn_writer(
     target: watch::Receiver<PgPlan>,
     stop: watch::Receiver<bool>,
+    first_id: i64,
 ) -> JoinHandle<(BTreeSet<i64>, u64)> {
     tokio::spawn(async move {
         let mut acked = BTreeSet::new();
         let mut errors = 0u64;
-        let mut next = 1_000_000i64;
+        let mut next = first_id;
         let deadline = Instant::now() + Duration::from_secs(50);
         while !*stop.borrow() && Instant::now() < deadline {
             let plan = target.borrow().clone();
@@ -374,7 +386,9 @@ fn spawn_writer(
                 }
                 next += 1;
                 let insert = format!("INSERT INTO t VALUES ({next})");
-                match tokio::time::timeout(Duration::from_secs(5), client.simple_query(&insert)).await {
+                match tokio::time::timeout(Duration::from_secs(5), client.simple_query(&insert))
+                    .await
+                {
                     Ok(Ok(_)) => {
                         acked.insert(next);
                     }
@@ -397,7 +411,10 @@ async fn bootstrap_replicates_and_endpoints_answer_by_role() {
     let started = Instant::now();
     let cluster = Cluster::start("boot", false).await;
     cluster.wait_bootstrapped().await;
-    eprintln!("bootstrap of a primary and two standbys: {:?}", started.elapsed());
+    eprintln!(
+        "bootstrap of a primary and two standbys: {:?}",
+        started.elapsed()
+    );
     let a = &cluster.node("a").plan;
     sql(a, "CREATE TABLE t (id bigint PRIMARY KEY)").await;
     sql(a, "INSERT INTO t SELECT generate_series(1, 100)").await;
@@ -406,8 +423,14 @@ async fn bootstrap_replicates_and_endpoints_answer_by_role() {
     }
     // Standbys refuse writes: they are hot standbys.
     let b_client = local::connect(&cluster.node("b").plan).await.unwrap();
-    let refused = b_client.simple_query("INSERT INTO t VALUES (0)").await.unwrap_err();
-    let message = refused.as_db_error().map(|e| e.message().to_owned()).unwrap_or_default();
+    let refused = b_client
+        .simple_query("INSERT INTO t VALUES (0)")
+        .await
+        .unwrap_err();
+    let message = refused
+        .as_db_error()
+        .map(|e| e.message().to_owned())
+        .unwrap_or_default();
     assert!(message.contains("read-only"), "{refused:?}");
 
     for (name, primary, replica) in [("a", 200, 503), ("b", 503, 200), ("c", 503, 200)] {
@@ -428,25 +451,39 @@ async fn bootstrap_replicates_and_endpoints_answer_by_role() {
 
     // The lag bound: b stops replaying, the primary writes 2 MB more.
     sql(&cluster.node("b").plan, "SELECT pg_wal_replay_pause()").await;
-    sql(a, "CREATE TABLE filler AS SELECT repeat('x', 1000) AS x FROM generate_series(1, 2000)").await;
+    sql(
+        a,
+        "CREATE TABLE filler AS SELECT repeat('x', 1000) AS x FROM generate_series(1, 2000)",
+    )
+    .await;
     let b = cluster.node("b").api;
     wait_http(b, "/replica?lag=1MB", 503, Duration::from_secs(10)).await;
     for path in ["/replica?lag=64MB", "/replica?lag=67108864", "/replica"] {
         let (code, body) = get(b, path).await;
         assert_eq!(code, 200, "{path} (no bound: any lag): {body}");
     }
-    assert_eq!(get(b, "/replica?lag=lots").await.0, 400, "a bad bound is refused");
+    assert_eq!(
+        get(b, "/replica?lag=lots").await.0,
+        400,
+        "a bad bound is refused"
+    );
     let (_, body) = get(b, "/replica").await;
     let body: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert!(body["lag"].as_u64().unwrap() > 1 << 20, "{body}");
-    assert_eq!(get(cluster.node("c").api, "/replica?lag=1MB").await.0, 200, "c replays");
+    assert_eq!(
+        get(cluster.node("c").api, "/replica?lag=1MB").await.0,
+        200,
+        "c replays"
+    );
     sql(&cluster.node("b").plan, "SELECT pg_wal_replay_resume()").await;
     wait_http(b, "/replica?lag=0", 200, Duration::from_secs(10)).await;
 
     // Metrics from the reconcilers' last looks.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let mut registry = prometheus_client::registry::Registry::default();
-    registry.register_collector(Box::new(farol_agent::pgha::PgCollector(cluster.node("a").pgha.clone())));
+    registry.register_collector(Box::new(farol_agent::pgha::PgCollector(
+        cluster.node("a").pgha.clone(),
+    )));
     let text = farol_agent::metrics::encode_prometheus_text(&registry).unwrap();
     for expected in [
         "farol_pg_role{role=\"primary\"} 1",
@@ -458,7 +495,9 @@ async fn bootstrap_replicates_and_endpoints_answer_by_role() {
         assert!(text.contains(expected), "{expected} missing from:\n{text}");
     }
     let mut registry = prometheus_client::registry::Registry::default();
-    registry.register_collector(Box::new(farol_agent::pgha::PgCollector(cluster.node("c").pgha.clone())));
+    registry.register_collector(Box::new(farol_agent::pgha::PgCollector(
+        cluster.node("c").pgha.clone(),
+    )));
     let text = farol_agent::metrics::encode_prometheus_text(&registry).unwrap();
     assert!(text.contains("farol_pg_role{role=\"standby\"} 1"), "{text}");
     assert!(text.contains("farol_pg_replication_lag_bytes"), "{text}");
@@ -467,7 +506,10 @@ async fn bootstrap_replicates_and_endpoints_answer_by_role() {
     let mut cluster = cluster;
     cluster.stop_node("c").await;
     let (code, _) = get(cluster.node("c").api, "/health").await;
-    assert!(code == 503 || code == 0, "/health on a stopped node: {code}");
+    assert!(
+        code == 503 || code == 0,
+        "/health on a stopped node: {code}"
+    );
     cluster.stop().await;
 }
 
@@ -480,26 +522,43 @@ async fn synchronous_commit_waits_until_a_standby_has_it() {
     cluster.wait_bootstrapped().await;
     let a = cluster.node("a").plan.clone();
     sql(&a, "CREATE TABLE t (id bigint PRIMARY KEY)").await;
-    let states = sql(&a, "SELECT sync_state FROM pg_stat_replication ORDER BY application_name").await;
+    let states = sql(
+        &a,
+        "SELECT sync_state FROM pg_stat_replication ORDER BY application_name",
+    )
+    .await;
     assert_eq!(states, vec![vec![Some("quorum".into())]; 2], "ANY 1 (b, c)");
     sql(&a, "INSERT INTO t VALUES (1)").await;
 
     cluster.stop_node("b").await;
     cluster.stop_node("c").await;
     let client = local::connect(&a).await.unwrap();
-    let commit = tokio::spawn(async move { client.simple_query("INSERT INTO t VALUES (2)").await.map(drop) });
+    let commit = tokio::spawn(async move {
+        client
+            .simple_query("INSERT INTO t VALUES (2)")
+            .await
+            .map(drop)
+    });
     tokio::time::sleep(Duration::from_secs(3)).await;
-    assert!(!commit.is_finished(), "a commit returned with no standby to have it");
+    assert!(
+        !commit.is_finished(),
+        "a commit returned with no standby to have it"
+    );
 
     // One standby back: the commit is acknowledged once it has it.
     let started = Instant::now();
-    cluster.restart_node("b", desired(standby_of("a"), 0, "back")).await;
+    cluster
+        .restart_node("b", desired(standby_of("a"), 0, "back"))
+        .await;
     tokio::time::timeout(Duration::from_secs(40), commit)
         .await
         .expect("the commit returns once a standby is back")
         .unwrap()
         .expect("the commit succeeds");
-    eprintln!("commit acknowledged {:?} after the standby's restart", started.elapsed());
+    eprintln!(
+        "commit acknowledged {:?} after the standby's restart",
+        started.elapsed()
+    );
     wait_count(&cluster.node("b").plan, 2, Duration::from_secs(10)).await;
     cluster.stop().await;
 }
@@ -517,17 +576,29 @@ async fn killed_primary_is_replaced_and_rejoins_through_pg_rewind() {
     // A writer on the primary; the primary's postmaster is killed mid-way.
     let (target_tx, target_rx) = watch::channel(a.clone());
     let (stop_tx, stop_rx) = watch::channel(false);
-    let writer = spawn_writer(target_rx, stop_rx);
+    let writer = spawn_writer(target_rx, stop_rx, 1_000_000);
     tokio::time::sleep(Duration::from_secs(2)).await;
     let pid = cluster.node("a").pgha.postmaster_pid().expect("a runs");
     // The lease is gone with the node: no restart as primary.
-    cluster.node("a").desired.send(desired(Role::Fenced, 1, "test: lost the lease")).unwrap();
+    cluster
+        .node("a")
+        .desired
+        .send(desired(Role::Fenced, 1, "test: lost the lease"))
+        .unwrap();
     // SAFETY: kill(2) on the postmaster this test's reconciler started.
     unsafe { libc::kill(pid as i32, libc::SIGKILL) };
     let killed = Instant::now();
     stop_tx.send(true).unwrap();
     let (acked_before, _) = writer.await.unwrap();
-    assert!(acked_before.len() > 10, "the writer committed {} rows", acked_before.len());
+    assert!(
+        acked_before.len() > 10,
+        "the writer committed {} rows",
+        acked_before.len()
+    );
+    eprintln!(
+        "{} commits acknowledged by the primary before its kill",
+        acked_before.len()
+    );
 
     // The most advanced standby within max_lag is promoted.
     let mut candidates = Vec::new();
@@ -540,10 +611,23 @@ async fn killed_primary_is_replaced_and_rejoins_through_pg_rewind() {
         .node
         .clone();
     let other = if chosen == "b" { "c" } else { "b" };
-    let decided = Instant::now();
-    cluster.node(&chosen).desired.send(desired(Role::Primary, 1, "test: promote")).unwrap();
-    cluster.node(other).desired.send(desired(standby_of(&chosen), 1, "test: follow")).unwrap();
-    let promoted = wait_http(cluster.node(&chosen).api, "/primary", 200, Duration::from_secs(30)).await;
+    cluster
+        .node(&chosen)
+        .desired
+        .send(desired(Role::Primary, 1, "test: promote"))
+        .unwrap();
+    cluster
+        .node(other)
+        .desired
+        .send(desired(standby_of(&chosen), 1, "test: follow"))
+        .unwrap();
+    let promoted = wait_http(
+        cluster.node(&chosen).api,
+        "/primary",
+        200,
+        Duration::from_secs(30),
+    )
+    .await;
     eprintln!(
         "promotion of {chosen}: {promoted:?} from the decision ({:?} after the kill)",
         killed.elapsed()
@@ -553,21 +637,45 @@ async fn killed_primary_is_replaced_and_rejoins_through_pg_rewind() {
     let present = ids(&new).await;
     let lost: Vec<_> = acked_before.difference(&present).collect();
     assert!(lost.is_empty(), "acknowledged rows lost: {lost:?}");
-    assert_eq!(sql(&new, "SELECT (SELECT timeline_id FROM pg_control_checkpoint()) >= 1").await[0][0].as_deref(), Some("t"));
+    assert_eq!(
+        sql(
+            &new,
+            "SELECT (SELECT timeline_id FROM pg_control_checkpoint()) >= 1"
+        )
+        .await[0][0]
+            .as_deref(),
+        Some("t")
+    );
 
     // The other standby streams from the new primary (repointed, no restart).
     let other_plan = cluster.node(other).plan.clone();
-    wait_http(cluster.node(other).api, "/replica", 200, Duration::from_secs(30)).await;
+    wait_http(
+        cluster.node(other).api,
+        "/replica",
+        200,
+        Duration::from_secs(30),
+    )
+    .await;
     let sender = cluster.node(other).pgha.observe_now(false).await.sender;
     assert_eq!(sender, Some(format!("127.0.0.1:{}", new.port)));
 
     // More writes on the new primary, then the old one rejoins through pg_rewind.
-    target_tx.send(new.clone()).unwrap();
+    drop(target_tx);
     let (stop_tx, stop_rx) = watch::channel(false);
     let (_target_tx2, target_rx2) = watch::channel(new.clone());
-    let writer = spawn_writer(target_rx2, stop_rx);
-    cluster.node("a").desired.send(desired(standby_of(&chosen), 2, "test: rejoin")).unwrap();
-    let rejoined = wait_http(cluster.node("a").api, "/replica", 200, Duration::from_secs(40)).await;
+    let writer = spawn_writer(target_rx2, stop_rx, 2_000_000);
+    cluster
+        .node("a")
+        .desired
+        .send(desired(standby_of(&chosen), 2, "test: rejoin"))
+        .unwrap();
+    let rejoined = wait_http(
+        cluster.node("a").api,
+        "/replica",
+        200,
+        Duration::from_secs(40),
+    )
+    .await;
     eprintln!("old primary rewound and streaming after {rejoined:?}");
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop_tx.send(true).unwrap();
@@ -580,10 +688,11 @@ async fn killed_primary_is_replaced_and_rejoins_through_pg_rewind() {
     let on_old = ids(&a).await;
     assert!(acked_before.is_subset(&on_old) && acked_after.is_subset(&on_old));
     let timeline = cluster.node("a").pgha.observe_now(false).await.timeline;
-    assert_eq!(timeline, Some(2), "the old primary follows the new timeline");
-    let rewound = std::fs::read_to_string(format!("{}.log", a.data_dir.display())).unwrap_or_default();
-    eprintln!("decision to promoted: {:?}", decided.elapsed());
-    assert!(!rewound.is_empty());
+    assert_eq!(
+        timeline,
+        Some(2),
+        "the old primary follows the new timeline"
+    );
     cluster.stop().await;
 }
 
@@ -595,7 +704,11 @@ async fn switchover_under_a_writer_loses_no_committed_transaction() {
     // Bootstrapped by the reconcilers, then handed to the operations.
     let mut cluster = Cluster::start("switch", false).await;
     cluster.wait_bootstrapped().await;
-    sql(&cluster.node("a").plan, "CREATE TABLE t (id bigint PRIMARY KEY)").await;
+    sql(
+        &cluster.node("a").plan,
+        "CREATE TABLE t (id bigint PRIMARY KEY)",
+    )
+    .await;
     for name in NODES {
         cluster.stop_node(name).await;
     }
@@ -612,11 +725,15 @@ async fn switchover_under_a_writer_loses_no_committed_transaction() {
     let b = nodes[1].plan.clone();
     let (target_tx, target_rx) = watch::channel(a.clone());
     let (stop_tx, stop_rx) = watch::channel(false);
-    let writer = spawn_writer(target_rx, stop_rx);
+    let writer = spawn_writer(target_rx, stop_rx, 1_000_000);
     tokio::time::sleep(Duration::from_secs(2)).await;
 
-    let [old, target, other] = &mut nodes[..] else { unreachable!() };
-    let report = switchover(old, target, &mut [other]).await.expect("switchover");
+    let [old, target, other] = &mut nodes[..] else {
+        unreachable!()
+    };
+    let report = switchover(old, target, &mut [other])
+        .await
+        .expect("switchover");
     target_tx.send(b.clone()).unwrap();
     eprintln!(
         "switchover: writes unavailable {:?}, total {:?}, final LSN {}",
@@ -625,10 +742,16 @@ async fn switchover_under_a_writer_loses_no_committed_transaction() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     stop_tx.send(true).unwrap();
     let (acked, errors) = writer.await.unwrap();
-    eprintln!("writer: {} commits acknowledged, {errors} failed attempts", acked.len());
+    eprintln!(
+        "writer: {} commits acknowledged, {errors} failed attempts",
+        acked.len()
+    );
     let present = ids(&b).await;
     let lost: Vec<_> = acked.difference(&present).collect();
-    assert!(lost.is_empty(), "acknowledged rows lost in the switchover: {lost:?}");
+    assert!(
+        lost.is_empty(),
+        "acknowledged rows lost in the switchover: {lost:?}"
+    );
     assert!(acked.iter().any(|id| present.contains(id)) && acked.len() > 20);
     // The old primary streams from the new one with every row.
     let total = count(&b).await;
@@ -637,6 +760,7 @@ async fn switchover_under_a_writer_loses_no_committed_transaction() {
     let status = local::observe(&a, None).await;
     assert_eq!(status.role, ObservedRole::Standby);
     for node in &mut nodes {
-        node.stop(farol_agent::pgha::postmaster::StopMode::Fast).await;
+        node.stop(farol_agent::pgha::postmaster::StopMode::Fast)
+            .await;
     }
 }

@@ -139,7 +139,9 @@ impl<'de> Deserialize<'de> for ByteSize {
             Raw::Number(n) => u64::try_from(n)
                 .map(ByteSize)
                 .map_err(|_| serde::de::Error::custom(format!("expected bytes >= 0, got {n}"))),
-            Raw::Text(text) => parse_byte_size(&text).map(ByteSize).map_err(serde::de::Error::custom),
+            Raw::Text(text) => parse_byte_size(&text)
+                .map(ByteSize)
+                .map_err(serde::de::Error::custom),
         }
     }
 }
@@ -152,7 +154,8 @@ pub fn parse_byte_size(text: &str) -> Result<u64, String> {
         .find(|c: char| !c.is_ascii_digit())
         .unwrap_or(trimmed.len());
     let (digits, unit) = trimmed.split_at(split);
-    let expected = || format!("expected bytes such as 1048576, \"512kB\", \"16MB\" or \"1GB\", got {text:?}");
+    let expected =
+        || format!("expected bytes such as 1048576, \"512kB\", \"16MB\" or \"1GB\", got {text:?}");
     let number: u64 = digits.parse().map_err(|_| expected())?;
     let multiplier: u64 = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1,
@@ -248,7 +251,10 @@ pub(super) fn validate(config: &PostgresConfig, nodes: &[NodeConfig], problems: 
                 format!("no [[node]] is named {name:?}"),
             );
         } else if !seen.insert(name.as_str()) {
-            problem(&format!("nodes[{index}]"), format!("{name:?} is listed twice"));
+            problem(
+                &format!("nodes[{index}]"),
+                format!("{name:?} is listed twice"),
+            );
         }
     }
     let members = config.members(nodes);
@@ -274,7 +280,10 @@ pub(super) fn validate(config: &PostgresConfig, nodes: &[NodeConfig], problems: 
             );
         }
         if *port == 0 {
-            problem(&format!("ports.{name}"), "expected a fixed port, got 0".into());
+            problem(
+                &format!("ports.{name}"),
+                "expected a fixed port, got 0".into(),
+            );
         }
     }
     if config.port == 0 {
@@ -311,7 +320,10 @@ pub(super) fn validate(config: &PostgresConfig, nodes: &[NodeConfig], problems: 
     if config.os_user.is_empty() || config.os_user == "root" {
         problem(
             "os_user",
-            format!("expected the user PostgreSQL runs as (not root), got {:?}", config.os_user),
+            format!(
+                "expected the user PostgreSQL runs as (not root), got {:?}",
+                config.os_user
+            ),
         );
     }
     if !is_identifier(&config.replication_user) {
@@ -339,7 +351,10 @@ pub(super) fn validate(config: &PostgresConfig, nodes: &[NodeConfig], problems: 
             "expected a non-empty password without single quotes".into(),
         );
     }
-    for (key, template) in [("data_dir", &config.data_dir), ("socket_dir", &config.socket_dir)] {
+    for (key, template) in [
+        ("data_dir", &config.data_dir),
+        ("socket_dir", &config.socket_dir),
+    ] {
         for node in &members {
             let path = expand(template, node);
             if !path.starts_with('/') {
@@ -349,7 +364,9 @@ pub(super) fn validate(config: &PostgresConfig, nodes: &[NodeConfig], problems: 
             if key == "socket_dir" && path.len() + "/.s.PGSQL.65535".len() > MAX_SOCKET_PATH {
                 problem(
                     key,
-                    format!("{path:?} is too long for a Unix socket path ({MAX_SOCKET_PATH} bytes)"),
+                    format!(
+                        "{path:?} is too long for a Unix socket path ({MAX_SOCKET_PATH} bytes)"
+                    ),
                 );
                 break;
             }
@@ -361,7 +378,11 @@ pub(super) fn validate(config: &PostgresConfig, nodes: &[NodeConfig], problems: 
                 &format!("settings.{key}"),
                 "the agent manages this setting; remove it here".into(),
             );
-        } else if key.is_empty() || !key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.') {
+        } else if key.is_empty()
+            || !key
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.')
+        {
             problem(
                 &format!("settings.{key}"),
                 "expected a PostgreSQL setting name".into(),
@@ -378,7 +399,10 @@ pub(super) fn validate(config: &PostgresConfig, nodes: &[NodeConfig], problems: 
     }
     for (key, value) in &config.settings {
         if value.contains('\n') {
-            problem(&format!("settings.{key}"), "expected a single-line value".into());
+            problem(
+                &format!("settings.{key}"),
+                "expected a single-line value".into(),
+            );
         }
     }
 }
@@ -413,7 +437,10 @@ interface = "eth0"
 "#;
 
     fn load(postgres: &str) -> Result<Config, ConfigError> {
-        Config::from_toml(Path::new("test.toml"), &format!("{NODES}\n[postgres]\n{postgres}"))
+        Config::from_toml(
+            Path::new("test.toml"),
+            &format!("{NODES}\n[postgres]\n{postgres}"),
+        )
     }
 
     fn problems(postgres: &str) -> Vec<String> {
@@ -447,7 +474,10 @@ interface = "eth0"
         assert_eq!(postgres.port_of("a"), 5432);
         assert_eq!(postgres.api_listen.port(), 8008);
         assert!(!postgres.synchronous);
-        assert_eq!(expand(&postgres.data_dir, &config.nodes[1]), "/var/lib/farol/postgres/b");
+        assert_eq!(
+            expand(&postgres.data_dir, &config.nodes[1]),
+            "/var/lib/farol/postgres/b"
+        );
         assert_eq!(expand(&postgres.host, &config.nodes[1]), "192.0.2.12");
     }
 
@@ -467,8 +497,16 @@ interface = "eth0"
 
     #[test]
     fn a_primary_that_is_not_a_node_is_refused() {
-        assert_problem("primary = \"zz\"", "postgres.primary", "not the name of any [[node]]");
-        assert_problem("primary = \"c\"", "postgres.primary", "not one of the PostgreSQL nodes");
+        assert_problem(
+            "primary = \"zz\"",
+            "postgres.primary",
+            "not the name of any [[node]]",
+        );
+        assert_problem(
+            "primary = \"c\"",
+            "postgres.primary",
+            "not one of the PostgreSQL nodes",
+        );
     }
 
     #[test]
@@ -487,10 +525,26 @@ interface = "eth0"
 
     #[test]
     fn bad_lag_values_are_refused_with_their_key() {
-        assert_problem("primary = \"a\"\nmax_lag_bytes = \"ten\"", "postgres.max_lag_bytes", "expected bytes");
-        assert_problem("primary = \"a\"\nmax_lag_bytes = \"5PB\"", "postgres.max_lag_bytes", "expected bytes");
-        assert_problem("primary = \"a\"\nmax_lag_bytes = -1", "postgres.max_lag_bytes", "expected bytes >= 0");
-        assert_problem("primary = \"a\"\nmax_lag_bytes = 0", "postgres.max_lag_bytes", "more than 0");
+        assert_problem(
+            "primary = \"a\"\nmax_lag_bytes = \"ten\"",
+            "postgres.max_lag_bytes",
+            "expected bytes",
+        );
+        assert_problem(
+            "primary = \"a\"\nmax_lag_bytes = \"5PB\"",
+            "postgres.max_lag_bytes",
+            "expected bytes",
+        );
+        assert_problem(
+            "primary = \"a\"\nmax_lag_bytes = -1",
+            "postgres.max_lag_bytes",
+            "expected bytes >= 0",
+        );
+        assert_problem(
+            "primary = \"a\"\nmax_lag_bytes = 0",
+            "postgres.max_lag_bytes",
+            "more than 0",
+        );
     }
 
     #[test]
@@ -516,7 +570,8 @@ interface = "eth0"
             ("postgres.replication_password", "not both"),
         ] {
             assert!(
-                all.iter().any(|p| p.starts_with(&format!("{key}: ")) && p.contains(fragment)),
+                all.iter()
+                    .any(|p| p.starts_with(&format!("{key}: ")) && p.contains(fragment)),
                 "expected {key} ~ {fragment:?} in {all:#?}"
             );
         }
@@ -526,7 +581,9 @@ interface = "eth0"
     fn unknown_keys_are_refused_with_their_path() {
         let problems = problems("primary = \"a\"\nsynchronus = true");
         assert!(
-            problems.iter().any(|p| p.starts_with("postgres") && p.contains("synchronus")),
+            problems
+                .iter()
+                .any(|p| p.starts_with("postgres") && p.contains("synchronus")),
             "{problems:#?}"
         );
     }

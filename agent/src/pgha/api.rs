@@ -46,10 +46,14 @@ pub fn routes(pgha: Pgha) -> Router {
 /// Binds `addr` (done before anything else starts, so a port conflict
 /// leaves nothing behind).
 pub async fn bind(addr: SocketAddr) -> Result<TcpListener, PghaError> {
-    TcpListener::bind(addr).await.map_err(|source| PghaError::Io {
-        what: format!("cannot listen on {addr} for /primary and /replica (set postgres.api_listen)"),
-        source,
-    })
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| PghaError::Io {
+            what: format!(
+                "cannot listen on {addr} for /primary and /replica (set postgres.api_listen)"
+            ),
+            source,
+        })
 }
 
 /// Serves the routes until `shutdown` resolves.
@@ -109,7 +113,12 @@ fn answer(ok: bool, body: Value) -> Response {
 
 /// A JSON response (axum's `Json` needs a feature that pulls in more).
 fn json_response(code: StatusCode, body: &Value) -> Response {
-    (code, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
+    (
+        code,
+        [(header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+        .into_response()
 }
 
 /// The `lag` parameter of a query string, if any.
@@ -129,11 +138,17 @@ async fn primary(State(pgha): State<Pgha>) -> Response {
 }
 
 async fn replica(State(pgha): State<Pgha>, RawQuery(query): RawQuery) -> Response {
-    let bound = match lag_parameter(query.as_deref()).as_deref().map(parse_byte_size) {
+    let bound = match lag_parameter(query.as_deref())
+        .as_deref()
+        .map(parse_byte_size)
+    {
         None => None,
         Some(Ok(bytes)) => Some(bytes),
         Some(Err(why)) => {
-            return json_response(StatusCode::BAD_REQUEST, &json!({ "error": format!("lag: {why}") }))
+            return json_response(
+                StatusCode::BAD_REQUEST,
+                &json!({ "error": format!("lag: {why}") }),
+            )
         }
     };
     let status = pgha.observe_now(true).await;

@@ -188,7 +188,10 @@ async fn rows(
         .await
         .map_err(|source| PghaError::Sql {
             node: node.to_owned(),
-            what: format!("running {}", sql.split_whitespace().take(4).collect::<Vec<_>>().join(" ")),
+            what: format!(
+                "running {}",
+                sql.split_whitespace().take(4).collect::<Vec<_>>().join(" ")
+            ),
             source,
         })?;
     Ok(messages
@@ -247,8 +250,12 @@ pub async fn observe(plan: &PgPlan, upstream: Option<&Member>) -> PgStatus {
             ObservedRole::Primary
         },
         // A standby's received timeline is newer than its last restartpoint's.
-        timeline: if standby { col(6).or_else(|| col(4)) } else { col(4) }
-            .and_then(|t| t.parse().ok()),
+        timeline: if standby {
+            col(6).or_else(|| col(4))
+        } else {
+            col(4)
+        }
+        .and_then(|t| t.parse().ok()),
         lsn: if standby { lsn(3) } else { lsn(1) },
         receive_lsn: lsn(2),
         replay_lsn: lsn(3),
@@ -395,19 +402,27 @@ impl PgNode {
     /// Creates the socket directory and the data directory's parent.
     pub async fn prepare(&self) -> Result<(), PghaError> {
         let socket = &self.plan.socket_dir;
-        std::fs::create_dir_all(socket).map_err(Self::io(format!("creating {}", socket.display())))?;
+        std::fs::create_dir_all(socket)
+            .map_err(Self::io(format!("creating {}", socket.display())))?;
         self.own(socket, 0o700)?;
         if let Some(parent) = self.plan.data_dir.parent() {
             std::fs::create_dir_all(parent)
                 .map_err(Self::io(format!("creating {}", parent.display())))?;
         }
-        if let Some(pid) = super::postmaster::end_leftover(&self.plan.data_dir, &self.plan.bin_dir).await {
+        if let Some(pid) =
+            super::postmaster::end_leftover(&self.plan.data_dir, &self.plan.bin_dir).await
+        {
             info!(pid, "ended the postmaster a previous agent left running");
         }
         Ok(())
     }
 
-    async fn run_program(&self, program: &str, args: &[&str], env: &[(&str, &str)]) -> Result<String, PghaError> {
+    async fn run_program(
+        &self,
+        program: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<String, PghaError> {
         let path = self.plan.bin_dir.join(program);
         let mut command = tokio::process::Command::new(&path);
         command
@@ -483,7 +498,8 @@ impl PgNode {
         partial.push(".partial");
         let partial = PathBuf::from(partial);
         let _ = std::fs::remove_dir_all(&partial);
-        std::fs::create_dir_all(&partial).map_err(Self::io(format!("creating {}", partial.display())))?;
+        std::fs::create_dir_all(&partial)
+            .map_err(Self::io(format!("creating {}", partial.display())))?;
         self.own(&partial, 0o700)?;
         info!(node = %self.plan.node, upstream = %upstream.name, "pg_basebackup from the primary");
         let started = Instant::now();
@@ -504,9 +520,13 @@ impl PgNode {
         )
         .await?;
         if data.exists() {
-            std::fs::remove_dir(data).map_err(Self::io(format!("removing the empty {}", data.display())))?;
+            std::fs::remove_dir(data)
+                .map_err(Self::io(format!("removing the empty {}", data.display())))?;
         }
-        std::fs::rename(&partial, data).map_err(Self::io(format!("renaming {} into place", partial.display())))?;
+        std::fs::rename(&partial, data).map_err(Self::io(format!(
+            "renaming {} into place",
+            partial.display()
+        )))?;
         info!(node = %self.plan.node, elapsed = ?started.elapsed(), "base backup complete");
         Ok(())
     }
@@ -518,11 +538,15 @@ impl PgNode {
         let plan = &self.plan;
         let data = &plan.data_dir;
         let main = data.join("postgresql.conf");
-        let text = std::fs::read_to_string(&main).map_err(Self::io(format!("reading {}", main.display())))?;
+        let text = std::fs::read_to_string(&main)
+            .map_err(Self::io(format!("reading {}", main.display())))?;
         let include = format!("include = {}", quote(FAROL_CONF));
         if !text.lines().any(|line| line.trim() == include) {
-            std::fs::write(&main, format!("{text}\n# Farol's settings, rewritten at every start\n{include}\n"))
-                .map_err(Self::io(format!("writing {}", main.display())))?;
+            std::fs::write(
+                &main,
+                format!("{text}\n# Farol's settings, rewritten at every start\n{include}\n"),
+            )
+            .map_err(Self::io(format!("writing {}", main.display())))?;
         }
         let others: Vec<String> = plan.peers().map(|p| format!("\"{}\"", p.name)).collect();
         let synchronous = if plan.synchronous && !others.is_empty() {
@@ -617,7 +641,10 @@ impl PgNode {
                 !managed.contains(&key)
             })
             .collect();
-        let conninfo = format!("primary_conninfo = {}", quote(&conninfo(&self.plan, upstream, None)));
+        let conninfo = format!(
+            "primary_conninfo = {}",
+            quote(&conninfo(&self.plan, upstream, None))
+        );
         let slot = format!("primary_slot_name = {}", quote(&self.plan.node));
         kept.push(&conninfo);
         kept.push(&slot);
@@ -630,7 +657,12 @@ impl PgNode {
             return Ok(());
         }
         self.write_config()?;
-        let postmaster = Postmaster::spawn(&self.plan.bin_dir, &self.plan.data_dir, &self.user, &self.log_path())?;
+        let postmaster = Postmaster::spawn(
+            &self.plan.bin_dir,
+            &self.plan.data_dir,
+            &self.user,
+            &self.log_path(),
+        )?;
         self.postmaster = Some(postmaster);
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
@@ -694,13 +726,23 @@ impl PgNode {
         }
         execute(&client, node, "SELECT pg_reload_conf()").await?;
         let role = &plan.replication_user;
-        let exists = rows(&client, node, &format!("SELECT 1 FROM pg_roles WHERE rolname = {}", quote(role))).await?;
+        let exists = rows(
+            &client,
+            node,
+            &format!("SELECT 1 FROM pg_roles WHERE rolname = {}", quote(role)),
+        )
+        .await?;
         let password = match &plan.replication_password {
             Some(password) => format!("PASSWORD {}", quote(password)),
             None => "PASSWORD NULL".into(),
         };
         let verb = if exists.is_empty() { "CREATE" } else { "ALTER" };
-        execute(&client, node, &format!("{verb} ROLE \"{role}\" WITH LOGIN REPLICATION {password}")).await?;
+        execute(
+            &client,
+            node,
+            &format!("{verb} ROLE \"{role}\" WITH LOGIN REPLICATION {password}"),
+        )
+        .await?;
         if exists.is_empty() {
             // What pg_rewind reads from its source (PostgreSQL docs, pg_rewind).
             for function in [
@@ -709,7 +751,12 @@ impl PgNode {
                 "pg_read_binary_file(text)",
                 "pg_read_binary_file(text, bigint, bigint, boolean)",
             ] {
-                execute(&client, node, &format!("GRANT EXECUTE ON FUNCTION pg_catalog.{function} TO \"{role}\"")).await?;
+                execute(
+                    &client,
+                    node,
+                    &format!("GRANT EXECUTE ON FUNCTION pg_catalog.{function} TO \"{role}\""),
+                )
+                .await?;
             }
         }
         for peer in plan.peers() {
@@ -732,9 +779,25 @@ impl PgNode {
     pub async fn promote(&self) -> Result<(), PghaError> {
         let client = connect(&self.plan).await?;
         let done = rows(&client, &self.plan.node, "SELECT pg_promote(true, 60)").await?;
-        if done.first().and_then(|r| r.first()).cloned().flatten().as_deref() != Some("t") {
-            return Err(PghaError::State(format!("pg_promote on {} did not finish within 60 s", self.plan.node)));
+        if done
+            .first()
+            .and_then(|r| r.first())
+            .cloned()
+            .flatten()
+            .as_deref()
+            != Some("t")
+        {
+            return Err(PghaError::State(format!(
+                "pg_promote on {} did not finish within 60 s",
+                self.plan.node
+            )));
         }
+        // pg_rewind reads the source's timeline from its control file,
+        // which the new timeline reaches only at the next checkpoint: a
+        // former primary rewound before it would be told "no rewind
+        // required" and diverge (Patroni checkpoints here for the same
+        // reason). Writes are accepted already.
+        execute(&client, &self.plan.node, "CHECKPOINT").await?;
         self.setup_primary().await
     }
 
@@ -744,8 +807,21 @@ impl PgNode {
     pub async fn repoint(&self, upstream: &Member) -> Result<(), PghaError> {
         let client = connect(&self.plan).await?;
         let node = self.plan.node.as_str();
-        execute(&client, node, &format!("ALTER SYSTEM SET primary_conninfo = {}", quote(&conninfo(&self.plan, upstream, None)))).await?;
-        execute(&client, node, &format!("ALTER SYSTEM SET primary_slot_name = {}", quote(node))).await?;
+        execute(
+            &client,
+            node,
+            &format!(
+                "ALTER SYSTEM SET primary_conninfo = {}",
+                quote(&conninfo(&self.plan, upstream, None))
+            ),
+        )
+        .await?;
+        execute(
+            &client,
+            node,
+            &format!("ALTER SYSTEM SET primary_slot_name = {}", quote(node)),
+        )
+        .await?;
         execute(&client, node, "SELECT pg_reload_conf()").await
     }
 
@@ -774,7 +850,9 @@ impl PgNode {
                     }
                 }
             }
-            Err(error) => warn!(node = %self.plan.node, error = %crate::error_chain(&error), "cannot reach the server to fence it; stopping it"),
+            Err(error) => {
+                warn!(node = %self.plan.node, error = %crate::error_chain(&error), "cannot reach the server to fence it; stopping it")
+            }
         }
         self.stop(StopMode::Fast).await;
     }
@@ -782,7 +860,11 @@ impl PgNode {
     /// What pg_controldata says about the data directory.
     pub async fn control_data(&self) -> Result<ControlData, PghaError> {
         let text = self
-            .run_program("pg_controldata", &["-D", &self.plan.data_dir.to_string_lossy()], &[("LC_ALL", "C")])
+            .run_program(
+                "pg_controldata",
+                &["-D", &self.plan.data_dir.to_string_lossy()],
+                &[("LC_ALL", "C")],
+            )
             .await?;
         let field = |name: &str| {
             text.lines()
@@ -791,7 +873,8 @@ impl PgNode {
         };
         let missing = |name: &str| PghaError::State(format!("pg_controldata printed no {name:?}"));
         Ok(ControlData {
-            state: field("Database cluster state").ok_or_else(|| missing("Database cluster state"))?,
+            state: field("Database cluster state")
+                .ok_or_else(|| missing("Database cluster state"))?,
             checkpoint: field("Latest checkpoint location")
                 .as_deref()
                 .and_then(Lsn::parse)

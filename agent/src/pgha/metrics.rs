@@ -33,10 +33,19 @@ impl Collector for PgCollector {
         let pgha = &self.0;
         let status = pgha.status();
         let desired = pgha.desired();
-        let roles = [ObservedRole::Primary, ObservedRole::Standby, ObservedRole::Down]
-            .into_iter()
-            .map(|role| (vec![("role", role.label())], ConstGauge::new(i64::from(status.role == role))))
-            .collect();
+        let roles = [
+            ObservedRole::Primary,
+            ObservedRole::Standby,
+            ObservedRole::Down,
+        ]
+        .into_iter()
+        .map(|role| {
+            (
+                vec![("role", role.label())],
+                ConstGauge::new(i64::from(status.role == role)),
+            )
+        })
+        .collect();
         family(
             &mut encoder,
             "farol_pg_role",
@@ -50,7 +59,10 @@ impl Collector for PgCollector {
             "farol_pg_desired_epoch",
             "Epoch of the decision this node follows, labelled with the role it asks for",
             MetricType::Gauge,
-            vec![(vec![("desired", desired_role.as_str())], ConstGauge::new(desired.epoch as i64))],
+            vec![(
+                vec![("desired", desired_role.as_str())],
+                ConstGauge::new(desired.epoch as i64),
+            )],
         )?;
         family(
             &mut encoder,
@@ -92,7 +104,10 @@ impl Collector for PgCollector {
                 .iter()
                 .map(|s| {
                     (
-                        vec![("standby", s.name.as_str()), ("sync_state", s.sync_state.as_str())],
+                        vec![
+                            ("standby", s.name.as_str()),
+                            ("sync_state", s.sync_state.as_str()),
+                        ],
                         ConstGauge::new(s.lag_bytes as i64),
                     )
                 })
@@ -107,7 +122,12 @@ impl Collector for PgCollector {
             let seconds = status
                 .replication
                 .iter()
-                .map(|s| (vec![("standby", s.name.as_str())], ConstGauge::new(s.lag_seconds)))
+                .map(|s| {
+                    (
+                        vec![("standby", s.name.as_str())],
+                        ConstGauge::new(s.lag_seconds),
+                    )
+                })
                 .collect();
             family(
                 &mut encoder,

@@ -16,13 +16,7 @@
 //! loop and the switchover sequence, `api.rs` the HTTP endpoints,
 //! `metrics.rs` the collector.
 
-use std::{
-    collections::BTreeMap,
-    fmt,
-    net::SocketAddr,
-    path::PathBuf,
-    time::Duration,
-};
+use std::{collections::BTreeMap, fmt, net::SocketAddr, path::PathBuf, time::Duration};
 
 use crate::config::{
     pgha::{expand, PostgresConfig},
@@ -104,16 +98,14 @@ pub struct Desired {
 /// What the cluster's primary record (`ClusterHandle::primary()`, with
 /// `holds_lease()`) means for node `me`: the record's node runs the primary
 /// only while its agent holds the lease; the others follow it.
-pub fn desired_from_record(
-    me: &str,
-    primary: Option<(&str, u64)>,
-    holds_lease: bool,
-) -> Desired {
+pub fn desired_from_record(me: &str, primary: Option<(&str, u64)>, holds_lease: bool) -> Desired {
     match primary {
         Some((node, epoch)) if node == me && holds_lease => Desired {
             role: Role::Primary,
             epoch,
-            reason: format!("primary record (epoch {epoch}) names this node and it holds the lease"),
+            reason: format!(
+                "primary record (epoch {epoch}) names this node and it holds the lease"
+            ),
         },
         Some((node, epoch)) if node == me => Desired {
             role: Role::Fenced,
@@ -231,7 +223,10 @@ impl PgPlan {
             (None, Some(path)) => Some(
                 std::fs::read_to_string(path)
                     .map_err(|source| PghaError::Io {
-                        what: format!("reading postgres.replication_password_file {}", path.display()),
+                        what: format!(
+                            "reading postgres.replication_password_file {}",
+                            path.display()
+                        ),
                         source,
                     })?
                     .trim_end()
@@ -280,7 +275,9 @@ impl PgPlan {
 
     /// The other PostgreSQL nodes.
     pub fn peers(&self) -> impl Iterator<Item = &Member> {
-        self.members.iter().filter(move |member| member.name != self.node)
+        self.members
+            .iter()
+            .filter(move |member| member.name != self.node)
     }
 
     /// The desired role at start, before any decision arrives: the
@@ -310,8 +307,14 @@ mod tests {
 
     #[test]
     fn the_record_decides_each_nodes_role_and_the_lease_fences() {
-        assert_eq!(desired_from_record("a", Some(("a", 3)), true).role, Role::Primary);
-        assert_eq!(desired_from_record("a", Some(("a", 3)), false).role, Role::Fenced);
+        assert_eq!(
+            desired_from_record("a", Some(("a", 3)), true).role,
+            Role::Primary
+        );
+        assert_eq!(
+            desired_from_record("a", Some(("a", 3)), false).role,
+            Role::Fenced
+        );
         assert_eq!(
             desired_from_record("b", Some(("a", 3)), false).role,
             Role::Standby {

@@ -125,13 +125,21 @@ impl Postmaster {
             self.exited = true;
             return status;
         }
-        warn!(pid = self.pid, ?mode, ?grace, "the postmaster did not stop in time: immediate shutdown");
+        warn!(
+            pid = self.pid,
+            ?mode,
+            ?grace,
+            "the postmaster did not stop in time: immediate shutdown"
+        );
         signal(self.pid as i32, libc::SIGQUIT);
         if let Ok(Ok(status)) = tokio::time::timeout(grace, self.child.wait()).await {
             self.exited = true;
             return status;
         }
-        warn!(pid = self.pid, "the postmaster ignored SIGQUIT: SIGKILL to its process group");
+        warn!(
+            pid = self.pid,
+            "the postmaster ignored SIGQUIT: SIGKILL to its process group"
+        );
         signal(-(self.pid as i32), libc::SIGKILL);
         let status = loop {
             if let Ok(status) = self.child.wait().await {
@@ -174,8 +182,7 @@ pub async fn end_leftover(data_dir: &Path, bin_dir: &Path) -> Option<u32> {
     let pid: i32 = text.lines().next()?.trim().parse().ok()?;
     let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok()?;
     let expected: PathBuf = bin_dir.join("postgres");
-    let same = exe == expected
-        || std::fs::canonicalize(&expected).is_ok_and(|real| real == exe);
+    let same = exe == expected || std::fs::canonicalize(&expected).is_ok_and(|real| real == exe);
     if !same {
         return None;
     }
@@ -184,7 +191,10 @@ pub async fn end_leftover(data_dir: &Path, bin_dir: &Path) -> Option<u32> {
     let proc_entry = PathBuf::from(format!("/proc/{pid}"));
     for _ in 0..1500 {
         let zombie = std::fs::read_to_string(proc_entry.join("stat"))
-            .map(|stat| stat.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with('Z')))
+            .map(|stat| {
+                stat.rsplit_once(") ")
+                    .is_some_and(|(_, rest)| rest.starts_with('Z'))
+            })
             .unwrap_or(true);
         if zombie {
             return Some(pid as u32);

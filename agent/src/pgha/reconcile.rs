@@ -99,7 +99,9 @@ impl Pgha {
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // A panic while holding these locks cannot leave them inconsistent
     // (plain replacements): go on with the data.
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 async fn run(
@@ -316,7 +318,10 @@ pub async fn switchover(
             target.plan.node, status.role
         )));
     }
-    if status.lag_bytes.is_none_or(|lag| lag > target.plan.max_lag_bytes) {
+    if status
+        .lag_bytes
+        .is_none_or(|lag| lag > target.plan.max_lag_bytes)
+    {
         return Err(PghaError::State(format!(
             "{} lags {:?} bytes behind (max {}): no switchover",
             target.plan.node, status.lag_bytes, target.plan.max_lag_bytes
@@ -324,11 +329,14 @@ pub async fn switchover(
     }
     // A checkpoint first makes the shutdown checkpoint short.
     let client = connect(&old.plan).await?;
-    client.simple_query("CHECKPOINT").await.map_err(|source| PghaError::Sql {
-        node: old.plan.node.clone(),
-        what: "CHECKPOINT".into(),
-        source,
-    })?;
+    client
+        .simple_query("CHECKPOINT")
+        .await
+        .map_err(|source| PghaError::Sql {
+            node: old.plan.node.clone(),
+            what: "CHECKPOINT".into(),
+            source,
+        })?;
     drop(client);
     let stopping = Instant::now();
     old.stop(StopMode::Fast).await;
@@ -387,21 +395,44 @@ mod tests {
     #[test]
     fn the_most_advanced_standby_within_the_lag_is_chosen() {
         let candidates = [candidate("b", 1000, 900), candidate("c", 1200, 800)];
-        assert_eq!(promotion_candidate(&candidates, None, 1 << 20).unwrap().node, "c");
+        assert_eq!(
+            promotion_candidate(&candidates, None, 1 << 20)
+                .unwrap()
+                .node,
+            "c"
+        );
         // Same received position: the one that replayed more.
         let candidates = [candidate("b", 1000, 900), candidate("c", 1000, 800)];
-        assert_eq!(promotion_candidate(&candidates, None, 1 << 20).unwrap().node, "b");
+        assert_eq!(
+            promotion_candidate(&candidates, None, 1 << 20)
+                .unwrap()
+                .node,
+            "b"
+        );
         // A full tie: by name, so every agent picks the same.
         let candidates = [candidate("c", 1000, 900), candidate("b", 1000, 900)];
-        assert_eq!(promotion_candidate(&candidates, None, 1 << 20).unwrap().node, "b");
+        assert_eq!(
+            promotion_candidate(&candidates, None, 1 << 20)
+                .unwrap()
+                .node,
+            "b"
+        );
     }
 
     #[test]
     fn standbys_further_behind_than_max_lag_are_not_eligible() {
         let candidates = [candidate("b", 1000, 1000), candidate("c", 5000, 5000)];
         // Reference: the primary's last known position, 10_000.
-        assert_eq!(promotion_candidate(&candidates, Some(Lsn(10_000)), 5_000).unwrap().node, "c");
-        assert_eq!(promotion_candidate(&candidates, Some(Lsn(10_000)), 4_999), None);
+        assert_eq!(
+            promotion_candidate(&candidates, Some(Lsn(10_000)), 5_000)
+                .unwrap()
+                .node,
+            "c"
+        );
+        assert_eq!(
+            promotion_candidate(&candidates, Some(Lsn(10_000)), 4_999),
+            None
+        );
         let unknown = [Candidate {
             node: "b".into(),
             receive_lsn: None,
