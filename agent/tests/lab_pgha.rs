@@ -92,9 +92,25 @@ fn spawn_agent(lab: &Lab, node: &str, config: &Path, dir: &Path) -> LabProcess {
 /// GET from the client: the HTTP status (0: no answer).
 fn status_code(lab: &Lab, url: &str) -> u16 {
     let out = lab
-        .run(CLIENT, "curl", &["-s", "-o", "/dev/null", "--max-time", "3", "-w", "%{http_code}", url])
+        .run(
+            CLIENT,
+            "curl",
+            &[
+                "-s",
+                "-o",
+                "/dev/null",
+                "--max-time",
+                "3",
+                "-w",
+                "%{http_code}",
+                url,
+            ],
+        )
         .unwrap();
-    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or(0)
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(0)
 }
 
 fn psql(lab: &Lab, host: &str, sql: &str) -> Result<String, String> {
@@ -102,7 +118,22 @@ fn psql(lab: &Lab, host: &str, sql: &str) -> Result<String, String> {
         .run(
             CLIENT,
             "psql",
-            &["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h", host, "-U", "postgres", "-d", "postgres", "-c", sql],
+            &[
+                "-X",
+                "-q",
+                "-A",
+                "-t",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-h",
+                host,
+                "-U",
+                "postgres",
+                "-d",
+                "postgres",
+                "-c",
+                sql,
+            ],
         )
         .map_err(|e| e.to_string())?;
     if out.status.success() {
@@ -128,9 +159,15 @@ fn agents_bootstrap_postgres_and_answer_patroni_checks_in_the_lab() {
         .map(|node| (node.to_string(), spawn_agent(&lab, node, &config, &dir)))
         .collect();
     let mut cluster = Cluster { agents, dir, lab };
-    let log = |node: &str| std::fs::read_to_string(cluster.dir.join(format!("agent-{node}.log"))).unwrap_or_default();
+    let log = |node: &str| {
+        std::fs::read_to_string(cluster.dir.join(format!("agent-{node}.log"))).unwrap_or_default()
+    };
 
-    let expected = [("192.0.2.11", 200, 503), ("192.0.2.12", 503, 200), ("192.0.2.13", 503, 200)];
+    let expected = [
+        ("192.0.2.11", 200, 503),
+        ("192.0.2.12", 503, 200),
+        ("192.0.2.13", 503, 200),
+    ];
     for (ip, primary, replica) in expected {
         wait_for(&format!("{ip}'s role"), Duration::from_secs(60), || {
             (status_code(&cluster.lab, &format!("http://{ip}:8008/primary")) == primary
@@ -138,25 +175,37 @@ fn agents_bootstrap_postgres_and_answer_patroni_checks_in_the_lab() {
                 .then_some(())
         })
         .unwrap_or_else(|e| panic!("{e:#}\n{}", log("nuster1") + &log("nuster2")));
-        assert_eq!(status_code(&cluster.lab, &format!("http://{ip}:8008/health")), 200);
+        assert_eq!(
+            status_code(&cluster.lab, &format!("http://{ip}:8008/health")),
+            200
+        );
     }
 
     // Over the lab LAN: written on the primary, read on both standbys.
-    psql(&cluster.lab, "192.0.2.11", "CREATE TABLE t (id int); INSERT INTO t SELECT generate_series(1, 50)").unwrap();
+    psql(
+        &cluster.lab,
+        "192.0.2.11",
+        "CREATE TABLE t (id int); INSERT INTO t SELECT generate_series(1, 50)",
+    )
+    .unwrap();
     for ip in ["192.0.2.12", "192.0.2.13"] {
         wait_for(&format!("rows on {ip}"), Duration::from_secs(20), || {
             (psql(&cluster.lab, ip, "SELECT count(*) FROM t").ok()? == "50").then_some(())
         })
         .unwrap();
     }
-    assert!(psql(&cluster.lab, "192.0.2.12", "INSERT INTO t VALUES (0)").unwrap_err().contains("read-only"));
+    assert!(psql(&cluster.lab, "192.0.2.12", "INSERT INTO t VALUES (0)")
+        .unwrap_err()
+        .contains("read-only"));
     let sync = psql(&cluster.lab, "192.0.2.11", "SELECT string_agg(application_name || ':' || sync_state, ',' ORDER BY application_name) FROM pg_stat_replication").unwrap();
     assert_eq!(sync, "nuster2:quorum,nuster3:quorum");
 
     wait_for("farol_pg_* on /metrics", Duration::from_secs(10), || {
         let metrics = cluster.lab.metrics("nuster1")?;
         (metrics.get("farol_pg_role{role=\"primary\"}") == Some(&1)
-            && metrics.contains_key("farol_pg_standby_lag_bytes{standby=\"nuster2\",sync_state=\"quorum\"}"))
+            && metrics.contains_key(
+                "farol_pg_standby_lag_bytes{standby=\"nuster2\",sync_state=\"quorum\"}",
+            ))
         .then_some(())
     })
     .unwrap();
@@ -166,8 +215,15 @@ fn agents_bootstrap_postgres_and_answer_patroni_checks_in_the_lab() {
     // The agent stops its server when it stops.
     let (_, mut agent) = cluster.agents.remove(2);
     let status = agent.terminate(Duration::from_secs(30)).unwrap();
-    assert!(status.success(), "agent on nuster3 exited with {status}\n{}", log("nuster3"));
-    assert!(!cluster.dir.join("nuster3/data/postmaster.pid").exists(), "the server of nuster3 still runs");
+    assert!(
+        status.success(),
+        "agent on nuster3 exited with {status}\n{}",
+        log("nuster3")
+    );
+    assert!(
+        !cluster.dir.join("nuster3/data/postmaster.pid").exists(),
+        "the server of nuster3 still runs"
+    );
     assert!(psql(&cluster.lab, "192.0.2.13", "SELECT 1").is_err());
     assert!(log("nuster3").contains("postmaster stopped"));
 }

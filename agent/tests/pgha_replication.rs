@@ -764,3 +764,85 @@ async fn switchover_under_a_writer_loses_no_committed_transaction() {
             .await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_that_loses_its_lease_stops_acknowledging_and_stays_down() {
+    if !can_run("a_primary_that_loses_its_lease_stops_acknowledging_and_stays_down") {
+        return;
+    }
+    let cluster = Cluster::start("fence", false).await;
+    cluster.wait_bootstrapped().await;
+    let a = cluster.node("a").plan.clone();
+    sql(&a, "CREATE TABLE t (id bigint PRIMARY KEY)").await;
+    let (_target_tx, target_rx) = watch::channel(a.clone());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let writer = spawn_writer(target_rx, stop_rx, 1_000_000);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let fenced_at = Instant::now();
+    cluster
+        .node("a")
+        .desired
+        .send(desired(Role::Fenced, 1, "test: lease lost"))
+        .unwrap();
+    wait_http(
+        cluster.node("a").api,
+        "/primary",
+        503,
+        Duration::from_secs(5),
+    )
+    .await;
+    let pid_gone = async {
+        while cluster.node("a").pgha.postmaster_pid().is_some() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(20), pid_gone)
+        .await
+        .expect("the fenced primary stops");
+    eprintln!(
+        "fenced primary stopped {:?} after the lease loss",
+        fenced_at.elapsed()
+    );
+    stop_tx.send(true).unwrap();
+    let (acked, errors) = writer.await.unwrap();
+    assert!(errors > 0, "the writer saw the primary go");
+    // It stays down while fenced (the data says primary: no restart).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(cluster.node("a").pgha.postmaster_pid(), None);
+    assert_eq!(get(cluster.node("a").api, "/health").await.0, 503);
+
+    // An older decision is ignored; the lease back (a newer epoch) brings
+    // it up as primary again, fence lifted, every acknowledged row there.
+    cluster
+        .node("a")
+        .desired
+        .send(desired(Role::Primary, 0, "test: stale"))
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        cluster.node("a").pgha.postmaster_pid(),
+        None,
+        "a stale epoch was obeyed"
+    );
+    cluster
+        .node("a")
+        .desired
+        .send(desired(Role::Primary, 2, "test: lease back"))
+        .unwrap();
+    wait_http(
+        cluster.node("a").api,
+        "/primary",
+        200,
+        Duration::from_secs(30),
+    )
+    .await;
+    sql(&a, "INSERT INTO t VALUES (1)").await;
+    let present = ids(&a).await;
+    assert!(
+        acked.is_subset(&present),
+        "acknowledged rows missing after the fence"
+    );
+    assert_eq!(cluster.node("a").pgha.desired().epoch, 2);
+    cluster.stop().await;
+}
