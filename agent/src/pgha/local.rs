@@ -228,8 +228,22 @@ const REPLICATION_SQL: &str = "SELECT application_name, state, sync_state, repla
     FROM pg_stat_replication ORDER BY application_name";
 
 /// Reads role, timeline and positions; on a standby with `upstream`,
-/// also its lag behind the upstream's current position.
+/// also its lag behind the upstream's current position (one connection to
+/// the upstream; the reconciler keeps one open instead, see
+/// [`UpstreamProbe`]).
 pub async fn observe(plan: &PgPlan, upstream: Option<&Member>) -> PgStatus {
+    let mut status = observe_local(plan).await;
+    if let Some(upstream) = upstream {
+        if status.role == ObservedRole::Standby {
+            let position = UpstreamProbe::default().position(plan, upstream).await;
+            status.apply_upstream(position);
+        }
+    }
+    status
+}
+
+/// Reads role, timeline and positions of the local server only.
+pub async fn observe_local(plan: &PgPlan) -> PgStatus {
     let client = match connect(plan).await {
         Ok(client) => client,
         Err(error) => return PgStatus::down(crate::error_chain(&error)),
@@ -268,11 +282,7 @@ pub async fn observe(plan: &PgPlan, upstream: Option<&Member>) -> PgStatus {
         error: None,
     };
     if standby {
-        if let (Some(upstream), Some(replay)) = (upstream, status.replay_lsn) {
-            if let Some(current) = upstream_position(plan, upstream).await {
-                status.lag_bytes = Some(current.0.saturating_sub(replay.0));
-            }
-        }
+        // The lag needs the upstream: see `apply_upstream`.
     } else if let Ok(rows) = rows(&client, &plan.node, REPLICATION_SQL).await {
         status.replication = rows
             .into_iter()
@@ -292,25 +302,70 @@ pub async fn observe(plan: &PgPlan, upstream: Option<&Member>) -> PgStatus {
     status
 }
 
-/// The upstream's current WAL position (its receive position if it is a
-/// standby itself), asked as the replication role.
-async fn upstream_position(plan: &PgPlan, upstream: &Member) -> Option<Lsn> {
-    let config: tokio_postgres::Config = conninfo(plan, upstream, Some("postgres")).parse().ok()?;
-    let (client, connection) = tokio::time::timeout(Duration::from_secs(2), config.connect(NoTls))
-        .await
-        .ok()?
-        .ok()?;
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
-    let rows = rows(
-        &client,
-        &upstream.name,
-        "SELECT CASE WHEN pg_is_in_recovery() THEN pg_last_wal_receive_lsn() ELSE pg_current_wal_lsn() END::text",
-    )
-    .await
-    .ok()?;
-    rows.first()?.first()?.as_deref().and_then(Lsn::parse)
+/// A connection to a standby's upstream, kept open across looks, that
+/// reads the upstream's current WAL position (its receive position if it
+/// is a standby itself) as the replication role.
+#[derive(Default)]
+pub struct UpstreamProbe {
+    target: Option<Member>,
+    client: Option<Client>,
+}
+
+impl UpstreamProbe {
+    /// The upstream's position now; None when it does not answer (the
+    /// next call connects again).
+    pub async fn position(&mut self, plan: &PgPlan, upstream: &Member) -> Option<Lsn> {
+        if self.target.as_ref() != Some(upstream)
+            || self.client.as_ref().is_some_and(Client::is_closed)
+        {
+            self.client = None;
+            self.target = Some(upstream.clone());
+        }
+        if self.client.is_none() {
+            let config: tokio_postgres::Config =
+                conninfo(plan, upstream, Some("postgres")).parse().ok()?;
+            let (client, connection) =
+                tokio::time::timeout(Duration::from_secs(2), config.connect(NoTls))
+                    .await
+                    .ok()?
+                    .ok()?;
+            tokio::spawn(async move {
+                let _ = connection.await;
+            });
+            self.client = Some(client);
+        }
+        let client = self.client.as_ref()?;
+        let sql = "SELECT CASE WHEN pg_is_in_recovery() THEN pg_last_wal_receive_lsn() ELSE pg_current_wal_lsn() END::text";
+        match tokio::time::timeout(Duration::from_secs(2), rows(client, &upstream.name, sql)).await
+        {
+            Ok(Ok(rows)) => rows.first()?.first()?.as_deref().and_then(Lsn::parse),
+            _ => {
+                self.client = None;
+                None
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for UpstreamProbe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamProbe")
+            .field("target", &self.target)
+            .field("connected", &self.client.is_some())
+            .finish()
+    }
+}
+
+impl PgStatus {
+    /// A standby's lag from its upstream's position (None: unknown).
+    pub fn apply_upstream(&mut self, upstream: Option<Lsn>) {
+        if self.role == ObservedRole::Standby {
+            self.lag_bytes = match (upstream, self.replay_lsn) {
+                (Some(current), Some(replay)) => Some(current.0.saturating_sub(replay.0)),
+                _ => None,
+            };
+        }
+    }
 }
 
 /// What `pg_controldata` says about a stopped data directory.

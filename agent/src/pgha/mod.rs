@@ -30,7 +30,7 @@ pub mod postmaster;
 pub mod reconcile;
 
 pub use api::routes;
-pub use local::{Lsn, ObservedRole, PgNode, PgStatus, StandbyLag};
+pub use local::{Lsn, ObservedRole, PgNode, PgStatus, StandbyLag, UpstreamProbe};
 pub use metrics::PgCollector;
 pub use reconcile::{promotion_candidate, switchover, Candidate, Pgha, SwitchoverReport};
 

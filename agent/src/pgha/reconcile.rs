@@ -13,7 +13,7 @@ use tokio::{sync::watch, task::JoinHandle};
 use tracing::{error, info, warn};
 
 use super::{
-    local::{connect, observe, Lsn, ObservedRole, PgNode, PgStatus},
+    local::{connect, observe, observe_local, Lsn, ObservedRole, PgNode, PgStatus, UpstreamProbe},
     postmaster::StopMode,
     Desired, Member, PgPlan, PghaError, Role,
 };
@@ -24,6 +24,9 @@ struct Shared {
     plan: PgPlan,
     desired: Mutex<Desired>,
     status: Mutex<PgStatus>,
+    /// The upstream's position at the last look (a standby's lag on
+    /// `/replica?lag=` is measured against it: at most `interval` old).
+    upstream_lsn: Mutex<Option<Lsn>>,
     pid: Mutex<Option<u32>>,
     /// Role changes by the role reached.
     role_changes: Mutex<BTreeMap<&'static str, u64>>,
@@ -51,6 +54,7 @@ impl Pgha {
                 plan,
                 desired: Mutex::new(initial),
                 status: Mutex::new(PgStatus::down("not started yet".into())),
+                upstream_lsn: Mutex::new(None),
                 pid: Mutex::new(None),
                 role_changes: Mutex::new(BTreeMap::new()),
             }),
@@ -89,10 +93,14 @@ impl Pgha {
     }
 
     /// Looks at the server now (the endpoints answer from this, not from
-    /// the last loop's look); with `lag`, also asks the upstream.
+    /// the last loop's look); with `lag`, a standby's lag behind the
+    /// upstream position the reconciler read last.
     pub async fn observe_now(&self, lag: bool) -> PgStatus {
-        let upstream = if lag { self.upstream() } else { None };
-        observe(self.plan(), upstream.as_ref()).await
+        let mut status = observe_local(self.plan()).await;
+        if lag {
+            status.apply_upstream(*lock(&self.shared.upstream_lsn));
+        }
+        status
     }
 }
 
@@ -116,6 +124,7 @@ async fn run(
     let mut last_error: Option<String> = None;
     let mut last_role = ObservedRole::Down;
     let mut reason = String::from("agent started");
+    let mut probe = UpstreamProbe::default();
     loop {
         if !prepared {
             match node.prepare().await {
@@ -131,7 +140,14 @@ async fn run(
             }
         }
         let status = if node.is_running() {
-            observe(&plan, pgha.upstream().as_ref()).await
+            let mut status = observe_local(&plan).await;
+            let upstream = match (&status.role, pgha.upstream()) {
+                (ObservedRole::Standby, Some(upstream)) => probe.position(&plan, &upstream).await,
+                _ => None,
+            };
+            *lock(&pgha.shared.upstream_lsn) = upstream;
+            status.apply_upstream(upstream);
+            status
         } else {
             PgStatus::down("the postmaster is not running".into())
         };
