@@ -212,6 +212,37 @@ fn agents_bootstrap_postgres_and_answer_patroni_checks_in_the_lab() {
     let metrics = cluster.lab.metrics("nuster3").unwrap();
     assert_eq!(metrics.get("farol_pg_role{role=\"standby\"}"), Some(&1));
 
+    // A crashed postmaster (kill -9) is started again by its agent, as
+    // primary (the agent still wants it primary), with its rows.
+    let pid_file = cluster.dir.join("nuster1/data/postmaster.pid");
+    let pid: i32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .lines()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let killed = std::time::Instant::now();
+    // SAFETY: kill(2) on the postmaster the agent of nuster1 started.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    wait_for("nuster1 down", Duration::from_secs(10), || {
+        (status_code(&cluster.lab, "http://192.0.2.11:8008/primary") == 503).then_some(())
+    })
+    .unwrap();
+    wait_for("nuster1 primary again", Duration::from_secs(60), || {
+        (status_code(&cluster.lab, "http://192.0.2.11:8008/primary") == 200).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", log("nuster1")));
+    eprintln!(
+        "primary restarted by its agent {:?} after kill -9",
+        killed.elapsed()
+    );
+    assert_eq!(
+        psql(&cluster.lab, "192.0.2.11", "SELECT count(*) FROM t").unwrap(),
+        "50"
+    );
+    assert!(log("nuster1").contains("the postmaster exited"));
+
     // The agent stops its server when it stops.
     let (_, mut agent) = cluster.agents.remove(2);
     let status = agent.terminate(Duration::from_secs(30)).unwrap();
