@@ -853,3 +853,86 @@ async fn a_primary_that_loses_its_lease_stops_acknowledging_and_stays_down() {
     assert_eq!(cluster.node("a").pgha.desired().epoch, 2);
     cluster.stop().await;
 }
+
+/// The switchover the cluster module will drive with decisions only: the
+/// old primary is fenced (its fast shutdown ships every WAL record to the
+/// connected standbys, which confirm them before it exits), the target is
+/// promoted once the old one is down, the others follow it, the old one
+/// rejoins. Asynchronous mode, a writer throughout: nothing acknowledged
+/// is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn switchover_by_desired_roles_loses_no_acknowledged_commit() {
+    if !can_run("switchover_by_desired_roles_loses_no_acknowledged_commit") {
+        return;
+    }
+    let cluster = Cluster::start("roles", false).await;
+    cluster.wait_bootstrapped().await;
+    let a = cluster.node("a").plan.clone();
+    let b = cluster.node("b").plan.clone();
+    sql(&a, "CREATE TABLE t (id bigint PRIMARY KEY)").await;
+    let (target_tx, target_rx) = watch::channel(a.clone());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let writer = spawn_writer(target_rx, stop_rx, 1_000_000);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let started = Instant::now();
+    cluster
+        .node("a")
+        .desired
+        .send(desired(Role::Fenced, 1, "test: switchover to b"))
+        .unwrap();
+    let down = async {
+        while cluster.node("a").pgha.postmaster_pid().is_some() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(20), down)
+        .await
+        .expect("a stops");
+    cluster
+        .node("b")
+        .desired
+        .send(desired(Role::Primary, 1, "test: switchover to b"))
+        .unwrap();
+    cluster
+        .node("c")
+        .desired
+        .send(desired(standby_of("b"), 1, "test: switchover to b"))
+        .unwrap();
+    target_tx.send(b.clone()).unwrap();
+    wait_http(
+        cluster.node("b").api,
+        "/primary",
+        200,
+        Duration::from_secs(30),
+    )
+    .await;
+    let unavailable = started.elapsed();
+    cluster
+        .node("a")
+        .desired
+        .send(desired(standby_of("b"), 1, "test: switchover to b"))
+        .unwrap();
+    wait_http(
+        cluster.node("a").api,
+        "/replica",
+        200,
+        Duration::from_secs(40),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop_tx.send(true).unwrap();
+    let (acked, errors) = writer.await.unwrap();
+    eprintln!(
+        "switchover by roles: writes unavailable {unavailable:?}; {} commits acknowledged, {errors} failed attempts",
+        acked.len()
+    );
+    let present = ids(&b).await;
+    let lost: Vec<_> = acked.difference(&present).collect();
+    assert!(lost.is_empty(), "acknowledged rows lost: {lost:?}");
+    assert!(acked.iter().filter(|id| present.contains(id)).count() > 20);
+    let total = count(&b).await;
+    wait_count(&a, total, Duration::from_secs(20)).await;
+    wait_count(&cluster.node("c").plan, total, Duration::from_secs(20)).await;
+    cluster.stop().await;
+}

@@ -805,6 +805,8 @@ impl PgNode {
                 "pg_stat_file(text, boolean)",
                 "pg_read_binary_file(text)",
                 "pg_read_binary_file(text, bigint, bigint, boolean)",
+                // Read by `check_rewind_source`.
+                "pg_control_checkpoint()",
             ] {
                 execute(
                     &client,
@@ -945,6 +947,7 @@ impl PgNode {
     /// killed) undoes what diverged after the promotion, then the standby
     /// files point it at `upstream`.
     pub async fn rewind(&self, upstream: &Member) -> Result<(), PghaError> {
+        self.check_rewind_source(upstream).await?;
         let started = Instant::now();
         let output = self
             .run_program(
@@ -960,6 +963,51 @@ impl PgNode {
             .await?;
         info!(node = %self.plan.node, upstream = %upstream.name, elapsed = ?started.elapsed(), output = %output.trim(), "pg_rewind done");
         self.write_standby(upstream)
+    }
+
+    /// pg_rewind takes the source's timeline from its control file, which
+    /// a promoted server updates only at its first checkpoint: before it,
+    /// pg_rewind says "no rewind required" about a diverged former primary.
+    /// Refuses (the reconciler retries) until the source is a primary whose
+    /// control file shows its current timeline.
+    async fn check_rewind_source(&self, upstream: &Member) -> Result<(), PghaError> {
+        let sql_error = |source| PghaError::Sql {
+            node: upstream.name.clone(),
+            what: "checking the rewind source".into(),
+            source,
+        };
+        let config: tokio_postgres::Config = conninfo(&self.plan, upstream, Some("postgres"))
+            .parse()
+            .map_err(sql_error)?;
+        let (client, connection) = config.connect(NoTls).await.map_err(sql_error)?;
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        let rows = rows(
+            &client,
+            &upstream.name,
+            "SELECT pg_is_in_recovery(), (SELECT timeline_id FROM pg_control_checkpoint())::text, \
+             CASE WHEN pg_is_in_recovery() THEN NULL \
+             ELSE (('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int)::text END",
+        )
+        .await?;
+        let row = rows.first().cloned().unwrap_or_default();
+        let col = |i: usize| row.get(i).cloned().flatten();
+        if col(0).as_deref() != Some("f") {
+            return Err(PghaError::State(format!(
+                "{} is not a primary yet: no rewind from it",
+                upstream.name
+            )));
+        }
+        if col(1) != col(2) {
+            return Err(PghaError::State(format!(
+                "{} has not checkpointed its new timeline yet (control file {:?}, current {:?}): rewind later",
+                upstream.name,
+                col(1),
+                col(2)
+            )));
+        }
+        Ok(())
     }
 
     /// Brings a stopped server up in `role` from whatever its data
