@@ -19,6 +19,7 @@ use std::{
     collections::{BTreeMap, HashSet},
     net::SocketAddr,
     path::PathBuf,
+    time::Duration,
 };
 
 use serde::Deserialize;
@@ -117,6 +118,13 @@ pub struct PostgresConfig {
     /// More `postgresql.conf` settings (not those the agent manages).
     #[serde(default)]
     pub settings: BTreeMap<String, String>,
+    /// How often the agent looks at its server (role, positions, lag).
+    #[serde(default = "default_check_interval", with = "humantime_serde")]
+    pub check_interval: Duration,
+    /// How long a crashed primary stays down before its agent starts it
+    /// again (while the node should still run the primary).
+    #[serde(default = "default_crash_restart_delay", with = "humantime_serde")]
+    pub crash_restart_delay: Duration,
     /// More `pg_hba.conf` lines (clients, the pooler), after the agent's
     /// own (the superuser on the socket, replication between the nodes).
     #[serde(default)]
@@ -200,6 +208,12 @@ fn default_max_slot_wal_keep() -> ByteSize {
 }
 fn default_max_wal_senders() -> u32 {
     10
+}
+fn default_check_interval() -> Duration {
+    Duration::from_millis(500)
+}
+fn default_crash_restart_delay() -> Duration {
+    Duration::from_secs(1)
 }
 fn default_api_listen() -> SocketAddr {
     DEFAULT_API_LISTEN
@@ -389,6 +403,14 @@ pub(super) fn validate(config: &PostgresConfig, nodes: &[NodeConfig], problems: 
             );
         }
     }
+    if config.check_interval < Duration::from_millis(50)
+        || config.check_interval > Duration::from_secs(60)
+    {
+        problem(
+            "check_interval",
+            format!("expected 50ms to 60s, got {:?}", config.check_interval),
+        );
+    }
     for (index, line) in config.hba.iter().enumerate() {
         if line.contains('\n') || line.split_whitespace().count() < 3 {
             problem(
@@ -474,6 +496,8 @@ interface = "eth0"
         assert_eq!(postgres.port_of("a"), 5432);
         assert_eq!(postgres.api_listen.port(), 8008);
         assert!(!postgres.synchronous);
+        assert_eq!(postgres.check_interval, Duration::from_millis(500));
+        assert_eq!(postgres.crash_restart_delay, Duration::from_secs(1));
         assert_eq!(
             expand(&postgres.data_dir, &config.nodes[1]),
             "/var/lib/farol/postgres/b"
@@ -544,6 +568,26 @@ interface = "eth0"
             "primary = \"a\"\nmax_lag_bytes = 0",
             "postgres.max_lag_bytes",
             "more than 0",
+        );
+    }
+
+    #[test]
+    fn durations_are_strings_and_bounded() {
+        let config =
+            load("primary = \"a\"\ncheck_interval = \"250ms\"\ncrash_restart_delay = \"5s\"")
+                .unwrap();
+        let postgres = config.postgres.unwrap();
+        assert_eq!(postgres.check_interval, Duration::from_millis(250));
+        assert_eq!(postgres.crash_restart_delay, Duration::from_secs(5));
+        assert_problem(
+            "primary = \"a\"\ncheck_interval = \"1ms\"",
+            "postgres.check_interval",
+            "50ms to 60s",
+        );
+        assert_problem(
+            "primary = \"a\"\nhba = [\"host\"]",
+            "postgres.hba[0]",
+            "one pg_hba.conf line",
         );
     }
 

@@ -164,3 +164,16 @@ async fn health(State(pgha): State<Pgha>) -> Response {
     let status = pgha.observe_now(false).await;
     answer(status.role != ObservedRole::Down, body(&pgha, &status))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::lag_parameter;
+
+    #[test]
+    fn the_lag_parameter_is_found_among_others() {
+        assert_eq!(lag_parameter(Some("lag=10MB")).as_deref(), Some("10MB"));
+        assert_eq!(lag_parameter(Some("x=1&lag=1+MB")).as_deref(), Some("1 MB"));
+        assert_eq!(lag_parameter(Some("x=1")), None);
+        assert_eq!(lag_parameter(None), None);
+    }
+}

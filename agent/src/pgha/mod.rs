@@ -261,8 +261,8 @@ impl PgPlan {
             api_listen: postgres.api_listen,
             settings: postgres.settings.clone(),
             hba: postgres.hba.clone(),
-            crash_restart_delay: Duration::from_secs(1),
-            interval: Duration::from_millis(500),
+            crash_restart_delay: postgres.crash_restart_delay,
+            interval: postgres.check_interval,
         })
     }
 
