@@ -11,7 +11,8 @@
 //! primary of the config; the `cluster` module (openraft) feeds it the
 //! primary record and lease through [`desired_from_record`].
 //!
-//! Layout: `local.rs` the node's server and the operations on it (files,
+//! Layout: `status.rs` what is read from the servers and over which
+//! connections, `local.rs` the node's server and the operations on it (files,
 //! programs, SQL), `postmaster.rs` the child process, `reconcile.rs` the
 //! loop and the switchover sequence, `api.rs` the HTTP endpoints,
 //! `metrics.rs` the collector.
@@ -28,6 +29,7 @@ pub mod local;
 pub mod metrics;
 pub mod postmaster;
 pub mod reconcile;
+pub mod status;
 
 pub use api::routes;
 pub use local::{Lsn, ObservedRole, PgNode, PgStatus, StandbyLag, UpstreamProbe};

@@ -18,6 +18,9 @@ use super::{
     Desired, Member, PgPlan, PghaError, Role,
 };
 
+/// How long the upstream's last position stands in when it does not answer.
+const UPSTREAM_POSITION_TTL: Duration = Duration::from_secs(3);
+
 /// What the reconciler shares with the HTTP endpoints and `/metrics`.
 #[derive(Debug)]
 struct Shared {
@@ -125,6 +128,7 @@ async fn run(
     let mut last_role = ObservedRole::Down;
     let mut reason = String::from("agent started");
     let mut probe = UpstreamProbe::default();
+    let mut upstream_seen: Option<(String, Lsn, Instant)> = None;
     loop {
         if !prepared {
             match node.prepare().await {
@@ -142,7 +146,23 @@ async fn run(
         let status = if node.is_running() {
             let mut status = observe_local(&plan).await;
             let upstream = match (&status.role, pgha.upstream()) {
-                (ObservedRole::Standby, Some(upstream)) => probe.position(&plan, &upstream).await,
+                (ObservedRole::Standby, Some(upstream)) => {
+                    let position = probe.position(&plan, &upstream).await;
+                    // One slow answer (a busy upstream) does not make the
+                    // lag unknown at once: its last position counts for 3 s.
+                    match position {
+                        Some(position) => {
+                            upstream_seen = Some((upstream.name.clone(), position, Instant::now()));
+                            Some(position)
+                        }
+                        None => upstream_seen
+                            .as_ref()
+                            .filter(|(name, _, at)| {
+                                *name == upstream.name && at.elapsed() < UPSTREAM_POSITION_TTL
+                            })
+                            .map(|(_, position, _)| *position),
+                    }
+                }
                 _ => None,
             };
             *lock(&pgha.shared.upstream_lsn) = upstream;
@@ -327,21 +347,30 @@ pub async fn switchover(
     let started = Instant::now();
     let old_member = target.plan.member(&old.plan.node)?.clone();
     let target_member = old.plan.member(&target.plan.node)?.clone();
-    let status = observe(&target.plan, Some(&old_member)).await;
-    if status.role != ObservedRole::Standby || !status.streaming {
-        return Err(PghaError::State(format!(
-            "{} is not a streaming standby ({:?}): no switchover",
-            target.plan.node, status.role
-        )));
-    }
-    if status
-        .lag_bytes
-        .is_none_or(|lag| lag > target.plan.max_lag_bytes)
-    {
-        return Err(PghaError::State(format!(
-            "{} lags {:?} bytes behind (max {}): no switchover",
-            target.plan.node, status.lag_bytes, target.plan.max_lag_bytes
-        )));
+    // The target must stream and be within max_lag; asked for up to 10 s
+    // (a busy upstream may be slow to answer the replication login).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = observe(&target.plan, Some(&old_member)).await;
+        let streaming = status.role == ObservedRole::Standby && status.streaming;
+        let within = status
+            .lag_bytes
+            .is_some_and(|lag| lag <= target.plan.max_lag_bytes);
+        if streaming && within {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(PghaError::State(format!(
+                "{} is not a streaming standby within {} bytes of {} ({:?}, streaming {}, lag {:?}): no switchover",
+                target.plan.node,
+                target.plan.max_lag_bytes,
+                old.plan.node,
+                status.role,
+                status.streaming,
+                status.lag_bytes
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // A checkpoint first makes the shutdown checkpoint short.
     let client = connect(&old.plan).await?;
