@@ -347,8 +347,10 @@ pub async fn run(plan: NodePlan, shutdown: watch::Receiver<bool>) -> Result<(), 
         }
     }
     if let Some((task, api)) = pg_tasks {
-        // The reconciler stops PostgreSQL (fast shutdown) on the shutdown.
+        // The reconciler stops PostgreSQL (fast shutdown) on the shutdown;
+        // after a failure, dropping it sends the postmaster SIGINT (fast).
         if outcome.is_err() {
+            task.abort();
             api.abort();
         }
         let _ = task.await;
