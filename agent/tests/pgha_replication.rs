@@ -618,6 +618,7 @@ async fn killed_primary_is_replaced_and_rejoins_through_pg_rewind() {
         .node
         .clone();
     let other = if chosen == "b" { "c" } else { "b" };
+    let other_pid = cluster.node(other).pgha.postmaster_pid();
     cluster
         .node(&chosen)
         .desired
@@ -665,6 +666,11 @@ async fn killed_primary_is_replaced_and_rejoins_through_pg_rewind() {
     .await;
     let sender = cluster.node(other).pgha.observe_now(false).await.sender;
     assert_eq!(sender, Some(format!("127.0.0.1:{}", new.port)));
+    assert_eq!(
+        cluster.node(other).pgha.postmaster_pid(),
+        other_pid,
+        "the repointed standby was not restarted (PostgreSQL 13+ reloads primary_conninfo)"
+    );
 
     // More writes on the new primary, then the old one rejoins through pg_rewind.
     drop(target_tx);
