@@ -857,6 +857,21 @@ async fn a_primary_that_loses_its_lease_stops_acknowledging_and_stays_down() {
         "acknowledged rows missing after the fence"
     );
     assert_eq!(cluster.node("a").pgha.desired().epoch, 2);
+
+    // Its disk replaced (empty data directory) while the others still run
+    // the cluster: told to be primary, it refuses to initdb a new one.
+    let mut cluster = cluster;
+    cluster.stop_node("a").await;
+    std::fs::remove_dir_all(&a.data_dir).unwrap();
+    cluster
+        .restart_node("a", desired(Role::Primary, 3, "test: empty disk"))
+        .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        !a.data_dir.join("PG_VERSION").exists(),
+        "a new cluster was initialised"
+    );
+    assert_eq!(cluster.node("a").pgha.postmaster_pid(), None);
     cluster.stop().await;
 }
 

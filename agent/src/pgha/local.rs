@@ -694,6 +694,21 @@ impl PgNode {
                             plan.node
                         )));
                     }
+                    // A peer that answers already holds the cluster (this
+                    // node's disk was replaced, say): a fresh empty primary
+                    // would split it. Such a node must come back as a standby.
+                    for peer in plan.peers() {
+                        if UpstreamProbe::default()
+                            .position(&plan, peer)
+                            .await
+                            .is_some()
+                        {
+                            return Err(PghaError::State(format!(
+                                "{} has no data but {} runs a PostgreSQL of this cluster: refusing to initdb a new one (make this node a standby of it)",
+                                plan.node, peer.name
+                            )));
+                        }
+                    }
                     self.initdb().await?;
                     did.push_str("initdb, ");
                 }
