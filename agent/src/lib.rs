@@ -11,6 +11,7 @@
 //! - [`metrics`]: Prometheus text on `/metrics`.
 //! - [`node`]: what `agent run` does on one node.
 //! - [`storage`]: replicated volumes (FUSE mount, replication, self-heal).
+//! - [`pgha`]: PostgreSQL run and replicated by the agents (roles, failover operations).
 //! - [`pooler`]: the PostgreSQL connection pooler.
 //! - [`supervise`]: child processes such as Apache (start, restart, drain, stop).
 //! - [`cli`]: the command line.
@@ -25,6 +26,7 @@ pub mod dataplane;
 pub mod health;
 pub mod metrics;
 pub mod node;
+pub mod pgha;
 pub mod pooler;
 pub mod storage;
 pub mod supervise;

@@ -42,6 +42,8 @@ pub enum NodeError {
     Control(#[from] crate::control::ControlError),
     #[error("cluster state")]
     Cluster(#[from] crate::cluster::ClusterError),
+    #[error("PostgreSQL")]
+    Pgha(#[from] crate::pgha::PghaError),
 }
 
 /// Where this node's state lives, after CLI overrides.
@@ -115,6 +117,15 @@ pub async fn run(plan: NodePlan, shutdown: watch::Receiver<bool>) -> Result<(), 
     let control_listener = crate::control::bind(&plan.control_socket).await?;
     let pooler_listener = match &plan.pooler {
         Some(config) => Some(crate::pooler::bind(config.listen).await?),
+        None => None,
+    };
+    // PostgreSQL under the agent (issue 9) when `[postgres]` names this node.
+    let pg_node = match crate::pgha::PgPlan::new(&plan.config, &plan.node).transpose()? {
+        Some(pg) => Some(crate::pgha::PgNode::new(pg)?),
+        None => None,
+    };
+    let pg_listener = match &pg_node {
+        Some(pg) => Some(crate::pgha::api::bind(pg.plan.api_listen).await?),
         None => None,
     };
     let dataplane =
@@ -256,6 +267,22 @@ pub async fn run(plan: NodePlan, shutdown: watch::Receiver<bool>) -> Result<(), 
         }
         None => None,
     };
+    // Until the cluster module decides (openraft), the config's bootstrap
+    // primary is the desired one; `pgha::desired_from_record` maps its
+    // primary record and lease later.
+    let (_pg_desired, pg_tasks) = match (pg_node, pg_listener) {
+        (Some(pg), Some(listener)) => {
+            let (desired_tx, desired_rx) = watch::channel(pg.plan.bootstrap_desired());
+            let (pgha, task) = crate::pgha::Pgha::spawn(pg, desired_rx, shutdown.clone());
+            registry.register_collector(Box::new(crate::pgha::PgCollector(pgha.clone())));
+            let mut stop = shutdown.clone();
+            let api = tokio::spawn(crate::pgha::api::serve(listener, pgha, async move {
+                let _ = stop.wait_for(|stop| *stop).await;
+            }));
+            (Some(desired_tx), Some((task, api)))
+        }
+        _ => (None, None),
+    };
     info!(node = %plan.node.name, metrics = %plan.metrics_listen, control = %plan.control_socket.display(), "agent running");
 
     let mut balancer = tokio::spawn(balancer::run(
@@ -335,6 +362,23 @@ pub async fn run(plan: NodePlan, shutdown: watch::Receiver<bool>) -> Result<(), 
             Ok(Err(_logged)) => {}
             Err(error) if error.is_cancelled() => {}
             Err(error) => warn!(%error, "VRRP task panicked"),
+        }
+    }
+    if let Some((task, api)) = pg_tasks {
+        // The reconciler stops PostgreSQL (fast shutdown) on the shutdown;
+        // after a failure, dropping it sends the postmaster SIGINT (fast).
+        if outcome.is_err() {
+            task.abort();
+            api.abort();
+        }
+        let _ = task.await;
+        match api.await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => {
+                warn!(error = %crate::error_chain(&error), "PostgreSQL endpoint failed")
+            }
+            Err(error) if error.is_cancelled() => {}
+            Err(error) => warn!(%error, "PostgreSQL endpoint task panicked"),
         }
     }
     volumes.stop().await;

@@ -27,6 +27,8 @@ pub mod storage;
 pub use self::pooler::{PoolConfig, PoolMode, PoolerConfig, PoolerUser};
 pub use storage::VolumeConfig;
 
+pub mod pgha;
+pub use pgha::PostgresConfig;
 pub mod pooler;
 pub mod supervise;
 pub use supervise::SuperviseConfig;
@@ -69,6 +71,9 @@ pub struct Config {
     /// this cluster keeps one (see `cluster_state.rs`).
     #[serde(default)]
     pub cluster_state: Option<ClusterStateConfig>,
+    /// PostgreSQL run and replicated by the agents (see `pgha.rs`).
+    #[serde(default)]
+    pub postgres: Option<PostgresConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -380,6 +385,9 @@ impl Config {
         vrrp::validate(&self.vrrp, &self.nodes, &self.services, &mut problems);
         if let Some(section) = &self.cluster_state {
             cluster_state::validate(section, &self.nodes, has_secret, &mut problems);
+        }
+        if let Some(postgres) = &self.postgres {
+            pgha::validate(postgres, &self.nodes, &mut problems);
         }
         problems
     }
