@@ -120,6 +120,8 @@ pub struct Control {
     token: Option<String>,
     reloads_applied: AtomicU64,
     reloads_refused: AtomicU64,
+    /// The data plane's interface and attach mode, set once it attached.
+    xdp: std::sync::OnceLock<status::XdpStatus>,
 }
 
 /// The answer to a write operation.
@@ -161,19 +163,31 @@ impl Control {
             token,
             reloads_applied: AtomicU64::new(0),
             reloads_refused: AtomicU64::new(0),
+            xdp: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Records where and how the XDP program attached, for `agent status`
+    /// and the status JSON (the metric `farol_xdp_attached` says the same).
+    pub fn set_xdp_attachment(&self, interface: &str, mode: crate::dataplane::AttachMode) {
+        let _ = self.xdp.set(status::XdpStatus {
+            interface: interface.to_owned(),
+            mode: mode.label().to_owned(),
+        });
     }
 
     pub async fn status(&self) -> status::Status {
         let config = self.config.borrow().clone();
-        status::gather(
+        let mut status = status::gather(
             &self.cluster,
             &self.node,
             &config,
             &self.health,
             self.maps.as_ref(),
         )
-        .await
+        .await;
+        status.xdp = self.xdp.get().cloned();
+        status
     }
 
     /// Re-reads the config file; applies it when valid, keeps the running

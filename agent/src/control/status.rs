@@ -21,6 +21,18 @@ pub struct Status {
     pub admin: AdminState,
     pub vips: Vec<VipStatus>,
     pub services: Vec<ServiceStatus>,
+    /// Where the XDP program runs and in which mode it actually attached
+    /// (`xdp_mode = "auto"` falls back to generic where the driver has no
+    /// native XDP, as on a Raspberry Pi 4). None without a data plane.
+    #[serde(default)]
+    pub xdp: Option<XdpStatus>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct XdpStatus {
+    pub interface: String,
+    /// "native" or "generic".
+    pub mode: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -201,6 +213,7 @@ pub async fn gather(
         admin: health.own_state(),
         vips,
         services,
+        xdp: None,
     }
 }
 
@@ -216,6 +229,9 @@ pub fn render_table(status: &Status) -> String {
         status.version,
         status.admin.label()
     );
+    if let Some(xdp) = &status.xdp {
+        let _ = writeln!(out, "XDP on {}: {} mode", xdp.interface, xdp.mode);
+    }
     for vip in &status.vips {
         let _ = writeln!(out, "VIP {:<39} {}", vip.vip, vip.role);
     }
