@@ -135,6 +135,9 @@ pub(crate) struct DistArgs {
     /// Architectures to build (repeat the flag; default: arm64, armhf, amd64).
     #[arg(long = "arch", value_enum)]
     pub(crate) arches: Vec<Arch>,
+    /// Package and check what target/dist already holds, without cargo build.
+    #[arg(long)]
+    pub(crate) no_build: bool,
     /// Skip the unit tests under qemu (the smoke run still happens).
     #[arg(long)]
     pub(crate) skip_unit_tests: bool,
@@ -175,7 +178,17 @@ pub(crate) fn run(args: DistArgs) -> Result<()> {
             arch.triple()
         ));
         let started = Instant::now();
-        let binary = build(arch)?;
+        let binary = if args.no_build {
+            let binary = binary_path(arch);
+            ensure!(
+                binary.exists(),
+                "{} is missing: run without --no-build",
+                binary.display()
+            );
+            binary
+        } else {
+            build(arch)?
+        };
         let build_seconds = started.elapsed().as_secs_f64();
         println!(
             "dist: {} ({:.1} MB) in {build_seconds:.0} s",
@@ -251,6 +264,17 @@ fn dist_dir() -> PathBuf {
     workspace_root().join("target/dist")
 }
 
+/// Cargo's target dir for one architecture: the cross builds (Debian's
+/// rustc) share target/dist; amd64 (rustup's rustc, another compiler whose
+/// artifacts could not be shared anyway) has target/dist/host, so it can
+/// build while a cross build holds target/dist's lock.
+fn target_dir(arch: Arch) -> PathBuf {
+    match arch.cross() {
+        Some(_) => dist_dir(),
+        None => dist_dir().join("host"),
+    }
+}
+
 fn cargo_deb_installed() -> bool {
     Command::new("cargo")
         .args(["deb", "--version"])
@@ -293,7 +317,7 @@ fn cargo(arch: Arch, subcommand: &str) -> Command {
         .env_remove("CARGO_ENCODED_RUSTFLAGS")
         .env_remove("RUSTC_WRAPPER")
         .env_remove("RUSTC_WORKSPACE_WRAPPER")
-        .env("CARGO_TARGET_DIR", dist_dir())
+        .env("CARGO_TARGET_DIR", target_dir(arch))
         // agent/build.rs embeds target/ebpf's object by default; setting
         // FAROL_EBPF_OBJECT to the same path would only make cargo rebuild.
         .env_remove("FAROL_EBPF_OBJECT")
@@ -320,7 +344,7 @@ fn cargo(arch: Arch, subcommand: &str) -> Command {
 }
 
 fn binary_path(arch: Arch) -> PathBuf {
-    dist_dir().join(arch.triple()).join("release/agent")
+    target_dir(arch).join(arch.triple()).join("release/agent")
 }
 
 fn build(arch: Arch) -> Result<PathBuf> {
@@ -425,7 +449,7 @@ impl Drop for ChildGuard {
 /// real PostgreSQL 15: md5 authentication, a transaction-mode pool, DDL,
 /// writes and a read through it.
 fn pooler_smoke(arch: Arch, binary: &Path) -> Result<()> {
-    const USER: &str = "farol";
+    const USER: &str = "app";
     const PASSWORD: &str = "farol-dist-pw";
     let pg = xtask::postgres::PgCluster::start(&format!("dist-{}", arch.deb()), false)?;
     pg.primary
@@ -572,7 +596,7 @@ fn package(arch: Arch) -> Result<PathBuf> {
     let output = capture(
         Command::new("cargo")
             .current_dir(workspace_root())
-            .env("CARGO_TARGET_DIR", dist_dir())
+            .env("CARGO_TARGET_DIR", target_dir(arch))
             .args(["deb", "-p", "farol-agent", "--no-build", "--target"])
             .arg(arch.triple())
             .arg("--output")
@@ -625,7 +649,7 @@ fn check_package_contents(arch: Arch, deb: &Path) -> Result<()> {
             .env("LC_ALL", "C"),
     )?;
     ensure!(!control.stdout.is_empty(), "empty control archive");
-    let conffiles = unpack_control_file(deb, "conffiles")?;
+    let conffiles = unpack_control_file(arch, deb, "conffiles")?;
     ensure!(
         conffiles.lines().any(|line| line == CONFIG),
         "{CONFIG} is not a conffile: {conffiles:?}"
@@ -649,8 +673,8 @@ fn check_package_contents(arch: Arch, deb: &Path) -> Result<()> {
     Ok(())
 }
 
-fn unpack_control_file(deb: &Path, name: &str) -> Result<String> {
-    let dir = dist_dir().join("control");
+fn unpack_control_file(arch: Arch, deb: &Path, name: &str) -> Result<String> {
+    let dir = dist_dir().join(format!("control-{}", arch.deb()));
     let _ = std::fs::remove_dir_all(&dir);
     exec(Command::new("dpkg-deb").arg("-e").arg(deb).arg(&dir))?;
     let text = std::fs::read_to_string(dir.join(name)).unwrap_or_default();
