@@ -864,11 +864,10 @@ fn install_test(deb: &Path) -> Result<()> {
         "/etc/farol/apache/farol.conf",
     ];
     // debhelper's standard on remove (cargo-deb's snippet): the unit is
-    // masked while its conffiles stay, so nothing starts it; purge unmasks.
+    // masked while its conffiles stay, so nothing starts it, and
+    // deb-systemd-helper keeps its state in /var/lib/systemd; purge undoes both.
     let masked = |path: &str| {
-        path.starts_with("/etc/systemd/system")
-            || path.starts_with("/var/lib/systemd/deb-systemd-helper-masked")
-            || path == "/var/lib/systemd"
+        path.starts_with("/etc/systemd/system") || path.starts_with("/var/lib/systemd")
     };
     ensure!(
         left.iter()
