@@ -203,6 +203,7 @@ pub async fn run(plan: NodePlan, shutdown: watch::Receiver<bool>) -> Result<(), 
         Some(dataplane.load_balancer()),
         token,
     );
+    control.set_xdp_attachment(dataplane.interface(), dataplane.mode());
     registry.register_collector(Box::new(crate::health::HealthCollector::new(
         health.clone(),
     )));

@@ -155,6 +155,15 @@ fn agent_counts_real_http_traffic_and_cleans_up_on_sigterm() {
         tcp_packets(&after)
     );
 
+    // The footprint a Raspberry Pi can afford (issue 11; README, "Running
+    // on Raspberry Pi"): data plane, balancer, VRRP, checks, metrics, control.
+    let memory = xtask::footprint::of_pid(agent.pid()).expect("the agent's /proc status");
+    assert!(
+        memory.hwm_kb < xtask::footprint::AGENT_BUDGET_KB,
+        "the agent's memory is over 50 MB: {memory}"
+    );
+    eprintln!("agent footprint after traffic: {memory}");
+
     let status = agent
         .terminate(Duration::from_secs(10))
         .expect("agent stops on SIGTERM");

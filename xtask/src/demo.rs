@@ -44,12 +44,19 @@ pub(crate) fn run(seconds: u64) -> Result<()> {
     ])?;
     toolchain::build_ebpf()?;
     println!("[2/7] building the agent");
-    exec(
-        std::process::Command::new("cargo")
-            .current_dir(workspace_root())
-            .args(["build", "--quiet", "-p", "farol-agent"]),
-    )?;
-    let agent = workspace_root().join("target/debug/agent");
+    // FAROL_DEMO_AGENT runs another build (the footprint of the release
+    // build that `cargo xtask dist` packages: README, "Running on Raspberry Pi").
+    let agent = match std::env::var_os("FAROL_DEMO_AGENT") {
+        Some(agent) => PathBuf::from(agent),
+        None => {
+            exec(
+                std::process::Command::new("cargo")
+                    .current_dir(workspace_root())
+                    .args(["build", "--quiet", "-p", "farol-agent"]),
+            )?;
+            workspace_root().join("target/debug/agent")
+        }
+    };
 
     println!("[3/7] lab up: nuster1..4 and client on a bridge, 192.0.2.0/24");
     let lab = LabGuard::up(Lab::new("lab")?)?;
@@ -207,6 +214,22 @@ pub(crate) fn run(seconds: u64) -> Result<()> {
     });
     if let Ok((ok, total)) = &result {
         println!("      {ok}/{total} HTTP requests answered");
+        // Every subsystem but the pooler is on here: data plane (DSR and
+        // NAT), VRRP, health checks, Apache supervision, the volume.
+        for (node, process) in lab.nodes().iter().zip(&processes) {
+            match xtask::footprint::of_pid(process.pid()) {
+                Ok(memory) => println!(
+                    "      agent on {}: {memory}{}",
+                    node.name,
+                    if memory.hwm_kb > xtask::footprint::AGENT_BUDGET_KB {
+                        " (over the 50 MB budget)"
+                    } else {
+                        ""
+                    }
+                ),
+                Err(error) => println!("      agent on {}: {error:#}", node.name),
+            }
+        }
         let node = &lab.nodes()[0].name;
         let map = lab.pin_dir(node).join("PACKET_STATS");
         println!(

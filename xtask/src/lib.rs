@@ -13,6 +13,7 @@ pub mod bench;
 pub mod bench_health;
 pub mod bench_lb;
 pub mod bench_pooler;
+pub mod footprint;
 pub mod lab;
 pub mod packets;
 pub mod postgres;

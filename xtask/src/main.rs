@@ -4,6 +4,7 @@ mod bench_failover;
 mod bench_volume;
 mod demo;
 mod demo_postgres;
+mod dist;
 
 use std::process::Command;
 
@@ -40,6 +41,10 @@ enum Task {
     },
     /// Run every check and test: setup, eBPF build, fmt, clippy, unit and lab tests.
     Test,
+    /// Release builds for the Pis (arm64, armhf) and amd64, tested under
+    /// qemu, packaged as farol_*.deb in target/dist/deb; `--check` also
+    /// installs and purges the amd64 package in a debootstrap root.
+    Dist(dist::DistArgs),
     /// Benchmarks against a baseline in the same run; writes target/bench/NAME.json.
     Bench {
         /// Which benchmark.
@@ -82,6 +87,7 @@ fn main() -> Result<()> {
         Task::Lab { action, prefix } => lab(action, &prefix),
         Task::Demo { seconds } => demo::run(seconds),
         Task::Test => test(),
+        Task::Dist(args) => dist::run(args),
         Task::Bench { name } => match name {
             BenchName::Xdp => {
                 toolchain::build_ebpf()?;

@@ -122,6 +122,8 @@ pub struct Control {
     pub cluster_state: std::sync::OnceLock<crate::cluster::ClusterHandle>,
     reloads_applied: AtomicU64,
     reloads_refused: AtomicU64,
+    /// The data plane's interface and attach mode, set once it attached.
+    xdp: std::sync::OnceLock<status::XdpStatus>,
 }
 
 /// The answer to a write operation.
@@ -164,7 +166,17 @@ impl Control {
             cluster_state: std::sync::OnceLock::new(),
             reloads_applied: AtomicU64::new(0),
             reloads_refused: AtomicU64::new(0),
+            xdp: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Records where and how the XDP program attached, for `agent status`
+    /// and the status JSON (the metric `farol_xdp_attached` says the same).
+    pub fn set_xdp_attachment(&self, interface: &str, mode: crate::dataplane::AttachMode) {
+        let _ = self.xdp.set(status::XdpStatus {
+            interface: interface.to_owned(),
+            mode: mode.label().to_owned(),
+        });
     }
 
     pub async fn status(&self) -> status::Status {
@@ -178,6 +190,7 @@ impl Control {
         )
         .await;
         status.cluster_state = self.cluster_state.get().map(|cluster| cluster.status());
+        status.xdp = self.xdp.get().cloned();
         status
     }
 

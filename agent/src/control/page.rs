@@ -57,6 +57,14 @@ refreshes every {REFRESH_SECONDS} s &middot; <a href=\"/status.json\">JSON</a> &
         escape(&status.version),
         status.admin.label()
     );
+    if let Some(xdp) = &status.xdp {
+        let _ = write!(
+            html,
+            "<p class=\"meta\">XDP on {}: <b id=\"xdp-mode\">{}</b> mode</p>",
+            escape(&xdp.interface),
+            escape(&xdp.mode)
+        );
+    }
     if !status.vips.is_empty() {
         html.push_str(
             "<h2>VIPs</h2><div class=\"scroll\"><table><tr><th>VIP</th><th>role</th></tr>",
@@ -175,8 +183,16 @@ mod tests {
                 }],
             }],
             cluster_state: None,
+            xdp: Some(crate::control::status::XdpStatus {
+                interface: "eth<0>".into(),
+                mode: "generic".into(),
+            }),
         };
         let html = render(&status);
+        assert!(
+            html.contains("XDP on eth&lt;0&gt;: <b id=\"xdp-mode\">generic</b> mode"),
+            "{html}"
+        );
         assert!(html.contains("http-equiv=\"refresh\""));
         assert!(html.contains("name=\"viewport\""));
         assert!(html.contains("n&lt;1&gt;"));

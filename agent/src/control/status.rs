@@ -24,6 +24,18 @@ pub struct Status {
     /// The agents' shared state, when the config has a [cluster_state].
     #[serde(default)]
     pub cluster_state: Option<crate::cluster::ClusterStatus>,
+    /// Where the XDP program runs and in which mode it actually attached
+    /// (`xdp_mode = "auto"` falls back to generic where the driver has no
+    /// native XDP, as on a Raspberry Pi 4). None without a data plane.
+    #[serde(default)]
+    pub xdp: Option<XdpStatus>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct XdpStatus {
+    pub interface: String,
+    /// "native" or "generic".
+    pub mode: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -205,6 +217,7 @@ pub async fn gather(
         vips,
         services,
         cluster_state: None,
+        xdp: None,
     }
 }
 
@@ -220,6 +233,9 @@ pub fn render_table(status: &Status) -> String {
         status.version,
         status.admin.label()
     );
+    if let Some(xdp) = &status.xdp {
+        let _ = writeln!(out, "XDP on {}: {} mode", xdp.interface, xdp.mode);
+    }
     for vip in &status.vips {
         let _ = writeln!(out, "VIP {:<39} {}", vip.vip, vip.role);
     }

@@ -256,6 +256,22 @@ async fn status_and_agent_routes_answer_on_the_http_port() {
     assert_eq!(status.admin, AdminState::Drain);
     let table = status::render_table(&status);
     assert!(table.contains("nuster3"), "{table}");
+    // No data plane in this fixture: no XDP line, until one attached.
+    assert_eq!(status.xdp, None);
+    assert!(!table.contains("XDP on"), "{table}");
+    f.control
+        .set_xdp_attachment("eth0", crate::dataplane::AttachMode::Generic);
+    let json = get("/status.json").await;
+    let status: status::Status = serde_json::from_slice(&json.body).unwrap();
+    assert_eq!(
+        status.xdp,
+        Some(status::XdpStatus {
+            interface: "eth0".into(),
+            mode: "generic".into()
+        })
+    );
+    let table = status::render_table(&status);
+    assert!(table.contains("XDP on eth0: generic mode"), "{table}");
 }
 
 /// Everything the health and control collectors export, plus the agent's

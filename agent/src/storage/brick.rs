@@ -605,11 +605,15 @@ fn c_name(name: &str) -> io::Result<CString> {
     CString::new(name).map_err(|_| non_utf8())
 }
 
+// time_t and c_long are i32 on 32-bit ARM (armhf), i64 elsewhere; times
+// past 2038 saturate there rather than wrap.
+#[allow(clippy::unnecessary_cast, clippy::useless_conversion)]
 fn timespec(ns: Option<i64>) -> libc::timespec {
     match ns {
         Some(ns) => libc::timespec {
-            tv_sec: ns.div_euclid(1_000_000_000),
-            tv_nsec: ns.rem_euclid(1_000_000_000),
+            tv_sec: libc::time_t::try_from(ns.div_euclid(1_000_000_000))
+                .unwrap_or(libc::time_t::MAX),
+            tv_nsec: ns.rem_euclid(1_000_000_000) as libc::c_long,
         },
         None => libc::timespec {
             tv_sec: 0,

@@ -749,14 +749,16 @@ impl Filesystem for VolumeFs {
         }
     }
 
+    // The counts are u32 on 32-bit ARM (armhf) and u64 elsewhere.
+    #[allow(clippy::useless_conversion)]
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
         match statvfs(self.volume.brick().root()) {
             Ok(s) => reply.statfs(
-                s.f_blocks,
-                s.f_bfree,
-                s.f_bavail,
-                s.f_files,
-                s.f_ffree,
+                u64::from(s.f_blocks),
+                u64::from(s.f_bfree),
+                u64::from(s.f_bavail),
+                u64::from(s.f_files),
+                u64::from(s.f_ffree),
                 s.f_bsize as u32,
                 s.f_namemax as u32,
                 s.f_frsize as u32,
