@@ -188,14 +188,11 @@ pub async fn run_decider(
             ));
             continue;
         };
-        match probe(&plan, member, "/primary").await {
-            Some((200, body)) => {
-                view.healthy_at = Some(Instant::now());
-                view.lsn = body["lsn"].as_str().and_then(Lsn::parse).or(view.lsn);
-                view.sync_standbys = sync_standbys(&body);
-                continue;
-            }
-            _ => {}
+        if let Some((200, body)) = probe(&plan, member, "/primary").await {
+            view.healthy_at = Some(Instant::now());
+            view.lsn = body["lsn"].as_str().and_then(Lsn::parse).or(view.lsn);
+            view.sync_standbys = sync_standbys(&body);
+            continue;
         }
         let dead_for = view.healthy_at.unwrap_or(epoch_seen_at).elapsed();
         if !leads || dead_for < plan.failover_after {
