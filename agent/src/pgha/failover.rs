@@ -249,46 +249,16 @@ async fn fail_over(
             replay_lsn: lsn("replayed_location"),
         });
     }
-    let (eligible, max_lag) = if plan.synchronous {
-        if view.sync_standbys.is_empty() {
+    let chosen = match choose(plan.synchronous, plan.max_lag_bytes, view, candidates) {
+        Ok(chosen) => chosen,
+        Err(why) => {
             stats.no_candidate.fetch_add(1, Ordering::Relaxed);
             said.warn(format!(
-                "{} has not answered as primary for {dead_for:?}, but no standby was seen synchronous in epoch {}: not promoting one (acknowledged commits could be lost)",
-                record.node, record.epoch
-            ));
-            return;
-        }
-        // With `ANY 1 (...)` a commit is acknowledged by one synchronous
-        // standby: only the most advanced of all of them surely has it.
-        let missing: Vec<&String> = view
-            .sync_standbys
-            .iter()
-            .filter(|name| !candidates.iter().any(|c| &c.node == *name))
-            .collect();
-        if !missing.is_empty() {
-            stats.no_candidate.fetch_add(1, Ordering::Relaxed);
-            said.warn(format!(
-                "{} has not answered as primary for {dead_for:?}; waiting for synchronous standby(s) {missing:?} to answer as standbys before choosing (one of them may hold the last acknowledged commit)",
+                "{} has not answered as primary for {dead_for:?}: {why}",
                 record.node
             ));
             return;
         }
-        candidates.retain(|c| view.sync_standbys.contains(&c.node));
-        (candidates, u64::MAX)
-    } else {
-        (candidates, plan.max_lag_bytes)
-    };
-    let reference = if plan.synchronous { None } else { view.lsn };
-    let Some(chosen) = promotion_candidate(&eligible, reference, max_lag).cloned() else {
-        stats.no_candidate.fetch_add(1, Ordering::Relaxed);
-        said.warn(format!(
-            "{} has not answered as primary for {dead_for:?}, but no standby is fit to promote (answering: {:?}, within {} bytes of {:?})",
-            record.node,
-            eligible.iter().map(|c| &c.node).collect::<Vec<_>>(),
-            plan.max_lag_bytes,
-            view.lsn
-        ));
-        return;
     };
     match cluster.set_primary(&chosen.node, record.epoch).await {
         Ok(new) => {
@@ -319,6 +289,52 @@ async fn fail_over(
             ));
         }
     }
+}
+
+/// The standby to promote among those that answered, or why none may be.
+/// Synchronous mode: only standbys the primary last reported synchronous,
+/// and only once all of them answered (with `ANY 1 (...)` a commit is
+/// acknowledged by one of them: only the most advanced of all surely has
+/// every acknowledged commit). Asynchronous mode: within `max_lag_bytes` of
+/// the primary's last known position.
+fn choose(
+    synchronous: bool,
+    max_lag_bytes: u64,
+    view: &PrimaryView,
+    mut candidates: Vec<Candidate>,
+) -> Result<Candidate, String> {
+    let (reference, max_lag) = if synchronous {
+        if view.sync_standbys.is_empty() {
+            return Err(format!(
+                "no standby was seen synchronous in epoch {}: not promoting one (acknowledged commits could be lost)",
+                view.epoch
+            ));
+        }
+        let missing: Vec<&String> = view
+            .sync_standbys
+            .iter()
+            .filter(|name| !candidates.iter().any(|c| &c.node == *name))
+            .collect();
+        if !missing.is_empty() {
+            return Err(format!(
+                "waiting for synchronous standby(s) {missing:?} to answer as standbys before choosing (one of them may hold the last acknowledged commit)"
+            ));
+        }
+        candidates.retain(|c| view.sync_standbys.contains(&c.node));
+        (None, u64::MAX)
+    } else {
+        (view.lsn, max_lag_bytes)
+    };
+    promotion_candidate(&candidates, reference, max_lag)
+        .cloned()
+        .ok_or_else(|| {
+            format!(
+                "no standby is fit to promote (answering: {:?}, within {} bytes of {:?})",
+                candidates.iter().map(|c| &c.node).collect::<Vec<_>>(),
+                max_lag_bytes,
+                view.lsn.map(|l| l.to_string())
+            )
+        })
 }
 
 /// The standbys a primary's `/primary` body lists as synchronous and
@@ -378,5 +394,60 @@ mod tests {
             BTreeSet::from(["b".to_owned(), "e".to_owned()])
         );
         assert!(sync_standbys(&serde_json::json!({})).is_empty());
+    }
+
+    fn standby(node: &str, received: u64) -> Candidate {
+        Candidate {
+            node: node.into(),
+            receive_lsn: Some(Lsn(received)),
+            replay_lsn: Some(Lsn(received)),
+        }
+    }
+
+    fn view(sync: &[&str], lsn: u64) -> PrimaryView {
+        PrimaryView {
+            epoch: 4,
+            healthy_at: None,
+            sync_standbys: sync.iter().map(|s| s.to_string()).collect(),
+            lsn: Some(Lsn(lsn)),
+        }
+    }
+
+    #[test]
+    fn synchronous_mode_promotes_only_a_synchronous_standby_once_all_answered() {
+        let seen = view(&["b", "c"], 1000);
+        // c may hold the last acknowledged commit: no choice without it.
+        let why = choose(true, 16, &seen, vec![standby("b", 900)]).unwrap_err();
+        assert!(why.contains("\"c\""), "{why}");
+        // The most advanced synchronous standby, however far behind the
+        // old primary's last (unacknowledged) position.
+        let chosen = choose(true, 16, &seen, vec![standby("b", 900), standby("c", 950)]).unwrap();
+        assert_eq!(chosen.node, "c");
+        // An asynchronous standby is never promoted, even if ahead.
+        let only_b = view(&["b"], 1000);
+        let chosen = choose(
+            true,
+            16,
+            &only_b,
+            vec![standby("b", 900), standby("d", 990)],
+        )
+        .unwrap();
+        assert_eq!(chosen.node, "b");
+        // Never seen synchronous: refused.
+        assert!(choose(true, 16, &view(&[], 1000), vec![standby("b", 1000)]).is_err());
+    }
+
+    #[test]
+    fn asynchronous_mode_excludes_standbys_beyond_max_lag() {
+        let seen = view(&[], 1000);
+        assert!(choose(false, 50, &seen, vec![standby("b", 900)]).is_err());
+        let chosen = choose(
+            false,
+            150,
+            &seen,
+            vec![standby("b", 900), standby("c", 880)],
+        )
+        .unwrap();
+        assert_eq!(chosen.node, "b");
     }
 }
