@@ -297,6 +297,7 @@ fn a_killed_primary_node_is_replaced_without_losing_acknowledged_writes() {
             libc::kill(postmaster, libc::SIGKILL);
         }
         *killed_at.lock().unwrap() = Some(Instant::now());
+        eprintln!("killed nuster1 at {:?}", std::time::SystemTime::now());
         let acked_at_kill = acknowledged.lock().unwrap().len();
         let written_after = wait_for(
             "writes through the pooler again",
@@ -332,6 +333,21 @@ fn a_killed_primary_node_is_replaced_without_losing_acknowledged_writes() {
         all.contains("failover:"),
         "no failover decision logged\n{all}"
     );
+    // The sequence, for the figures: decision, record, lease, promotion.
+    for line in all.lines().filter(|line| {
+        line.starts_with("---")
+            || [
+                "PostgreSQL failover",
+                "primary record changed",
+                "primary lease gained",
+                "promoted",
+                "Raft leader elected",
+            ]
+            .iter()
+            .any(|what| line.contains(what))
+    }) {
+        eprintln!("{line}");
+    }
     eprintln!(
         "failover: writes through the pooler again {unavailable:?} after kill -9 of the primary node; new primary {new_primary}; {} acknowledged rows, none lost",
         acknowledged.len()

@@ -130,21 +130,22 @@ struct PrimaryView {
     lsn: Option<Lsn>,
 }
 
-/// Logs a decision once until it changes.
+/// Logs a decision once until its kind changes (the text may carry
+/// durations that change at every check).
 #[derive(Debug, Default)]
-struct Said(Option<String>);
+struct Said(Option<&'static str>);
 
 impl Said {
-    fn info(&mut self, text: String) {
-        if self.0.as_deref() != Some(text.as_str()) {
+    fn info(&mut self, kind: &'static str, text: String) {
+        if self.0 != Some(kind) {
             info!(decision = %text, "PostgreSQL failover");
-            self.0 = Some(text);
+            self.0 = Some(kind);
         }
     }
-    fn warn(&mut self, text: String) {
-        if self.0.as_deref() != Some(text.as_str()) {
+    fn warn(&mut self, kind: &'static str, text: String) {
+        if self.0 != Some(kind) {
             warn!(decision = %text, "PostgreSQL failover");
-            self.0 = Some(text);
+            self.0 = Some(kind);
         }
     }
 }
@@ -180,12 +181,17 @@ pub async fn run_decider(
                 ..PrimaryView::default()
             };
             epoch_seen_at = Instant::now();
+            // Every decision of the new epoch is logged afresh.
+            said = Said::default();
         }
         let Ok(member) = plan.member(&record.node) else {
-            said.warn(format!(
-                "the primary record names {}, which is not a PostgreSQL node",
-                record.node
-            ));
+            said.warn(
+                "unknown-node",
+                format!(
+                    "the primary record names {}, which is not a PostgreSQL node",
+                    record.node
+                ),
+            );
             continue;
         };
         if let Some((200, body)) = probe(&plan, member, "/primary").await {
@@ -206,17 +212,20 @@ async fn bootstrap(plan: &PgPlan, cluster: &ClusterHandle, stats: &FailoverStats
     match cluster.set_primary(&plan.bootstrap_primary, 0).await {
         Ok(record) => {
             stats.bootstraps.fetch_add(1, Ordering::Relaxed);
-            said.info(format!(
+            said.info("bootstrap", format!(
                 "recorded {} as the first primary (epoch {}): no record yet, it is the config's bootstrap primary",
                 record.node, record.epoch
             ));
         }
         Err(ClusterError::EpochMoved { .. }) => {}
-        Err(error) => said.warn(format!(
-            "cannot record the bootstrap primary {}: {}",
-            plan.bootstrap_primary,
-            crate::error_chain(&error)
-        )),
+        Err(error) => said.warn(
+            "bootstrap-failed",
+            format!(
+                "cannot record the bootstrap primary {}: {}",
+                plan.bootstrap_primary,
+                crate::error_chain(&error)
+            ),
+        ),
     }
 }
 
@@ -253,17 +262,20 @@ async fn fail_over(
         Ok(chosen) => chosen,
         Err(why) => {
             stats.no_candidate.fetch_add(1, Ordering::Relaxed);
-            said.warn(format!(
-                "{} has not answered as primary for {dead_for:?}: {why}",
-                record.node
-            ));
+            said.warn(
+                "no-candidate",
+                format!(
+                    "{} has not answered as primary for {dead_for:?}: {why}",
+                    record.node
+                ),
+            );
             return;
         }
     };
     match cluster.set_primary(&chosen.node, record.epoch).await {
         Ok(new) => {
             stats.failovers.fetch_add(1, Ordering::Relaxed);
-            said.info(format!(
+            said.info("failover", format!(
                 "failover: {} made primary (epoch {}) after {} did not answer as primary for {dead_for:?}; it is the most advanced {}standby (received {:?}, replayed {:?})",
                 new.node,
                 new.epoch,
@@ -275,18 +287,21 @@ async fn fail_over(
         }
         Err(ClusterError::LeaseHeld { .. }) => {
             stats.refused.fetch_add(1, Ordering::Relaxed);
-            said.info(format!(
+            said.info("lease-held", format!(
                 "{} has not answered as primary for {dead_for:?}, but its lease may still be live: waiting for it to expire before promoting {}",
                 record.node, chosen.node
             ));
         }
         Err(error) => {
             stats.refused.fetch_add(1, Ordering::Relaxed);
-            said.warn(format!(
-                "cannot make {} primary: {}",
-                chosen.node,
-                crate::error_chain(&error)
-            ));
+            said.warn(
+                "refused",
+                format!(
+                    "cannot make {} primary: {}",
+                    chosen.node,
+                    crate::error_chain(&error)
+                ),
+            );
         }
     }
 }
