@@ -229,11 +229,11 @@ pub async fn run(plan: NodePlan, shutdown: watch::Receiver<bool>) -> Result<(), 
             return Err(error.into());
         }
     };
-    if let Some(cluster) = cluster {
+    if let Some(cluster) = &cluster {
         registry.register_collector(Box::new(crate::cluster::metrics::ClusterCollector(
             cluster.clone(),
         )));
-        let _ = control.cluster_state.set(cluster);
+        let _ = control.cluster_state.set(cluster.clone());
     }
     let vrrp = crate::vrrp::Setup::new(&plan.config, &plan.node).map(|mut setup| {
         setup.load_balancer = Some(dataplane.load_balancer());
@@ -273,7 +273,38 @@ pub async fn run(plan: NodePlan, shutdown: watch::Receiver<bool>) -> Result<(), 
     // primary record and lease later.
     let (_pg_desired, pg_tasks) = match (pg_node, pg_listener) {
         (Some(pg), Some(listener)) => {
-            let (desired_tx, desired_rx) = watch::channel(pg.plan.bootstrap_desired());
+            // With [cluster_state], the primary record and lease decide
+            // (pgha::failover), and the Raft leader fails over.
+            let initial = match &cluster {
+                Some(cluster) => {
+                    let record = cluster.primary().borrow().clone();
+                    crate::pgha::desired_from_record(
+                        &pg.plan.node,
+                        record.as_ref().map(|r| (r.node.as_str(), r.epoch)),
+                        *cluster.holds_lease().borrow(),
+                    )
+                }
+                None => pg.plan.bootstrap_desired(),
+            };
+            let (desired_tx, desired_rx) = watch::channel(initial);
+            if let Some(cluster) = &cluster {
+                let stats = Arc::new(crate::pgha::failover::FailoverStats::default());
+                registry.register_collector(Box::new(crate::pgha::failover::FailoverCollector(
+                    stats.clone(),
+                )));
+                tokio::spawn(crate::pgha::failover::follow_record(
+                    pg.plan.node.clone(),
+                    cluster.clone(),
+                    desired_tx.clone(),
+                    shutdown.clone(),
+                ));
+                tokio::spawn(crate::pgha::failover::run_decider(
+                    pg.plan.clone(),
+                    cluster.clone(),
+                    stats,
+                    shutdown.clone(),
+                ));
+            }
             let (pgha, task) = crate::pgha::Pgha::spawn(pg, desired_rx, shutdown.clone());
             registry.register_collector(Box::new(crate::pgha::PgCollector(pgha.clone())));
             let mut stop = shutdown.clone();

@@ -125,6 +125,11 @@ pub struct PostgresConfig {
     /// again (while the node should still run the primary).
     #[serde(default = "default_crash_restart_delay", with = "humantime_serde")]
     pub crash_restart_delay: Duration,
+    /// With `[cluster_state]`: how long the recorded primary must look dead
+    /// (its agent's `/primary` not answering "primary") before the Raft
+    /// leader tries another one (refused anyway while its lease is live).
+    #[serde(default = "default_failover_after", with = "humantime_serde")]
+    pub failover_after: Duration,
     /// More `pg_hba.conf` lines (clients, the pooler), after the agent's
     /// own (the superuser on the socket, replication between the nodes).
     #[serde(default)]
@@ -213,6 +218,9 @@ fn default_check_interval() -> Duration {
     Duration::from_millis(500)
 }
 fn default_crash_restart_delay() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_failover_after() -> Duration {
     Duration::from_secs(1)
 }
 fn default_api_listen() -> SocketAddr {
@@ -409,6 +417,14 @@ pub(super) fn validate(config: &PostgresConfig, nodes: &[NodeConfig], problems: 
         problem(
             "check_interval",
             format!("expected 50ms to 60s, got {:?}", config.check_interval),
+        );
+    }
+    if config.failover_after < Duration::from_millis(100)
+        || config.failover_after > Duration::from_secs(600)
+    {
+        problem(
+            "failover_after",
+            format!("expected 100ms to 10m, got {:?}", config.failover_after),
         );
     }
     for (index, line) in config.hba.iter().enumerate() {

@@ -25,6 +25,7 @@ use crate::config::{
 };
 
 pub mod api;
+pub mod failover;
 pub mod local;
 pub mod metrics;
 pub mod postmaster;
@@ -195,6 +196,9 @@ pub struct PgPlan {
     /// How long a primary that crashed (while the node still should run
     /// it) stays down before the agent starts it again.
     pub crash_restart_delay: Duration,
+    /// With the cluster state: how long the recorded primary must look
+    /// dead before the Raft leader tries to replace it.
+    pub failover_after: Duration,
     /// How often the reconciler looks at the server.
     pub interval: Duration,
 }
@@ -264,6 +268,7 @@ impl PgPlan {
             settings: postgres.settings.clone(),
             hba: postgres.hba.clone(),
             crash_restart_delay: postgres.crash_restart_delay,
+            failover_after: postgres.failover_after,
             interval: postgres.check_interval,
         })
     }
