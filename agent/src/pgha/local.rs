@@ -291,6 +291,10 @@ impl PgNode {
              hot_standby = on\n\
              hot_standby_feedback = on\n\
              wal_receiver_status_interval = 1s\n\
+             # A standby repointed or cut from its upstream retries every\n\
+             # 0.5 s (PostgreSQL's 5 s would hold synchronous commits on a\n\
+             # new primary that long after a failover).\n\
+             wal_retrieve_retry_interval = 500ms\n\
              max_slot_wal_keep_size = {}MB\n\
              synchronous_standby_names = {}\n",
             quote(&format!("{}-{}", plan.cluster, plan.node)),
