@@ -94,13 +94,7 @@ fn postgres_ids() -> Result<(u32, u32)> {
 }
 
 fn md5_secret() -> String {
-    // md5 + hex(md5(password + user)), as pg_authid stores it.
-    let output = Command::new("sh")
-        .args(["-c", &format!("printf '%s' '{PASSWORD}{USER}' | md5sum")])
-        .output()
-        .expect("md5sum runs");
-    let hex = String::from_utf8_lossy(&output.stdout);
-    format!("md5{}", hex.split_whitespace().next().unwrap_or_default())
+    crate::postgres::md5_secret(USER, PASSWORD).expect("md5sum runs")
 }
 
 fn start_farol(dir: &Path, mode: &str, primary: u16) -> Result<(Proc, u16)> {

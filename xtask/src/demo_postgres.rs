@@ -6,7 +6,7 @@
 //! itself.
 
 use std::{
-    process::{Command, Output},
+    process::Output,
     time::{Duration, Instant},
 };
 
@@ -44,20 +44,7 @@ pool_size = 10
 "#,
         primary = lab.node(PRIMARY)?.ip(),
         standby = lab.node(STANDBY)?.ip(),
-        secret = md5_secret()?,
-    ))
-}
-
-/// md5 + hex(md5(password + user)), as pg_authid stores it.
-fn md5_secret() -> Result<String> {
-    let output = Command::new("sh")
-        .args(["-c", &format!("printf '%s' '{PASSWORD}{USER}' | md5sum")])
-        .output()
-        .context("running md5sum")?;
-    let hex = String::from_utf8_lossy(&output.stdout);
-    Ok(format!(
-        "md5{}",
-        hex.split_whitespace().next().unwrap_or_default()
+        secret = xtask::postgres::md5_secret(USER, PASSWORD)?,
     ))
 }
 

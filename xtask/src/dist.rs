@@ -456,16 +456,7 @@ fn pooler_smoke(arch: Arch, binary: &Path) -> Result<()> {
         .psql("postgres", &format!("CREATE ROLE {USER} LOGIN"))?;
     pg.primary
         .psql("postgres", &format!("CREATE DATABASE {USER} OWNER {USER}"))?;
-    let digest = capture(
-        Command::new("sh").args(["-c", &format!("printf '%s' '{PASSWORD}{USER}' | md5sum")]),
-    )?;
-    let secret = format!(
-        "md5{}",
-        String::from_utf8_lossy(&digest.stdout)
-            .split_whitespace()
-            .next()
-            .unwrap_or_default()
-    );
+    let secret = xtask::postgres::md5_secret(USER, PASSWORD)?;
     let port = xtask::postgres::free_port()?;
     let config = dist_dir().join(format!("pooler-{}.toml", arch.deb()));
     std::fs::write(

@@ -30,6 +30,22 @@ pub fn free_port() -> Result<u16> {
     Ok(listener.local_addr()?.port())
 }
 
+/// `md5` + hex(md5(password + user)): a password as `pg_authid` stores it
+/// (and as the pooler's `[[pooler.users]] secret` takes it), from md5sum.
+pub fn md5_secret(user: &str, password: &str) -> Result<String> {
+    let output = capture(
+        Command::new("sh").args(["-c", &format!("printf '%s' '{password}{user}' | md5sum")]),
+    )
+    .context("running md5sum")?;
+    Ok(format!(
+        "md5{}",
+        String::from_utf8_lossy(&output.stdout)
+            .split_whitespace()
+            .next()
+            .unwrap_or_default()
+    ))
+}
+
 /// The uid and gid of the `postgres` user.
 fn postgres_ids() -> Result<(u32, u32)> {
     let id = |flag: &str| -> Result<u32> {
@@ -227,6 +243,27 @@ impl Drop for PgServer {
     }
 }
 
+/// A standby's data directory copied from `primary` (pg_basebackup -R, WAL
+/// streamed), run from `netns` when given.
+fn base_backup(netns: Option<&str>, primary: &PgServer, into: &Path) -> Result<()> {
+    let output = as_postgres_in(netns, "pg_basebackup")?
+        .arg("-D")
+        .arg(into)
+        .args(["-h", &primary.host, "-p", &primary.port.to_string()])
+        .args(["-U", "postgres", "-R", "-X", "stream", "--no-sync"])
+        .output()
+        .context("running pg_basebackup")?;
+    if !output.status.success() {
+        bail!(
+            "pg_basebackup from {}:{} failed: {}",
+            primary.host,
+            primary.port,
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    Ok(())
+}
+
 /// A new data directory: superuser `postgres`, trust, UTF8, C locale.
 fn initdb(data: &Path) -> Result<()> {
     let output = as_postgres("initdb")?
@@ -306,29 +343,7 @@ impl PgCluster {
         };
         if standby {
             let standby_dir = dir.join("standby");
-            let output = as_postgres("pg_basebackup")?
-                .arg("-D")
-                .arg(&standby_dir)
-                .args([
-                    "-h",
-                    "127.0.0.1",
-                    "-p",
-                    &cluster.primary.port.to_string(),
-                    "-U",
-                    "postgres",
-                    "-R",
-                    "-X",
-                    "stream",
-                    "--no-sync",
-                ])
-                .output()
-                .context("running pg_basebackup")?;
-            if !output.status.success() {
-                bail!(
-                    "pg_basebackup failed: {}",
-                    String::from_utf8_lossy(&output.stderr)
-                );
-            }
+            base_backup(None, &cluster.primary, &standby_dir)?;
             cluster.standby = Some(PgServer::start(
                 &standby_dir,
                 free_port()?,
@@ -385,29 +400,7 @@ impl PgCluster {
         };
         let standby_dir = dir.join(standby);
         let standby_netns = lab.netns(standby);
-        let output = as_postgres_in(Some(&standby_netns), "pg_basebackup")?
-            .arg("-D")
-            .arg(&standby_dir)
-            .args([
-                "-h",
-                &primary_host,
-                "-p",
-                "5432",
-                "-U",
-                "postgres",
-                "-R",
-                "-X",
-                "stream",
-                "--no-sync",
-            ])
-            .output()
-            .context("running pg_basebackup in the lab")?;
-        if !output.status.success() {
-            bail!(
-                "pg_basebackup from {primary} failed: {}",
-                String::from_utf8_lossy(&output.stderr)
-            );
-        }
+        base_backup(Some(&standby_netns), &cluster.primary, &standby_dir)?;
         // The copy holds the primary's socket lock (its socket lives in its
         // data directory); on the same port the standby would take it for
         // a running server's.
