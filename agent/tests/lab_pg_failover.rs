@@ -8,10 +8,11 @@
 
 mod support;
 
+use support::pg_lab::{spawn_agent, status_code};
+
 use std::{
     collections::BTreeSet,
     path::{Path, PathBuf},
-    process::Stdio,
     sync::{
         atomic::{AtomicBool, Ordering},
         Mutex,
@@ -21,7 +22,6 @@ use std::{
 
 use xtask::lab::{lab_config, unique_prefix, wait_for, Lab, LabGuard, LabProcess, CLIENT};
 
-const AGENT: &str = env!("CARGO_BIN_EXE_agent");
 const NODES: [&str; 3] = ["nuster1", "nuster2", "nuster3"];
 const IPS: [&str; 3] = ["192.0.2.11", "192.0.2.12", "192.0.2.13"];
 const APP_PASSWORD: &str = "app-pw";
@@ -62,16 +62,6 @@ impl Drop for Cluster {
         std::thread::sleep(Duration::from_millis(300));
         let _ = std::fs::remove_dir_all(&self.dir);
     }
-}
-
-/// md5 + hex(md5(password + user)), as the pooler's `secret` wants it.
-fn md5_secret(user: &str, password: &str) -> String {
-    let output = std::process::Command::new("sh")
-        .args(["-c", &format!("printf '%s' '{password}{user}' | md5sum")])
-        .output()
-        .unwrap();
-    let hex = String::from_utf8_lossy(&output.stdout);
-    format!("md5{}", hex.split_whitespace().next().unwrap())
 }
 
 fn cluster_file(dir: &Path) -> PathBuf {
@@ -117,50 +107,11 @@ database = "postgres"
 pool_size = 4
 "#,
         dir = dir.display(),
-        secret = md5_secret("app", APP_PASSWORD),
+        secret = xtask::postgres::md5_secret("app", APP_PASSWORD).unwrap(),
     ));
     let path = dir.join("cluster.toml");
     std::fs::write(&path, text).unwrap();
     path
-}
-
-fn spawn_agent(lab: &Lab, node: &str, config: &Path, dir: &Path) -> LabProcess {
-    let log = std::fs::File::create(dir.join(format!("agent-{node}.log"))).unwrap();
-    let mut agent = lab.command(node, AGENT);
-    agent
-        .args(["run", "--no-supervise", "--node", node, "--config"])
-        .arg(config)
-        .arg("--pin-dir")
-        .arg(lab.pin_dir(node))
-        .env("FAROL_LOG", "info")
-        .env("NO_COLOR", "1")
-        .stdout(Stdio::null())
-        .stderr(log);
-    lab.spawn(node, &mut agent, "agent").unwrap()
-}
-
-/// GET from the client: the HTTP status (0: no answer).
-fn status_code(lab: &Lab, url: &str) -> u16 {
-    let out = lab
-        .run(
-            CLIENT,
-            "curl",
-            &[
-                "-s",
-                "-o",
-                "/dev/null",
-                "--max-time",
-                "2",
-                "-w",
-                "%{http_code}",
-                url,
-            ],
-        )
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .trim()
-        .parse()
-        .unwrap_or(0)
 }
 
 /// Runs `sql` with psql from the client on `conninfo`.
@@ -231,7 +182,7 @@ fn a_killed_primary_node_is_replaced_without_losing_acknowledged_writes() {
     // The Raft leader records the bootstrap primary; its agent gets the
     // lease and runs the primary; the others stream from it, synchronously.
     wait_for("nuster1 primary", Duration::from_secs(60), || {
-        (status_code(&cluster.lab, "http://192.0.2.11:8008/primary") == 200).then_some(())
+        (status_code(&cluster.lab, "http://192.0.2.11:8008/primary", 2) == 200).then_some(())
     })
     .unwrap_or_else(|e| panic!("{e:#}\n{}", logs(&cluster.dir)));
     wait_for("two synchronous standbys", Duration::from_secs(60), || {
@@ -315,7 +266,7 @@ fn a_killed_primary_node_is_replaced_without_losing_acknowledged_writes() {
     let new_primary = IPS[1..]
         .iter()
         .copied()
-        .find(|ip| status_code(&cluster.lab, &format!("http://{ip}:8008/primary")) == 200)
+        .find(|ip| status_code(&cluster.lab, &format!("http://{ip}:8008/primary"), 2) == 200)
         .unwrap_or_else(|| panic!("no new primary\n{}", logs(&cluster.dir)));
     let rows: BTreeSet<i32> = psql(&cluster.lab, &direct(new_primary), "SELECT id FROM t")
         .unwrap()
@@ -359,7 +310,8 @@ fn a_killed_primary_node_is_replaced_without_losing_acknowledged_writes() {
         IPS[1]
     };
     wait_for("the other standby follows", Duration::from_secs(30), || {
-        (status_code(&cluster.lab, &format!("http://{standby}:8008/replica")) == 200).then_some(())
+        (status_code(&cluster.lab, &format!("http://{standby}:8008/replica"), 2) == 200)
+            .then_some(())
     })
     .unwrap_or_else(|e| panic!("{e:#}\n{}", logs(&cluster.dir)));
     cluster.agents.clear();

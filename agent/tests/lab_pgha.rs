@@ -6,15 +6,15 @@
 
 mod support;
 
+use support::pg_lab::{spawn_agent, status_code};
+
 use std::{
     path::{Path, PathBuf},
-    process::Stdio,
     time::Duration,
 };
 
 use xtask::lab::{lab_config, unique_prefix, wait_for, Lab, LabGuard, LabProcess, CLIENT};
 
-const AGENT: &str = env!("CARGO_BIN_EXE_agent");
 const NODES: [&str; 3] = ["nuster1", "nuster2", "nuster3"];
 
 fn may_run(test: &str) -> bool {
@@ -74,45 +74,6 @@ hba = ["host all postgres 192.0.2.0/24 trust"]
     path
 }
 
-fn spawn_agent(lab: &Lab, node: &str, config: &Path, dir: &Path) -> LabProcess {
-    let log = std::fs::File::create(dir.join(format!("agent-{node}.log"))).unwrap();
-    let mut agent = lab.command(node, AGENT);
-    agent
-        .args(["run", "--no-supervise", "--node", node, "--config"])
-        .arg(config)
-        .arg("--pin-dir")
-        .arg(lab.pin_dir(node))
-        .env("FAROL_LOG", "info")
-        .env("NO_COLOR", "1")
-        .stdout(Stdio::null())
-        .stderr(log);
-    lab.spawn(node, &mut agent, "agent").unwrap()
-}
-
-/// GET from the client: the HTTP status (0: no answer).
-fn status_code(lab: &Lab, url: &str) -> u16 {
-    let out = lab
-        .run(
-            CLIENT,
-            "curl",
-            &[
-                "-s",
-                "-o",
-                "/dev/null",
-                "--max-time",
-                "3",
-                "-w",
-                "%{http_code}",
-                url,
-            ],
-        )
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .trim()
-        .parse()
-        .unwrap_or(0)
-}
-
 fn psql(lab: &Lab, host: &str, sql: &str) -> Result<String, String> {
     let out = lab
         .run(
@@ -170,13 +131,13 @@ fn agents_bootstrap_postgres_and_answer_patroni_checks_in_the_lab() {
     ];
     for (ip, primary, replica) in expected {
         wait_for(&format!("{ip}'s role"), Duration::from_secs(60), || {
-            (status_code(&cluster.lab, &format!("http://{ip}:8008/primary")) == primary
-                && status_code(&cluster.lab, &format!("http://{ip}:8008/replica")) == replica)
+            (status_code(&cluster.lab, &format!("http://{ip}:8008/primary"), 3) == primary
+                && status_code(&cluster.lab, &format!("http://{ip}:8008/replica"), 3) == replica)
                 .then_some(())
         })
         .unwrap_or_else(|e| panic!("{e:#}\n{}", log("nuster1") + &log("nuster2")));
         assert_eq!(
-            status_code(&cluster.lab, &format!("http://{ip}:8008/health")),
+            status_code(&cluster.lab, &format!("http://{ip}:8008/health"), 3),
             200
         );
     }
@@ -226,11 +187,11 @@ fn agents_bootstrap_postgres_and_answer_patroni_checks_in_the_lab() {
     // SAFETY: kill(2) on the postmaster the agent of nuster1 started.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
     wait_for("nuster1 down", Duration::from_secs(10), || {
-        (status_code(&cluster.lab, "http://192.0.2.11:8008/primary") == 503).then_some(())
+        (status_code(&cluster.lab, "http://192.0.2.11:8008/primary", 3) == 503).then_some(())
     })
     .unwrap();
     wait_for("nuster1 primary again", Duration::from_secs(60), || {
-        (status_code(&cluster.lab, "http://192.0.2.11:8008/primary") == 200).then_some(())
+        (status_code(&cluster.lab, "http://192.0.2.11:8008/primary", 3) == 200).then_some(())
     })
     .unwrap_or_else(|e| panic!("{e:#}\n{}", log("nuster1")));
     eprintln!(

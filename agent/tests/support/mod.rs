@@ -2,6 +2,7 @@
 
 #![allow(dead_code, reason = "each test binary uses a different subset")]
 
+pub(crate) mod pg_lab;
 pub(crate) mod pooler;
 
 /// Runs the test when nothing is missing (`why` is None); otherwise skips
