@@ -318,6 +318,8 @@ pub async fn run(
                 let verdict = health.verdict(key, weight, reachable);
                 (verdict.alive, verdict.weight)
             };
+            // Read before the verdicts: the plan holds every change up to it.
+            let generation = health.generation();
             let mut next = plan_with(&current, &node, local_mac, &mut |addr| resolver.mac(addr), &verdict);
             {
                 let mut maps = maps.lock().await;
@@ -336,6 +338,7 @@ pub async fn run(
                     }
                 }
             }
+            health.mark_applied(generation);
             // Slow start: re-plan often enough to follow the ramp.
             let wait = if health.ramping() {
                 SLOWSTART_STEP

@@ -467,12 +467,18 @@ async fn status_json(State(control): State<Arc<Control>>) -> Response {
 async fn agent_state(
     State(control): State<Arc<Control>>,
     axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<std::net::SocketAddr>,
-) -> impl IntoResponse {
-    control.health.agent_reads.record(peer.ip());
+    axum::extract::RawQuery(query): axum::extract::RawQuery,
+) -> Response {
+    let applied = match crate::health::agent::Applied::from_query(query.as_deref()) {
+        Ok(applied) => applied,
+        Err(error) => return (StatusCode::BAD_REQUEST, format!("{error}\n")).into_response(),
+    };
+    control.health.agent_reads.record(peer.ip(), applied);
     (
         [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
         format!("{}\n", control.health.own_state().label()),
     )
+        .into_response()
 }
 
 /// `service=NAME&weight=N`; names are plain (see client::encode).

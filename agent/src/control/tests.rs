@@ -235,9 +235,13 @@ async fn status_and_agent_routes_answer_on_the_http_port() {
         std::future::pending(),
     ));
     assert_eq!(
-        health::agent::query(addr, Duration::from_secs(2))
-            .await
-            .unwrap(),
+        health::agent::query(
+            addr,
+            Duration::from_secs(2),
+            health::agent::Applied::Pending
+        )
+        .await
+        .unwrap(),
         AdminState::Drain
     );
     let get = |path: &'static str| async move {

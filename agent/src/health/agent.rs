@@ -22,6 +22,17 @@
 //! closed): the service check alone then decides up or down. A backend
 //! given by address (not a node) has no agent to ask.
 //!
+//! # Applied, not only read
+//!
+//! Reading a drain is not acting on it: the balancer still has to rebuild
+//! its plan and write its maps (a Maglev table is 65537 map writes, slow on
+//! a starved CPU). So each balancer tells the node, in its request, which
+//! of the node's admin states its maps hold: `GET /agent?applied=drain`
+//! (`pending` while a state it read is not applied yet), and right after it
+//! applies a change it asks once more just to say so. A drain on the node
+//! waits for `applied=drain` from every balancer instead of guessing how
+//! long an apply takes (see `crate::supervise::drain`).
+//!
 //! The admin state read this way is combined with any state set locally on
 //! the balancer (`agent backend drain NODE` run on the balancer itself);
 //! the most restrictive wins (maint over drain over ready), so `enable` on a
@@ -71,13 +82,59 @@ impl AdminState {
     }
 }
 
-/// Asks the agent at `addr` for its node's admin state.
-pub async fn query(addr: SocketAddr, timeout: Duration) -> Result<AdminState, String> {
+/// What a balancer's maps hold of a node's admin state, told to the node
+/// with each agent check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    /// A state read from the node is not in the maps yet.
+    Pending,
+    /// The maps hold this state.
+    State(AdminState),
+}
+
+impl Applied {
+    pub fn label(self) -> &'static str {
+        match self {
+            Applied::Pending => "pending",
+            Applied::State(state) => state.label(),
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Applied> {
+        match text {
+            "pending" => Some(Applied::Pending),
+            other => AdminState::parse(other).map(Applied::State),
+        }
+    }
+
+    /// The `applied=` parameter of an agent request's query, if any.
+    pub fn from_query(query: Option<&str>) -> Result<Option<Applied>, String> {
+        let Some(value) = query
+            .unwrap_or_default()
+            .split('&')
+            .find_map(|pair| pair.strip_prefix("applied="))
+        else {
+            return Ok(None);
+        };
+        Applied::parse(value).map(Some).ok_or_else(|| {
+            format!("applied: expected ready, drain, maint or pending, not {value:?}")
+        })
+    }
+}
+
+/// Asks the agent at `addr` for its node's admin state, telling it what
+/// this node's maps hold of it.
+pub async fn query(
+    addr: SocketAddr,
+    timeout: Duration,
+    applied: Applied,
+) -> Result<AdminState, String> {
     let attempt = async {
         let stream = TcpStream::connect(addr)
             .await
             .map_err(|error| describe_connect_error(&error))?;
-        let response = exchange(stream, "GET", AGENT_PATH, &addr.to_string(), None)
+        let path = format!("{AGENT_PATH}?applied={}", applied.label());
+        let response = exchange(stream, "GET", &path, &addr.to_string(), None)
             .await
             .map_err(|error| error.to_string())?;
         if response.status != 200 {
@@ -104,6 +161,25 @@ mod tests {
         assert_eq!(AdminState::parse("up"), None);
     }
 
+    #[test]
+    fn the_applied_report_is_read_from_the_query() {
+        assert_eq!(Applied::from_query(None), Ok(None));
+        assert_eq!(Applied::from_query(Some("x=1")), Ok(None));
+        assert_eq!(
+            Applied::from_query(Some("applied=drain")),
+            Ok(Some(Applied::State(AdminState::Drain)))
+        );
+        assert_eq!(
+            Applied::from_query(Some("a=b&applied=pending")),
+            Ok(Some(Applied::Pending))
+        );
+        let error = Applied::from_query(Some("applied=soon")).unwrap_err();
+        assert!(
+            error.contains("applied") && error.contains("soon"),
+            "{error}"
+        );
+    }
+
     #[tokio::test]
     async fn a_garbage_agent_answer_is_an_error_not_a_state() {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -117,7 +193,9 @@ mod tests {
                 .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nmaybe")
                 .await;
         });
-        let error = query(addr, Duration::from_secs(1)).await.unwrap_err();
+        let error = query(addr, Duration::from_secs(1), Applied::Pending)
+            .await
+            .unwrap_err();
         assert!(error.contains("maybe"), "{error}");
     }
 }

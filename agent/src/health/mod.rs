@@ -127,6 +127,8 @@ struct BackendHealth {
     up_since: Option<Instant>,
     /// The node's own admin state, from its agent (None: never answered).
     agent: Option<AdminState>,
+    /// The [`Health::generation`] at which `agent` last changed.
+    agent_generation: u64,
     agent_error: Option<String>,
     checks_passed: u64,
     checks_failed: u64,
@@ -141,6 +143,7 @@ impl BackendHealth {
             last: None,
             up_since: None,
             agent: None,
+            agent_generation: 0,
             agent_error: None,
             checks_passed: 0,
             checks_failed: 0,
@@ -183,6 +186,9 @@ struct Inner {
     overrides: HashMap<(Option<String>, String), Override>,
     /// This node's own admin state, served at `GET /agent`.
     own: AdminState,
+    /// Counts admin-state changes read from nodes' agents (see
+    /// [`Health::generation`]).
+    generation: u64,
 }
 
 /// Shared health state; see the module docs.
@@ -194,29 +200,46 @@ pub struct Health {
     own_tx: watch::Sender<AdminState>,
     /// Who read this node's admin state (the agent check), and when.
     pub agent_reads: AgentReads,
+    /// The highest [`Health::generation`] this node's balancer has applied
+    /// to its maps.
+    applied_generation: watch::Sender<u64>,
 }
 
-/// When each peer last read this node's admin state at `GET /agent`: a
-/// drain waits until every balancer has read it since the drain began.
+/// A peer's last agent check of this node: when, and what it said its
+/// maps hold (None: it did not say, as an agent before that report).
+#[derive(Debug, Clone, Copy)]
+pub struct AgentRead {
+    pub at: Instant,
+    pub applied: Option<agent::Applied>,
+}
+
+/// When each peer last read this node's admin state at `GET /agent`, and
+/// what it had applied: a drain waits until every balancer has applied it.
 #[derive(Debug, Default)]
-pub struct AgentReads(Mutex<std::collections::HashMap<std::net::IpAddr, Instant>>);
+pub struct AgentReads(Mutex<std::collections::HashMap<std::net::IpAddr, AgentRead>>);
 
 impl AgentReads {
-    pub fn record(&self, peer: std::net::IpAddr) {
+    pub fn record(&self, peer: std::net::IpAddr, applied: Option<agent::Applied>) {
         self.0
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .insert(peer, Instant::now());
+            .insert(
+                peer,
+                AgentRead {
+                    at: Instant::now(),
+                    applied,
+                },
+            );
     }
 
-    /// When `peer` last read the admin state, if that was after `since`.
-    pub fn read_after(&self, peer: std::net::IpAddr, since: Instant) -> Option<Instant> {
+    /// `peer`'s last agent check, if that was after `since`.
+    pub fn read_after(&self, peer: std::net::IpAddr, since: Instant) -> Option<AgentRead> {
         self.0
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .get(&peer)
             .copied()
-            .filter(|at| *at > since)
+            .filter(|read| read.at > since)
     }
 }
 
@@ -251,6 +274,7 @@ impl Health {
             changed: Notify::new(),
             own_tx: watch::channel(AdminState::Ready).0,
             agent_reads: AgentReads::default(),
+            applied_generation: watch::channel(0).0,
         })
     }
 
@@ -282,6 +306,52 @@ impl Health {
     /// Follows this node's own admin state (issue 8 waits on it).
     pub fn watch_own_state(&self) -> watch::Receiver<AdminState> {
         self.own_tx.subscribe()
+    }
+
+    /// A counter of the admin-state changes read from nodes' agents: a plan
+    /// computed after reading it holds every change up to it.
+    pub fn generation(&self) -> u64 {
+        self.lock().generation
+    }
+
+    /// This node's balancer wrote a plan computed at `generation` to its
+    /// maps (or found them holding it already).
+    pub fn mark_applied(&self, generation: u64) {
+        self.applied_generation.send_if_modified(|applied| {
+            let newer = generation > *applied;
+            if newer {
+                *applied = generation;
+            }
+            newer
+        });
+    }
+
+    /// Resolves once a plan holding `generation` is in the maps.
+    async fn wait_applied(&self, generation: u64) {
+        let mut applied = self.applied_generation.subscribe();
+        // The sender lives as long as `self`.
+        let _ = applied.wait_for(|applied| *applied >= generation).await;
+    }
+
+    /// What this node's maps hold of `node`'s own admin state, across every
+    /// service it backs: pending while some state read from its agent is
+    /// not applied yet.
+    pub fn applied_agent_state(&self, node: &str) -> agent::Applied {
+        let applied = *self.applied_generation.borrow();
+        let inner = self.lock();
+        let mut states = inner.backends.iter().filter(|(key, _)| key.name == node);
+        let mut held = None;
+        for (_, entry) in &mut states {
+            match entry.agent {
+                Some(state)
+                    if entry.agent_generation <= applied && held.is_none_or(|h| h == state) =>
+                {
+                    held = Some(state)
+                }
+                _ => return agent::Applied::Pending,
+            }
+        }
+        held.map_or(agent::Applied::Pending, agent::Applied::State)
     }
 
     /// Sets this node's own admin state; balancers learn it through the
@@ -440,27 +510,35 @@ impl Health {
     }
 
     /// Records what a node's agent said about its admin state.
-    fn record_agent(&self, key: &BackendKey, answer: Result<AdminState, String>) {
+    /// Records an agent check's answer; the new [`Health::generation`]
+    /// when it changed the backend's admin state.
+    fn record_agent(&self, key: &BackendKey, answer: Result<AdminState, String>) -> Option<u64> {
         let mut inner = self.lock();
-        let Some(entry) = inner.backends.get_mut(key) else {
-            return;
-        };
+        let next_generation = inner.generation + 1;
+        let entry = inner.backends.get_mut(key)?;
         match answer {
             Ok(state) => {
                 entry.agent_error = None;
                 let before = entry.agent.replace(state);
-                if before != Some(state) && (before.is_some() || state != AdminState::Ready) {
+                if before == Some(state) {
+                    return None;
+                }
+                entry.agent_generation = next_generation;
+                inner.generation = next_generation;
+                if before.is_some() || state != AdminState::Ready {
                     info!(service = %key.service, backend = %key.name, from = before.map(AdminState::label).unwrap_or("unknown"), to = state.label(),
                         "backend admin state changed: reported by its node's agent");
-                    drop(inner);
-                    self.notify();
                 }
+                drop(inner);
+                self.notify();
+                Some(next_generation)
             }
             Err(error) => {
                 if entry.agent_error.is_none() {
                     tracing::debug!(service = %key.service, backend = %key.name, %error, "agent check failed; keeping the last known admin state");
                 }
                 entry.agent_error = Some(error);
+                None
             }
         }
     }
@@ -594,14 +672,17 @@ fn probes(config: &Config, this_node: &str) -> Vec<(BackendKey, Probe)> {
 /// node's agent) at the interval the FSM asks for.
 async fn probe_loop(health: Arc<Health>, key: BackendKey, probe: Probe, offset: Duration) {
     tokio::time::sleep(offset).await;
+    let agent_timeout = probe
+        .check
+        .as_ref()
+        .map_or(DEFAULT_CHECK_TIMEOUT, HealthCheckConfig::timeout);
     loop {
-        let agent_timeout = probe
-            .check
-            .as_ref()
-            .map_or(DEFAULT_CHECK_TIMEOUT, HealthCheckConfig::timeout);
         let agent_query = async {
             match probe.agent {
-                Some(addr) => Some(agent::query(addr, agent_timeout).await),
+                Some(addr) => {
+                    let applied = health.applied_agent_state(&key.name);
+                    Some(agent::query(addr, agent_timeout, applied).await)
+                }
                 None => None,
             }
         };
@@ -616,14 +697,26 @@ async fn probe_loop(health: Arc<Health>, key: BackendKey, probe: Probe, offset: 
             }
         };
         let (answer, checked) = tokio::join!(agent_query, service_check);
-        if let Some(answer) = answer {
-            health.record_agent(&key, answer);
-        }
+        let mut changed = answer.and_then(|answer| health.record_agent(&key, answer));
         let next = match checked {
             Some((result, latency)) => health.record_check(&key, result, latency),
             None => probe.interval(),
         };
-        tokio::time::sleep(next).await;
+        let wake = tokio::time::Instant::now() + next;
+        // The node waits for its balancers to apply a drain: say so as soon
+        // as the maps hold it, not one interval later.
+        while let (Some(generation), Some(addr)) = (changed, probe.agent) {
+            tokio::select! {
+                _ = health.wait_applied(generation) => {}
+                _ = tokio::time::sleep_until(wake) => break,
+            }
+            let applied = health.applied_agent_state(&key.name);
+            changed = agent::query(addr, agent_timeout, applied)
+                .await
+                .ok()
+                .and_then(|state| health.record_agent(&key, Ok(state)));
+        }
+        tokio::time::sleep_until(wake).await;
     }
 }
 

@@ -120,6 +120,127 @@ fn the_most_restrictive_admin_state_wins_and_an_agent_drain_reaches_the_verdict(
 }
 
 #[test]
+fn an_agent_state_is_reported_applied_only_once_a_plan_holding_it_is_in_the_maps() {
+    let health = health_with(None);
+    let k = key("nuster2");
+    assert_eq!(
+        health.applied_agent_state("nuster2"),
+        agent::Applied::Pending,
+        "nothing read yet"
+    );
+    let first = health.record_agent(&k, Ok(AdminState::Ready)).unwrap();
+    health.mark_applied(health.generation());
+    assert_eq!(
+        health.applied_agent_state("nuster2"),
+        agent::Applied::State(AdminState::Ready)
+    );
+    assert_eq!(
+        health.record_agent(&k, Ok(AdminState::Ready)),
+        None,
+        "no change"
+    );
+
+    // A plan computed before the drain was read does not hold it.
+    let before_drain = health.generation();
+    let drained = health.record_agent(&k, Ok(AdminState::Drain)).unwrap();
+    assert!(drained > first);
+    health.mark_applied(before_drain);
+    assert_eq!(
+        health.applied_agent_state("nuster2"),
+        agent::Applied::Pending
+    );
+    health.mark_applied(health.generation());
+    assert_eq!(
+        health.applied_agent_state("nuster2"),
+        agent::Applied::State(AdminState::Drain)
+    );
+    // Marks never go backwards.
+    health.mark_applied(before_drain);
+    assert_eq!(
+        health.applied_agent_state("nuster2"),
+        agent::Applied::State(AdminState::Drain)
+    );
+
+    // The node backs two services: both must hold the same state.
+    let other = BackendKey {
+        service: "api".into(),
+        ..key("nuster2")
+    };
+    health
+        .lock()
+        .backends
+        .insert(other.clone(), BackendHealth::new(None));
+    assert_eq!(
+        health.applied_agent_state("nuster2"),
+        agent::Applied::Pending
+    );
+    health.record_agent(&other, Ok(AdminState::Drain)).unwrap();
+    health.mark_applied(health.generation());
+    assert_eq!(
+        health.applied_agent_state("nuster2"),
+        agent::Applied::State(AdminState::Drain)
+    );
+}
+
+#[tokio::test]
+async fn a_probe_tells_the_agent_what_its_maps_hold_as_soon_as_they_do() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let agent_addr = listener.local_addr().unwrap();
+    let (requests_tx, mut requests) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut buffer = vec![0; 4096];
+            let read = stream.read(&mut buffer).await.unwrap();
+            let request = String::from_utf8_lossy(&buffer[..read]).into_owned();
+            let first_line = request.lines().next().unwrap_or_default().to_owned();
+            let _ = requests_tx.send(first_line);
+            let _ = stream
+                .write_all(
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\nConnection: close\r\n\r\ndrain\n",
+                )
+                .await;
+        }
+    });
+    let health = health_with(None);
+    let k = key("nuster2");
+    let probe = Probe {
+        check: None,
+        target: agent_addr,
+        agent: Some(agent_addr),
+    };
+    // No check configured: the probe runs at the default interval (2 s).
+    let task = tokio::spawn(probe_loop(health.clone(), k.clone(), probe, Duration::ZERO));
+    let first = tokio::time::timeout(Duration::from_secs(5), requests.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(first.contains("/agent?applied=pending"), "{first}");
+    // The balancer applies the drain it read: the probe says so at once.
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while health.lock().backends[&k].agent != Some(AdminState::Drain) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .unwrap();
+    let applied_at = Instant::now();
+    health.mark_applied(health.generation());
+    let report = tokio::time::timeout(Duration::from_secs(5), requests.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(report.contains("/agent?applied=drain"), "{report}");
+    assert!(
+        applied_at.elapsed() < DEFAULT_CHECK_INTERVAL / 2,
+        "reported {:?} after the apply, not at the next interval",
+        applied_at.elapsed()
+    );
+    task.abort();
+}
+
+#[test]
 fn own_state_applies_to_this_nodes_backends() {
     let health = Health::new("nuster2");
     health

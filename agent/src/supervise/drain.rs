@@ -137,11 +137,11 @@ impl Drainer for LocalDrainer {
 /// connections to the service's port on this node (in DSR the balancer
 /// sees only the client's half of a flow, and another balancer's maps are
 /// out of reach), plus what this node's maps track when it balances. Until
-/// every other balancer of the cluster has read the drain (its agent check
-/// came after the drain began) and had a moment to apply it, at least one
-/// flow is reported, so no balancer can still be choosing this node when
-/// the child stops; a balancer that does not ask within three check
-/// intervals is taken to be down. The admin state is node-wide: it takes
+/// every other balancer of the cluster has said, in an agent check after
+/// the drain began, that its maps hold the drain (`applied=drain`, see
+/// `crate::health::agent`), at least one flow is reported, so no balancer
+/// can still be choosing this node when the child stops; a balancer that
+/// does not ask within three check intervals is taken to be down. The admin state is node-wide: it takes
 /// the node out of every service the balancers check it in.
 pub struct ClusterDrainer {
     local: LocalDrainer,
@@ -158,8 +158,9 @@ pub struct ClusterDrainer {
 /// have stopped sending (their plan is applied), not merely read the drain.
 const DRAIN_QUIET: std::time::Duration = std::time::Duration::from_millis(500);
 
-/// After the last balancer read the drain: its plan's rebuild and swap (a
-/// Maglev table is 65537 map writes).
+/// After a balancer that does not report what it applied read the drain
+/// (an agent before that report): its plan's rebuild and swap (a Maglev
+/// table is 65537 map writes).
 const DRAIN_APPLY_MARGIN: std::time::Duration = std::time::Duration::from_millis(500);
 
 impl ClusterDrainer {
@@ -192,26 +193,25 @@ impl ClusterDrainer {
         interval * 3
     }
 
-    /// True while some other balancer may not have seen the drain begun at
-    /// `since` yet.
-    fn drain_unseen(&self, service: &str, since: std::time::Instant) -> bool {
+    /// True while some other balancer may still send new flows here: it
+    /// has not said its maps hold the drain begun at `since`.
+    fn drain_unapplied(&self, service: &str, since: std::time::Instant) -> bool {
         if since.elapsed() >= self.read_deadline(service) {
             return false;
         }
-        let mut last_read = since;
-        for balancer in self.config.nodes.iter().filter(|n| {
-            n.name != self.node.name && n.roles.contains(&crate::config::Role::Balancer)
-        }) {
-            match self
-                .health
-                .agent_reads
-                .read_after(balancer.address.addr(), since)
-            {
-                Some(at) => last_read = last_read.max(at),
-                None => return true,
-            }
-        }
-        last_read.elapsed() < DRAIN_APPLY_MARGIN
+        self.config
+            .nodes
+            .iter()
+            .filter(|n| {
+                n.name != self.node.name && n.roles.contains(&crate::config::Role::Balancer)
+            })
+            .any(|balancer| {
+                let read = self
+                    .health
+                    .agent_reads
+                    .read_after(balancer.address.addr(), since);
+                !read.is_some_and(holds_drain)
+            })
     }
 
     /// The ports this node serves `service` on.
@@ -284,9 +284,20 @@ impl Drainer for ClusterDrainer {
                 .drained_at
                 .lock()
                 .unwrap_or_else(|poison| poison.into_inner());
-            let unseen = since.is_some_and(|at| self.drain_unseen(service, at)) || !quiet;
+            let unseen = since.is_some_and(|at| self.drain_unapplied(service, at)) || !quiet;
             Ok((local + connections).max(u64::from(unseen)))
         })
+    }
+}
+
+/// Whether a balancer's agent check says its maps keep new flows away from
+/// this node.
+fn holds_drain(read: crate::health::AgentRead) -> bool {
+    use crate::health::agent::Applied;
+    match read.applied {
+        Some(Applied::State(state)) => state >= crate::health::AdminState::Drain,
+        Some(Applied::Pending) => false,
+        None => read.at.elapsed() >= DRAIN_APPLY_MARGIN,
     }
 }
 

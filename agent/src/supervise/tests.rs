@@ -409,8 +409,12 @@ async fn child_output_reaches_the_log_line_by_line_with_its_name_and_metrics_cou
         .with_writer(move || writer.clone())
         .with_ansi(false)
         .finish();
-    // The test runtime is single-threaded, so the children's tasks log here.
-    let _guard = tracing::subscriber::set_default(subscriber);
+    // Process-wide: a subscriber scoped to this thread loses events when
+    // tests on other threads hit the same callsites first (tracing caches
+    // each callsite's interest). Other tests' lines land here too; only
+    // this child's are looked at, and nothing else sets a global default.
+    tracing::subscriber::set_global_default(subscriber)
+        .expect("no other test sets a global subscriber");
     let mut talker = spec(
         "talker",
         "/bin/sh",
@@ -438,7 +442,11 @@ async fn child_output_reaches_the_log_line_by_line_with_its_name_and_metrics_cou
         line.contains("child=talker") && line.contains("stream=\"stderr\""),
         "{line}"
     );
-    assert!(text.contains("giving up"), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.contains("giving up") && l.contains("child=talker")),
+        "{text}"
+    );
 
     let mut registry = prometheus_client::registry::Registry::default();
     registry.register_collector(Box::new(supervisor.collector()));
