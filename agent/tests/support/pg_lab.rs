@@ -173,18 +173,18 @@ impl PgCluster {
     }
 
     /// SIGKILL to the agent and the postmaster of `node`, together.
-    pub(crate) fn kill_node(&mut self, node: &str) {
+    pub(crate) fn kill_node(&self, node: &str) {
         let postmaster = self.postmaster_pid(node);
         let index = PG_NODES.iter().position(|n| *n == node).unwrap();
-        if let Some(agent) = self.agents[index].1.as_mut() {
-            // SAFETY: kill(2) on this test's agent and postmaster.
+        if let Some(agent) = self.agents[index].1.as_ref() {
+            // SAFETY: kill(2) on this test's agent and postmaster (the
+            // agent's guard reaps it).
             unsafe {
                 libc::kill(agent.pid() as i32, libc::SIGKILL);
                 if let Some(pid) = postmaster {
                     libc::kill(pid, libc::SIGKILL);
                 }
             }
-            let _ = agent.child_mut().wait();
         }
     }
 
