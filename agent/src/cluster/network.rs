@@ -79,16 +79,6 @@ impl Peer {
 }
 
 impl RaftNetwork<TypeConfig> for Peer {
-    /// Retries to an unreachable peer: 0.5 s, doubling up to 4 s (openraft
-    /// retries every 0.5 s and logs an ERROR each time, so a node that is
-    /// down filled the leader's log with six lines a second). A peer that
-    /// comes back is replicated to within 4 s.
-    fn backoff(&self) -> openraft::network::Backoff {
-        openraft::network::Backoff::new(
-            (0..).map(|attempt: u32| std::time::Duration::from_millis(500 << attempt.min(3))),
-        )
-    }
-
     async fn append_entries(
         &mut self,
         rpc: AppendEntriesRequest<TypeConfig>,
