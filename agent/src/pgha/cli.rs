@@ -91,3 +91,31 @@ pub fn main(args: &PgArgs) -> std::process::ExitCode {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory, Parser};
+
+    use super::PgCommand;
+    use crate::cli::{Cli, Command};
+
+    #[test]
+    fn switchover_parses_its_target_and_the_control_flags() {
+        // clap checks the whole command tree here (a duplicate argument
+        // name panics at parse time, in the field).
+        Cli::command().debug_assert();
+        let cli =
+            Cli::try_parse_from(["agent", "pg", "switchover", "nuster2", "--node", "nuster3"])
+                .unwrap();
+        match cli.command {
+            Command::Pg(args) => match args.command {
+                PgCommand::Switchover { target, control } => {
+                    assert_eq!(target, "nuster2");
+                    assert_eq!(control.node.as_deref(), Some("nuster3"));
+                }
+            },
+            other => panic!("{other:?}"),
+        }
+        assert!(Cli::try_parse_from(["agent", "pg", "switchover"]).is_err());
+    }
+}
