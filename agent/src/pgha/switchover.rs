@@ -85,7 +85,14 @@ impl Switchover {
             let service = service.clone();
             Arc::new(move |target: String| {
                 let service = service.clone();
-                Box::pin(async move { service.run_as_primary(&target).await })
+                // A task of its own: a requester that goes away (CLI
+                // interrupted, connection cut) must not cancel the sequence
+                // halfway, with the lease given up and never taken back.
+                let task = tokio::spawn(async move { service.run_as_primary(&target).await });
+                Box::pin(async move {
+                    task.await
+                        .unwrap_or_else(|error| Err(format!("the switchover task failed: {error}")))
+                })
             })
         };
         cluster.serve_handoffs(handler);
