@@ -49,6 +49,8 @@ pub enum Command {
     Stop(ControlArgs),
     /// The agents' shared cluster state: `status`, `set-primary NODE`.
     Cluster(crate::cluster::control::ClusterArgs),
+    /// PostgreSQL under the agents: `switchover NODE`.
+    Pg(crate::pgha::cli::PgArgs),
     /// Run only the PostgreSQL pooler of the cluster file (no data plane,
     /// no root needed); for benchmarks and tests.
     #[command(hide = true)]

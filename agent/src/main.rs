@@ -27,6 +27,7 @@ fn main() -> ExitCode {
         Command::Pooler(args) => pooler(&args),
         Command::Status(args) => farol_agent::control::client::main_status(&args),
         Command::Cluster(args) => farol_agent::cluster::control::main(&args),
+        Command::Pg(args) => farol_agent::pgha::cli::main(&args),
         Command::Backend(args) => farol_agent::control::client::main_backend(&args),
         Command::Reload(args) => farol_agent::control::client::main_reload(&args),
         Command::Stop(args) => farol_agent::control::client::main_stop(&args),

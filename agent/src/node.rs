@@ -307,6 +307,14 @@ pub async fn run(plan: NodePlan, shutdown: watch::Receiver<bool>) -> Result<(), 
             }
             let (pgha, task) = crate::pgha::Pgha::spawn(pg, desired_rx, shutdown.clone());
             registry.register_collector(Box::new(crate::pgha::PgCollector(pgha.clone())));
+            if let Some(cluster) = &cluster {
+                let switchover =
+                    crate::pgha::switchover::Switchover::start(pgha.clone(), cluster.clone());
+                registry.register_collector(Box::new(
+                    crate::pgha::switchover::SwitchoverCollector(switchover.stats.clone()),
+                ));
+                let _ = control.pg_switchover.set(switchover);
+            }
             let mut stop = shutdown.clone();
             let api = tokio::spawn(crate::pgha::api::serve(listener, pgha, async move {
                 let _ = stop.wait_for(|stop| *stop).await;

@@ -26,6 +26,7 @@
 //! [`ClusterHandle::holds_lease`] to stop writes.
 
 pub mod control;
+mod handoff;
 mod lease;
 mod members;
 pub mod metrics;
@@ -50,7 +51,10 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::config::{ClusterStateConfig, Config, NodeConfig};
-use network::{Network, APPEND_PATH, PING_PATH, SNAPSHOT_PATH, VOTE_PATH, WRITE_PATH};
+pub use handoff::HandoffHandler;
+use network::{
+    Network, APPEND_PATH, HANDOFF_PATH, PING_PATH, SNAPSHOT_PATH, VOTE_PATH, WRITE_PATH,
+};
 use store::{LogStore, StateMachine};
 use transport::{Client, MessageKey, Rejections};
 use types::{Command, Outcome, Pong, Request, TypeConfig};
@@ -147,6 +151,8 @@ struct Core {
     /// When each peer last answered a ping or pinged this node.
     heard: Mutex<BTreeMap<String, Instant>>,
     counters: Counters,
+    /// What this agent runs when asked to hand the primary over.
+    handoff: std::sync::OnceLock<HandoffHandler>,
 }
 
 impl std::fmt::Debug for Core {
@@ -420,6 +426,10 @@ impl transport::Handler for Core {
                 };
                 encode(&result)
             }
+            HANDOFF_PATH => {
+                let request: handoff::HandoffRequest = decode(&body)?;
+                encode(&self.run_handoff(request.target).await)
+            }
             PING_PATH => {
                 let _: String = decode(&body)?;
                 self.saw(&sender);
@@ -546,6 +556,7 @@ pub async fn start(
         rejections: Arc::new(Rejections::default()),
         heard: Mutex::new(BTreeMap::new()),
         counters: Counters::default(),
+        handoff: std::sync::OnceLock::new(),
     });
     let router = transport::routes(
         node.name.clone(),
@@ -553,7 +564,14 @@ pub async fn start(
         config.nodes.iter().map(|n| n.name.clone()).collect(),
         core.rejections.clone(),
         core.clone(),
-        &[APPEND_PATH, VOTE_PATH, SNAPSHOT_PATH, WRITE_PATH, PING_PATH],
+        &[
+            APPEND_PATH,
+            VOTE_PATH,
+            SNAPSHOT_PATH,
+            WRITE_PATH,
+            PING_PATH,
+            HANDOFF_PATH,
+        ],
     );
     {
         let mut shutdown = shutdown.clone();

@@ -120,6 +120,9 @@ pub struct Control {
     token: Option<String>,
     /// The cluster state, once `agent run` started it (`/cluster` routes).
     pub cluster_state: std::sync::OnceLock<crate::cluster::ClusterHandle>,
+    /// Planned PostgreSQL switchovers, once `agent run` started them
+    /// (`/pg/switchover/NODE`).
+    pub pg_switchover: std::sync::OnceLock<Arc<crate::pgha::switchover::Switchover>>,
     reloads_applied: AtomicU64,
     reloads_refused: AtomicU64,
     /// The data plane's interface and attach mode, set once it attached.
@@ -164,6 +167,7 @@ impl Control {
             maps,
             token,
             cluster_state: std::sync::OnceLock::new(),
+            pg_switchover: std::sync::OnceLock::new(),
             reloads_applied: AtomicU64::new(0),
             reloads_refused: AtomicU64::new(0),
             xdp: std::sync::OnceLock::new(),
@@ -585,6 +589,10 @@ fn socket_routes(control: Arc<Control>) -> Router {
         .route(
             "/cluster/primary/{node}",
             post(crate::cluster::control::set_primary),
+        )
+        .route(
+            "/pg/switchover/{node}",
+            post(crate::pgha::cli::switchover_route),
         )
         .with_state(control)
 }

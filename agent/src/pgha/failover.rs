@@ -371,7 +371,7 @@ fn sync_standbys(body: &Value) -> BTreeSet<String> {
 
 /// GET `path` on `member`'s agent endpoint: status and JSON body, None
 /// when it does not answer in time.
-async fn probe(plan: &PgPlan, member: &Member, path: &str) -> Option<(u16, Value)> {
+pub(crate) async fn probe(plan: &PgPlan, member: &Member, path: &str) -> Option<(u16, Value)> {
     let port = plan.api_listen.port();
     let exchange = async {
         let stream = tokio::net::TcpStream::connect((member.host.as_str(), port))

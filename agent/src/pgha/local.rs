@@ -296,6 +296,11 @@ impl PgNode {
              # new primary that long after a failover).\n\
              wal_retrieve_retry_interval = 500ms\n\
              max_slot_wal_keep_size = {}MB\n\
+             # pg_rewind of a former primary reads its own WAL back to the\n\
+             # last checkpoint before the divergence: a fenced primary's\n\
+             # shutdown checkpoint must not recycle it (postgres.settings\n\
+             # may override this).\n\
+             wal_keep_size = 256MB\n\
              synchronous_standby_names = {}\n",
             quote(&format!("{}-{}", plan.cluster, plan.node)),
             plan.port,

@@ -25,12 +25,14 @@ use crate::config::{
 };
 
 pub mod api;
+pub mod cli;
 pub mod failover;
 pub mod local;
 pub mod metrics;
 pub mod postmaster;
 pub mod reconcile;
 pub mod status;
+pub mod switchover;
 
 pub use api::routes;
 pub use local::{Lsn, ObservedRole, PgNode, PgStatus, StandbyLag, UpstreamProbe};

@@ -1,0 +1,344 @@
+//! Planned switchover on the cluster state (`agent pg switchover NODE`):
+//! the lease holder hands the primary record over to a caught-up standby
+//! with no committed transaction lost.
+//!
+//! Any agent takes the request (control socket), checks what it can (the
+//! target is a PostgreSQL node, not already the primary, this agent sees a
+//! quorum) and forwards it to the recorded primary's agent over the signed
+//! cluster port ([`ClusterHandle::request_handoff`]). There, in order:
+//!
+//! 1. the target must be streaming, within `max_lag_bytes` (the primary's
+//!    `pg_stat_replication`), and the agent must hold the lease and see a
+//!    quorum: otherwise the request is refused and nothing changes;
+//! 2. the agent gives up its lease ([`ClusterHandle::pause_lease`]): its
+//!    reconciler fences the server (no commit acknowledged any more) and
+//!    stops it (fast shutdown: the walsenders send everything up to the
+//!    shutdown checkpoint first);
+//! 3. pg_controldata gives that checkpoint, the old primary's last record;
+//!    the agent waits until the target's `/replica` reports it replayed;
+//! 4. the handoff [`ClusterHandle::set_primary`] moves the record without
+//!    the lease wait; the target's agent gains the lease and promotes, the
+//!    other standbys follow it, the old primary rejoins as its standby.
+//!
+//! If step 2 or 3 does not complete in time, or the handoff is refused,
+//! the lease is taken back and the old primary starts again as primary.
+
+use std::{
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric},
+    metrics::{counter::ConstCounter, MetricType},
+};
+use tracing::{info, warn};
+
+use super::{failover::probe, Lsn, PgNode, Pgha};
+use crate::cluster::{ClusterHandle, HandoffHandler};
+
+/// How long the old primary may take to stop once fenced.
+const STOP_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long the target may take to replay the old primary's last record.
+const REPLAY_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long the requester waits for the primary's agent to answer.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(90);
+/// How long the primary's agent waits for the target to answer as primary
+/// after the handoff, for the report (the switchover is done either way).
+const PROMOTION_WAIT: Duration = Duration::from_secs(15);
+
+/// Switchovers counted for `/metrics`.
+#[derive(Debug, Default)]
+pub struct SwitchoverStats {
+    pub done: AtomicU64,
+    /// Refused before anything changed (not caught up, no quorum, ...).
+    pub refused: AtomicU64,
+    /// Started, then undone: the old primary runs again.
+    pub aborted: AtomicU64,
+}
+
+/// Runs switchovers for this agent (see the module doc).
+#[derive(Debug)]
+pub struct Switchover {
+    pgha: Pgha,
+    cluster: ClusterHandle,
+    /// One switchover at a time on this agent.
+    running: tokio::sync::Mutex<()>,
+    pub stats: Arc<SwitchoverStats>,
+}
+
+impl Switchover {
+    /// The service, registered with the cluster state as this agent's
+    /// handoff handler.
+    pub fn start(pgha: Pgha, cluster: ClusterHandle) -> Arc<Switchover> {
+        let service = Arc::new(Switchover {
+            pgha,
+            cluster: cluster.clone(),
+            running: tokio::sync::Mutex::new(()),
+            stats: Arc::new(SwitchoverStats::default()),
+        });
+        let handler: HandoffHandler = {
+            let service = service.clone();
+            Arc::new(move |target: String| {
+                let service = service.clone();
+                // A task of its own: a requester that goes away (CLI
+                // interrupted, connection cut) must not cancel the sequence
+                // halfway, with the lease given up and never taken back.
+                let task = tokio::spawn(async move { service.run_as_primary(&target).await });
+                Box::pin(async move {
+                    task.await
+                        .unwrap_or_else(|error| Err(format!("the switchover task failed: {error}")))
+                })
+            })
+        };
+        cluster.serve_handoffs(handler);
+        service
+    }
+
+    /// What every agent checks before forwarding a request.
+    fn check_request(&self, target: &str) -> Result<(), String> {
+        let plan = self.pgha.plan();
+        if plan.member(target).is_err() {
+            return Err(format!(
+                "{target:?} is not a PostgreSQL node of this cluster (nodes: {})",
+                plan.members
+                    .iter()
+                    .map(|m| m.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+        let members = self.cluster.members().borrow().clone();
+        if !members.has_quorum {
+            return Err(format!(
+                "no quorum: {} reaches {} of the voters {} (a majority is needed to move the primary)",
+                self.cluster.node(),
+                members
+                    .reachable
+                    .iter()
+                    .filter(|n| members.voters.contains(n))
+                    .count(),
+                members.voters.join(", ")
+            ));
+        }
+        match self.cluster.primary().borrow().as_ref() {
+            None => Err("no primary is recorded yet: nothing to switch over".into()),
+            Some(record) if record.node == target => Err(format!(
+                "{target} is already the primary (epoch {})",
+                record.epoch
+            )),
+            Some(_) => Ok(()),
+        }
+    }
+
+    /// `agent pg switchover NODE` on this agent: checks, then runs it on
+    /// the recorded primary's agent (here or forwarded).
+    pub async fn request(&self, target: &str) -> Result<String, String> {
+        if let Err(why) = self.check_request(target) {
+            self.stats.refused.fetch_add(1, Ordering::Relaxed);
+            warn!(target, reason = %why, "PostgreSQL switchover refused");
+            return Err(why);
+        }
+        self.cluster.request_handoff(target, REQUEST_TIMEOUT).await
+    }
+
+    /// On the lease holder: the sequence of the module doc.
+    async fn run_as_primary(&self, target: &str) -> Result<String, String> {
+        let Ok(_running) = self.running.try_lock() else {
+            return Err("a switchover is already under way on the primary's agent".into());
+        };
+        let result = self.switch(target).await;
+        match &result {
+            Ok(summary) => {
+                self.stats.done.fetch_add(1, Ordering::Relaxed);
+                info!(target, %summary, "PostgreSQL switchover done");
+            }
+            Err(Refusal::Refused(why)) => {
+                self.stats.refused.fetch_add(1, Ordering::Relaxed);
+                warn!(target, reason = %why, "PostgreSQL switchover refused");
+            }
+            Err(Refusal::Aborted(why)) => {
+                self.stats.aborted.fetch_add(1, Ordering::Relaxed);
+                warn!(target, reason = %why, "PostgreSQL switchover aborted: this node takes its lease back and runs the primary again");
+            }
+        }
+        result.map_err(|refusal| match refusal {
+            Refusal::Refused(why) => why,
+            Refusal::Aborted(why) => {
+                format!("{why}; aborted: the old primary runs again")
+            }
+        })
+    }
+
+    async fn switch(&self, target: &str) -> Result<String, Refusal> {
+        let plan = self.pgha.plan().clone();
+        self.check_request(target).map_err(Refusal::Refused)?;
+        let me = self.cluster.node().to_owned();
+        let record = self.cluster.primary().borrow().clone();
+        if record.as_ref().is_none_or(|r| r.node != me) {
+            return Err(Refusal::Refused(format!(
+                "{me} is no longer the recorded primary"
+            )));
+        }
+        if !*self.cluster.holds_lease().borrow() {
+            return Err(Refusal::Refused(format!(
+                "{me} does not hold the primary lease (a majority of voters did not commit its renewal)"
+            )));
+        }
+        let status = self.pgha.observe_now(false).await;
+        let row = status.replication.iter().find(|row| row.name == target);
+        match row {
+            Some(row) if row.state == "streaming" && row.lag_bytes <= plan.max_lag_bytes => {}
+            Some(row) => {
+                return Err(Refusal::Refused(format!(
+                    "{target} is not a caught-up standby: {} with {} bytes to replay (postgres.max_lag_bytes = {})",
+                    row.state, row.lag_bytes, plan.max_lag_bytes
+                )))
+            }
+            None => {
+                return Err(Refusal::Refused(format!(
+                    "{target} is not a caught-up standby: it does not stream from {me} (pg_stat_replication has no {target})"
+                )))
+            }
+        }
+        let member = plan
+            .member(target)
+            .map_err(|e| Refusal::Refused(e.to_string()))?
+            .clone();
+
+        // 2. No lease: the reconciler fences and stops the server.
+        let started = Instant::now();
+        let epoch = self
+            .cluster
+            .pause_lease(target)
+            .map_err(|e| Refusal::Refused(e.to_string()))?;
+        info!(
+            target,
+            epoch, "PostgreSQL switchover: lease given up, the primary is being fenced and stopped"
+        );
+        let outcome = async {
+            let local = PgNode::new(plan.clone()).map_err(|e| e.to_string())?;
+            let final_lsn = wait_stopped(&local).await?;
+            let stopped = started.elapsed();
+            // 3. The target replays the old primary's last record.
+            let replay_deadline = Instant::now() + REPLAY_TIMEOUT;
+            loop {
+                let replayed = probe(&plan, &member, "/replica")
+                    .await
+                    .and_then(|(_, body)| body["xlog"]["replayed_location"].as_u64());
+                if replayed.is_some_and(|at| at > final_lsn.0) {
+                    break;
+                }
+                if Instant::now() > replay_deadline {
+                    return Err(format!(
+                        "{target} did not replay up to the old primary's last record {final_lsn} within {REPLAY_TIMEOUT:?} (replayed: {:?})",
+                        replayed.map(|l| Lsn(l).to_string())
+                    ));
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let replayed = started.elapsed();
+            // 4. The handoff.
+            let new = self
+                .cluster
+                .set_primary(target, epoch)
+                .await
+                .map_err(|e| format!("the handoff to {target} was refused: {e}"))?;
+            Ok((final_lsn, stopped, replayed, new))
+        }
+        .await;
+        let (final_lsn, stopped, replayed, new) = match outcome {
+            Ok(done) => done,
+            Err(why) => {
+                self.cluster.resume_lease();
+                return Err(Refusal::Aborted(why));
+            }
+        };
+        let handed = started.elapsed();
+        let promoted = {
+            let deadline = Instant::now() + PROMOTION_WAIT;
+            loop {
+                if matches!(probe(&plan, &member, "/primary").await, Some((200, _))) {
+                    break Some(started.elapsed());
+                }
+                if Instant::now() > deadline {
+                    break None;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        Ok(format!(
+            "{target} is the primary (epoch {}): {me} stopped at {final_lsn} after {} ms, {target} replayed it after {} ms, record handed over after {} ms, {}",
+            new.epoch,
+            stopped.as_millis(),
+            replayed.as_millis(),
+            handed.as_millis(),
+            match promoted {
+                Some(at) => format!("{target} answered as primary after {} ms", at.as_millis()),
+                None => format!("{target} did not answer as primary within {PROMOTION_WAIT:?} (its agent promotes once it holds the lease)"),
+            }
+        ))
+    }
+}
+
+/// Why a switchover did not happen.
+enum Refusal {
+    /// Nothing changed.
+    Refused(String),
+    /// The old primary had been stopped and is started again.
+    Aborted(String),
+}
+
+/// Waits until the fenced server shut down cleanly; its shutdown
+/// checkpoint is the last record it wrote.
+async fn wait_stopped(local: &PgNode) -> Result<Lsn, String> {
+    let deadline = Instant::now() + STOP_TIMEOUT;
+    loop {
+        match local.control_data().await {
+            Ok(control) if control.state == "shut down" => return Ok(control.checkpoint),
+            Ok(control) if Instant::now() > deadline => {
+                return Err(format!(
+                    "{} did not shut down within {STOP_TIMEOUT:?} (pg_controldata: {:?})",
+                    local.plan.node, control.state
+                ))
+            }
+            Err(error) if Instant::now() > deadline => {
+                return Err(format!(
+                    "cannot read {}'s control file: {}",
+                    local.plan.node,
+                    crate::error_chain(&error)
+                ))
+            }
+            _ => tokio::time::sleep(Duration::from_millis(25)).await,
+        }
+    }
+}
+
+/// `farol_pg_switchovers_total{outcome}` on `/metrics`.
+#[derive(Debug)]
+pub struct SwitchoverCollector(pub Arc<SwitchoverStats>);
+
+impl Collector for SwitchoverCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let stats = &self.0;
+        let mut family = encoder.encode_descriptor(
+            "farol_pg_switchovers",
+            "Planned switchovers requested on or run by this agent, by outcome",
+            None,
+            MetricType::Counter,
+        )?;
+        for (outcome, value) in [
+            ("done", &stats.done),
+            ("refused", &stats.refused),
+            ("aborted", &stats.aborted),
+        ] {
+            ConstCounter::new(value.load(Ordering::Relaxed))
+                .encode(family.encode_family(&[("outcome", outcome)])?)?;
+        }
+        Ok(())
+    }
+}
