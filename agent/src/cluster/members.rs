@@ -46,7 +46,9 @@ impl Core {
 /// Runs until `shutdown`.
 pub(crate) async fn run(handle: ClusterHandle, mut shutdown: watch::Receiver<bool>) {
     let core = handle.core.clone();
-    let every = (core.settings.heartbeat_interval * 2).max(std::time::Duration::from_millis(50));
+    // Several pings per election timeout: one late answer must not make a
+    // member look unreachable.
+    let every = (core.settings.election_timeout / 4).max(std::time::Duration::from_millis(50));
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut adding: BTreeSet<String> = BTreeSet::new();
