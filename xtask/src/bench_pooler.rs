@@ -401,6 +401,8 @@ pub fn run() -> Result<BenchReport> {
             // CPU time of the pooler process per transaction (µs), where
             // one process does all the work (not pgpool's children).
             let mut cpu: Vec<Vec<f64>> = vec![Vec::new(); targets.len()];
+            // Context switches of its main thread per transaction.
+            let mut switches: Vec<Vec<f64>> = vec![Vec::new(); targets.len()];
             for _ in 0..rounds {
                 for (index, (target, port, proc)) in targets.iter().enumerate() {
                     let pid = proc
@@ -408,6 +410,7 @@ pub fn run() -> Result<BenchReport> {
                         .filter(|_| *target != "pgpool")
                         .map(|proc| proc.child.id());
                     let before = pid.and_then(cpu_ticks);
+                    let switches_before = pid.and_then(context_switches);
                     let started = Instant::now();
                     let outcome = pgbench(*port, &full, seconds);
                     let elapsed = started.elapsed().as_secs_f64();
@@ -415,6 +418,13 @@ pub fn run() -> Result<BenchReport> {
                         (before, pid.and_then(cpu_ticks), &outcome)
                     {
                         let transactions = tps * elapsed;
+                        if let (Some(first), Some(last)) =
+                            (switches_before, pid.and_then(context_switches))
+                        {
+                            if transactions > 0.0 {
+                                switches[index].push((last - first) as f64 / transactions);
+                            }
+                        }
                         if transactions > 0.0 {
                             cpu[index].push(
                                 (after - before) as f64 * 1e6 / ticks_per_second() / transactions,
@@ -424,9 +434,13 @@ pub fn run() -> Result<BenchReport> {
                     outcomes[index].push(outcome);
                 }
             }
-            for (((target, _, _), runs), mut cpu) in targets.iter().zip(outcomes).zip(cpu) {
+            for ((((target, _, _), runs), mut cpu), mut switches) in
+                targets.iter().zip(outcomes).zip(cpu).zip(switches)
+            {
                 cpu.sort_by(f64::total_cmp);
                 let cpu_us = cpu.get(cpu.len() / 2).copied();
+                switches.sort_by(f64::total_cmp);
+                let switches_per_tx = switches.get(switches.len() / 2).copied();
                 let case = if clients == 10 {
                     format!("{target}-{workload}")
                 } else {
@@ -438,11 +452,18 @@ pub fn run() -> Result<BenchReport> {
                         let cpu_text = cpu_us
                             .map(|us| format!(" {us:>7.1} µs CPU/tx"))
                             .unwrap_or_default();
+                        let cpu_text = match switches_per_tx {
+                            Some(n) => format!("{cpu_text} {n:>5.2} switches/tx"),
+                            None => cpu_text,
+                        };
                         println!("{case:48} {tps:>10.0} tps {latency:>8.3} ms{cpu_text}");
                         report.push(&case, "tps", *tps, "1/s");
                         report.push(&case, "latency", *latency, "ms");
                         if let Some(us) = cpu_us {
                             report.push(&case, "cpu_per_transaction", us, "us");
+                        }
+                        if let Some(n) = switches_per_tx {
+                            report.push(&case, "context_switches_per_transaction", n, "1");
                         }
                     }
                     Err(why) => println!("{case:48} fails: {why}"),
@@ -469,6 +490,22 @@ fn cpu_ticks(pid: u32) -> Option<u64> {
     let fields: Vec<&str> = rest.split_whitespace().collect();
     // utime and stime are fields 14 and 15 of the whole line.
     Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+}
+
+/// Voluntary plus involuntary context switches of a process's main
+/// thread (/proc/PID/status).
+fn context_switches(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let mut total = 0;
+    for line in status.lines() {
+        if let Some(value) = line
+            .strip_prefix("voluntary_ctxt_switches:")
+            .or_else(|| line.strip_prefix("nonvoluntary_ctxt_switches:"))
+        {
+            total += value.trim().parse::<u64>().ok()?;
+        }
+    }
+    Some(total)
 }
 
 fn ticks_per_second() -> f64 {
