@@ -100,8 +100,21 @@ fn md5_secret() -> String {
     crate::postgres::md5_secret(USER, PASSWORD).expect("md5sum runs")
 }
 
-fn start_farol(dir: &Path, agent: &Path, mode: &str, primary: u16) -> Result<(Proc, u16)> {
+fn start_farol(
+    dir: &Path,
+    agent: &Path,
+    mode: &str,
+    primary: u16,
+    clients: usize,
+) -> Result<(Proc, u16)> {
     let port = free_port()?;
+    // A session holds its server connection until it leaves: clients past
+    // the pool would wait for the whole run and time out (53300).
+    let pool_size = if mode == "session" {
+        POOL_SIZE.max(clients)
+    } else {
+        POOL_SIZE
+    };
     let config = dir.join(format!("farol-{mode}-{port}.toml"));
     std::fs::write(
         &config,
@@ -126,7 +139,7 @@ secret = "{secret}"
 [[pooler.pools]]
 database = "{USER}"
 mode = "{mode}"
-pool_size = {POOL_SIZE}
+pool_size = {pool_size}
 "#,
             secret = md5_secret()
         ),
@@ -260,10 +273,12 @@ fn pgbench(port: u16, args: &[&str], seconds: u64) -> Outcome {
         (Some(tps), Some(latency)) if !failed => Ok((tps, latency)),
         _ => {
             let stderr = String::from_utf8_lossy(&output.stderr);
+            // The first client error says why; the last line only that
+            // the run was aborted.
             let why = stderr
                 .lines()
-                .rev()
-                .find(|l| !l.trim().is_empty())
+                .find(|l| l.contains("error") && !l.contains("Run was aborted"))
+                .or_else(|| stderr.lines().rev().find(|l| !l.trim().is_empty()))
                 .unwrap_or("no output");
             Err(why.trim().chars().take(90).collect())
         }
@@ -365,14 +380,18 @@ pub fn run() -> Result<BenchReport> {
         for target in all.into_iter().filter(|t| only("FAROL_BENCH_TARGETS", t)) {
             let started = match target {
                 "direct" => Ok((None, pg.primary.port)),
-                "farol-transaction" => start_farol(&dir, &agent, "transaction", pg.primary.port)
-                    .map(|(p, port)| (Some(p), port)),
+                "farol-transaction" => {
+                    start_farol(&dir, &agent, "transaction", pg.primary.port, clients)
+                        .map(|(p, port)| (Some(p), port))
+                }
                 "farol-baseline-transaction" => match &baseline {
-                    Some(baseline) => start_farol(&dir, baseline, "transaction", pg.primary.port)
-                        .map(|(p, port)| (Some(p), port)),
+                    Some(baseline) => {
+                        start_farol(&dir, baseline, "transaction", pg.primary.port, clients)
+                            .map(|(p, port)| (Some(p), port))
+                    }
                     None => continue,
                 },
-                "farol-session" => start_farol(&dir, &agent, "session", pg.primary.port)
+                "farol-session" => start_farol(&dir, &agent, "session", pg.primary.port, clients)
                     .map(|(p, port)| (Some(p), port)),
                 "pgbouncer-transaction" => {
                     start_pgbouncer(&dir, pg.primary.port).map(|(p, port)| (Some(p), port))
