@@ -5,6 +5,7 @@
 //! listen = "0.0.0.0:6432"
 //! primary = "127.0.0.1:5432"
 //! standbys = ["127.0.0.1:5433"]
+//! auth_user = "app"        # optional: runs auth_query for users not listed
 //!
 //! [[pooler.users]]
 //! name = "app"

@@ -1284,4 +1284,23 @@ mod tests {
         // Too few bytes to tell: the caller waits for the whole message.
         assert_eq!(unnamed_expectation(b'B', &out[..5], out.len()), None);
     }
+
+    #[test]
+    fn the_mock_secret_of_an_unknown_user_keeps_its_salt_and_matches_no_password() {
+        let salt = |secret: Secret| match secret {
+            Secret::Scram { salt, .. } => salt,
+            Secret::Md5(_) => panic!("a SCRAM mock"),
+        };
+        assert_eq!(salt(mock_secret("ghost")), salt(mock_secret("ghost")));
+        assert_ne!(salt(mock_secret("ghost")), salt(mock_secret("other")));
+        use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
+        let mut client = ScramSha256::new(b"", ChannelBinding::unsupported());
+        let (server, first) =
+            ScramServer::start("ghost", &mock_secret("ghost"), client.message()).unwrap();
+        client.update(first.as_bytes()).unwrap();
+        assert!(matches!(
+            server.finish(client.message()),
+            Err(AuthError::Failed { .. })
+        ));
+    }
 }
