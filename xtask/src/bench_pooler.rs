@@ -6,7 +6,10 @@
 //! direct; writes `target/bench/pooler.json`.
 //!
 //! Knobs: FAROL_BENCH_SECONDS (default 10), FAROL_BENCH_CLIENTS
-//! (default "10"; "10,50" adds the -c 50 rows), FAROL_BENCH_TARGETS and
+//! (default "10,50"), FAROL_BENCH_AGENT (an agent binary to use instead of
+//! building one), FAROL_BENCH_BASELINE_AGENT (another agent binary, run
+//! as the extra target `farol-baseline-transaction`: before/after a change
+//! in the same run), FAROL_BENCH_TARGETS and
 //! FAROL_BENCH_WORKLOADS (comma lists of case names, to run a subset),
 //! FAROL_BENCH_ROUNDS (default 3, interleaved, median reported), and
 //! FAROL_POOLER_THREADS for the agent (default 1: on a saturated 2-core
@@ -97,9 +100,22 @@ fn md5_secret() -> String {
     crate::postgres::md5_secret(USER, PASSWORD).expect("md5sum runs")
 }
 
-fn start_farol(dir: &Path, mode: &str, primary: u16) -> Result<(Proc, u16)> {
+fn start_farol(
+    dir: &Path,
+    agent: &Path,
+    mode: &str,
+    primary: u16,
+    clients: usize,
+) -> Result<(Proc, u16)> {
     let port = free_port()?;
-    let config = dir.join(format!("farol-{mode}.toml"));
+    // A session holds its server connection until it leaves: clients past
+    // the pool would wait for the whole run and time out (53300).
+    let pool_size = if mode == "session" {
+        POOL_SIZE.max(clients)
+    } else {
+        POOL_SIZE
+    };
+    let config = dir.join(format!("farol-{mode}-{port}.toml"));
     std::fs::write(
         &config,
         format!(
@@ -123,13 +139,12 @@ secret = "{secret}"
 [[pooler.pools]]
 database = "{USER}"
 mode = "{mode}"
-pool_size = {POOL_SIZE}
+pool_size = {pool_size}
 "#,
             secret = md5_secret()
         ),
     )?;
-    let agent = workspace_root().join("target/release/agent");
-    let log = std::fs::File::create(dir.join(format!("farol-{mode}.log")))?;
+    let log = std::fs::File::create(dir.join(format!("farol-{mode}-{port}.log")))?;
     let child = Command::new(agent)
         .args(["pooler", "--config"])
         .arg(&config)
@@ -258,10 +273,12 @@ fn pgbench(port: u16, args: &[&str], seconds: u64) -> Outcome {
         (Some(tps), Some(latency)) if !failed => Ok((tps, latency)),
         _ => {
             let stderr = String::from_utf8_lossy(&output.stderr);
+            // The first client error says why; the last line only that
+            // the run was aborted.
             let why = stderr
                 .lines()
-                .rev()
-                .find(|l| !l.trim().is_empty())
+                .find(|l| l.contains("error") && !l.contains("Run was aborted"))
+                .or_else(|| stderr.lines().rev().find(|l| !l.trim().is_empty()))
                 .unwrap_or("no output");
             Err(why.trim().chars().take(90).collect())
         }
@@ -277,19 +294,26 @@ pub fn run() -> Result<BenchReport> {
         .and_then(|s| s.parse().ok())
         .unwrap_or(10);
     let client_counts: Vec<usize> = std::env::var("FAROL_BENCH_CLIENTS")
-        .unwrap_or_else(|_| "10".into())
+        .unwrap_or_else(|_| "10,50".into())
         .split(',')
         .filter_map(|s| s.trim().parse().ok())
         .collect();
-    exec(Command::new("cargo").current_dir(workspace_root()).args([
-        "build",
-        "--release",
-        "--quiet",
-        "-p",
-        "farol-agent",
-        "--bin",
-        "agent",
-    ]))?;
+    let agent = match std::env::var_os("FAROL_BENCH_AGENT") {
+        Some(path) => PathBuf::from(path),
+        None => {
+            exec(Command::new("cargo").current_dir(workspace_root()).args([
+                "build",
+                "--release",
+                "--quiet",
+                "-p",
+                "farol-agent",
+                "--bin",
+                "agent",
+            ]))?;
+            workspace_root().join("target/release/agent")
+        }
+    };
+    let baseline = std::env::var_os("FAROL_BENCH_BASELINE_AGENT").map(PathBuf::from);
 
     println!("starting PostgreSQL 15 (scale 10)...");
     let pg = PgCluster::start("bench", false)?;
@@ -347,6 +371,7 @@ pub fn run() -> Result<BenchReport> {
         let all = [
             "direct",
             "farol-transaction",
+            "farol-baseline-transaction",
             "farol-session",
             "pgbouncer-transaction",
             "pgpool",
@@ -355,11 +380,19 @@ pub fn run() -> Result<BenchReport> {
         for target in all.into_iter().filter(|t| only("FAROL_BENCH_TARGETS", t)) {
             let started = match target {
                 "direct" => Ok((None, pg.primary.port)),
-                "farol-transaction" => start_farol(&dir, "transaction", pg.primary.port)
-                    .map(|(p, port)| (Some(p), port)),
-                "farol-session" => {
-                    start_farol(&dir, "session", pg.primary.port).map(|(p, port)| (Some(p), port))
+                "farol-transaction" => {
+                    start_farol(&dir, &agent, "transaction", pg.primary.port, clients)
+                        .map(|(p, port)| (Some(p), port))
                 }
+                "farol-baseline-transaction" => match &baseline {
+                    Some(baseline) => {
+                        start_farol(&dir, baseline, "transaction", pg.primary.port, clients)
+                            .map(|(p, port)| (Some(p), port))
+                    }
+                    None => continue,
+                },
+                "farol-session" => start_farol(&dir, &agent, "session", pg.primary.port, clients)
+                    .map(|(p, port)| (Some(p), port)),
                 "pgbouncer-transaction" => {
                     start_pgbouncer(&dir, pg.primary.port).map(|(p, port)| (Some(p), port))
                 }
@@ -384,12 +417,49 @@ pub fn run() -> Result<BenchReport> {
             };
             full.extend(["-c", &clients_text, "-j", &threads]);
             let mut outcomes: Vec<Vec<Outcome>> = vec![Vec::new(); targets.len()];
+            // CPU time of the pooler process per transaction (µs), where
+            // one process does all the work (not pgpool's children).
+            let mut cpu: Vec<Vec<f64>> = vec![Vec::new(); targets.len()];
+            // Context switches of its main thread per transaction.
+            let mut switches: Vec<Vec<f64>> = vec![Vec::new(); targets.len()];
             for _ in 0..rounds {
-                for (index, (_, port, _)) in targets.iter().enumerate() {
-                    outcomes[index].push(pgbench(*port, &full, seconds));
+                for (index, (target, port, proc)) in targets.iter().enumerate() {
+                    let pid = proc
+                        .as_ref()
+                        .filter(|_| *target != "pgpool")
+                        .map(|proc| proc.child.id());
+                    let before = pid.and_then(cpu_ticks);
+                    let switches_before = pid.and_then(context_switches);
+                    let started = Instant::now();
+                    let outcome = pgbench(*port, &full, seconds);
+                    let elapsed = started.elapsed().as_secs_f64();
+                    if let (Some(before), Some(after), Ok((tps, _))) =
+                        (before, pid.and_then(cpu_ticks), &outcome)
+                    {
+                        let transactions = tps * elapsed;
+                        if let (Some(first), Some(last)) =
+                            (switches_before, pid.and_then(context_switches))
+                        {
+                            if transactions > 0.0 {
+                                switches[index].push((last - first) as f64 / transactions);
+                            }
+                        }
+                        if transactions > 0.0 {
+                            cpu[index].push(
+                                (after - before) as f64 * 1e6 / ticks_per_second() / transactions,
+                            );
+                        }
+                    }
+                    outcomes[index].push(outcome);
                 }
             }
-            for ((target, _, _), runs) in targets.iter().zip(outcomes) {
+            for ((((target, _, _), runs), mut cpu), mut switches) in
+                targets.iter().zip(outcomes).zip(cpu).zip(switches)
+            {
+                cpu.sort_by(f64::total_cmp);
+                let cpu_us = cpu.get(cpu.len() / 2).copied();
+                switches.sort_by(f64::total_cmp);
+                let switches_per_tx = switches.get(switches.len() / 2).copied();
                 let case = if clients == 10 {
                     format!("{target}-{workload}")
                 } else {
@@ -398,9 +468,22 @@ pub fn run() -> Result<BenchReport> {
                 let result = median(runs);
                 match &result {
                     Ok((tps, latency)) => {
-                        println!("{case:48} {tps:>10.0} tps {latency:>8.3} ms");
+                        let cpu_text = cpu_us
+                            .map(|us| format!(" {us:>7.1} µs CPU/tx"))
+                            .unwrap_or_default();
+                        let cpu_text = match switches_per_tx {
+                            Some(n) => format!("{cpu_text} {n:>5.2} switches/tx"),
+                            None => cpu_text,
+                        };
+                        println!("{case:48} {tps:>10.0} tps {latency:>8.3} ms{cpu_text}");
                         report.push(&case, "tps", *tps, "1/s");
                         report.push(&case, "latency", *latency, "ms");
+                        if let Some(us) = cpu_us {
+                            report.push(&case, "cpu_per_transaction", us, "us");
+                        }
+                        if let Some(n) = switches_per_tx {
+                            report.push(&case, "context_switches_per_transaction", n, "1");
+                        }
                     }
                     Err(why) => println!("{case:48} fails: {why}"),
                 }
@@ -416,6 +499,42 @@ pub fn run() -> Result<BenchReport> {
     print_table(&table);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(report)
+}
+
+/// utime + stime of a process, in clock ticks (/proc/PID/stat).
+fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which may hold spaces: ") state ...".
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the whole line.
+    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+}
+
+/// Voluntary plus involuntary context switches of a process's main
+/// thread (/proc/PID/status).
+fn context_switches(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let mut total = 0;
+    for line in status.lines() {
+        if let Some(value) = line
+            .strip_prefix("voluntary_ctxt_switches:")
+            .or_else(|| line.strip_prefix("nonvoluntary_ctxt_switches:"))
+        {
+            total += value.trim().parse::<u64>().ok()?;
+        }
+    }
+    Some(total)
+}
+
+fn ticks_per_second() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if ticks > 0 {
+        ticks as f64
+    } else {
+        100.0
+    }
 }
 
 /// The median TPS round (with its latency); any failed round fails the case.

@@ -5,6 +5,7 @@
 //! listen = "0.0.0.0:6432"
 //! primary = "127.0.0.1:5432"
 //! standbys = ["127.0.0.1:5433"]
+//! auth_user = "app"        # optional: runs auth_query for users not listed
 //!
 //! [[pooler.users]]
 //! name = "app"
@@ -25,6 +26,8 @@ use super::Problem;
 
 /// Default client-facing port (PgBouncer's; 5432 stays PostgreSQL's).
 pub const DEFAULT_POOLER_LISTEN: &str = "0.0.0.0:6432";
+/// PgBouncer's default `auth_query`.
+pub const DEFAULT_AUTH_QUERY: &str = "SELECT usename, passwd FROM pg_shadow WHERE usename=$1";
 /// The database name that reaches the admin console (`SHOW POOLS`, ...).
 pub const DEFAULT_ADMIN_DATABASE: &str = "farol";
 
@@ -82,6 +85,24 @@ pub struct PoolerConfig {
     /// WAL gets no reads until it catches up (no bound by default).
     #[serde(default)]
     pub max_standby_lag_bytes: Option<u64>,
+    /// A user of `pooler.users` (with its `server_password`) that runs
+    /// `auth_query` for clients not in `pooler.users` (PgBouncer's
+    /// `auth_user`). Unset: only the listed users may log in.
+    #[serde(default)]
+    pub auth_user: Option<String>,
+    /// Query returning (user name, secret) for `$1`, run as `auth_user`
+    /// (default [`DEFAULT_AUTH_QUERY`]; a function with SECURITY DEFINER
+    /// avoids making `auth_user` a superuser).
+    #[serde(default)]
+    pub auth_query: Option<String>,
+    /// The database `auth_query` runs in (default: the client's).
+    #[serde(default)]
+    pub auth_database: Option<String>,
+    /// How long a secret fetched by `auth_query` is trusted; a failed login
+    /// forgets it at once, so a changed password is seen on the next try.
+    /// `0s` asks the server at every login.
+    #[serde(default = "default_auth_cache_ttl", with = "humantime_serde")]
+    pub auth_cache_ttl: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -153,6 +174,9 @@ fn default_role_check_interval() -> Duration {
 }
 fn default_role_check_database() -> String {
     "postgres".into()
+}
+fn default_auth_cache_ttl() -> Duration {
+    Duration::from_secs(60)
 }
 fn default_pool_size() -> usize {
     20
@@ -232,6 +256,37 @@ impl PoolerConfig {
                 "role checks log in as a user of pooler.users, and there is none: add one or set \"0s\"".into(),
             );
         }
+        match &self.auth_user {
+            Some(user) if !users.contains(user.as_str()) => problem(
+                "pooler.auth_user".into(),
+                format!(
+                    "{user:?} is not in pooler.users (auth_query logs in with its server_password)"
+                ),
+            ),
+            None if self.auth_query.is_some() => problem(
+                "pooler.auth_query".into(),
+                "needs pooler.auth_user, the user that runs it".into(),
+            ),
+            None if self.auth_database.is_some() => problem(
+                "pooler.auth_database".into(),
+                "needs pooler.auth_user, the user that runs auth_query".into(),
+            ),
+            _ => {}
+        }
+        if let Some(query) = &self.auth_query {
+            if !query.contains("$1") {
+                problem(
+                    "pooler.auth_query".into(),
+                    format!("expected a query with $1 for the user name, got {query:?}"),
+                );
+            }
+        }
+        if self.auth_database.as_deref() == Some("") {
+            problem(
+                "pooler.auth_database".into(),
+                "expected a database name, got an empty string".into(),
+            );
+        }
         if self.role_check_database.is_empty() {
             problem(
                 "pooler.role_check_database".into(),
@@ -249,7 +304,11 @@ impl PoolerConfig {
                     format!("{:?} is the admin database", pool.database),
                 );
             }
-            if !pool.user.is_empty() && !users.contains(pool.user.as_str()) {
+            // With auth_query, a pool may name a user the server knows.
+            if !pool.user.is_empty()
+                && !users.contains(pool.user.as_str())
+                && self.auth_user.is_none()
+            {
                 problem(
                     at("user"),
                     format!("{:?} is not in pooler.users", pool.user),
@@ -304,6 +363,11 @@ impl PoolerConfig {
 
     pub fn user(&self, name: &str) -> Option<&PoolerUser> {
         self.users.iter().find(|user| user.name == name)
+    }
+
+    /// The `auth_query` to run, when `auth_user` is set.
+    pub fn auth_query(&self) -> &str {
+        self.auth_query.as_deref().unwrap_or(DEFAULT_AUTH_QUERY)
     }
 
     /// The user role checks log in as.

@@ -289,6 +289,27 @@ impl Collector for PoolerCollector {
             None,
             MetricType::Counter,
         )?)?;
+        let auth = &self.pooler.auth_cache.stats;
+        for (name, help, value) in [
+            (
+                "farol_pooler_auth_query_lookups",
+                "Secrets fetched from the server with auth_query",
+                &auth.lookups,
+            ),
+            (
+                "farol_pooler_auth_query_cache_hits",
+                "Logins of auth_query users answered from the cache",
+                &auth.cache_hits,
+            ),
+            (
+                "farol_pooler_auth_query_failures",
+                "auth_query lookups that failed (server unreachable, login or query refused)",
+                &auth.failures,
+            ),
+        ] {
+            ConstCounter::new(value.load(std::sync::atomic::Ordering::Relaxed))
+                .encode(encoder.encode_descriptor(name, help, None, MetricType::Counter)?)?;
+        }
         let primary = self.pooler.primary();
         let readable = self.pooler.readable_standbys();
         let mut roles = encoder.encode_descriptor(

@@ -8,7 +8,12 @@
 //! `hmac`/`sha2`/`base64`: `postgres-protocol` only implements the client.
 //!
 //! Servers: the pooler logs in with `server_password` through
-//! `postgres-protocol`'s md5 and SCRAM client.
+//! `postgres-protocol`'s md5 and SCRAM client. Users found by `auth_query`
+//! have no password in the config: the pooler logs in with what their
+//! client's login gave it, as PgBouncer does: the md5 secret answers md5
+//! challenges as the password would, and the SCRAM ClientKey recovered
+//! from the client's proof (with the verifier's ServerKey) runs a SCRAM
+//! exchange without the password.
 
 use base64::{engine::general_purpose::STANDARD as BASE64, Engine};
 use bytes::BytesMut;
@@ -37,6 +42,42 @@ pub enum AuthError {
     Unsupported { code: u32 },
     #[error("SCRAM exchange with the server failed")]
     ServerScram(#[source] std::io::Error),
+    #[error("the server asked user \"{user}\" for {asked}, and the secret from auth_query only answers {have}")]
+    CredentialMismatch {
+        user: String,
+        asked: &'static str,
+        have: &'static str,
+    },
+}
+
+/// How the pooler logs in to a server as one user.
+#[derive(Clone, PartialEq, Eq, Default)]
+pub enum ServerCredential {
+    /// No password: the server trusts the pooler.
+    #[default]
+    None,
+    /// `server_password` from the config.
+    Password(String),
+    /// The md5 secret (32 hex digits) from `auth_query`.
+    Md5(String),
+    /// SCRAM keys of a user found by `auth_query`: ClientKey from a
+    /// client's proof, ServerKey from the verifier.
+    ScramKeys {
+        client_key: [u8; 32],
+        server_key: [u8; 32],
+    },
+}
+
+impl std::fmt::Debug for ServerCredential {
+    // Never prints the secret itself.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ServerCredential::None => "None",
+            ServerCredential::Password(_) => "Password(..)",
+            ServerCredential::Md5(_) => "Md5(..)",
+            ServerCredential::ScramKeys { .. } => "ScramKeys(..)",
+        })
+    }
 }
 
 /// A user's secret as PostgreSQL stores it.
@@ -201,6 +242,16 @@ impl ScramServer {
 
     /// Checks the client-final-message; returns the server-final-message.
     pub fn finish(self, client_final: &[u8]) -> Result<String, AuthError> {
+        self.finish_with_client_key(client_final)
+            .map(|(last, _)| last)
+    }
+
+    /// As [`ScramServer::finish`], also returning the ClientKey recovered
+    /// from the proof (what lets the pooler log in as this user).
+    pub fn finish_with_client_key(
+        self,
+        client_final: &[u8],
+    ) -> Result<(String, [u8; 32]), AuthError> {
         let malformed = |what| AuthError::Malformed { what };
         let text = std::str::from_utf8(client_final)
             .map_err(|_| malformed("client-final-message is not UTF-8"))?;
@@ -240,7 +291,7 @@ impl ScramServer {
             return Err(failed());
         }
         let server_signature = hmac(&self.server_key, auth_message.as_bytes());
-        Ok(format!("v={}", BASE64.encode(server_signature)))
+        Ok((format!("v={}", BASE64.encode(server_signature)), client_key))
     }
 }
 
@@ -249,6 +300,84 @@ impl ScramServer {
 #[derive(Default)]
 pub struct ServerLogin {
     scram: Option<postgres_protocol::authentication::sasl::ScramSha256>,
+    keyed: Option<KeyedScram>,
+}
+
+/// The client side of SCRAM-SHA-256 with the keys instead of the password
+/// (`postgres-protocol`'s client only takes a password).
+struct KeyedScram {
+    client_key: [u8; 32],
+    server_key: [u8; 32],
+    client_nonce: String,
+    /// Set after the server-first-message.
+    auth_message: Option<String>,
+}
+
+impl KeyedScram {
+    fn new(client_key: [u8; 32], server_key: [u8; 32]) -> KeyedScram {
+        let nonce: [u8; 18] = rand::random();
+        KeyedScram {
+            client_key,
+            server_key,
+            client_nonce: BASE64.encode(nonce),
+            auth_message: None,
+        }
+    }
+
+    /// client-first-message; PostgreSQL takes the user from the startup
+    /// packet, so the SCRAM user name is empty.
+    fn first(&self) -> String {
+        format!("n,,n=,r={}", self.client_nonce)
+    }
+
+    /// Takes the server-first-message, returns the client-final-message.
+    fn update(&mut self, server_first: &[u8]) -> std::io::Result<String> {
+        let invalid =
+            |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_owned());
+        let text = std::str::from_utf8(server_first)
+            .map_err(|_| invalid("server-first-message is not UTF-8"))?;
+        let nonce = text
+            .split(',')
+            .find_map(|attr| attr.strip_prefix("r="))
+            .ok_or_else(|| invalid("server-first-message has no nonce"))?;
+        if !nonce.starts_with(&self.client_nonce) || nonce.len() == self.client_nonce.len() {
+            return Err(invalid("the server's nonce does not extend ours"));
+        }
+        let without_proof = format!("c=biws,r={nonce}");
+        let auth_message = format!("n=,r={},{text},{without_proof}", self.client_nonce);
+        let stored_key: [u8; 32] = Sha256::digest(self.client_key).into();
+        let signature = hmac(&stored_key, auth_message.as_bytes());
+        let mut proof = [0u8; 32];
+        for (i, byte) in proof.iter_mut().enumerate() {
+            *byte = self.client_key[i] ^ signature[i];
+        }
+        self.auth_message = Some(auth_message);
+        Ok(format!("{without_proof},p={}", BASE64.encode(proof)))
+    }
+
+    /// Checks the server-final-message's signature.
+    fn finish(&self, server_final: &[u8]) -> std::io::Result<()> {
+        let invalid =
+            |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_owned());
+        let auth_message = self
+            .auth_message
+            .as_ref()
+            .ok_or_else(|| invalid("SASLFinal before SASLContinue"))?;
+        let text = std::str::from_utf8(server_final)
+            .map_err(|_| invalid("server-final-message is not UTF-8"))?;
+        let sent = text
+            .strip_prefix("v=")
+            .and_then(|b64| BASE64.decode(b64.trim_end_matches(['\0', ' '])).ok())
+            .ok_or_else(|| invalid("server-final-message has no signature"))?;
+        let expected = hmac(&self.server_key, auth_message.as_bytes());
+        if constant_time_eq(&sent, &expected) {
+            Ok(())
+        } else {
+            Err(invalid(
+                "the server's signature does not match: not the server that holds this verifier",
+            ))
+        }
+    }
 }
 
 impl std::fmt::Debug for ServerLogin {
@@ -262,7 +391,7 @@ impl ServerLogin {
     pub fn answer(
         &mut self,
         user: &str,
-        password: Option<&str>,
+        credential: &ServerCredential,
         body: &[u8],
         out: &mut BytesMut,
     ) -> Result<(), AuthError> {
@@ -271,10 +400,26 @@ impl ServerLogin {
             .get(..4)
             .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
             .ok_or(AuthError::Unsupported { code: u32::MAX })?;
-        let password = || {
-            password.ok_or_else(|| AuthError::NoServerPassword {
+        let mismatch = |asked: &'static str| AuthError::CredentialMismatch {
+            user: user.to_owned(),
+            asked,
+            have: match credential {
+                ServerCredential::Md5(_) => "md5",
+                _ => "SCRAM-SHA-256",
+            },
+        };
+        let password = || match credential {
+            ServerCredential::Password(password) => Ok(password.as_str()),
+            ServerCredential::None => Err(AuthError::NoServerPassword {
                 user: user.to_owned(),
-            })
+            }),
+            ServerCredential::Md5(_) | ServerCredential::ScramKeys { .. } => {
+                Err(mismatch(match code {
+                    3 => "a clear-text password",
+                    5 => "md5",
+                    _ => "SCRAM-SHA-256",
+                }))
+            }
         };
         match code {
             0 => {}
@@ -288,28 +433,54 @@ impl ServerLogin {
                     .get(4..8)
                     .and_then(|s| s.try_into().ok())
                     .ok_or(AuthError::Unsupported { code })?;
-                let mut data = postgres_protocol::authentication::md5_hash(
-                    user.as_bytes(),
-                    password()?.as_bytes(),
-                    salt,
-                )
-                .into_bytes();
+                let mut data = match credential {
+                    // The md5 secret is all the md5 answer needs.
+                    ServerCredential::Md5(hex) => {
+                        format!("md5{}", md5_hex(&[hex.as_bytes(), &salt])).into_bytes()
+                    }
+                    _ => postgres_protocol::authentication::md5_hash(
+                        user.as_bytes(),
+                        password()?.as_bytes(),
+                        salt,
+                    )
+                    .into_bytes(),
+                };
                 data.push(0);
                 protocol::password(out, &data);
             }
             10 => {
-                let scram = ScramSha256::new(password()?.as_bytes(), ChannelBinding::unsupported());
-                protocol::sasl_initial_response(out, "SCRAM-SHA-256", scram.message());
-                self.scram = Some(scram);
+                if let ServerCredential::ScramKeys {
+                    client_key,
+                    server_key,
+                } = credential
+                {
+                    let keyed = KeyedScram::new(*client_key, *server_key);
+                    protocol::sasl_initial_response(out, "SCRAM-SHA-256", keyed.first().as_bytes());
+                    self.keyed = Some(keyed);
+                } else {
+                    let scram =
+                        ScramSha256::new(password()?.as_bytes(), ChannelBinding::unsupported());
+                    protocol::sasl_initial_response(out, "SCRAM-SHA-256", scram.message());
+                    self.scram = Some(scram);
+                }
             }
             11 => {
-                let scram = self.scram.as_mut().ok_or(AuthError::Unsupported { code })?;
-                scram.update(&body[4..]).map_err(AuthError::ServerScram)?;
-                protocol::password(out, scram.message());
+                if let Some(keyed) = self.keyed.as_mut() {
+                    let last = keyed.update(&body[4..]).map_err(AuthError::ServerScram)?;
+                    protocol::password(out, last.as_bytes());
+                } else {
+                    let scram = self.scram.as_mut().ok_or(AuthError::Unsupported { code })?;
+                    scram.update(&body[4..]).map_err(AuthError::ServerScram)?;
+                    protocol::password(out, scram.message());
+                }
             }
             12 => {
-                let mut scram = self.scram.take().ok_or(AuthError::Unsupported { code })?;
-                scram.finish(&body[4..]).map_err(AuthError::ServerScram)?;
+                if let Some(keyed) = self.keyed.take() {
+                    keyed.finish(&body[4..]).map_err(AuthError::ServerScram)?;
+                } else {
+                    let mut scram = self.scram.take().ok_or(AuthError::Unsupported { code })?;
+                    scram.finish(&body[4..]).map_err(AuthError::ServerScram)?;
+                }
             }
             code => return Err(AuthError::Unsupported { code }),
         }
@@ -366,5 +537,74 @@ mod tests {
         assert!(md5_check("u", &hex, salt, answer.as_bytes()).is_ok());
         let wrong = postgres_protocol::authentication::md5_hash(b"u", b"no", salt);
         assert!(md5_check("u", &hex, salt, wrong.as_bytes()).is_err());
+    }
+
+    #[test]
+    fn keys_recovered_from_a_client_proof_log_in_without_the_password() {
+        use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
+        let secret = Secret::parse(&scram_secret("right")).unwrap();
+        let Secret::Scram { server_key, .. } = secret else {
+            panic!("scram secret");
+        };
+        // A client logs in to the pooler: its proof yields the ClientKey.
+        let mut client = ScramSha256::new(b"right", ChannelBinding::unsupported());
+        let (server, first) = ScramServer::start("u", &secret, client.message()).unwrap();
+        client.update(first.as_bytes()).unwrap();
+        let (_, client_key) = server.finish_with_client_key(client.message()).unwrap();
+        // The pooler logs in to a server holding the same verifier.
+        for (key, ok) in [(client_key, true), ([7u8; 32], false)] {
+            let credential = ServerCredential::ScramKeys {
+                client_key: key,
+                server_key,
+            };
+            let mut login = ServerLogin::default();
+            let mut out = BytesMut::new();
+            login
+                .answer("u", &credential, &10u32.to_be_bytes(), &mut out)
+                .unwrap();
+            let (_, initial) = protocol::parse_sasl_initial(&out[5..]).unwrap();
+            let (server, first) = ScramServer::start("u", &secret, initial).unwrap();
+            let mut body = 11u32.to_be_bytes().to_vec();
+            body.extend_from_slice(first.as_bytes());
+            out.clear();
+            login.answer("u", &credential, &body, &mut out).unwrap();
+            let result = server.finish(&out[5..]);
+            assert_eq!(result.is_ok(), ok, "{result:?}");
+            if let Ok(last) = result {
+                let mut body = 12u32.to_be_bytes().to_vec();
+                body.extend_from_slice(last.as_bytes());
+                login.answer("u", &credential, &body, &mut out).unwrap();
+            }
+        }
+    }
+
+    #[test]
+    fn an_md5_secret_answers_an_md5_challenge_as_the_password_would() {
+        let Secret::Md5(hex) = Secret::parse(&md5_secret("u", "pw")).unwrap() else {
+            panic!("md5 secret");
+        };
+        let mut body = 5u32.to_be_bytes().to_vec();
+        body.extend_from_slice(&[9, 8, 7, 6]);
+        let answer = |credential: &ServerCredential| {
+            let mut out = BytesMut::new();
+            ServerLogin::default()
+                .answer("u", credential, &body, &mut out)
+                .map(|()| out)
+        };
+        assert_eq!(
+            answer(&ServerCredential::Md5(hex.clone())).unwrap(),
+            answer(&ServerCredential::Password("pw".into())).unwrap()
+        );
+        // An md5 secret cannot answer SCRAM.
+        let mut out = BytesMut::new();
+        assert!(matches!(
+            ServerLogin::default().answer(
+                "u",
+                &ServerCredential::Md5(hex),
+                &10u32.to_be_bytes(),
+                &mut out
+            ),
+            Err(AuthError::CredentialMismatch { .. })
+        ));
     }
 }

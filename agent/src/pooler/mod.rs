@@ -13,9 +13,11 @@
 //! - [`topology`]: which server is the primary and which standbys may take
 //!   reads, from what the servers answer (failover routing, lag bound).
 //!
-//! Not here yet: `auth_query`.
+//! - [`auth_query`]: users not in the config, checked against the secret
+//!   the server holds (PgBouncer's `auth_user`/`auth_query`).
 
 pub mod auth;
+pub mod auth_query;
 pub mod pool;
 pub mod protocol;
 
@@ -125,6 +127,11 @@ pub struct Pooler {
     topology: watch::Sender<u64>,
     /// Times the primary moved.
     primary_changes: AtomicU64,
+    /// Secrets fetched with `auth_query`.
+    pub(crate) auth_cache: auth_query::AuthCache,
+    /// How the pooler logs in as users found by `auth_query`, from their
+    /// clients' last successful login.
+    looked_up_credentials: Mutex<HashMap<String, auth::ServerCredential>>,
 }
 
 impl Pooler {
@@ -145,6 +152,8 @@ impl Pooler {
             readable_standbys: RwLock::new(None),
             topology: watch::Sender::new(0),
             primary_changes: AtomicU64::new(0),
+            auth_cache: auth_query::AuthCache::default(),
+            looked_up_credentials: Mutex::new(HashMap::new()),
             pools: Mutex::new(HashMap::new()),
             clients: Mutex::new(HashMap::new()),
             config,
@@ -205,6 +214,21 @@ impl Pooler {
         self.primary_changes.load(Ordering::Relaxed)
     }
 
+    /// Secrets fetched with `auth_query` (a metric).
+    pub fn auth_query_lookups(&self) -> u64 {
+        self.auth_cache.stats.lookups.load(Ordering::Relaxed)
+    }
+
+    /// Logins of `auth_query` users answered from the cache (a metric).
+    pub fn auth_query_cache_hits(&self) -> u64 {
+        self.auth_cache.stats.cache_hits.load(Ordering::Relaxed)
+    }
+
+    /// `auth_query` lookups that failed (a metric).
+    pub fn auth_query_failures(&self) -> u64 {
+        self.auth_cache.stats.failures.load(Ordering::Relaxed)
+    }
+
     /// The standbys that take reads now.
     pub fn readable_standbys(&self) -> Vec<SocketAddr> {
         let primary = self.primary();
@@ -241,7 +265,18 @@ impl Pooler {
 
     fn pool_on(&self, database: &str, user: &str, addr: SocketAddr) -> Option<Arc<Pool>> {
         let settings = self.config.pool(database, user)?;
-        let server_password = self.config.user(user)?.server_password.clone();
+        let credential = match self.config.user(user) {
+            Some(configured) => configured.server_password.clone().map_or(
+                auth::ServerCredential::None,
+                auth::ServerCredential::Password,
+            ),
+            None => self
+                .looked_up_credentials
+                .lock()
+                .unwrap_or_else(|poison| poison.into_inner())
+                .get(user)?
+                .clone(),
+        };
         let mut pools = self
             .pools
             .lock()
@@ -256,10 +291,37 @@ impl Pooler {
                         addr,
                     },
                     settings.clone(),
-                    server_password,
+                    credential,
                 ))
             });
         Some(pool.clone())
+    }
+
+    /// How to log in as a user found by `auth_query`, from a client's
+    /// successful login; the user's pools use it for new connections.
+    pub(crate) fn remember_credential(&self, user: &str, credential: auth::ServerCredential) {
+        let changed = {
+            let mut credentials = self
+                .looked_up_credentials
+                .lock()
+                .unwrap_or_else(|poison| poison.into_inner());
+            let changed = credentials.get(user) != Some(&credential);
+            if changed {
+                credentials.insert(user.to_owned(), credential.clone());
+            }
+            changed
+        };
+        if changed {
+            debug!(
+                user,
+                "pooler: new server credential from an auth_query login"
+            );
+            for pool in self.pools() {
+                if pool.key.user == user {
+                    pool.set_credential(credential.clone());
+                }
+            }
+        }
     }
 
     /// Every pool made so far, sorted by database, user and server.

@@ -138,7 +138,9 @@ pub struct PoolStats {
 pub struct Pool {
     pub key: PoolKey,
     pub settings: PoolConfig,
-    server_password: Option<String>,
+    /// How this pool logs in; changes when an `auth_query` user logs in
+    /// with a new secret.
+    credential: Mutex<auth::ServerCredential>,
     idle: Mutex<Vec<ServerConn>>,
     permits: Arc<Semaphore>,
     params: Mutex<Option<Arc<ServerParams>>>,
@@ -154,18 +156,27 @@ pub struct PooledServer {
 }
 
 impl Pool {
-    pub fn new(key: PoolKey, settings: PoolConfig, server_password: Option<String>) -> Pool {
+    pub fn new(key: PoolKey, settings: PoolConfig, credential: auth::ServerCredential) -> Pool {
         let permits = Arc::new(Semaphore::new(settings.pool_size));
         Pool {
             key,
             settings,
-            server_password,
+            credential: Mutex::new(credential),
             idle: Mutex::new(Vec::new()),
             permits,
             params: Mutex::new(None),
             next_id: AtomicU64::new(1),
             stats: PoolStats::default(),
         }
+    }
+
+    /// Replaces how new server connections log in (a user found by
+    /// `auth_query` logged in with a new secret).
+    pub fn set_credential(&self, credential: auth::ServerCredential) {
+        *self
+            .credential
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner()) = credential;
     }
 
     /// Borrows a server connection, waiting up to `query_wait_timeout`.
@@ -357,6 +368,11 @@ impl Pool {
         stream.write_all(&out).await.map_err(io)?;
         let mut buf = BytesMut::with_capacity(8192);
         let mut login = auth::ServerLogin::default();
+        let credential = self
+            .credential
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+            .clone();
         let mut params = Vec::new();
         let mut keys = (0, 0);
         loop {
@@ -378,12 +394,7 @@ impl Pool {
                 b'R' => {
                     out.clear();
                     login
-                        .answer(
-                            &self.key.user,
-                            self.server_password.as_deref(),
-                            body,
-                            &mut out,
-                        )
+                        .answer(&self.key.user, &credential, body, &mut out)
                         .map_err(|source| PoolError::Auth { addr, source })?;
                     if !out.is_empty() {
                         stream.write_all(&out).await.map_err(io)?;

@@ -9,7 +9,11 @@
 //! READ ONLY` opens a transaction that may run on a standby. Anything the
 //! parser does not understand goes to the primary.
 
-use std::{collections::HashSet, ops::ControlFlow};
+use std::{
+    collections::{HashMap, HashSet},
+    ops::ControlFlow,
+    sync::Mutex,
+};
 
 use sqlparser::{
     ast::{
@@ -47,10 +51,21 @@ pub enum Target {
     Standby,
 }
 
-/// Decides targets; holds the lower-cased side-effect function names.
-#[derive(Debug, Clone)]
+/// Statement texts whose decision is remembered; the cache is emptied
+/// when full (statements with inlined literals never repeat, and must not
+/// crowd out the ones that do for ever).
+const CACHED_DECISIONS: usize = 4096;
+/// Longer statements are parsed every time rather than kept.
+const CACHED_STATEMENT_BYTES: usize = 2048;
+
+/// Decides targets; holds the lower-cased side-effect function names and
+/// the decisions made per statement text (parsing costs tens of
+/// microseconds, a lookup well under one; drivers and prepared statements
+/// send the same texts again and again).
+#[derive(Debug)]
 pub struct Router {
     primary_functions: HashSet<String>,
+    decisions: Mutex<HashMap<Box<str>, Target>>,
 }
 
 impl Router {
@@ -60,11 +75,39 @@ impl Router {
             .map(|f| (*f).to_owned())
             .collect();
         primary_functions.extend(extra_primary_functions.iter().map(|f| f.to_lowercase()));
-        Router { primary_functions }
+        Router {
+            primary_functions,
+            decisions: Mutex::new(HashMap::new()),
+        }
     }
 
-    /// The target of a transaction that starts with `sql`.
+    /// The target of a transaction that starts with `sql`, from the cache
+    /// when this text was decided before.
     pub fn route(&self, sql: &str) -> Target {
+        if sql.len() > CACHED_STATEMENT_BYTES {
+            return self.decide(sql);
+        }
+        if let Some(target) = self.lock_decisions().get(sql) {
+            return *target;
+        }
+        let target = self.decide(sql);
+        let mut decisions = self.lock_decisions();
+        if decisions.len() >= CACHED_DECISIONS {
+            decisions.clear();
+        }
+        decisions.insert(sql.into(), target);
+        target
+    }
+
+    fn lock_decisions(&self) -> std::sync::MutexGuard<'_, HashMap<Box<str>, Target>> {
+        // A map of plain values cannot be left inconsistent by a panic.
+        self.decisions
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+    }
+
+    /// Parses `sql` and decides.
+    fn decide(&self, sql: &str) -> Target {
         let Ok(statements) = Parser::parse_sql(&PostgreSqlDialect {}, sql) else {
             return Target::Primary;
         };
@@ -167,5 +210,28 @@ mod tests {
         ] {
             assert_eq!(router.route(sql), Target::Primary, "{sql}");
         }
+    }
+
+    #[test]
+    fn decisions_come_from_the_cache_and_the_cache_stays_bounded() {
+        let router = Router::new(&[]);
+        for _ in 0..3 {
+            assert_eq!(router.route("SELECT 1"), Target::Standby);
+            assert_eq!(router.route("INSERT INTO t VALUES (1)"), Target::Primary);
+        }
+        assert_eq!(router.lock_decisions().len(), 2);
+        // A remembered decision is what is answered (the parser is not
+        // asked again).
+        router
+            .lock_decisions()
+            .insert("SELECT 1".into(), Target::Primary);
+        assert_eq!(router.route("SELECT 1"), Target::Primary);
+        for i in 0..CACHED_DECISIONS + 10 {
+            router.route(&format!("SELECT {i}"));
+        }
+        assert!(router.lock_decisions().len() <= CACHED_DECISIONS);
+        let long = format!("SELECT '{}'", "x".repeat(CACHED_STATEMENT_BYTES));
+        assert_eq!(router.route(&long), Target::Standby);
+        assert!(!router.lock_decisions().contains_key(long.as_str()));
     }
 }

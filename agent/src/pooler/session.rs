@@ -28,7 +28,8 @@ use tracing::{debug, info};
 
 use super::{
     admin,
-    auth::{self, AuthError, ScramServer, Secret},
+    auth::{self, AuthError, ScramServer, Secret, ServerCredential},
+    auth_query,
     pool::{Pool, PoolError, PooledServer},
     protocol::{self, FrontendMessage, ProtocolError, Startup},
     CancelTarget, ClientEntry, Pooler,
@@ -54,6 +55,12 @@ pub(crate) enum SessionError {
     ServerProtocol(#[source] ProtocolError),
     #[error("authentication")]
     Auth(#[source] AuthError),
+    #[error("looking up user \"{user}\" with auth_query")]
+    AuthQuery {
+        user: String,
+        #[source]
+        error: auth_query::AuthQueryError,
+    },
     #[error("getting a server connection")]
     Pool(#[source] PoolError),
     #[error("the client did not log in within {LOGIN_TIMEOUT:?}")]
@@ -166,27 +173,7 @@ async fn session<S: ClientStream>(
             return Err(error);
         }
     };
-    let login = async {
-        let user_config = pooler
-            .config
-            .user(&user)
-            .ok_or_else(|| SessionError::Refused {
-                code: "28P01",
-                message: format!("password authentication failed for user \"{user}\""),
-            })?;
-        let secret = Secret::parse(&user_config.secret).map_err(SessionError::Auth)?;
-        let is_admin = database == pooler.config.admin_database;
-        let pool = if is_admin {
-            None
-        } else {
-            Some(pooler.primary_pool(&database, &user).ok_or_else(|| SessionError::Refused {
-                code: "3D000",
-                message: format!("no pool for database \"{database}\" and user \"{user}\" (pooler.pools)"),
-            })?)
-        };
-        authenticate(&mut stream, &mut buf, &user, &secret).await?;
-        Ok::<_, SessionError>(pool)
-    };
+    let login = check_login(&mut stream, &mut buf, pooler, &user, &database);
     let pool = match tokio::time::timeout(LOGIN_TIMEOUT, login).await {
         Err(_) => return Err(SessionError::LoginTimeout),
         Ok(Err(error)) => {
@@ -241,11 +228,123 @@ async fn session<S: ClientStream>(
     result
 }
 
+/// Checks the client's password against its secret (from the config, or
+/// from the server with `auth_query`); returns the primary's pool for the
+/// client's (database, user), or `None` for the admin console.
+async fn check_login<S: ClientStream>(
+    stream: &mut S,
+    buf: &mut BytesMut,
+    pooler: &Arc<Pooler>,
+    user: &str,
+    database: &str,
+) -> Result<Option<Arc<Pool>>, SessionError> {
+    let is_admin = database == pooler.config.admin_database;
+    let no_pool = || SessionError::Refused {
+        code: "3D000",
+        message: format!("no pool for database \"{database}\" and user \"{user}\" (pooler.pools)"),
+    };
+    let failed = || {
+        SessionError::Auth(AuthError::Failed {
+            user: user.to_owned(),
+        })
+    };
+    let (secret, looked_up) = match pooler.config.user(user) {
+        Some(configured) => (
+            Some(Secret::parse(&configured.secret).map_err(SessionError::Auth)?),
+            false,
+        ),
+        None if pooler.config.auth_user.is_some() && !is_admin => {
+            if pooler.config.pool(database, user).is_none() {
+                return Err(no_pool());
+            }
+            let secret = auth_query::lookup(pooler, user, database)
+                .await
+                .map_err(|error| SessionError::AuthQuery {
+                    user: user.to_owned(),
+                    error,
+                })?;
+            (secret, true)
+        }
+        None => return Err(failed()),
+    };
+    let Some(secret) = secret else {
+        // No such user on the server, or no password: the client goes
+        // through a SCRAM exchange that cannot succeed, as PostgreSQL does,
+        // so it cannot tell an unknown user from a wrong password.
+        pooler.auth_cache.forget(user);
+        authenticate(stream, buf, user, &mock_secret(user)).await?;
+        return Err(failed());
+    };
+    // auth_query users get their pool once the login gave their credential.
+    let pool = if is_admin || looked_up {
+        None
+    } else {
+        Some(pooler.primary_pool(database, user).ok_or_else(no_pool)?)
+    };
+    let client_key = match authenticate(stream, buf, user, &secret).await {
+        Ok(client_key) => client_key,
+        Err(error) => {
+            if looked_up {
+                // Perhaps the password changed: ask the server next time.
+                pooler.auth_cache.forget(user);
+            }
+            return Err(error);
+        }
+    };
+    if !looked_up {
+        return Ok(pool);
+    }
+    let credential = match (secret, client_key) {
+        (Secret::Md5(hex), _) => ServerCredential::Md5(hex),
+        (Secret::Scram { server_key, .. }, Some(client_key)) => ServerCredential::ScramKeys {
+            client_key,
+            server_key,
+        },
+        (Secret::Scram { .. }, None) => return Err(failed()),
+    };
+    pooler.remember_credential(user, credential);
+    Ok(Some(
+        pooler.primary_pool(database, user).ok_or_else(no_pool)?,
+    ))
+}
+
+/// A SCRAM verifier no password matches, with a salt that is the same
+/// for every attempt at one user name (a changing salt would tell that
+/// the user does not exist).
+fn mock_secret(user: &str) -> Secret {
+    static KEY: std::sync::OnceLock<[u8; 32]> = std::sync::OnceLock::new();
+    let key = KEY.get_or_init(rand::random);
+    let mut hasher = DefaultHasher::new();
+    key.hash(&mut hasher);
+    user.hash(&mut hasher);
+    let salt = hasher.finish().to_be_bytes().repeat(2);
+    Secret::Scram {
+        iterations: auth::SCRAM_ITERATIONS,
+        salt,
+        stored_key: rand::random(),
+        server_key: rand::random(),
+    }
+}
+
 /// Sends the ErrorResponse for a refusal, if the error is one the client
 /// should see.
 async fn refuse<S: ClientStream>(stream: &mut S, error: &SessionError) {
     let (code, message) = match error {
         SessionError::Refused { code, message } => (*code, message.clone()),
+        SessionError::AuthQuery { user, error } => {
+            let mut out = BytesMut::new();
+            protocol::error_response(
+                &mut out,
+                "FATAL",
+                error.sqlstate(),
+                &format!(
+                    "cannot check the password of user \"{user}\": {}",
+                    crate::error_chain(error)
+                ),
+            );
+            let _ = stream.write_all(&out).await;
+            return;
+        }
         SessionError::Auth(error @ AuthError::Failed { .. }) => ("28P01", error.to_string()),
         SessionError::Auth(error) => ("08P01", error.to_string()),
         SessionError::ClientProtocol(error) => ("08P01", error.to_string()),
@@ -331,12 +430,13 @@ async fn startup<S: ClientStream>(
 
 /// Authenticates the client against its secret: md5 or SCRAM-SHA-256 by
 /// the kind of secret, as PostgreSQL's `password_encryption` decides.
+/// Returns the SCRAM ClientKey the client proved it has.
 async fn authenticate<S: ClientStream>(
     stream: &mut S,
     buf: &mut BytesMut,
     user: &str,
     secret: &Secret,
-) -> Result<(), SessionError> {
+) -> Result<Option<[u8; 32]>, SessionError> {
     let mut out = BytesMut::with_capacity(256);
     let expect_password = |tag: u8, frame: &BytesMut| {
         if tag == b'p' {
@@ -357,7 +457,8 @@ async fn authenticate<S: ClientStream>(
                 .map_err(SessionError::ClientIo)?;
             let (tag, frame) = read_message(stream, buf).await?;
             let body = expect_password(tag, &frame)?;
-            auth::md5_check(user, hex, salt, &body).map_err(SessionError::Auth)
+            auth::md5_check(user, hex, salt, &body).map_err(SessionError::Auth)?;
+            Ok(None)
         }
         Secret::Scram { .. } => {
             protocol::authentication_sasl(&mut out, "SCRAM-SHA-256");
@@ -387,10 +488,16 @@ async fn authenticate<S: ClientStream>(
                 .map_err(SessionError::ClientIo)?;
             let (tag, frame) = read_message(stream, buf).await?;
             let body = expect_password(tag, &frame)?;
-            let last = server.finish(&body).map_err(SessionError::Auth)?;
+            let (last, client_key) = server
+                .finish_with_client_key(&body)
+                .map_err(SessionError::Auth)?;
             out.clear();
             protocol::authentication_sasl_final(&mut out, last.as_bytes());
-            stream.write_all(&out).await.map_err(SessionError::ClientIo)
+            stream
+                .write_all(&out)
+                .await
+                .map_err(SessionError::ClientIo)?;
+            Ok(Some(client_key))
         }
     }
 }
@@ -1176,5 +1283,24 @@ mod tests {
         assert_eq!(unnamed_expectation(b'D', &out, out.len()), None);
         // Too few bytes to tell: the caller waits for the whole message.
         assert_eq!(unnamed_expectation(b'B', &out[..5], out.len()), None);
+    }
+
+    #[test]
+    fn the_mock_secret_of_an_unknown_user_keeps_its_salt_and_matches_no_password() {
+        let salt = |secret: Secret| match secret {
+            Secret::Scram { salt, .. } => salt,
+            Secret::Md5(_) => panic!("a SCRAM mock"),
+        };
+        assert_eq!(salt(mock_secret("ghost")), salt(mock_secret("ghost")));
+        assert_ne!(salt(mock_secret("ghost")), salt(mock_secret("other")));
+        use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
+        let mut client = ScramSha256::new(b"", ChannelBinding::unsupported());
+        let (server, first) =
+            ScramServer::start("ghost", &mock_secret("ghost"), client.message()).unwrap();
+        client.update(first.as_bytes()).unwrap();
+        assert!(matches!(
+            server.finish(client.message()),
+            Err(AuthError::Failed { .. })
+        ));
     }
 }

@@ -131,6 +131,10 @@ pub(crate) fn config(cluster: &PgCluster, pool: PoolConfig) -> PoolerConfig {
         role_check_user: None,
         role_check_database: "postgres".into(),
         max_standby_lag_bytes: None,
+        auth_user: None,
+        auth_query: None,
+        auth_database: None,
+        auth_cache_ttl: Duration::from_secs(60),
     }
 }
 

@@ -246,3 +246,76 @@ fn role_checks_without_any_user_are_refused_unless_turned_off() {
     );
     assert!(load(&off).is_ok(), "{:?}", load(&off).err());
 }
+
+fn with_pooler_keys(keys: &str) -> String {
+    BASE.replace(
+        "standbys = [\"127.0.0.1:5433\"]",
+        &format!("standbys = [\"127.0.0.1:5433\"]\n{keys}"),
+    )
+}
+
+#[test]
+fn auth_query_defaults_to_pg_shadow_for_a_listed_auth_user() {
+    let pooler = load(&with_pooler_keys("auth_user = \"app\""))
+        .unwrap()
+        .pooler
+        .unwrap();
+    assert_eq!(pooler.auth_user.as_deref(), Some("app"));
+    assert_eq!(
+        pooler.auth_query(),
+        "SELECT usename, passwd FROM pg_shadow WHERE usename=$1"
+    );
+    assert_eq!(pooler.auth_database, None);
+    assert_eq!(pooler.auth_cache_ttl, Duration::from_secs(60));
+    // Without auth_user, only listed users log in.
+    assert_eq!(load(BASE).unwrap().pooler.unwrap().auth_user, None);
+}
+
+#[test]
+fn auth_user_must_be_a_pooler_user() {
+    assert_one_problem(
+        &with_pooler_keys("auth_user = \"lookup\""),
+        "pooler.auth_user",
+        "\"lookup\" is not in pooler.users",
+    );
+}
+
+#[test]
+fn auth_query_without_auth_user_is_refused() {
+    assert_one_problem(
+        &with_pooler_keys("auth_query = \"SELECT u, p FROM t WHERE u = $1\""),
+        "pooler.auth_query",
+        "needs pooler.auth_user",
+    );
+    assert_one_problem(
+        &with_pooler_keys("auth_database = \"postgres\""),
+        "pooler.auth_database",
+        "needs pooler.auth_user",
+    );
+}
+
+#[test]
+fn auth_query_without_a_parameter_is_refused() {
+    assert_one_problem(
+        &with_pooler_keys(
+            "auth_user = \"app\"\nauth_query = \"SELECT usename, passwd FROM pg_shadow\"",
+        ),
+        "pooler.auth_query",
+        "with $1",
+    );
+    assert_one_problem(
+        &with_pooler_keys("auth_user = \"app\"\nauth_database = \"\""),
+        "pooler.auth_database",
+        "empty string",
+    );
+}
+
+#[test]
+fn with_auth_query_a_pool_may_name_a_user_the_server_knows() {
+    let text = format!(
+        "{}user = \"ghost\"\n",
+        with_pooler_keys("auth_user = \"app\"")
+    );
+    let pooler = load(&text).expect("valid").pooler.unwrap();
+    assert!(pooler.pool("app", "ghost").is_some());
+}
