@@ -360,6 +360,14 @@ async fn handle(volume: &Arc<Volume>, from: &str, body: Request) -> Response {
             let from = from.to_owned();
             blocking(Box::new(move || volume.heal_from(&from, &path, &entry))).await
         }
+        Request::HealSync => {
+            let volume = Arc::clone(volume);
+            blocking(Box::new(move || match volume.brick().sync_fs() {
+                Ok(()) => Response::Ok,
+                Err(error) => Response::Errno(super::replica::errno(&error)),
+            }))
+            .await
+        }
         Request::HealProgress { remaining } => {
             volume.set_remote_pending(from, remaining);
             Response::Ok
