@@ -9,7 +9,7 @@
 //! directory changes.
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::HashMap,
     ffi::OsStr,
     fs::{self, File, OpenOptions},
     io,
@@ -31,7 +31,7 @@ use fuser::{
 
 use super::{
     brick::{self, Op, STATE_DIR},
-    replica::{Behind, Volume},
+    replica::Volume,
 };
 
 /// Attributes and entries are not cached by the kernel: another node's
@@ -50,24 +50,6 @@ enum Handle {
     },
 }
 
-/// At most this many writes of one inode wait for their peers' answers
-/// (write-behind) before a write waits for the oldest.
-const BEHIND_WRITES: usize = 64;
-/// At most this many bytes of one inode's writes wait so.
-const BEHIND_BYTES: u64 = 16 * 1024 * 1024;
-
-/// Writes of one inode applied here and queued to the peers, whose quorum
-/// is still being counted: a sequential writer does not wait a round trip
-/// per write (GlusterFS's write-behind does the same). `flush` (every
-/// close) and `fsync` wait for all of them and report a missed quorum.
-#[derive(Debug, Default)]
-struct WriteBehind {
-    pending: VecDeque<(Behind, u64)>,
-    bytes: u64,
-    /// The first missed quorum not yet reported.
-    error: Option<i32>,
-}
-
 #[derive(Debug, Default)]
 struct Inodes {
     paths: HashMap<u64, String>,
@@ -81,7 +63,6 @@ pub struct VolumeFs {
     inodes: Mutex<Inodes>,
     handles: Mutex<HashMap<u64, Handle>>,
     next_handle: AtomicU64,
-    behind: Mutex<HashMap<u64, WriteBehind>>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -128,7 +109,6 @@ impl VolumeFs {
             inodes: Mutex::new(inodes),
             handles: Mutex::new(HashMap::new()),
             next_handle: AtomicU64::new(1),
-            behind: Mutex::new(HashMap::new()),
         })
     }
 
@@ -214,59 +194,6 @@ impl VolumeFs {
     fn change(&self, op: Op, rel: &str) -> Result<FileAttr, Errno> {
         self.submit(op.clone(), |brick| brick.apply(&op))?;
         self.stat(rel)
-    }
-
-    /// Queues a write's quorum count for `ino`; waits for the oldest
-    /// ones beyond the window (and collects those already counted).
-    fn queue_behind(&self, ino: INodeNo, behind: Behind, bytes: u64) {
-        let mut settled = Vec::new();
-        {
-            let mut map = lock(&self.behind);
-            let queue = map.entry(ino.0).or_default();
-            queue.pending.push_back((behind, bytes));
-            queue.bytes += bytes;
-            while let Some((oldest, _)) = queue.pending.front() {
-                let over = queue.pending.len() > BEHIND_WRITES || queue.bytes > BEHIND_BYTES;
-                if !over && !oldest.is_finished() {
-                    break;
-                }
-                if let Some((oldest, size)) = queue.pending.pop_front() {
-                    queue.bytes -= size;
-                    settled.push(oldest);
-                }
-            }
-        }
-        let mut first_error = None;
-        for behind in settled {
-            if let Err(errno) = self.volume.wait_behind(behind) {
-                first_error.get_or_insert(errno);
-            }
-        }
-        if let Some(errno) = first_error {
-            lock(&self.behind)
-                .entry(ino.0)
-                .or_default()
-                .error
-                .get_or_insert(errno);
-        }
-    }
-
-    /// Waits for every write of `ino` still being counted; the first
-    /// missed quorum since the last call, if any.
-    fn drain_behind(&self, ino: INodeNo) -> Result<(), Errno> {
-        let Some(queue) = lock(&self.behind).remove(&ino.0) else {
-            return Ok(());
-        };
-        let mut first_error = queue.error;
-        for (behind, _) in queue.pending {
-            if let Err(errno) = self.volume.wait_behind(behind) {
-                first_error.get_or_insert(errno);
-            }
-        }
-        match first_error {
-            Some(errno) => Err(Errno::from_i32(errno)),
-            None => Ok(()),
-        }
     }
 
     fn new_handle(&self, handle: Handle) -> u64 {
@@ -678,15 +605,10 @@ impl Filesystem for VolumeFs {
                     data: data.to_vec(),
                     mtime_ns,
                 };
-                let ((), behind) = self
-                    .volume
-                    .submit_behind(op, |brick| {
-                        file.write_all_at(data, offset)?;
-                        brick::set_times(&brick.abs(&rel), None, Some(mtime_ns))
-                    })
-                    .map_err(Errno::from_i32)?;
-                self.queue_behind(ino, behind, data.len() as u64);
-                Ok(())
+                self.submit(op, |brick| {
+                    file.write_all_at(data, offset)?;
+                    brick::set_times(&brick.abs(&rel), None, Some(mtime_ns))
+                })
             })
         });
         match result {
@@ -698,34 +620,25 @@ impl Filesystem for VolumeFs {
     fn flush(
         &self,
         _req: &Request,
-        ino: INodeNo,
+        _ino: INodeNo,
         _fh: FileHandle,
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        // close(2): every write is on a quorum of replicas (or the error
-        // is reported here).
-        match self.drain_behind(ino) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        // Writes are replicated as they come; nothing is buffered here.
+        reply.ok();
     }
 
     fn release(
         &self,
         _req: &Request,
-        ino: INodeNo,
+        _ino: INodeNo,
         fh: FileHandle,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        // Normally drained by flush already; writes through a mapping
-        // that outlived its descriptor end here. Nobody is left to tell.
-        if let Err(errno) = self.drain_behind(ino) {
-            tracing::warn!(volume = %self.volume.name(), ino = ino.0, ?errno, "writes of a released file missed their quorum");
-        }
         lock(&self.handles).remove(&fh.0);
         reply.ok();
     }
@@ -739,7 +652,6 @@ impl Filesystem for VolumeFs {
         reply: ReplyEmpty,
     ) {
         let result = self.path(ino).and_then(|rel| {
-            self.drain_behind(ino)?;
             self.with_file(fh, |file, _| {
                 self.submit(Op::Fsync { path: rel.clone() }, |_| file.sync_all())
             })

@@ -45,10 +45,6 @@ pub struct Outgoing {
 
 pub type Reply = oneshot::Receiver<Response>;
 
-/// A change applied here and queued for the peers whose quorum is still
-/// being counted (see [`Volume::submit_behind`]).
-pub type Behind = tokio::task::JoinHandle<Result<(), i32>>;
-
 /// One other replica of the volume.
 #[derive(Debug)]
 pub struct Peer {
@@ -404,29 +400,6 @@ impl Volume {
         self.runtime
             .block_on(async move { volume.settle(op, replies).await })?;
         Ok(value)
-    }
-
-    /// Like [`Volume::submit`], but returns once `op` is applied here and
-    /// queued (in order) for the peers: the quorum is counted by the
-    /// returned task (write-behind; see `fs.rs`, which waits for it at
-    /// flush and fsync). Refused at once without a quorum.
-    pub fn submit_behind<T>(
-        self: &Arc<Self>,
-        op: Op,
-        local: impl FnOnce(&Brick) -> io::Result<T>,
-    ) -> Result<(T, Behind), i32> {
-        let (value, replies) = self.start(&op, local)?;
-        let volume = Arc::clone(self);
-        let behind = self
-            .runtime
-            .spawn(async move { volume.settle(op, replies).await });
-        Ok((value, behind))
-    }
-
-    /// Waits (blocking) for a change submitted with
-    /// [`Volume::submit_behind`].
-    pub fn wait_behind(&self, behind: Behind) -> Result<(), i32> {
-        self.runtime.block_on(behind).unwrap_or(Err(libc::EIO))
     }
 
     /// Checks the quorum, applies `op` locally and queues it for every
