@@ -4,6 +4,12 @@
 //! from shared/PEERS.md: create 4 KB files with fsync, cold read of them,
 //! delete with sync, sequential 1 MiB writes with fsync, cold sequential
 //! read. Every loop is bounded in count and time.
+//!
+//! Then the heal case from PEERS.md on each replicated target: one replica
+//! is killed, 2,000 small files, a 200 MiB file and an 8 MiB overwrite are
+//! written while it is down, and the time from its return until nothing is
+//! pending (`agent volume heal-info` on every node; `gluster volume heal
+//! VOL info`) is measured, then the returned brick is compared.
 
 use std::{
     fs,
@@ -25,6 +31,12 @@ const SEQ_MIB: usize = 128;
 const LIMIT: Duration = Duration::from_secs(30);
 /// How long to wait for a mount to come up.
 const MOUNT_WAIT: Duration = Duration::from_secs(30);
+/// What the down replica misses in the heal case (PEERS.md).
+const HEAL_FILES: usize = 2000;
+const HEAL_BIG_MIB: usize = 200;
+const HEAL_OVERWRITE_MIB: usize = 8;
+/// Longest wait for a heal to complete (GlusterFS took 109 s here).
+const HEAL_LIMIT: Duration = Duration::from_secs(300);
 
 struct Target {
     name: &'static str,
@@ -121,8 +133,68 @@ fn wait_for(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) -> Result
     Ok(())
 }
 
+/// The three agents of the Farol volume (node `n{i}`: `brick{i}`, `mnt{i}`).
+struct FarolCluster {
+    agent: PathBuf,
+    config: PathBuf,
+    dir: PathBuf,
+}
+
+impl FarolCluster {
+    fn spawn(&self, i: usize) -> Result<Child> {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join(format!("n{i}.log")))?;
+        Command::new(&self.agent)
+            .args(["volume", "serve", "--config"])
+            .arg(&self.config)
+            .args(["--node", &format!("n{i}")])
+            .env("FAROL_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", self.agent.display()))
+    }
+
+    fn mount(&self, i: usize) -> PathBuf {
+        self.dir.join(format!("mnt{i}"))
+    }
+
+    fn brick(&self, i: usize) -> PathBuf {
+        self.dir.join(format!("brick{i}"))
+    }
+
+    /// `agent volume heal-info --json` of node `i`: None while it does not
+    /// answer; Some(true) when it is current and nothing is pending for
+    /// any peer, each of them up.
+    fn healed(&self, i: usize) -> Option<bool> {
+        let out = Command::new(&self.agent)
+            .args(["volume", "heal-info", "--json", "--config"])
+            .arg(&self.config)
+            .args(["--node", &format!("n{i}")])
+            .stderr(Stdio::null())
+            .output()
+            .ok()?;
+        if !out.status.success() {
+            return None;
+        }
+        let reports: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        let reports = reports.as_array()?;
+        Some(reports.iter().all(|report| {
+            report["current"] == true
+                && report["peers"].as_array().is_some_and(|peers| {
+                    peers
+                        .iter()
+                        .all(|peer| peer["up"] == true && peer["pending"] == 0)
+                })
+        }))
+    }
+}
+
 /// Starts three agents on loopback and returns node 1's mount.
-fn start_farol(base: &Path, cleanup: &mut Cleanup) -> Result<PathBuf> {
+fn start_farol(base: &Path, cleanup: &mut Cleanup) -> Result<(PathBuf, FarolCluster)> {
     let agent = workspace_root().join("target/release/agent");
     let dir = base.join("farol");
     fs::create_dir_all(&dir)?;
@@ -156,18 +228,13 @@ fn start_farol(base: &Path, cleanup: &mut Cleanup) -> Result<PathBuf> {
     text.push_str("]\n");
     let config = dir.join("cluster.toml");
     fs::write(&config, text)?;
+    let cluster = FarolCluster {
+        agent,
+        config,
+        dir: dir.clone(),
+    };
     for i in 1..=3 {
-        let log = fs::File::create(dir.join(format!("n{i}.log")))?;
-        let child = Command::new(&agent)
-            .args(["volume", "serve", "--config"])
-            .arg(&config)
-            .args(["--node", &format!("n{i}")])
-            .env("FAROL_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("starting {}", agent.display()))?;
+        let child = cluster.spawn(i)?;
         cleanup.children.push(child);
         cleanup.mounts.push(dir.join(format!("mnt{i}")));
     }
@@ -185,11 +252,59 @@ fn start_farol(base: &Path, cleanup: &mut Cleanup) -> Result<PathBuf> {
         fs::write(mount.join(".probe"), b"x").is_ok()
     })?;
     fs::remove_file(mount.join(".probe"))?;
-    Ok(mount)
+    Ok((mount, cluster))
+}
+
+/// The GlusterFS volume of this run.
+struct GlusterVolume {
+    name: String,
+    bricks: Vec<PathBuf>,
+}
+
+impl GlusterVolume {
+    /// The PID of the brick process serving `brick` (from `volume status
+    /// --xml`: a node's `<path>` comes before its `<pid>`).
+    fn brick_pid(&self, brick: &Path) -> Result<i32> {
+        let xml = gluster(&["volume", "status", &self.name, "--xml"])?;
+        let needle = format!("<path>{}</path>", brick.display());
+        let at = xml
+            .find(&needle)
+            .with_context(|| format!("{} not in the volume status", brick.display()))?;
+        let rest = &xml[at..];
+        let start = rest
+            .find("<pid>")
+            .context("no <pid> in the volume status")?
+            + 5;
+        let end = rest[start..].find("</pid>").context("no </pid>")? + start;
+        let pid: i32 = rest[start..end].trim().parse().context("brick pid")?;
+        if pid <= 0 {
+            bail!("brick {} is not running", brick.display());
+        }
+        Ok(pid)
+    }
+
+    /// Whether `gluster volume heal VOL info` lists nothing for any brick,
+    /// every brick connected.
+    fn healed(&self) -> bool {
+        let Ok(text) = gluster(&["volume", "heal", &self.name, "info"]) else {
+            return false;
+        };
+        let counts: Vec<&str> = text
+            .lines()
+            .filter_map(|line| line.trim().strip_prefix("Number of entries:"))
+            .collect();
+        let connected = text
+            .lines()
+            .filter(|line| line.trim() == "Status: Connected")
+            .count();
+        counts.len() == self.bricks.len()
+            && connected == self.bricks.len()
+            && counts.iter().all(|count| count.trim() == "0")
+    }
 }
 
 /// Creates a GlusterFS replica 3 volume on this host and mounts it.
-fn start_gluster(base: &Path, cleanup: &mut Cleanup) -> Result<PathBuf> {
+fn start_gluster(base: &Path, cleanup: &mut Cleanup) -> Result<(PathBuf, GlusterVolume)> {
     if Command::new("gluster").arg("--version").output().is_err() {
         println!("installing GlusterFS (apt-get install glusterfs-server glusterfs-client) ...");
         exec(Command::new("apt-get").args([
@@ -212,6 +327,7 @@ fn start_gluster(base: &Path, cleanup: &mut Cleanup) -> Result<PathBuf> {
         .to_owned();
     let dir = base.join("gluster");
     let name = format!("farolbench{}", std::process::id());
+    let mut bricks = Vec::new();
     let mut args = vec![
         "volume".to_owned(),
         "create".to_owned(),
@@ -223,6 +339,7 @@ fn start_gluster(base: &Path, cleanup: &mut Cleanup) -> Result<PathBuf> {
         let brick = dir.join(format!("brick{i}"));
         fs::create_dir_all(&brick)?;
         args.push(format!("{host}:{}", brick.display()));
+        bricks.push(brick);
     }
     args.push("force".to_owned());
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -239,7 +356,132 @@ fn start_gluster(base: &Path, cleanup: &mut Cleanup) -> Result<PathBuf> {
     )?;
     cleanup.mounts.insert(0, mount.clone());
     wait_for("the GlusterFS mount", MOUNT_WAIT, || is_mounted(&mount))?;
-    Ok(mount)
+    Ok((mount, GlusterVolume { name, bricks }))
+}
+
+fn pattern(seed: u8, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+/// Before the outage: the file the outage overwrites.
+fn heal_prepare(mount: &Path) -> Result<()> {
+    let work = mount.join("heal-work");
+    let _ = fs::remove_dir_all(&work);
+    fs::create_dir_all(work.join("small"))?;
+    let mut file = fs::File::create(work.join("overwritten"))?;
+    file.write_all(&pattern(1, HEAL_OVERWRITE_MIB << 20))?;
+    file.sync_all()?;
+    Ok(())
+}
+
+/// During the outage: what the down replica misses.
+fn heal_miss(mount: &Path) -> Result<()> {
+    let work = mount.join("heal-work");
+    let block = pattern(2, 4096);
+    let started = Instant::now();
+    for i in 0..HEAL_FILES {
+        fs::write(work.join(format!("small/f{i:05}")), &block)?;
+        if started.elapsed() > HEAL_LIMIT {
+            bail!("writing the small files took over {HEAL_LIMIT:?}");
+        }
+    }
+    let mib = pattern(3, 1 << 20);
+    let mut file = fs::File::create(work.join("big"))?;
+    for _ in 0..HEAL_BIG_MIB {
+        file.write_all(&mib)?;
+    }
+    file.sync_all()?;
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .open(work.join("overwritten"))?;
+    file.write_all(&pattern(4, HEAL_OVERWRITE_MIB << 20))?;
+    file.sync_all()?;
+    Ok(())
+}
+
+/// Whether the returned brick holds what the others hold.
+fn heal_compare(good: &Path, healed: &Path) -> Result<()> {
+    let (good, healed) = (good.join("heal-work"), healed.join("heal-work"));
+    for name in ["big", "overwritten"] {
+        if fs::read(good.join(name))? != fs::read(healed.join(name))? {
+            bail!("{} differs after the heal", healed.join(name).display());
+        }
+    }
+    let count = |dir: &Path| -> Result<usize> { Ok(fs::read_dir(dir.join("small"))?.count()) };
+    let (want, got) = (count(&good)?, count(&healed)?);
+    if got != want || want != HEAL_FILES {
+        bail!("the healed brick holds {got} small files, the good one {want} (wrote {HEAL_FILES})");
+    }
+    for i in (0..HEAL_FILES).step_by(97) {
+        let rel = format!("small/f{i:05}");
+        if fs::read(good.join(&rel))? != fs::read(healed.join(&rel))? {
+            bail!("{rel} differs after the heal");
+        }
+    }
+    Ok(())
+}
+
+/// Farol: node 3 is killed (SIGKILL), misses the changes, and is started
+/// again; seconds until every node's heal-info is empty.
+fn heal_farol(cluster: &FarolCluster, cleanup: &mut Cleanup) -> Result<f64> {
+    let mount = cluster.mount(1);
+    heal_prepare(&mount)?;
+    let victim = cleanup.children.remove(2);
+    kill_child(victim);
+    lazy_unmount(&cluster.mount(3));
+    heal_miss(&mount)?;
+    let started = Instant::now();
+    cleanup.children.push(cluster.spawn(3)?);
+    wait_for("the Farol heal", HEAL_LIMIT, || {
+        (1..=3).all(|i| cluster.healed(i) == Some(true))
+    })?;
+    let elapsed = started.elapsed().as_secs_f64();
+    heal_compare(&cluster.brick(1), &cluster.brick(3))?;
+    fs::remove_dir_all(mount.join("heal-work"))?;
+    Ok(elapsed)
+}
+
+/// GlusterFS: brick 3's process is killed (SIGKILL), misses the changes,
+/// and is started again (`volume start force`, then `volume heal` to
+/// start the index heal at once); seconds until `heal info` is empty.
+fn heal_gluster(mount: &Path, volume: &GlusterVolume) -> Result<f64> {
+    heal_prepare(mount)?;
+    let pid = volume.brick_pid(&volume.bricks[2])?;
+    // SAFETY: kill(2) on the brick process of the volume this run made.
+    unsafe {
+        libc::kill(pid, libc::SIGKILL);
+    }
+    heal_miss(mount)?;
+    let started = Instant::now();
+    gluster(&["volume", "start", &volume.name, "force"])?;
+    // The self-heal daemon may not have reconnected yet: retry briefly.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while gluster(&["volume", "heal", &volume.name]).is_err() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let deadline = started + HEAL_LIMIT;
+    while !volume.healed() {
+        if Instant::now() > deadline {
+            bail!("GlusterFS had not healed after {HEAL_LIMIT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    heal_compare(&volume.bricks[0], &volume.bricks[2])?;
+    fs::remove_dir_all(mount.join("heal-work"))?;
+    Ok(elapsed)
+}
+
+fn kill_child(mut child: Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// Detaches the stale mount a killed agent left.
+fn lazy_unmount(path: &Path) {
+    let _ = Command::new("umount").arg("-l").arg(path).status();
 }
 
 struct Figures {
@@ -357,15 +599,20 @@ pub(crate) fn run() -> Result<BenchReport> {
         name: "local",
         dir: base.join("local"),
     }];
+    let (farol_mount, farol) = start_farol(&base, &mut cleanup)?;
     targets.push(Target {
         name: "farol",
-        dir: start_farol(&base, &mut cleanup)?,
+        dir: farol_mount,
     });
+    let mut glusterfs = None;
     match start_gluster(&base, &mut cleanup) {
-        Ok(dir) => targets.push(Target {
-            name: "glusterfs",
-            dir,
-        }),
+        Ok((dir, volume)) => {
+            targets.push(Target {
+                name: "glusterfs",
+                dir,
+            });
+            glusterfs = Some(volume);
+        }
         Err(error) => println!("GlusterFS not compared: {error:#}"),
     }
 
@@ -396,27 +643,81 @@ pub(crate) fn run() -> Result<BenchReport> {
         }
         rows.push((target.name, figures));
     }
+
+    let mut heals: Vec<(&str, f64)> = Vec::new();
+    println!(
+        "heal on farol: node 3 misses {HEAL_FILES} files, {HEAL_BIG_MIB} MiB and an {HEAL_OVERWRITE_MIB} MiB overwrite ..."
+    );
+    let seconds = heal_farol(&farol, &mut cleanup).context("heal on farol")?;
+    println!("  healed in {seconds:.1} s");
+    heals.push(("farol", seconds));
+    if let (Some(volume), Some(target)) = (&glusterfs, targets.get(2)) {
+        println!("heal on glusterfs: brick 3 misses the same ...");
+        match heal_gluster(&target.dir, volume) {
+            Ok(seconds) => {
+                println!("  healed in {seconds:.1} s");
+                heals.push(("glusterfs", seconds));
+            }
+            Err(error) => println!("  GlusterFS heal not measured: {error:#}"),
+        }
+    }
+    for (name, seconds) in &heals {
+        report.push(
+            &format!("{name}-heal-2000-files-200m-8m"),
+            "seconds",
+            *seconds,
+            "s",
+        );
+    }
     drop(cleanup);
 
     let local = &rows[0].1;
     let columns: Vec<&str> = rows.iter().map(|(name, _)| *name).collect();
+    let farol_row = rows
+        .iter()
+        .find(|(name, _)| *name == "farol")
+        .map(|(_, f)| f);
+    let gluster_row = rows
+        .iter()
+        .find(|(name, _)| *name == "glusterfs")
+        .map(|(_, f)| f);
     println!(
-        "\n| workload ({FILES} files, {SEQ_MIB} MiB) | {} |",
+        "\n| workload ({FILES} files, {SEQ_MIB} MiB) | {} | farol / glusterfs |",
         columns.join(" | ")
     );
-    println!("| --- |{}", " --- |".repeat(columns.len()));
+    println!("| --- |{} --- |", " --- |".repeat(columns.len()));
     let line = |label: &str, get: &dyn Fn(&Figures) -> f64, unit: &str| {
         let base = get(local);
         let cells: Vec<String> = rows
             .iter()
-            .map(|(_, f)| format!("{:.0} {unit} ({:.2}x)", get(f), get(f) / base))
+            .map(|(_, f)| format!("{:.0} {unit} ({:.2}x local)", get(f), get(f) / base))
             .collect();
-        println!("| {label} | {} |", cells.join(" | "));
+        let ratio = match (farol_row, gluster_row) {
+            (Some(farol), Some(gluster)) => format!("{:.2}x", get(farol) / get(gluster)),
+            _ => "-".to_owned(),
+        };
+        println!("| {label} | {} | {ratio} |", cells.join(" | "));
     };
     line("create 4 KB + fsync", &|f| f.create, "files/s");
     line("cold read 4 KB", &|f| f.read, "files/s");
     line("delete + dir fsync", &|f| f.delete, "files/s");
     line("seq write 1 MiB blocks + fsync", &|f| f.write_mib, "MiB/s");
     line("cold seq read 1 MiB", &|f| f.read_mib, "MiB/s");
+    let farol_heal = heals.first().map(|(_, s)| *s);
+    let cells: Vec<String> = columns
+        .iter()
+        .map(|name| match heals.iter().find(|(n, _)| n == name) {
+            Some((_, seconds)) => format!("{seconds:.1} s"),
+            None => "-".to_owned(),
+        })
+        .collect();
+    let ratio = match (farol_heal, heals.iter().find(|(n, _)| *n == "glusterfs")) {
+        (Some(farol), Some((_, gluster))) => format!("{:.2}x faster", gluster / farol),
+        _ => "-".to_owned(),
+    };
+    println!(
+        "| heal: {HEAL_FILES} files + {HEAL_BIG_MIB} MiB + {HEAL_OVERWRITE_MIB} MiB overwrite | {} | {ratio} |",
+        cells.join(" | ")
+    );
     Ok(report)
 }

@@ -8,7 +8,7 @@
 //! the agent starts.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::BTreeMap,
     fs::{self, File, OpenOptions},
     io::{self, BufRead, BufReader, Write},
     path::{Path, PathBuf},
@@ -22,7 +22,7 @@ use tracing::{info, warn};
 use super::{
     brick,
     protocol::{Request, Response, MAX_CHUNK},
-    replica::Volume,
+    replica::{Reply, Volume},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -42,9 +42,15 @@ struct LogLine {
     path: String,
 }
 
+/// Per peer: pending path -> the generation of its latest record. A heal
+/// resolves a path only if no change was recorded for it since the heal
+/// read it (see [`ChangeLog::resolve_at`]).
+type Pending = BTreeMap<String, BTreeMap<String, u64>>;
+
 #[derive(Debug)]
 struct LogState {
-    pending: BTreeMap<String, BTreeSet<String>>,
+    pending: Pending,
+    generation: u64,
     file: File,
 }
 
@@ -63,7 +69,7 @@ impl ChangeLog {
             path: path.clone(),
             source,
         };
-        let mut pending: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        let mut pending: Pending = BTreeMap::new();
         match File::open(&path) {
             Ok(file) => {
                 for line in BufReader::new(file).lines() {
@@ -74,7 +80,7 @@ impl ChangeLog {
                     };
                     let set = pending.entry(entry.peer).or_default();
                     if entry.add {
-                        set.insert(entry.path);
+                        set.insert(entry.path, 0);
                     } else {
                         set.remove(&entry.path);
                     }
@@ -87,7 +93,7 @@ impl ChangeLog {
         {
             let mut out = io::BufWriter::new(File::create(&tmp).map_err(error)?);
             for (peer, paths) in &pending {
-                for p in paths {
+                for p in paths.keys() {
                     let line = LogLine {
                         peer: peer.clone(),
                         add: true,
@@ -106,7 +112,11 @@ impl ChangeLog {
         let file = OpenOptions::new().append(true).open(&path).map_err(error)?;
         Ok(ChangeLog {
             path,
-            state: Mutex::new(LogState { pending, file }),
+            state: Mutex::new(LogState {
+                pending,
+                generation: 0,
+                file,
+            }),
         })
     }
 
@@ -118,34 +128,56 @@ impl ChangeLog {
             .unwrap_or_else(|poison| poison.into_inner())
     }
 
-    fn append(&self, state: &mut LogState, peer: &str, add: bool, path: &str) {
+    /// Appends one line; additions are synced when `sync` (a missed
+    /// change must survive a crash of this node: it is the only record
+    /// that the peer needs healing). Removals may be lost; the heal then
+    /// just repeats.
+    fn append(&self, state: &mut LogState, peer: &str, add: bool, path: &str, sync: bool) {
         let line = LogLine {
             peer: peer.to_owned(),
             add,
             path: path.to_owned(),
         };
-        // A missed change must survive a crash of this node (it is the
-        // only record that the peer needs healing): sync additions.
-        // Removals may be lost; the heal then just repeats.
         let written = serde_json::to_string(&line)
             .map_err(io::Error::other)
             .and_then(|text| writeln!(state.file, "{text}"))
-            .and_then(|()| if add { state.file.sync_data() } else { Ok(()) });
+            .and_then(|()| if sync { state.file.sync_data() } else { Ok(()) });
         if let Err(error) = written {
             warn!(log = %self.path.display(), %error, "cannot append to the change log (kept in memory)");
         }
     }
 
+    fn sync(&self, state: &LogState) {
+        if let Err(error) = state.file.sync_data() {
+            warn!(log = %self.path.display(), %error, "cannot sync the change log");
+        }
+    }
+
     /// Records that `peer` missed a change of `path`.
     pub fn record(&self, peer: &str, path: &str) {
+        self.record_many(peer, std::iter::once(path));
+    }
+
+    /// Records that `peer` missed changes of `paths` (one sync for all).
+    pub fn record_many<'a>(&self, peer: &str, paths: impl IntoIterator<Item = &'a str>) {
         let mut state = self.lock();
-        let inserted = state
-            .pending
-            .entry(peer.to_owned())
-            .or_default()
-            .insert(path.to_owned());
-        if inserted {
-            self.append(&mut state, peer, true, path);
+        let mut added = false;
+        for path in paths {
+            state.generation += 1;
+            let generation = state.generation;
+            let inserted = state
+                .pending
+                .entry(peer.to_owned())
+                .or_default()
+                .insert(path.to_owned(), generation)
+                .is_none();
+            if inserted {
+                self.append(&mut state, peer, true, path, false);
+                added = true;
+            }
+        }
+        if added {
+            self.sync(&state);
         }
     }
 
@@ -155,17 +187,36 @@ impl ChangeLog {
         let removed = state
             .pending
             .get_mut(peer)
-            .is_some_and(|set| set.remove(path));
+            .is_some_and(|set| set.remove(path).is_some());
         if removed {
-            self.append(&mut state, peer, false, path);
+            self.append(&mut state, peer, false, path, false);
         }
+    }
+
+    /// Like [`ChangeLog::resolve`], unless `path` was recorded again
+    /// after `generation` (a change the peer missed while the heal was on
+    /// its way): then it stays pending. Returns whether it was resolved.
+    pub fn resolve_at(&self, peer: &str, path: &str, generation: u64) -> bool {
+        let mut state = self.lock();
+        let removed = state.pending.get_mut(peer).is_some_and(|set| {
+            if set.get(path) == Some(&generation) {
+                set.remove(path);
+                true
+            } else {
+                false
+            }
+        });
+        if removed {
+            self.append(&mut state, peer, false, path, false);
+        }
+        removed
     }
 
     pub fn contains(&self, peer: &str, path: &str) -> bool {
         self.lock()
             .pending
             .get(peer)
-            .is_some_and(|set| set.contains(path))
+            .is_some_and(|set| set.contains_key(path))
     }
 
     pub fn pending(&self, peer: &str) -> u64 {
@@ -177,17 +228,29 @@ impl ChangeLog {
 
     /// The next path to heal for `peer`: parents sort before children.
     pub fn first(&self, peer: &str) -> Option<String> {
-        self.lock()
-            .pending
-            .get(peer)
-            .and_then(|set| set.iter().next().cloned())
+        self.next_after(peer, None).map(|(path, _)| path)
+    }
+
+    /// The first pending path of `peer` after `cursor` (from the start
+    /// without one) and its generation.
+    pub fn next_after(&self, peer: &str, cursor: Option<&str>) -> Option<(String, u64)> {
+        use std::ops::Bound;
+        let state = self.lock();
+        let set = state.pending.get(peer)?;
+        let mut range = match cursor {
+            Some(cursor) => set.range::<str, _>((Bound::Excluded(cursor), Bound::Unbounded)),
+            None => set.range::<str, _>(..),
+        };
+        range
+            .next()
+            .map(|(path, generation)| (path.clone(), *generation))
     }
 
     pub fn sample(&self, peer: &str, count: usize) -> Vec<String> {
         self.lock()
             .pending
             .get(peer)
-            .map(|set| set.iter().take(count).cloned().collect())
+            .map(|set| set.keys().take(count).cloned().collect())
             .unwrap_or_default()
     }
 }
@@ -217,20 +280,37 @@ impl RateLimit {
     }
 }
 
-/// Outcome of healing one path.
-enum Healed {
-    Done {
-        bytes: u64,
-        dir: bool,
-    },
-    /// The peer's copy wins (split brain); it will heal us instead.
-    Rejected,
+/// At most this many paths are on their way to a peer before the heal
+/// waits for their answers and a sync (pipelining without unbounded
+/// memory).
+const BATCH_PATHS: usize = 512;
+/// At most this many bytes of file data per batch.
+const BATCH_BYTES: u64 = 32 * 1024 * 1024;
+
+/// One path sent to the peer, waiting for its answers.
+struct Sent {
+    path: String,
+    generation: u64,
+    replies: Vec<Reply>,
+    bytes: u64,
+}
+
+/// How a batch went.
+enum BatchOutcome {
+    /// Every path answered; this many were installed, with these bytes.
+    Done { healed: u64, bytes: u64 },
+    /// The peer went away or refused: retry later.
     Failed,
 }
 
 /// Heals `peer` (an index into the volume's peers) whenever it is up and
 /// has missed changes, until the volume stops. Runs on its own thread:
 /// brick reads are blocking.
+///
+/// Paths go out in batches without waiting for each answer (the peer
+/// applies one connection's requests in order); each batch ends with a
+/// `HealSync` that makes the peer's copies durable at once (one syncfs
+/// rather than an fsync per file), and only then are its paths resolved.
 pub fn heal_loop(volume: Arc<Volume>, peer: usize) {
     let name = volume.peer_name(peer).to_owned();
     let mut last_progress = Instant::now() - Duration::from_secs(10);
@@ -258,38 +338,42 @@ pub fn heal_loop(volume: Arc<Volume>, peer: usize) {
         let mut bytes = 0u64;
         let mut last_report = Instant::now();
         let mut failed = false;
-        while let Some(path) = volume.log().first(&name) {
+        let mut cursor: Option<String> = None;
+        loop {
             if volume.stopping() || !volume.peer_up(peer) {
                 failed = true;
                 break;
             }
-            match heal_path(&volume, peer, &path) {
-                Healed::Done { bytes: sent, dir } => {
-                    volume.log().resolve(&name, &path);
-                    if dir {
-                        // The peer's directory may lack any of its
-                        // children (a renamed tree, say): heal them too.
-                        if let Ok(children) = volume.brick().children(&path) {
-                            for child in children {
-                                volume.log().record(&name, &brick::join(&path, &child));
-                            }
-                        }
-                    }
-                    healed += 1;
-                    bytes += sent;
-                    volume.stats().healed(&name);
-                    std::thread::sleep(limit.charge(sent));
-                }
-                Healed::Rejected => volume.log().resolve(&name, &path),
-                Healed::Failed => {
+            let (batch, complete) = send_batch(&volume, peer, &mut cursor, &mut limit);
+            if batch.is_empty() {
+                if !complete {
                     failed = true;
                     break;
                 }
+                if cursor.take().is_none() {
+                    break;
+                }
+                // Paths recorded behind the cursor meanwhile: another pass.
+                continue;
+            }
+            match finish_batch(&volume, peer, batch) {
+                BatchOutcome::Done {
+                    healed: count,
+                    bytes: sent,
+                } => {
+                    healed += count;
+                    bytes += sent;
+                }
+                BatchOutcome::Failed => failed = true,
+            }
+            if failed || !complete {
+                failed = true;
+                break;
             }
             if last_report.elapsed() >= Duration::from_secs(2) {
                 let remaining = volume.log().pending(&name);
                 info!(volume = %volume.name(), peer = %name, healed, remaining, "heal progress");
-                let _ = volume.call_peer(peer, Request::HealProgress { remaining });
+                let _ = volume.send_peer(peer, Request::HealProgress { remaining });
                 last_report = Instant::now();
             }
         }
@@ -310,64 +394,152 @@ pub fn heal_loop(volume: Arc<Volume>, peer: usize) {
     }
 }
 
-fn heal_path(volume: &Volume, peer: usize, path: &str) -> Healed {
-    // Capture and enqueue under the apply lock, so the entry reaches the
-    // peer in order with the writes around it.
-    let replies = {
-        let _order = volume.apply_lock();
-        let mut replies = Vec::new();
-        let mut bytes = 0u64;
-        let mut dir = false;
-        let mut complete = true;
-        let captured = volume.brick().capture(path, MAX_CHUNK, &mut |entry| {
-            if let brick::Entry::File { data, .. } = &entry {
-                bytes += data.len() as u64;
-            }
-            dir |= matches!(entry, brick::Entry::Dir { .. });
-            match volume.send_peer(
-                peer,
-                Request::Heal {
-                    path: path.to_owned(),
-                    entry,
-                },
-            ) {
-                Some(reply) => {
-                    replies.push(reply);
-                    true
-                }
-                None => {
-                    complete = false;
-                    false
-                }
-            }
+/// Sends the pending paths after `cursor` until a batch is full; returns
+/// them and whether every capture went out (false: the peer went away,
+/// its queue is full, or a path could not be read).
+fn send_batch(
+    volume: &Volume,
+    peer: usize,
+    cursor: &mut Option<String>,
+    limit: &mut RateLimit,
+) -> (Vec<Sent>, bool) {
+    let name = volume.peer_name(peer);
+    let mut batch = Vec::new();
+    let mut batch_bytes = 0u64;
+    while batch.len() < BATCH_PATHS && batch_bytes < BATCH_BYTES {
+        let Some((path, generation)) = volume.log().next_after(name, cursor.as_deref()) else {
+            break;
+        };
+        *cursor = Some(path.clone());
+        let Some((replies, bytes, children)) = send_path(volume, peer, &path) else {
+            return (batch, false);
+        };
+        if let Some(children) = children {
+            // The peer's directory may lack any of its children (a
+            // renamed tree, say): heal them too (they sort after it, so
+            // this pass reaches them).
+            let paths: Vec<String> = children.iter().map(|c| brick::join(&path, c)).collect();
+            volume
+                .log()
+                .record_many(name, paths.iter().map(String::as_str));
+        }
+        batch_bytes += bytes;
+        batch.push(Sent {
+            path,
+            generation,
+            replies,
+            bytes,
         });
-        if let Err(error) = captured {
-            warn!(volume = %volume.name(), path, %error, "cannot read a path to heal");
-            return Healed::Failed;
-        }
-        if !complete {
-            // The peer went away or its queue is full: part of the entry
-            // was not sent, so the path stays pending.
-            return Healed::Failed;
-        }
-        (replies, bytes, dir)
-    };
-    let (replies, bytes, dir) = replies;
-    if replies.is_empty() {
-        return Healed::Failed;
+        std::thread::sleep(limit.charge(bytes));
     }
-    for reply in replies {
-        match volume.wait_reply(reply) {
-            Some(Response::Ok) => {}
-            Some(Response::Rejected) => return Healed::Rejected,
-            Some(other) => {
-                warn!(volume = %volume.name(), path, reply = ?other, "peer refused a heal");
-                return Healed::Failed;
+    (batch, true)
+}
+
+/// Waits for a batch's answers and the peer's sync, then resolves what
+/// the peer installed (or refused as the split-brain winner).
+fn finish_batch(volume: &Volume, peer: usize, batch: Vec<Sent>) -> BatchOutcome {
+    let name = volume.peer_name(peer);
+    let sync = volume.send_peer(peer, Request::HealSync);
+    let mut installed = Vec::new();
+    let mut rejected = Vec::new();
+    let mut failed = false;
+    for sent in batch {
+        let mut outcome = Some(true);
+        for reply in sent.replies {
+            match volume.wait_reply(reply) {
+                Some(Response::Ok) => {}
+                Some(Response::Rejected) => outcome = outcome.map(|_| false),
+                Some(other) => {
+                    warn!(volume = %volume.name(), path = %sent.path, reply = ?other, "peer refused a heal");
+                    outcome = None;
+                }
+                None => outcome = None,
             }
-            None => return Healed::Failed,
+        }
+        match outcome {
+            Some(true) => installed.push((sent.path, sent.generation, sent.bytes)),
+            Some(false) => rejected.push((sent.path, sent.generation)),
+            None => failed = true,
         }
     }
-    Healed::Done { bytes, dir }
+    let synced = match sync.and_then(|reply| volume.wait_reply(reply)) {
+        Some(Response::Ok) => true,
+        other => {
+            warn!(volume = %volume.name(), peer = %name, reply = ?other, "peer could not sync healed entries");
+            false
+        }
+    };
+    for (path, generation) in rejected {
+        // The peer's copy wins; it heals this replica instead.
+        volume.log().resolve_at(name, &path, generation);
+    }
+    if !synced {
+        return BatchOutcome::Failed;
+    }
+    let mut healed = 0;
+    let mut bytes = 0;
+    for (path, generation, sent) in installed {
+        volume.log().resolve_at(name, &path, generation);
+        healed += 1;
+        bytes += sent;
+        volume.stats().healed(name);
+    }
+    if failed {
+        BatchOutcome::Failed
+    } else {
+        BatchOutcome::Done { healed, bytes }
+    }
+}
+
+/// Captures `path` and queues it for the peer under the apply lock, so
+/// the entry reaches the peer in order with the writes around it. Returns
+/// the replies to wait for, the file bytes sent, and a directory's
+/// children; None when not all of it went out.
+fn send_path(
+    volume: &Volume,
+    peer: usize,
+    path: &str,
+) -> Option<(Vec<Reply>, u64, Option<Vec<String>>)> {
+    let _order = volume.apply_lock();
+    let mut replies = Vec::new();
+    let mut bytes = 0u64;
+    let mut children = None;
+    let mut complete = true;
+    let captured = volume.brick().capture(path, MAX_CHUNK, &mut |entry| {
+        match &entry {
+            brick::Entry::File { data, .. } => bytes += data.len() as u64,
+            brick::Entry::Dir {
+                children: names, ..
+            } => children = Some(names.clone()),
+            _ => {}
+        }
+        match volume.send_peer(
+            peer,
+            Request::Heal {
+                path: path.to_owned(),
+                entry,
+            },
+        ) {
+            Some(reply) => {
+                replies.push(reply);
+                true
+            }
+            None => {
+                complete = false;
+                false
+            }
+        }
+    });
+    if let Err(error) = captured {
+        warn!(volume = %volume.name(), path, %error, "cannot read a path to heal");
+        return None;
+    }
+    // The peer went away or its queue is full: part of the entry was not
+    // sent, so the path stays pending.
+    if !complete || replies.is_empty() {
+        return None;
+    }
+    Some((replies, bytes, children))
 }
 
 #[cfg(test)]
@@ -390,6 +562,31 @@ mod tests {
         assert_eq!(log.pending("b"), 1);
         assert_eq!(log.first("b").as_deref(), Some("y"));
         assert_eq!(log.pending("c"), 1);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_path_recorded_again_while_its_heal_was_on_the_way_stays_pending() {
+        let dir = std::env::temp_dir().join(format!("farol-changelog-gen-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let log = ChangeLog::open(&dir).unwrap();
+        log.record_many("b", ["a", "b/c", "b/d"]);
+        let (first, generation) = log.next_after("b", None).unwrap();
+        assert_eq!(first, "a");
+        // The heal read "a"; a change the peer missed comes in meanwhile.
+        log.record("b", "a");
+        assert!(
+            !log.resolve_at("b", "a", generation),
+            "a newer change is kept"
+        );
+        assert!(log.contains("b", "a"));
+        let (_, newer) = log.next_after("b", None).unwrap();
+        assert!(log.resolve_at("b", "a", newer));
+        // The cursor walks past what it already sent.
+        assert_eq!(log.next_after("b", Some("b/c")).unwrap().0, "b/d");
+        assert_eq!(log.next_after("b", Some("b/d")), None);
+        assert_eq!(log.pending("b"), 2);
         fs::remove_dir_all(&dir).unwrap();
     }
 

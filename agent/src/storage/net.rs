@@ -8,7 +8,7 @@ use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
 use futures_util::{SinkExt, StreamExt};
 use tokio::{
     net::{TcpListener, TcpStream},
-    sync::{mpsc, watch},
+    sync::{mpsc, oneshot, watch},
     time::Instant,
 };
 use tokio_util::codec::Framed;
@@ -110,40 +110,56 @@ async fn connection(
     };
     volume.set_peer_up(peer, true, pending_for_us, "connected");
 
-    let mut inflight: HashMap<u64, Option<tokio::sync::oneshot::Sender<Response>>> = HashMap::new();
-    let mut next_id = 0u64;
-    let mut ping = tokio::time::interval(timeout / 4);
-    let mut last_heard = Instant::now();
-    loop {
-        tokio::select! {
-            changed = shutdown.changed() => {
-                if changed.is_err() || *shutdown.borrow() {
-                    return Ok(());
-                }
-            }
-            outgoing = rx.recv() => {
-                let Some(first) = outgoing else { return Ok(()) };
-                let mut batch = vec![first];
-                while batch.len() < 64 {
-                    match rx.try_recv() {
-                        Ok(more) => batch.push(more),
-                        Err(_) => break,
+    // Sending and receiving run side by side: while a large batch of
+    // writes is being pushed (and TCP makes us wait), answers keep being
+    // read, so a busy peer is not mistaken for a silent one.
+    let inflight: std::sync::Mutex<HashMap<u64, Option<oneshot::Sender<Response>>>> =
+        std::sync::Mutex::new(HashMap::new());
+    let last_heard = std::sync::Mutex::new(Instant::now());
+    let (mut sink, mut frames) = framed.split();
+    let sending = async {
+        let mut next_id = 0u64;
+        let mut ping = tokio::time::interval(timeout / 4);
+        loop {
+            tokio::select! {
+                outgoing = rx.recv() => {
+                    let Some(first) = outgoing else { return Ok(()) };
+                    let mut batch = vec![first];
+                    while batch.len() < 64 {
+                        match rx.try_recv() {
+                            Ok(more) => batch.push(more),
+                            Err(_) => break,
+                        }
                     }
+                    for Outgoing { body, reply } in batch {
+                        next_id += 1;
+                        lock(&inflight).insert(next_id, Some(reply));
+                        sink.feed(Message::Request { id: next_id, body })
+                            .await
+                            .map_err(|e| format!("send: {e}"))?;
+                    }
+                    sink.flush().await.map_err(|e| format!("send: {e}"))?;
                 }
-                for Outgoing { body, reply } in batch {
+                _ = ping.tick() => {
+                    let silent = lock(&last_heard).elapsed();
+                    if silent > timeout {
+                        return Err(format!("no answer for {timeout:?} (peer_timeout)"));
+                    }
                     next_id += 1;
-                    inflight.insert(next_id, Some(reply));
-                    framed
-                        .feed(Message::Request { id: next_id, body })
+                    lock(&inflight).insert(next_id, None);
+                    sink.send(Message::Request { id: next_id, body: Request::Ping })
                         .await
                         .map_err(|e| format!("send: {e}"))?;
                 }
-                framed.flush().await.map_err(|e| format!("send: {e}"))?;
             }
-            frame = framed.next() => match frame {
+        }
+    };
+    let receiving = async {
+        loop {
+            match frames.next().await {
                 Some(Ok(Message::Response { id, body })) => {
-                    last_heard = Instant::now();
-                    if let Some(Some(reply)) = inflight.remove(&id) {
+                    *lock(&last_heard) = Instant::now();
+                    if let Some(Some(reply)) = lock(&inflight).remove(&id) {
                         let _ = reply.send(body);
                     }
                 }
@@ -158,20 +174,19 @@ async fn connection(
                     return Err(format!("receive: {error}"));
                 }
                 None => return Err("connection closed by the peer".into()),
-            },
-            _ = ping.tick() => {
-                if last_heard.elapsed() > timeout {
-                    return Err(format!("no answer for {timeout:?} (peer_timeout)"));
-                }
-                next_id += 1;
-                inflight.insert(next_id, None);
-                framed
-                    .send(Message::Request { id: next_id, body: Request::Ping })
-                    .await
-                    .map_err(|e| format!("send: {e}"))?;
             }
         }
+    };
+    tokio::select! {
+        result = sending => result,
+        result = receiving => result,
+        _ = shutdown.wait_for(|stop| *stop) => Ok(()),
     }
+}
+
+fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Each critical section leaves the map consistent.
+    mutex.lock().unwrap_or_else(|poison| poison.into_inner())
 }
 
 fn kind(message: &Message) -> &'static str {
@@ -359,6 +374,14 @@ async fn handle(volume: &Arc<Volume>, from: &str, body: Request) -> Response {
             let volume = Arc::clone(volume);
             let from = from.to_owned();
             blocking(Box::new(move || volume.heal_from(&from, &path, &entry))).await
+        }
+        Request::HealSync => {
+            let volume = Arc::clone(volume);
+            blocking(Box::new(move || match volume.brick().sync_fs() {
+                Ok(()) => Response::Ok,
+                Err(error) => Response::Errno(super::replica::errno(&error)),
+            }))
+            .await
         }
         Request::HealProgress { remaining } => {
             volume.set_remote_pending(from, remaining);

@@ -60,6 +60,9 @@ pub enum Request {
     Apply { op: Op, missed: Vec<String> },
     /// Self-heal: make `path` on the receiver's brick equal `entry`.
     Heal { path: String, entry: Entry },
+    /// Make every heal entry installed so far durable (one syncfs of the
+    /// brick for a batch of entries); answered after them.
+    HealSync,
     /// The sender still holds `remaining` changes the receiver missed.
     HealProgress { remaining: u64 },
     /// Every entry of the brick with a digest (full-scan heal).

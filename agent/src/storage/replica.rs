@@ -395,6 +395,21 @@ impl Volume {
         op: Op,
         local: impl FnOnce(&Brick) -> io::Result<T>,
     ) -> Result<T, i32> {
+        let (value, replies) = self.start(&op, local)?;
+        let volume = Arc::clone(self);
+        self.runtime
+            .block_on(async move { volume.settle(op, replies).await })?;
+        Ok(value)
+    }
+
+    /// Checks the quorum, applies `op` locally and queues it for every
+    /// peer that is up (recording it for the others), under the apply
+    /// lock so every replica sees changes in the same order.
+    fn start<T>(
+        &self,
+        op: &Op,
+        local: impl FnOnce(&Brick) -> io::Result<T>,
+    ) -> Result<(T, Vec<(usize, Reply)>), i32> {
         if !self.has_quorum() {
             self.stats.writes_refused.fetch_add(1, Ordering::Relaxed);
             return Err(libc::EROFS);
@@ -403,36 +418,45 @@ impl Volume {
             self.stats.writes_refused.fetch_add(1, Ordering::Relaxed);
             return Err(libc::EAGAIN);
         }
-        let (value, replies) = {
-            let _order = self.apply_lock();
-            let value = local(&self.brick).map_err(|error| errno(&error))?;
-            let missed: Vec<String> = self
-                .peers
-                .iter()
-                .filter(|p| !p.up.load(Ordering::Acquire))
-                .map(|p| p.name.clone())
-                .collect();
-            let body = Request::Apply {
-                op: op.clone(),
-                missed,
-            };
-            let mut replies = Vec::new();
-            for index in 0..self.peers.len() {
-                match self.send_peer(index, body.clone()) {
-                    Some(reply) => replies.push((index, reply)),
-                    None => self.missed(index, &op),
-                }
-            }
-            (value, replies)
+        let _order = self.apply_lock();
+        let value = local(&self.brick).map_err(|error| errno(&error))?;
+        let missed: Vec<String> = self
+            .peers
+            .iter()
+            .filter(|p| !p.up.load(Ordering::Acquire))
+            .map(|p| p.name.clone())
+            .collect();
+        let body = Request::Apply {
+            op: op.clone(),
+            missed,
         };
+        let mut replies = Vec::new();
+        let last = self.peers.len().saturating_sub(1);
+        let mut body = Some(body);
+        for index in 0..self.peers.len() {
+            // The last peer takes the body itself (a write's data is
+            // copied once less).
+            let request = if index == last {
+                body.take()
+            } else {
+                body.clone()
+            };
+            let Some(request) = request else { break };
+            match self.send_peer(index, request) {
+                Some(reply) => replies.push((index, reply)),
+                None => self.missed(index, op),
+            }
+        }
+        Ok((value, replies))
+    }
+
+    /// Counts the peers' answers: Ok when a quorum applied the change.
+    async fn settle(self: Arc<Self>, op: Op, replies: Vec<(usize, Reply)>) -> Result<(), i32> {
         let need = self.quorum - 1;
-        let volume = Arc::clone(self);
-        let acked = self
-            .runtime
-            .block_on(async move { volume.collect(op, replies).await });
+        let acked = Arc::clone(&self).collect(op, replies).await;
         if acked >= need {
             self.stats.writes.fetch_add(1, Ordering::Relaxed);
-            Ok(value)
+            Ok(())
         } else {
             self.stats.writes_failed.fetch_add(1, Ordering::Relaxed);
             warn!(volume = %self.name, acked = acked + 1, quorum = self.quorum, "a change missed its quorum");
