@@ -66,14 +66,14 @@ pub(crate) fn run(seconds: u64) -> Result<()> {
     // plus a replicated volume `www` on nuster1..3 as Apache's document root
     // (nuster4 holds no brick and serves a local directory).
     println!(
-        "[4/7] PostgreSQL 15: primary on {}, streaming hot standby on {} (pg_basebackup), port 5432 in their namespaces",
+        "[4/7] the cluster file: configs/lab.toml with Apache under the agents, a replicated volume, \
+         a NAT service, and PostgreSQL 15 on {} run by their agents (primary {}, Raft cluster state, pooler on every node)",
+        demo_postgres::DATABASE_NODES.join(", "),
         demo_postgres::PRIMARY,
-        demo_postgres::STANDBY
     );
-    let mut pg = demo_postgres::start(&lab)?;
-    let pooler = demo_postgres::pooler_section(&lab)?;
+    let database = demo_postgres::sections(&lab, &web_root)?;
     let apache = xtask::apache::lab_apache(&web_root, &names, |text| {
-        with_volume(&text, &web_root) + NAT_SERVICE + &pooler
+        with_volume(&text, &web_root) + NAT_SERVICE + &database
     })?;
     for node in &names {
         std::fs::write(
@@ -87,15 +87,33 @@ pub(crate) fn run(seconds: u64) -> Result<()> {
         "[5/7] starting an agent on every node ({}, with configs/apache/farol.conf); each agent runs Apache",
         lab_config().display()
     );
-    for node in lab.nodes() {
-        let mut command = lab.command(&node.name, &agent);
+    // The agents' logs go to files that outlive the demo; the terminal
+    // keeps the demo's own account.
+    let log_dir = workspace_root().join("target/demo");
+    std::fs::create_dir_all(&log_dir)?;
+    for node in &names {
+        let _ = std::fs::remove_file(log_dir.join(format!("agent-{node}.log")));
+    }
+    println!("      agent logs: {}/agent-NODE.log", log_dir.display());
+    let spawn_agent = |node: &str| -> Result<LabProcess> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log_dir.join(format!("agent-{node}.log")))?;
+        let mut command = lab.command(node, &agent);
         command
             .args(["run", "--config"])
             .arg(&apache.cluster_file)
-            .args(["--node", &node.name, "--pin-dir"])
-            .arg(lab.pin_dir(&node.name))
-            .env("FAROL_LOG", "warn");
-        processes.push(lab.spawn(&node.name, &mut command, "agent")?);
+            .args(["--node", node, "--pin-dir"])
+            .arg(lab.pin_dir(node))
+            .env("FAROL_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(std::process::Stdio::null())
+            .stderr(log);
+        lab.spawn(node, &mut command, "agent")
+    };
+    for node in lab.nodes() {
+        processes.push(spawn_agent(&node.name)?);
     }
     for node in lab.nodes() {
         wait_for(
@@ -209,13 +227,21 @@ pub(crate) fn run(seconds: u64) -> Result<()> {
     );
     let result = traffic(&lab, seconds, &stop).and_then(|counts| {
         kill_and_watch_apache(&lab, &apache, "nuster3")?;
-        demo_postgres::show(&lab, VIP, &mut pg)?;
+        let primary = demo_postgres::wait_ready(&lab)?;
+        let mut nodes = DemoNodes {
+            processes: &mut processes,
+            names: &names,
+            spawn: &spawn_agent,
+            dir: &web_root,
+        };
+        demo_postgres::show(&lab, VIP, primary, &mut nodes)?;
         Ok(counts)
     });
     if let Ok((ok, total)) = &result {
         println!("      {ok}/{total} HTTP requests answered");
-        // Every subsystem but the pooler is on here: data plane (DSR and
-        // NAT), VRRP, health checks, Apache supervision, the volume.
+        // Every subsystem is on here: data plane (DSR and NAT), VRRP,
+        // health checks, Apache supervision, the volume, the pooler, the
+        // Raft cluster state and PostgreSQL under the agent.
         for (node, process) in lab.nodes().iter().zip(&processes) {
             match xtask::footprint::of_pid(process.pid()) {
                 Ok(memory) => println!(
@@ -242,6 +268,21 @@ pub(crate) fn run(seconds: u64) -> Result<()> {
         }
     }
 
+    if let Err(error) = &result {
+        println!("      failed: {error:#}");
+        for node in &names {
+            let text = std::fs::read_to_string(log_dir.join(format!("agent-{node}.log")))
+                .unwrap_or_default();
+            let lines: Vec<&str> = text
+                .lines()
+                .filter(|line| line.contains(" WARN ") || line.contains(" ERROR "))
+                .collect();
+            println!("      last warnings of {node}'s agent:");
+            for line in &lines[lines.len().saturating_sub(8)..] {
+                println!("        {line}");
+            }
+        }
+    }
     println!(
         "[7/7] stopping agents (SIGTERM: drain, stop Apache gracefully, detach and unpin), tearing the lab down"
     );
@@ -261,10 +302,44 @@ pub(crate) fn run(seconds: u64) -> Result<()> {
         }
     }
     drop(processes);
-    drop(pg);
     drop(lab);
     let _ = std::fs::remove_dir_all(&web_root);
     result.map(|_| println!("demo finished: every agent detached its program and removed its pins"))
+}
+
+/// The lab's agents as the demo kills and restarts them.
+struct DemoNodes<'a> {
+    processes: &'a mut Vec<LabProcess>,
+    names: &'a [String],
+    spawn: &'a dyn Fn(&str) -> Result<LabProcess>,
+    dir: &'a std::path::Path,
+}
+
+impl DemoNodes<'_> {
+    fn index(&self, node: &str) -> Result<usize> {
+        self.names
+            .iter()
+            .position(|name| name == node)
+            .with_context(|| format!("{node} is not a lab node"))
+    }
+}
+
+impl demo_postgres::NodeControl for DemoNodes<'_> {
+    fn kill(&mut self, node: &str) -> Result<()> {
+        let postmaster = demo_postgres::postmaster_pid(self.dir, node)
+            .with_context(|| format!("no postmaster.pid for {node}"))?;
+        let index = self.index(node)?;
+        let agent = &mut self.processes[index];
+        agent.child_mut().kill().context("kill -9 of the agent")?;
+        let _ = agent.child_mut().wait();
+        exec(std::process::Command::new("kill").args(["-9", &postmaster.to_string()]))
+    }
+
+    fn restart(&mut self, node: &str) -> Result<()> {
+        let index = self.index(node)?;
+        self.processes[index] = (self.spawn)(node)?;
+        Ok(())
+    }
 }
 
 const VOLUME_NODES: [&str; 3] = ["nuster1", "nuster2", "nuster3"];

@@ -1,35 +1,70 @@
-//! The demo's database tier: PostgreSQL 15 primary on nuster1 and hot
-//! standby on nuster2 (in their namespaces, on their lab addresses), the
-//! agents' pooler on port 6432 of every node, reached by the client on the
-//! VIP; reads go to the standby, writes to the primary, and after the
-//! primary's death and the standby's promotion the pooler moves writes by
-//! itself.
+//! The demo's database tier, run by the agents themselves: `[postgres]`
+//! makes nuster1..3 a PostgreSQL 15 cluster (the agent of nuster2 runs
+//! initdb and the primary, the others pg_basebackup and stream from it,
+//! synchronously), `[cluster_state]` (Raft on nuster1..3) records who the
+//! primary is under a lease, and the pooler on port 6432 of every node
+//! splits reads and writes; the client reaches it on the VIP. Then the
+//! primary's node dies (its agent and its postmaster, kill -9): the agents
+//! promote the most advanced standby by themselves, the pooler follows,
+//! and the restarted agent rewinds the old primary into a standby.
 
 use std::{
+    path::Path,
     process::Output,
     time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context, Result};
-use xtask::{
-    lab::{Lab, CLIENT},
-    postgres::PgCluster,
-};
+use xtask::lab::{wait_for, Lab, CLIENT};
 
-pub(crate) const PRIMARY: &str = "nuster1";
-pub(crate) const STANDBY: &str = "nuster2";
+/// The bootstrap primary: not the VIP holder, so the web tier's balancer
+/// survives its death.
+pub(crate) const PRIMARY: &str = "nuster2";
+pub(crate) const DATABASE_NODES: [&str; 3] = ["nuster1", "nuster2", "nuster3"];
 const USER: &str = "demo";
 const PASSWORD: &str = "demo-pw";
 const POOLER_PORT: u16 = 6432;
+/// Patroni's port, served by every agent with `[postgres]`.
+const API_PORT: u16 = 8008;
 
-/// The `[pooler]` section every agent of the demo runs.
-pub(crate) fn pooler_section(lab: &Lab) -> Result<String> {
+/// The `[cluster_state]`, `[postgres]` and `[pooler]` sections of the
+/// demo's cluster file; data and Raft state under `dir`.
+pub(crate) fn sections(lab: &Lab, dir: &Path) -> Result<String> {
+    let quoted = |names: &[&str]| {
+        names
+            .iter()
+            .map(|n| format!("\"{n}\""))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let standbys: Vec<String> = DATABASE_NODES
+        .iter()
+        .filter(|n| **n != PRIMARY)
+        .map(|n| Ok(format!("\"{}:5432\"", lab.node(n)?.ip())))
+        .collect::<Result<_>>()?;
+    let subnet = xtask::postgres::lab_subnet(lab.node(PRIMARY)?.address.as_str());
     Ok(format!(
         r#"
+[cluster_state]
+voters = [{voters}]
+state_dir = "{dir}/raft/{{node}}"
+
+[postgres]
+nodes = [{voters}]
+primary = "{PRIMARY}"
+data_dir = "{dir}/pg/{{node}}/data"
+socket_dir = "{dir}/pg/{{node}}/run"
+listen_addresses = "{{address}}"
+synchronous = true
+replication_password = "demo-replication-pw"
+check_interval = "250ms"
+settings = {{ shared_buffers = "16MB", max_connections = "40" }}
+hba = ["host all postgres {subnet} trust", "host all {USER} {subnet} scram-sha-256"]
+
 [pooler]
 listen = "0.0.0.0:{POOLER_PORT}"
 primary = "{primary}:5432"
-standbys = ["{standby}:5432"]
+standbys = [{standbys}]
 read_write_split = true
 role_check_interval = "250ms"
 
@@ -42,30 +77,140 @@ server_password = "{PASSWORD}"
 database = "{USER}"
 pool_size = 10
 "#,
+        voters = quoted(&DATABASE_NODES),
+        dir = dir.display(),
         primary = lab.node(PRIMARY)?.ip(),
-        standby = lab.node(STANDBY)?.ip(),
+        standbys = standbys.join(", "),
         secret = xtask::postgres::md5_secret(USER, PASSWORD)?,
     ))
 }
 
-/// Primary and standby up, with the demo's role, database and table.
-pub(crate) fn start(lab: &Lab) -> Result<PgCluster> {
-    let pg = PgCluster::start_in_lab(lab, PRIMARY, STANDBY, &[])?;
-    pg.primary.psql(
-        "postgres",
-        &format!("CREATE ROLE {USER} LOGIN PASSWORD '{PASSWORD}'"),
+/// The HTTP status of Patroni's `path` on `node`, from the client (0: no
+/// answer).
+fn api_status(lab: &Lab, node: &str, path: &str) -> Result<u16> {
+    let url = format!("http://{}:{API_PORT}{path}", lab.node(node)?.ip());
+    let out = lab.run(
+        CLIENT,
+        "curl",
+        &[
+            "-s",
+            "-o",
+            "/dev/null",
+            "--max-time",
+            "2",
+            "-w",
+            "%{http_code}",
+            &url,
+        ],
     )?;
-    pg.primary
-        .psql("postgres", &format!("CREATE DATABASE {USER} OWNER {USER}"))?;
-    pg.primary.psql(
-        USER,
-        &format!(
-            "CREATE TABLE visits (id serial PRIMARY KEY, at timestamptz DEFAULT now()); \
-             ALTER TABLE visits OWNER TO {USER}"
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(0))
+}
+
+/// psql from the client as the superuser, straight to `node`'s server.
+fn psql_direct(lab: &Lab, node: &str, database: &str, sql: &str) -> Result<Output> {
+    let conninfo = format!(
+        "host={} user=postgres dbname={database} connect_timeout=2",
+        lab.node(node)?.ip()
+    );
+    lab.command(CLIENT, "psql")
+        .args(["-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1", "-d"])
+        .arg(conninfo)
+        .args(["-c", sql])
+        .output()
+        .context("running psql in the client")
+}
+
+/// The node whose agent answers Patroni's `/primary` with 200, if one does.
+fn current_primary(lab: &Lab) -> Option<&'static str> {
+    DATABASE_NODES
+        .into_iter()
+        .find(|node| api_status(lab, node, "/primary").ok() == Some(200))
+}
+
+/// The demo's role, database and table on `primary`; each step can run
+/// again (a step cut short by a lease lost on a starved machine is retried).
+fn create_schema(lab: &Lab, primary: &str) -> Result<()> {
+    let steps = [
+        (
+            "postgres",
+            format!(
+                "DO $$BEGIN CREATE ROLE {USER} LOGIN PASSWORD '{PASSWORD}'; \
+                 EXCEPTION WHEN duplicate_object THEN NULL; END$$"
+            ),
         ),
-    )?;
-    pg.wait_standby_caught_up()?;
-    Ok(pg)
+        (
+            "postgres",
+            format!("SELECT 1 FROM pg_database WHERE datname = '{USER}'"),
+        ),
+        (
+            USER,
+            format!(
+                "CREATE TABLE IF NOT EXISTS visits (id serial PRIMARY KEY, at timestamptz DEFAULT now()); \
+                 ALTER TABLE visits OWNER TO {USER}"
+            ),
+        ),
+    ];
+    for (database, sql) in &steps {
+        let out = psql_direct(lab, primary, database, sql)?;
+        if !out.status.success() {
+            bail!("{sql}: {}", String::from_utf8_lossy(&out.stderr).trim());
+        }
+        // CREATE DATABASE cannot run inside a DO block: only when missing.
+        if sql.starts_with("SELECT 1 FROM pg_database")
+            && String::from_utf8_lossy(&out.stdout).trim().is_empty()
+        {
+            let create = format!("CREATE DATABASE {USER} OWNER {USER}");
+            let out = psql_direct(lab, primary, "postgres", &create)?;
+            if !out.status.success() {
+                bail!("{create}: {}", String::from_utf8_lossy(&out.stderr).trim());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Waits for the agents' cluster: a primary with two synchronous standbys;
+/// then creates the demo's role, database and table. Returns the primary.
+pub(crate) fn wait_ready(lab: &Lab) -> Result<&'static str> {
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(120);
+    let mut last_error = String::from("no node answered /primary yet");
+    loop {
+        if Instant::now() > deadline {
+            bail!("the database tier did not come up: {last_error}");
+        }
+        let Some(primary) = current_primary(lab) else {
+            std::thread::sleep(Duration::from_millis(250));
+            continue;
+        };
+        let synchronous = psql_direct(
+            lab,
+            primary,
+            "postgres",
+            "SELECT count(*) FROM pg_stat_replication WHERE sync_state IN ('sync', 'quorum') AND state = 'streaming'",
+        )?;
+        if String::from_utf8_lossy(&synchronous.stdout).trim() != "2" {
+            last_error = format!("{primary} is primary, waiting for two synchronous standbys");
+            std::thread::sleep(Duration::from_millis(250));
+            continue;
+        }
+        match create_schema(lab, primary) {
+            Ok(()) => {
+                println!(
+                    "      the agents bootstrapped PostgreSQL in {:.1} s: primary on {primary}, two synchronous standbys",
+                    started.elapsed().as_secs_f64()
+                );
+                return Ok(primary);
+            }
+            Err(error) => {
+                last_error = format!("{error:#}");
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        }
+    }
 }
 
 /// psql from the client through the pooler on `host`.
@@ -101,10 +246,28 @@ fn answer(output: &Output) -> String {
 const WHERE: &str = "SELECT CASE WHEN pg_is_in_recovery() THEN 'standby' ELSE 'primary' END \
                      || ' at ' || host(inet_server_addr())";
 
-/// Reads and writes through the pooler, then the primary's death: the
-/// standby is promoted (by hand: deciding that under quorum is the pgha
-/// module's, issue 9) and the pooler follows.
-pub(crate) fn show(lab: &Lab, vip: &str, pg: &mut PgCluster) -> Result<()> {
+/// What the demo does to the primary's node: kill its agent and its
+/// postmaster with SIGKILL, and later start its agent again.
+pub(crate) trait NodeControl {
+    fn kill(&mut self, node: &str) -> Result<()>;
+    fn restart(&mut self, node: &str) -> Result<()>;
+}
+
+/// The postmaster's PID from its data directory.
+pub(crate) fn postmaster_pid(dir: &Path, node: &str) -> Option<i32> {
+    std::fs::read_to_string(dir.join(format!("pg/{node}/data/postmaster.pid")))
+        .ok()?
+        .lines()
+        .next()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Reads and writes through the pooler; then the death of the primary's
+/// node, the failover the agents decide, the writes that come back, and
+/// the old primary rejoining as a standby.
+pub(crate) fn show(lab: &Lab, vip: &str, primary: &str, nodes: &mut dyn NodeControl) -> Result<()> {
     println!("      PostgreSQL through the pooler on {vip}:{POOLER_PORT} (psql from the client):");
     let read = psql(lab, vip, WHERE)?;
     println!(
@@ -127,41 +290,60 @@ pub(crate) fn show(lab: &Lab, vip: &str, pg: &mut PgCluster) -> Result<()> {
             answer(&write)
         );
     }
-    println!("      kill -9 of PostgreSQL on {PRIMARY}; SELECT pg_promote() on {STANDBY}");
-    pg.primary.kill();
+    let mut acknowledged = 1;
+    for _ in 0..20 {
+        if psql(lab, vip, "INSERT INTO visits DEFAULT VALUES")?
+            .status
+            .success()
+        {
+            acknowledged += 1;
+        }
+    }
+    println!(
+        "      kill -9 of {primary}'s agent and of its PostgreSQL (the primary), {acknowledged} rows acknowledged"
+    );
+    nodes.kill(primary)?;
     let died = Instant::now();
-    let standby = pg
-        .standby
-        .as_ref()
-        .context("the demo's cluster has a standby")?;
-    standby.psql("postgres", "SELECT pg_promote(true, 30)")?;
-    let deadline = died + Duration::from_secs(20);
-    loop {
+    let deadline = died + Duration::from_secs(30);
+    let new_primary = loop {
         let write = psql(
             lab,
             vip,
             &format!("INSERT INTO visits DEFAULT VALUES; {WHERE}"),
         )?;
         if write.status.success() {
+            acknowledged += 1;
             println!(
-                "        writes through the pooler work again {:.2} s after the primary died, on the {}",
+                "        the agents promoted a standby: writes through the pooler work again {:.2} s after the kill, on the {}",
                 died.elapsed().as_secs_f64(),
                 answer(&write)
             );
-            break;
+            break answer(&write);
         }
         if Instant::now() > deadline {
             bail!("writes did not come back: {}", answer(&write));
         }
         std::thread::sleep(Duration::from_millis(100));
-    }
+    };
     let count = psql(lab, vip, "SELECT count(*) FROM visits")?;
-    // The demo's servers run with synchronous_commit=off and asynchronous
-    // replication: a write acknowledged just before the kill may be lost
-    // (issue 9's synchronous mode is what rules that out).
     println!(
-        "        rows in visits on the new primary: {} of 2 written",
+        "        rows in visits on the new primary: {} of {acknowledged} acknowledged (synchronous replication: none lost)",
         answer(&count)
+    );
+    if answer(&count) != acknowledged.to_string() {
+        bail!("acknowledged rows were lost: {}", answer(&count));
+    }
+    println!("      {primary}'s agent starts again: the old primary is fenced, rewound (pg_rewind) and rejoins");
+    let restarted = Instant::now();
+    nodes.restart(primary)?;
+    wait_for(
+        &format!("{primary} to rejoin as a standby"),
+        Duration::from_secs(90),
+        || (api_status(lab, primary, "/replica").ok()? == 200).then_some(()),
+    )?;
+    println!(
+        "        {primary} streams from the {new_primary} as a standby {:.1} s after its agent started",
+        restarted.elapsed().as_secs_f64()
     );
     Ok(())
 }

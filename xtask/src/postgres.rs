@@ -288,7 +288,7 @@ fn initdb(data: &Path) -> Result<()> {
 }
 
 /// `192.0.2.11/24` -> `192.0.2.0/24` (IPv4 lab addresses).
-fn lab_subnet(address: &str) -> String {
+pub fn lab_subnet(address: &str) -> String {
     let (ip, prefix) = address.split_once('/').unwrap_or((address, "32"));
     let prefix: u32 = prefix.parse().unwrap_or(32).min(32);
     let ip: std::net::Ipv4Addr = ip.parse().unwrap_or(std::net::Ipv4Addr::UNSPECIFIED);
@@ -350,70 +350,6 @@ impl PgCluster {
                 &["-c", "hot_standby=on"],
             )?);
         }
-        Ok(cluster)
-    }
-
-    /// A primary on `primary` and a streaming standby on `standby`, each in
-    /// its lab node's namespace on the node's address, port 5432, trusting
-    /// the lab's subnet (as the seed's pg_hba did for the LAN).
-    pub fn start_in_lab(
-        lab: &crate::lab::Lab,
-        primary: &str,
-        standby: &str,
-        extra: &[&str],
-    ) -> Result<PgCluster> {
-        let (uid, gid) = postgres_ids()?;
-        let dir = std::env::temp_dir().join(format!(
-            "farol-pg-lab-{}-{}",
-            std::process::id(),
-            NEXT_DIR.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir)?;
-        std::os::unix::fs::chown(&dir, Some(uid), Some(gid))?;
-        let primary_dir = dir.join(primary);
-        initdb(&primary_dir)?;
-        let subnet = lab_subnet(lab.node(primary)?.address.as_str());
-        std::fs::write(
-            primary_dir.join("pg_hba.conf"),
-            format!(
-                "local all all trust\n\
-                 host all all {subnet} trust\n\
-                 host replication all {subnet} trust\n"
-            ),
-        )?;
-        let primary_host = lab.node(primary)?.ip().to_owned();
-        let primary_netns = lab.netns(primary);
-        let mut options = vec!["-c", "wal_log_hints=on"];
-        options.extend_from_slice(extra);
-        let primary_server = PgServer::start_at(
-            &primary_dir,
-            Some(&primary_netns),
-            &primary_host,
-            5432,
-            &options,
-        )?;
-        let mut cluster = PgCluster {
-            primary: primary_server,
-            standby: None,
-            dir: dir.clone(),
-        };
-        let standby_dir = dir.join(standby);
-        let standby_netns = lab.netns(standby);
-        base_backup(Some(&standby_netns), &cluster.primary, &standby_dir)?;
-        // The copy holds the primary's socket lock (its socket lives in its
-        // data directory); on the same port the standby would take it for
-        // a running server's.
-        let _ = std::fs::remove_file(standby_dir.join(".s.PGSQL.5432.lock"));
-        let mut standby_options = vec!["-c", "hot_standby=on"];
-        standby_options.extend_from_slice(&options);
-        cluster.standby = Some(PgServer::start_at(
-            &standby_dir,
-            Some(&standby_netns),
-            lab.node(standby)?.ip(),
-            5432,
-            &standby_options,
-        )?);
         Ok(cluster)
     }
 
