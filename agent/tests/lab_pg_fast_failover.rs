@@ -1,6 +1,7 @@
 //! The 2 s target (issue 9): the failover of `lab_pg_failover` with
 //! shorter timings than the defaults (`lease = "1.5s"`, `lease_margin =
-//! "250ms"`, `election_timeout = "500ms"`, `failover_after = "500ms"`),
+//! "250ms"`, `election_timeout = "500ms"`, `heartbeat_interval = "150ms"`,
+//! `failover_after = "500ms"`),
 //! synchronous replication: kill -9 of the primary's agent and postmaster
 //! under a writer through nuster3's pooler; a synchronous standby is
 //! promoted, writes come back, and no acknowledged row is lost. Prints the
@@ -32,7 +33,7 @@ fn a_shorter_lease_brings_writes_back_sooner_without_losing_any() {
         &PgOptions {
             synchronous: true,
             cluster_timing:
-                "lease = \"1.5s\"\nlease_margin = \"250ms\"\nelection_timeout = \"500ms\"",
+                "lease = \"1.5s\"\nlease_margin = \"250ms\"\nelection_timeout = \"500ms\"\nheartbeat_interval = \"150ms\"",
             failover_after: "500ms",
             ..PgOptions::default()
         },
