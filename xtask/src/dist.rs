@@ -1,7 +1,8 @@
 //! `cargo xtask dist`: the agent for the Raspberry Pis (arm64 and armhf)
 //! and for amd64, tested under qemu-user, packaged as `farol_*.deb`; with
-//! `--check`, the amd64 package installed into and removed from a clean
-//! Debian root (debootstrap).
+//! `--check`, each package installed into and removed from a clean
+//! Debian root of its architecture (debootstrap; the Pis' under qemu-user
+//! through binfmt_misc).
 //!
 //! How the cross builds work here (shared/TOOLCHAIN.md): rustup cannot add
 //! targets on these machines, so the standard library of aarch64 and armv7
@@ -141,9 +142,11 @@ pub(crate) struct DistArgs {
     /// Skip the unit tests under qemu (the smoke run still happens).
     #[arg(long)]
     pub(crate) skip_unit_tests: bool,
-    /// Also install the amd64 package into a clean Debian root, check it,
-    /// remove and purge it (needs root; debootstrap's first run downloads
-    /// about 40 MB, cached in target/dist/debootstrap).
+    /// Also install each built package into a clean Debian root of its
+    /// architecture, check it, remove and purge it (needs root; arm64 and
+    /// armhf roots run under qemu-user, registered with binfmt_misc;
+    /// debootstrap's first run downloads about 40 MB per architecture,
+    /// cached in target/dist/debootstrap).
     #[arg(long)]
     pub(crate) check: bool,
 }
@@ -225,13 +228,21 @@ pub(crate) fn run(args: DistArgs) -> Result<()> {
             package,
         });
     }
+    let mut installed = Vec::new();
     if args.check {
-        match built.iter().find(|b| b.arch == Arch::Amd64) {
-            Some(amd64) => {
-                step("install test: amd64 package in a clean Debian root");
-                install_test(&amd64.package)?;
-            }
-            None => bail!("--check installs the amd64 package: add --arch amd64"),
+        for b in &built {
+            step(&format!(
+                "install test: {} package in a clean Debian {SUITE} root{}",
+                b.arch.deb(),
+                if b.arch.cross().is_some() {
+                    " (under qemu-user through binfmt_misc)"
+                } else {
+                    ""
+                }
+            ));
+            let started = Instant::now();
+            install_test(b.arch, &b.package)?;
+            installed.push((b.arch, started.elapsed().as_secs_f64()));
         }
     }
     step("summary");
@@ -244,6 +255,12 @@ pub(crate) fn run(args: DistArgs) -> Result<()> {
             b.tests,
             b.package.display(),
             size_mb(&b.package)?
+        );
+    }
+    for (arch, seconds) in installed {
+        println!(
+            "{:<6} installed, checked, removed and purged in a clean {SUITE} root in {seconds:.0} s",
+            arch.deb()
         );
     }
     Ok(())
@@ -264,14 +281,13 @@ fn dist_dir() -> PathBuf {
     workspace_root().join("target/dist")
 }
 
-/// Cargo's target dir for one architecture: the cross builds (Debian's
-/// rustc) share target/dist; amd64 (rustup's rustc, another compiler whose
-/// artifacts could not be shared anyway) has target/dist/host, so it can
-/// build while a cross build holds target/dist's lock.
+/// Cargo's target dir for one architecture, its own under target/dist
+/// (`arm64`, `armhf`, and `host` for amd64, built by rustup's rustc), so
+/// the architectures can build at once instead of waiting for one lock.
 fn target_dir(arch: Arch) -> PathBuf {
-    match arch.cross() {
-        Some(_) => dist_dir(),
-        None => dist_dir().join("host"),
+    match arch {
+        Arch::Arm64 | Arch::Armhf => dist_dir().join(arch.deb()),
+        Arch::Amd64 => dist_dir().join("host"),
     }
 }
 
@@ -702,12 +718,75 @@ fn apt_mirror() -> String {
     "http://deb.debian.org/debian".to_owned()
 }
 
-/// A minimal bookworm root, made once and reused (it returns to the same
-/// state after every test: the package is purged).
-fn debootstrap_root() -> Result<PathBuf> {
+/// Where the kernel's binfmt_misc handlers are (see binfmt_misc(5)).
+const BINFMT_MISC: &str = "/proc/sys/fs/binfmt_misc";
+
+/// The kernel runs `arch`'s programs through qemu-user, as a Pi's root
+/// needs for a chroot (debootstrap's second stage, apt, dpkg's scripts and
+/// the agent itself): binfmt_misc mounted, and the handler qemu-user-static
+/// ships registered if it is not yet. Its `F` flag makes the kernel open
+/// the emulator now, so it also works inside the chroot without a copy of
+/// qemu there. Registration is what `update-binfmts --enable` or
+/// systemd-binfmt would do; neither runs in this container.
+fn ensure_binfmt(arch: Arch) -> Result<()> {
+    let name = match arch {
+        Arch::Arm64 => "qemu-aarch64",
+        Arch::Armhf => "qemu-arm",
+        Arch::Amd64 => return Ok(()),
+    };
+    let dir = Path::new(BINFMT_MISC);
+    if !dir.join("register").exists() {
+        println!("dist: mount -t binfmt_misc binfmt_misc {BINFMT_MISC}");
+        exec(
+            Command::new("mount")
+                .args(["-t", "binfmt_misc", "binfmt_misc"])
+                .arg(dir),
+        )
+        .context("mount binfmt_misc (needs root and a kernel with binfmt_misc)")?;
+    }
+    let handler = dir.join(name);
+    if !handler.exists() {
+        let conf = Path::new("/usr/lib/binfmt.d").join(format!("{name}.conf"));
+        let rule = std::fs::read_to_string(&conf)
+            .with_context(|| format!("reading {} (qemu-user-static)", conf.display()))?;
+        let rule = rule
+            .lines()
+            .find(|line| line.starts_with(':'))
+            .with_context(|| format!("{} holds no binfmt rule", conf.display()))?;
+        println!(
+            "dist: registering {name} with binfmt_misc from {}",
+            conf.display()
+        );
+        std::fs::write(dir.join("register"), rule)
+            .with_context(|| format!("registering {name} in {BINFMT_MISC}/register"))?;
+    }
+    let state = std::fs::read_to_string(&handler)
+        .with_context(|| format!("reading {}", handler.display()))?;
+    let enabled = |text: &str| text.lines().next() == Some("enabled");
+    ensure!(
+        enabled(&state) && enabled(&std::fs::read_to_string(dir.join("status"))?),
+        "{} is registered but disabled: `echo 1 > {}`",
+        handler.display(),
+        handler.display()
+    );
+    let interpreter = state
+        .lines()
+        .find_map(|line| line.strip_prefix("interpreter "))
+        .unwrap_or("?");
+    println!(
+        "dist: binfmt_misc runs {} programs with {interpreter}",
+        arch.deb()
+    );
+    Ok(())
+}
+
+/// A minimal bookworm root of `arch`, made once and reused (it returns to
+/// the same state after every test: the package is purged). For the Pis'
+/// architectures debootstrap's second stage runs under qemu-user.
+fn debootstrap_root(arch: Arch) -> Result<PathBuf> {
     let base = dist_dir().join("debootstrap");
-    let root = base.join(format!("{SUITE}-amd64"));
-    let done = base.join(format!("{SUITE}-amd64.done"));
+    let root = base.join(format!("{SUITE}-{}", arch.deb()));
+    let done = base.join(format!("{SUITE}-{}.done", arch.deb()));
     if done.exists() {
         println!("dist: reusing {}", root.display());
         return Ok(root);
@@ -720,15 +799,22 @@ fn debootstrap_root() -> Result<PathBuf> {
         "dist: debootstrap --variant=minbase {SUITE} {} {mirror}",
         root.display()
     );
+    let started = Instant::now();
     exec(
         Command::new("debootstrap")
             .arg("--variant=minbase")
+            .arg(format!("--arch={}", arch.deb()))
             .arg(format!("--cache-dir={}", cache.display()))
             .arg(SUITE)
             .arg(&root)
             .arg(&mirror),
     )?;
     std::fs::write(&done, "")?;
+    println!(
+        "dist: {} root made in {:.0} s",
+        arch.deb(),
+        started.elapsed().as_secs_f64()
+    );
     Ok(root)
 }
 
@@ -789,14 +875,15 @@ fn chroot(root: &Path, args: &[&str]) -> Command {
     command
 }
 
-/// `apt install ./farol_*_amd64.deb` in a clean root, the binary runs and
-/// checks the installed config; `apt remove` keeps only the conffiles,
-/// `apt purge` leaves the root as it was.
-fn install_test(deb: &Path) -> Result<()> {
+/// `apt install ./farol_*_ARCH.deb` in a clean root of that architecture,
+/// the binary runs and checks the installed config; `apt remove` keeps
+/// only the conffiles, `apt purge` leaves the root as it was.
+fn install_test(arch: Arch, deb: &Path) -> Result<()> {
     if !xtask::is_root() {
         bail!("the install test chroots into a Debian root: run it as root");
     }
-    let root = debootstrap_root()?;
+    ensure_binfmt(arch)?;
+    let root = debootstrap_root(arch)?;
     let _proc = ProcMount::new(&root)?;
     // A previous run cut short may have left the package installed.
     let _ = chroot(&root, &["apt-get", "purge", "-y", "-qq", PACKAGE]).output();
