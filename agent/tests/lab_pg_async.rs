@@ -21,8 +21,8 @@ use std::{
 };
 
 use support::pg_lab::{
-    direct, pg_may_run, pooled, psql, status_code, write_rows, Attempt, PgCluster, PgOptions,
-    PG_IPS,
+    acked_after, direct, first_ack_after, lost_rows, pg_may_run, pooled, psql, status_code,
+    write_rows, Attempt, PgCluster, PgOptions, PG_IPS,
 };
 use xtask::lab::wait_for;
 
@@ -92,35 +92,19 @@ fn an_asynchronous_failover_loses_at_most_max_lag_of_acknowledged_writes() {
         let killed = Instant::now();
         killed_at = Some(killed);
         let back = wait_for("writes on a new primary", Duration::from_secs(45), || {
-            (attempts
-                .lock()
-                .unwrap()
-                .iter()
-                .filter(|a| a.sent > killed && a.server.is_some())
-                .count()
-                >= 5)
-                .then_some(())
+            (acked_after(&attempts.lock().unwrap(), killed) >= 5).then_some(())
         });
         stop.store(true, Ordering::SeqCst);
         back.unwrap_or_else(|e| panic!("{e:#}\n{}", cluster.logs()));
     });
     let killed = killed_at.unwrap();
     let attempts = attempts.into_inner().unwrap();
-    let first_back = attempts
-        .iter()
-        .filter(|a| a.sent > killed && a.server.is_some())
-        .map(|a| a.done)
-        .min()
-        .unwrap();
+    let first_back = first_ack_after(&attempts, killed).unwrap();
     let new_primary = cluster
         .primary()
         .unwrap_or_else(|| panic!("no single primary\n{}", cluster.logs()));
     let rows = cluster.rows(new_primary);
-    let lost: Vec<i32> = attempts
-        .iter()
-        .filter(|a| a.server.is_some() && !rows.contains(&a.id))
-        .map(|a| a.id)
-        .collect();
+    let lost = lost_rows(&attempts, &rows);
     let lost_bytes = lost.len() as u64 * wal_per_row;
     eprintln!(
         "asynchronous failover: writes back {:?} after kill -9 of the primary node, on {new_primary}; {} acknowledged, {} lost ({lost:?}; ~{wal_per_row} bytes of WAL each, ~{lost_bytes} bytes, bound {max_lag_bytes})",

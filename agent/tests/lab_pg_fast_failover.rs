@@ -18,7 +18,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use support::pg_lab::{pg_may_run, pooled, write_rows, Attempt, PgCluster, PgOptions, PG_IPS};
+use support::pg_lab::{
+    acked_after, first_ack_after, lost_rows, pg_may_run, pooled, write_rows, Attempt, PgCluster,
+    PgOptions, PG_IPS,
+};
 use xtask::lab::wait_for;
 
 #[test]
@@ -70,35 +73,19 @@ fn a_shorter_lease_brings_writes_back_sooner_without_losing_any() {
         let killed = Instant::now();
         killed_at = Some(killed);
         let back = wait_for("writes on a new primary", Duration::from_secs(45), || {
-            (attempts
-                .lock()
-                .unwrap()
-                .iter()
-                .filter(|a| a.sent > killed && a.server.is_some())
-                .count()
-                >= 5)
-                .then_some(())
+            (acked_after(&attempts.lock().unwrap(), killed) >= 5).then_some(())
         });
         stop.store(true, Ordering::SeqCst);
         back.unwrap_or_else(|e| panic!("{e:#}\n{}", cluster.logs()));
     });
     let killed = killed_at.unwrap();
     let attempts = attempts.into_inner().unwrap();
-    let first_back = attempts
-        .iter()
-        .filter(|a| a.sent > killed && a.server.is_some())
-        .map(|a| a.done)
-        .min()
-        .unwrap();
+    let first_back = first_ack_after(&attempts, killed).unwrap();
     let new_primary = cluster
         .primary()
         .unwrap_or_else(|| panic!("no single primary\n{}", cluster.logs()));
     let rows = cluster.rows(new_primary);
-    let lost: Vec<i32> = attempts
-        .iter()
-        .filter(|a| a.server.is_some() && !rows.contains(&a.id))
-        .map(|a| a.id)
-        .collect();
+    let lost = lost_rows(&attempts, &rows);
     eprintln!(
         "lease 1.5 s: writes back {:?} after kill -9 of the primary node, on {new_primary}; {} acknowledged, {} lost",
         first_back - killed,

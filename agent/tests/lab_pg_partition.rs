@@ -20,7 +20,7 @@ use std::{
 };
 
 use support::pg_lab::{
-    pg_may_run, pooled, status_code, write_rows, Attempt, PgCluster, PgOptions, PG_IPS,
+    lost_rows, pg_may_run, pooled, status_code, write_rows, Attempt, PgCluster, PgOptions, PG_IPS,
 };
 use xtask::lab::wait_for;
 
@@ -166,11 +166,7 @@ fn a_cut_off_primary_stops_writes_before_the_majority_promotes_and_rejoins_after
     );
     assert_eq!(cluster.primary(), Some(new_primary.as_str()));
     let rows = cluster.rows(&new_primary);
-    let lost: Vec<i32> = new_side
-        .iter()
-        .filter(|a| a.server.is_some() && !rows.contains(&a.id))
-        .map(|a| a.id)
-        .collect();
+    let lost = lost_rows(&new_side, &rows);
     assert!(
         lost.is_empty(),
         "writes acknowledged on the majority side are missing: {lost:?}\n{logs}"

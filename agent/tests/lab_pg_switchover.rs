@@ -20,8 +20,8 @@ use std::{
 };
 
 use support::pg_lab::{
-    direct, pg_may_run, pooled, psql, status_code, write_rows, Attempt, PgCluster, PgOptions,
-    PG_IPS,
+    direct, lost_rows, pg_may_run, pooled, psql, status_code, write_rows, Attempt, PgCluster,
+    PgOptions, PG_IPS,
 };
 use xtask::lab::wait_for;
 
@@ -126,11 +126,7 @@ fn switch_under_load(cluster: &PgCluster, via: &str, target: &str, first_id: i32
 /// may or may not be there (the client cannot know), never counted.
 fn assert_none_lost(cluster: &PgCluster, ip: &str, attempts: &[Attempt]) {
     let rows = cluster.rows(ip);
-    let lost: Vec<i32> = attempts
-        .iter()
-        .filter(|a| a.server.is_some() && !rows.contains(&a.id))
-        .map(|a| a.id)
-        .collect();
+    let lost = lost_rows(attempts, &rows);
     assert!(
         lost.is_empty(),
         "acknowledged commits missing on {ip}: {lost:?}\n{}",

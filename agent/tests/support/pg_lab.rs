@@ -395,6 +395,35 @@ pub(crate) struct Attempt {
     pub(crate) error: Option<String>,
 }
 
+/// How many writes sent after `since` were acknowledged.
+pub(crate) fn acked_after(attempts: &[Attempt], since: std::time::Instant) -> usize {
+    attempts
+        .iter()
+        .filter(|a| a.sent > since && a.server.is_some())
+        .count()
+}
+
+/// When the first write sent after `since` was acknowledged.
+pub(crate) fn first_ack_after(
+    attempts: &[Attempt],
+    since: std::time::Instant,
+) -> Option<std::time::Instant> {
+    attempts
+        .iter()
+        .filter(|a| a.sent > since && a.server.is_some())
+        .map(|a| a.done)
+        .min()
+}
+
+/// The ids of acknowledged writes missing from `rows`.
+pub(crate) fn lost_rows(attempts: &[Attempt], rows: &std::collections::BTreeSet<i32>) -> Vec<i32> {
+    attempts
+        .iter()
+        .filter(|a| a.server.is_some() && !rows.contains(&a.id))
+        .map(|a| a.id)
+        .collect()
+}
+
 /// Writes numbered rows through `conninfo` (one psql, one transaction per
 /// row) until `stop` or `deadline`; ids start at `first_id`.
 pub(crate) fn write_rows(
