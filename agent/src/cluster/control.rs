@@ -153,19 +153,7 @@ async fn request_primary(
     if let Some(epoch) = epoch {
         path.push_str(&format!("?epoch={epoch}"));
     }
-    let response = client::call(target, "POST", &path).await?;
-    let reply: Reply = serde_json::from_slice(&response.body).map_err(|error| {
-        ClientError::Decode(format!(
-            "HTTP {}: {error}: {}",
-            response.status,
-            String::from_utf8_lossy(&response.body)
-        ))
-    })?;
-    if reply.ok {
-        Ok(reply.message)
-    } else {
-        Err(ClientError::Refused(reply.message))
-    }
+    client::write(target, &path).await
 }
 
 /// A table for people.

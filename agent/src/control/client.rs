@@ -84,7 +84,9 @@ pub async fn status_over(target: &Target) -> Result<Status, ClientError> {
     serde_json::from_slice(&response.body).map_err(|error| ClientError::Decode(error.to_string()))
 }
 
-async fn write(target: &Target, path: &str) -> Result<String, ClientError> {
+/// POSTs to `path` and reads the API's `Reply`: its message when ok, a
+/// refusal with it otherwise.
+pub(crate) async fn write(target: &Target, path: &str) -> Result<String, ClientError> {
     let response = call(target, "POST", path).await?;
     let reply: Reply = serde_json::from_slice(&response.body).map_err(|error| {
         ClientError::Decode(format!(

@@ -63,19 +63,7 @@ pub async fn switchover_route(
 
 async fn request_switchover(target: &Target, node: &str) -> Result<String, ClientError> {
     let path = format!("/pg/switchover/{}", client::encode(node));
-    let response = client::call(target, "POST", &path).await?;
-    let reply: Reply = serde_json::from_slice(&response.body).map_err(|error| {
-        ClientError::Decode(format!(
-            "HTTP {}: {error}: {}",
-            response.status,
-            String::from_utf8_lossy(&response.body)
-        ))
-    })?;
-    if reply.ok {
-        Ok(reply.message)
-    } else {
-        Err(ClientError::Refused(reply.message))
-    }
+    client::write(target, &path).await
 }
 
 /// `agent pg ...`.
