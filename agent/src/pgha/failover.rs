@@ -130,22 +130,27 @@ struct PrimaryView {
     lsn: Option<Lsn>,
 }
 
-/// Logs a decision once until its kind changes (the text may carry
-/// durations that change at every check).
+/// Logs a decision once until its kind (with its reason, where it has
+/// one) changes: the text may carry durations that change at every check.
 #[derive(Debug, Default)]
-struct Said(Option<&'static str>);
+struct Said(Option<String>);
 
 impl Said {
-    fn info(&mut self, kind: &'static str, text: String) {
-        if self.0 != Some(kind) {
+    fn first_time(&mut self, kind: &str) -> bool {
+        let new = self.0.as_deref() != Some(kind);
+        if new {
+            self.0 = Some(kind.to_owned());
+        }
+        new
+    }
+    fn info(&mut self, kind: &str, text: String) {
+        if self.first_time(kind) {
             info!(decision = %text, "PostgreSQL failover");
-            self.0 = Some(kind);
         }
     }
-    fn warn(&mut self, kind: &'static str, text: String) {
-        if self.0 != Some(kind) {
+    fn warn(&mut self, kind: &str, text: String) {
+        if self.first_time(kind) {
             warn!(decision = %text, "PostgreSQL failover");
-            self.0 = Some(kind);
         }
     }
 }
@@ -196,6 +201,8 @@ pub async fn run_decider(
         };
         if let Some((200, body)) = probe(&plan, member, "/primary").await {
             view.healthy_at = Some(Instant::now());
+            // The primary answers: its next failure is a new story to log.
+            said = Said::default();
             view.lsn = body["lsn"].as_str().and_then(Lsn::parse).or(view.lsn);
             view.sync_standbys = sync_standbys(&body);
             continue;
@@ -263,7 +270,7 @@ async fn fail_over(
         Err(why) => {
             stats.no_candidate.fetch_add(1, Ordering::Relaxed);
             said.warn(
-                "no-candidate",
+                &format!("no-candidate: {why}"),
                 format!(
                     "{} has not answered as primary for {dead_for:?}: {why}",
                     record.node
