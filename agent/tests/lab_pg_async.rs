@@ -21,7 +21,7 @@ use std::{
 };
 
 use support::pg_lab::{
-    acked_after, direct, first_ack_after, lost_rows, pg_may_run, pooled, psql, status_code,
+    acked, acked_after, direct, first_ack_after, lost_rows, pg_may_run, pooled, psql, status_code,
     write_rows, Attempt, PgCluster, PgOptions, PG_IPS,
 };
 use xtask::lab::wait_for;
@@ -71,23 +71,11 @@ fn an_asynchronous_failover_loses_at_most_max_lag_of_acknowledged_writes() {
             )
         });
         wait_for("rows before the kill", Duration::from_secs(20), || {
-            (attempts
-                .lock()
-                .unwrap()
-                .iter()
-                .filter(|a| a.server.is_some())
-                .count()
-                >= 30)
-                .then_some(())
+            (acked(&attempts.lock().unwrap()) >= 30).then_some(())
         })
         .unwrap();
-        let acked = attempts
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|a| a.server.is_some())
-            .count() as u64;
-        wal_per_row = (wal_lsn(&cluster) - start_lsn) / acked.max(1);
+        let rows_acked = acked(&attempts.lock().unwrap()) as u64;
+        wal_per_row = (wal_lsn(&cluster) - start_lsn) / rows_acked.max(1);
         cluster.kill_node("nuster1");
         let killed = Instant::now();
         killed_at = Some(killed);

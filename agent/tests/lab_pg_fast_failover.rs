@@ -19,8 +19,8 @@ use std::{
 };
 
 use support::pg_lab::{
-    acked_after, first_ack_after, lost_rows, pg_may_run, pooled, write_rows, Attempt, PgCluster,
-    PgOptions, PG_IPS,
+    acked, acked_after, first_ack_after, lost_rows, pg_may_run, pooled, write_rows, Attempt,
+    PgCluster, PgOptions, PG_IPS,
 };
 use xtask::lab::wait_for;
 
@@ -59,14 +59,7 @@ fn a_shorter_lease_brings_writes_back_sooner_without_losing_any() {
             )
         });
         wait_for("rows before the kill", Duration::from_secs(20), || {
-            (attempts
-                .lock()
-                .unwrap()
-                .iter()
-                .filter(|a| a.server.is_some())
-                .count()
-                >= 20)
-                .then_some(())
+            (acked(&attempts.lock().unwrap()) >= 20).then_some(())
         })
         .unwrap();
         cluster.kill_node("nuster1");

@@ -20,7 +20,8 @@ use std::{
 };
 
 use support::pg_lab::{
-    lost_rows, pg_may_run, pooled, status_code, write_rows, Attempt, PgCluster, PgOptions, PG_IPS,
+    acked, lost_rows, pg_may_run, pooled, status_code, write_rows, Attempt, PgCluster, PgOptions,
+    PG_IPS,
 };
 use xtask::lab::wait_for;
 
@@ -69,14 +70,7 @@ fn a_cut_off_primary_stops_writes_before_the_majority_promotes_and_rejoins_after
             )
         });
         wait_for("writes on both sides", Duration::from_secs(20), || {
-            let ok = |side: &Mutex<Vec<Attempt>>| {
-                side.lock()
-                    .unwrap()
-                    .iter()
-                    .filter(|a| a.server.is_some())
-                    .count()
-                    >= 10
-            };
+            let ok = |side: &Mutex<Vec<Attempt>>| acked(&side.lock().unwrap()) >= 10;
             (ok(&old_side) && ok(&new_side)).then_some(())
         })
         .unwrap();

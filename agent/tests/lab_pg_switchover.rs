@@ -20,8 +20,8 @@ use std::{
 };
 
 use support::pg_lab::{
-    direct, lost_rows, pg_may_run, pooled, psql, status_code, write_rows, Attempt, PgCluster,
-    PgOptions, PG_IPS,
+    acked, direct, lost_rows, pg_may_run, pooled, psql, status_code, write_rows, Attempt,
+    PgCluster, PgOptions, PG_IPS,
 };
 use xtask::lab::wait_for;
 
@@ -50,16 +50,7 @@ fn switch_under_load(cluster: &PgCluster, via: &str, target: &str, first_id: i32
         wait_for(
             "writes before the switchover",
             Duration::from_secs(20),
-            || {
-                (attempts
-                    .lock()
-                    .unwrap()
-                    .iter()
-                    .filter(|a| a.server.is_some())
-                    .count()
-                    >= 20)
-                    .then_some(())
-            },
+            || (acked(&attempts.lock().unwrap()) >= 20).then_some(()),
         )
         .unwrap();
         let started = Instant::now();

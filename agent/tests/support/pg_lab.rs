@@ -395,6 +395,11 @@ pub(crate) struct Attempt {
     pub(crate) error: Option<String>,
 }
 
+/// How many writes were acknowledged.
+pub(crate) fn acked(attempts: &[Attempt]) -> usize {
+    attempts.iter().filter(|a| a.server.is_some()).count()
+}
+
 /// How many writes sent after `since` were acknowledged.
 pub(crate) fn acked_after(attempts: &[Attempt], since: std::time::Instant) -> usize {
     attempts
