@@ -102,6 +102,23 @@ impl Cluster {
             )
             .unwrap_or_else(|error| panic!("{error:#}\n{}", cluster.log(&name)));
         }
+        // VRRP settles at start (both balancers may be master for a moment):
+        // the tests count on nuster1 holding the VIP and nuster2 not.
+        wait_for(
+            "nuster1 master, nuster2 backup",
+            Duration::from_secs(20),
+            || {
+                let holds = |node: &str, state: &str| {
+                    cluster.lab.metrics(node).is_some_and(|metrics| {
+                        metrics.get(&format!(
+                            "farol_vrrp_state{{instance=\"web\",vrid=\"51\",state=\"{state}\"}}"
+                        )) == Some(&1)
+                    })
+                };
+                (holds("nuster1", "master") && holds("nuster2", "backup")).then_some(())
+            },
+        )
+        .unwrap();
         support::wait_until_every_node_is_ready_at(&cluster.lab, "nuster1");
         cluster
     }
