@@ -152,22 +152,7 @@ fn cluster_with_own_servers(tag: &str, scheduler: &str) -> Cluster {
         let root = dir.join(&node.name);
         std::fs::create_dir_all(&root).unwrap();
         std::fs::write(root.join("index.html"), format!("{}\n", node.name)).unwrap();
-        let mut server = lab.command(&node.name, "python3");
-        server
-            .args([
-                "-m",
-                "http.server",
-                "80",
-                "--bind",
-                "0.0.0.0",
-                "--protocol",
-                "HTTP/1.1",
-                "--directory",
-            ])
-            .arg(&root)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        processes.push(lab.spawn(&node.name, &mut server, "web").unwrap());
+        processes.push(lab.spawn_static_web(&node.name, &root).unwrap());
         processes.push(start_agent(&lab, &node.name, &config, &log(&node.name)));
     }
     wait_for_all_backends_up(&lab);

@@ -94,22 +94,7 @@ impl Cluster {
 
     fn start_web(&mut self, node: &str) {
         let root = self.dir.0.join(node);
-        let mut server = self.lab.command(node, "python3");
-        server
-            .args([
-                "-m",
-                "http.server",
-                "80",
-                "--bind",
-                "0.0.0.0",
-                "--protocol",
-                "HTTP/1.1",
-                "--directory",
-            ])
-            .arg(&root)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        let process = self.lab.spawn(node, &mut server, "web").unwrap();
+        let process = self.lab.spawn_static_web(node, &root).unwrap();
         self.web.insert(node.to_owned(), process);
         let ip = self.lab.node(node).unwrap().ip().to_owned();
         wait_for("the web server", Duration::from_secs(10), || {

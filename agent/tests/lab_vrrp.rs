@@ -159,22 +159,7 @@ fn cluster(tag: &str, router: Router, agents: &[&str]) -> Cluster {
         let root = cluster.dir.0.join(node);
         std::fs::create_dir_all(&root).unwrap();
         std::fs::write(root.join("index.html"), format!("{node}\n")).unwrap();
-        let mut server = cluster.lab.command(node, "python3");
-        server
-            .args([
-                "-m",
-                "http.server",
-                "80",
-                "--bind",
-                "0.0.0.0",
-                "--protocol",
-                "HTTP/1.1",
-                "--directory",
-            ])
-            .arg(&root)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        let process = cluster.lab.spawn(node, &mut server, "web").unwrap();
+        let process = cluster.lab.spawn_static_web(node, &root).unwrap();
         cluster.processes.push(process);
     }
     for node in agents {

@@ -406,22 +406,7 @@ fn start_web(lab: &Lab, node: &str, dir: &Path) -> Result<LabProcess> {
     let root = dir.join(format!("www-{node}"));
     std::fs::create_dir_all(&root)?;
     std::fs::write(root.join("index.html"), format!("{node}\n"))?;
-    let mut server = lab.command(node, "python3");
-    server
-        .args([
-            "-m",
-            "http.server",
-            "80",
-            "--bind",
-            "0.0.0.0",
-            "--protocol",
-            "HTTP/1.1",
-            "--directory",
-        ])
-        .arg(&root)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    let process = lab.spawn(node, &mut server, "web")?;
+    let process = lab.spawn_static_web(node, &root)?;
     let url = format!("http://{}/", lab.node(node)?.ip());
     wait_for(&format!("web on {node}"), Duration::from_secs(10), || {
         lab.run(CLIENT, "curl", &["-sf", "--max-time", "1", &url])

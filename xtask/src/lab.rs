@@ -384,6 +384,18 @@ impl Lab {
             label: format!("{label}@{host}"),
         })
     }
+    /// Starts Python's HTTP/1.1 file server on port 80 of `host`, serving
+    /// `root`: a backend for tests that need a real web server but not Apache.
+    pub fn spawn_static_web(&self, host: &str, root: &std::path::Path) -> Result<LabProcess> {
+        let mut server = self.command(host, "python3");
+        server
+            .args(["-m", "http.server", "80", "--bind", "0.0.0.0"])
+            .args(["--protocol", "HTTP/1.1", "--directory"])
+            .arg(root)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        self.spawn(host, &mut server, "web")
+    }
 }
 
 /// A process in the lab, stopped (SIGTERM, then SIGKILL after 5 s) on drop.
