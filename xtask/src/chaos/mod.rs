@@ -1,0 +1,326 @@
+//! `cargo xtask chaos`: the whole four-node cluster under correlated
+//! failures (issue 10). The cluster of `cargo xtask demo`, with the VIP
+//! master, the PostgreSQL bootstrap primary and a brick on one node
+//! (nuster1); a workload from the client (HTTP through the VIP, INSERTs
+//! through the pooler on the VIP, fsynced files through nuster2's mount of
+//! the volume) runs through every scenario and records each acknowledged
+//! operation; the nemesis injects one fault at a time and undoes it; the
+//! checker then waits for a healthy cluster and verifies that nothing
+//! acknowledged was lost or duplicated, that the replicas are identical,
+//! that one primary and one VIP owner remain, and how long each service
+//! was unavailable. Prints one table and writes target/bench/chaos.json.
+//!
+//! Before every scenario the cluster is brought back to its starting shape
+//! (a planned switchover returns the primary to nuster1), so every scenario
+//! hits the node that holds the VIP, the primary and a brick.
+
+mod checker;
+mod nemesis;
+mod workload;
+
+use std::{
+    collections::BTreeMap,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use xtask::{bench::BenchReport, toolchain, workspace_root};
+
+use crate::{
+    cluster::{self, Cluster, ClusterOptions},
+    demo_postgres,
+};
+use checker::Verdict;
+use nemesis::{Scenario, SMALL_NODE, TARGET};
+use workload::{Service, Workload, FILES_DIR, TABLE};
+
+/// The node whose mount the file workload writes through: it survives
+/// every scenario (and stays on the majority side of both partitions).
+const WRITER_NODE: &str = "nuster2";
+/// How long the cluster may take to be healthy again after a fault.
+const HEAL_TIMEOUT: Duration = Duration::from_secs(240);
+/// Workload before the fault and after the cluster is healthy again.
+const BEFORE: Duration = Duration::from_secs(4);
+const AFTER: Duration = Duration::from_secs(3);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Profile {
+    /// The two scenarios that matter most, for CI (a few minutes).
+    Ci,
+    /// Every scenario.
+    Full,
+}
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct ChaosArgs {
+    /// Which scenarios.
+    #[arg(long, value_enum, default_value = "full")]
+    profile: Profile,
+    /// Only this scenario (kill9-agent, kill9-postmaster, power-off,
+    /// partition-2-2, partition-1-3, flapping-link, full-disk, clock-jump).
+    #[arg(long)]
+    scenario: Option<String>,
+    /// Prefix of the lab's namespaces.
+    #[arg(long, default_value = "chaos")]
+    prefix: String,
+}
+
+pub(crate) fn run(args: ChaosArgs) -> Result<()> {
+    if !xtask::is_root() {
+        bail!("chaos creates network namespaces and loads BPF programs: run it as root");
+    }
+    let scenarios: Vec<Scenario> = match &args.scenario {
+        Some(name) => vec![Scenario::from_name(name).with_context(|| {
+            format!(
+                "--scenario: no scenario {name:?}; expected one of {}",
+                Scenario::ALL.map(Scenario::name).join(", ")
+            )
+        })?],
+        None if args.profile == Profile::Ci => Scenario::CI.to_vec(),
+        None => Scenario::ALL.to_vec(),
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        ctrlc::set_handler(move || stop.store(true, Ordering::SeqCst))
+            .context("installing the Ctrl-C handler")?;
+    }
+    let started = Instant::now();
+    println!("[chaos] toolchain and agent build");
+    toolchain::ensure_packages(&[
+        ("nftables", "the chaos suite's network partitions"),
+        ("libfaketime", "the chaos suite's clock jump"),
+    ])?;
+    let agent = cluster::prepare()?;
+    println!(
+        "[chaos] the cluster: VIP master, PostgreSQL primary and a brick on {TARGET}; \
+         {SMALL_NODE}'s brick on a small tmpfs and its agent under libfaketime"
+    );
+    let mut cluster = Cluster::start(
+        agent,
+        ClusterOptions {
+            prefix: args.prefix.clone(),
+            primary: TARGET,
+            log_dir: workspace_root().join("target/chaos"),
+            small_brick: Some((SMALL_NODE, 48)),
+            faketime: Some(SMALL_NODE),
+        },
+    )?;
+    let mut verdicts = Vec::new();
+    let result = prepare(&cluster).and_then(|()| {
+        for (index, scenario) in scenarios.iter().enumerate() {
+            if stop.load(Ordering::SeqCst) {
+                bail!("interrupted");
+            }
+            println!(
+                "[chaos {}/{}] {}: {}",
+                index + 1,
+                scenarios.len(),
+                scenario.name(),
+                scenario.describe()
+            );
+            let verdict = run_scenario(&mut cluster, *scenario, index as u64 + 1)?;
+            print_verdict(&verdict);
+            let healthy = !verdict
+                .failures
+                .iter()
+                .any(|f| f.starts_with("never healthy"));
+            verdicts.push(verdict);
+            if !healthy {
+                bail!("the cluster did not heal: the remaining scenarios cannot run");
+            }
+        }
+        Ok(())
+    });
+    if let Err(error) = &result {
+        println!("[chaos] stopped: {error:#}");
+        cluster.print_warnings(6);
+    }
+    println!("[chaos] stopping the agents and tearing the lab down");
+    let stopped = cluster.stop_agents();
+    drop(cluster);
+    println!();
+    print_table(&verdicts);
+    let path = report(&verdicts).write()?;
+    println!(
+        "wrote {} ({:.0} s in all)",
+        path.display(),
+        started.elapsed().as_secs_f64()
+    );
+    result?;
+    stopped.context("stopping the agents after the last scenario")?;
+    let failed: Vec<&str> = verdicts
+        .iter()
+        .filter(|v| !v.failures.is_empty())
+        .map(|v| v.scenario.as_str())
+        .collect();
+    if !failed.is_empty() {
+        bail!("chaos: {} failed", failed.join(", "));
+    }
+    println!("chaos: every scenario passed: nothing acknowledged was lost");
+    Ok(())
+}
+
+/// The database objects and the volume directory the workload writes to.
+fn prepare(cluster: &Cluster) -> Result<()> {
+    let primary = demo_postgres::wait_ready(&cluster.lab)?;
+    let create = format!(
+        "CREATE TABLE IF NOT EXISTS {TABLE} (id bigint NOT NULL, scenario text NOT NULL, \
+         at timestamptz DEFAULT now()); ALTER TABLE {TABLE} OWNER TO {user}",
+        user = demo_postgres::USER
+    );
+    let out = demo_postgres::psql_direct(&cluster.lab, primary, demo_postgres::USER, &create)?;
+    if !out.status.success() {
+        bail!("{create}: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    let dir = cluster.mount(WRITER_NODE).join(FILES_DIR);
+    xtask::lab::wait_for(
+        &format!("{} to be writable", dir.display()),
+        Duration::from_secs(60),
+        || std::fs::create_dir_all(&dir).ok(),
+    )?;
+    Ok(())
+}
+
+fn run_scenario(cluster: &mut Cluster, scenario: Scenario, index: u64) -> Result<Verdict> {
+    let health = checker::restore(cluster, HEAL_TIMEOUT)
+        .context("the cluster before the scenario")?;
+    println!(
+        "      healthy: VIP on {}, primary {} with two synchronous standbys, heal-info empty",
+        health.vip_owner, health.primary
+    );
+    let workload = Workload::start(
+        &cluster.lab,
+        cluster.mount(WRITER_NODE),
+        scenario.name(),
+        index * 1_000_000,
+        Duration::from_secs(420),
+    );
+    std::thread::sleep(BEFORE);
+    let fault_at = workload.now();
+    let injected = scenario.inject(cluster);
+    let healed_at = workload.now();
+    let health = match injected {
+        Ok(()) => {
+            println!(
+                "      fault undone {:.1} s after it began; waiting for a healthy cluster",
+                healed_at - fault_at
+            );
+            checker::wait_healthy(cluster, HEAL_TIMEOUT)
+        }
+        Err(error) => Err(error.context("injecting the fault")),
+    };
+    if health.is_ok() {
+        println!(
+            "      healthy again {:.1} s after the fault was undone",
+            workload.now() - healed_at
+        );
+        std::thread::sleep(AFTER);
+    }
+    let end = workload.now();
+    let ops = workload.finish(Duration::from_secs(60));
+    let mut failures = Vec::new();
+    let health = match health {
+        Ok(health) => health,
+        Err(error) => {
+            failures.push(format!("never healthy: {error:#}"));
+            checker::Health {
+                vip_owner: String::new(),
+                primary: TARGET.into(),
+            }
+        }
+    };
+    let ops = match ops {
+        Ok(ops) => ops,
+        Err(error) => {
+            failures.push(format!("never healthy: {error:#}"));
+            Vec::new()
+        }
+    };
+    let mut verdict = checker::check(
+        cluster,
+        scenario.name(),
+        &ops,
+        &health,
+        (fault_at, healed_at, end),
+    );
+    failures.append(&mut verdict.failures);
+    verdict.failures = failures;
+    Ok(verdict)
+}
+
+fn print_verdict(verdict: &Verdict) {
+    let seconds = |s: Service| verdict.unavailable.get(&s).copied().unwrap_or(0.0);
+    println!(
+        "      unavailable: web {:.1} s, sql {:.1} s, files {:.1} s; {} operations, {} acknowledged, \
+         {} lost; {} written without an acknowledgement",
+        seconds(Service::Web),
+        seconds(Service::Sql),
+        seconds(Service::Files),
+        Verdict::total(&verdict.attempted),
+        Verdict::total(&verdict.acked),
+        Verdict::total(&verdict.lost),
+        verdict.unacked_present,
+    );
+    for failure in &verdict.failures {
+        println!("      FAILED: {failure}");
+    }
+}
+
+fn print_table(verdicts: &[Verdict]) {
+    println!(
+        "{:<17} {:>7} {:>7} {:>7} {:>10} {:>6} {:>5}  result",
+        "scenario", "web s", "sql s", "files s", "attempted", "acked", "lost"
+    );
+    for verdict in verdicts {
+        let seconds = |s: Service| verdict.unavailable.get(&s).copied().unwrap_or(0.0);
+        println!(
+            "{:<17} {:>7.1} {:>7.1} {:>7.1} {:>10} {:>6} {:>5}  {}",
+            verdict.scenario,
+            seconds(Service::Web),
+            seconds(Service::Sql),
+            seconds(Service::Files),
+            Verdict::total(&verdict.attempted),
+            Verdict::total(&verdict.acked),
+            Verdict::total(&verdict.lost),
+            if verdict.failures.is_empty() {
+                "ok"
+            } else {
+                "FAILED"
+            }
+        );
+    }
+}
+
+/// `target/bench/chaos.json`: per scenario and service, the longest
+/// unavailability and the acknowledged and lost operations.
+fn report(verdicts: &[Verdict]) -> BenchReport {
+    let mut report = BenchReport::new("chaos");
+    for verdict in verdicts {
+        for service in Service::ALL {
+            let case = format!("farol-{}-{}", verdict.scenario, service.name());
+            let get = |map: &BTreeMap<Service, usize>| map.get(&service).copied().unwrap_or(0);
+            report.push(
+                &case,
+                "unavailable_s",
+                verdict.unavailable.get(&service).copied().unwrap_or(0.0),
+                "s",
+            );
+            report.push(&case, "acked_ops", get(&verdict.acked) as f64, "ops");
+            if service != Service::Web {
+                report.push(&case, "lost_ops", get(&verdict.lost) as f64, "ops");
+            }
+        }
+        report.push(
+            &format!("farol-{}", verdict.scenario),
+            "failures",
+            verdict.failures.len() as f64,
+            "count",
+        );
+    }
+    report
+}
