@@ -35,6 +35,8 @@ pub(crate) struct ClusterOptions {
     pub primary: &'static str,
     /// Where the agents' logs go (`agent-NODE.log`).
     pub log_dir: PathBuf,
+    /// The pooler's `role_check_interval`.
+    pub role_check_interval: &'static str,
     /// A node whose brick sits on a tmpfs of this many MiB, so that it can
     /// be filled up.
     pub small_brick: Option<(&'static str, u32)>,
@@ -86,11 +88,8 @@ impl Cluster {
     pub(crate) fn start(agent: PathBuf, options: ClusterOptions) -> Result<Cluster> {
         println!("      lab up: nuster1..4 and client on a bridge, 192.0.2.0/24");
         let lab = LabGuard::up(Lab::new(&options.prefix)?)?;
-        let dir = std::env::temp_dir().join(format!(
-            "farol-{}-{}",
-            options.prefix,
-            std::process::id()
-        ));
+        let dir =
+            std::env::temp_dir().join(format!("farol-{}-{}", options.prefix, std::process::id()));
         std::fs::create_dir_all(&dir)?;
         let names: Vec<String> = lab.nodes().iter().map(|n| n.name.clone()).collect();
         if let Some((node, mib)) = options.small_brick {
@@ -117,7 +116,7 @@ impl Cluster {
             demo_postgres::DATABASE_NODES.join(", "),
             options.primary,
         );
-        let database = demo_postgres::sections(&lab, &dir, options.primary)?;
+        let database = demo_postgres::sections(&lab, &dir, options.primary, options.role_check_interval)?;
         let small = options.small_brick.map(|(node, _)| node);
         let apache = xtask::apache::lab_apache(&dir, &names, |text| {
             with_volume(&text, &dir, small) + NAT_SERVICE + &database

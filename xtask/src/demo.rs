@@ -51,6 +51,7 @@ pub(crate) fn run(seconds: u64) -> Result<()> {
         ClusterOptions {
             prefix: "lab".into(),
             primary: demo_postgres::PRIMARY,
+            role_check_interval: "250ms",
             log_dir: workspace_root().join("target/demo"),
             small_brick: None,
             faketime: None,

@@ -29,7 +29,13 @@ const API_PORT: u16 = 8008;
 
 /// The `[cluster_state]`, `[postgres]` and `[pooler]` sections of the
 /// demo's cluster file; data and Raft state under `dir`.
-pub(crate) fn sections(lab: &Lab, dir: &Path, primary_node: &str) -> Result<String> {
+/// `role_check_interval` is the pooler's (the demo shows a fast one).
+pub(crate) fn sections(
+    lab: &Lab,
+    dir: &Path,
+    primary_node: &str,
+    role_check_interval: &str,
+) -> Result<String> {
     let quoted = |names: &[&str]| {
         names
             .iter()
@@ -66,7 +72,7 @@ listen = "0.0.0.0:{POOLER_PORT}"
 primary = "{primary}:5432"
 standbys = [{standbys}]
 read_write_split = true
-role_check_interval = "250ms"
+role_check_interval = "{role_check_interval}"
 
 [[pooler.users]]
 name = "{USER}"

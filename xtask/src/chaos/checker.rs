@@ -34,9 +34,7 @@ pub(crate) fn vip_owners(cluster: &Cluster) -> Vec<String> {
             cluster
                 .lab
                 .run(node, "ip", &["-o", "-4", "addr", "show", "dev", "eth0"])
-                .is_ok_and(|out| {
-                    String::from_utf8_lossy(&out.stdout).contains(&format!(" {VIP}/"))
-                })
+                .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains(&format!(" {VIP}/")))
         })
         .cloned()
         .collect()
@@ -55,10 +53,9 @@ fn writable_servers(cluster: &Cluster) -> Vec<&'static str> {
     DATABASE_NODES
         .into_iter()
         .filter(|node| {
-            psql_direct(&cluster.lab, node, "postgres", "SELECT pg_is_in_recovery()")
-                .is_ok_and(|out| {
-                    out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == "f"
-                })
+            psql_direct(&cluster.lab, node, "postgres", "SELECT pg_is_in_recovery()").is_ok_and(
+                |out| out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == "f",
+            )
         })
         .collect()
 }
@@ -144,7 +141,9 @@ fn health(cluster: &Cluster) -> Result<Health, String> {
     )
     .map_err(|e| format!("{e:#}"))?;
     if String::from_utf8_lossy(&synchronous.stdout).trim() != "2" {
-        return Err(format!("{primary} does not stream to two synchronous standbys yet"));
+        return Err(format!(
+            "{primary} does not stream to two synchronous standbys yet"
+        ));
     }
     for node in VOLUME_NODES {
         if let Some(pending) = heal_pending(cluster, node) {
@@ -169,7 +168,7 @@ pub(crate) fn wait_healthy(cluster: &Cluster, timeout: Duration) -> Result<Healt
             Err(why) if Instant::now() > deadline => {
                 bail!("the cluster did not become healthy within {timeout:?}: {why}")
             }
-            Err(_) => std::thread::sleep(Duration::from_millis(500)),
+            Err(_) => std::thread::sleep(Duration::from_secs(1)),
         }
     }
 }
@@ -257,8 +256,14 @@ pub(crate) fn check(
             .unavailable
             .insert(service, longest_gap(ops, service, fault_at, end));
         if !mine.iter().any(|op| op.acked && op.sent >= healed_at) {
+            let last_error = mine
+                .iter()
+                .rev()
+                .find_map(|op| op.error.as_deref())
+                .unwrap_or("no error recorded");
             verdict.failures.push(format!(
-                "{}: no operation acknowledged after the fault was undone (never recovered)",
+                "{}: no operation acknowledged after the fault was undone (never recovered); \
+                 last error: {last_error}",
                 service.name()
             ));
         }
@@ -280,10 +285,15 @@ pub(crate) fn check(
     verdict
 }
 
-fn check_sql(cluster: &Cluster, scenario: &str, ops: &[Op], health: &Health, verdict: &mut Verdict) {
-    let query = format!(
-        "SELECT id, count(*) FROM {TABLE} WHERE scenario = '{scenario}' GROUP BY id"
-    );
+fn check_sql(
+    cluster: &Cluster,
+    scenario: &str,
+    ops: &[Op],
+    health: &Health,
+    verdict: &mut Verdict,
+) {
+    let query =
+        format!("SELECT id, count(*) FROM {TABLE} WHERE scenario = '{scenario}' GROUP BY id");
     let out = match psql_direct(&cluster.lab, &health.primary, demo_postgres::USER, &query) {
         Ok(out) if out.status.success() => out,
         Ok(out) => {
@@ -394,7 +404,10 @@ fn check_files(cluster: &Cluster, scenario: &str, ops: &[Op], verdict: &mut Verd
         let mut digest = 0xcbf2_9ce4_8422_2325_u64;
         for name in &names {
             fnv(&mut digest, name.as_bytes());
-            fnv(&mut digest, &std::fs::read(dir.join(name)).unwrap_or_default());
+            fnv(
+                &mut digest,
+                &std::fs::read(dir.join(name)).unwrap_or_default(),
+            );
         }
         digests.insert(node, (names.len(), digest));
     }
@@ -431,8 +444,8 @@ fn check_files(cluster: &Cluster, scenario: &str, ops: &[Op], verdict: &mut Verd
         for index in files_failures.into_iter().skip(10).rev() {
             verdict.failures.remove(index);
         }
-        verdict
-            .failures
-            .push(format!("files: ... and {extra} more missing or wrong copies"));
+        verdict.failures.push(format!(
+            "files: ... and {extra} more missing or wrong copies"
+        ));
     }
 }

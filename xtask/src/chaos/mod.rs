@@ -105,6 +105,14 @@ pub(crate) fn run(args: ChaosArgs) -> Result<()> {
         ClusterOptions {
             prefix: args.prefix.clone(),
             primary: TARGET,
+            // The default (1 s; the probe timeout is as long). With the
+            // demo's 250 ms on a loaded machine, every probe that times
+            // out drops its connection and the next must log in again
+            // (SCRAM) within 250 ms, which it never does: the pooler of
+            // the restarted VIP node kept sending writes to its own
+            // server, now a standby ("cannot execute INSERT in a
+            // read-only transaction"), until the run ended.
+            role_check_interval: "1s",
             log_dir: workspace_root().join("target/chaos"),
             small_brick: Some((SMALL_NODE, 48)),
             faketime: Some(SMALL_NODE),
@@ -177,6 +185,13 @@ fn prepare(cluster: &Cluster) -> Result<()> {
     if !out.status.success() {
         bail!("{create}: {}", String::from_utf8_lossy(&out.stderr).trim());
     }
+    // Apache on nuster1..3 serves the volume: the page the web workload gets.
+    let page = cluster.mount(WRITER_NODE).join("index.html");
+    xtask::lab::wait_for(
+        &format!("{} to be writable", page.display()),
+        Duration::from_secs(60),
+        || std::fs::write(&page, "farol chaos: served from the volume www\n").ok(),
+    )?;
     let dir = cluster.mount(WRITER_NODE).join(FILES_DIR);
     xtask::lab::wait_for(
         &format!("{} to be writable", dir.display()),
@@ -187,8 +202,8 @@ fn prepare(cluster: &Cluster) -> Result<()> {
 }
 
 fn run_scenario(cluster: &mut Cluster, scenario: Scenario, index: u64) -> Result<Verdict> {
-    let health = checker::restore(cluster, HEAL_TIMEOUT)
-        .context("the cluster before the scenario")?;
+    let health =
+        checker::restore(cluster, HEAL_TIMEOUT).context("the cluster before the scenario")?;
     println!(
         "      healthy: VIP on {}, primary {} with two synchronous standbys, heal-info empty",
         health.vip_owner, health.primary
@@ -241,6 +256,7 @@ fn run_scenario(cluster: &mut Cluster, scenario: Scenario, index: u64) -> Result
             Vec::new()
         }
     };
+    print_errors(&ops);
     let mut verdict = checker::check(
         cluster,
         scenario.name(),
@@ -251,6 +267,23 @@ fn run_scenario(cluster: &mut Cluster, scenario: Scenario, index: u64) -> Result
     failures.append(&mut verdict.failures);
     verdict.failures = failures;
     Ok(verdict)
+}
+
+/// The distinct errors each service met, with how often (first few).
+fn print_errors(ops: &[workload::Op]) {
+    for service in Service::ALL {
+        let mut errors: BTreeMap<&str, usize> = BTreeMap::new();
+        for op in ops.iter().filter(|op| op.service == service) {
+            if let Some(error) = &op.error {
+                *errors.entry(error.as_str()).or_default() += 1;
+            }
+        }
+        let mut errors: Vec<(&str, usize)> = errors.into_iter().collect();
+        errors.sort_by_key(|(_, count)| std::cmp::Reverse(*count));
+        for (error, count) in errors.into_iter().take(4) {
+            println!("      {} error x{count}: {error:.160}", service.name());
+        }
+    }
 }
 
 fn print_verdict(verdict: &Verdict) {

@@ -71,9 +71,9 @@ impl Scenario {
                  (PostgreSQL, Apache), as systemd's KillMode=mixed does when the main process \
                  dies; the agent starts again 3 s later"
             ),
-            Scenario::Kill9Postmaster => format!(
-                "kill -9 of the postmaster on {TARGET} (the primary); its agent stays up"
-            ),
+            Scenario::Kill9Postmaster => {
+                format!("kill -9 of the postmaster on {TARGET} (the primary); its agent stays up")
+            }
             Scenario::PowerOff => format!(
                 "power-off of {TARGET}: its link down and every process in its namespace \
                  SIGKILLed; power on 10 s later (link up, agent started)"
@@ -87,12 +87,10 @@ impl Scenario {
                 "partition {{{TARGET}}} | {{nuster2, nuster3, nuster4}} for 20 s (the client \
                  still reaches every node), then heal"
             ),
-            Scenario::FlappingLink => format!(
-                "{TARGET}'s link down 300 ms / up 300 ms for 12 s"
-            ),
-            Scenario::FullDisk => format!(
-                "{SMALL_NODE}'s brick (a 48 MiB tmpfs) filled up for 10 s, then freed"
-            ),
+            Scenario::FlappingLink => format!("{TARGET}'s link down 300 ms / up 300 ms for 12 s"),
+            Scenario::FullDisk => {
+                format!("{SMALL_NODE}'s brick (a 48 MiB tmpfs) filled up for 10 s, then freed")
+            }
             Scenario::ClockJump => format!(
                 "{SMALL_NODE}'s wall clock (its agent under libfaketime) jumps 1 h forward \
                  for 10 s, then 1 h back"
@@ -137,7 +135,10 @@ impl Scenario {
                     kill9(*pid);
                 }
                 cluster.reap_agent(TARGET)?;
-                println!("      {TARGET} off: link down, {} processes killed", pids.len());
+                println!(
+                    "      {TARGET} off: link down, {} processes killed",
+                    pids.len()
+                );
                 std::thread::sleep(Duration::from_secs(10));
                 set_link(cluster, TARGET, true)?;
                 cluster.restart_agent(TARGET)

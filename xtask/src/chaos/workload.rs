@@ -50,9 +50,9 @@ impl Service {
 
     fn pause(self) -> Duration {
         match self {
-            Service::Web => Duration::from_millis(100),
-            Service::Sql => Duration::from_millis(100),
-            Service::Files => Duration::from_millis(150),
+            Service::Web => Duration::from_millis(150),
+            Service::Sql => Duration::from_millis(150),
+            Service::Files => Duration::from_millis(200),
         }
     }
 }
@@ -67,6 +67,8 @@ pub(crate) struct Op {
     pub sent: f64,
     pub done: f64,
     pub acked: bool,
+    /// Why an operation was not acknowledged (first line of the error).
+    pub error: Option<String>,
 }
 
 /// The contents of the file with `id` (a few KiB, so a write spans more
@@ -113,12 +115,10 @@ impl Workload {
             std::thread::spawn(move || {
                 let mut ops = Vec::new();
                 let mut id = first_id;
-                while !stop.load(Ordering::SeqCst)
-                    && epoch.elapsed() < limit
-                    && ops.len() < MAX_OPS
+                while !stop.load(Ordering::SeqCst) && epoch.elapsed() < limit && ops.len() < MAX_OPS
                 {
                     let sent = epoch.elapsed().as_secs_f64();
-                    let acked = match service {
+                    let outcome = match service {
                         Service::Web => get(&lab),
                         Service::Sql => insert(&lab, &scenario, id),
                         Service::Files => write_file(&mount, &scenario, id),
@@ -128,7 +128,8 @@ impl Workload {
                         id,
                         sent,
                         done: epoch.elapsed().as_secs_f64(),
-                        acked,
+                        acked: outcome.is_ok(),
+                        error: outcome.err(),
                     });
                     id += 1;
                     std::thread::sleep(service.pause());
@@ -170,50 +171,72 @@ impl Workload {
     }
 }
 
+/// The outcome of a command: Ok when it exited 0, else the first line of
+/// its stderr (or its status).
+fn outcome(out: std::io::Result<std::process::Output>) -> Result<(), String> {
+    match out {
+        Ok(out) if out.status.success() => Ok(()),
+        Ok(out) => Err(String::from_utf8_lossy(&out.stderr)
+            .lines()
+            .find(|l| !l.trim().is_empty())
+            .map_or_else(|| out.status.to_string(), |l| l.trim().to_owned())),
+        Err(error) => Err(error.to_string()),
+    }
+}
+
 /// GET / through the VIP from the client.
-fn get(lab: &Lab) -> bool {
-    lab.run(
-        CLIENT,
-        "curl",
-        &[
-            "-sf",
-            "--max-time",
-            "2",
-            "-o",
-            "/dev/null",
-            &format!("http://{VIP}/"),
-        ],
+fn get(lab: &Lab) -> Result<(), String> {
+    outcome(
+        lab.command(CLIENT, "curl")
+            .args([
+                "-sSf",
+                "--max-time",
+                "2",
+                "-o",
+                "/dev/null",
+                &format!("http://{VIP}/"),
+            ])
+            .output(),
     )
-    .is_ok_and(|out| out.status.success())
 }
 
 /// One INSERT through the pooler on the VIP. psql exits 0 only when the
 /// statement (and so its autocommit COMMIT) succeeded; a psql killed by
 /// the timeout (a commit waiting for a synchronous standby that is gone)
 /// is not acknowledged.
-fn insert(lab: &Lab, scenario: &str, id: u64) -> bool {
-    lab.command(CLIENT, "timeout")
-        .env("PGPASSWORD", demo_postgres::PASSWORD)
-        .env("PGCONNECT_TIMEOUT", "2")
-        .args(["-s", "KILL", "15", "psql", "-X", "-q", "-v", "ON_ERROR_STOP=1"])
-        .args(["-h", VIP, "-p", &demo_postgres::POOLER_PORT.to_string()])
-        .args(["-U", demo_postgres::USER, "-d", demo_postgres::USER, "-c"])
-        .arg(format!(
-            "INSERT INTO {TABLE} (id, scenario) VALUES ({id}, '{scenario}')"
-        ))
-        .output()
-        .is_ok_and(|out| out.status.success())
+fn insert(lab: &Lab, scenario: &str, id: u64) -> Result<(), String> {
+    outcome(
+        lab.command(CLIENT, "timeout")
+            .env("PGPASSWORD", demo_postgres::PASSWORD)
+            .env("PGCONNECT_TIMEOUT", "2")
+            .args([
+                "-s",
+                "KILL",
+                "15",
+                "psql",
+                "-X",
+                "-q",
+                "-v",
+                "ON_ERROR_STOP=1",
+            ])
+            .args(["-h", VIP, "-p", &demo_postgres::POOLER_PORT.to_string()])
+            .args(["-U", demo_postgres::USER, "-d", demo_postgres::USER, "-c"])
+            .arg(format!(
+                "INSERT INTO {TABLE} (id, scenario) VALUES ({id}, '{scenario}')"
+            ))
+            .output(),
+    )
 }
 
 /// A new file, written and fsynced through the mount.
-fn write_file(mount: &std::path::Path, scenario: &str, id: u64) -> bool {
+fn write_file(mount: &std::path::Path, scenario: &str, id: u64) -> Result<(), String> {
     let path = mount.join(FILES_DIR).join(file_name(scenario, id));
     let write = || -> std::io::Result<()> {
         let mut file = std::fs::File::create(&path)?;
         file.write_all(&file_contents(scenario, id))?;
         file.sync_all()
     };
-    write().is_ok()
+    write().map_err(|e| e.to_string())
 }
 
 /// The longest time a service gave no acknowledged answer, between
@@ -248,6 +271,7 @@ mod tests {
             sent: done,
             done,
             acked,
+            error: None,
         }
     }
 
