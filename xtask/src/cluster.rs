@@ -116,7 +116,8 @@ impl Cluster {
             demo_postgres::DATABASE_NODES.join(", "),
             options.primary,
         );
-        let database = demo_postgres::sections(&lab, &dir, options.primary, options.role_check_interval)?;
+        let database =
+            demo_postgres::sections(&lab, &dir, options.primary, options.role_check_interval)?;
         let small = options.small_brick.map(|(node, _)| node);
         let apache = xtask::apache::lab_apache(&dir, &names, |text| {
             with_volume(&text, &dir, small) + NAT_SERVICE + &database

@@ -143,7 +143,7 @@ fn show(cluster: &mut Cluster, seconds: u64, stop: &AtomicBool) -> Result<()> {
             String::from_utf8_lossy(&out.stdout)
         );
     }
-    let translated = scrape(&lab, "nuster1")?
+    let translated = scrape(lab, "nuster1")?
         .get("farol_lb_service_nat_replies_packets_total{service=\"web-nat\"}")
         .copied()
         .unwrap_or(0.0);

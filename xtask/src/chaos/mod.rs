@@ -43,6 +43,8 @@ use workload::{Service, Workload, FILES_DIR, TABLE};
 const WRITER_NODE: &str = "nuster2";
 /// How long the cluster may take to be healthy again after a fault.
 const HEAL_TIMEOUT: Duration = Duration::from_secs(240);
+/// How long the clients may take to see a healthy cluster answer.
+const RECOVERY_TIMEOUT: Duration = Duration::from_secs(60);
 /// Workload before the fault and after the cluster is healthy again.
 const BEFORE: Duration = Duration::from_secs(4);
 const AFTER: Duration = Duration::from_secs(3);
@@ -174,16 +176,33 @@ pub(crate) fn run(args: ChaosArgs) -> Result<()> {
 }
 
 /// The database objects and the volume directory the workload writes to.
+/// Each step is retried: on a loaded machine the young cluster's primary
+/// may still move (a lease renewed late) while it is created.
 fn prepare(cluster: &Cluster) -> Result<()> {
-    let primary = demo_postgres::wait_ready(&cluster.lab)?;
+    demo_postgres::wait_ready(&cluster.lab)?;
     let create = format!(
         "CREATE TABLE IF NOT EXISTS {TABLE} (id bigint NOT NULL, scenario text NOT NULL, \
          at timestamptz DEFAULT now()); ALTER TABLE {TABLE} OWNER TO {user}",
         user = demo_postgres::USER
     );
-    let out = demo_postgres::psql_direct(&cluster.lab, primary, demo_postgres::USER, &create)?;
-    if !out.status.success() {
-        bail!("{create}: {}", String::from_utf8_lossy(&out.stderr).trim());
+    let deadline = Instant::now() + HEAL_TIMEOUT;
+    loop {
+        let health = checker::restore(cluster, HEAL_TIMEOUT)?;
+        let out = demo_postgres::psql_direct(
+            &cluster.lab,
+            &health.primary,
+            demo_postgres::USER,
+            &create,
+        )?;
+        if out.status.success() {
+            break;
+        }
+        let error = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+        if Instant::now() > deadline {
+            bail!("{create}: {error}");
+        }
+        println!("      creating {TABLE} failed ({error}); again");
+        std::thread::sleep(Duration::from_secs(1));
     }
     // Apache on nuster1..3 serves the volume: the page the web workload gets.
     let page = cluster.mount(WRITER_NODE).join("index.html");
@@ -234,6 +253,25 @@ fn run_scenario(cluster: &mut Cluster, scenario: Scenario, index: u64) -> Result
             "      healthy again {:.1} s after the fault was undone",
             workload.now() - healed_at
         );
+        // The clients too: each service acknowledges an operation sent
+        // after the fault was undone (one in flight through the fault
+        // may still be waiting for its timeout).
+        let recovered = xtask::lab::wait_for(
+            "every service to acknowledge an operation sent after the fault was undone",
+            RECOVERY_TIMEOUT,
+            || {
+                Service::ALL
+                    .iter()
+                    .all(|s| workload.acked_since(*s, healed_at))
+                    .then_some(())
+            },
+        );
+        if recovered.is_ok() {
+            println!(
+                "      every service answers again, {:.1} s after the fault was undone",
+                workload.now() - healed_at
+            );
+        }
         std::thread::sleep(AFTER);
     }
     let end = workload.now();

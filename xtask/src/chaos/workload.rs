@@ -12,7 +12,7 @@ use std::{
     path::PathBuf,
     sync::{
         atomic::{AtomicBool, Ordering},
-        mpsc, Arc,
+        mpsc, Arc, Mutex, MutexGuard,
     },
     time::{Duration, Instant},
 };
@@ -87,7 +87,9 @@ pub(crate) fn file_name(scenario: &str, id: u64) -> String {
 pub(crate) struct Workload {
     stop: Arc<AtomicBool>,
     epoch: Instant,
-    loops: Vec<(Service, mpsc::Receiver<Vec<Op>>)>,
+    /// Every operation so far, as the loops finish them.
+    ops: Arc<Mutex<Vec<Op>>>,
+    loops: Vec<(Service, mpsc::Receiver<()>)>,
 }
 
 impl Workload {
@@ -103,19 +105,22 @@ impl Workload {
     ) -> Workload {
         let stop = Arc::new(AtomicBool::new(false));
         let epoch = Instant::now();
+        let ops = Arc::new(Mutex::new(Vec::new()));
         let mut loops = Vec::new();
         for service in Service::ALL {
             let (send, receive) = mpsc::channel();
-            let (stop, lab, mount, scenario) = (
+            let (stop, ops, lab, mount, scenario) = (
                 stop.clone(),
+                ops.clone(),
                 lab.clone(),
                 mount.clone(),
                 scenario.to_owned(),
             );
             std::thread::spawn(move || {
-                let mut ops = Vec::new();
                 let mut id = first_id;
-                while !stop.load(Ordering::SeqCst) && epoch.elapsed() < limit && ops.len() < MAX_OPS
+                while !stop.load(Ordering::SeqCst)
+                    && epoch.elapsed() < limit
+                    && id - first_id < MAX_OPS as u64
                 {
                     let sent = epoch.elapsed().as_secs_f64();
                     let outcome = match service {
@@ -123,7 +128,7 @@ impl Workload {
                         Service::Sql => insert(&lab, &scenario, id),
                         Service::Files => write_file(&mount, &scenario, id),
                     };
-                    ops.push(Op {
+                    lock(&ops).push(Op {
                         service,
                         id,
                         sent,
@@ -134,11 +139,24 @@ impl Workload {
                     id += 1;
                     std::thread::sleep(service.pause());
                 }
-                let _ = send.send(ops);
+                let _ = send.send(());
             });
             loops.push((service, receive));
         }
-        Workload { stop, epoch, loops }
+        Workload {
+            stop,
+            epoch,
+            ops,
+            loops,
+        }
+    }
+
+    /// True when `service` has had an operation sent at or after `since`
+    /// acknowledged.
+    pub(crate) fn acked_since(&self, service: Service, since: f64) -> bool {
+        lock(&self.ops)
+            .iter()
+            .any(|op| op.service == service && op.acked && op.sent >= since)
     }
 
     /// Seconds since the workload started (the time base of [`Op`]).
@@ -156,11 +174,11 @@ impl Workload {
         let mut stuck = Vec::new();
         for (service, receive) in self.loops {
             let left = deadline.saturating_duration_since(Instant::now());
-            match receive.recv_timeout(left) {
-                Ok(ops) => all.extend(ops),
-                Err(_) => stuck.push(service.name()),
+            if receive.recv_timeout(left).is_err() {
+                stuck.push(service.name());
             }
         }
+        all.extend(lock(&self.ops).iter().cloned());
         if !stuck.is_empty() {
             bail!(
                 "the {} loop(s) hung in an operation for more than {grace:?}",
@@ -169,6 +187,12 @@ impl Workload {
         }
         Ok(all)
     }
+}
+
+fn lock(ops: &Mutex<Vec<Op>>) -> MutexGuard<'_, Vec<Op>> {
+    // A loop that panicked leaves its operations as they were.
+    ops.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// The outcome of a command: Ok when it exited 0, else the first line of
@@ -250,7 +274,7 @@ pub(crate) fn longest_gap(ops: &[Op], service: Service, from: f64, to: f64) -> f
         .map(|op| op.done)
         .collect();
     times.sort_by(f64::total_cmp);
-    let last_before = times.iter().copied().filter(|t| *t <= from).last();
+    let last_before = times.iter().copied().rfind(|t| *t <= from);
     let mut previous = last_before.unwrap_or(from);
     let mut longest: f64 = 0.0;
     for t in times.into_iter().filter(|t| *t > from && *t <= to) {
