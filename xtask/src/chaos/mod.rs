@@ -51,7 +51,7 @@ const AFTER: Duration = Duration::from_secs(3);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub(crate) enum Profile {
-    /// The two scenarios that matter most, for CI (a few minutes).
+    /// The three scenarios that matter most, for CI (a few minutes).
     Ci,
     /// Every scenario.
     Full,

@@ -43,9 +43,14 @@ impl Scenario {
         Scenario::ClockJump,
     ];
     /// The CI profile: the correlated failure the issue is about (the node
-    /// with the VIP, the primary and a brick dies at once) and the
-    /// partition that cuts that node away from the majority.
-    pub(crate) const CI: [Scenario; 2] = [Scenario::Kill9Agent, Scenario::Partition13];
+    /// with the VIP, the primary and a brick dies at once: its agent and
+    /// children, then the whole node) and the partition that cuts that
+    /// node away from the majority.
+    pub(crate) const CI: [Scenario; 3] = [
+        Scenario::Kill9Agent,
+        Scenario::PowerOff,
+        Scenario::Partition13,
+    ];
 
     pub(crate) fn name(self) -> &'static str {
         match self {
