@@ -41,7 +41,7 @@ pub(crate) fn vip_owners(cluster: &Cluster) -> Vec<String> {
 }
 
 /// The nodes whose agent answers Patroni's `/primary` with 200.
-fn api_primaries(cluster: &Cluster) -> Vec<&'static str> {
+pub(crate) fn api_primaries(cluster: &Cluster) -> Vec<&'static str> {
     DATABASE_NODES
         .into_iter()
         .filter(|node| api_status(&cluster.lab, node, "/primary").ok() == Some(200))

@@ -102,57 +102,36 @@ pub(crate) fn run(args: ChaosArgs) -> Result<()> {
         "[chaos] the cluster: VIP master, PostgreSQL primary and a brick on {TARGET}; \
          {SMALL_NODE}'s brick on a small tmpfs and its agent under libfaketime"
     );
-    let mut cluster = Cluster::start(
-        agent,
-        ClusterOptions {
-            prefix: args.prefix.clone(),
-            primary: TARGET,
-            // The default (1 s; the probe timeout is as long). With the
-            // demo's 250 ms on a loaded machine, every probe that times
-            // out drops its connection and the next must log in again
-            // (SCRAM) within 250 ms, which it never does: the pooler of
-            // the restarted VIP node kept sending writes to its own
-            // server, now a standby ("cannot execute INSERT in a
-            // read-only transaction"), until the run ended.
-            role_check_interval: "1s",
-            log_dir: workspace_root().join("target/chaos"),
-            small_brick: Some((SMALL_NODE, 48)),
-            faketime: Some(SMALL_NODE),
-        },
-    )?;
+    let options = || ClusterOptions {
+        prefix: args.prefix.clone(),
+        primary: TARGET,
+        // The default (1 s; the probe timeout is as long). With the
+        // demo's 250 ms on a loaded machine, every probe that times out
+        // drops its connection and the next must log in again (SCRAM)
+        // within 250 ms, which it never does: the pooler of the
+        // restarted VIP node kept sending writes to its own server, now
+        // a standby ("cannot execute INSERT in a read-only
+        // transaction"), until the run ended.
+        role_check_interval: "1s",
+        log_dir: workspace_root().join("target/chaos"),
+        small_brick: Some((SMALL_NODE, 48)),
+        faketime: Some(SMALL_NODE),
+    };
+    // None only while a broken cluster is replaced.
+    let mut cluster = Some(Cluster::start(agent.clone(), options())?);
     let mut verdicts = Vec::new();
-    let result = prepare(&cluster).and_then(|()| {
-        for (index, scenario) in scenarios.iter().enumerate() {
-            if stop.load(Ordering::SeqCst) {
-                bail!("interrupted");
-            }
-            println!(
-                "[chaos {}/{}] {}: {}",
-                index + 1,
-                scenarios.len(),
-                scenario.name(),
-                scenario.describe()
-            );
-            let verdict = run_scenario(&mut cluster, *scenario, index as u64 + 1)?;
-            print_verdict(&verdict);
-            let healthy = !verdict
-                .failures
-                .iter()
-                .any(|f| f.starts_with("never healthy"));
-            verdicts.push(verdict);
-            if !healthy {
-                bail!("the cluster did not heal: the remaining scenarios cannot run");
-            }
-        }
-        Ok(())
+    let result = run_all(&mut cluster, &scenarios, &stop, &mut verdicts, || {
+        Cluster::start(agent.clone(), options())
     });
-    if let Err(error) = &result {
-        println!("[chaos] stopped: {error:#}");
-        cluster.print_warnings(6);
+    let mut stopped = Ok(());
+    if let Some(mut cluster) = cluster {
+        if let Err(error) = &result {
+            println!("[chaos] stopped: {error:#}");
+            cluster.print_warnings(6);
+        }
+        println!("[chaos] stopping the agents and tearing the lab down");
+        stopped = cluster.stop_agents();
     }
-    println!("[chaos] stopping the agents and tearing the lab down");
-    let stopped = cluster.stop_agents();
-    drop(cluster);
     println!();
     print_table(&verdicts);
     let path = report(&verdicts).write()?;
@@ -172,6 +151,59 @@ pub(crate) fn run(args: ChaosArgs) -> Result<()> {
         bail!("chaos: {} failed", failed.join(", "));
     }
     println!("chaos: every scenario passed: nothing acknowledged was lost");
+    Ok(())
+}
+
+/// Runs the scenarios in order; a scenario after which the cluster never
+/// healed has failed for good, and the next ones get a new cluster (the
+/// broken one's agent logs are kept as agent-NODE.SCENARIO.log).
+fn run_all(
+    cluster: &mut Option<Cluster>,
+    scenarios: &[Scenario],
+    stop: &AtomicBool,
+    verdicts: &mut Vec<Verdict>,
+    build: impl Fn() -> Result<Cluster>,
+) -> Result<()> {
+    prepare(cluster.as_ref().context("no cluster")?)?;
+    for (index, scenario) in scenarios.iter().enumerate() {
+        if stop.load(Ordering::SeqCst) {
+            bail!("interrupted");
+        }
+        println!(
+            "[chaos {}/{}] {}: {}",
+            index + 1,
+            scenarios.len(),
+            scenario.name(),
+            scenario.describe()
+        );
+        let current = cluster.as_mut().context("no cluster")?;
+        let verdict = run_scenario(current, *scenario, index as u64 + 1)?;
+        print_verdict(&verdict);
+        let healthy = !verdict
+            .failures
+            .iter()
+            .any(|f| f.starts_with("never healthy"));
+        verdicts.push(verdict);
+        if healthy || index + 1 == scenarios.len() {
+            continue;
+        }
+        current.print_warnings(6);
+        let _ = current.stop_agents();
+        for node in &current.names {
+            let log = current.log_file(node);
+            let _ = std::fs::rename(&log, log.with_extension(format!("{}.log", scenario.name())));
+        }
+        println!(
+            "[chaos] the cluster did not heal after {name}: its agents' logs are \
+             target/chaos/agent-NODE.{name}.log; a new cluster for the remaining scenarios",
+            name = scenario.name()
+        );
+        // The old lab goes down before the new one (same prefix) comes up.
+        *cluster = None;
+        let fresh = build()?;
+        prepare(&fresh)?;
+        *cluster = Some(fresh);
+    }
     Ok(())
 }
 
@@ -281,9 +313,14 @@ fn run_scenario(cluster: &mut Cluster, scenario: Scenario, index: u64) -> Result
         Ok(health) => health,
         Err(error) => {
             failures.push(format!("never healthy: {error:#}"));
+            // Read the rows where a primary is, if any answers.
             checker::Health {
                 vip_owner: String::new(),
-                primary: TARGET.into(),
+                primary: checker::api_primaries(cluster)
+                    .first()
+                    .copied()
+                    .unwrap_or(TARGET)
+                    .into(),
             }
         }
     };

@@ -197,14 +197,47 @@ impl Scenario {
             Scenario::ClockJump => {
                 let file = cluster.faketime_file(SMALL_NODE);
                 std::fs::write(&file, "+3600\n")?;
-                println!("      {SMALL_NODE}'s clock +1 h");
-                std::thread::sleep(Duration::from_secs(10));
+                // libfaketime reads the file at most once a second.
+                std::thread::sleep(Duration::from_secs(3));
+                let offset = clock_offset(cluster, SMALL_NODE)?;
+                println!(
+                    "      {SMALL_NODE}'s clock +1 h: its PostgreSQL (a child of its agent) says \
+                     now() is {offset} s ahead of the host"
+                );
+                if offset < 3000 {
+                    bail!("the clock jump did not take: {SMALL_NODE} is {offset} s ahead");
+                }
+                std::thread::sleep(Duration::from_secs(7));
                 std::fs::write(&file, "+0\n")?;
                 println!("      {SMALL_NODE}'s clock back");
                 Ok(())
             }
         }
     }
+}
+
+/// How far ahead of this host's clock `node`'s PostgreSQL puts now(), in
+/// seconds.
+fn clock_offset(cluster: &Cluster, node: &str) -> Result<i64> {
+    let out = crate::demo_postgres::psql_direct(
+        &cluster.lab,
+        node,
+        "postgres",
+        "SELECT extract(epoch FROM clock_timestamp())::bigint",
+    )?;
+    let theirs: i64 = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .with_context(|| {
+            format!(
+                "now() on {node}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            )
+        })?;
+    let ours = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs() as i64;
+    Ok(theirs - ours)
 }
 
 fn kill9(pid: i32) {
