@@ -318,36 +318,15 @@ async fn serve_connection(
             }
         })
     };
-    // A peer pings every peer_timeout / 4, and gives a connection up (and
-    // records what it sends from then on for heal) once it has been
-    // silent for peer_timeout. This end closes such a connection too:
-    // otherwise frames still in flight on it (TCP retransmits them once a
-    // partition heals) would be applied after the heal that replaced them
-    // (the chaos suite's partition-1-3 found a healed file truncated by a
-    // late Create). The CLI sends no pings: its connections stay open.
-    let silence_limit = (from != CLI_NODE).then(|| volume.timeout());
-    let mut last_frame = tokio::time::Instant::now();
     loop {
-        let silence = async {
-            match silence_limit {
-                Some(limit) => tokio::time::sleep_until(last_frame + limit).await,
-                None => std::future::pending().await,
-            }
-        };
         tokio::select! {
-            () = silence => {
-                warn!(volume = %volume.name(), peer = %from, %addr, "closing a peer connection silent for longer than peer_timeout");
-                break;
-            }
             frame = frames.next() => match frame {
                 Some(Ok(Message::Request { id, body: Request::Ping })) => {
-                    last_frame = tokio::time::Instant::now();
                     if out_tx.send(Message::Response { id, body: Response::Ok }).await.is_err() {
                         break;
                     }
                 }
                 Some(Ok(Message::Request { id, body })) => {
-                    last_frame = tokio::time::Instant::now();
                     if work_tx.send((id, body)).await.is_err() {
                         break;
                     }
