@@ -8,7 +8,6 @@
 
 use std::{
     collections::BTreeMap,
-    path::PathBuf,
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc,
@@ -16,16 +15,18 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::demo_postgres;
+use crate::{
+    cluster::{self, scrape, Cluster, ClusterOptions, NAT_PORT, VIP},
+    demo_postgres,
+};
 use anyhow::{bail, Context, Result};
 use xtask::{
     exec,
-    lab::{lab_config, wait_for, Lab, LabGuard, LabProcess, CLIENT},
-    toolchain, workspace_root,
+    lab::{lab_config, wait_for, Lab, CLIENT},
+    workspace_root,
 };
 
 const WEB_PORT: &str = "80";
-const METRICS_URL: &str = "http://127.0.0.1:9477/metrics";
 
 pub(crate) fn run(seconds: u64) -> Result<()> {
     if !xtask::is_root() {
@@ -38,106 +39,42 @@ pub(crate) fn run(seconds: u64) -> Result<()> {
             .context("installing the Ctrl-C handler")?;
     }
     println!("[1/7] toolchain");
-    toolchain::ensure_packages(&[
-        ("apache2", "Apache on every lab node, run by the agents"),
-        ("postgresql", "PostgreSQL primary and standby in the lab"),
-    ])?;
-    toolchain::build_ebpf()?;
     println!("[2/7] building the agent");
-    // FAROL_DEMO_AGENT runs another build (the footprint of the release
-    // build that `cargo xtask dist` packages: README, "Running on Raspberry Pi").
-    let agent = match std::env::var_os("FAROL_DEMO_AGENT") {
-        Some(agent) => PathBuf::from(agent),
-        None => {
-            exec(
-                std::process::Command::new("cargo")
-                    .current_dir(workspace_root())
-                    .args(["build", "--quiet", "-p", "farol-agent"]),
-            )?;
-            workspace_root().join("target/debug/agent")
-        }
-    };
-
-    println!("[3/7] lab up: nuster1..4 and client on a bridge, 192.0.2.0/24");
-    let lab = LabGuard::up(Lab::new("lab")?)?;
-    let web_root = tempdir("farol-demo-web")?;
-    let names: Vec<String> = lab.nodes().iter().map(|n| n.name.clone()).collect();
-    // configs/lab.toml with its [[supervise]] Apache, paths under web_root,
-    // plus a replicated volume `www` on nuster1..3 as Apache's document root
-    // (nuster4 holds no brick and serves a local directory).
+    let agent = cluster::prepare()?;
     println!(
-        "[4/7] the cluster file: configs/lab.toml with Apache under the agents, a replicated volume, \
-         a NAT service, and PostgreSQL 15 on {} run by their agents (primary {}, Raft cluster state, pooler on every node)",
-        demo_postgres::DATABASE_NODES.join(", "),
-        demo_postgres::PRIMARY,
-    );
-    let database = demo_postgres::sections(&lab, &web_root)?;
-    let apache = xtask::apache::lab_apache(&web_root, &names, |text| {
-        with_volume(&text, &web_root) + NAT_SERVICE + &database
-    })?;
-    for node in &names {
-        std::fs::write(
-            apache.document_root(node).join("index.html"),
-            format!("hello from {node} (a local directory: no brick of the volume here)\n"),
-        )?;
-    }
-    let mut processes: Vec<LabProcess> = Vec::new();
-
-    println!(
-        "[5/7] starting an agent on every node ({}, with configs/apache/farol.conf); each agent runs Apache",
+        "[3/7] lab up, [4/7] the cluster file, [5/7] an agent on every node ({}, with \
+         configs/apache/farol.conf; each agent runs Apache)",
         lab_config().display()
     );
-    // The agents' logs go to files that outlive the demo; the terminal
-    // keeps the demo's own account.
-    let log_dir = workspace_root().join("target/demo");
-    std::fs::create_dir_all(&log_dir)?;
-    for node in &names {
-        let _ = std::fs::remove_file(log_dir.join(format!("agent-{node}.log")));
+    let mut cluster = Cluster::start(
+        agent,
+        ClusterOptions {
+            prefix: "lab".into(),
+            primary: demo_postgres::PRIMARY,
+            role_check_interval: "250ms",
+            log_dir: workspace_root().join("target/demo"),
+            small_brick: None,
+            faketime: None,
+        },
+    )?;
+    let result = show(&mut cluster, seconds, &stop);
+    if let Err(error) = &result {
+        println!("      failed: {error:#}");
+        cluster.print_warnings(8);
     }
-    println!("      agent logs: {}/agent-NODE.log", log_dir.display());
-    let spawn_agent = |node: &str| -> Result<LabProcess> {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log_dir.join(format!("agent-{node}.log")))?;
-        let mut command = lab.command(node, &agent);
-        command
-            .args(["run", "--config"])
-            .arg(&apache.cluster_file)
-            .args(["--node", node, "--pin-dir"])
-            .arg(lab.pin_dir(node))
-            .env("FAROL_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdout(std::process::Stdio::null())
-            .stderr(log);
-        lab.spawn(node, &mut command, "agent")
-    };
-    for node in lab.nodes() {
-        processes.push(spawn_agent(&node.name)?);
-    }
-    for node in lab.nodes() {
-        wait_for(
-            &format!("the agent on {} to serve /metrics", node.name),
-            Duration::from_secs(20),
-            || {
-                scrape(&lab, &node.name)
-                    .ok()
-                    .filter(|metrics| !metrics.is_empty())
-            },
-        )?;
-    }
-    for node in lab.nodes() {
-        wait_for(
-            &format!("Apache on {} to be ready under its agent", node.name),
-            Duration::from_secs(30),
-            || {
-                let metrics = scrape(&lab, &node.name).ok()?;
-                (metrics.get("farol_supervise_state{child=\"apache\",state=\"running\"}")
-                    == Some(&1.0))
-                .then_some(())
-            },
-        )?;
-    }
+    println!(
+        "[7/7] stopping agents (SIGTERM: drain, stop Apache gracefully, detach and unpin), tearing the lab down"
+    );
+    cluster.stop_agents()?;
+    drop(cluster);
+    result.map(|_| println!("demo finished: every agent detached its program and removed its pins"))
+}
+
+/// Steps 5 and 6 of the demo on a running cluster.
+fn show(cluster: &mut Cluster, seconds: u64, stop: &AtomicBool) -> Result<()> {
+    // Copies: the cluster itself is lent to the kill-and-restart step.
+    let lab = &cluster.lab.lab().clone();
+    let apache = &cluster.apache.clone();
     for node in lab.nodes() {
         let attached = lab
             .xdp_program_id(&node.name)?
@@ -151,7 +88,7 @@ pub(crate) fn run(seconds: u64) -> Result<()> {
         );
     }
 
-    let page = volume_mount(&web_root, "nuster1").join("index.html");
+    let page = cluster.mount("nuster1").join("index.html");
     std::fs::write(
         &page,
         "hello from the replicated volume www (written once, on nuster1's mount)\n",
@@ -206,7 +143,7 @@ pub(crate) fn run(seconds: u64) -> Result<()> {
             String::from_utf8_lossy(&out.stdout)
         );
     }
-    let translated = scrape(&lab, "nuster1")?
+    let translated = scrape(lab, "nuster1")?
         .get("farol_lb_service_nat_replies_packets_total{service=\"web-nat\"}")
         .copied()
         .unwrap_or(0.0);
@@ -225,173 +162,58 @@ pub(crate) fn run(seconds: u64) -> Result<()> {
          spreads flows roundrobin in DSR mode; every node's Apache answers directly, naming \
          itself in X-Farol-Node), one ping a second"
     );
-    let result = traffic(&lab, seconds, &stop).and_then(|counts| {
-        kill_and_watch_apache(&lab, &apache, "nuster3")?;
-        let primary = demo_postgres::wait_ready(&lab)?;
-        let mut nodes = DemoNodes {
-            processes: &mut processes,
-            names: &names,
-            spawn: &spawn_agent,
-            dir: &web_root,
-        };
-        demo_postgres::show(&lab, VIP, primary, &mut nodes)?;
-        Ok(counts)
-    });
-    if let Ok((ok, total)) = &result {
-        println!("      {ok}/{total} HTTP requests answered");
-        // Every subsystem is on here: data plane (DSR and NAT), VRRP,
-        // health checks, Apache supervision, the volume, the pooler, the
-        // Raft cluster state and PostgreSQL under the agent.
-        for (node, process) in lab.nodes().iter().zip(&processes) {
-            match xtask::footprint::of_pid(process.pid()) {
-                Ok(memory) => println!(
-                    "      agent on {}: {memory}{}",
-                    node.name,
-                    if memory.hwm_kb > xtask::footprint::AGENT_BUDGET_KB {
-                        " (over the 50 MB budget)"
-                    } else {
-                        ""
-                    }
-                ),
-                Err(error) => println!("      agent on {}: {error:#}", node.name),
-            }
-        }
-        let node = &lab.nodes()[0].name;
-        let map = lab.pin_dir(node).join("PACKET_STATS");
-        println!(
-            "      bpftool map dump pinned {} (the tcp slot, per CPU):",
-            map.display()
-        );
-        match tcp_slot_from_bpftool(&map) {
-            Ok(line) => println!("        {line}"),
-            Err(error) => println!("        bpftool failed: {error:#}"),
+    let (ok, total) = traffic(lab, seconds, stop)?;
+    kill_and_watch_apache(lab, apache, "nuster3")?;
+    let primary = demo_postgres::wait_ready(lab)?;
+    demo_postgres::show(lab, VIP, primary, &mut DemoNodes { cluster })?;
+    println!("      {ok}/{total} HTTP requests answered");
+    // Every subsystem is on here: data plane (DSR and NAT), VRRP,
+    // health checks, Apache supervision, the volume, the pooler, the
+    // Raft cluster state and PostgreSQL under the agent.
+    for (node, process) in cluster.agents() {
+        match xtask::footprint::of_pid(process.pid()) {
+            Ok(memory) => println!(
+                "      agent on {node}: {memory}{}",
+                if memory.hwm_kb > xtask::footprint::AGENT_BUDGET_KB {
+                    " (over the 50 MB budget)"
+                } else {
+                    ""
+                }
+            ),
+            Err(error) => println!("      agent on {node}: {error:#}"),
         }
     }
-
-    if let Err(error) = &result {
-        println!("      failed: {error:#}");
-        for node in &names {
-            let text = std::fs::read_to_string(log_dir.join(format!("agent-{node}.log")))
-                .unwrap_or_default();
-            let lines: Vec<&str> = text
-                .lines()
-                .filter(|line| line.contains(" WARN ") || line.contains(" ERROR "))
-                .collect();
-            println!("      last warnings of {node}'s agent:");
-            for line in &lines[lines.len().saturating_sub(8)..] {
-                println!("        {line}");
-            }
-        }
-    }
+    let node = &cluster.lab.nodes()[0].name;
+    let map = cluster.lab.pin_dir(node).join("PACKET_STATS");
     println!(
-        "[7/7] stopping agents (SIGTERM: drain, stop Apache gracefully, detach and unpin), tearing the lab down"
+        "      bpftool map dump pinned {} (the tcp slot, per CPU):",
+        map.display()
     );
-    for process in processes.iter_mut().rev() {
-        // Draining and Apache's graceful stop come first: allow for them.
-        let status = process.terminate(Duration::from_secs(30))?;
-        if process.label().starts_with("agent") && !status.success() {
-            bail!("{} exited with {status}", process.label());
-        }
+    match tcp_slot_from_bpftool(&map) {
+        Ok(line) => println!("        {line}"),
+        Err(error) => println!("        bpftool failed: {error:#}"),
     }
-    for node in lab.nodes() {
-        if lab.xdp_program_id(&node.name)?.is_some() {
-            bail!(
-                "{}: an XDP program is still attached after the agent stopped",
-                node.name
-            );
-        }
-    }
-    drop(processes);
-    drop(lab);
-    let _ = std::fs::remove_dir_all(&web_root);
-    result.map(|_| println!("demo finished: every agent detached its program and removed its pins"))
+    Ok(())
 }
 
 /// The lab's agents as the demo kills and restarts them.
 struct DemoNodes<'a> {
-    processes: &'a mut Vec<LabProcess>,
-    names: &'a [String],
-    spawn: &'a dyn Fn(&str) -> Result<LabProcess>,
-    dir: &'a std::path::Path,
-}
-
-impl DemoNodes<'_> {
-    fn index(&self, node: &str) -> Result<usize> {
-        self.names
-            .iter()
-            .position(|name| name == node)
-            .with_context(|| format!("{node} is not a lab node"))
-    }
+    cluster: &'a mut Cluster,
 }
 
 impl demo_postgres::NodeControl for DemoNodes<'_> {
     fn kill(&mut self, node: &str) -> Result<()> {
-        let postmaster = demo_postgres::postmaster_pid(self.dir, node)
+        let postmaster = self
+            .cluster
+            .postmaster_pid(node)
             .with_context(|| format!("no postmaster.pid for {node}"))?;
-        let index = self.index(node)?;
-        let agent = &mut self.processes[index];
-        agent.child_mut().kill().context("kill -9 of the agent")?;
-        let _ = agent.child_mut().wait();
+        self.cluster.kill_agent(node)?;
         exec(std::process::Command::new("kill").args(["-9", &postmaster.to_string()]))
     }
 
     fn restart(&mut self, node: &str) -> Result<()> {
-        let index = self.index(node)?;
-        self.processes[index] = (self.spawn)(node)?;
-        Ok(())
+        self.cluster.restart_agent(node)
     }
-}
-
-const VOLUME_NODES: [&str; 3] = ["nuster1", "nuster2", "nuster3"];
-
-/// The demo's NAT service: the VIP's port 8080 through nuster1 to the
-/// Apaches of nuster2..4 on port 80.
-const NAT_PORT: u16 = 8080;
-const NAT_SERVICE: &str = r#"
-[[service]]
-name = "web-nat"
-vip = "192.0.2.100"
-port = 8080
-scheduler = "roundrobin"
-forwarding = "nat"
-backends = [
-    { node = "nuster2", port = 80 },
-    { node = "nuster3", port = 80 },
-    { node = "nuster4", port = 80 },
-]
-"#;
-
-fn volume_mount(dir: &std::path::Path, node: &str) -> PathBuf {
-    dir.join(format!("mnt-{node}"))
-}
-
-/// The lab's cluster file with a replicated volume `www` (bricks and mounts
-/// under `dir`, one per node since all run on this machine) that Apache
-/// serves on the nodes holding a replica.
-fn with_volume(text: &str, dir: &std::path::Path) -> String {
-    let fallback = format!("{}/{{node}}/www", dir.display());
-    let mut text = text
-        .replacen(
-            "name = \"lab\"\n",
-            "name = \"lab\"\nsecret = \"farol demo volume secret 0123456789\"\n",
-            1,
-        )
-        .replace(
-            &format!("env = {{ FAROL_DOCUMENT_ROOT = \"{fallback}\" }}"),
-            &format!(
-                "volume = \"www\"\nvolume_fallback = \"{fallback}\"\nenv = {{ FAROL_DOCUMENT_ROOT = \"{{volume}}\" }}"
-            ),
-        );
-    text.push_str("\n[[volume]]\nname = \"www\"\nreplicas = [\n");
-    for node in VOLUME_NODES {
-        text.push_str(&format!(
-            "  {{ node = \"{node}\", brick = \"{}\", mount = \"{}\" }},\n",
-            dir.join(format!("brick-{node}")).display(),
-            volume_mount(dir, node).display()
-        ));
-    }
-    text.push_str("]\n");
-    text
 }
 
 /// `kill -9` of one node's Apache; its agent starts a new one.
@@ -442,39 +264,12 @@ fn kill_and_watch_apache(lab: &Lab, apache: &xtask::apache::LabApache, node: &st
     Ok(())
 }
 
-fn tempdir(name: &str) -> Result<PathBuf> {
-    let dir = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    Ok(dir)
-}
-
-fn scrape(lab: &Lab, node: &str) -> Result<BTreeMap<String, f64>> {
-    let out = lab.run(node, "curl", &["-sf", "--max-time", "2", METRICS_URL])?;
-    if !out.status.success() {
-        bail!("scrape of {node} failed");
-    }
-    Ok(parse_metrics(&String::from_utf8_lossy(&out.stdout)))
-}
-
-/// `name{labels} value` lines into a map keyed by `name{labels}`.
-fn parse_metrics(text: &str) -> BTreeMap<String, f64> {
-    text.lines()
-        .filter(|line| !line.starts_with('#'))
-        .filter_map(|line| {
-            let (key, value) = line.rsplit_once(' ')?;
-            Some((key.to_owned(), value.parse().ok()?))
-        })
-        .collect()
-}
-
 fn packets(metrics: &BTreeMap<String, f64>, class: &str) -> u64 {
     metrics
         .get(&format!("farol_xdp_packets_total{{class=\"{class}\"}}"))
         .copied()
         .unwrap_or(0.0) as u64
 }
-
-const VIP: &str = "192.0.2.100";
 
 /// The supervised Apache's state on a node, from its metrics.
 fn apache_state(metrics: &BTreeMap<String, f64>) -> &'static str {

@@ -21,15 +21,21 @@ use xtask::lab::{wait_for, Lab, CLIENT};
 /// survives its death.
 pub(crate) const PRIMARY: &str = "nuster2";
 pub(crate) const DATABASE_NODES: [&str; 3] = ["nuster1", "nuster2", "nuster3"];
-const USER: &str = "demo";
-const PASSWORD: &str = "demo-pw";
-const POOLER_PORT: u16 = 6432;
+pub(crate) const USER: &str = "demo";
+pub(crate) const PASSWORD: &str = "demo-pw";
+pub(crate) const POOLER_PORT: u16 = 6432;
 /// Patroni's port, served by every agent with `[postgres]`.
 const API_PORT: u16 = 8008;
 
 /// The `[cluster_state]`, `[postgres]` and `[pooler]` sections of the
 /// demo's cluster file; data and Raft state under `dir`.
-pub(crate) fn sections(lab: &Lab, dir: &Path) -> Result<String> {
+/// `role_check_interval` is the pooler's (the demo shows a fast one).
+pub(crate) fn sections(
+    lab: &Lab,
+    dir: &Path,
+    primary_node: &str,
+    role_check_interval: &str,
+) -> Result<String> {
     let quoted = |names: &[&str]| {
         names
             .iter()
@@ -39,10 +45,10 @@ pub(crate) fn sections(lab: &Lab, dir: &Path) -> Result<String> {
     };
     let standbys: Vec<String> = DATABASE_NODES
         .iter()
-        .filter(|n| **n != PRIMARY)
+        .filter(|n| **n != primary_node)
         .map(|n| Ok(format!("\"{}:5432\"", lab.node(n)?.ip())))
         .collect::<Result<_>>()?;
-    let subnet = xtask::postgres::lab_subnet(lab.node(PRIMARY)?.address.as_str());
+    let subnet = xtask::postgres::lab_subnet(lab.node(primary_node)?.address.as_str());
     Ok(format!(
         r#"
 [cluster_state]
@@ -51,7 +57,7 @@ state_dir = "{dir}/raft/{{node}}"
 
 [postgres]
 nodes = [{voters}]
-primary = "{PRIMARY}"
+primary = "{primary_node}"
 data_dir = "{dir}/pg/{{node}}/data"
 socket_dir = "{dir}/pg/{{node}}/run"
 listen_addresses = "{{address}}"
@@ -66,7 +72,7 @@ listen = "0.0.0.0:{POOLER_PORT}"
 primary = "{primary}:5432"
 standbys = [{standbys}]
 read_write_split = true
-role_check_interval = "250ms"
+role_check_interval = "{role_check_interval}"
 
 [[pooler.users]]
 name = "{USER}"
@@ -79,7 +85,7 @@ pool_size = 10
 "#,
         voters = quoted(&DATABASE_NODES),
         dir = dir.display(),
-        primary = lab.node(PRIMARY)?.ip(),
+        primary = lab.node(primary_node)?.ip(),
         standbys = standbys.join(", "),
         secret = xtask::postgres::md5_secret(USER, PASSWORD)?,
     ))
@@ -87,7 +93,7 @@ pool_size = 10
 
 /// The HTTP status of Patroni's `path` on `node`, from the client (0: no
 /// answer).
-fn api_status(lab: &Lab, node: &str, path: &str) -> Result<u16> {
+pub(crate) fn api_status(lab: &Lab, node: &str, path: &str) -> Result<u16> {
     let url = format!("http://{}:{API_PORT}{path}", lab.node(node)?.ip());
     let out = lab.run(
         CLIENT,
@@ -110,7 +116,7 @@ fn api_status(lab: &Lab, node: &str, path: &str) -> Result<u16> {
 }
 
 /// psql from the client as the superuser, straight to `node`'s server.
-fn psql_direct(lab: &Lab, node: &str, database: &str, sql: &str) -> Result<Output> {
+pub(crate) fn psql_direct(lab: &Lab, node: &str, database: &str, sql: &str) -> Result<Output> {
     let conninfo = format!(
         "host={} user=postgres dbname={database} connect_timeout=2",
         lab.node(node)?.ip()

@@ -2,6 +2,8 @@
 
 mod bench_failover;
 mod bench_volume;
+mod chaos;
+mod cluster;
 mod demo;
 mod demo_postgres;
 mod dist;
@@ -39,6 +41,10 @@ enum Task {
         #[arg(long, default_value_t = 12)]
         seconds: u64,
     },
+    /// The whole cluster under correlated failures (kill -9, power-off,
+    /// partitions, a flapping link, a full disk, a clock jump); checks that
+    /// nothing acknowledged is lost; writes target/bench/chaos.json.
+    Chaos(chaos::ChaosArgs),
     /// Run every check and test: setup, eBPF build, fmt, clippy, unit and lab tests.
     Test,
     /// Release builds for the Pis (arm64, armhf) and amd64, tested under
@@ -86,6 +92,7 @@ fn main() -> Result<()> {
         Task::BuildEbpf => toolchain::build_ebpf(),
         Task::Lab { action, prefix } => lab(action, &prefix),
         Task::Demo { seconds } => demo::run(seconds),
+        Task::Chaos(args) => chaos::run(args),
         Task::Test => test(),
         Task::Dist(args) => dist::run(args),
         Task::Bench { name } => match name {

@@ -44,6 +44,11 @@ const PACKAGES: &[(&str, &str)] = &[
         "PostgreSQL 15, psql and pgbench for the pooler's tests and benchmark",
     ),
     ("pgbouncer", "the pooler benchmark's PgBouncer baseline"),
+    ("nftables", "nft: the chaos suite's network partitions"),
+    (
+        "libfaketime",
+        "the chaos suite's clock jump (one agent under LD_PRELOAD)",
+    ),
     ("pgpool2", "the pooler benchmark's pgpool-II baseline"),
     (
         "apache2",
