@@ -957,3 +957,85 @@ async fn switchover_by_desired_roles_loses_no_acknowledged_commit() {
     wait_count(&cluster.node("c").plan, total, Duration::from_secs(20)).await;
     cluster.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_former_primary_that_cannot_be_rewound_is_cloned_again_and_its_data_kept() {
+    if !can_run("a_former_primary_that_cannot_be_rewound_is_cloned_again_and_its_data_kept") {
+        return;
+    }
+    let cluster = Cluster::start("reclone", true).await;
+    cluster.wait_bootstrapped().await;
+    let a = cluster.node("a").plan.clone();
+    let b = cluster.node("b").plan.clone();
+    sql(&a, "CREATE TABLE t (id bigint PRIMARY KEY)").await;
+    sql(&a, "INSERT INTO t SELECT generate_series(1, 100)").await;
+
+    // a dies as primary; b is promoted and takes more writes.
+    let pid = cluster.node("a").pgha.postmaster_pid().expect("a runs");
+    cluster
+        .node("a")
+        .desired
+        .send(desired(Role::Fenced, 1, "test: lost the lease"))
+        .unwrap();
+    // SAFETY: kill(2) on the postmaster this test's reconciler started.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    cluster
+        .node("b")
+        .desired
+        .send(desired(Role::Primary, 1, "test: promote"))
+        .unwrap();
+    cluster
+        .node("c")
+        .desired
+        .send(desired(standby_of("b"), 1, "test: follow"))
+        .unwrap();
+    wait_http(
+        cluster.node("b").api,
+        "/primary",
+        200,
+        Duration::from_secs(30),
+    )
+    .await;
+    sql(&b, "INSERT INTO t SELECT generate_series(101, 200)").await;
+
+    // a's WAL is gone (a lost disk segment, say): crash recovery and
+    // pg_rewind both need it, so every rewind fails.
+    let wal = a.data_dir.join("pg_wal");
+    for entry in std::fs::read_dir(&wal).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_file() {
+            std::fs::remove_file(path).unwrap();
+        }
+    }
+    let started = Instant::now();
+    cluster
+        .node("a")
+        .desired
+        .send(desired(standby_of("b"), 2, "test: rejoin"))
+        .unwrap();
+    wait_http(
+        cluster.node("a").api,
+        "/replica",
+        200,
+        Duration::from_secs(90),
+    )
+    .await;
+    eprintln!(
+        "a streams from b again {:?} after being told to rejoin",
+        started.elapsed()
+    );
+    wait_count(&a, 200, Duration::from_secs(20)).await;
+    assert_eq!(ids(&a).await, (1..=200).collect::<BTreeSet<i64>>());
+
+    // The diverged data directory was moved aside, not deleted.
+    let parent = a.data_dir.parent().unwrap();
+    let kept: Vec<_> = std::fs::read_dir(parent)
+        .unwrap()
+        .filter_map(|entry| entry.ok())
+        .map(|entry| entry.file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with("data.diverged-"))
+        .collect();
+    assert_eq!(kept.len(), 1, "one kept copy of a's old data, got {kept:?}");
+    assert!(parent.join(&kept[0]).join("PG_VERSION").exists());
+    cluster.stop().await;
+}

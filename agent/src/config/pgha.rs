@@ -130,6 +130,13 @@ pub struct PostgresConfig {
     /// leader tries another one (refused anyway while its lease is live).
     #[serde(default = "default_failover_after", with = "humantime_serde")]
     pub failover_after: Duration,
+    /// How many times in a row pg_rewind of a former primary may fail
+    /// before the agent gives up on it: the data directory is then moved
+    /// aside (kept, never deleted) and the node is cloned again with
+    /// pg_basebackup. 0 keeps retrying pg_rewind forever (Patroni's
+    /// `remove_data_directory_on_rewind_failure = false`).
+    #[serde(default = "default_reclone_after_failed_rewinds")]
+    pub reclone_after_failed_rewinds: u32,
     /// More `pg_hba.conf` lines (clients, the pooler), after the agent's
     /// own (the superuser on the socket, replication between the nodes).
     #[serde(default)]
@@ -222,6 +229,9 @@ fn default_crash_restart_delay() -> Duration {
 }
 fn default_failover_after() -> Duration {
     Duration::from_secs(1)
+}
+fn default_reclone_after_failed_rewinds() -> u32 {
+    3
 }
 fn default_api_listen() -> SocketAddr {
     DEFAULT_API_LISTEN

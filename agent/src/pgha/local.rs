@@ -55,6 +55,8 @@ pub struct PgNode {
     postmaster: Option<Postmaster>,
     /// The postmaster exited without being asked to (not yet reported).
     crashed: bool,
+    /// pg_rewind runs that failed in a row (reset by one that works).
+    failed_rewinds: u32,
 }
 
 impl PgNode {
@@ -65,6 +67,7 @@ impl PgNode {
             user,
             postmaster: None,
             crashed: false,
+            failed_rewinds: 0,
         })
     }
 
@@ -642,6 +645,58 @@ impl PgNode {
         self.write_standby(upstream)
     }
 
+    /// A former primary becomes a standby of `upstream` by pg_rewind; after
+    /// `reclone_after_failed_rewinds` failures in a row (a rewind cut short
+    /// by its source's fencing, timelines without a common ancestor, WAL
+    /// that is gone), retrying cannot help: its data directory is moved
+    /// aside, kept for the operator, and the node is cloned again.
+    async fn rewind_or_reclone(&mut self, upstream: &Member) -> Result<String, PghaError> {
+        match self.rewind(upstream).await {
+            Ok(()) => {
+                self.failed_rewinds = 0;
+                Ok(format!("former primary rewound onto {}", upstream.name))
+            }
+            Err(error @ PghaError::Program { .. }) => {
+                self.failed_rewinds += 1;
+                let limit = self.plan.reclone_after_failed_rewinds;
+                if limit == 0 || self.failed_rewinds < limit {
+                    return Err(error);
+                }
+                let aside = self.move_data_aside()?;
+                warn!(node = %self.plan.node, upstream = %upstream.name, failed_rewinds = self.failed_rewinds, %error, kept = %aside.display(), "pg_rewind keeps failing: the former primary's data directory is moved aside and the node is cloned again");
+                self.failed_rewinds = 0;
+                self.base_backup(upstream).await?;
+                self.write_standby(upstream)?;
+                Ok(format!(
+                    "former primary cloned again from {} after failed rewinds (its old data kept in {})",
+                    upstream.name,
+                    aside.display()
+                ))
+            }
+            // The source not being ready (not a primary yet, no checkpoint
+            // on its new timeline) is no failure of the rewind itself.
+            Err(error) => Err(error),
+        }
+    }
+
+    /// Renames the data directory to `<data_dir>.diverged-<unix seconds>`
+    /// so that a base backup can take its place; nothing is deleted.
+    fn move_data_aside(&self) -> Result<PathBuf, PghaError> {
+        let data = &self.plan.data_dir;
+        let seconds = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |since| since.as_secs());
+        let mut name = data.as_os_str().to_owned();
+        name.push(format!(".diverged-{seconds}"));
+        let aside = PathBuf::from(name);
+        std::fs::rename(data, &aside).map_err(Self::io(format!(
+            "moving {} aside to {}",
+            data.display(),
+            aside.display()
+        )))?;
+        Ok(aside)
+    }
+
     /// pg_rewind takes the source's timeline from its control file, which
     /// a promoted server updates only at its first checkpoint: before it,
     /// pg_rewind says "no rewind required" about a diverged former primary.
@@ -738,8 +793,7 @@ impl PgNode {
                     self.write_standby(&upstream)?;
                     format!("base backup from {}", upstream.name)
                 } else if !self.data_is_standby() {
-                    self.rewind(&upstream).await?;
-                    format!("former primary rewound onto {}", upstream.name)
+                    self.rewind_or_reclone(&upstream).await?
                 } else {
                     self.write_standby(&upstream)?;
                     format!("standby of {}", upstream.name)

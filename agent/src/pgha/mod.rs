@@ -201,6 +201,7 @@ pub struct PgPlan {
     /// With the cluster state: how long the recorded primary must look
     /// dead before the Raft leader tries to replace it.
     pub failover_after: Duration,
+    pub reclone_after_failed_rewinds: u32,
     /// How often the reconciler looks at the server.
     pub interval: Duration,
 }
@@ -271,6 +272,7 @@ impl PgPlan {
             hba: postgres.hba.clone(),
             crash_restart_delay: postgres.crash_restart_delay,
             failover_after: postgres.failover_after,
+            reclone_after_failed_rewinds: postgres.reclone_after_failed_rewinds,
             interval: postgres.check_interval,
         })
     }
