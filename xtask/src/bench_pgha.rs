@@ -441,7 +441,10 @@ fn steps_after(logs: &str, kill: SystemTime) -> Vec<(f64, String)> {
         ("primary lease gained", "new primary's lease gained"),
         ("promoted", "promoted"),
         ("started as primary", "restarted in place as primary"),
-        ("pooler: primary changed", "a pooler moved to the new primary"),
+        (
+            "pooler: primary changed",
+            "a pooler moved to the new primary",
+        ),
         ("repointed", "a standby repointed"),
     ];
     let mut node = String::new();

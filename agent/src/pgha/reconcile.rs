@@ -33,6 +33,20 @@ struct Shared {
     pid: Mutex<Option<u32>>,
     /// Role changes by the role reached.
     role_changes: Mutex<BTreeMap<&'static str, u64>>,
+    /// The last unexpected exit of the postmaster while this node was to
+    /// run the primary (`pgha::crash` hands the primary over on it).
+    primary_crash: watch::Sender<Option<PrimaryCrash>>,
+}
+
+/// The postmaster of a running primary exited on its own.
+#[derive(Debug, Clone)]
+pub struct PrimaryCrash {
+    /// The epoch of the decision that made this node primary.
+    pub epoch: u64,
+    pub at: Instant,
+    /// What the server last reported as the primary: its standbys (which
+    /// were synchronous) and its WAL position.
+    pub last_status: PgStatus,
 }
 
 /// A handle on this node's PostgreSQL under the agent.
@@ -60,6 +74,7 @@ impl Pgha {
                 upstream_lsn: Mutex::new(None),
                 pid: Mutex::new(None),
                 role_changes: Mutex::new(BTreeMap::new()),
+                primary_crash: watch::channel(None).0,
             }),
         };
         let task = tokio::spawn(run(node, pgha.clone(), desired, shutdown));
@@ -81,6 +96,11 @@ impl Pgha {
 
     pub fn postmaster_pid(&self) -> Option<u32> {
         *lock(&self.shared.pid)
+    }
+
+    /// Crashes of this node's primary, as they happen.
+    pub fn primary_crashes(&self) -> watch::Receiver<Option<PrimaryCrash>> {
+        self.shared.primary_crash.subscribe()
     }
 
     pub fn role_changes(&self) -> BTreeMap<&'static str, u64> {
@@ -138,9 +158,22 @@ async fn run(
         }
         let desired = pgha.desired();
         if prepared {
+            let crashed_before = crashed_at.is_some();
             match step(&mut node, &desired, &mut crashed_at, &mut reason).await {
                 Ok(()) => last_error = None,
                 Err(error) => report(&mut last_error, &plan, &error),
+            }
+            let last_status = lock(&pgha.shared.status).clone();
+            if !crashed_before
+                && crashed_at.is_some()
+                && desired.role == Role::Primary
+                && last_status.role == ObservedRole::Primary
+            {
+                pgha.shared.primary_crash.send_replace(Some(PrimaryCrash {
+                    epoch: desired.epoch,
+                    at: Instant::now(),
+                    last_status,
+                }));
             }
         }
         let status = if node.is_running() {
@@ -198,6 +231,8 @@ async fn run(
                 }
             }
             () = tokio::time::sleep(plan.interval) => {}
+            // A postmaster that dies is seen at once, not at the next look.
+            () = node.exited() => {}
         }
     }
     node.stop(StopMode::Fast).await;
