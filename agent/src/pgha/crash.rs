@@ -20,7 +20,10 @@
 //! `max_lag_bytes`); a restart in place would have kept it, at the price of
 //! waiting for a server that may not come back.
 
-use std::sync::{atomic::Ordering, Arc};
+use std::{
+    sync::{atomic::Ordering, Arc},
+    time::{Duration, Instant},
+};
 
 use tokio::sync::watch;
 use tracing::{info, warn};
@@ -31,6 +34,9 @@ use super::{
     ObservedRole, Pgha,
 };
 use crate::cluster::ClusterHandle;
+
+/// How long the standbys are asked before the server restarts in place.
+const CHOOSE_FOR: Duration = Duration::from_secs(3);
 
 /// Follows this node's primary crashes until shutdown.
 pub async fn hand_over_on_crash(
@@ -100,14 +106,21 @@ async fn hand_over(
             .collect(),
         lsn: last.lsn.filter(|_| last.role == ObservedRole::Primary),
     };
-    let candidates = standby_candidates(plan, &me).await;
-    let chosen = match choose(plan.synchronous, plan.max_lag_bytes, &view, candidates) {
-        Ok(chosen) => chosen,
-        Err(why) => {
-            cluster.resume_lease();
-            return Err(format!(
-                "the postmaster of {me} died; restarting it in place: {why}"
-            ));
+    // A standby slow to answer (a loaded machine) is asked again for a
+    // while: the server is dead anyway, and the lease-expiry path would
+    // take longer.
+    let choose_until = Instant::now() + CHOOSE_FOR;
+    let chosen = loop {
+        let candidates = standby_candidates(plan, &me).await;
+        match choose(plan.synchronous, plan.max_lag_bytes, &view, candidates) {
+            Ok(chosen) => break chosen,
+            Err(why) if Instant::now() > choose_until => {
+                cluster.resume_lease();
+                return Err(format!(
+                    "the postmaster of {me} died; restarting it in place: {why}"
+                ));
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
         }
     };
     match cluster.set_primary(&chosen.node, epoch).await {

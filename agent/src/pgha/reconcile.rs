@@ -149,6 +149,8 @@ async fn run(
     let mut reason = String::from("agent started");
     let mut probe = UpstreamProbe::default();
     let mut upstream_seen: Option<(String, Lsn, Instant)> = None;
+    // The last status of a running server.
+    let mut last_up: Option<PgStatus> = None;
     loop {
         if !prepared {
             match node.prepare().await {
@@ -163,12 +165,14 @@ async fn run(
                 Ok(()) => last_error = None,
                 Err(error) => report(&mut last_error, &plan, &error),
             }
-            let last_status = lock(&pgha.shared.status).clone();
-            if !crashed_before
-                && crashed_at.is_some()
-                && desired.role == Role::Primary
-                && last_status.role == ObservedRole::Primary
-            {
+            // The exit may have been seen by the last look (status down):
+            // what counts is what the server was before it went down.
+            if let (false, Some(_), Role::Primary, Some(last_status)) = (
+                crashed_before,
+                crashed_at,
+                &desired.role,
+                last_up.clone().filter(|s| s.role == ObservedRole::Primary),
+            ) {
                 pgha.shared.primary_crash.send_replace(Some(PrimaryCrash {
                     epoch: desired.epoch,
                     at: Instant::now(),
@@ -210,6 +214,9 @@ async fn run(
                 .entry(status.role.label())
                 .or_default() += 1;
             last_role = status.role;
+        }
+        if status.role != ObservedRole::Down {
+            last_up = Some(status.clone());
         }
         *lock(&pgha.shared.status) = status;
         *lock(&pgha.shared.pid) = node.pid();
