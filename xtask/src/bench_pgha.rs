@@ -116,7 +116,10 @@ pub(crate) fn run() -> Result<BenchReport> {
         "--bin",
         "agent",
     ]))?;
-    let agent = workspace_root().join("target/debug/agent");
+    // A copy: a build during the bench must not change the agent between runs.
+    let agent = std::env::temp_dir().join(format!("farol-bench-pgha-agent-{}", std::process::id()));
+    std::fs::copy(workspace_root().join("target/debug/agent"), &agent)
+        .context("copying target/debug/agent")?;
     let cases = [
         Case {
             synchronous: true,
@@ -218,6 +221,7 @@ pub(crate) fn run() -> Result<BenchReport> {
     for line in summary {
         println!("{line}");
     }
+    let _ = std::fs::remove_file(&agent);
     Ok(report)
 }
 
