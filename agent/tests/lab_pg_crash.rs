@@ -18,8 +18,8 @@ use std::{
 };
 
 use support::pg_lab::{
-    acked, acked_after, first_ack_after, lost_rows, pg_may_run, pooled, status_code, write_rows,
-    Attempt, PgCluster, PgOptions, PG_IPS,
+    acked, acked_after, direct, first_ack_after, lost_rows, pg_may_run, pooled, psql, status_code,
+    write_rows, Attempt, PgCluster, PgOptions, PG_IPS,
 };
 use xtask::lab::wait_for;
 
@@ -102,4 +102,96 @@ fn a_dead_postmaster_is_handed_over_without_waiting_for_the_lease() {
         || (status_code(&cluster.lab, "http://192.0.2.11:8008/replica", 2) == 200).then_some(()),
     )
     .unwrap_or_else(|e| panic!("{e:#}\n{}", cluster.logs()));
+}
+
+/// Sends SIGCONT to the stopped WAL receivers when dropped (also on panic).
+struct Stopped(Vec<i32>);
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        for pid in &self.0 {
+            // SAFETY: kill(2) on a WAL receiver this test stopped.
+            unsafe { libc::kill(*pid, libc::SIGCONT) };
+        }
+    }
+}
+
+/// No standby may take over (asynchronous, both 4 MB behind with
+/// `max_lag_bytes = 1MB`): the agent keeps the primary and restarts its
+/// server in place, with every acknowledged row.
+#[test]
+fn a_dead_postmaster_with_no_fit_standby_restarts_in_place() {
+    let test = "a_dead_postmaster_with_no_fit_standby_restarts_in_place";
+    if !pg_may_run(test) {
+        return;
+    }
+    let cluster = PgCluster::start(
+        "pgcrlag",
+        &PgOptions {
+            synchronous: false,
+            max_lag_bytes: "1MB",
+            ..PgOptions::default()
+        },
+    );
+    let receivers: Vec<i32> = PG_IPS[1..]
+        .iter()
+        .map(|ip| {
+            psql(
+                &cluster.lab,
+                &direct(ip),
+                "SELECT pid FROM pg_stat_wal_receiver",
+            )
+            .unwrap()
+            .parse()
+            .unwrap()
+        })
+        .collect();
+    let _stopped = Stopped(receivers.clone());
+    for pid in &receivers {
+        // SAFETY: kill(2) on a WAL receiver of this test's standbys.
+        unsafe { libc::kill(*pid, libc::SIGSTOP) };
+    }
+    psql(
+        &cluster.lab,
+        &direct(PG_IPS[0]),
+        "CREATE TABLE filler AS SELECT g, repeat('x', 200) AS pad FROM generate_series(1, 20000) g",
+    )
+    .unwrap();
+    // nuster1's agent sees its server's new position.
+    std::thread::sleep(Duration::from_secs(1));
+    let postmaster = cluster
+        .postmaster_pid("nuster1")
+        .expect("nuster1's postmaster");
+    // SAFETY: kill(2) on this test's postmaster of nuster1.
+    unsafe { libc::kill(postmaster, libc::SIGKILL) };
+    let killed = Instant::now();
+    let back = wait_for("nuster1 primary again", Duration::from_secs(30), || {
+        for ip in &PG_IPS[1..] {
+            assert_ne!(
+                status_code(&cluster.lab, &format!("http://{ip}:8008/primary"), 2),
+                200,
+                "{ip} was promoted although beyond max_lag_bytes\n{}",
+                cluster.logs()
+            );
+        }
+        (status_code(&cluster.lab, "http://192.0.2.11:8008/primary", 2) == 200)
+            .then(|| killed.elapsed())
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", cluster.logs()));
+    let logs = cluster.logs();
+    assert!(
+        logs.contains("restarting it in place: no standby is fit to promote"),
+        "no refusal logged\n{logs}"
+    );
+    assert!(!logs.contains("made primary (epoch 2)"), "{logs}");
+    assert_eq!(
+        psql(
+            &cluster.lab,
+            &direct(PG_IPS[0]),
+            "SELECT count(*) FROM filler"
+        )
+        .unwrap(),
+        "20000"
+    );
+    eprintln!("no fit standby: nuster1 primary again {back:?} after the kill");
 }

@@ -437,19 +437,25 @@ fn steps_after(logs: &str, kill: SystemTime) -> Vec<(f64, String)> {
         .duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| d.as_secs_f64() % 86_400.0)
         .unwrap_or(0.0);
-    let marks: [(&str, &str); 9] = [
-        ("the postmaster exited", "agent saw its postmaster exit"),
-        ("lease given up", "lease given up"),
-        ("primary lease lost", "lease lost"),
-        ("made primary", "failover decision committed"),
-        ("primary lease gained", "new primary's lease gained"),
-        ("promoted", "promoted"),
-        ("started as primary", "restarted in place as primary"),
+    // Every needle of a mark must be on the line.
+    let marks: [(&[&str], &str); 8] = [
+        (&["the postmaster exited"], "agent saw its postmaster exit"),
+        (&["primary lease lost"], "lease lost"),
+        (&["made primary"], "failover decision committed"),
+        (&["primary lease gained"], "new primary's lease gained"),
         (
-            "pooler: primary changed",
+            &["promoted", "elapsed="],
+            "promoted (pg_promote and checkpoint)",
+        ),
+        (
+            &["role changed", "to=primary", "started as primary"],
+            "restarted in place as primary",
+        ),
+        (
+            &["pooler: primary changed"],
             "a pooler moved to the new primary",
         ),
-        ("repointed", "a standby repointed"),
+        (&["repointed", "upstream="], "a standby repointed"),
     ];
     let mut node = String::new();
     let mut found: Vec<(f64, String)> = Vec::new();
@@ -468,9 +474,11 @@ fn steps_after(logs: &str, kill: SystemTime) -> Vec<(f64, String)> {
         if after < 0.0 {
             continue;
         }
-        for (needle, what) in marks {
+        for (needles, what) in marks {
             let label = format!("{what} ({node})");
-            if line.contains(needle) && !found.iter().any(|(_, l)| *l == label) {
+            if needles.iter().all(|needle| line.contains(needle))
+                && !found.iter().any(|(_, l)| *l == label)
+            {
                 found.push((after, label));
             }
         }

@@ -106,15 +106,17 @@ async fn hand_over(
             .collect(),
         lsn: last.lsn.filter(|_| last.role == ObservedRole::Primary),
     };
-    // A standby slow to answer (a loaded machine) is asked again for a
-    // while: the server is dead anyway, and the lease-expiry path would
-    // take longer.
+    // A standby that does not answer (a loaded machine) is asked again
+    // for a while: the server is dead anyway, and the lease-expiry path
+    // would take longer.
     let choose_until = Instant::now() + CHOOSE_FOR;
     let chosen = loop {
         let candidates = standby_candidates(plan, &me).await;
+        // With every standby's answer in, asking again changes nothing.
+        let all_answered = candidates.len() == plan.peers().count();
         match choose(plan.synchronous, plan.max_lag_bytes, &view, candidates) {
             Ok(chosen) => break chosen,
-            Err(why) if Instant::now() > choose_until => {
+            Err(why) if all_answered || Instant::now() > choose_until => {
                 cluster.resume_lease();
                 return Err(format!(
                     "the postmaster of {me} died; restarting it in place: {why}"
