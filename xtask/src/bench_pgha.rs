@@ -162,7 +162,9 @@ pub(crate) fn run() -> Result<BenchReport> {
         let mut outcomes = Vec::new();
         for index in 1..=runs {
             println!("bench pgha: {} run {index}/{runs}", case.name());
-            match run_once(&agent, case) {
+            let logs =
+                workspace_root().join(format!("target/bench/pgha-logs/{}-{index}", case.name()));
+            match run_once(&agent, case, &logs) {
                 Ok(outcome) => {
                     println!(
                         "  writes back after {}, {} acknowledged, {} lost, new primary {}",
@@ -179,7 +181,7 @@ pub(crate) fn run() -> Result<BenchReport> {
                     }
                     outcomes.push(outcome);
                 }
-                Err(error) => println!("  run failed: {error:#}"),
+                Err(error) => println!("  run failed ({}): {error:#}", logs.display()),
             }
         }
         let mut times: Vec<f64> = outcomes
@@ -229,6 +231,7 @@ pub(crate) fn run() -> Result<BenchReport> {
 /// the files, then the lab.
 struct Cluster {
     agents: Vec<Option<LabProcess>>,
+    keep_logs: Option<PathBuf>,
     dir: PathBuf,
     lab: LabGuard,
 }
@@ -236,6 +239,13 @@ struct Cluster {
 impl Drop for Cluster {
     fn drop(&mut self) {
         self.agents.clear();
+        if let Some(keep) = &self.keep_logs {
+            let _ = std::fs::create_dir_all(keep);
+            for node in NODES {
+                let name = format!("agent-{node}.log");
+                let _ = std::fs::copy(self.dir.join(&name), keep.join(&name));
+            }
+        }
         for node in NODES {
             if let Some(pid) = postmaster_pid(&self.dir, node) {
                 // SAFETY: kill(2) on a postmaster of this run's data directory.
@@ -266,7 +276,8 @@ impl Cluster {
     }
 }
 
-fn run_once(agent: &Path, case: Case) -> Result<Outcome> {
+/// One run; the agents' logs are copied into `keep_logs`.
+fn run_once(agent: &Path, case: Case, keep_logs: &Path) -> Result<Outcome> {
     let lab = LabGuard::up(Lab::new(&unique_prefix("bpgha"))?)?;
     let dir = std::env::temp_dir().join(format!("farol-bench-pgha-{}", lab.prefix()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -274,6 +285,7 @@ fn run_once(agent: &Path, case: Case) -> Result<Outcome> {
     let config = cluster_file(&dir, case.synchronous)?;
     let mut cluster = Cluster {
         agents: Vec::new(),
+        keep_logs: Some(keep_logs.to_owned()),
         dir,
         lab,
     };
