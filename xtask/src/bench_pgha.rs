@@ -319,7 +319,10 @@ fn run_once(agent: &Path, case: Case, keep_logs: &Path) -> Result<Outcome> {
     };
     wait_for("nuster1 primary, two streaming standbys", Duration::from_secs(120), || {
         (cluster.psql(&direct(IPS[0]), &format!("SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming' AND application_name IN ('nuster2', 'nuster3'){sync}")).ok()? == "2"
-            && status_code(&cluster.lab, "http://192.0.2.11:8008/primary") == 200)
+            && status_code(&cluster.lab, "http://192.0.2.11:8008/primary") == 200
+            // pg_basebackup's WAL stream also shows as a streaming
+            // walsender: the standbys' own /replica says they run.
+            && IPS[1..].iter().all(|ip| status_code(&cluster.lab, &format!("http://{ip}:8008/replica")) == 200))
             .then_some(())
     })
     .map_err(|e| with_logs(&cluster, e))?;
