@@ -4,8 +4,8 @@
 //! server down), SIGKILLs what is left of the server's process group
 //! (done by `PgNode::is_running`), picks the most advanced standby with the
 //! failover rules (`failover::choose`: in synchronous mode only among the
-//! standbys the primary last reported synchronous, once all of them
-//! answered; in asynchronous mode within `max_lag_bytes` of its last
+//! standbys the primary reported synchronous in the last 5 s, once all of
+//! them answered; in asynchronous mode within `max_lag_bytes` of its last
 //! position) and hands the primary record over to it
 //! ([`ClusterHandle::set_primary`] from the record's node: no lease wait).
 //! The standby's agent gains the lease and promotes, the others repoint,
@@ -96,14 +96,7 @@ async fn hand_over(
     let view = PrimaryView {
         epoch,
         healthy_at: None,
-        sync_standbys: last
-            .replication
-            .iter()
-            .filter(|row| {
-                matches!(row.sync_state.as_str(), "sync" | "quorum") && row.state == "streaming"
-            })
-            .map(|row| row.name.clone())
-            .collect(),
+        sync_standbys: crash.sync_standbys.clone(),
         lsn: last.lsn.filter(|_| last.role == ObservedRole::Primary),
     };
     // A standby that does not answer (a loaded machine) is asked again

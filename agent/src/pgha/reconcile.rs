@@ -4,7 +4,7 @@
 //! candidate and the switchover sequence.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -44,10 +44,17 @@ pub struct PrimaryCrash {
     /// The epoch of the decision that made this node primary.
     pub epoch: u64,
     pub at: Instant,
-    /// What the server last reported as the primary: its standbys (which
-    /// were synchronous) and its WAL position.
+    /// What the server last reported as the primary (its WAL position).
     pub last_status: PgStatus,
+    /// Every standby the primary reported synchronous and streaming in
+    /// the last [`SYNC_MEMORY`]: the last look alone may have missed them
+    /// (walsenders exit with the postmaster, a query may fail halfway),
+    /// and one too many only adds a standby that must answer.
+    pub sync_standbys: BTreeSet<String>,
 }
+
+/// How long a standby seen synchronous counts as one for a crash handoff.
+pub const SYNC_MEMORY: Duration = Duration::from_secs(5);
 
 /// A handle on this node's PostgreSQL under the agent.
 #[derive(Debug, Clone)]
@@ -151,6 +158,8 @@ async fn run(
     let mut upstream_seen: Option<(String, Lsn, Instant)> = None;
     // The last status of a running server.
     let mut last_up: Option<PgStatus> = None;
+    // Standbys the primary reported synchronous, and when last.
+    let mut seen_sync: BTreeMap<String, Instant> = BTreeMap::new();
     loop {
         if !prepared {
             match node.prepare().await {
@@ -177,6 +186,11 @@ async fn run(
                     epoch: desired.epoch,
                     at: Instant::now(),
                     last_status,
+                    sync_standbys: seen_sync
+                        .iter()
+                        .filter(|(_, at)| at.elapsed() < SYNC_MEMORY)
+                        .map(|(name, _)| name.clone())
+                        .collect(),
                 }));
             }
         }
@@ -217,6 +231,14 @@ async fn run(
         }
         if status.role != ObservedRole::Down {
             last_up = Some(status.clone());
+        }
+        if status.role == ObservedRole::Primary {
+            for row in &status.replication {
+                if matches!(row.sync_state.as_str(), "sync" | "quorum") && row.state == "streaming"
+                {
+                    seen_sync.insert(row.name.clone(), Instant::now());
+                }
+            }
         }
         *lock(&pgha.shared.status) = status;
         *lock(&pgha.shared.pid) = node.pid();
