@@ -624,3 +624,26 @@ fn pooled() -> String {
         "host=192.0.2.13 port=6432 user=app password={APP_PASSWORD} dbname=postgres connect_timeout=2"
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn steps_come_from_log_lines_after_the_kill() {
+        assert_eq!(seconds_of_day("12:00:01.5Z"), Some(43_201.5));
+        assert_eq!(seconds_of_day("nope"), None);
+        let kill = SystemTime::UNIX_EPOCH + Duration::from_secs_f64(43_200.0);
+        let logs = "--- nuster1\n\
+            1970-01-01T11:59:59.000000Z  INFO x: the postmaster exited node=nuster1\n\
+            1970-01-01T12:00:00.250000Z  WARN x: the postmaster exited node=nuster1\n\
+            --- nuster2\n\
+            1970-01-01T12:00:00.500000Z  INFO x: promoted node=nuster2 elapsed=1ms\n\
+            1970-01-01T12:00:00.600000Z  INFO x: promoted again, no elapsed\n";
+        let steps = steps_after(logs, kill);
+        assert_eq!(steps.len(), 2, "{steps:?}");
+        assert!((steps[0].0 - 0.25).abs() < 1e-6);
+        assert_eq!(steps[0].1, "agent saw its postmaster exit (nuster1)");
+        assert_eq!(steps[1].1, "promoted (pg_promote and checkpoint) (nuster2)");
+    }
+}
