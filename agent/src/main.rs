@@ -34,12 +34,26 @@ fn main() -> ExitCode {
     }
 }
 
+const DEFAULT_LOG: &str = "info,openraft=off";
+
+/// FAROL_LOG's directives, openraft off unless they name it (FAROL_LOG=info,
+/// what the lab tests set, would otherwise show its ERROR twice a second
+/// per unreachable peer; the cluster module logs each peer change once).
+fn log_directives(farol_log: Option<String>) -> String {
+    match farol_log {
+        None => DEFAULT_LOG.to_owned(),
+        Some(directives) if directives.contains("openraft") => directives,
+        Some(directives) if directives.trim().is_empty() => DEFAULT_LOG.to_owned(),
+        Some(directives) => format!("{directives},openraft=off"),
+    }
+}
+
 /// openraft logs every failed RPC to an unreachable peer (twice a second
 /// per peer) at ERROR: the cluster module logs each change once instead
 /// (`FAROL_LOG=info,openraft=info` shows openraft's own logs).
 fn init_tracing(format: LogFormat) {
-    let filter = EnvFilter::try_from_env("FAROL_LOG")
-        .unwrap_or_else(|_| EnvFilter::new("info,openraft=off"));
+    let filter = EnvFilter::try_new(log_directives(std::env::var("FAROL_LOG").ok()))
+        .unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -261,4 +275,21 @@ fn hostname() -> Option<String> {
     let text = std::fs::read_to_string(Path::new("/proc/sys/kernel/hostname")).ok()?;
     let name = text.trim();
     (!name.is_empty()).then(|| name.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn openraft_stays_quiet_unless_named() {
+        assert_eq!(log_directives(None), "info,openraft=off");
+        assert_eq!(log_directives(Some("info".into())), "info,openraft=off");
+        assert_eq!(log_directives(Some("debug".into())), "debug,openraft=off");
+        assert_eq!(
+            log_directives(Some("info,openraft=warn".into())),
+            "info,openraft=warn"
+        );
+        assert_eq!(log_directives(Some(" ".into())), "info,openraft=off");
+    }
 }

@@ -153,6 +153,7 @@ pub async fn run(plan: NodePlan, shutdown: watch::Receiver<bool>) -> Result<(), 
         Some(dataplane.load_balancer()),
     );
     registry.register_collector(Box::new(volumes.collector()));
+    let mut pooler_handle = None;
     let pooler_task = match (plan.pooler.clone(), pooler_listener) {
         (Some(config), Some(listener)) => {
             let pooler = match crate::pooler::Pooler::new(config) {
@@ -164,6 +165,7 @@ pub async fn run(plan: NodePlan, shutdown: watch::Receiver<bool>) -> Result<(), 
                 }
             };
             metrics::register_pooler(&mut registry, pooler.clone());
+            pooler_handle = Some(pooler.clone());
             Some(tokio::spawn(crate::pooler::run(
                 pooler,
                 listener,
@@ -234,6 +236,15 @@ pub async fn run(plan: NodePlan, shutdown: watch::Receiver<bool>) -> Result<(), 
             cluster.clone(),
         )));
         let _ = control.cluster_state.set(cluster.clone());
+        // The pooler looks at the servers at once when the primary record
+        // moves (it still follows only what they answer).
+        if let Some(pooler) = &pooler_handle {
+            tokio::spawn(crate::pooler::topology::recheck_on_change(
+                pooler.clone(),
+                cluster.primary(),
+                shutdown.clone(),
+            ));
+        }
     }
     let vrrp = crate::vrrp::Setup::new(&plan.config, &plan.node).map(|mut setup| {
         setup.load_balancer = Some(dataplane.load_balancer());
@@ -287,6 +298,7 @@ pub async fn run(plan: NodePlan, shutdown: watch::Receiver<bool>) -> Result<(), 
                 None => pg.plan.bootstrap_desired(),
             };
             let (desired_tx, desired_rx) = watch::channel(initial);
+            let mut failover_stats = None;
             if let Some(cluster) = &cluster {
                 let stats = Arc::new(crate::pgha::failover::FailoverStats::default());
                 registry.register_collector(Box::new(crate::pgha::failover::FailoverCollector(
@@ -301,11 +313,20 @@ pub async fn run(plan: NodePlan, shutdown: watch::Receiver<bool>) -> Result<(), 
                 tokio::spawn(crate::pgha::failover::run_decider(
                     pg.plan.clone(),
                     cluster.clone(),
+                    stats.clone(),
+                    shutdown.clone(),
+                ));
+                failover_stats = Some(stats);
+            }
+            let (pgha, task) = crate::pgha::Pgha::spawn(pg, desired_rx, shutdown.clone());
+            if let (Some(cluster), Some(stats)) = (&cluster, failover_stats) {
+                tokio::spawn(crate::pgha::crash::hand_over_on_crash(
+                    pgha.clone(),
+                    cluster.clone(),
                     stats,
                     shutdown.clone(),
                 ));
             }
-            let (pgha, task) = crate::pgha::Pgha::spawn(pg, desired_rx, shutdown.clone());
             registry.register_collector(Box::new(crate::pgha::PgCollector(pgha.clone())));
             if let Some(cluster) = &cluster {
                 let switchover =

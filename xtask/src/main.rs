@@ -1,6 +1,7 @@
 //! `cargo xtask COMMAND`: Farol's developer commands.
 
 mod bench_failover;
+mod bench_pgha;
 mod bench_volume;
 mod chaos;
 mod cluster;
@@ -74,6 +75,8 @@ enum BenchName {
     Health,
     /// VIP failover: Farol's VRRP pair vs keepalived + HAProxy, 10 ms and 1 s adverts.
     Failover,
+    /// PostgreSQL failover under the agents: time to writes back, lost writes.
+    Pgha,
 }
 
 #[derive(Debug, Subcommand)]
@@ -124,6 +127,11 @@ fn main() -> Result<()> {
             }
             BenchName::Failover => {
                 let report = bench_failover::run()?;
+                println!("wrote {}", report.write()?.display());
+                Ok(())
+            }
+            BenchName::Pgha => {
+                let report = bench_pgha::run()?;
                 println!("wrote {}", report.write()?.display());
                 Ok(())
             }

@@ -52,6 +52,11 @@ pub struct FailoverStats {
     /// Attempts the cluster refused (lease still live, epoch moved, no
     /// quorum).
     pub refused: AtomicU64,
+    /// This node's postmaster died while it ran the primary: handed over
+    /// to a standby at once (`pgha::crash`), or kept and restarted in
+    /// place (no standby fit, handoff refused).
+    pub crash_handoffs: AtomicU64,
+    pub crash_restarts: AtomicU64,
 }
 
 /// `farol_pg_failover_*` on `/metrics`.
@@ -72,6 +77,8 @@ impl Collector for FailoverCollector {
             ("failover", &stats.failovers),
             ("no_candidate", &stats.no_candidate),
             ("refused", &stats.refused),
+            ("crash_handoff", &stats.crash_handoffs),
+            ("crash_restart_in_place", &stats.crash_restarts),
         ] {
             ConstCounter::new(value.load(Ordering::Relaxed))
                 .encode(family.encode_family(&[("outcome", outcome)])?)?;
@@ -118,16 +125,16 @@ pub async fn follow_record(
 
 /// What the recorded primary's `/primary` endpoint last said.
 #[derive(Debug, Default)]
-struct PrimaryView {
-    epoch: u64,
+pub(crate) struct PrimaryView {
+    pub(crate) epoch: u64,
     /// When it last answered as a writable primary (None: not in this
     /// epoch, counted from when the epoch was first seen).
-    healthy_at: Option<Instant>,
+    pub(crate) healthy_at: Option<Instant>,
     /// Standbys it reported as synchronous (`sync` or `quorum`) and
     /// streaming.
-    sync_standbys: BTreeSet<String>,
+    pub(crate) sync_standbys: BTreeSet<String>,
     /// Its last reported WAL position.
-    lsn: Option<Lsn>,
+    pub(crate) lsn: Option<Lsn>,
 }
 
 /// Logs a decision once until its kind (with its reason, where it has
@@ -245,26 +252,7 @@ async fn fail_over(
     dead_for: Duration,
     said: &mut Said,
 ) {
-    let standbys: Vec<&Member> = plan
-        .members
-        .iter()
-        .filter(|member| member.name != record.node)
-        .collect();
-    let answers =
-        futures_util::future::join_all(standbys.iter().map(|m| probe(plan, m, "/replica"))).await;
-    let mut candidates = Vec::new();
-    for (member, answer) in standbys.iter().zip(answers) {
-        let Some((_, body)) = answer else { continue };
-        if body["role"] != "replica" {
-            continue;
-        }
-        let lsn = |key: &str| body["xlog"][key].as_u64().map(Lsn);
-        candidates.push(Candidate {
-            node: member.name.clone(),
-            receive_lsn: lsn("received_location"),
-            replay_lsn: lsn("replayed_location"),
-        });
-    }
+    let candidates = standby_candidates(plan, &record.node).await;
     let chosen = match choose(plan.synchronous, plan.max_lag_bytes, view, candidates) {
         Ok(chosen) => chosen,
         Err(why) => {
@@ -313,13 +301,39 @@ async fn fail_over(
     }
 }
 
+/// Every PostgreSQL node but `primary` that answers `/replica` as a
+/// replica, with its received and replayed positions.
+pub(crate) async fn standby_candidates(plan: &PgPlan, primary: &str) -> Vec<Candidate> {
+    let standbys: Vec<&Member> = plan
+        .members
+        .iter()
+        .filter(|member| member.name != primary)
+        .collect();
+    let answers =
+        futures_util::future::join_all(standbys.iter().map(|m| probe(plan, m, "/replica"))).await;
+    let mut candidates = Vec::new();
+    for (member, answer) in standbys.iter().zip(answers) {
+        let Some((_, body)) = answer else { continue };
+        if body["role"] != "replica" {
+            continue;
+        }
+        let lsn = |key: &str| body["xlog"][key].as_u64().map(Lsn);
+        candidates.push(Candidate {
+            node: member.name.clone(),
+            receive_lsn: lsn("received_location"),
+            replay_lsn: lsn("replayed_location"),
+        });
+    }
+    candidates
+}
+
 /// The standby to promote among those that answered, or why none may be.
 /// Synchronous mode: only standbys the primary last reported synchronous,
 /// and only once all of them answered (with `ANY 1 (...)` a commit is
 /// acknowledged by one of them: only the most advanced of all surely has
 /// every acknowledged commit). Asynchronous mode: within `max_lag_bytes` of
 /// the primary's last known position.
-fn choose(
+pub(crate) fn choose(
     synchronous: bool,
     max_lag_bytes: u64,
     view: &PrimaryView,

@@ -97,6 +97,15 @@ impl PgNode {
         self.postmaster.as_ref().map(Postmaster::pid)
     }
 
+    /// Returns when the running postmaster exits (never when none runs);
+    /// cancel-safe, for the reconciler's select.
+    pub async fn exited(&mut self) {
+        match self.postmaster.as_mut() {
+            Some(postmaster) => postmaster.wait().await,
+            None => std::future::pending().await,
+        }
+    }
+
     /// Whether the postmaster runs; an exit is logged once, here.
     pub fn is_running(&mut self) -> bool {
         let Some(postmaster) = self.postmaster.as_mut() else {
@@ -105,7 +114,9 @@ impl PgNode {
         match postmaster.try_exited() {
             None => true,
             Some(status) => {
-                warn!(node = %self.plan.node, pid = postmaster.pid(), %status, log = %self.log_path().display(), "the postmaster exited");
+                postmaster.kill_orphans();
+                let pid = postmaster.pid();
+                warn!(node = %self.plan.node, pid, %status, log = %self.log_path().display(), "the postmaster exited");
                 self.postmaster = None;
                 self.crashed = true;
                 false
@@ -295,9 +306,10 @@ impl PgNode {
              hot_standby_feedback = on\n\
              wal_receiver_status_interval = 1s\n\
              # A standby repointed or cut from its upstream retries every\n\
-             # 0.5 s (PostgreSQL's 5 s would hold synchronous commits on a\n\
-             # new primary that long after a failover).\n\
-             wal_retrieve_retry_interval = 500ms\n\
+             # 0.1 s (PostgreSQL's 5 s would hold synchronous commits on a\n\
+             # new primary that long after a failover; 0.5 s still cost\n\
+             # about half a second of every synchronous failover).\n\
+             wal_retrieve_retry_interval = 100ms\n\
              max_slot_wal_keep_size = {}MB\n\
              # pg_rewind of a former primary reads its own WAL back to the\n\
              # last checkpoint before the divergence: a fenced primary's\n\

@@ -26,6 +26,7 @@ use crate::config::{
 
 pub mod api;
 pub mod cli;
+pub mod crash;
 pub mod failover;
 pub mod local;
 pub mod metrics;

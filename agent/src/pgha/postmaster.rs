@@ -114,6 +114,19 @@ impl Postmaster {
         }
     }
 
+    /// Returns once the postmaster exited (cancel-safe: for a select).
+    pub async fn wait(&mut self) {
+        let _ = self.child.wait().await;
+    }
+
+    /// SIGKILL to the postmaster's process group: after an unexpected exit
+    /// of the postmaster its backends live on until they notice, and one
+    /// of them could still acknowledge a commit; none may once the node
+    /// hands the primary over.
+    pub fn kill_orphans(&self) {
+        signal(-(self.pid as i32), libc::SIGKILL);
+    }
+
     /// Stops the server in `mode`; after `grace`, SIGQUIT, then SIGKILL of
     /// the process group. Returns once the postmaster exited.
     pub async fn stop(&mut self, mode: StopMode, grace: Duration) -> ExitStatus {

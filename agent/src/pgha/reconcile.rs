@@ -4,7 +4,7 @@
 //! candidate and the switchover sequence.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -33,7 +33,28 @@ struct Shared {
     pid: Mutex<Option<u32>>,
     /// Role changes by the role reached.
     role_changes: Mutex<BTreeMap<&'static str, u64>>,
+    /// The last unexpected exit of the postmaster while this node was to
+    /// run the primary (`pgha::crash` hands the primary over on it).
+    primary_crash: watch::Sender<Option<PrimaryCrash>>,
 }
+
+/// The postmaster of a running primary exited on its own.
+#[derive(Debug, Clone)]
+pub struct PrimaryCrash {
+    /// The epoch of the decision that made this node primary.
+    pub epoch: u64,
+    pub at: Instant,
+    /// What the server last reported as the primary (its WAL position).
+    pub last_status: PgStatus,
+    /// Every standby the primary reported synchronous and streaming in
+    /// the last [`SYNC_MEMORY`]: the last look alone may have missed them
+    /// (walsenders exit with the postmaster, a query may fail halfway),
+    /// and one too many only adds a standby that must answer.
+    pub sync_standbys: BTreeSet<String>,
+}
+
+/// How long a standby seen synchronous counts as one for a crash handoff.
+pub const SYNC_MEMORY: Duration = Duration::from_secs(5);
 
 /// A handle on this node's PostgreSQL under the agent.
 #[derive(Debug, Clone)]
@@ -60,6 +81,7 @@ impl Pgha {
                 upstream_lsn: Mutex::new(None),
                 pid: Mutex::new(None),
                 role_changes: Mutex::new(BTreeMap::new()),
+                primary_crash: watch::channel(None).0,
             }),
         };
         let task = tokio::spawn(run(node, pgha.clone(), desired, shutdown));
@@ -81,6 +103,11 @@ impl Pgha {
 
     pub fn postmaster_pid(&self) -> Option<u32> {
         *lock(&self.shared.pid)
+    }
+
+    /// Crashes of this node's primary, as they happen.
+    pub fn primary_crashes(&self) -> watch::Receiver<Option<PrimaryCrash>> {
+        self.shared.primary_crash.subscribe()
     }
 
     pub fn role_changes(&self) -> BTreeMap<&'static str, u64> {
@@ -129,6 +156,10 @@ async fn run(
     let mut reason = String::from("agent started");
     let mut probe = UpstreamProbe::default();
     let mut upstream_seen: Option<(String, Lsn, Instant)> = None;
+    // The last status of a running server.
+    let mut last_up: Option<PgStatus> = None;
+    // Standbys the primary reported synchronous, and when last.
+    let mut seen_sync: BTreeMap<String, Instant> = BTreeMap::new();
     loop {
         if !prepared {
             match node.prepare().await {
@@ -138,9 +169,29 @@ async fn run(
         }
         let desired = pgha.desired();
         if prepared {
+            let crashed_before = crashed_at.is_some();
             match step(&mut node, &desired, &mut crashed_at, &mut reason).await {
                 Ok(()) => last_error = None,
                 Err(error) => report(&mut last_error, &plan, &error),
+            }
+            // The exit may have been seen by the last look (status down):
+            // what counts is what the server was before it went down.
+            if let (false, Some(_), Role::Primary, Some(last_status)) = (
+                crashed_before,
+                crashed_at,
+                &desired.role,
+                last_up.clone().filter(|s| s.role == ObservedRole::Primary),
+            ) {
+                pgha.shared.primary_crash.send_replace(Some(PrimaryCrash {
+                    epoch: desired.epoch,
+                    at: Instant::now(),
+                    last_status,
+                    sync_standbys: seen_sync
+                        .iter()
+                        .filter(|(_, at)| at.elapsed() < SYNC_MEMORY)
+                        .map(|(name, _)| name.clone())
+                        .collect(),
+                }));
             }
         }
         let status = if node.is_running() {
@@ -178,6 +229,17 @@ async fn run(
                 .or_default() += 1;
             last_role = status.role;
         }
+        if status.role != ObservedRole::Down {
+            last_up = Some(status.clone());
+        }
+        if status.role == ObservedRole::Primary {
+            for row in &status.replication {
+                if matches!(row.sync_state.as_str(), "sync" | "quorum") && row.state == "streaming"
+                {
+                    seen_sync.insert(row.name.clone(), Instant::now());
+                }
+            }
+        }
         *lock(&pgha.shared.status) = status;
         *lock(&pgha.shared.pid) = node.pid();
         tokio::select! {
@@ -198,6 +260,8 @@ async fn run(
                 }
             }
             () = tokio::time::sleep(plan.interval) => {}
+            // A postmaster that dies is seen at once, not at the next look.
+            () = node.exited() => {}
         }
     }
     node.stop(StopMode::Fast).await;

@@ -127,6 +127,9 @@ pub struct Pooler {
     topology: watch::Sender<u64>,
     /// Times the primary moved.
     primary_changes: AtomicU64,
+    /// Asks the role checks for a look now (the cluster's primary record
+    /// moved): see [`topology::recheck_on_change`].
+    recheck: tokio::sync::Notify,
     /// Secrets fetched with `auth_query`.
     pub(crate) auth_cache: auth_query::AuthCache,
     /// How the pooler logs in as users found by `auth_query`, from their
@@ -152,6 +155,7 @@ impl Pooler {
             readable_standbys: RwLock::new(None),
             topology: watch::Sender::new(0),
             primary_changes: AtomicU64::new(0),
+            recheck: tokio::sync::Notify::new(),
             auth_cache: auth_query::AuthCache::default(),
             looked_up_credentials: Mutex::new(HashMap::new()),
             pools: Mutex::new(HashMap::new()),

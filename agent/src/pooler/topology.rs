@@ -111,6 +111,39 @@ pub fn parse_lsn(text: &str) -> Option<u64> {
 const ROLE_QUERY: &str = "SELECT pg_is_in_recovery(), \
      CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END";
 
+/// After a nudge, role checks run every this often ...
+const RECHECK_EVERY: Duration = Duration::from_millis(50);
+/// ... for this long, or until the primary moved: a promotion follows
+/// the record by a few hundred milliseconds.
+const RECHECK_FOR: Duration = Duration::from_secs(5);
+/// How long a server may take to answer in those quick rounds (a dead
+/// host must not hold up the round for the whole `role_check_interval`).
+const RECHECK_TIMEOUT: Duration = Duration::from_millis(300);
+
+/// Nudges the role checks of `pooler` at every change of `changes` (the
+/// cluster's primary record, with `[cluster_state]`), until shutdown. The
+/// pooler still moves only on what the servers answer (the rules above):
+/// the record only says when to look, so the promoted server is found
+/// within [`RECHECK_EVERY`] of its promotion instead of at the next
+/// `role_check_interval`.
+pub async fn recheck_on_change<T>(
+    pooler: Arc<Pooler>,
+    mut changes: watch::Receiver<T>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = shutdown.wait_for(|stop| *stop) => return,
+            changed = changes.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                pooler.recheck.notify_one();
+            }
+        }
+    }
+}
+
 /// One kept connection per server; reopened after any failure.
 struct Prober {
     config: tokio_postgres::Config,
@@ -210,13 +243,25 @@ pub async fn follow(pooler: Arc<Pooler>, mut shutdown: watch::Receiver<bool>) {
     let mut last_warning: Option<String> = None;
     let mut ticker = tokio::time::interval(every);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Set by a nudge: quick rounds until then, or until the primary moves.
+    let mut quick_until: Option<tokio::time::Instant> = None;
     loop {
+        let quick = quick_until.filter(|until| *until > tokio::time::Instant::now());
         tokio::select! {
-            _ = ticker.tick() => {}
+            _ = ticker.tick(), if quick.is_none() => {}
+            () = tokio::time::sleep(RECHECK_EVERY), if quick.is_some() => {}
+            () = pooler.recheck.notified() => {
+                quick_until = Some(tokio::time::Instant::now() + RECHECK_FOR);
+            }
             _ = shutdown.wait_for(|stop| *stop) => return,
         }
+        let round_timeout = if quick_until.is_some() {
+            timeout.min(RECHECK_TIMEOUT)
+        } else {
+            timeout
+        };
         let rounds = probers.iter_mut().map(|prober| async {
-            let answer = prober.probe(timeout).await;
+            let answer = prober.probe(round_timeout).await;
             (prober.addr, answer)
         });
         let results = futures_util::future::join_all(rounds).await;
@@ -251,6 +296,8 @@ pub async fn follow(pooler: Arc<Pooler>, mut shutdown: watch::Receiver<bool>) {
         }
         if let Some(new_primary) = decision.new_primary {
             pooler.set_primary(new_primary);
+            quick_until = None;
+            ticker.reset();
         }
         pooler.set_readable_standbys(decision.readable_standbys);
     }
