@@ -144,11 +144,21 @@ pub async fn recheck_on_change<T>(
     }
 }
 
+/// A logged-in role-check connection and the task that drives it.
+type Connected = (tokio_postgres::Client, tokio::task::JoinHandle<()>);
+
+/// How long a role-check login may take. It runs in a task of its own that
+/// outlives a round's timeout: on a starved CPU a fresh login (SCRAM) can
+/// take longer than one short round, and one that restarted every round
+/// would never finish, leaving the pooler on a stale primary.
+const LOGIN_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// One kept connection per server; reopened after any failure.
 struct Prober {
     config: tokio_postgres::Config,
     addr: SocketAddr,
-    client: Option<(tokio_postgres::Client, tokio::task::JoinHandle<()>)>,
+    client: Option<Connected>,
+    login: Option<tokio::task::JoinHandle<Result<Connected, String>>>,
 }
 
 impl Prober {
@@ -159,7 +169,7 @@ impl Prober {
             .port(addr.port())
             .dbname(&pooler.config.role_check_database)
             .application_name("farol-pooler-role-check")
-            .connect_timeout(timeout);
+            .connect_timeout(timeout.max(LOGIN_TIMEOUT));
         if let Some(user) = pooler.config.role_check_login() {
             config.user(&user.name);
             if let Some(password) = &user.server_password {
@@ -170,6 +180,7 @@ impl Prober {
             config,
             addr,
             client: None,
+            login: None,
         }
     }
 
@@ -186,15 +197,27 @@ impl Prober {
 
     async fn query(&mut self) -> Result<ServerState, String> {
         if self.client.is_none() {
-            let (client, connection) = self
-                .config
-                .connect(NoTls)
-                .await
-                .map_err(|error| format!("cannot log in: {error}"))?;
-            let driver = tokio::spawn(async move {
-                let _ = connection.await;
+            let config = self.config.clone();
+            let login = self.login.get_or_insert_with(|| {
+                tokio::spawn(async move {
+                    let (client, connection) =
+                        tokio::time::timeout(LOGIN_TIMEOUT, config.connect(NoTls))
+                            .await
+                            .map_err(|_| format!("no login within {LOGIN_TIMEOUT:?}"))?
+                            .map_err(|error| format!("cannot log in: {error}"))?;
+                    let driver = tokio::spawn(async move {
+                        let _ = connection.await;
+                    });
+                    Ok((client, driver))
+                })
             });
-            self.client = Some((client, driver));
+            // A round that times out here leaves the login running for
+            // the next round to pick up.
+            let logged_in = login.await;
+            self.login = None;
+            let connected =
+                logged_in.map_err(|error| format!("the login task failed: {error}"))??;
+            self.client = Some(connected);
         }
         let (client, _) = self.client.as_ref().expect("connected above");
         let messages = client
