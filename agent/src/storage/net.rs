@@ -138,19 +138,32 @@ async fn connection(
                 }
                 outgoing = rx.recv() => {
                     let Some(first) = outgoing else { return Ok(()) };
+                    // A batch holds at most BATCH_BYTES of data, so a due
+                    // ping is never queued behind more than that.
+                    let mut bytes = payload_len(&first.body);
                     let mut batch = vec![first];
-                    while batch.len() < 64 {
+                    while batch.len() < 64 && bytes < BATCH_BYTES {
                         match rx.try_recv() {
-                            Ok(more) => batch.push(more),
+                            Ok(more) => {
+                                bytes += payload_len(&more.body);
+                                batch.push(more);
+                            }
                             Err(_) => break,
                         }
                     }
                     for Outgoing { body, reply } in batch {
+                        let large = payload_len(&body) >= LARGE_FRAME;
                         next_id += 1;
                         lock(&inflight).insert(next_id, Some(reply));
                         sink.feed(Message::Request { id: next_id, body })
                             .await
                             .map_err(|e| format!("send: {e}"))?;
+                        if large {
+                            // Signing a large frame is CPU work that tokio's
+                            // budget does not see: give the other tasks
+                            // (pings, answers) their turn between frames.
+                            tokio::task::yield_now().await;
+                        }
                     }
                     sink.flush().await.map_err(|e| format!("send: {e}"))?;
                 }
@@ -198,6 +211,26 @@ async fn connection(
         result = receiving => result,
         result = watchdog => result,
         _ = shutdown.wait_for(|stop| *stop) => Ok(()),
+    }
+}
+
+/// Data bytes a batch of requests carries at most (see `connection`).
+const BATCH_BYTES: usize = 4 * 1024 * 1024;
+/// From this size on, a frame's signing or checking yields to other tasks.
+const LARGE_FRAME: usize = 64 * 1024;
+
+/// The file data a request carries (what makes its frame large).
+fn payload_len(body: &Request) -> usize {
+    match body {
+        Request::Apply {
+            op: super::brick::Op::Write { data, .. },
+            ..
+        } => data.len(),
+        Request::Heal {
+            entry: super::brick::Entry::File { data, .. },
+            ..
+        } => data.len(),
+        _ => 0,
     }
 }
 
@@ -348,8 +381,16 @@ async fn serve_connection(
                     }
                 }
                 Some(Ok(Message::Request { id, body })) => {
+                    let large = payload_len(&body) >= LARGE_FRAME;
                     if work_tx.send((id, body)).is_err() {
                         break;
+                    }
+                    if large {
+                        // Frames already buffered are decoded (and their
+                        // tags checked) without touching the socket, which
+                        // tokio's budget would count: yield between large
+                        // ones so pings on other connections are answered.
+                        tokio::task::yield_now().await;
                     }
                 }
                 Some(Ok(other)) => {
