@@ -588,6 +588,10 @@ fn finish_batch(
     }
 }
 
+/// A path queued for the peer: the replies to wait for, the file bytes
+/// sent, a directory's children, and whether the file was streamed.
+type Captured = (Vec<Reply>, u64, Option<Vec<String>>, bool);
+
 /// Captures `path` and queues it for the peer. Returns the replies to
 /// wait for, the file bytes sent, a directory's children, and whether the
 /// file was streamed; None when not all of it went out.
@@ -599,12 +603,7 @@ fn finish_batch(
 /// again (see [`Volume::begin_stream`]), so its generation moves and the
 /// heal sends it again. A file that changed during its stream once more
 /// (`hold_lock`) is captured under the lock, so the heal always ends.
-fn send_path(
-    volume: &Volume,
-    peer: usize,
-    path: &str,
-    hold_lock: bool,
-) -> Option<(Vec<Reply>, u64, Option<Vec<String>>, bool)> {
+fn send_path(volume: &Volume, peer: usize, path: &str, hold_lock: bool) -> Option<Captured> {
     let large = !hold_lock
         && std::fs::symlink_metadata(volume.brick().abs(path))
             .is_ok_and(|stat| stat.is_file() && stat.len() > MAX_CHUNK as u64);
