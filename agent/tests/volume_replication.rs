@@ -135,6 +135,57 @@ fn a_minority_side_refuses_writes_with_erofs() {
     cluster.stop(0);
 }
 
+/// Writes return before the peers answer (write-behind), but `fsync`
+/// does not claim what a quorum does not hold: with quorum 3, a replica
+/// killed while a file's writes are on their way makes the writes or the
+/// `fsync` fail, never all succeed; earlier writes synced before the kill
+/// are on every brick.
+#[test]
+fn fsync_reports_writes_that_missed_their_quorum_behind_the_writer() {
+    if !support::fuse_privileged("fsync_reports_writes_that_missed_their_quorum_behind_the_writer")
+    {
+        return;
+    }
+    let mut cluster = Cluster::new("behind", 3, "quorum = 3\n");
+    cluster.start_all();
+    let m = cluster.mount(0);
+    let block = vec![0x42u8; 1 << 20];
+    let mut file = fs::File::create(m.join("stream")).unwrap();
+    for _ in 0..4 {
+        file.write_all(&block).unwrap();
+    }
+    file.sync_all().unwrap();
+    for node in 0..3 {
+        assert_eq!(
+            fs::metadata(cluster.brick(node).join("stream"))
+                .unwrap()
+                .len(),
+            4 << 20,
+            "node {node} holds the synced writes"
+        );
+    }
+    for _ in 0..8 {
+        file.write_all(&block).unwrap();
+    }
+    cluster.kill(2);
+    let mut failed = None;
+    for _ in 0..8 {
+        if let Err(error) = file.write_all(&block) {
+            failed = Some(error);
+            break;
+        }
+    }
+    let failed = failed.or_else(|| file.sync_all().err());
+    let error = failed.expect("a write or fsync fails once a quorum of 3 is gone");
+    assert!(
+        matches!(error.raw_os_error(), Some(libc::EIO | libc::EROFS)),
+        "{error}"
+    );
+    drop(file);
+    cluster.stop(0);
+    cluster.stop(1);
+}
+
 /// With quorum 1, node 1 alone and nodes 2+3 together both change the
 /// same file; when they meet, the split brain is detected, counted, and
 /// resolved by latest modification on every brick.

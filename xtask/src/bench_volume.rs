@@ -604,8 +604,15 @@ pub(crate) fn run() -> Result<BenchReport> {
         name: "farol",
         dir: farol_mount,
     });
+    // FAROL_BENCH_QUICK=1: Farol and local only, no heal case (for
+    // iterating on the volume; figures to report come from a full run).
+    let quick = std::env::var_os("FAROL_BENCH_QUICK").is_some_and(|v| v == "1");
     let mut glusterfs = None;
-    match start_gluster(&base, &mut cleanup) {
+    match if quick {
+        Err(anyhow::anyhow!("skipped (FAROL_BENCH_QUICK=1)"))
+    } else {
+        start_gluster(&base, &mut cleanup)
+    } {
         Ok((dir, volume)) => {
             targets.push(Target {
                 name: "glusterfs",
@@ -645,12 +652,14 @@ pub(crate) fn run() -> Result<BenchReport> {
     }
 
     let mut heals: Vec<(&str, f64)> = Vec::new();
-    println!(
-        "heal on farol: node 3 misses {HEAL_FILES} files, {HEAL_BIG_MIB} MiB and an {HEAL_OVERWRITE_MIB} MiB overwrite ..."
-    );
-    let seconds = heal_farol(&farol, &mut cleanup).context("heal on farol")?;
-    println!("  healed in {seconds:.1} s");
-    heals.push(("farol", seconds));
+    if !quick {
+        println!(
+            "heal on farol: node 3 misses {HEAL_FILES} files, {HEAL_BIG_MIB} MiB and an {HEAL_OVERWRITE_MIB} MiB overwrite ..."
+        );
+        let seconds = heal_farol(&farol, &mut cleanup).context("heal on farol")?;
+        println!("  healed in {seconds:.1} s");
+        heals.push(("farol", seconds));
+    }
     if let (Some(volume), Some(target)) = (&glusterfs, targets.get(2)) {
         println!("heal on glusterfs: brick 3 misses the same ...");
         match heal_gluster(&target.dir, volume) {

@@ -122,6 +122,9 @@ impl Op {
     }
 }
 
+/// The read size of [`Brick::digest`].
+const CAPTURE_CHUNK: usize = 1 << 20;
+
 /// Ownership, mode, times and extended attributes of an entry.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Meta {
@@ -431,6 +434,34 @@ impl Brick {
             visit(Entry::Absent);
         }
         Ok(())
+    }
+
+    /// A digest of what a heal of `rel` would install (every chunk, with
+    /// the access time left out: reads move it). Two replicas with the
+    /// same digest hold the same entry.
+    pub fn digest(&self, rel: &str) -> io::Result<[u8; 32]> {
+        let mut hasher = Sha256::new();
+        let mut encoded = Ok(());
+        self.capture(rel, CAPTURE_CHUNK, &mut |mut entry| {
+            if let Entry::Dir { meta, .. }
+            | Entry::File { meta, .. }
+            | Entry::Symlink { meta, .. } = &mut entry
+            {
+                meta.atime_ns = 0;
+            }
+            match postcard::to_allocvec(&entry) {
+                Ok(bytes) => {
+                    hasher.update(&bytes);
+                    true
+                }
+                Err(error) => {
+                    encoded = Err(io::Error::other(error));
+                    false
+                }
+            }
+        })?;
+        encoded?;
+        Ok(hasher.finalize().into())
     }
 
     /// Names in directory `rel` (the state dir excluded), sorted.

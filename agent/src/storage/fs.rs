@@ -32,6 +32,7 @@ use fuser::{
 use super::{
     brick::{self, Op, STATE_DIR},
     replica::Volume,
+    write_behind::WriteBehind,
 };
 
 /// Attributes and entries are not cached by the kernel: another node's
@@ -63,6 +64,7 @@ pub struct VolumeFs {
     inodes: Mutex<Inodes>,
     handles: Mutex<HashMap<u64, Handle>>,
     next_handle: AtomicU64,
+    behind: WriteBehind,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -104,6 +106,7 @@ impl VolumeFs {
         let mut inodes = Inodes::default();
         inodes.paths.insert(INodeNo::ROOT.0, String::new());
         Ok(VolumeFs {
+            behind: WriteBehind::new(Arc::clone(&volume)),
             volume,
             root_ino,
             inodes: Mutex::new(inodes),
@@ -605,10 +608,15 @@ impl Filesystem for VolumeFs {
                     data: data.to_vec(),
                     mtime_ns,
                 };
-                self.submit(op, |brick| {
-                    file.write_all_at(data, offset)?;
-                    brick::set_times(&brick.abs(&rel), None, Some(mtime_ns))
-                })
+                let ((), behind) = self
+                    .volume
+                    .submit_behind(op, |brick| {
+                        file.write_all_at(data, offset)?;
+                        brick::set_times(&brick.abs(&rel), None, Some(mtime_ns))
+                    })
+                    .map_err(Errno::from_i32)?;
+                self.behind.queue(ino.0, behind, data.len() as u64);
+                Ok(())
             })
         });
         match result {
@@ -620,25 +628,34 @@ impl Filesystem for VolumeFs {
     fn flush(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         _fh: FileHandle,
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        // Writes are replicated as they come; nothing is buffered here.
-        reply.ok();
+        // close(2): every write is on a quorum of replicas, or the error
+        // is reported here.
+        match self.behind.drain(ino.0) {
+            Ok(()) => reply.ok(),
+            Err(errno) => reply.error(Errno::from_i32(errno)),
+        }
     }
 
     fn release(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        // Normally drained by flush already; writes through a mapping that
+        // outlived its descriptor end here, with nobody left to tell.
+        if let Err(errno) = self.behind.drain(ino.0) {
+            tracing::warn!(volume = %self.volume.name(), ino = ino.0, errno, "writes of a released file missed their quorum");
+        }
         lock(&self.handles).remove(&fh.0);
         reply.ok();
     }
@@ -652,9 +669,13 @@ impl Filesystem for VolumeFs {
         reply: ReplyEmpty,
     ) {
         let result = self.path(ino).and_then(|rel| {
-            self.with_file(fh, |file, _| {
-                self.submit(Op::Fsync { path: rel.clone() }, |_| file.sync_all())
-            })
+            let earlier = self.behind.drain(ino.0).map_err(Errno::from_i32);
+            let synced = self.with_file(fh, |file, _| {
+                self.volume
+                    .submit_sync(Op::Fsync { path: rel.clone() }, |_| file.sync_all())
+                    .map_err(Errno::from_i32)
+            });
+            earlier.and(synced)
         });
         match result {
             Ok(()) => reply.ok(),
@@ -739,9 +760,11 @@ impl Filesystem for VolumeFs {
     ) {
         // Durable on a quorum: the directory is synced here and on peers.
         let result = self.path(ino).and_then(|rel| {
-            self.submit(Op::Fsync { path: rel.clone() }, |brick| {
-                File::open(brick.abs(&rel))?.sync_all()
-            })
+            self.volume
+                .submit_sync(Op::Fsync { path: rel.clone() }, |brick| {
+                    File::open(brick.abs(&rel))?.sync_all()
+                })
+                .map_err(Errno::from_i32)
         });
         match result {
             Ok(()) => reply.ok(),

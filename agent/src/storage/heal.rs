@@ -8,7 +8,7 @@
 //! the agent starts.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashSet},
     fs::{self, File, OpenOptions},
     io::{self, BufRead, BufReader, Write},
     path::{Path, PathBuf},
@@ -293,6 +293,8 @@ struct Sent {
     generation: u64,
     replies: Vec<Reply>,
     bytes: u64,
+    /// Streamed without the apply lock (see [`send_path`]).
+    streamed: bool,
 }
 
 /// How a batch went.
@@ -330,6 +332,20 @@ pub fn heal_loop(volume: Arc<Volume>, peer: usize) {
             }
             continue;
         }
+        if let Some(first) = volume.first_healer(peer) {
+            // Every replica that saw `peer` down recorded what it missed;
+            // one heals it (the lowest-named), the others wait for it and
+            // then only probe: what it already installed is not sent twice.
+            wait_for_first_healer(&volume, peer, first);
+            if volume.stopping() || !volume.peer_up(peer) {
+                continue;
+            }
+            probe_pass(&volume, peer);
+            if volume.log().pending(&name) == 0 {
+                continue;
+            }
+        }
+        let total = volume.log().pending(&name);
         info!(volume = %volume.name(), peer = %name, pending = total, "heal started");
         volume.stats().heal_running(&name, true);
         let started = Instant::now();
@@ -339,12 +355,15 @@ pub fn heal_loop(volume: Arc<Volume>, peer: usize) {
         let mut last_report = Instant::now();
         let mut failed = false;
         let mut cursor: Option<String> = None;
+        // Large files that changed while they were streamed: sent under
+        // the apply lock next time.
+        let mut contended = HashSet::new();
         loop {
             if volume.stopping() || !volume.peer_up(peer) {
                 failed = true;
                 break;
             }
-            let (batch, complete) = send_batch(&volume, peer, &mut cursor, &mut limit);
+            let (batch, complete) = send_batch(&volume, peer, &mut cursor, &mut limit, &contended);
             if batch.is_empty() {
                 if !complete {
                     failed = true;
@@ -356,7 +375,7 @@ pub fn heal_loop(volume: Arc<Volume>, peer: usize) {
                 // Paths recorded behind the cursor meanwhile: another pass.
                 continue;
             }
-            match finish_batch(&volume, peer, batch) {
+            match finish_batch(&volume, peer, batch, &mut contended) {
                 BatchOutcome::Done {
                     healed: count,
                     bytes: sent,
@@ -394,6 +413,72 @@ pub fn heal_loop(volume: Arc<Volume>, peer: usize) {
     }
 }
 
+/// Waits until the replica healing `peer` first has nothing left for it
+/// (or either goes away).
+fn wait_for_first_healer(volume: &Volume, peer: usize, first: usize) {
+    let name = volume.peer_name(peer);
+    let healer = volume.peer_name(first);
+    info!(volume = %volume.name(), peer = %name, healer = %healer, "another replica heals this peer first; waiting for it");
+    while !volume.stopping() && volume.peer_up(peer) && volume.peer_up(first) {
+        let left = match volume.call_peer(first, Request::Status) {
+            Some(Response::Status(report)) => report
+                .peers
+                .iter()
+                .find(|p| p.node == name)
+                .map_or(0, |p| p.pending),
+            _ => break,
+        };
+        if left == 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Asks `peer` whether it already holds each pending path as this replica
+/// has it (another replica healed it); those leave the change log without
+/// their data being sent. Paths that differ stay for the heal.
+fn probe_pass(volume: &Volume, peer: usize) {
+    let name = volume.peer_name(peer);
+    let mut cursor: Option<String> = None;
+    let (mut same, mut differ) = (0u64, 0u64);
+    loop {
+        let mut batch = Vec::new();
+        while batch.len() < BATCH_PATHS {
+            let Some((path, generation)) = volume.log().next_after(name, cursor.as_deref()) else {
+                break;
+            };
+            cursor = Some(path.clone());
+            let Ok(digest) = volume.brick().digest(&path) else {
+                continue;
+            };
+            let request = Request::HealProbe {
+                path: path.clone(),
+                digest,
+            };
+            match volume.send_peer(peer, request) {
+                Some(reply) => batch.push((path, generation, reply)),
+                None => return,
+            }
+        }
+        if batch.is_empty() {
+            break;
+        }
+        for (path, generation, reply) in batch {
+            match volume.wait_reply(reply) {
+                Some(Response::Ok) => {
+                    if volume.log().resolve_at(name, &path, generation) {
+                        same += 1;
+                    }
+                }
+                Some(_) => differ += 1,
+                None => return,
+            }
+        }
+    }
+    info!(volume = %volume.name(), peer = %name, same, differ, "probed what the first healer left");
+}
+
 /// Sends the pending paths after `cursor` until a batch is full; returns
 /// them and whether every capture went out (false: the peer went away,
 /// its queue is full, or a path could not be read).
@@ -402,6 +487,7 @@ fn send_batch(
     peer: usize,
     cursor: &mut Option<String>,
     limit: &mut RateLimit,
+    contended: &HashSet<String>,
 ) -> (Vec<Sent>, bool) {
     let name = volume.peer_name(peer);
     let mut batch = Vec::new();
@@ -411,7 +497,9 @@ fn send_batch(
             break;
         };
         *cursor = Some(path.clone());
-        let Some((replies, bytes, children)) = send_path(volume, peer, &path) else {
+        let hold_lock = contended.contains(&path);
+        let Some((replies, bytes, children, streamed)) = send_path(volume, peer, &path, hold_lock)
+        else {
             return (batch, false);
         };
         if let Some(children) = children {
@@ -429,6 +517,7 @@ fn send_batch(
             generation,
             replies,
             bytes,
+            streamed,
         });
         std::thread::sleep(limit.charge(bytes));
     }
@@ -437,7 +526,12 @@ fn send_batch(
 
 /// Waits for a batch's answers and the peer's sync, then resolves what
 /// the peer installed (or refused as the split-brain winner).
-fn finish_batch(volume: &Volume, peer: usize, batch: Vec<Sent>) -> BatchOutcome {
+fn finish_batch(
+    volume: &Volume,
+    peer: usize,
+    batch: Vec<Sent>,
+    contended: &mut HashSet<String>,
+) -> BatchOutcome {
     let name = volume.peer_name(peer);
     let sync = volume.send_peer(peer, Request::HealSync);
     let mut installed = Vec::new();
@@ -457,7 +551,7 @@ fn finish_batch(volume: &Volume, peer: usize, batch: Vec<Sent>) -> BatchOutcome 
             }
         }
         match outcome {
-            Some(true) => installed.push((sent.path, sent.generation, sent.bytes)),
+            Some(true) => installed.push((sent.path, sent.generation, sent.bytes, sent.streamed)),
             Some(false) => rejected.push((sent.path, sent.generation)),
             None => failed = true,
         }
@@ -478,8 +572,11 @@ fn finish_batch(volume: &Volume, peer: usize, batch: Vec<Sent>) -> BatchOutcome 
     }
     let mut healed = 0;
     let mut bytes = 0;
-    for (path, generation, sent) in installed {
-        volume.log().resolve_at(name, &path, generation);
+    for (path, generation, sent, streamed) in installed {
+        if !volume.log().resolve_at(name, &path, generation) && streamed {
+            contended.insert(path);
+            continue;
+        }
         healed += 1;
         bytes += sent;
         volume.stats().healed(name);
@@ -491,16 +588,31 @@ fn finish_batch(volume: &Volume, peer: usize, batch: Vec<Sent>) -> BatchOutcome 
     }
 }
 
-/// Captures `path` and queues it for the peer under the apply lock, so
-/// the entry reaches the peer in order with the writes around it. Returns
-/// the replies to wait for, the file bytes sent, and a directory's
-/// children; None when not all of it went out.
-fn send_path(
-    volume: &Volume,
-    peer: usize,
-    path: &str,
-) -> Option<(Vec<Reply>, u64, Option<Vec<String>>)> {
-    let _order = volume.apply_lock();
+/// A path queued for the peer: the replies to wait for, the file bytes
+/// sent, a directory's children, and whether the file was streamed.
+type Captured = (Vec<Reply>, u64, Option<Vec<String>>, bool);
+
+/// Captures `path` and queues it for the peer. Returns the replies to
+/// wait for, the file bytes sent, a directory's children, and whether the
+/// file was streamed; None when not all of it went out.
+///
+/// An entry that fits one chunk is captured under the apply lock, so it
+/// reaches the peer in order with the changes around it. A larger file is
+/// streamed chunk by chunk without holding the lock across the whole read
+/// (writes go on meanwhile); a change to it during the stream records it
+/// again (see [`Volume::begin_stream`]), so its generation moves and the
+/// heal sends it again. A file that changed during its stream once more
+/// (`hold_lock`) is captured under the lock, so the heal always ends.
+fn send_path(volume: &Volume, peer: usize, path: &str, hold_lock: bool) -> Option<Captured> {
+    let large = !hold_lock
+        && std::fs::symlink_metadata(volume.brick().abs(path))
+            .is_ok_and(|stat| stat.is_file() && stat.len() > MAX_CHUNK as u64);
+    let order = if large {
+        volume.begin_stream(peer, path);
+        None
+    } else {
+        Some(volume.apply_lock())
+    };
     let mut replies = Vec::new();
     let mut bytes = 0u64;
     let mut children = None;
@@ -530,6 +642,10 @@ fn send_path(
             }
         }
     });
+    drop(order);
+    if large {
+        volume.end_stream(peer, path);
+    }
     if let Err(error) = captured {
         warn!(volume = %volume.name(), path, %error, "cannot read a path to heal");
         return None;
@@ -539,7 +655,7 @@ fn send_path(
     if !complete || replies.is_empty() {
         return None;
     }
-    Some((replies, bytes, children))
+    Some((replies, bytes, children, large))
 }
 
 #[cfg(test)]

@@ -28,6 +28,7 @@ pub mod metrics;
 pub mod net;
 pub mod protocol;
 pub mod replica;
+pub mod write_behind;
 
 use std::{
     net::SocketAddr,

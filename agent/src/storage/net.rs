@@ -110,9 +110,13 @@ async fn connection(
     };
     volume.set_peer_up(peer, true, pending_for_us, "connected");
 
-    // Sending and receiving run side by side: while a large batch of
-    // writes is being pushed (and TCP makes us wait), answers keep being
-    // read, so a busy peer is not mistaken for a silent one.
+    // Sending, receiving and the liveness watchdog run side by side.
+    // Liveness is judged from any frame received (answers to changes count
+    // as much as answers to pings), never from how much data is queued:
+    // while a large batch of writes is being pushed (and TCP makes us
+    // wait), answers keep being read and the watchdog keeps its own clock.
+    // The peer answers pings as soon as it reads them, ahead of changes
+    // still being applied (see `serve_connection`).
     let inflight: std::sync::Mutex<HashMap<u64, Option<oneshot::Sender<Response>>>> =
         std::sync::Mutex::new(HashMap::new());
     let last_heard = std::sync::Mutex::new(Instant::now());
@@ -120,36 +124,48 @@ async fn connection(
     let sending = async {
         let mut next_id = 0u64;
         let mut ping = tokio::time::interval(timeout / 4);
+        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                outgoing = rx.recv() => {
-                    let Some(first) = outgoing else { return Ok(()) };
-                    let mut batch = vec![first];
-                    while batch.len() < 64 {
-                        match rx.try_recv() {
-                            Ok(more) => batch.push(more),
-                            Err(_) => break,
-                        }
-                    }
-                    for Outgoing { body, reply } in batch {
-                        next_id += 1;
-                        lock(&inflight).insert(next_id, Some(reply));
-                        sink.feed(Message::Request { id: next_id, body })
-                            .await
-                            .map_err(|e| format!("send: {e}"))?;
-                    }
-                    sink.flush().await.map_err(|e| format!("send: {e}"))?;
-                }
+                // A due ping goes before the next batch of changes.
+                biased;
                 _ = ping.tick() => {
-                    let silent = lock(&last_heard).elapsed();
-                    if silent > timeout {
-                        return Err(format!("no answer for {timeout:?} (peer_timeout)"));
-                    }
                     next_id += 1;
                     lock(&inflight).insert(next_id, None);
                     sink.send(Message::Request { id: next_id, body: Request::Ping })
                         .await
                         .map_err(|e| format!("send: {e}"))?;
+                }
+                outgoing = rx.recv() => {
+                    let Some(first) = outgoing else { return Ok(()) };
+                    // A batch holds at most BATCH_BYTES of data, so a due
+                    // ping is never queued behind more than that.
+                    let mut bytes = payload_len(&first.body);
+                    let mut batch = vec![first];
+                    while batch.len() < 64 && bytes < BATCH_BYTES {
+                        match rx.try_recv() {
+                            Ok(more) => {
+                                bytes += payload_len(&more.body);
+                                batch.push(more);
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    for Outgoing { body, reply } in batch {
+                        let large = payload_len(&body) >= LARGE_FRAME;
+                        next_id += 1;
+                        lock(&inflight).insert(next_id, Some(reply));
+                        sink.feed(Message::Request { id: next_id, body })
+                            .await
+                            .map_err(|e| format!("send: {e}"))?;
+                        if large {
+                            // Signing a large frame is CPU work that tokio's
+                            // budget does not see: give the other tasks
+                            // (pings, answers) their turn between frames.
+                            tokio::task::yield_now().await;
+                        }
+                    }
+                    sink.flush().await.map_err(|e| format!("send: {e}"))?;
                 }
             }
         }
@@ -177,10 +193,44 @@ async fn connection(
             }
         }
     };
+    let watchdog = async {
+        let mut check = tokio::time::interval(timeout / 4);
+        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            check.tick().await;
+            let silent = lock(&last_heard).elapsed();
+            if silent > timeout {
+                return Err::<(), _>(format!(
+                    "nothing heard for {silent:?} (peer_timeout {timeout:?})"
+                ));
+            }
+        }
+    };
     tokio::select! {
         result = sending => result,
         result = receiving => result,
+        result = watchdog => result,
         _ = shutdown.wait_for(|stop| *stop) => Ok(()),
+    }
+}
+
+/// Data bytes a batch of requests carries at most (see `connection`).
+const BATCH_BYTES: usize = 4 * 1024 * 1024;
+/// From this size on, a frame's signing or checking yields to other tasks.
+const LARGE_FRAME: usize = 64 * 1024;
+
+/// The file data a request carries (what makes its frame large).
+fn payload_len(body: &Request) -> usize {
+    match body {
+        Request::Apply {
+            op: super::brick::Op::Write { data, .. },
+            ..
+        } => data.len(),
+        Request::Heal {
+            entry: super::brick::Entry::File { data, .. },
+            ..
+        } => data.len(),
+        _ => 0,
     }
 }
 
@@ -304,7 +354,11 @@ async fn serve_connection(
             }
         }
     });
-    let (work_tx, mut work_rx) = mpsc::channel::<(u64, Request)>(4096);
+    // Unbounded so that reading never stops behind changes still being
+    // applied: a ping read later would look like a dead peer. What queues
+    // here is bounded by the senders (each FUSE thread waits for its
+    // write-behind window, the heal for its batch).
+    let (work_tx, mut work_rx) = mpsc::unbounded_channel::<(u64, Request)>();
     let worker = {
         let volume = Arc::clone(&volume);
         let out_tx = out_tx.clone();
@@ -327,8 +381,16 @@ async fn serve_connection(
                     }
                 }
                 Some(Ok(Message::Request { id, body })) => {
-                    if work_tx.send((id, body)).await.is_err() {
+                    let large = payload_len(&body) >= LARGE_FRAME;
+                    if work_tx.send((id, body)).is_err() {
                         break;
+                    }
+                    if large {
+                        // Frames already buffered are decoded (and their
+                        // tags checked) without touching the socket, which
+                        // tokio's budget would count: yield between large
+                        // ones so pings on other connections are answered.
+                        tokio::task::yield_now().await;
                     }
                 }
                 Some(Ok(other)) => {
@@ -374,6 +436,17 @@ async fn handle(volume: &Arc<Volume>, from: &str, body: Request) -> Response {
             let volume = Arc::clone(volume);
             let from = from.to_owned();
             blocking(Box::new(move || volume.heal_from(&from, &path, &entry))).await
+        }
+        Request::HealProbe { path, digest } => {
+            let volume = Arc::clone(volume);
+            // Not under the apply lock: a change racing the read makes the
+            // digests differ, and the path is just healed.
+            blocking(Box::new(move || match volume.brick().digest(&path) {
+                Ok(mine) if mine == digest => Response::Ok,
+                Ok(_) => Response::Differs,
+                Err(error) => Response::Errno(super::replica::errno(&error)),
+            }))
+            .await
         }
         Request::HealSync => {
             let volume = Arc::clone(volume);

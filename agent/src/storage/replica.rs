@@ -45,6 +45,18 @@ pub struct Outgoing {
 
 pub type Reply = oneshot::Receiver<Response>;
 
+/// A change applied here and queued for the peers whose quorum is still
+/// being counted (see [`Volume::submit_behind`]).
+pub type Behind = tokio::task::JoinHandle<Result<(), i32>>;
+
+/// A change queued for the peers: the paths it touches (recorded for a
+/// peer that misses it) and where each peer's answer arrives.
+#[derive(Debug)]
+struct Sent {
+    paths: Vec<String>,
+    replies: Vec<(usize, Reply)>,
+}
+
 /// One other replica of the volume.
 #[derive(Debug)]
 pub struct Peer {
@@ -129,6 +141,9 @@ pub struct Volume {
     /// Until peers had a chance to answer, a lone replica does not know
     /// whether it is a minority or just early: it waits.
     started: Instant,
+    /// Large files being streamed to a peer by the heal without the apply
+    /// lock (peer index, path); see [`Volume::begin_stream`].
+    streams: Mutex<Vec<(usize, String)>>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -184,6 +199,7 @@ impl Volume {
             stop: AtomicBool::new(false),
             wakeup: (Mutex::new(false), Condvar::new()),
             started: Instant::now(),
+            streams: Mutex::new(Vec::new()),
         };
         (Arc::new(volume), receivers)
     }
@@ -218,6 +234,16 @@ impl Volume {
 
     pub fn peer_up(&self, peer: usize) -> bool {
         self.peers[peer].up.load(Ordering::Acquire)
+    }
+
+    /// The replica that heals `peer` before this one does: the
+    /// lowest-named other replica that is up, when its name sorts before
+    /// this node's. None: this node heals `peer` first.
+    pub fn first_healer(&self, peer: usize) -> Option<usize> {
+        (0..self.peers.len())
+            .filter(|&other| other != peer && self.peer_up(other))
+            .filter(|&other| self.peers[other].name.as_str() < self.node.as_str())
+            .min_by(|&a, &b| self.peers[a].name.cmp(&self.peers[b].name))
     }
 
     pub fn heal_rate(&self) -> u64 {
@@ -380,8 +406,8 @@ impl Volume {
         (self.timeout * 5).max(Duration::from_secs(10))
     }
 
-    fn missed(&self, peer: usize, op: &Op) {
-        for path in op.paths() {
+    fn missed(&self, peer: usize, paths: &[String]) {
+        for path in paths {
             self.log.record(&self.peers[peer].name, path);
         }
     }
@@ -395,11 +421,51 @@ impl Volume {
         op: Op,
         local: impl FnOnce(&Brick) -> io::Result<T>,
     ) -> Result<T, i32> {
-        let (value, replies) = self.start(&op, local)?;
+        let (value, sent) = self.start(op, local)?;
         let volume = Arc::clone(self);
         self.runtime
-            .block_on(async move { volume.settle(op, replies).await })?;
+            .block_on(async move { volume.settle(sent).await })?;
         Ok(value)
+    }
+
+    /// Like [`Volume::submit`], but returns once `op` is applied here and
+    /// queued (in order) for the peers: the quorum is counted by the
+    /// returned task (write-behind; `fs.rs` waits for it at flush and
+    /// fsync, and reports a missed quorum there). Refused at once without
+    /// a quorum.
+    pub fn submit_behind<T>(
+        self: &Arc<Self>,
+        op: Op,
+        local: impl FnOnce(&Brick) -> io::Result<T>,
+    ) -> Result<(T, Behind), i32> {
+        let (value, sent) = self.start(op, local)?;
+        let volume = Arc::clone(self);
+        let behind = self.runtime.spawn(async move { volume.settle(sent).await });
+        Ok((value, behind))
+    }
+
+    /// Waits (blocking) for a change submitted with
+    /// [`Volume::submit_behind`].
+    pub fn wait_behind(&self, behind: Behind) -> Result<(), i32> {
+        self.runtime.block_on(behind).unwrap_or(Err(libc::EIO))
+    }
+
+    /// Makes a file durable on a quorum: the `Fsync` is queued behind every
+    /// earlier change to the peers, and the local `sync` runs while they
+    /// sync theirs (it changes nothing, so it needs no place in the order;
+    /// the disk can commit the three in one journal transaction).
+    pub fn submit_sync(
+        self: &Arc<Self>,
+        op: Op,
+        sync: impl FnOnce(&Brick) -> io::Result<()>,
+    ) -> Result<(), i32> {
+        let ((), sent) = self.start(op, |_| Ok(()))?;
+        let local = sync(&self.brick).map_err(|error| errno(&error));
+        let volume = Arc::clone(self);
+        let quorum = self
+            .runtime
+            .block_on(async move { volume.settle(sent).await });
+        local.and(quorum)
     }
 
     /// Checks the quorum, applies `op` locally and queues it for every
@@ -407,9 +473,9 @@ impl Volume {
     /// lock so every replica sees changes in the same order.
     fn start<T>(
         &self,
-        op: &Op,
+        op: Op,
         local: impl FnOnce(&Brick) -> io::Result<T>,
-    ) -> Result<(T, Vec<(usize, Reply)>), i32> {
+    ) -> Result<(T, Sent), i32> {
         if !self.has_quorum() {
             self.stats.writes_refused.fetch_add(1, Ordering::Relaxed);
             return Err(libc::EROFS);
@@ -418,21 +484,19 @@ impl Volume {
             self.stats.writes_refused.fetch_add(1, Ordering::Relaxed);
             return Err(libc::EAGAIN);
         }
+        let paths: Vec<String> = op.paths().into_iter().map(str::to_owned).collect();
         let _order = self.apply_lock();
         let value = local(&self.brick).map_err(|error| errno(&error))?;
+        self.touch_streams(&paths);
         let missed: Vec<String> = self
             .peers
             .iter()
             .filter(|p| !p.up.load(Ordering::Acquire))
             .map(|p| p.name.clone())
             .collect();
-        let body = Request::Apply {
-            op: op.clone(),
-            missed,
-        };
+        let mut body = Some(Request::Apply { op, missed });
         let mut replies = Vec::new();
         let last = self.peers.len().saturating_sub(1);
-        let mut body = Some(body);
         for index in 0..self.peers.len() {
             // The last peer takes the body itself (a write's data is
             // copied once less).
@@ -444,16 +508,16 @@ impl Volume {
             let Some(request) = request else { break };
             match self.send_peer(index, request) {
                 Some(reply) => replies.push((index, reply)),
-                None => self.missed(index, op),
+                None => self.missed(index, &paths),
             }
         }
-        Ok((value, replies))
+        Ok((value, Sent { paths, replies }))
     }
 
     /// Counts the peers' answers: Ok when a quorum applied the change.
-    async fn settle(self: Arc<Self>, op: Op, replies: Vec<(usize, Reply)>) -> Result<(), i32> {
+    async fn settle(self: Arc<Self>, sent: Sent) -> Result<(), i32> {
         let need = self.quorum - 1;
-        let acked = Arc::clone(&self).collect(op, replies).await;
+        let acked = Arc::clone(&self).collect(sent).await;
         if acked >= need {
             self.stats.writes.fetch_add(1, Ordering::Relaxed);
             Ok(())
@@ -472,8 +536,9 @@ impl Volume {
     /// does), so a change is visible on every connected replica when it is
     /// acknowledged; a peer that fails or times out is recorded for heal.
     /// Returns how many acknowledged.
-    async fn collect(self: Arc<Self>, op: Op, replies: Vec<(usize, Reply)>) -> usize {
+    async fn collect(self: Arc<Self>, sent: Sent) -> usize {
         let limit = self.reply_timeout();
+        let Sent { paths, replies } = sent;
         let mut waiting: FuturesUnordered<_> = replies
             .into_iter()
             .map(|(index, reply)| async move {
@@ -489,16 +554,64 @@ impl Volume {
             if ok {
                 acked += 1;
             } else {
-                self.missed(index, &op);
+                self.missed(index, &paths);
             }
         }
         acked
+    }
+
+    /// The heal starts streaming `path` to `peer` chunk by chunk without
+    /// holding the apply lock across the whole read. Until
+    /// [`Volume::end_stream`], a change here that touches `path` (or a
+    /// directory above it) records it again for `peer`: the copy on its
+    /// way may mix states, so the path stays pending and is sent again.
+    pub fn begin_stream(&self, peer: usize, path: &str) {
+        let _order = self.apply_lock();
+        lock(&self.streams).push((peer, path.to_owned()));
+    }
+
+    /// The last chunk of `path` is queued for `peer`: later changes reach
+    /// the peer after it, in order. Under the apply lock, so no change
+    /// falls between the two.
+    pub fn end_stream(&self, peer: usize, path: &str) {
+        let _order = self.apply_lock();
+        let mut streams = lock(&self.streams);
+        if let Some(at) = streams.iter().position(|(p, s)| *p == peer && s == path) {
+            streams.swap_remove(at);
+        }
+    }
+
+    /// Called under the apply lock for every change: re-records streamed
+    /// paths the change touches (see [`Volume::begin_stream`]).
+    fn touch_streams(&self, changed: &[String]) {
+        let streams = lock(&self.streams);
+        if streams.is_empty() {
+            return;
+        }
+        for (peer, streamed) in streams.iter() {
+            let touched = changed.iter().any(|path| {
+                path.is_empty()
+                    || streamed == path
+                    || streamed
+                        .strip_prefix(path.as_str())
+                        .is_some_and(|rest| rest.starts_with('/'))
+            });
+            if touched {
+                let name = &self.peers[*peer].name;
+                self.log.record(name, streamed);
+                for path in changed {
+                    self.log.record(name, path);
+                }
+            }
+        }
     }
 
     /// A peer's change, applied here (blocking).
     pub fn apply_remote(&self, op: &Op, missed: &[String]) -> Response {
         let _order = self.apply_lock();
         let result = self.brick.apply(op);
+        let paths: Vec<String> = op.paths().into_iter().map(str::to_owned).collect();
+        self.touch_streams(&paths);
         for name in missed {
             if name != &self.node && self.peer_index(name).is_some() {
                 for path in op.paths() {
