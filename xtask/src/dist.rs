@@ -1105,6 +1105,77 @@ mod tests {
         }
     }
 
+    fn args(command: &Command) -> Vec<String> {
+        command
+            .get_args()
+            .map(|arg| arg.to_string_lossy().into_owned())
+            .collect()
+    }
+
+    fn env(command: &Command, key: &str) -> Option<String> {
+        command
+            .get_envs()
+            .find_map(|(k, v)| (k == key).then(|| v.map(|v| v.to_string_lossy().into_owned()))?)
+    }
+
+    #[test]
+    fn the_unit_test_build_for_a_pi_is_a_dev_build_run_through_qemu() {
+        let test = cargo(Arch::Armhf, "test", Profile::Test);
+        let test_args = args(&test);
+        assert!(
+            !test_args.contains(&"--release".to_owned()),
+            "{test_args:?}"
+        );
+        assert!(
+            test_args.contains(&"build-std=std,panic_abort".to_owned()),
+            "{test_args:?}"
+        );
+        for setting in UNIT_TEST_PROFILE {
+            assert!(
+                test_args
+                    .windows(2)
+                    .any(|pair| pair[0] == "--config" && pair[1] == *setting),
+                "{setting} missing from {test_args:?}"
+            );
+        }
+        assert_eq!(
+            env(&test, "CARGO_TARGET_ARMV7_UNKNOWN_LINUX_GNUEABIHF_RUNNER").as_deref(),
+            Some("qemu-arm-static -L /usr/arm-linux-gnueabihf")
+        );
+        // The same target dir as the release build of that architecture.
+        let release = cargo(Arch::Armhf, "build", Profile::Release);
+        assert!(args(&release).contains(&"--release".to_owned()));
+        assert_eq!(
+            env(&test, "CARGO_TARGET_DIR"),
+            env(&release, "CARGO_TARGET_DIR")
+        );
+        assert_eq!(
+            args(&cargo(Arch::Arm64, "test", Profile::Test))
+                .iter()
+                .skip_while(|a| *a != "--target")
+                .nth(1)
+                .map(String::as_str),
+            Some("aarch64-unknown-linux-gnu")
+        );
+    }
+
+    /// The Pis' unit-test build compiles the agent's dev-dependencies for
+    /// the target: xtask (the labs, and everything it depends on) must stay
+    /// a dev-dependency of the x86_64 host only.
+    #[test]
+    fn xtask_is_a_dev_dependency_of_the_host_only() {
+        let manifest: toml::Value = toml::from_str(
+            &std::fs::read_to_string(workspace_root().join("agent/Cargo.toml")).unwrap(),
+        )
+        .unwrap();
+        let everywhere = manifest["dev-dependencies"].as_table().unwrap();
+        assert!(!everywhere.contains_key("xtask"), "{everywhere:?}");
+        let host = manifest["target"]["cfg(target_arch = \"x86_64\")"]["dev-dependencies"]
+            .as_table()
+            .unwrap();
+        assert!(host.contains_key("xtask"), "{host:?}");
+    }
+
     #[test]
     fn the_package_metadata_names_files_that_exist() {
         let manifest: toml::Value = toml::from_str(
