@@ -142,6 +142,11 @@ pub(crate) struct DistArgs {
     /// Skip the unit tests under qemu (the smoke run still happens).
     #[arg(long)]
     pub(crate) skip_unit_tests: bool,
+    /// Only build the agent's lib unit tests for each foreign architecture
+    /// (dev profile) and run them under qemu-user; no release build, no
+    /// package.
+    #[arg(long, conflicts_with_all = ["no_build", "skip_unit_tests", "check"])]
+    pub(crate) test_under_qemu: bool,
     /// Also install each built package into a clean Debian root of its
     /// architecture, check it, remove and purge it (needs root; arm64 and
     /// armhf roots run under qemu-user, registered with binfmt_misc;
@@ -172,6 +177,9 @@ pub(crate) fn run(args: DistArgs) -> Result<()> {
     ensure_cargo_deb()?;
     step("build-ebpf (the same object for every architecture)");
     toolchain::build_ebpf()?;
+    if args.test_under_qemu {
+        return test_under_qemu(&arches);
+    }
 
     let mut built = Vec::new();
     for arch in arches {
@@ -321,10 +329,33 @@ fn ensure_cargo_deb() -> Result<()> {
     Ok(())
 }
 
+/// Which cargo profile a build in target/dist uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Profile {
+    /// The shipped binary.
+    Release,
+    /// The lib unit tests under qemu: the dev profile, see
+    /// [`UNIT_TEST_PROFILE`].
+    Test,
+}
+
+/// Settings of the unit-test build for the Pis (`--config` of cargo). The
+/// standard library built by `-Z build-std` takes the profile of the
+/// build; at opt-level 0 it and the crypto crates run slowly under qemu,
+/// so dependencies get opt-level 1, the agent itself 0 (its code is what
+/// changes between runs). No debug info: it doubles link time and disk,
+/// and panics still name their file and line. No incremental state: the
+/// build is made once per run.
+const UNIT_TEST_PROFILE: &[&str] = &[
+    "profile.dev.debug=0",
+    "profile.dev.incremental=false",
+    "profile.dev.package.\"*\".opt-level=1",
+];
+
 /// `cargo` for one architecture's build in target/dist: Debian's rustc
 /// with the standard library built from source for the Pis, rustup's
 /// toolchain for amd64.
-fn cargo(arch: Arch, subcommand: &str) -> Command {
+fn cargo(arch: Arch, subcommand: &str, profile: Profile) -> Command {
     let root = workspace_root();
     let mut command = Command::new("cargo");
     command
@@ -353,8 +384,18 @@ fn cargo(arch: Arch, subcommand: &str) -> Command {
     } else {
         command.env_remove("RUSTC");
     }
+    match profile {
+        Profile::Release => {
+            command.arg("--release");
+        }
+        Profile::Test => {
+            for setting in UNIT_TEST_PROFILE {
+                command.args(["--config", setting]);
+            }
+        }
+    }
     command
-        .args(["--release", "-p", "farol-agent", "--target"])
+        .args(["-p", "farol-agent", "--target"])
         .arg(arch.triple());
     command
 }
@@ -370,7 +411,7 @@ fn build(arch: Arch) -> Result<PathBuf> {
             ebpf_object().display()
         );
     }
-    exec(cargo(arch, "build").args(["--bin", "agent"]))?;
+    exec(cargo(arch, "build", Profile::Release).args(["--bin", "agent"]))?;
     let binary = binary_path(arch);
     let file = capture(Command::new("file").arg("-b").arg(&binary))
         .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_owned())
@@ -558,10 +599,42 @@ pool_size = 2
     Ok(())
 }
 
-/// The agent's lib unit tests, built for `arch` and run by cargo through
-/// qemu-user (`CARGO_TARGET_<TRIPLE>_RUNNER`). Returns a one-line result.
+/// `--test-under-qemu`: the unit tests of every foreign architecture asked
+/// for, one after the other, and a summary.
+fn test_under_qemu(arches: &[Arch]) -> Result<()> {
+    let mut results = Vec::new();
+    for &arch in arches {
+        if arch.cross().is_none() {
+            println!(
+                "dist: {}: unit tests run on the host by `cargo xtask test`",
+                arch.deb()
+            );
+            continue;
+        }
+        step(&format!("{}: agent unit tests under qemu", arch.deb()));
+        results.push((arch, unit_tests(arch)?));
+    }
+    step("summary");
+    for (arch, result) in results {
+        println!("{:<6} {result}", arch.deb());
+    }
+    Ok(())
+}
+
+/// The agent's lib unit tests, built for `arch` (dev profile, see
+/// [`UNIT_TEST_PROFILE`]) and run by cargo through qemu-user
+/// (`CARGO_TARGET_<TRIPLE>_RUNNER`) with the cross C library as its
+/// sysroot. Returns a one-line result with the build and run times.
 fn unit_tests(arch: Arch) -> Result<String> {
-    let mut command = cargo(arch, "test");
+    let started = Instant::now();
+    exec(cargo(arch, "test", Profile::Test).args(["--lib", "--no-run"]))?;
+    let build_seconds = started.elapsed().as_secs_f64();
+    println!(
+        "dist: {}: unit tests built in {build_seconds:.0} s",
+        arch.deb()
+    );
+    let started = Instant::now();
+    let mut command = cargo(arch, "test", Profile::Test);
     command.args(["--lib", "--", "--test-threads", "2"]);
     for (name, why) in SKIPPED_UNDER_QEMU {
         println!("dist: skipping {name} under qemu: {why}");
@@ -593,7 +666,10 @@ fn unit_tests(arch: Arch) -> Result<String> {
         .unwrap_or("test result: (none)")
         .trim_start_matches("test result: ")
         .to_owned();
-    Ok(format!("unit tests under qemu: {result}"))
+    Ok(format!(
+        "unit tests under qemu: {result} (built in {build_seconds:.0} s, ran in {:.0} s)",
+        started.elapsed().as_secs_f64()
+    ))
 }
 
 /// `cargo deb` of the built binary (no rebuild); returns the .deb.
@@ -1027,6 +1103,77 @@ mod tests {
                 "{cap} has no comment saying why"
             );
         }
+    }
+
+    fn args(command: &Command) -> Vec<String> {
+        command
+            .get_args()
+            .map(|arg| arg.to_string_lossy().into_owned())
+            .collect()
+    }
+
+    fn env(command: &Command, key: &str) -> Option<String> {
+        command
+            .get_envs()
+            .find_map(|(k, v)| (k == key).then(|| v.map(|v| v.to_string_lossy().into_owned()))?)
+    }
+
+    #[test]
+    fn the_unit_test_build_for_a_pi_is_a_dev_build_run_through_qemu() {
+        let test = cargo(Arch::Armhf, "test", Profile::Test);
+        let test_args = args(&test);
+        assert!(
+            !test_args.contains(&"--release".to_owned()),
+            "{test_args:?}"
+        );
+        assert!(
+            test_args.contains(&"build-std=std,panic_abort".to_owned()),
+            "{test_args:?}"
+        );
+        for setting in UNIT_TEST_PROFILE {
+            assert!(
+                test_args
+                    .windows(2)
+                    .any(|pair| pair[0] == "--config" && pair[1] == *setting),
+                "{setting} missing from {test_args:?}"
+            );
+        }
+        assert_eq!(
+            env(&test, "CARGO_TARGET_ARMV7_UNKNOWN_LINUX_GNUEABIHF_RUNNER").as_deref(),
+            Some("qemu-arm-static -L /usr/arm-linux-gnueabihf")
+        );
+        // The same target dir as the release build of that architecture.
+        let release = cargo(Arch::Armhf, "build", Profile::Release);
+        assert!(args(&release).contains(&"--release".to_owned()));
+        assert_eq!(
+            env(&test, "CARGO_TARGET_DIR"),
+            env(&release, "CARGO_TARGET_DIR")
+        );
+        assert_eq!(
+            args(&cargo(Arch::Arm64, "test", Profile::Test))
+                .iter()
+                .skip_while(|a| *a != "--target")
+                .nth(1)
+                .map(String::as_str),
+            Some("aarch64-unknown-linux-gnu")
+        );
+    }
+
+    /// The Pis' unit-test build compiles the agent's dev-dependencies for
+    /// the target: xtask (the labs, and everything it depends on) must stay
+    /// a dev-dependency of the x86_64 host only.
+    #[test]
+    fn xtask_is_a_dev_dependency_of_the_host_only() {
+        let manifest: toml::Value = toml::from_str(
+            &std::fs::read_to_string(workspace_root().join("agent/Cargo.toml")).unwrap(),
+        )
+        .unwrap();
+        let everywhere = manifest["dev-dependencies"].as_table().unwrap();
+        assert!(!everywhere.contains_key("xtask"), "{everywhere:?}");
+        let host = manifest["target"]["cfg(target_arch = \"x86_64\")"]["dev-dependencies"]
+            .as_table()
+            .unwrap();
+        assert!(host.contains_key("xtask"), "{host:?}");
     }
 
     #[test]
