@@ -550,6 +550,9 @@ fn finish_batch(
                 None => outcome = None,
             }
         }
+        // The peer has applied (or dropped) the copy: a change from now on
+        // reaches it after the copy.
+        volume.end_stream(peer, &sent.path);
         match outcome {
             Some(true) => installed.push((sent.path, sent.generation, sent.bytes, sent.streamed)),
             Some(false) => rejected.push((sent.path, sent.generation)),
@@ -611,7 +614,9 @@ fn send_path(volume: &Volume, peer: usize, path: &str, hold_lock: bool) -> Optio
         volume.begin_stream(peer, path);
         None
     } else {
-        Some(volume.apply_lock())
+        let order = volume.apply_lock();
+        volume.begin_stream_locked(&order, peer, path);
+        Some(order)
     };
     let mut replies = Vec::new();
     let mut bytes = 0u64;
@@ -643,16 +648,15 @@ fn send_path(volume: &Volume, peer: usize, path: &str, hold_lock: bool) -> Optio
         }
     });
     drop(order);
-    if large {
-        volume.end_stream(peer, path);
-    }
     if let Err(error) = captured {
+        volume.end_stream(peer, path);
         warn!(volume = %volume.name(), path, %error, "cannot read a path to heal");
         return None;
     }
     // The peer went away or its queue is full: part of the entry was not
     // sent, so the path stays pending.
     if !complete || replies.is_empty() {
+        volume.end_stream(peer, path);
         return None;
     }
     Some((replies, bytes, children, large))

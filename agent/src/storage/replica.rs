@@ -141,9 +141,28 @@ pub struct Volume {
     /// Until peers had a chance to answer, a lone replica does not know
     /// whether it is a minority or just early: it waits.
     started: Instant,
-    /// Large files being streamed to a peer by the heal without the apply
-    /// lock (peer index, path); see [`Volume::begin_stream`].
-    streams: Mutex<Vec<(usize, String)>>,
+    /// Heal copies on their way to a peer (peer index, path), from their
+    /// capture until the peer answered; see [`Volume::begin_stream`].
+    streams: Mutex<Vec<InFlightHeal>>,
+}
+
+/// A heal copy on its way to a peer; see [`Volume::begin_stream`].
+#[derive(Debug)]
+struct InFlightHeal {
+    peer: usize,
+    path: String,
+    captured_under_lock: bool,
+}
+
+/// Where a change applied to this brick came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ChangeFrom {
+    /// This replica's mount: sent to the peers after any heal copy queued
+    /// before it, on the same connections.
+    Here,
+    /// Another replica: it may also reach the healed peer directly, on
+    /// another connection, before this replica's heal copy does.
+    Peer,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -487,7 +506,7 @@ impl Volume {
         let paths: Vec<String> = op.paths().into_iter().map(str::to_owned).collect();
         let _order = self.apply_lock();
         let value = local(&self.brick).map_err(|error| errno(&error))?;
-        self.touch_streams(&paths);
+        self.touch_streams(&paths, ChangeFrom::Here);
         let missed: Vec<String> = self
             .peers
             .iter()
@@ -560,35 +579,63 @@ impl Volume {
         acked
     }
 
-    /// The heal starts streaming `path` to `peer` chunk by chunk without
-    /// holding the apply lock across the whole read. Until
-    /// [`Volume::end_stream`], a change here that touches `path` (or a
-    /// directory above it) records it again for `peer`: the copy on its
-    /// way may mix states, so the path stays pending and is sent again.
+    /// The heal captures `path` for `peer`. Until [`Volume::end_stream`]
+    /// (called once the peer answered), a change here that touches `path`
+    /// (or a directory above it) records it again for `peer`, so the path
+    /// stays pending and is sent again. Two reasons: a large file is
+    /// streamed without the apply lock, so its copy may mix states; and a
+    /// copy from this replica can reach the peer after a newer change to
+    /// the same path sent to it directly by another replica (its own
+    /// connection, its own order), which the copy would undo. The chaos
+    /// suite found the second: a file acknowledged on two replicas was left
+    /// empty on the third by a heal copy taken just after its create.
     pub fn begin_stream(&self, peer: usize, path: &str) {
         let _order = self.apply_lock();
-        lock(&self.streams).push((peer, path.to_owned()));
+        lock(&self.streams).push(InFlightHeal {
+            peer,
+            path: path.to_owned(),
+            captured_under_lock: false,
+        });
     }
 
-    /// The last chunk of `path` is queued for `peer`: later changes reach
-    /// the peer after it, in order. Under the apply lock, so no change
-    /// falls between the two.
+    /// [`Volume::begin_stream`] for a copy captured whole under the apply
+    /// lock (the caller holds it): changes made here reach the peer after
+    /// it on the same connection, so only changes from other replicas
+    /// record it again.
+    pub fn begin_stream_locked(&self, _order: &MutexGuard<'_, ()>, peer: usize, path: &str) {
+        lock(&self.streams).push(InFlightHeal {
+            peer,
+            path: path.to_owned(),
+            captured_under_lock: true,
+        });
+    }
+
+    /// The heal copy of `path` was answered by `peer` (or given up): later
+    /// changes no longer need to record it again. Under the apply lock, so
+    /// no change falls between the two.
     pub fn end_stream(&self, peer: usize, path: &str) {
         let _order = self.apply_lock();
         let mut streams = lock(&self.streams);
-        if let Some(at) = streams.iter().position(|(p, s)| *p == peer && s == path) {
+        if let Some(at) = streams
+            .iter()
+            .position(|heal| heal.peer == peer && heal.path == path)
+        {
             streams.swap_remove(at);
         }
     }
 
     /// Called under the apply lock for every change: re-records streamed
     /// paths the change touches (see [`Volume::begin_stream`]).
-    fn touch_streams(&self, changed: &[String]) {
+    fn touch_streams(&self, changed: &[String], from: ChangeFrom) {
         let streams = lock(&self.streams);
         if streams.is_empty() {
             return;
         }
-        for (peer, streamed) in streams.iter() {
+        for heal in streams.iter() {
+            if heal.captured_under_lock && from == ChangeFrom::Here {
+                continue;
+            }
+            let (peer, streamed) = (&heal.peer, &heal.path);
             let touched = changed.iter().any(|path| {
                 path.is_empty()
                     || streamed == path
@@ -611,7 +658,7 @@ impl Volume {
         let _order = self.apply_lock();
         let result = self.brick.apply(op);
         let paths: Vec<String> = op.paths().into_iter().map(str::to_owned).collect();
-        self.touch_streams(&paths);
+        self.touch_streams(&paths, ChangeFrom::Peer);
         for name in missed {
             if name != &self.node && self.peer_index(name).is_some() {
                 for path in op.paths() {
@@ -846,6 +893,35 @@ mod tests {
             Response::Rejected
         );
         assert_eq!(std::fs::read(dir.join("x")).unwrap(), b"ours");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_change_from_another_replica_while_a_heal_copy_is_on_its_way_keeps_the_path_pending() {
+        let (volume, dir, _rt) = make_volume("in-flight", 1, SplitBrainPolicy::LatestMtime, None);
+        std::fs::write(dir.join("x"), b"").unwrap();
+        {
+            let order = volume.apply_lock();
+            volume.begin_stream_locked(&order, 0, "x");
+        }
+        // Another replica's write to x reaches this brick (and, directly,
+        // the healed peer b) before b has answered the copy: the copy may
+        // land after the write there, so x must be sent to b again.
+        let write = Op::Write {
+            path: "x".into(),
+            offset: 0,
+            data: b"acknowledged".to_vec(),
+            mtime_ns: 2_000_000_000,
+        };
+        assert_eq!(volume.apply_remote(&write, &[]), Response::Ok);
+        assert!(volume.log().contains("b", "x"));
+
+        // Once b answered the copy, a later write needs nothing more.
+        volume.end_stream(0, "x");
+        let (_, generation) = volume.log().next_after("b", None).unwrap();
+        assert!(volume.log().resolve_at("b", "x", generation));
+        assert_eq!(volume.apply_remote(&write, &[]), Response::Ok);
+        assert!(!volume.log().contains("b", "x"));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
