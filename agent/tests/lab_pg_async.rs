@@ -113,18 +113,6 @@ fn an_asynchronous_failover_loses_at_most_max_lag_of_acknowledged_writes() {
     );
 }
 
-/// Sends SIGCONT to the stopped WAL receivers when dropped (also on panic).
-struct Stopped(Vec<i32>);
-
-impl Drop for Stopped {
-    fn drop(&mut self) {
-        for pid in &self.0 {
-            // SAFETY: kill(2) on a WAL receiver this test stopped.
-            unsafe { libc::kill(*pid, libc::SIGCONT) };
-        }
-    }
-}
-
 #[test]
 fn standbys_beyond_max_lag_are_not_promoted() {
     let test = "standbys_beyond_max_lag_are_not_promoted";
@@ -139,32 +127,8 @@ fn standbys_beyond_max_lag_are_not_promoted() {
             ..PgOptions::default()
         },
     );
-    let receivers: Vec<i32> = PG_IPS[1..]
-        .iter()
-        .map(|ip| {
-            psql(
-                &cluster.lab,
-                &direct(ip),
-                "SELECT pid FROM pg_stat_wal_receiver",
-            )
-            .unwrap()
-            .parse()
-            .unwrap()
-        })
-        .collect();
-    let _stopped = Stopped(receivers.clone());
-    for pid in &receivers {
-        // SAFETY: kill(2) on a WAL receiver of this test's standbys.
-        unsafe { libc::kill(*pid, libc::SIGSTOP) };
-    }
-    psql(
-        &cluster.lab,
-        &direct(PG_IPS[0]),
-        "CREATE TABLE filler AS SELECT g, repeat('x', 200) AS pad FROM generate_series(1, 20000) g",
-    )
-    .unwrap();
-    // Every decider sees the primary's new position.
-    std::thread::sleep(Duration::from_secs(1));
+    // Both standbys 4 MB behind a 1 MB bound, seen by every agent.
+    let _stalled = cluster.stall_standbys_4mb_behind();
     cluster.kill_node("nuster1");
     let killed = Instant::now();
     // Lease (3 s) + margin (0.5 s) + failover_after, then some.

@@ -104,18 +104,6 @@ fn a_dead_postmaster_is_handed_over_without_waiting_for_the_lease() {
     .unwrap_or_else(|e| panic!("{e:#}\n{}", cluster.logs()));
 }
 
-/// Sends SIGCONT to the stopped WAL receivers when dropped (also on panic).
-struct Stopped(Vec<i32>);
-
-impl Drop for Stopped {
-    fn drop(&mut self) {
-        for pid in &self.0 {
-            // SAFETY: kill(2) on a WAL receiver this test stopped.
-            unsafe { libc::kill(*pid, libc::SIGCONT) };
-        }
-    }
-}
-
 /// No standby may take over (asynchronous, both 4 MB behind with
 /// `max_lag_bytes = 1MB`): the agent keeps the primary and restarts its
 /// server in place, with every acknowledged row.
@@ -133,32 +121,8 @@ fn a_dead_postmaster_with_no_fit_standby_restarts_in_place() {
             ..PgOptions::default()
         },
     );
-    let receivers: Vec<i32> = PG_IPS[1..]
-        .iter()
-        .map(|ip| {
-            psql(
-                &cluster.lab,
-                &direct(ip),
-                "SELECT pid FROM pg_stat_wal_receiver",
-            )
-            .unwrap()
-            .parse()
-            .unwrap()
-        })
-        .collect();
-    let _stopped = Stopped(receivers.clone());
-    for pid in &receivers {
-        // SAFETY: kill(2) on a WAL receiver of this test's standbys.
-        unsafe { libc::kill(*pid, libc::SIGSTOP) };
-    }
-    psql(
-        &cluster.lab,
-        &direct(PG_IPS[0]),
-        "CREATE TABLE filler AS SELECT g, repeat('x', 200) AS pad FROM generate_series(1, 20000) g",
-    )
-    .unwrap();
-    // nuster1's agent sees its server's new position.
-    std::thread::sleep(Duration::from_secs(1));
+    // Both standbys 4 MB behind a 1 MB bound, seen by every agent.
+    let _stalled = cluster.stall_standbys_4mb_behind();
     let postmaster = cluster
         .postmaster_pid("nuster1")
         .expect("nuster1's postmaster");

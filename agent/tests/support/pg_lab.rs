@@ -346,6 +346,53 @@ pool_size = 4
 
 /// Runs `sql` with psql from the client on `conninfo`: Ok(stdout) or
 /// Err(stderr).
+/// WAL receivers stopped with SIGSTOP; SIGCONT when dropped (also on
+/// panic).
+pub(crate) struct StalledStandbys(Vec<i32>);
+
+impl Drop for StalledStandbys {
+    fn drop(&mut self) {
+        for pid in &self.0 {
+            // SAFETY: kill(2) on a WAL receiver this test stopped.
+            unsafe { libc::kill(*pid, libc::SIGCONT) };
+        }
+    }
+}
+
+impl PgCluster {
+    /// Stops both standbys' WAL receivers, then writes about 4 MB on the
+    /// primary (nuster1), so both fall that far behind; waits 1 s so every
+    /// agent sees the new positions.
+    pub(crate) fn stall_standbys_4mb_behind(&self) -> StalledStandbys {
+        let receivers: Vec<i32> = PG_IPS[1..]
+            .iter()
+            .map(|ip| {
+                psql(
+                    &self.lab,
+                    &direct(ip),
+                    "SELECT pid FROM pg_stat_wal_receiver",
+                )
+                .unwrap()
+                .parse()
+                .unwrap()
+            })
+            .collect();
+        let stalled = StalledStandbys(receivers.clone());
+        for pid in &receivers {
+            // SAFETY: kill(2) on a WAL receiver of this test's standbys.
+            unsafe { libc::kill(*pid, libc::SIGSTOP) };
+        }
+        psql(
+            &self.lab,
+            &direct(PG_IPS[0]),
+            "CREATE TABLE filler AS SELECT g, repeat('x', 200) AS pad FROM generate_series(1, 20000) g",
+        )
+        .unwrap();
+        std::thread::sleep(std::time::Duration::from_secs(1));
+        stalled
+    }
+}
+
 pub(crate) fn psql(lab: &Lab, conninfo: &str, sql: &str) -> Result<String, String> {
     let out = lab
         .run(
