@@ -548,7 +548,9 @@ fn link_exists(netns: &str, link: &str) -> bool {
         .is_ok_and(|status| status.success())
 }
 
-fn namespace_pids(netns: &str) -> Vec<i32> {
+/// The PIDs of the processes in network namespace `netns` (empty when
+/// `ip netns pids` fails).
+pub fn namespace_pids(netns: &str) -> Vec<i32> {
     Command::new("ip")
         .args(["netns", "pids", netns])
         .output()

@@ -9,7 +9,10 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
-use xtask::{capture, lab::HOST_INTERFACE};
+use xtask::{
+    capture,
+    lab::{namespace_pids, HOST_INTERFACE},
+};
 
 use crate::cluster::Cluster;
 
@@ -282,19 +285,6 @@ fn descendants(pid: u32) -> Vec<i32> {
     }
     found.remove(0);
     found
-}
-
-fn namespace_pids(netns: &str) -> Vec<i32> {
-    Command::new("ip")
-        .args(["netns", "pids", netns])
-        .output()
-        .map(|out| {
-            String::from_utf8_lossy(&out.stdout)
-                .split_whitespace()
-                .filter_map(|pid| pid.parse().ok())
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 fn set_link(cluster: &Cluster, node: &str, up: bool) -> Result<()> {
