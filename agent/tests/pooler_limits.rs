@@ -3,7 +3,10 @@
 
 mod support;
 
-use std::time::{Duration, Instant};
+use std::{
+    path::PathBuf,
+    time::{Duration, Instant},
+};
 
 use farol_agent::config::PoolMode;
 use support::pooler::{self as harness, can_run_postgres, cluster, connect, connect_as, sqlstate};
@@ -234,28 +237,29 @@ async fn ssl_requests_are_refused_cleanly_and_garbage_gets_08p01() {
     client.simple_query("SELECT 1").await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tls_is_offered_when_a_certificate_is_configured() {
-    if !can_run_postgres("tls_is_offered_when_a_certificate_is_configured") {
-        return;
-    }
-    let pg = cluster(false);
-    let dir = std::env::temp_dir().join(format!("farol-pooler-tls-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+/// A self-signed certificate made by openssl with `key_args` and `digest`.
+fn self_signed(
+    dir: &std::path::Path,
+    name: &str,
+    key_args: &[&str],
+    digest: &str,
+) -> (PathBuf, PathBuf) {
+    let (cert, key) = (
+        dir.join(format!("{name}.crt")),
+        dir.join(format!("{name}.key")),
+    );
     let made = std::process::Command::new("openssl")
+        .args(["req", "-x509"])
+        .args(key_args)
         .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
             "-nodes",
             "-days",
             "1",
+            digest,
+            "-subj",
+            "/CN=localhost",
+            "-keyout",
         ])
-        .args(["-subj", "/CN=localhost", "-keyout"])
         .arg(&key)
         .arg("-out")
         .arg(&cert)
@@ -266,35 +270,38 @@ async fn tls_is_offered_when_a_certificate_is_configured() {
         "{}",
         String::from_utf8_lossy(&made.stderr)
     );
+    (cert, key)
+}
+
+/// psql through the pooler as `app` with these libpq settings.
+async fn psql_with(port: u16, settings: &[(&str, &str)]) -> std::process::Output {
+    tokio::process::Command::new("psql")
+        .args(["-X", "-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(["-U", "app", "-d", "app"])
+        .args(["-c", "\\conninfo", "-c", "SELECT 'through tls'"])
+        .env("PGPASSWORD", harness::APP_PASSWORD)
+        .envs(settings.iter().copied())
+        .output()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_is_offered_when_a_certificate_is_configured() {
+    if !can_run_postgres("tls_is_offered_when_a_certificate_is_configured") {
+        return;
+    }
+    let pg = cluster(false);
+    let dir = std::env::temp_dir().join(format!("farol-pooler-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ecdsa = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"];
+    let (cert, key) = self_signed(&dir, "ecdsa", &ecdsa, "-sha256");
     let mut config = harness::config(&pg, harness::pool(PoolMode::Transaction, 1));
     config.tls_cert = Some(cert);
     config.tls_key = Some(key);
-    let pooler = harness::start(config).await;
-    let psql = |sslmode: &str| {
-        let port = pooler.addr.port().to_string();
-        let sslmode = sslmode.to_owned();
-        async move {
-            tokio::process::Command::new("psql")
-                .args([
-                    "-X",
-                    "-h",
-                    "127.0.0.1",
-                    "-p",
-                    &port,
-                    "-U",
-                    "app",
-                    "-d",
-                    "app",
-                ])
-                .args(["-c", "\\conninfo", "-c", "SELECT 'through tls'"])
-                .env("PGPASSWORD", harness::APP_PASSWORD)
-                .env("PGSSLMODE", sslmode)
-                .output()
-                .await
-                .unwrap()
-        }
-    };
-    let out = psql("require").await;
+    let pooler = harness::start(config.clone()).await;
+    let port = pooler.addr.port();
+    let out = psql_with(port, &[("PGSSLMODE", "require")]).await;
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -307,13 +314,48 @@ async fn tls_is_offered_when_a_certificate_is_configured() {
     );
     assert!(stdout.contains("through tls"), "{stdout}");
     // Plain text still works when the client does not ask for TLS.
-    let out = psql("disable").await;
+    let out = psql_with(port, &[("PGSSLMODE", "disable")]).await;
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(!String::from_utf8_lossy(&out.stdout).contains("SSL connection"));
+
+    // SCRAM channel binding: libpq computes the certificate hash itself,
+    // so a login with channel_binding=require proves ours is the same.
+    let bound = [("PGSSLMODE", "require"), ("PGCHANNELBINDING", "require")];
+    let out = psql_with(port, &bound).await;
+    assert!(
+        out.status.success(),
+        "ECDSA-SHA256 certificate: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Without TLS there is nothing to bind to: libpq refuses to go on.
+    let out = psql_with(
+        port,
+        &[("PGSSLMODE", "disable"), ("PGCHANNELBINDING", "require")],
+    )
+    .await;
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("channel binding"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    drop(pooler);
+
+    // A certificate signed with SHA-384 binds with a SHA-384 hash.
+    let (cert, key) = self_signed(&dir, "rsa", &["-newkey", "rsa:2048"], "-sha384");
+    config.tls_cert = Some(cert);
+    config.tls_key = Some(key);
+    let pooler = harness::start(config).await;
+    let out = psql_with(pooler.addr.port(), &bound).await;
+    assert!(
+        out.status.success(),
+        "RSA-SHA384 certificate: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 

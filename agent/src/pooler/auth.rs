@@ -1,8 +1,9 @@
 //! Authentication on both sides of the pooler.
 //!
 //! Clients: md5 (RFC-less PostgreSQL scheme, docs 21.5 "Password
-//! Authentication") and SCRAM-SHA-256 (RFC 5802 / RFC 7677, without channel
-//! binding) against the configured secrets, which are stored exactly as
+//! Authentication") and SCRAM-SHA-256 (RFC 5802 / RFC 7677; over TLS also
+//! SCRAM-SHA-256-PLUS with `tls-server-end-point` channel binding, RFC
+//! 5929, as PostgreSQL offers it) against the configured secrets, which are stored exactly as
 //! PostgreSQL stores them in `pg_authid.rolpassword`, so no plain password
 //! sits in the config. The server side of SCRAM is written here with
 //! `hmac`/`sha2`/`base64`: `postgres-protocol` only implements the client.
@@ -34,7 +35,7 @@ pub enum AuthError {
     Failed { user: String },
     #[error("malformed authentication message from the client: {what}")]
     Malformed { what: &'static str },
-    #[error("the client chose SASL mechanism {mechanism:?}; only SCRAM-SHA-256 is offered")]
+    #[error("the client chose SASL mechanism {mechanism:?}, which was not offered (SCRAM-SHA-256, and SCRAM-SHA-256-PLUS over TLS)")]
     Mechanism { mechanism: String },
     #[error("the server asked for a password and none is configured for user \"{user}\" (pooler.users[].server_password)")]
     NoServerPassword { user: String },
@@ -184,17 +185,39 @@ pub struct ScramServer {
     /// `client-first-message-bare,server-first-message`, kept for the
     /// AuthMessage.
     first_messages: String,
-    /// The GS2 header the client sent, echoed base64-encoded in `c=`.
-    gs2_header: String,
+    /// What the client must echo base64-encoded in `c=`: the GS2 header
+    /// it sent, followed by the channel binding data when it asked for it.
+    channel_binding_input: Vec<u8>,
     nonce: String,
 }
 
+/// SASL mechanism names (PostgreSQL's).
+pub const SCRAM_SHA_256: &str = "SCRAM-SHA-256";
+pub const SCRAM_SHA_256_PLUS: &str = "SCRAM-SHA-256-PLUS";
+/// The only channel binding type PostgreSQL (and the pooler) support.
+const TLS_SERVER_END_POINT: &str = "tls-server-end-point";
+
 impl ScramServer {
-    /// Takes the client-first-message and returns the server-first-message.
+    /// Takes the client-first-message of a plain SCRAM-SHA-256 exchange
+    /// (no channel binding offered) and returns the server-first-message.
     pub fn start(
         user: &str,
         secret: &Secret,
         client_first: &[u8],
+    ) -> Result<(ScramServer, String), AuthError> {
+        ScramServer::start_with_binding(user, secret, SCRAM_SHA_256, client_first, None)
+    }
+
+    /// As [`ScramServer::start`] for the `mechanism` the client chose.
+    /// `end_point` is the `tls-server-end-point` data of this connection's
+    /// certificate when the pooler offered SCRAM-SHA-256-PLUS (TLS);
+    /// `None` when it did not.
+    pub fn start_with_binding(
+        user: &str,
+        secret: &Secret,
+        mechanism: &str,
+        client_first: &[u8],
+        end_point: Option<&[u8]>,
     ) -> Result<(ScramServer, String), AuthError> {
         let Secret::Scram {
             iterations,
@@ -215,10 +238,7 @@ impl ScramServer {
         let flag = parts.next().unwrap_or_default();
         let authzid = parts.next().ok_or(malformed("client-first-message"))?;
         let bare = parts.next().ok_or(malformed("client-first-message"))?;
-        if flag != "n" && flag != "y" {
-            // "p=..." asks for channel binding, which is not offered.
-            return Err(malformed("channel binding is not supported"));
-        }
+        let binding_data = channel_binding(user, mechanism, flag, end_point)?;
         let client_nonce = bare
             .split(',')
             .find_map(|attr| attr.strip_prefix("r="))
@@ -233,7 +253,8 @@ impl ScramServer {
                 stored_key: *stored_key,
                 server_key: *server_key,
                 first_messages: format!("{bare},{server_first}"),
-                gs2_header: format!("{flag},{authzid},"),
+                channel_binding_input: [format!("{flag},{authzid},").as_bytes(), binding_data]
+                    .concat(),
                 nonce,
             },
             server_first,
@@ -270,7 +291,7 @@ impl ScramServer {
         let failed = || AuthError::Failed {
             user: self.user.clone(),
         };
-        if channel != Some(BASE64.encode(&self.gs2_header).as_str())
+        if channel != Some(BASE64.encode(&self.channel_binding_input).as_str())
             || nonce != Some(self.nonce.as_str())
         {
             return Err(failed());
@@ -292,6 +313,44 @@ impl ScramServer {
         }
         let server_signature = hmac(&self.server_key, auth_message.as_bytes());
         Ok((format!("v={}", BASE64.encode(server_signature)), client_key))
+    }
+}
+
+/// Checks the client's GS2 channel-binding flag against the mechanism it
+/// chose and what was offered (RFC 5802 section 6, PostgreSQL's rules);
+/// returns the binding data its `c=` must carry after the GS2 header.
+fn channel_binding<'a>(
+    user: &str,
+    mechanism: &str,
+    flag: &str,
+    end_point: Option<&'a [u8]>,
+) -> Result<&'a [u8], AuthError> {
+    let malformed = |what| AuthError::Malformed { what };
+    match (mechanism, flag, end_point) {
+        (SCRAM_SHA_256_PLUS, _, None) => Err(malformed(
+            "SCRAM-SHA-256-PLUS is only offered over TLS with a certificate whose hash is known",
+        )),
+        (SCRAM_SHA_256_PLUS, flag, Some(data)) => match flag.strip_prefix("p=") {
+            Some(TLS_SERVER_END_POINT) => Ok(data),
+            Some(_) => Err(malformed(
+                "unsupported channel binding type (only tls-server-end-point)",
+            )),
+            None => Err(malformed(
+                "SCRAM-SHA-256-PLUS needs a p=tls-server-end-point GS2 header",
+            )),
+        },
+        (SCRAM_SHA_256, "n", _) | (SCRAM_SHA_256, "y", None) => Ok(&[]),
+        // The client can bind but believes the server cannot, while it
+        // was offered SCRAM-SHA-256-PLUS: the offer was tampered with.
+        (SCRAM_SHA_256, "y", Some(_)) => Err(AuthError::Failed {
+            user: user.to_owned(),
+        }),
+        (SCRAM_SHA_256, _, _) => Err(malformed(
+            "channel binding asked for with SCRAM-SHA-256 (it needs SCRAM-SHA-256-PLUS)",
+        )),
+        _ => Err(AuthError::Mechanism {
+            mechanism: mechanism.to_owned(),
+        }),
     }
 }
 
@@ -524,6 +583,75 @@ mod tests {
                 client.finish(last.as_bytes()).unwrap();
             }
         }
+    }
+
+    /// Runs one exchange: the client binds with `client_binding` and picks
+    /// `mechanism`; the server offered PLUS with `server_end_point`.
+    fn bound_exchange(
+        client_binding: postgres_protocol::authentication::sasl::ChannelBinding,
+        mechanism: &str,
+        server_end_point: Option<&[u8]>,
+    ) -> Result<(), AuthError> {
+        use postgres_protocol::authentication::sasl::ScramSha256;
+        let secret = Secret::parse(&scram_secret("right")).unwrap();
+        let mut client = ScramSha256::new(b"right", client_binding);
+        let (server, first) = ScramServer::start_with_binding(
+            "u",
+            &secret,
+            mechanism,
+            client.message(),
+            server_end_point,
+        )?;
+        client.update(first.as_bytes()).unwrap();
+        let last = server.finish(client.message())?;
+        client.finish(last.as_bytes()).unwrap();
+        Ok(())
+    }
+
+    #[test]
+    fn channel_binding_needs_the_same_certificate_hash_on_both_sides() {
+        use postgres_protocol::authentication::sasl::ChannelBinding;
+        let hash = [7u8; 32];
+        let bound = || ChannelBinding::tls_server_end_point(hash.to_vec());
+        assert!(bound_exchange(bound(), SCRAM_SHA_256_PLUS, Some(&hash)).is_ok());
+        // A man in the middle terminates TLS with another certificate.
+        let other = [8u8; 32];
+        assert!(matches!(
+            bound_exchange(bound(), SCRAM_SHA_256_PLUS, Some(&other)),
+            Err(AuthError::Failed { .. })
+        ));
+        // PLUS was not offered (no TLS): refused, not silently unbound.
+        assert!(matches!(
+            bound_exchange(bound(), SCRAM_SHA_256_PLUS, None),
+            Err(AuthError::Malformed { .. })
+        ));
+        // Binding data with the plain mechanism is a protocol error.
+        assert!(matches!(
+            bound_exchange(bound(), SCRAM_SHA_256, Some(&hash)),
+            Err(AuthError::Malformed { .. })
+        ));
+    }
+
+    #[test]
+    fn a_client_that_could_bind_but_saw_no_plus_offer_is_refused_only_when_plus_was_offered() {
+        use postgres_protocol::authentication::sasl::ChannelBinding;
+        // "y": the client supports binding and thinks the server does not.
+        assert!(bound_exchange(ChannelBinding::unrequested(), SCRAM_SHA_256, None).is_ok());
+        assert!(matches!(
+            bound_exchange(
+                ChannelBinding::unrequested(),
+                SCRAM_SHA_256,
+                Some(&[7u8; 32])
+            ),
+            Err(AuthError::Failed { .. })
+        ));
+        // "n" (no binding support) is fine either way.
+        let plain = ChannelBinding::unsupported;
+        assert!(bound_exchange(plain(), SCRAM_SHA_256, Some(&[7u8; 32])).is_ok());
+        assert!(matches!(
+            bound_exchange(plain(), "SCRAM-SHA-1", None),
+            Err(AuthError::Mechanism { .. })
+        ));
     }
 
     #[test]

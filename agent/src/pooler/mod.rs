@@ -26,6 +26,7 @@ pub mod topology;
 
 mod admin;
 mod session;
+mod tls;
 
 use std::{
     collections::HashMap,
@@ -113,7 +114,7 @@ pub struct Pooler {
     /// Set when `read_write_split` is on.
     pub(crate) router: Option<route::Router>,
     /// Set when `tls_cert` and `tls_key` are configured.
-    pub(crate) tls: Option<tokio_rustls::TlsAcceptor>,
+    pub(crate) tls: Option<tls::TlsSetup>,
     pools: Mutex<HashMap<(String, String, SocketAddr), Arc<Pool>>>,
     clients: Mutex<HashMap<(i32, i32), Arc<ClientEntry>>>,
     client_slots: Arc<Semaphore>,
@@ -142,7 +143,7 @@ impl Pooler {
     /// cannot be used.
     pub fn new(config: PoolerConfig) -> Result<Arc<Pooler>, PoolerError> {
         let tls = match (&config.tls_cert, &config.tls_key) {
-            (Some(cert), Some(key)) => Some(tls_acceptor(cert, key)?),
+            (Some(cert), Some(key)) => Some(tls::TlsSetup::load(cert, key)?),
             _ => None,
         };
         Ok(Arc::new(Pooler {
@@ -389,39 +390,6 @@ impl Pooler {
         };
         send_cancel(target).await;
     }
-}
-
-/// A TLS server config from PEM files (rustls, ring provider).
-fn tls_acceptor(
-    cert: &std::path::Path,
-    key: &std::path::Path,
-) -> Result<tokio_rustls::TlsAcceptor, PoolerError> {
-    use rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
-    let error = |what: String| {
-        move |source: rustls::pki_types::pem::Error| PoolerError::Tls {
-            what,
-            source: std::io::Error::other(source.to_string()),
-        }
-    };
-    let chain = CertificateDer::pem_file_iter(cert)
-        .map_err(error(format!("certificate {}", cert.display())))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(error(format!("certificate {}", cert.display())))?;
-    let key_der =
-        PrivateKeyDer::from_pem_file(key).map_err(error(format!("key {}", key.display())))?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .and_then(|builder| {
-            builder
-                .with_no_client_auth()
-                .with_single_cert(chain, key_der)
-        })
-        .map_err(|source| PoolerError::Tls {
-            what: format!("certificate {} with key {}", cert.display(), key.display()),
-            source: std::io::Error::other(source),
-        })?;
-    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
 impl std::fmt::Debug for Pooler {

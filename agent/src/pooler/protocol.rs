@@ -277,10 +277,13 @@ pub fn authentication_md5(out: &mut BytesMut, salt: [u8; 4]) {
     });
 }
 
-pub fn authentication_sasl(out: &mut BytesMut, mechanism: &str) {
+/// AuthenticationSASL with the mechanisms offered, most preferred first.
+pub fn authentication_sasl(out: &mut BytesMut, mechanisms: &[&str]) {
     message(out, b'R', |out| {
         out.put_u32(10);
-        put_cstr(out, mechanism);
+        for mechanism in mechanisms {
+            put_cstr(out, mechanism);
+        }
         out.put_u8(0);
     });
 }

@@ -134,16 +134,17 @@ async fn negotiate(
     .await
     .map_err(|_| SessionError::LoginTimeout)??;
     if first {
-        if let Some(acceptor) = pooler.tls.clone() {
+        if let Some(tls) = &pooler.tls {
             stream
                 .write_all(b"S")
                 .await
                 .map_err(SessionError::ClientIo)?;
-            let tls = tokio::time::timeout(LOGIN_TIMEOUT, acceptor.accept(stream))
+            let encrypted = tokio::time::timeout(LOGIN_TIMEOUT, tls.acceptor.accept(stream))
                 .await
                 .map_err(|_| SessionError::LoginTimeout)?
                 .map_err(SessionError::Tls)?;
-            return session(tls, buf, peer, pooler).await;
+            let binding = tls.end_point.as_deref();
+            return session(encrypted, buf, peer, pooler, binding).await;
         }
         stream
             .write_all(b"N")
@@ -154,7 +155,7 @@ async fn negotiate(
         // The client left before sending anything.
         return Ok(());
     }
-    session(stream, buf, peer, pooler).await
+    session(stream, buf, peer, pooler, None).await
 }
 
 async fn session<S: ClientStream>(
@@ -162,6 +163,8 @@ async fn session<S: ClientStream>(
     mut buf: BytesMut,
     peer: SocketAddr,
     pooler: &Arc<Pooler>,
+    // The TLS channel binding data when the client came over TLS.
+    binding: Option<&[u8]>,
 ) -> Result<(), SessionError> {
     let login = tokio::time::timeout(LOGIN_TIMEOUT, startup(&mut stream, &mut buf, pooler)).await;
     let (user, database) = match login {
@@ -173,7 +176,7 @@ async fn session<S: ClientStream>(
             return Err(error);
         }
     };
-    let login = check_login(&mut stream, &mut buf, pooler, &user, &database);
+    let login = check_login(&mut stream, &mut buf, pooler, &user, &database, binding);
     let pool = match tokio::time::timeout(LOGIN_TIMEOUT, login).await {
         Err(_) => return Err(SessionError::LoginTimeout),
         Ok(Err(error)) => {
@@ -237,6 +240,7 @@ async fn check_login<S: ClientStream>(
     pooler: &Arc<Pooler>,
     user: &str,
     database: &str,
+    binding: Option<&[u8]>,
 ) -> Result<Option<Arc<Pool>>, SessionError> {
     let is_admin = database == pooler.config.admin_database;
     let no_pool = || SessionError::Refused {
@@ -272,7 +276,7 @@ async fn check_login<S: ClientStream>(
         // through a SCRAM exchange that cannot succeed, as PostgreSQL does,
         // so it cannot tell an unknown user from a wrong password.
         pooler.auth_cache.forget(user);
-        authenticate(stream, buf, user, &mock_secret(user)).await?;
+        authenticate(stream, buf, user, &mock_secret(user), binding).await?;
         return Err(failed());
     };
     // auth_query users get their pool once the login gave their credential.
@@ -281,7 +285,7 @@ async fn check_login<S: ClientStream>(
     } else {
         Some(pooler.primary_pool(database, user).ok_or_else(no_pool)?)
     };
-    let client_key = match authenticate(stream, buf, user, &secret).await {
+    let client_key = match authenticate(stream, buf, user, &secret, binding).await {
         Ok(client_key) => client_key,
         Err(error) => {
             if looked_up {
@@ -430,12 +434,14 @@ async fn startup<S: ClientStream>(
 
 /// Authenticates the client against its secret: md5 or SCRAM-SHA-256 by
 /// the kind of secret, as PostgreSQL's `password_encryption` decides.
+/// With `binding` (a TLS connection) SCRAM-SHA-256-PLUS is offered too.
 /// Returns the SCRAM ClientKey the client proved it has.
 async fn authenticate<S: ClientStream>(
     stream: &mut S,
     buf: &mut BytesMut,
     user: &str,
     secret: &Secret,
+    binding: Option<&[u8]>,
 ) -> Result<Option<[u8; 32]>, SessionError> {
     let mut out = BytesMut::with_capacity(256);
     let expect_password = |tag: u8, frame: &BytesMut| {
@@ -461,7 +467,11 @@ async fn authenticate<S: ClientStream>(
             Ok(None)
         }
         Secret::Scram { .. } => {
-            protocol::authentication_sasl(&mut out, "SCRAM-SHA-256");
+            let mechanisms: &[&str] = match binding {
+                Some(_) => &[auth::SCRAM_SHA_256_PLUS, auth::SCRAM_SHA_256],
+                None => &[auth::SCRAM_SHA_256],
+            };
+            protocol::authentication_sasl(&mut out, mechanisms);
             stream
                 .write_all(&out)
                 .await
@@ -473,13 +483,14 @@ async fn authenticate<S: ClientStream>(
                     what: "SASLInitialResponse",
                 }),
             )?;
-            if mechanism != "SCRAM-SHA-256" {
+            if !mechanisms.contains(&mechanism) {
                 return Err(SessionError::Auth(AuthError::Mechanism {
                     mechanism: mechanism.to_owned(),
                 }));
             }
             let (server, first) =
-                ScramServer::start(user, secret, data).map_err(SessionError::Auth)?;
+                ScramServer::start_with_binding(user, secret, mechanism, data, binding)
+                    .map_err(SessionError::Auth)?;
             out.clear();
             protocol::authentication_sasl_continue(&mut out, first.as_bytes());
             stream
