@@ -8,7 +8,12 @@
 //!   that forgot its vote after a restart could vote twice in one term.
 //! - `log.jsonl`: one JSON entry a line, appended and fsynced before the
 //!   append is acknowledged; rewritten whole on truncation and purge (the
-//!   log is small: a snapshot every few hundred entries).
+//!   log is small: a snapshot every few hundred entries). The fsync of an
+//!   append runs on a thread of its own, which tells openraft when it is
+//!   done (openraft's `LogFlushed` callback): a disk that takes a second
+//!   to sync (an SD card, PostgreSQL writing a base backup next to it)
+//!   then delays that entry's commit, not every task of the agent, whose
+//!   heartbeats, health checks and lease timers share two worker threads.
 //! - `meta.json`: the last purged log id and the last known commit (the
 //!   commit is a hint, so a restarted agent shows the record at once).
 //! - `snapshot.json`: the last snapshot (state and its metadata).
@@ -88,6 +93,31 @@ struct LogInner {
 #[derive(Debug, Clone)]
 pub(crate) struct LogStore {
     inner: Arc<Mutex<LogInner>>,
+    /// Appends waiting for their fsync, in order (see the module doc).
+    flusher: std::sync::mpsc::Sender<PendingFlush>,
+}
+
+/// An append written to `log.jsonl`, to be made durable through `file`
+/// (a handle on the same open file) before openraft hears of it.
+struct PendingFlush {
+    file: File,
+    callback: LogFlushed<TypeConfig>,
+}
+
+/// Syncs each pending append, in the order they were written; one
+/// `fdatasync` covers every write before it, so the order of callbacks is
+/// the order of durability. Ends when every `LogStore` is gone.
+fn start_flusher(dir: &Path) -> std::io::Result<std::sync::mpsc::Sender<PendingFlush>> {
+    let (sender, receiver) = std::sync::mpsc::channel::<PendingFlush>();
+    std::thread::Builder::new()
+        .name("raft-log-fsync".into())
+        .spawn(move || {
+            for pending in receiver {
+                pending.callback.log_io_completed(pending.file.sync_data());
+            }
+        })
+        .map_err(|error| std::io::Error::other(format!("{}: {error}", dir.display())))?;
+    Ok(sender)
 }
 
 fn io_error(error: impl std::error::Error + 'static) -> openraft::AnyError {
@@ -151,6 +181,7 @@ impl LogStore {
         inner.rewrite().map_err(|e| fail("log.jsonl", e))?;
         Ok(LogStore {
             inner: Arc::new(Mutex::new(inner)),
+            flusher: start_flusher(dir).map_err(|e| fail("cannot start the fsync thread", e))?,
         })
     }
 
@@ -271,16 +302,27 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let written = inner
             .file
             .write_all(&text)
-            .and_then(|()| inner.file.sync_data());
-        if let Err(error) = written {
-            let message = error.to_string();
-            callback.log_io_completed(Err(error));
-            return Err(StorageIOError::write_logs(openraft::AnyError::error(message)).into());
-        }
+            .and_then(|()| inner.file.try_clone());
+        let file = match written {
+            Ok(file) => file,
+            Err(error) => {
+                let message = error.to_string();
+                callback.log_io_completed(Err(error));
+                return Err(StorageIOError::write_logs(openraft::AnyError::error(message)).into());
+            }
+        };
+        // Readable at once; openraft counts them only once durable.
         for entry in added {
             inner.entries.insert(entry.log_id.index, entry);
         }
-        callback.log_io_completed(Ok(()));
+        // Sent under the lock, so the flushes keep the order of the writes.
+        let sent = self.flusher.send(PendingFlush { file, callback });
+        drop(inner);
+        if let Err(std::sync::mpsc::SendError(pending)) = sent {
+            // The thread is gone (it cannot panic short of a bug): sync here.
+            let synced = pending.file.sync_data();
+            pending.callback.log_io_completed(synced);
+        }
         Ok(())
     }
 
