@@ -474,3 +474,39 @@ async fn admin_console_shows_pools_clients_servers_and_stats() {
     let error = admin.simple_query("DROP TABLE x").await.unwrap_err();
     assert_eq!(sqlstate(&error), "42601");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_on_this_host_is_reached_through_its_unix_socket_when_configured() {
+    if !can_run_postgres("a_server_on_this_host_is_reached_through_its_unix_socket_when_configured")
+    {
+        return;
+    }
+    let pg = cluster(false);
+    let mut config = harness::config(&pg, harness::pool(PoolMode::Transaction, 2));
+    // The test server keeps its socket in its data directory.
+    config.unix_socket_dir = Some(pg.primary.data.clone());
+    let pooler = harness::start(config).await;
+    let client = connect(pooler.addr).await;
+    // inet_server_port() is NULL on a Unix-socket connection.
+    let rows = simple_rows(
+        &client
+            .simple_query("SELECT coalesce(inet_server_port()::text, 'unix'), pg_is_in_recovery()")
+            .await
+            .unwrap(),
+    );
+    assert_eq!(rows, vec![vec!["unix".to_owned(), "f".to_owned()]]);
+    let row = client
+        .query_one("SELECT $1::int * 2", &[&21i32])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, i32>(0), 42);
+    // Cancel requests take the same way to the server.
+    let token = client.cancel_token();
+    let query = tokio::spawn(async move { client.simple_query("SELECT pg_sleep(30)").await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = Instant::now();
+    token.cancel_query(tokio_postgres::NoTls).await.unwrap();
+    let error = query.await.unwrap().unwrap_err();
+    assert_eq!(sqlstate(&error), "57014");
+    assert!(started.elapsed() < Duration::from_secs(10));
+}

@@ -100,12 +100,15 @@ fn md5_secret() -> String {
     crate::postgres::md5_secret(USER, PASSWORD).expect("md5sum runs")
 }
 
+/// `unix_dir`: the server's socket directory, to reach it through its
+/// Unix socket instead of TCP (`pooler.unix_socket_dir`).
 fn start_farol(
     dir: &Path,
     agent: &Path,
     mode: &str,
     primary: u16,
     clients: usize,
+    unix_dir: Option<&Path>,
 ) -> Result<(Proc, u16)> {
     let port = free_port()?;
     // A session holds its server connection until it leaves: clients past
@@ -131,7 +134,7 @@ interface = "lo"
 listen = "127.0.0.1:{port}"
 primary = "127.0.0.1:{primary}"
 max_client_conn = 1000
-
+{unix}
 [[pooler.users]]
 name = "{USER}"
 secret = "{secret}"
@@ -141,7 +144,10 @@ database = "{USER}"
 mode = "{mode}"
 pool_size = {pool_size}
 "#,
-            secret = md5_secret()
+            secret = md5_secret(),
+            unix = unix_dir
+                .map(|dir| format!("unix_socket_dir = {:?}\n", dir.display().to_string()))
+                .unwrap_or_default(),
         ),
     )?;
     let log = std::fs::File::create(dir.join(format!("farol-{mode}-{port}.log")))?;
@@ -161,10 +167,12 @@ pool_size = {pool_size}
     Ok((proc, port))
 }
 
-fn start_pgbouncer(dir: &Path, primary: u16) -> Result<(Proc, u16)> {
+/// `host`: 127.0.0.1, or the server's socket directory (libpq's
+/// `host=/DIR`) to reach it through its Unix socket.
+fn start_pgbouncer(dir: &Path, primary: u16, host: &str) -> Result<(Proc, u16)> {
     let port = free_port()?;
     let (uid, gid) = postgres_ids()?;
-    let ini = dir.join("pgbouncer.ini");
+    let ini = dir.join(format!("pgbouncer-{port}.ini"));
     std::fs::write(
         dir.join("userlist.txt"),
         format!("\"{USER}\" \"{}\"\n", md5_secret()),
@@ -172,14 +180,14 @@ fn start_pgbouncer(dir: &Path, primary: u16) -> Result<(Proc, u16)> {
     std::fs::write(
         &ini,
         format!(
-            "[databases]\n{USER} = host=127.0.0.1 port={primary} dbname={USER}\n\n\
+            "[databases]\n{USER} = host={host} port={primary} dbname={USER}\n\n\
              [pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\n\
              unix_socket_dir =\nauth_type = md5\nauth_file = {}\n\
              pool_mode = transaction\ndefault_pool_size = {POOL_SIZE}\nmax_client_conn = 1000\n\
              logfile = {}\npidfile = {}\n",
             dir.join("userlist.txt").display(),
-            dir.join("pgbouncer.log").display(),
-            dir.join("pgbouncer.pid").display(),
+            dir.join(format!("pgbouncer-{port}.log")).display(),
+            dir.join(format!("pgbouncer-{port}.pid")).display(),
         ),
     )?;
     let child = Command::new("pgbouncer")
@@ -368,33 +376,56 @@ pub fn run() -> Result<BenchReport> {
         // Every target runs at once (idle ones cost nothing) so the rounds
         // can interleave them: the machine's load drifts, and each case
         // sees the same drift. The median round is reported.
+        // `-unix`: the pooler reaches PostgreSQL through its Unix socket.
         let all = [
             "direct",
             "farol-transaction",
+            "farol-transaction-unix",
             "farol-baseline-transaction",
             "farol-session",
             "pgbouncer-transaction",
+            "pgbouncer-transaction-unix",
             "pgpool",
         ];
+        let socket_dir = pg.primary.data.as_path();
         let mut targets: Vec<(&str, u16, Option<Proc>)> = Vec::new();
         for target in all.into_iter().filter(|t| only("FAROL_BENCH_TARGETS", t)) {
             let started = match target {
                 "direct" => Ok((None, pg.primary.port)),
                 "farol-transaction" => {
-                    start_farol(&dir, &agent, "transaction", pg.primary.port, clients)
+                    start_farol(&dir, &agent, "transaction", pg.primary.port, clients, None)
                         .map(|(p, port)| (Some(p), port))
                 }
+                "farol-transaction-unix" => start_farol(
+                    &dir,
+                    &agent,
+                    "transaction",
+                    pg.primary.port,
+                    clients,
+                    Some(socket_dir),
+                )
+                .map(|(p, port)| (Some(p), port)),
                 "farol-baseline-transaction" => match &baseline {
-                    Some(baseline) => {
-                        start_farol(&dir, baseline, "transaction", pg.primary.port, clients)
-                            .map(|(p, port)| (Some(p), port))
-                    }
+                    Some(baseline) => start_farol(
+                        &dir,
+                        baseline,
+                        "transaction",
+                        pg.primary.port,
+                        clients,
+                        None,
+                    )
+                    .map(|(p, port)| (Some(p), port)),
                     None => continue,
                 },
-                "farol-session" => start_farol(&dir, &agent, "session", pg.primary.port, clients)
+                "farol-session" => {
+                    start_farol(&dir, &agent, "session", pg.primary.port, clients, None)
+                        .map(|(p, port)| (Some(p), port))
+                }
+                "pgbouncer-transaction" => start_pgbouncer(&dir, pg.primary.port, "127.0.0.1")
                     .map(|(p, port)| (Some(p), port)),
-                "pgbouncer-transaction" => {
-                    start_pgbouncer(&dir, pg.primary.port).map(|(p, port)| (Some(p), port))
+                "pgbouncer-transaction-unix" => {
+                    start_pgbouncer(&dir, pg.primary.port, &socket_dir.display().to_string())
+                        .map(|(p, port)| (Some(p), port))
                 }
                 _ => start_pgpool(&dir, pg.primary.port, clients).map(|(p, port)| (Some(p), port)),
             };

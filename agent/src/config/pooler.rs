@@ -103,6 +103,13 @@ pub struct PoolerConfig {
     /// `0s` asks the server at every login.
     #[serde(default = "default_auth_cache_ttl", with = "humantime_serde")]
     pub auth_cache_ttl: Duration,
+    /// PostgreSQL's Unix socket directory (its `unix_socket_directories`):
+    /// server connections to a server on this host (a loopback address or
+    /// one of this node's) go through `DIR/.s.PGSQL.PORT` instead of TCP,
+    /// as libpq's `host=/DIR` does; cheaper per message than TCP loopback.
+    /// Its `pg_hba.conf` needs `local` lines for the pooler's users.
+    #[serde(default)]
+    pub unix_socket_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -219,6 +226,19 @@ impl PoolerConfig {
                 "pooler.read_write_split".into(),
                 "needs at least one address in pooler.standbys".into(),
             );
+        }
+        if let Some(dir) = &self.unix_socket_dir {
+            // sun_path holds 107 bytes and a NUL.
+            let longest = dir.join(".s.PGSQL.65535").as_os_str().len();
+            if !dir.is_absolute() || longest > 107 {
+                problem(
+                    "pooler.unix_socket_dir".into(),
+                    format!(
+                        "expected an absolute directory whose socket path (DIR/.s.PGSQL.PORT) fits in 107 bytes, got {:?}",
+                        dir.display().to_string()
+                    ),
+                );
+            }
         }
         match (&self.tls_cert, &self.tls_key) {
             (Some(_), None) => problem(

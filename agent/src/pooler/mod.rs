@@ -25,6 +25,7 @@ pub mod route;
 pub mod topology;
 
 mod admin;
+pub mod server_stream;
 mod session;
 mod tls;
 
@@ -41,13 +42,14 @@ use std::{
 use bytes::BytesMut;
 use tokio::{
     io::AsyncWriteExt,
-    net::{TcpListener, TcpStream},
+    net::TcpListener,
     sync::{watch, Semaphore},
     task::JoinSet,
 };
 use tracing::{debug, info, warn};
 
 use self::pool::{Pool, PoolKey};
+use self::server_stream::ServerStream;
 use crate::config::PoolerConfig;
 
 /// How often idle limits and `min_idle` are enforced.
@@ -294,6 +296,7 @@ impl Pooler {
                         database: database.to_owned(),
                         user: user.to_owned(),
                         addr,
+                        unix_socket_dir: self.config.unix_socket_dir.clone(),
                     },
                     settings.clone(),
                     credential,
@@ -388,7 +391,7 @@ impl Pooler {
             debug!("cancel request for no running query");
             return;
         };
-        send_cancel(target).await;
+        send_cancel(target, self.config.unix_socket_dir.as_deref()).await;
     }
 }
 
@@ -403,11 +406,11 @@ impl std::fmt::Debug for Pooler {
 }
 
 /// Sends a CancelRequest to a server; failures are only logged.
-pub(crate) async fn send_cancel(target: CancelTarget) {
+pub(crate) async fn send_cancel(target: CancelTarget, unix_socket_dir: Option<&std::path::Path>) {
     let mut out = BytesMut::with_capacity(16);
     protocol::cancel_request(&mut out, target.process_id, target.secret_key);
     let sent = async {
-        let mut stream = TcpStream::connect(target.addr).await?;
+        let mut stream = ServerStream::connect(target.addr, unix_socket_dir).await?;
         stream.write_all(&out).await?;
         stream.shutdown().await
     };

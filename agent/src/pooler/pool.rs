@@ -21,12 +21,11 @@ use std::{
 use bytes::BytesMut;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpStream,
     sync::{OwnedSemaphorePermit, Semaphore},
 };
 use tracing::{debug, info, warn};
 
-use super::{auth, protocol};
+use super::{auth, protocol, server_stream::ServerStream};
 use crate::config::PoolConfig;
 
 /// How long connecting and logging in to a server may take.
@@ -85,7 +84,7 @@ impl PoolError {
 /// One logged-in server connection.
 #[derive(Debug)]
 pub struct ServerConn {
-    pub stream: TcpStream,
+    pub stream: ServerStream,
     /// Bytes read from the server not yet handled.
     pub buf: BytesMut,
     pub addr: SocketAddr,
@@ -119,6 +118,8 @@ pub struct PoolKey {
     pub database: String,
     pub user: String,
     pub addr: SocketAddr,
+    /// Set: a server on this host is reached through its Unix socket here.
+    pub unix_socket_dir: Option<std::path::PathBuf>,
 }
 
 /// Counters shown by `SHOW STATS` and `/metrics`.
@@ -343,7 +344,12 @@ impl Pool {
             .lock()
             .unwrap_or_else(|poison| poison.into_inner());
         if cached.is_none() {
-            info!(server = %addr, database = %self.key.database, user = %self.key.user, "first server connection of the pool");
+            let transport = if conn.stream.is_unix() {
+                "unix socket"
+            } else {
+                "tcp"
+            };
+            info!(server = %addr, database = %self.key.database, user = %self.key.user, transport, "first server connection of the pool");
             *cached = Some(Arc::new(params));
         }
         Ok(conn)
@@ -351,11 +357,10 @@ impl Pool {
 
     async fn login(&self) -> Result<(ServerConn, ServerParams), PoolError> {
         let addr = self.key.addr;
-        let mut stream = TcpStream::connect(addr)
+        let mut stream = ServerStream::connect(addr, self.key.unix_socket_dir.as_deref())
             .await
             .map_err(|source| PoolError::Connect { addr, source })?;
         let io = |source| PoolError::Connect { addr, source };
-        stream.set_nodelay(true).map_err(io)?;
         let mut out = BytesMut::with_capacity(256);
         protocol::startup_message(
             &mut out,

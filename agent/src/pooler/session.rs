@@ -1177,12 +1177,12 @@ impl<S: ClientStream> Relay<S> {
         if !idle {
             // Client gone mid-query or mid-transaction: stop the query and
             // close; PostgreSQL rolls the transaction back.
-            super::send_cancel(CancelTarget {
+            let target = CancelTarget {
                 addr: server.conn.addr,
                 process_id: server.conn.process_id,
                 secret_key: server.conn.secret_key,
-            })
-            .await;
+            };
+            super::send_cancel(target, self.pooler.config.unix_socket_dir.as_deref()).await;
             return;
         }
         if self.mode == PoolMode::Session {

@@ -135,6 +135,7 @@ pub(crate) fn config(cluster: &PgCluster, pool: PoolConfig) -> PoolerConfig {
         auth_query: None,
         auth_database: None,
         auth_cache_ttl: Duration::from_secs(60),
+        unix_socket_dir: None,
     }
 }
 

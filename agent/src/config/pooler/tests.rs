@@ -211,6 +211,28 @@ fn tls_key_without_cert_is_refused() {
 }
 
 #[test]
+fn unix_socket_dir_must_be_absolute_and_short_enough_for_a_socket_path() {
+    let with = |dir: &str| {
+        BASE.replace(
+            "standbys = [",
+            &format!("unix_socket_dir = \"{dir}\"\nstandbys = ["),
+        )
+    };
+    let pooler = load(&with("/var/run/postgresql")).unwrap().pooler.unwrap();
+    assert_eq!(
+        pooler.unix_socket_dir.as_deref(),
+        Some(std::path::Path::new("/var/run/postgresql"))
+    );
+    assert_one_problem(
+        &with("run/postgresql"),
+        "pooler.unix_socket_dir",
+        "absolute",
+    );
+    let long = format!("/{}", "d".repeat(100));
+    assert_one_problem(&with(&long), "pooler.unix_socket_dir", "107 bytes");
+}
+
+#[test]
 fn role_checks_default_to_every_second_as_the_first_user() {
     let pooler = load(BASE).unwrap().pooler.unwrap();
     assert_eq!(pooler.role_check_interval, Duration::from_secs(1));
