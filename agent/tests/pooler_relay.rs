@@ -473,6 +473,34 @@ async fn admin_console_shows_pools_clients_servers_and_stats() {
     assert!(stats[0][2].parse::<u64>().unwrap() >= 1);
     let error = admin.simple_query("DROP TABLE x").await.unwrap_err();
     assert_eq!(sqlstate(&error), "42601");
+    // A stats user sees the figures too; a user in neither list is
+    // refused after a correct password, and a wrong one is still 28P01.
+    let mut stats_config = harness::client_config(pooler.addr, "app_scram", harness::APP_PASSWORD);
+    stats_config.dbname("farol");
+    let (stats_admin, connection) = stats_config.connect(tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    assert_eq!(
+        simple_rows(&stats_admin.simple_query("SHOW POOLS").await.unwrap()).len(),
+        1
+    );
+    let mut outsider = harness::client_config(pooler.addr, "app_md5", harness::MD5_PASSWORD);
+    outsider.dbname("farol");
+    let error = harness::failed(
+        outsider.connect(tokio_postgres::NoTls).await,
+        "a user in neither list",
+    );
+    assert_eq!(sqlstate(&error), "28000", "{error}");
+    let message = error
+        .as_db_error()
+        .map(|e| e.message().to_owned())
+        .unwrap_or_default();
+    assert!(message.contains("pooler.admin_users"), "{message}");
+    outsider.password("wrong");
+    let error = harness::failed(
+        outsider.connect(tokio_postgres::NoTls).await,
+        "wrong password",
+    );
+    assert_eq!(sqlstate(&error), "28P01", "{error}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -24,7 +24,7 @@ pub use service::{
 pub mod health;
 pub use health::{CheckKind, HealthCheckConfig, PgRole, StatusRange};
 pub mod storage;
-pub use self::pooler::{PoolConfig, PoolMode, PoolerConfig, PoolerUser};
+pub use self::pooler::{AdminRole, PoolConfig, PoolMode, PoolerConfig, PoolerUser};
 pub use storage::VolumeConfig;
 
 pub mod pgha;

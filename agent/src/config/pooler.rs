@@ -48,6 +48,14 @@ pub struct PoolerConfig {
     /// Database name of the admin console.
     #[serde(default = "default_admin_database")]
     pub admin_database: String,
+    /// Users of `pooler.users` that may run every admin command
+    /// (PgBouncer's `admin_users`).
+    #[serde(default)]
+    pub admin_users: Vec<String>,
+    /// Users of `pooler.users` that may only run the `SHOW` commands
+    /// (PgBouncer's `stats_users`). No one else reaches the admin console.
+    #[serde(default)]
+    pub stats_users: Vec<String>,
     /// Users allowed to connect, with their hashed secrets.
     #[serde(default)]
     pub users: Vec<PoolerUser>,
@@ -198,7 +206,34 @@ fn default_server_lifetime() -> Duration {
     Duration::from_secs(3600)
 }
 
+/// What a user may do on the admin console.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdminRole {
+    /// Every command (`pooler.admin_users`).
+    Admin,
+    /// The `SHOW` commands (`pooler.stats_users`).
+    Stats,
+    None,
+}
+
+impl AdminRole {
+    pub fn may_show(self) -> bool {
+        self != AdminRole::None
+    }
+}
+
 impl PoolerConfig {
+    /// `user`'s rights on the admin console.
+    pub fn admin_role(&self, user: &str) -> AdminRole {
+        if self.admin_users.iter().any(|name| name == user) {
+            AdminRole::Admin
+        } else if self.stats_users.iter().any(|name| name == user) {
+            AdminRole::Stats
+        } else {
+            AdminRole::None
+        }
+    }
+
     /// Every rule of the section; keys start with `pooler.`.
     pub fn validate(&self) -> Vec<Problem> {
         let mut problems = Vec::new();
@@ -312,6 +347,19 @@ impl PoolerConfig {
                 "pooler.role_check_database".into(),
                 "expected a database name, got an empty string".into(),
             );
+        }
+        for (key, list) in [
+            ("admin_users", &self.admin_users),
+            ("stats_users", &self.stats_users),
+        ] {
+            for (index, name) in list.iter().enumerate() {
+                if !users.contains(name.as_str()) {
+                    problem(
+                        format!("pooler.{key}[{index}]"),
+                        format!("expected a user of pooler.users (the console checks its secret), got {name:?}"),
+                    );
+                }
+            }
         }
         let mut pools = HashSet::new();
         for (index, pool) in self.pools.iter().enumerate() {

@@ -295,6 +295,14 @@ async fn check_login<S: ClientStream>(
             return Err(error);
         }
     };
+    if is_admin && !pooler.config.admin_role(user).may_show() {
+        return Err(SessionError::Refused {
+            code: "28000",
+            message: format!(
+                "user \"{user}\" may not use the admin console (pooler.admin_users, pooler.stats_users)"
+            ),
+        });
+    }
     if !looked_up {
         return Ok(pool);
     }

@@ -102,6 +102,8 @@ pub(crate) fn config(cluster: &PgCluster, pool: PoolConfig) -> PoolerConfig {
             .collect(),
         max_client_conn: 100,
         admin_database: "farol".into(),
+        admin_users: vec!["app".into()],
+        stats_users: vec!["app_scram".into()],
         users: vec![
             PoolerUser {
                 name: "app".into(),

@@ -233,6 +233,19 @@ fn unix_socket_dir_must_be_absolute_and_short_enough_for_a_socket_path() {
 }
 
 #[test]
+fn admin_and_stats_users_must_be_pooler_users() {
+    let text = BASE.replace(
+        "standbys = [",
+        "admin_users = [\"app\"]\nstats_users = [\"ghost\"]\nstandbys = [",
+    );
+    assert_one_problem(&text, "pooler.stats_users[0]", "a user of pooler.users");
+    let text = BASE.replace("standbys = [", "admin_users = [\"app\"]\nstandbys = [");
+    let pooler = load(&text).unwrap().pooler.unwrap();
+    assert_eq!(pooler.admin_role("app"), crate::config::AdminRole::Admin);
+    assert_eq!(pooler.admin_role("other"), crate::config::AdminRole::None);
+}
+
+#[test]
 fn role_checks_default_to_every_second_as_the_first_user() {
     let pooler = load(BASE).unwrap().pooler.unwrap();
     assert_eq!(pooler.role_check_interval, Duration::from_secs(1));
