@@ -50,7 +50,7 @@ use tracing::{debug, info, warn};
 
 use self::pool::{Pool, PoolKey};
 use self::server_stream::ServerStream;
-use crate::config::PoolerConfig;
+use crate::config::{PoolMode, PoolerConfig};
 
 /// How often idle limits and `min_idle` are enforced.
 const MAINTAIN_EVERY: Duration = Duration::from_secs(1);
@@ -148,6 +148,11 @@ impl Pooler {
             (Some(cert), Some(key)) => Some(tls::TlsSetup::load(cert, key)?),
             _ => None,
         };
+        if config.read_write_split {
+            for pool in config.pools.iter().filter(|p| p.mode == PoolMode::Session) {
+                warn!(database = %pool.database, user = %pool.user, "read_write_split applies to transaction pools only: this session pool sends every statement to the primary");
+            }
+        }
         Ok(Arc::new(Pooler {
             tls,
             router: config
