@@ -103,6 +103,16 @@ pub struct PoolerConfig {
     /// `0s` asks the server at every login.
     #[serde(default = "default_auth_cache_ttl", with = "humantime_serde")]
     pub auth_cache_ttl: Duration,
+    /// While the pooler is paused (a planned switchover, or `PAUSE` on the
+    /// admin console), a new transaction for the primary waits at most
+    /// this long, then gets 57P03; a switchover's pause also ends by itself
+    /// after this long if no new primary answered.
+    #[serde(default = "default_pause_wait_timeout", with = "humantime_serde")]
+    pub pause_wait_timeout: Duration,
+    /// When a pause starts, how long transactions already running on the
+    /// primary may take to finish before they are ended with 57P01.
+    #[serde(default = "default_pause_drain_timeout", with = "humantime_serde")]
+    pub pause_drain_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -177,6 +187,12 @@ fn default_role_check_database() -> String {
 }
 fn default_auth_cache_ttl() -> Duration {
     Duration::from_secs(60)
+}
+fn default_pause_wait_timeout() -> Duration {
+    Duration::from_secs(15)
+}
+fn default_pause_drain_timeout() -> Duration {
+    Duration::from_secs(5)
 }
 fn default_pool_size() -> usize {
     20
@@ -292,6 +308,14 @@ impl PoolerConfig {
                 "pooler.role_check_database".into(),
                 "expected a database name, got an empty string".into(),
             );
+        }
+        for (key, value) in [
+            ("pooler.pause_wait_timeout", self.pause_wait_timeout),
+            ("pooler.pause_drain_timeout", self.pause_drain_timeout),
+        ] {
+            if value.is_zero() {
+                problem(key.into(), "expected a positive duration".into());
+            }
         }
         let mut pools = HashSet::new();
         for (index, pool) in self.pools.iter().enumerate() {

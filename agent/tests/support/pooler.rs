@@ -135,6 +135,8 @@ pub(crate) fn config(cluster: &PgCluster, pool: PoolConfig) -> PoolerConfig {
         auth_query: None,
         auth_database: None,
         auth_cache_ttl: Duration::from_secs(60),
+        pause_wait_timeout: Duration::from_secs(15),
+        pause_drain_timeout: Duration::from_secs(5),
     }
 }
 
