@@ -38,22 +38,28 @@ impl ClusterHandle {
         let _ = self.core.notices.set(handler);
     }
 
-    /// Sends `notice` to every node of the cluster at once (this one
-    /// locally) and returns each node's answer, in node order; a node that
-    /// does not answer within `within` gets an `Err`.
+    /// Sends `notice` to every reachable node of the cluster at once (this
+    /// one locally) and returns each node's answer, in node order; a node
+    /// that does not answer within `within` gets an `Err`, and so does one
+    /// this agent has not heard from lately (not waited for: a dead node
+    /// must not hold up a switchover).
     pub async fn announce_switchover(
         &self,
         notice: &SwitchoverNotice,
         within: Duration,
     ) -> Vec<(String, Result<String, String>)> {
+        let reachable = self.core.members.borrow().reachable.clone();
         let calls = self.core.addresses.iter().map(|(node, addr)| {
             let core = self.core.clone();
             let notice = notice.clone();
+            let heard = reachable.contains(node);
             async move {
                 let answer = if *node == core.name {
                     tokio::time::timeout(within, core.run_notice(notice))
                         .await
                         .map_err(|_| format!("no answer within {within:?}"))
+                } else if !heard {
+                    Err("not reachable lately: not told".to_owned())
                 } else {
                     core.client
                         .call::<_, String>(addr, NOTICE_PATH, &notice, within)
