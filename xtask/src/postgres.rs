@@ -432,6 +432,9 @@ impl LabPgCluster {
         for (index, (netns, host)) in standbys.iter().enumerate() {
             let data = dir.join(format!("node{}", index + 1));
             base_backup(Some(netns), &cluster.servers[0], &data)?;
+            // The primary's socket lock (its socket lives in its data
+            // directory) came along; the same port here would trip on it.
+            let _ = std::fs::remove_file(data.join(format!(".s.PGSQL.{port}.lock")));
             cluster.servers.push(PgServer::start_at(
                 &data,
                 Some(netns),
