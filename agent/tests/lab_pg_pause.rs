@@ -75,21 +75,20 @@ fn switchover_under_pgbench_through_paused_poolers_fails_no_transaction() {
     let mut bench = None;
     std::thread::scope(|scope| {
         let (attempts, stop, lab) = (&attempts, &stop, &cluster.lab);
-        scope.spawn(move || {
-            write_rows(
-                lab,
-                &pooled(PG_IPS[1]),
-                "w",
-                1,
-                stop,
-                deadline,
-                attempts,
-            )
-        });
+        scope.spawn(move || write_rows(lab, &pooled(PG_IPS[1]), "w", 1, stop, deadline, attempts));
         let pgbench = cluster
             .lab
             .command(CLIENT, format!("{}/pgbench", xtask::postgres::PG_BIN))
-            .args(["-n", "-c", "4", "-j", "2", "-T", &PGBENCH_SECONDS.to_string(), "-l"])
+            .args([
+                "-n",
+                "-c",
+                "4",
+                "-j",
+                "2",
+                "-T",
+                &PGBENCH_SECONDS.to_string(),
+                "-l",
+            ])
             .arg(format!("--log-prefix={}", log_prefix.display()))
             .arg("-f")
             .arg(&script)
@@ -103,7 +102,10 @@ fn switchover_under_pgbench_through_paused_poolers_fails_no_transaction() {
             .unwrap();
         let pgbench_started = Instant::now();
         std::thread::sleep(SWITCH_AFTER);
-        assert!(acked(&attempts.lock().unwrap()) >= 5, "the psql writer commits before the switchover");
+        assert!(
+            acked(&attempts.lock().unwrap()) >= 5,
+            "the psql writer commits before the switchover"
+        );
         let started = Instant::now();
         let result = cluster.pg_cli("nuster3", &["switchover", "nuster2"]);
         let took = started.elapsed();
@@ -130,7 +132,10 @@ fn switchover_under_pgbench_through_paused_poolers_fails_no_transaction() {
         out.status,
         cluster.logs()
     );
-    assert!(!stderr.contains("aborted"), "a pgbench client aborted:\n{stderr}");
+    assert!(
+        !stderr.contains("aborted"),
+        "a pgbench client aborted:\n{stderr}"
+    );
     if stdout.contains("number of failed transactions") {
         assert!(
             stdout.contains("number of failed transactions: 0 "),
@@ -198,7 +203,10 @@ fn switchover_under_pgbench_through_paused_poolers_fails_no_transaction() {
     let logs = cluster.logs();
     assert!(logs.contains("pooler paused"), "{logs}");
     assert!(logs.contains("pooler resumed"), "{logs}");
-    assert!(!logs.contains("made primary (epoch"), "a failover happened\n{logs}");
+    assert!(
+        !logs.contains("made primary (epoch"),
+        "a failover happened\n{logs}"
+    );
     eprintln!(
         "pgbench: {processed} transactions in {ran:?}, 0 failed, all on nuster2; slowest (µs): {slow:?}\n\
          psql writer: {} commits, 0 failed, all on nuster2, slowest {longest_psql:?}\n\

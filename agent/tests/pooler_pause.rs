@@ -36,9 +36,8 @@ async fn admin(addr: std::net::SocketAddr) -> tokio_postgres::Client {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pause_waits_for_running_transactions_holds_new_ones_and_resume_runs_them() {
-    if !can_run_postgres(
-        "pause_waits_for_running_transactions_holds_new_ones_and_resume_runs_them",
-    ) {
+    if !can_run_postgres("pause_waits_for_running_transactions_holds_new_ones_and_resume_runs_them")
+    {
         return;
     }
     let pg = cluster(false);
@@ -67,7 +66,10 @@ async fn pause_waits_for_running_transactions_holds_new_ones_and_resume_runs_the
         (console, result, started.elapsed())
     });
     tokio::time::sleep(Duration::from_millis(400)).await;
-    assert!(!pause.is_finished(), "PAUSE returned with a transaction running");
+    assert!(
+        !pause.is_finished(),
+        "PAUSE returned with a transaction running"
+    );
     running.batch_execute("COMMIT").await.unwrap();
     let (console, result, took) = pause.await.unwrap();
     result.unwrap();
@@ -100,7 +102,10 @@ async fn pause_waits_for_running_transactions_holds_new_ones_and_resume_runs_the
     let held_us: u64 = stats[0][8].parse().unwrap();
     assert!(held_us >= 500_000, "total_held_time_us: {stats:?}");
     eprintln!("held {waited:?}; SHOW STATS total_held_time_us = {held_us}");
-    let count = setup.simple_query("SELECT count(*) FROM paused").await.unwrap();
+    let count = setup
+        .simple_query("SELECT count(*) FROM paused")
+        .await
+        .unwrap();
     assert_eq!(rows(&count)[0][0], "2");
     let error = console.simple_query("RESUME").await.unwrap_err();
     assert_eq!(sqlstate(&error), "55000");
@@ -140,7 +145,15 @@ async fn a_pause_ends_a_transaction_past_the_drain_timeout_and_a_hold_past_the_w
         assert_eq!(code.code(), "57P01", "{error}");
         assert!(message(&error).contains("pause_drain_timeout"), "{error}");
     }
-    assert_eq!(pooler.pooler.pause.stats.cut.load(std::sync::atomic::Ordering::Relaxed), 1);
+    assert_eq!(
+        pooler
+            .pooler
+            .pause
+            .stats
+            .cut
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
 
     // Held longer than pause_wait_timeout: 57P03, saying why.
     let late = connect(pooler.addr).await;

@@ -277,9 +277,9 @@ pub(crate) fn run() -> Result<BenchReport> {
                     println!("{name:<26} {farol:.2} / {peer:.2} = {:.2}x", farol / peer);
                     report.push(name, "failover_ratio_to_pgpool", farol / peer, "x");
                 }
-                (Some(farol), None) => println!(
-                    "{name:<26} {farol:.2} / never (pgpool-II brought no write back)"
-                ),
+                (Some(farol), None) => {
+                    println!("{name:<26} {farol:.2} / never (pgpool-II brought no write back)")
+                }
                 _ => println!("{name:<26} no figure"),
             }
         }
@@ -399,8 +399,8 @@ fn run_once(agent: &Path, case: Case, keep_logs: &Path) -> Result<Outcome> {
     // Every decider sees the standbys (synchronous or not) before the kill.
     std::thread::sleep(Duration::from_secs(1));
 
-    let postmaster = postmaster_pid(&cluster.dir, "nuster1")
-        .context("nuster1's postmaster is not running")?;
+    let postmaster =
+        postmaster_pid(&cluster.dir, "nuster1").context("nuster1's postmaster is not running")?;
     let agent_pid = cluster.agents[0].as_ref().map(|a| a.pid() as i32);
     let measured = measure(&cluster.lab, &pooled(), &pooled(), || {
         // SAFETY: kill(2) on this run's postmaster (and agent) of nuster1.
@@ -522,7 +522,14 @@ fn run_pgpool_once(keep_logs: &Path) -> Result<Outcome> {
             psql(&lab, &through, "SELECT 1").ok()
         })?;
         wait_for("two streaming standbys", Duration::from_secs(30), || {
-            (psql(&lab, &direct(IPS[0]), "SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming'").ok()? == "2").then_some(())
+            (psql(
+                &lab,
+                &direct(IPS[0]),
+                "SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming'",
+            )
+            .ok()?
+                == "2")
+                .then_some(())
         })?;
         let primary = &mut servers.servers[0];
         let measured = measure(&lab, &through, &through, || primary.kill())?;
@@ -534,7 +541,8 @@ fn run_pgpool_once(keep_logs: &Path) -> Result<Outcome> {
         }
         .unwrap_or_else(|| IPS[1].to_owned());
         let lost = lost_on(&lab, &new_primary, &measured.acked)?;
-        let failover_log = std::fs::read_to_string(pgpool_dir.join("failover.log")).unwrap_or_default();
+        let failover_log =
+            std::fs::read_to_string(pgpool_dir.join("failover.log")).unwrap_or_default();
         let kill_s = measured
             .kill_wall
             .duration_since(SystemTime::UNIX_EPOCH)

@@ -401,7 +401,12 @@ pub struct LabPgCluster {
 
 impl LabPgCluster {
     /// `nodes`: (namespace, address) pairs, the primary first.
-    pub fn start(dir: &Path, nodes: &[(&str, &str)], port: u16, subnet: &str) -> Result<LabPgCluster> {
+    pub fn start(
+        dir: &Path,
+        nodes: &[(&str, &str)],
+        port: u16,
+        subnet: &str,
+    ) -> Result<LabPgCluster> {
         let (uid, gid) = postgres_ids()?;
         let _ = std::fs::remove_dir_all(dir);
         std::fs::create_dir_all(dir)?;

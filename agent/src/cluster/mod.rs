@@ -53,11 +53,11 @@ use tracing::{info, warn};
 
 use crate::config::{ClusterStateConfig, Config, NodeConfig};
 pub use handoff::HandoffHandler;
-pub use notice::{NoticeHandler, SwitchoverNotice};
+use network::NOTICE_PATH;
 use network::{
     Network, APPEND_PATH, HANDOFF_PATH, PING_PATH, SNAPSHOT_PATH, VOTE_PATH, WRITE_PATH,
 };
-use network::NOTICE_PATH;
+pub use notice::{NoticeHandler, SwitchoverNotice};
 use store::{LogStore, StateMachine};
 use transport::{Client, MessageKey, Rejections};
 use types::{Command, Outcome, Pong, Request, TypeConfig};

@@ -150,7 +150,12 @@ impl Pause {
     }
 
     pub fn is_paused(&self) -> bool {
-        self.active.load(Ordering::Acquire)
+        self.active.load(Ordering::SeqCst)
+    }
+
+    /// True when a new transaction of `database` for the primary waits.
+    pub(crate) fn holds(&self, database: &str) -> bool {
+        self.is_paused() && self.state.borrow().holds(database)
     }
 
     /// Changes the state; logs and counts a pause starting or ending.
@@ -173,7 +178,7 @@ impl Pause {
         let (Some(before), Some(after)) = (before, after) else {
             return;
         };
-        self.active.store(after.paused(), Ordering::Release);
+        self.active.store(after.paused(), Ordering::SeqCst);
         let mut since = self.since.lock().unwrap_or_else(|p| p.into_inner());
         match (before.paused(), after.paused()) {
             (false, true) => {
@@ -320,7 +325,10 @@ impl Pooler {
         match notice {
             SwitchoverNotice::Started { from, to } => {
                 let id = self.pause.next_id.fetch_add(1, Ordering::Relaxed);
-                self.pause.stats.switchover_pauses.fetch_add(1, Ordering::Relaxed);
+                self.pause
+                    .stats
+                    .switchover_pauses
+                    .fetch_add(1, Ordering::Relaxed);
                 self.pause.change("switchover", |state| {
                     state.switchover = Some((from.clone(), to.clone(), id))
                 });
@@ -328,15 +336,16 @@ impl Pooler {
                 let pooler = self.clone();
                 tokio::spawn(async move {
                     tokio::time::sleep(pooler.config.pause_wait_timeout).await;
-                    let still = matches!(&pooler.pause.state().switchover, Some((_, _, at)) if *at == id);
+                    let still =
+                        matches!(&pooler.pause.state().switchover, Some((_, _, at)) if *at == id);
                     if still {
                         warn!(
                             wait_timeout = ?pooler.config.pause_wait_timeout,
                             "pooler pause for the switchover expired (pooler.pause_wait_timeout) without a new primary"
                         );
-                        pooler.pause.change("the pause expired", |state| {
-                            state.switchover = None
-                        });
+                        pooler
+                            .pause
+                            .change("the pause expired", |state| state.switchover = None);
                     }
                 });
                 let (took, cut) = self.drain(None).await;
@@ -386,7 +395,10 @@ impl Pooler {
         if already {
             return Err(format!("already paused ({})", state.reason()));
         }
-        self.pause.stats.admin_pauses.fetch_add(1, Ordering::Relaxed);
+        self.pause
+            .stats
+            .admin_pauses
+            .fetch_add(1, Ordering::Relaxed);
         self.pause.change("PAUSE", |state| match database {
             None => state.admin_all = true,
             Some(name) => {
@@ -583,7 +595,9 @@ mod tests {
         assert!(waited >= Duration::from_millis(40), "{waited:?}");
         assert_eq!(pause.stats.held_now.load(Ordering::Relaxed), 0);
         // Paused past the limit: a timeout that says why.
-        pause.change("test", |state| state.switchover = Some(("a".into(), "b".into(), 1)));
+        pause.change("test", |state| {
+            state.switchover = Some(("a".into(), "b".into(), 1))
+        });
         let timeout = pause
             .hold("app", &pool, Duration::from_millis(30))
             .await

@@ -796,6 +796,14 @@ impl<S: ClientStream> Relay<S> {
             self.refresh_pools();
         }
         let server = self.pool.get().await.map_err(SessionError::Pool)?;
+        if self.pooler.pause.holds(&self.entry.database) {
+            // Paused between the look above and the borrow: nothing was
+            // sent on this connection yet, so it goes back and the
+            // transaction waits like the others (a drain counts borrowed
+            // connections, so it waited for this one).
+            self.pool.release(server);
+            return Box::pin(self.route()).await;
+        }
         Ok((self.pool.clone(), server))
     }
 

@@ -326,11 +326,14 @@ fn pause_timeouts_default_and_zero_is_refused() {
     assert_eq!(pooler.pause_wait_timeout, Duration::from_secs(15));
     assert_eq!(pooler.pause_drain_timeout, Duration::from_secs(5));
     // [pooler] keys go before the first [[pooler.users]].
-    let with = |line: &str| BASE.replace("[[pooler.users]]", &format!("{line}\n\n[[pooler.users]]"));
-    let set = load(&with("pause_wait_timeout = \"2s\"\npause_drain_timeout = \"250ms\""))
-        .expect("valid")
-        .pooler
-        .expect("pooler");
+    let with =
+        |line: &str| BASE.replace("[[pooler.users]]", &format!("{line}\n\n[[pooler.users]]"));
+    let set = load(&with(
+        "pause_wait_timeout = \"2s\"\npause_drain_timeout = \"250ms\"",
+    ))
+    .expect("valid")
+    .pooler
+    .expect("pooler");
     assert_eq!(set.pause_wait_timeout, Duration::from_secs(2));
     assert_eq!(set.pause_drain_timeout, Duration::from_millis(250));
     assert_one_problem(
