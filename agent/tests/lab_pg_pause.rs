@@ -200,6 +200,22 @@ fn switchover_under_pgbench_through_paused_poolers_fails_no_transaction() {
     let (held3, held3_us) = held_stats(&cluster, PG_IPS[2]);
     let (held2, held2_us) = held_stats(&cluster, PG_IPS[1]);
     assert!(held3 >= 1, "nuster3's pooler held pgbench's transactions");
+    // The same on /metrics, with the pause itself.
+    let metrics = cluster.lab.metrics("nuster3").expect("nuster3's /metrics");
+    let metric = |name: &str| metrics.get(name).copied().unwrap_or_default();
+    assert_eq!(
+        metric("farol_pooler_held_transactions_total"),
+        held3,
+        "{metrics:#?}"
+    );
+    assert_eq!(
+        metric("farol_pooler_pauses_total{reason=\"switchover\"}"),
+        1,
+        "{metrics:#?}"
+    );
+    assert_eq!(metric("farol_pooler_paused"), 0, "resumed: {metrics:#?}");
+    assert_eq!(metric("farol_pooler_hold_timeouts_total"), 0);
+    assert_eq!(metric("farol_pooler_pause_cut_transactions_total"), 0);
     let logs = cluster.logs();
     assert!(logs.contains("pooler paused"), "{logs}");
     assert!(logs.contains("pooler resumed"), "{logs}");

@@ -368,11 +368,19 @@ impl Pooler {
                 if self.pause.state().switchover.is_none() {
                     return "not paused".into();
                 }
-                if done {
+                if done && !self.config.role_check_interval.is_zero() {
                     // Writes move once the role checks see the new primary;
                     // look now.
                     self.recheck.notify_one();
                     format!("paused until {to} answers as the primary")
+                } else if done {
+                    // No role checks: nothing would move writes or lift
+                    // the pause; the primary stays where the config says.
+                    self.pause.change(
+                        &format!("the switchover from {from} to {to} is done (role checks are off: pooler.role_check_interval = \"0s\")"),
+                        |state| state.switchover = None,
+                    );
+                    "resumed (role checks are off)".into()
                 } else {
                     self.pause.change(
                         &format!("the switchover from {from} to {to} ended without a new primary: {detail}"),
