@@ -440,6 +440,15 @@ fn run_once(agent: &Path, case: Case, keep_logs: &Path) -> Result<Outcome> {
 fn run_pgpool_once(keep_logs: &Path) -> Result<Outcome> {
     let lab = LabGuard::up(Lab::new(&unique_prefix("bpgpl"))?)?;
     let dir = std::env::temp_dir().join(format!("farol-bench-pgpool-{}", lab.prefix()));
+    // Removed on every way out, after the servers stopped (dropped later
+    // than what is declared after it) and before the lab goes.
+    struct RemoveDir(PathBuf);
+    impl Drop for RemoveDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _remove = RemoveDir(dir.clone());
     let nodes: Vec<(String, &str)> = NODES
         .iter()
         .zip(IPS)
@@ -572,7 +581,6 @@ fn run_pgpool_once(keep_logs: &Path) -> Result<Outcome> {
     drop(pgpool);
     keep(&pgpool_dir);
     drop(servers);
-    let _ = std::fs::remove_dir_all(&dir);
     result
 }
 
