@@ -244,6 +244,7 @@ pub async fn run(plan: NodePlan, shutdown: watch::Receiver<bool>) -> Result<(), 
                 cluster.primary(),
                 shutdown.clone(),
             ));
+            crate::pooler::pause::serve_switchover_notices(pooler.clone(), cluster);
         }
     }
     let vrrp = crate::vrrp::Setup::new(&plan.config, &plan.node).map(|mut setup| {

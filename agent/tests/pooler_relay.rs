@@ -483,6 +483,9 @@ async fn admin_console_shows_pools_clients_servers_and_stats() {
         simple_rows(&stats_admin.simple_query("SHOW POOLS").await.unwrap()).len(),
         1
     );
+    // ... but may not pause the pooler.
+    let error = stats_admin.simple_query("PAUSE").await.unwrap_err();
+    assert_eq!(sqlstate(&error), "42501");
     let mut outsider = harness::client_config(pooler.addr, "app_md5", harness::MD5_PASSWORD);
     outsider.dbname("farol");
     let error = harness::failed(

@@ -20,8 +20,19 @@
 //! FAROL_BENCH_PGHA_CASES=sync-kill-node,... runs only those); the
 //! agents' logs give the steps (decision, lease, promotion, pooler).
 //!
-//! pgpool-II with a `failover_command` is not run here (see README.md's
-//! figures from before Farol for it).
+//! `standby_session_survived`: a reader session (one psql kept open,
+//! `SELECT inet_server_addr()` every 200 ms, reads going to a standby:
+//! Farol's `read_write_split`, pgpool-II's load balancing) still answers
+//! after the failover.
+//!
+//! `pgpool-kill-postgres`: pgpool-II 4.3 in nuster3's namespace in front of
+//! the same kind of cluster (PostgreSQL primary on nuster1, asynchronous
+//! standbys on nuster2 and nuster3, no agent), `failover_command` running
+//! `pg_promote()` on the node pgpool picks, health checks every second with
+//! no retry (pgpool's shortest), `failover_on_backend_error` on (its
+//! default); the same writer and reader through it, the same SIGKILL to
+//! nuster1's postmaster, the same figures. What pgpool-II cannot do shows
+//! as a figure (a session cut, writes never back), not as a failed run.
 
 use std::{
     path::{Path, PathBuf},
@@ -64,10 +75,15 @@ enum Death {
 struct Case {
     synchronous: bool,
     death: Death,
+    /// pgpool-II with a promoting failover_command instead of the agents.
+    pgpool: bool,
 }
 
 impl Case {
     fn name(&self) -> String {
+        if self.pgpool {
+            return "pgpool-kill-postgres".into();
+        }
         format!(
             "farol-{}-kill-{}",
             if self.synchronous { "sync" } else { "async" },
@@ -86,6 +102,8 @@ struct Outcome {
     acked: usize,
     lost: usize,
     new_primary: String,
+    /// The reader session on a standby still answered after the failover.
+    reader_survived: bool,
     /// Log events after the kill: (seconds after it, what).
     steps: Vec<(f64, String)>,
 }
@@ -120,23 +138,17 @@ pub(crate) fn run() -> Result<BenchReport> {
     let agent = std::env::temp_dir().join(format!("farol-bench-pgha-agent-{}", std::process::id()));
     std::fs::copy(workspace_root().join("target/debug/agent"), &agent)
         .context("copying target/debug/agent")?;
+    let case = |synchronous, death, pgpool| Case {
+        synchronous,
+        death,
+        pgpool,
+    };
     let cases = [
-        Case {
-            synchronous: true,
-            death: Death::Postgres,
-        },
-        Case {
-            synchronous: true,
-            death: Death::Node,
-        },
-        Case {
-            synchronous: false,
-            death: Death::Postgres,
-        },
-        Case {
-            synchronous: false,
-            death: Death::Node,
-        },
+        case(true, Death::Postgres, false),
+        case(true, Death::Node, false),
+        case(false, Death::Postgres, false),
+        case(false, Death::Node, false),
+        case(false, Death::Postgres, true),
     ];
     // FAROL_BENCH_PGHA_CASES=sync-kill-node,...: only the cases named.
     let only = std::env::var("FAROL_BENCH_PGHA_CASES").unwrap_or_default();
@@ -144,13 +156,13 @@ pub(crate) fn run() -> Result<BenchReport> {
         .into_iter()
         .filter(|case| {
             only.is_empty()
-                || only
-                    .split(',')
-                    .any(|name| case.name() == format!("farol-{}", name.trim()))
+                || only.split(',').any(|name| {
+                    case.name() == format!("farol-{}", name.trim()) || case.name() == name.trim()
+                })
         })
         .collect();
     if cases.is_empty() {
-        bail!("FAROL_BENCH_PGHA_CASES={only:?} names no case (sync-kill-postgres, sync-kill-node, async-kill-postgres, async-kill-node)");
+        bail!("FAROL_BENCH_PGHA_CASES={only:?} names no case (sync-kill-postgres, sync-kill-node, async-kill-postgres, async-kill-node, pgpool-kill-postgres)");
     }
     println!(
         "bench pgha: {} cases x {runs} runs, default timings, writer through nuster3's pooler",
@@ -158,26 +170,38 @@ pub(crate) fn run() -> Result<BenchReport> {
     );
     let mut report = BenchReport::new("pgha");
     let mut summary = Vec::new();
+    // (case, median failover_s) for the ratios to pgpool-II.
+    let mut medians: Vec<(String, Option<f64>)> = Vec::new();
     for case in cases {
         let mut outcomes = Vec::new();
         for index in 1..=runs {
             println!("bench pgha: {} run {index}/{runs}", case.name());
             let logs =
                 workspace_root().join(format!("target/bench/pgha-logs/{}-{index}", case.name()));
-            match run_once(&agent, case, &logs) {
+            let outcome = if case.pgpool {
+                run_pgpool_once(&logs)
+            } else {
+                run_once(&agent, case, &logs)
+            };
+            match outcome {
                 Ok(outcome) => {
                     println!(
-                        "  writes back after {}, {} acknowledged, {} lost, new primary {}",
+                        "  writes back after {}, {} acknowledged, {} lost, new primary {}, reader session on a standby {}",
                         outcome
                             .failover
                             .map(|d| format!("{:.2} s", d.as_secs_f64()))
-                            .unwrap_or_else(|| "never".into()),
+                            .unwrap_or_else(|| format!("never (within {GIVE_UP_AFTER:?})")),
                         outcome.acked,
                         outcome.lost,
-                        outcome.new_primary
+                        outcome.new_primary,
+                        if outcome.reader_survived { "survived" } else { "cut" },
                     );
                     for (at, what) in &outcome.steps {
-                        println!("    +{at:6.3} s  {what}");
+                        if at.is_nan() {
+                            println!("    {what}");
+                        } else {
+                            println!("    +{at:6.3} s  {what}");
+                        }
                     }
                     outcomes.push(outcome);
                 }
@@ -191,19 +215,37 @@ pub(crate) fn run() -> Result<BenchReport> {
         times.sort_by(f64::total_cmp);
         let lost: Vec<usize> = outcomes.iter().map(|o| o.lost).collect();
         let name = case.name();
+        let survived = outcomes.iter().filter(|o| o.reader_survived).count();
         report.push(&name, "runs", outcomes.len() as f64, "runs");
+        report.push(
+            &name,
+            "standby_sessions_survived",
+            survived as f64,
+            "sessions",
+        );
+        report.push(
+            &name,
+            "writes_never_back",
+            outcomes.iter().filter(|o| o.failover.is_none()).count() as f64,
+            "runs",
+        );
+        medians.push((name.clone(), times.get(times.len() / 2).copied()));
         if let (Some(min), Some(max)) = (times.first(), times.last()) {
             let median = times[times.len() / 2];
             report.push(&name, "failover_s", median, "s");
             report.push(&name, "failover_s_min", *min, "s");
             report.push(&name, "failover_s_max", *max, "s");
             summary.push(format!(
-                "{name:<26} {min:>6.2} {median:>6.2} {max:>6.2}   {:>4}   {:?}",
+                "{name:<26} {min:>6.2} {median:>6.2} {max:>6.2}   {:>4}   {survived}/{}   {:?}",
                 lost.iter().sum::<usize>(),
+                outcomes.len(),
                 lost
             ));
         } else {
-            summary.push(format!("{name:<26} no run brought writes back"));
+            summary.push(format!(
+                "{name:<26} no run brought writes back   {survived}/{} reader sessions survived",
+                outcomes.len()
+            ));
         }
         if let Some(max) = lost.iter().max() {
             report.push(&name, "lost_writes", *max as f64, "writes");
@@ -217,11 +259,30 @@ pub(crate) fn run() -> Result<BenchReport> {
     }
     println!("\nfailover_s (primary death to first acknowledged write through the pooler), lost_writes (acknowledged, missing)");
     println!(
-        "{:<26} {:>6} {:>6} {:>6}   {:>4}   per run",
+        "{:<26} {:>6} {:>6} {:>6}   {:>4}   reader  lost per run",
         "case", "min", "median", "max", "lost"
     );
     for line in summary {
         println!("{line}");
+    }
+    let pgpool = medians
+        .iter()
+        .find(|(name, _)| name.starts_with("pgpool"))
+        .map(|(_, median)| *median);
+    if let Some(pgpool) = pgpool {
+        println!("\nmedian failover_s, Farol / pgpool-II (below 1: Farol is faster)");
+        for (name, median) in medians.iter().filter(|(name, _)| name.starts_with("farol")) {
+            match (median, pgpool) {
+                (Some(farol), Some(peer)) if peer > 0.0 => {
+                    println!("{name:<26} {farol:.2} / {peer:.2} = {:.2}x", farol / peer);
+                    report.push(name, "failover_ratio_to_pgpool", farol / peer, "x");
+                }
+                (Some(farol), None) => {
+                    println!("{name:<26} {farol:.2} / never (pgpool-II brought no write back)")
+                }
+                _ => println!("{name:<26} no figure"),
+            }
+        }
     }
     let _ = std::fs::remove_file(&agent);
     Ok(report)
@@ -338,6 +399,205 @@ fn run_once(agent: &Path, case: Case, keep_logs: &Path) -> Result<Outcome> {
     // Every decider sees the standbys (synchronous or not) before the kill.
     std::thread::sleep(Duration::from_secs(1));
 
+    let postmaster =
+        postmaster_pid(&cluster.dir, "nuster1").context("nuster1's postmaster is not running")?;
+    let agent_pid = cluster.agents[0].as_ref().map(|a| a.pid() as i32);
+    let measured = measure(&cluster.lab, &pooled(), &pooled(), || {
+        // SAFETY: kill(2) on this run's postmaster (and agent) of nuster1.
+        unsafe {
+            if case.death == Death::Node {
+                if let Some(pid) = agent_pid {
+                    libc::kill(pid, libc::SIGKILL);
+                }
+            }
+            libc::kill(postmaster, libc::SIGKILL);
+        }
+    })?;
+    let Some((_, new_primary)) = measured.acked.last().cloned() else {
+        bail!("no write was acknowledged");
+    };
+    let lost = lost_on(&cluster.lab, &new_primary, &measured.acked)?;
+    let steps = steps_after(&cluster.logs(), measured.kill_wall);
+    if measured.failover.is_none() {
+        return Err(with_logs(
+            &cluster,
+            anyhow::anyhow!("writes did not come back within {GIVE_UP_AFTER:?}"),
+        ));
+    }
+    Ok(Outcome {
+        failover: measured.failover,
+        acked: measured.acked.len(),
+        lost,
+        new_primary: node_of(&new_primary),
+        reader_survived: measured.reader_survived,
+        steps,
+    })
+}
+
+/// One pgpool-II run: the lab PostgreSQL cluster without agents, pgpool
+/// in nuster3's namespace (see the module doc); its log and the failover
+/// command's go to `keep_logs`.
+fn run_pgpool_once(keep_logs: &Path) -> Result<Outcome> {
+    let lab = LabGuard::up(Lab::new(&unique_prefix("bpgpl"))?)?;
+    let dir = std::env::temp_dir().join(format!("farol-bench-pgpool-{}", lab.prefix()));
+    // Removed on every way out, after the servers stopped (dropped later
+    // than what is declared after it) and before the lab goes.
+    struct RemoveDir(PathBuf);
+    impl Drop for RemoveDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _remove = RemoveDir(dir.clone());
+    let nodes: Vec<(String, &str)> = NODES
+        .iter()
+        .zip(IPS)
+        .map(|(node, ip)| (lab.netns(node), ip))
+        .collect();
+    let nodes: Vec<(&str, &str)> = nodes.iter().map(|(ns, ip)| (ns.as_str(), *ip)).collect();
+    let mut servers =
+        xtask::postgres::LabPgCluster::start(&dir.join("pg"), &nodes, 5432, "192.0.2.0/24")?;
+    let pgpool_dir = dir.join("pgpool");
+    std::fs::create_dir_all(&pgpool_dir)?;
+    let script = pgpool_dir.join("failover.sh");
+    // %d failed node, %h its host, %m new main node, %H its host, %P the
+    // old primary: promote the new main node when the primary failed.
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\necho \"$(date +%T.%N) failover failed=$1 ($2) new_main=$3 ($4) old_primary=$5\" >> {log}\n\
+             [ \"$1\" = \"$5\" ] || exit 0\n\
+             psql -X -q -A -t -h \"$4\" -p 5432 -U postgres -d postgres -c 'SELECT pg_promote()' >> {log} 2>&1\n",
+            log = pgpool_dir.join("failover.log").display()
+        ),
+    )?;
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    let (uid, gid) = (
+        xtask::capture(Command::new("id").args(["-u", "postgres"]))?,
+        xtask::capture(Command::new("id").args(["-g", "postgres"]))?,
+    );
+    let id = |out: std::process::Output| -> Result<u32> {
+        Ok(String::from_utf8_lossy(&out.stdout).trim().parse()?)
+    };
+    std::os::unix::fs::chown(&pgpool_dir, Some(id(uid)?), Some(id(gid)?))?;
+    let extra = format!(
+        "load_balance_mode = on\nsr_check_period = 1\nsr_check_user = 'postgres'\n\
+         health_check_period = 1\nhealth_check_timeout = 1\nhealth_check_max_retries = 0\n\
+         health_check_user = 'postgres'\nfailover_on_backend_error = on\n\
+         search_primary_node_timeout = 10\n\
+         failover_command = '{} %d %h %m %H %P'\nlog_min_messages = log\n",
+        script.display()
+    );
+    let pgpool_ns = lab.netns("nuster3");
+    let started = xtask::bench_pooler::start_pgpool_with(
+        &pgpool_dir,
+        &xtask::bench_pooler::PgpoolSetup {
+            netns: Some(&pgpool_ns),
+            listen: IPS[2],
+            // Reads to the standbys (weight 0 on the primary).
+            backends: &[
+                (IPS[0], 5432, "ALLOW_TO_FAILOVER", 0),
+                (IPS[1], 5432, "ALLOW_TO_FAILOVER", 1),
+                (IPS[2], 5432, "ALLOW_TO_FAILOVER", 1),
+            ],
+            children: 32,
+            extra: &extra,
+        },
+    );
+    let keep = |pgpool_dir: &Path| {
+        let _ = std::fs::create_dir_all(keep_logs);
+        for name in ["pgpool.log", "failover.log"] {
+            let _ = std::fs::copy(pgpool_dir.join(name), keep_logs.join(name));
+        }
+    };
+    let (pgpool, port) = match started {
+        Ok(started) => started,
+        Err(error) => {
+            keep(&pgpool_dir);
+            return Err(error);
+        }
+    };
+    servers.servers[0]
+        .psql(
+            "postgres",
+            &format!("CREATE ROLE app LOGIN PASSWORD '{APP_PASSWORD}'; CREATE TABLE t (id int PRIMARY KEY); GRANT ALL ON t TO app"),
+        )?;
+    let through = format!(
+        "host={} port={port} user=app password={APP_PASSWORD} dbname=postgres connect_timeout=2",
+        IPS[2]
+    );
+    let result = (|| {
+        wait_for("writes through pgpool-II", Duration::from_secs(30), || {
+            psql(&lab, &through, "SELECT 1").ok()
+        })?;
+        wait_for("two streaming standbys", Duration::from_secs(30), || {
+            (psql(
+                &lab,
+                &direct(IPS[0]),
+                "SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming'",
+            )
+            .ok()?
+                == "2")
+                .then_some(())
+        })?;
+        let primary = &mut servers.servers[0];
+        let measured = measure(&lab, &through, &through, || primary.kill())?;
+        // Where the rows are: the server that acknowledged the last write,
+        // or (writes never back) the standby the failover command promotes.
+        let new_primary = match measured.failover {
+            Some(_) => measured.acked.last().map(|(_, server)| server.clone()),
+            None => None,
+        }
+        .unwrap_or_else(|| IPS[1].to_owned());
+        let lost = lost_on(&lab, &new_primary, &measured.acked)?;
+        let failover_log =
+            std::fs::read_to_string(pgpool_dir.join("failover.log")).unwrap_or_default();
+        let kill_s = measured
+            .kill_wall
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64() % 86_400.0)
+            .unwrap_or(0.0);
+        // "HH:MM:SS.nnnnnnnnn failover ..." lines: seconds after the kill.
+        let steps = failover_log
+            .lines()
+            .map(|line| {
+                let at = line
+                    .split_whitespace()
+                    .next()
+                    .and_then(seconds_of_day)
+                    .map_or(f64::NAN, |at| at - kill_s);
+                (at, format!("failover_command: {line}"))
+            })
+            .collect();
+        Ok(Outcome {
+            failover: measured.failover,
+            acked: measured.acked.len(),
+            lost,
+            new_primary: node_of(&new_primary),
+            reader_survived: measured.reader_survived,
+            steps,
+        })
+    })();
+    drop(pgpool);
+    keep(&pgpool_dir);
+    drop(servers);
+    result
+}
+
+/// What the writer and the reader saw around the kill.
+struct Measured {
+    failover: Option<Duration>,
+    /// (id, server) of every acknowledged write, in order.
+    acked: Vec<(i32, String)>,
+    reader_survived: bool,
+    kill_wall: SystemTime,
+}
+
+/// Writes numbered rows through `writer` (one psql and one INSERT per
+/// row) and keeps a reader session open through `reader`; after
+/// [`WARM_UP`] runs `kill`, then waits until a write sent after it is
+/// acknowledged (at most [`GIVE_UP_AFTER`]) and one more second.
+fn measure(lab: &Lab, writer: &str, reader: &str, kill: impl FnOnce()) -> Result<Measured> {
     struct Attempt {
         id: i32,
         sent: Instant,
@@ -346,18 +606,20 @@ fn run_once(agent: &Path, case: Case, keep_logs: &Path) -> Result<Outcome> {
     }
     let attempts: Mutex<Vec<Attempt>> = Mutex::new(Vec::new());
     let stop = AtomicBool::new(false);
-    let killed: Mutex<Option<Instant>> = Mutex::new(None);
     let deadline = Instant::now() + WARM_UP + GIVE_UP_AFTER + Duration::from_secs(5);
+    let reading = Reader::start(lab, reader)?;
     let mut kill_wall = SystemTime::now();
-    std::thread::scope(|scope| -> Result<()> {
+    let mut killed = Instant::now();
+    std::thread::scope(|scope| {
         scope.spawn(|| {
             for id in 1..=100_000 {
                 if stop.load(Ordering::SeqCst) || Instant::now() > deadline {
                     break;
                 }
                 let sent = Instant::now();
-                let result = cluster.psql(
-                    &pooled(),
+                let result = psql(
+                    lab,
+                    writer,
                     &format!("INSERT INTO t VALUES ({id}) RETURNING host(inet_server_addr())"),
                 );
                 let done = Instant::now();
@@ -374,23 +636,11 @@ fn run_once(agent: &Path, case: Case, keep_logs: &Path) -> Result<Outcome> {
             }
         });
         std::thread::sleep(WARM_UP);
-        let postmaster = postmaster_pid(&cluster.dir, "nuster1")
-            .context("nuster1's postmaster is not running")?;
-        let agent_pid = cluster.agents[0].as_ref().map(|a| a.pid() as i32);
         kill_wall = SystemTime::now();
-        let at = Instant::now();
-        // SAFETY: kill(2) on this run's postmaster (and agent) of nuster1.
-        unsafe {
-            if case.death == Death::Node {
-                if let Some(pid) = agent_pid {
-                    libc::kill(pid, libc::SIGKILL);
-                }
-            }
-            libc::kill(postmaster, libc::SIGKILL);
-        }
-        *killed.lock().unwrap() = Some(at);
-        // Writes back, then one more second of them.
-        let back = wait_for("writes through the pooler again", GIVE_UP_AFTER, || {
+        killed = Instant::now();
+        kill();
+        let at = killed;
+        let back = wait_for("writes again", GIVE_UP_AFTER, || {
             attempts
                 .lock()
                 .unwrap()
@@ -402,9 +652,8 @@ fn run_once(agent: &Path, case: Case, keep_logs: &Path) -> Result<Outcome> {
             std::thread::sleep(Duration::from_secs(1));
         }
         stop.store(true, Ordering::SeqCst);
-        Ok(())
-    })?;
-    let killed = killed.into_inner().unwrap().context("no kill")?;
+    });
+    let reader_survived = reading.finish();
     let attempts = attempts.into_inner().unwrap();
     let failover = attempts
         .iter()
@@ -412,37 +661,99 @@ fn run_once(agent: &Path, case: Case, keep_logs: &Path) -> Result<Outcome> {
         .map(|a| a.done)
         .min()
         .map(|done| done - killed);
-    let acked: Vec<&Attempt> = attempts.iter().filter(|a| a.server.is_some()).collect();
-    let Some(last) = acked.last() else {
-        bail!("no write was acknowledged");
-    };
-    let new_primary = last.server.clone().unwrap_or_default();
-    let rows: std::collections::BTreeSet<i32> = cluster
-        .psql(&direct(&new_primary), "SELECT id FROM t")
+    Ok(Measured {
+        failover,
+        acked: attempts
+            .into_iter()
+            .filter_map(|a| Some((a.id, a.server?)))
+            .collect(),
+        reader_survived,
+        kill_wall,
+    })
+}
+
+/// How many acknowledged writes are missing on the server at `ip`.
+fn lost_on(lab: &Lab, ip: &str, acked: &[(i32, String)]) -> Result<usize> {
+    let rows: std::collections::BTreeSet<i32> = psql(lab, &direct(ip), "SELECT id FROM t")
         .map_err(anyhow::Error::msg)?
         .lines()
         .filter_map(|line| line.parse().ok())
         .collect();
-    let lost = acked.iter().filter(|a| !rows.contains(&a.id)).count();
-    let steps = steps_after(&cluster.logs(), kill_wall);
-    if failover.is_none() {
-        return Err(with_logs(
-            &cluster,
-            anyhow::anyhow!("writes did not come back within {GIVE_UP_AFTER:?}"),
-        ));
-    }
-    let node = IPS
-        .iter()
-        .position(|ip| *ip == new_primary)
+    Ok(acked.iter().filter(|(id, _)| !rows.contains(id)).count())
+}
+
+/// The node name of a lab address.
+fn node_of(ip: &str) -> String {
+    IPS.iter()
+        .position(|known| *known == ip)
         .map(|i| NODES[i].to_owned())
-        .unwrap_or(new_primary);
-    Ok(Outcome {
-        failover,
-        acked: acked.len(),
-        lost,
-        new_primary: node,
-        steps,
-    })
+        .unwrap_or_else(|| ip.to_owned())
+}
+
+/// One psql session kept open on the client, sent `SELECT
+/// inet_server_addr()` every 200 ms. Non-interactive psql exits with
+/// status 2 when its connection is lost, so the session survived when
+/// psql, once its input ends, exits with 0.
+struct Reader {
+    child: std::process::Child,
+    stop: std::sync::Arc<AtomicBool>,
+    feeder: std::thread::JoinHandle<()>,
+}
+
+impl Reader {
+    fn start(lab: &Lab, conninfo: &str) -> Result<Reader> {
+        let mut child = lab
+            .command(CLIENT, "psql")
+            .args(["-X", "-q", "-A", "-t", "-d", conninfo])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting the reader's psql")?;
+        let mut stdin = child.stdin.take().context("the reader's stdin")?;
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let feeder = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                use std::io::Write;
+                // Bounded: at most 5 minutes of queries.
+                for _ in 0..1500 {
+                    if stop.load(Ordering::SeqCst)
+                        || stdin.write_all(b"SELECT inet_server_addr();\n").is_err()
+                    {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                // Dropping stdin ends psql's input.
+            })
+        };
+        Ok(Reader {
+            child,
+            stop,
+            feeder,
+        })
+    }
+
+    /// Ends the session's input; true when psql then exits with 0.
+    fn finish(mut self) -> bool {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = self.feeder.join();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(status)) => return status.success(),
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                _ => {
+                    let _ = self.child.kill();
+                    let _ = self.child.wait();
+                    return false;
+                }
+            }
+        }
+    }
 }
 
 /// The first occurrence after the kill of each step worth showing, from
@@ -550,6 +861,7 @@ hba = ["host all postgres 192.0.2.0/24 trust", "host all app 192.0.2.0/24 trust"
 listen = "0.0.0.0:6432"
 primary = "192.0.2.11:5432"
 standbys = ["192.0.2.12:5432", "192.0.2.13:5432"]
+read_write_split = true
 
 [[pooler.users]]
 name = "app"

@@ -41,7 +41,7 @@ const PASSWORD: &str = "bench-pw";
 const POOL_SIZE: usize = 20;
 
 /// A process stopped by PID (SIGTERM, then SIGKILL) when dropped.
-struct Proc {
+pub struct Proc {
     name: &'static str,
     child: Child,
 }
@@ -64,25 +64,33 @@ impl Drop for Proc {
 }
 
 fn wait_port(port: u16, what: &str) -> Result<()> {
+    wait_port_at(None, "127.0.0.1", port, what)
+}
+
+/// Waits until something answers PostgreSQL's protocol on `host:port`,
+/// from lab namespace `netns` when given.
+fn wait_port_at(netns: Option<&str>, host: &str, port: u16, what: &str) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let ready = Command::new("pg_isready")
-            .args([
-                "-q",
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &port.to_string(),
-                "-d",
-                "postgres",
-            ])
+        let mut command = match netns {
+            Some(netns) => {
+                let mut command = Command::new("nsenter");
+                command
+                    .arg(format!("--net=/run/netns/{netns}"))
+                    .args(["--", "pg_isready"]);
+                command
+            }
+            None => Command::new("pg_isready"),
+        };
+        let ready = command
+            .args(["-q", "-h", host, "-p", &port.to_string(), "-d", "postgres"])
             .status()?;
         // 0 accepting, 1 rejecting (a pooler that refuses the database): up.
         if matches!(ready.code(), Some(0 | 1)) {
             return Ok(());
         }
         if Instant::now() > deadline {
-            bail!("{what} on port {port} did not come up");
+            bail!("{what} on {host}:{port} did not come up");
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -207,6 +215,36 @@ fn start_pgbouncer(dir: &Path, primary: u16, host: &str) -> Result<(Proc, u16)> 
 }
 
 fn start_pgpool(dir: &Path, primary: u16, clients: usize) -> Result<(Proc, u16)> {
+    start_pgpool_with(
+        dir,
+        &PgpoolSetup {
+            netns: None,
+            listen: "127.0.0.1",
+            backends: &[("127.0.0.1", primary, "ALWAYS_PRIMARY", 1)],
+            children: clients.max(32),
+            extra: "load_balance_mode = off\nsr_check_period = 0\nhealth_check_period = 0\n\
+                    log_min_messages = warning\n",
+        },
+    )
+}
+
+/// Where and in front of which servers a pgpool-II runs.
+pub struct PgpoolSetup<'a> {
+    /// A lab namespace (pgpool runs there), else the host.
+    pub netns: Option<&'a str>,
+    /// The address pgpool listens on (its port is picked free).
+    pub listen: &'a str,
+    /// (host, port, backend_flag, backend_weight), backend 0 first.
+    pub backends: &'a [(&'a str, u16, &'a str, u32)],
+    /// `num_init_children`: at most this many clients at once.
+    pub children: usize,
+    /// More `pgpool.conf` lines (health checks, failover, load balancing).
+    pub extra: &'a str,
+}
+
+/// pgpool-II as the postgres user in streaming-replication mode, no pool
+/// hba, its files in `dir`, logging to `dir/pgpool.log`.
+pub fn start_pgpool_with(dir: &Path, setup: &PgpoolSetup) -> Result<(Proc, u16)> {
     let port = free_port()?;
     let pcp_port = free_port()?;
     let (uid, gid) = postgres_ids()?;
@@ -214,29 +252,50 @@ fn start_pgpool(dir: &Path, primary: u16, clients: usize) -> Result<(Proc, u16)>
     let run = dir.join("pgpool-run");
     std::fs::create_dir_all(&run)?;
     std::os::unix::fs::chown(&run, Some(uid), Some(gid))?;
+    let mut backends = String::new();
+    for (index, (host, backend_port, flag, weight)) in setup.backends.iter().enumerate() {
+        backends.push_str(&format!(
+            "backend_hostname{index} = '{host}'\nbackend_port{index} = {backend_port}\n\
+             backend_weight{index} = {weight}\nbackend_flag{index} = '{flag}'\n"
+        ));
+    }
     std::fs::write(
         &conf,
         format!(
             "backend_clustering_mode = 'streaming_replication'\n\
-             listen_addresses = '127.0.0.1'\nport = {port}\n\
+             listen_addresses = '{listen}'\nport = {port}\n\
              socket_dir = '{run}'\npcp_listen_addresses = ''\npcp_port = {pcp_port}\npcp_socket_dir = '{run}'\n\
-             backend_hostname0 = '127.0.0.1'\nbackend_port0 = {primary}\nbackend_weight0 = 1\n\
-             backend_flag0 = 'ALWAYS_PRIMARY'\n\
+             {backends}\
              enable_pool_hba = off\nnum_init_children = {children}\nmax_pool = 1\n\
-             connection_cache = on\nload_balance_mode = off\n\
-             sr_check_period = 0\nhealth_check_period = 0\n\
-             pid_file_name = '{run}/pgpool.pid'\nlogdir = '{run}'\n\
-             log_min_messages = warning\n",
+             connection_cache = on\n\
+             pid_file_name = '{run}/pgpool.pid'\nlogdir = '{run}'\n{extra}",
+            listen = setup.listen,
             run = run.display(),
-            children = clients.max(32),
+            children = setup.children,
+            extra = setup.extra,
         ),
     )?;
-    let child = Command::new("pgpool")
+    let mut command = match setup.netns {
+        Some(netns) => {
+            // nsenter enters the namespace as root, drops to postgres and
+            // execs: the child's PID is pgpool's.
+            let mut command = Command::new("nsenter");
+            command
+                .arg(format!("--net=/run/netns/{netns}"))
+                .args(["--setuid", &uid.to_string(), "--setgid", &gid.to_string()])
+                .args(["--", "pgpool"]);
+            command
+        }
+        None => {
+            let mut command = Command::new("pgpool");
+            command.uid(uid).gid(gid);
+            command
+        }
+    };
+    let child = command
         .args(["-n", "-f"])
         .arg(&conf)
         .args(["-F", "/dev/null"])
-        .uid(uid)
-        .gid(gid)
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(dir.join("pgpool.log"))?)
         .spawn()
@@ -245,7 +304,7 @@ fn start_pgpool(dir: &Path, primary: u16, clients: usize) -> Result<(Proc, u16)>
         name: "pgpool",
         child,
     };
-    wait_port(port, "pgpool")?;
+    wait_port_at(setup.netns, setup.listen, port, "pgpool")?;
     Ok((proc, port))
 }
 

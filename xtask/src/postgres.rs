@@ -387,3 +387,76 @@ impl Drop for PgCluster {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// A primary and streaming standbys in lab namespaces, without Farol: for
+/// benchmarks of peers (pgpool-II) in front of the same kind of cluster
+/// the agents run. Every server listens on its node's address and `port`;
+/// `pg_hba` trusts `subnet` (connections and replication).
+#[derive(Debug)]
+pub struct LabPgCluster {
+    /// The primary first, then the standbys, in the order given.
+    pub servers: Vec<PgServer>,
+    dir: PathBuf,
+}
+
+impl LabPgCluster {
+    /// `nodes`: (namespace, address) pairs, the primary first.
+    pub fn start(
+        dir: &Path,
+        nodes: &[(&str, &str)],
+        port: u16,
+        subnet: &str,
+    ) -> Result<LabPgCluster> {
+        let (uid, gid) = postgres_ids()?;
+        let _ = std::fs::remove_dir_all(dir);
+        std::fs::create_dir_all(dir)?;
+        std::os::unix::fs::chown(dir, Some(uid), Some(gid))?;
+        let Some(((primary_ns, primary_host), standbys)) = nodes.split_first() else {
+            bail!("a lab PostgreSQL cluster needs at least a primary");
+        };
+        let primary_dir = dir.join("node0");
+        initdb(&primary_dir)?;
+        std::fs::write(
+            primary_dir.join("pg_hba.conf"),
+            format!(
+                "local all all trust\nhost all all 127.0.0.1/32 trust\n\
+                 host all all {subnet} trust\nhost replication all {subnet} trust\n"
+            ),
+        )?;
+        let mut cluster = LabPgCluster {
+            // Acknowledged means written here (start_at turns it off).
+            servers: vec![PgServer::start_at(
+                &primary_dir,
+                Some(primary_ns),
+                primary_host,
+                port,
+                &["-c", "synchronous_commit=on"],
+            )?],
+            dir: dir.to_owned(),
+        };
+        for (index, (netns, host)) in standbys.iter().enumerate() {
+            let data = dir.join(format!("node{}", index + 1));
+            base_backup(Some(netns), &cluster.servers[0], &data)?;
+            // The primary's socket lock (its socket lives in its data
+            // directory) came along; the same port here would trip on it.
+            let _ = std::fs::remove_file(data.join(format!(".s.PGSQL.{port}.lock")));
+            cluster.servers.push(PgServer::start_at(
+                &data,
+                Some(netns),
+                host,
+                port,
+                &["-c", "hot_standby=on"],
+            )?);
+        }
+        Ok(cluster)
+    }
+}
+
+impl Drop for LabPgCluster {
+    fn drop(&mut self) {
+        for server in self.servers.iter_mut().rev() {
+            server.stop();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

@@ -31,6 +31,7 @@ mod lease;
 mod members;
 pub mod metrics;
 mod network;
+mod notice;
 mod store;
 pub mod transport;
 pub mod types;
@@ -52,9 +53,11 @@ use tracing::{info, warn};
 
 use crate::config::{ClusterStateConfig, Config, NodeConfig};
 pub use handoff::HandoffHandler;
+use network::NOTICE_PATH;
 use network::{
     Network, APPEND_PATH, HANDOFF_PATH, PING_PATH, SNAPSHOT_PATH, VOTE_PATH, WRITE_PATH,
 };
+pub use notice::{NoticeHandler, SwitchoverNotice};
 use store::{LogStore, StateMachine};
 use transport::{Client, MessageKey, Rejections};
 use types::{Command, Outcome, Pong, Request, TypeConfig};
@@ -153,6 +156,8 @@ struct Core {
     counters: Counters,
     /// What this agent runs when asked to hand the primary over.
     handoff: std::sync::OnceLock<HandoffHandler>,
+    /// What this agent runs for switchover notices (its pooler's pause).
+    notices: std::sync::OnceLock<NoticeHandler>,
 }
 
 impl std::fmt::Debug for Core {
@@ -430,6 +435,7 @@ impl transport::Handler for Core {
                 let request: handoff::HandoffRequest = decode(&body)?;
                 encode(&self.run_handoff(request.target).await)
             }
+            NOTICE_PATH => encode(&self.run_notice(decode(&body)?).await),
             PING_PATH => {
                 let _: String = decode(&body)?;
                 self.saw(&sender);
@@ -557,6 +563,7 @@ pub async fn start(
         heard: Mutex::new(BTreeMap::new()),
         counters: Counters::default(),
         handoff: std::sync::OnceLock::new(),
+        notices: std::sync::OnceLock::new(),
     });
     let router = transport::routes(
         node.name.clone(),
@@ -571,6 +578,7 @@ pub async fn start(
             WRITE_PATH,
             PING_PATH,
             HANDOFF_PATH,
+            NOTICE_PATH,
         ],
     );
     {

@@ -118,6 +118,16 @@ pub struct PoolerConfig {
     /// Its `pg_hba.conf` needs `local` lines for the pooler's users.
     #[serde(default)]
     pub unix_socket_dir: Option<PathBuf>,
+    /// While the pooler is paused (a planned switchover, or `PAUSE` on the
+    /// admin console), a new transaction for the primary waits at most
+    /// this long, then gets 57P03; a switchover's pause also ends by itself
+    /// after this long if no new primary answered.
+    #[serde(default = "default_pause_wait_timeout", with = "humantime_serde")]
+    pub pause_wait_timeout: Duration,
+    /// When a pause starts, how long transactions already running on the
+    /// primary may take to finish before they are ended with 57P01.
+    #[serde(default = "default_pause_drain_timeout", with = "humantime_serde")]
+    pub pause_drain_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -192,6 +202,12 @@ fn default_role_check_database() -> String {
 }
 fn default_auth_cache_ttl() -> Duration {
     Duration::from_secs(60)
+}
+fn default_pause_wait_timeout() -> Duration {
+    Duration::from_secs(15)
+}
+fn default_pause_drain_timeout() -> Duration {
+    Duration::from_secs(5)
 }
 fn default_pool_size() -> usize {
     20
@@ -359,6 +375,14 @@ impl PoolerConfig {
                         format!("expected a user of pooler.users (the console checks its secret), got {name:?}"),
                     );
                 }
+            }
+        }
+        for (key, value) in [
+            ("pooler.pause_wait_timeout", self.pause_wait_timeout),
+            ("pooler.pause_drain_timeout", self.pause_drain_timeout),
+        ] {
+            if value.is_zero() {
+                problem(key.into(), "expected a positive duration".into());
             }
         }
         let mut pools = HashSet::new();

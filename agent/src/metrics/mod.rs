@@ -344,5 +344,8 @@ pub fn encode_prometheus_text(registry: &Registry) -> Result<String, std::fmt::E
 
 /// Adds the pooler's figures to the agent's registry.
 pub fn register_pooler(registry: &mut Registry, pooler: Arc<crate::pooler::Pooler>) {
+    registry.register_collector(Box::new(crate::pooler::pause::PauseCollector(
+        pooler.clone(),
+    )));
     registry.register_collector(Box::new(PoolerCollector { pooler }));
 }

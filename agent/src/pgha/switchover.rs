@@ -10,18 +10,24 @@
 //! 1. the target must be streaming, within `max_lag_bytes` (the primary's
 //!    `pg_stat_replication`), and the agent must hold the lease and see a
 //!    quorum: otherwise the request is refused and nothing changes;
-//! 2. the agent gives up its lease ([`ClusterHandle::pause_lease`]): its
+//! 2. every agent's pooler is paused ([`SwitchoverNotice::Started`]): new
+//!    transactions for the primary are held, running ones finish (bounded
+//!    by `pooler.pause_drain_timeout`); the agent waits for their answers;
+//! 3. the agent gives up its lease ([`ClusterHandle::pause_lease`]): its
 //!    reconciler fences the server (no commit acknowledged any more) and
 //!    stops it (fast shutdown: the walsenders send everything up to the
 //!    shutdown checkpoint first);
-//! 3. pg_controldata gives that checkpoint, the old primary's last record;
+//! 4. pg_controldata gives that checkpoint, the old primary's last record;
 //!    the agent waits until the target's `/replica` reports it replayed;
-//! 4. the handoff [`ClusterHandle::set_primary`] moves the record without
+//! 5. the handoff [`ClusterHandle::set_primary`] moves the record without
 //!    the lease wait; the target's agent gains the lease and promotes, the
-//!    other standbys follow it, the old primary rejoins as its standby.
+//!    other standbys follow it, the old primary rejoins as its standby; the
+//!    poolers release the held transactions once their role checks see the
+//!    new primary ([`SwitchoverNotice::Ended`] makes them look at once).
 //!
-//! If step 2 or 3 does not complete in time, or the handoff is refused,
-//! the lease is taken back and the old primary starts again as primary.
+//! If step 3 or 4 does not complete in time, or the handoff is refused,
+//! the lease is taken back and the old primary starts again as primary;
+//! once it answers as one, the poolers resume towards it.
 
 use std::{
     sync::{
@@ -39,7 +45,7 @@ use prometheus_client::{
 use tracing::{info, warn};
 
 use super::{failover::probe, Lsn, PgNode, Pgha};
-use crate::cluster::{ClusterHandle, HandoffHandler};
+use crate::cluster::{ClusterHandle, HandoffHandler, SwitchoverNotice};
 
 /// How long the old primary may take to stop once fenced.
 const STOP_TIMEOUT: Duration = Duration::from_secs(20);
@@ -47,6 +53,10 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(20);
 const REPLAY_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long the requester waits for the primary's agent to answer.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(90);
+/// How long the poolers may take to answer a switchover notice (pause and
+/// drain); one that does not answer in time is not waited for (its
+/// clients may see errors, as without a pause).
+const NOTICE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the primary's agent waits for the target to answer as primary
 /// after the handoff, for the report (the switchover is done either way).
 const PROMOTION_WAIT: Duration = Duration::from_secs(15);
@@ -210,12 +220,29 @@ impl Switchover {
             .map_err(|e| Refusal::Refused(e.to_string()))?
             .clone();
 
-        // 2. No lease: the reconciler fences and stops the server.
+        // 2. The poolers hold new transactions and drain running ones.
         let started = Instant::now();
-        let epoch = self
+        let answers = self
             .cluster
-            .pause_lease(target)
-            .map_err(|e| Refusal::Refused(e.to_string()))?;
+            .announce_switchover(
+                &SwitchoverNotice::Started {
+                    from: me.clone(),
+                    to: target.to_owned(),
+                },
+                NOTICE_TIMEOUT,
+            )
+            .await;
+        let poolers = describe_answers(&answers);
+        let paused = started.elapsed();
+        info!(target, poolers = %poolers, paused_ms = paused.as_millis() as u64, "PostgreSQL switchover: poolers paused");
+        // 3. No lease: the reconciler fences and stops the server.
+        let epoch = match self.cluster.pause_lease(target) {
+            Ok(epoch) => epoch,
+            Err(error) => {
+                self.end_pause(&me, target, false, error.to_string());
+                return Err(Refusal::Refused(error.to_string()));
+            }
+        };
         info!(
             target,
             epoch, "PostgreSQL switchover: lease given up, the primary is being fenced and stopped"
@@ -255,6 +282,7 @@ impl Switchover {
             Ok(done) => done,
             Err(why) => {
                 self.cluster.resume_lease();
+                self.end_pause(&me, target, false, why.clone());
                 return Err(Refusal::Aborted(why));
             }
         };
@@ -271,9 +299,11 @@ impl Switchover {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         };
+        self.end_pause(&me, target, true, format!("{target} is the primary"));
         Ok(format!(
-            "{target} is the primary (epoch {}): {me} stopped at {final_lsn} after {} ms, {target} replayed it after {} ms, record handed over after {} ms, {}",
+            "{target} is the primary (epoch {}): poolers paused after {} ms ({poolers}), {me} stopped at {final_lsn} after {} ms, {target} replayed it after {} ms, record handed over after {} ms, {}",
             new.epoch,
+            paused.as_millis(),
             stopped.as_millis(),
             replayed.as_millis(),
             handed.as_millis(),
@@ -283,6 +313,54 @@ impl Switchover {
             }
         ))
     }
+}
+
+impl Switchover {
+    /// Tells every pooler the switchover ended (in a task of its own: the
+    /// answer does not wait for it). When it did not happen, first waits
+    /// (at most [`PROMOTION_WAIT`]) until this node's server answers as the
+    /// primary again, so the held transactions find it running.
+    fn end_pause(&self, me: &str, target: &str, done: bool, detail: String) {
+        let cluster = self.cluster.clone();
+        let plan = self.pgha.plan().clone();
+        let (from, to) = (me.to_owned(), target.to_owned());
+        tokio::spawn(async move {
+            if !done {
+                if let Ok(member) = plan.member(&from) {
+                    let deadline = Instant::now() + PROMOTION_WAIT;
+                    while Instant::now() < deadline
+                        && !matches!(probe(&plan, member, "/primary").await, Some((200, _)))
+                    {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+            }
+            let answers = cluster
+                .announce_switchover(
+                    &SwitchoverNotice::Ended {
+                        from,
+                        to,
+                        done,
+                        detail,
+                    },
+                    NOTICE_TIMEOUT,
+                )
+                .await;
+            info!(done, poolers = %describe_answers(&answers), "PostgreSQL switchover: poolers told it ended");
+        });
+    }
+}
+
+/// `node: answer; node: answer` for logs and the report.
+fn describe_answers(answers: &[(String, Result<String, String>)]) -> String {
+    answers
+        .iter()
+        .map(|(node, answer)| match answer {
+            Ok(text) => format!("{node}: {text}"),
+            Err(error) => format!("{node}: no answer ({error})"),
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// Why a switchover did not happen.

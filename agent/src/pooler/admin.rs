@@ -2,11 +2,17 @@
 //! (`pooler.admin_database`, default `farol`) may run `SHOW POOLS`,
 //! `SHOW CLIENTS`, `SHOW SERVERS` and `SHOW STATS` with the simple query
 //! protocol, as on PgBouncer's `pgbouncer` database. Columns are text.
+//! `PAUSE [db]` holds new transactions for the primary and returns once
+//! the running ones finished (see `pause`); `RESUME [db]` lets them go.
+//! Who gets in, and who may pause, is `pooler.admin_users` and
+//! `pooler.stats_users` (checked at login and here).
 
 use std::sync::{atomic::Ordering, Arc};
 
 use bytes::{Buf, BytesMut};
 use tokio::io::AsyncWriteExt;
+
+use crate::config::AdminRole;
 
 use super::{
     protocol::{self, FrontendMessage},
@@ -19,6 +25,7 @@ pub(super) async fn serve<S: ClientStream>(
     stream: &mut S,
     mut buf: BytesMut,
     pooler: &Arc<Pooler>,
+    role: AdminRole,
 ) -> Result<(), SessionError> {
     let mut out = BytesMut::with_capacity(4096);
     loop {
@@ -46,7 +53,18 @@ pub(super) async fn serve<S: ClientStream>(
                     Ok(FrontendMessage::Query { sql }) => sql,
                     _ => "",
                 };
-                answer(sql, pooler, &mut out);
+                match pause_command(sql) {
+                    Some(_) if role != AdminRole::Admin => protocol::error_response(
+                        &mut out,
+                        "ERROR",
+                        "42501",
+                        "PAUSE and RESUME are for pooler.admin_users; stats_users may only run SHOW",
+                    ),
+                    Some((pause, database)) => {
+                        run_pause(pause, database.as_deref(), pooler, &mut out).await
+                    }
+                    None => answer(sql, pooler, &mut out),
+                }
                 protocol::ready_for_query(&mut out, b'I');
             }
             _ => {
@@ -68,6 +86,33 @@ pub(super) async fn serve<S: ClientStream>(
         out.clear();
         buf.reserve(0);
         let _ = buf.remaining();
+    }
+}
+
+/// `PAUSE [db]` → (true, db), `RESUME [db]` → (false, db).
+fn pause_command(sql: &str) -> Option<(bool, Option<String>)> {
+    let mut words = sql.trim().trim_end_matches(';').split_whitespace();
+    let pause = match words.next()?.to_ascii_uppercase().as_str() {
+        "PAUSE" => true,
+        "RESUME" => false,
+        _ => return None,
+    };
+    let database = words.next().map(|name| name.trim_matches('"').to_owned());
+    if words.next().is_some() {
+        return None;
+    }
+    Some((pause, database))
+}
+
+async fn run_pause(pause: bool, database: Option<&str>, pooler: &Pooler, out: &mut BytesMut) {
+    let result = if pause {
+        pooler.admin_pause(database).await.map(|_| "PAUSE")
+    } else {
+        pooler.admin_resume(database).map(|()| "RESUME")
+    };
+    match result {
+        Ok(tag) => protocol::command_complete(out, tag),
+        Err(why) => protocol::error_response(out, "ERROR", "55000", &why),
     }
 }
 
@@ -95,6 +140,8 @@ pub(crate) fn answer(sql: &str, pooler: &Pooler, out: &mut BytesMut) {
                 "sv_active",
                 "sv_idle",
                 "cl_waiting",
+                "paused",
+                "cl_held",
             ],
             pooler
                 .pools()
@@ -109,6 +156,8 @@ pub(crate) fn answer(sql: &str, pooler: &Pooler, out: &mut BytesMut) {
                         pool.active_count().to_string(),
                         pool.idle_count().to_string(),
                         pool.stats.waiting.load(Ordering::Relaxed).to_string(),
+                        u8::from(pooler.pause.state().holds(&pool.key.database)).to_string(),
+                        pool.stats.held.load(Ordering::Relaxed).to_string(),
                     ]
                 })
                 .collect(),
@@ -170,6 +219,8 @@ pub(crate) fn answer(sql: &str, pooler: &Pooler, out: &mut BytesMut) {
                 "total_received",
                 "total_sent",
                 "total_wait_timeouts",
+                "total_held_count",
+                "total_held_time_us",
             ],
             pooler
                 .pools()
@@ -184,6 +235,8 @@ pub(crate) fn answer(sql: &str, pooler: &Pooler, out: &mut BytesMut) {
                         stats.bytes_received.load(Ordering::Relaxed).to_string(),
                         stats.bytes_sent.load(Ordering::Relaxed).to_string(),
                         stats.wait_timeouts.load(Ordering::Relaxed).to_string(),
+                        stats.held_total.load(Ordering::Relaxed).to_string(),
+                        stats.held_micros_total.load(Ordering::Relaxed).to_string(),
                     ]
                 })
                 .collect(),
@@ -193,7 +246,7 @@ pub(crate) fn answer(sql: &str, pooler: &Pooler, out: &mut BytesMut) {
                 out,
                 "ERROR",
                 "42601",
-                &format!("unsupported admin command {sql:?}: try SHOW POOLS, SHOW CLIENTS, SHOW SERVERS or SHOW STATS"),
+                &format!("unsupported admin command {sql:?}: try SHOW POOLS, SHOW CLIENTS, SHOW SERVERS, SHOW STATS, PAUSE [db] or RESUME [db]"),
             );
             return;
         }

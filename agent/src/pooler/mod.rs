@@ -13,6 +13,7 @@
 //! - [`topology`]: which server is the primary and which standbys may take
 //!   reads, from what the servers answer (failover routing, lag bound).
 //!
+//! - [`pause`]: PAUSE/RESUME, and the pause around a planned switchover.
 //! - [`auth_query`]: users not in the config, checked against the secret
 //!   the server holds (PgBouncer's `auth_user`/`auth_query`).
 
@@ -21,6 +22,7 @@ pub mod auth_query;
 pub mod pool;
 pub mod protocol;
 
+pub mod pause;
 pub mod route;
 pub mod topology;
 
@@ -133,6 +135,8 @@ pub struct Pooler {
     /// Asks the role checks for a look now (the cluster's primary record
     /// moved): see [`topology::recheck_on_change`].
     recheck: tokio::sync::Notify,
+    /// Holds new transactions during a switchover or after PAUSE.
+    pub pause: pause::Pause,
     /// Secrets fetched with `auth_query`.
     pub(crate) auth_cache: auth_query::AuthCache,
     /// How the pooler logs in as users found by `auth_query`, from their
@@ -164,6 +168,7 @@ impl Pooler {
             topology: watch::Sender::new(0),
             primary_changes: AtomicU64::new(0),
             recheck: tokio::sync::Notify::new(),
+            pause: pause::Pause::default(),
             auth_cache: auth_query::AuthCache::default(),
             looked_up_credentials: Mutex::new(HashMap::new()),
             pools: Mutex::new(HashMap::new()),
@@ -195,6 +200,7 @@ impl Pooler {
             }
         }
         self.topology.send_modify(|generation| *generation += 1);
+        self.pause.primary_moved(old, addr);
     }
 
     /// The standbys that may take reads (from the role checks).

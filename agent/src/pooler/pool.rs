@@ -133,6 +133,10 @@ pub struct PoolStats {
     pub bytes_sent: AtomicU64,
     /// Clients waiting for a server connection right now.
     pub waiting: AtomicU64,
+    /// Transactions held by a pause right now, and in all (see `pause`).
+    pub held: AtomicU64,
+    pub held_total: AtomicU64,
+    pub held_micros_total: AtomicU64,
 }
 
 #[derive(Debug)]

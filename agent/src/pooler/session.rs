@@ -71,6 +71,14 @@ pub(crate) enum SessionError {
     Tls(#[source] std::io::Error),
     #[error("the primary moved from {old} to {new} while this session held a connection to {old}")]
     PrimaryMoved { old: SocketAddr, new: SocketAddr },
+    #[error("this transaction was held {} ms while the pooler was paused for {reason}, the limit of pooler.pause_wait_timeout", waited.as_millis())]
+    PauseTimeout { waited: Duration, reason: String },
+    #[error("the pooler paused for {reason} and this transaction on {server} did not finish within pooler.pause_drain_timeout ({drain:?})")]
+    PauseCut {
+        reason: String,
+        server: SocketAddr,
+        drain: Duration,
+    },
 }
 
 /// What a client connection is: plain TCP or TLS over it.
@@ -217,7 +225,10 @@ async fn session<S: ClientStream>(
             .await
             .map_err(SessionError::ClientIo)?;
         match pool {
-            None => admin::serve(&mut stream, buf, pooler).await,
+            None => {
+                let role = pooler.config.admin_role(&user);
+                admin::serve(&mut stream, buf, pooler, role).await
+            }
             Some(pool) => {
                 let mut relay = Relay::new(stream, buf, pool, pooler.clone(), entry);
                 let result = relay.run().await;
@@ -708,6 +719,18 @@ impl<S: ClientStream> Relay<S> {
                 new: primary,
             });
         }
+        if self.server.is_some()
+            && on_primary_pool
+            && self.mode == PoolMode::Transaction
+            && self.pooler.pause.cuts(&self.entry.database)
+        {
+            self.pooler.pause.stats.cut.fetch_add(1, Ordering::Relaxed);
+            return Err(SessionError::PauseCut {
+                reason: self.pooler.pause.state().reason(),
+                server: self.pool.key.addr,
+                drain: self.pooler.config.pause_drain_timeout,
+            });
+        }
         Ok(())
     }
 
@@ -716,6 +739,20 @@ impl<S: ClientStream> Relay<S> {
         if self.server.is_some() {
             return Ok(());
         }
+        self.refresh_pools();
+        let (pool, server) = self.route().await?;
+        self.server_pool = pool;
+        self.entry.set_server(Some(CancelTarget {
+            addr: server.conn.addr,
+            process_id: server.conn.process_id,
+            secret_key: server.conn.secret_key,
+        }));
+        self.server = Some(server);
+        Ok(())
+    }
+
+    /// Follows the primary and the readable standbys after they changed.
+    fn refresh_pools(&mut self) {
         let generation = self.pooler.topology_generation();
         if generation != self.pool_generation {
             if let Some(pool) = self
@@ -731,15 +768,6 @@ impl<S: ClientStream> Relay<S> {
             }
             self.pool_generation = generation;
         }
-        let (pool, server) = self.route().await?;
-        self.server_pool = pool;
-        self.entry.set_server(Some(CancelTarget {
-            addr: server.conn.addr,
-            process_id: server.conn.process_id,
-            secret_key: server.conn.secret_key,
-        }));
-        self.server = Some(server);
-        Ok(())
     }
 
     /// Picks the pool for the transaction that starts with the first
@@ -771,7 +799,33 @@ impl<S: ClientStream> Relay<S> {
                 }
             }
         }
+        // A paused pooler holds transactions for the primary (see `pause`);
+        // once released they go to whichever server is the primary then.
+        let held = self
+            .pooler
+            .pause
+            .hold(
+                &self.entry.database,
+                &self.pool,
+                self.pooler.config.pause_wait_timeout,
+            )
+            .await
+            .map_err(|timeout| SessionError::PauseTimeout {
+                waited: timeout.waited,
+                reason: timeout.reason,
+            })?;
+        if held.is_some() {
+            self.refresh_pools();
+        }
         let server = self.pool.get().await.map_err(SessionError::Pool)?;
+        if self.pooler.pause.holds(&self.entry.database) {
+            // Paused between the look above and the borrow: nothing was
+            // sent on this connection yet, so it goes back and the
+            // transaction waits like the others (a drain counts borrowed
+            // connections, so it waited for this one).
+            self.pool.release(server);
+            return Box::pin(self.route()).await;
+        }
         Ok((self.pool.clone(), server))
     }
 
@@ -1155,6 +1209,14 @@ impl<S: ClientStream> Relay<S> {
                     "57P01",
                     format!("{error}; the transaction there is lost, reconnect to reach the new primary"),
                 )),
+                SessionError::PauseTimeout { .. } => Some((
+                    "57P03",
+                    format!("{error}; nothing was sent to a server, retry"),
+                )),
+                SessionError::PauseCut { .. } => Some((
+                    "57P01",
+                    format!("{error}; its server connection was closed, so it was rolled back unless its COMMIT had reached the server"),
+                )),
                 _ => None,
             };
             if let Some((code, message)) = message {
@@ -1167,6 +1229,7 @@ impl<S: ClientStream> Relay<S> {
                 SessionError::ServerClosed
                     | SessionError::ServerIo(_)
                     | SessionError::PrimaryMoved { .. }
+                    | SessionError::PauseCut { .. }
             ) {
                 // Drop, do not reuse.
                 self.server.take();

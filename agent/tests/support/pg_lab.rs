@@ -322,6 +322,7 @@ listen = "0.0.0.0:6432"
 primary = "192.0.2.11:5432"
 standbys = ["192.0.2.12:5432", "192.0.2.13:5432"]
 role_check_interval = "250ms"
+stats_users = ["app"]
 
 [[pooler.users]]
 name = "app"

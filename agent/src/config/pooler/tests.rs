@@ -354,3 +354,31 @@ fn with_auth_query_a_pool_may_name_a_user_the_server_knows() {
     let pooler = load(&text).expect("valid").pooler.unwrap();
     assert!(pooler.pool("app", "ghost").is_some());
 }
+
+#[test]
+fn pause_timeouts_default_and_zero_is_refused() {
+    let pooler = load(BASE).expect("valid").pooler.expect("pooler");
+    assert_eq!(pooler.pause_wait_timeout, Duration::from_secs(15));
+    assert_eq!(pooler.pause_drain_timeout, Duration::from_secs(5));
+    // [pooler] keys go before the first [[pooler.users]].
+    let with =
+        |line: &str| BASE.replace("[[pooler.users]]", &format!("{line}\n\n[[pooler.users]]"));
+    let set = load(&with(
+        "pause_wait_timeout = \"2s\"\npause_drain_timeout = \"250ms\"",
+    ))
+    .expect("valid")
+    .pooler
+    .expect("pooler");
+    assert_eq!(set.pause_wait_timeout, Duration::from_secs(2));
+    assert_eq!(set.pause_drain_timeout, Duration::from_millis(250));
+    assert_one_problem(
+        &with("pause_wait_timeout = \"0s\""),
+        "pooler.pause_wait_timeout",
+        "positive",
+    );
+    assert_one_problem(
+        &with("pause_drain_timeout = \"0s\""),
+        "pooler.pause_drain_timeout",
+        "positive",
+    );
+}
