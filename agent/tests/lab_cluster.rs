@@ -18,8 +18,9 @@ use xtask::lab::{lab_config, unique_prefix, wait_for, Lab, LabGuard, LabProcess,
 
 const AGENT: &str = env!("CARGO_BIN_EXE_agent");
 const NODES: [&str; 4] = ["nuster1", "nuster2", "nuster3", "nuster4"];
-const LEASE: Duration = Duration::from_secs(3);
-const LEASE_MARGIN: Duration = Duration::from_millis(500);
+/// The defaults: the agents run with them.
+const LEASE: Duration = farol_agent::config::cluster_state::DEFAULT_LEASE;
+const LEASE_MARGIN: Duration = farol_agent::config::cluster_state::DEFAULT_LEASE_MARGIN;
 
 struct TempDir(PathBuf);
 
@@ -50,10 +51,8 @@ impl Cluster {
         );
         let config = format!(
             "{nodes}\n[cluster_state]\nvoters = [\"nuster1\", \"nuster2\", \"nuster3\"]\n\
-             state_dir = \"{}\"\nlease = \"{}ms\"\nlease_margin = \"{}ms\"\n",
+             state_dir = \"{}\"\n",
             dir.join("state").display(),
-            LEASE.as_millis(),
-            LEASE_MARGIN.as_millis(),
         );
         let path = dir.join("lab-cluster.toml");
         std::fs::write(&path, config).unwrap();
@@ -439,10 +438,11 @@ fn kill_9_of_the_raft_leader_keeps_the_record_and_the_lease() {
     eprintln!("{new_leader} leads {election:?} after the kill -9 of {leader}");
     assert_ne!(new_leader, leader);
     assert!(election < Duration::from_secs(10), "{election:?}");
-    // The record survived, and the primary never lost its lease: the lease
-    // (3 s) outlasts an election (at most 2 x 750 ms plus a vote round).
+    // The record survived, and the primary never lost its lease, although
+    // the lease (1 s) is shorter than the election: the voters' promises
+    // need no Raft leader.
     cluster.wait_for_record(&others, primary, 1, Duration::from_secs(5));
-    std::thread::sleep(LEASE);
+    std::thread::sleep(LEASE * 2);
     assert_eq!(
         cluster.holds_lease(primary),
         Some(true),
@@ -592,17 +592,13 @@ fn race_for_the_primary(
         "{lease_lost:?}\n{logs}"
     );
     assert!(lease_lost < moved, "{lease_lost:?} {moved:?}\n{logs}");
-    // The last renewal was at most a renewal period (lease / 4) before the
-    // cut; a new primary needs lease + margin without one.
+    // The last promise was at most a renewal period (lease / 4) before the
+    // cut; a new primary needs a majority of promises lapsed (lease +
+    // margin after they were granted). set_primary waits for that itself
+    // when it is near, so there may be no refusal at all.
     assert!(
         moved >= LEASE + LEASE_MARGIN - LEASE / 4 - Duration::from_millis(100),
         "{moved:?}\n{logs}"
-    );
-    assert!(
-        refusals
-            .iter()
-            .any(|r| r.contains("may still hold the primary lease")),
-        "{refusals:?}"
     );
 }
 
