@@ -638,3 +638,80 @@ fn the_primary_losing_its_link_loses_the_lease_before_another_is_chosen() {
         cluster.holds_lease("nuster1").filter(|held| *held)
     });
 }
+
+/// A learner (nuster4, no vote) as the primary: it holds the lease on the
+/// promises of the voters alone, keeps it while the Raft leader is killed
+/// (the promises need no Raft leader; the two voters left are the
+/// majority it needs), and once nuster4's own agent is killed another node
+/// becomes primary only after the promises could have lapsed, and well
+/// within the 2 s a failover may take.
+#[test]
+fn a_learner_primary_keeps_its_lease_through_an_election_and_is_replaced_after_its_promises() {
+    if !support::privileged(
+        "a_learner_primary_keeps_its_lease_through_an_election_and_is_replaced_after_its_promises",
+    ) {
+        return;
+    }
+    let mut cluster = Cluster::start("cllrn");
+    let leader = cluster.wait_for_leader(&NODES, Duration::from_secs(30));
+    cluster.set_primary("nuster1", "nuster4", Some(0)).unwrap();
+    cluster.wait_for_record(&NODES, "nuster4", 1, Duration::from_secs(10));
+    cluster.wait("nuster4 to hold the lease", Duration::from_secs(10), || {
+        cluster.holds_lease("nuster4").filter(|held| *held)
+    });
+    let losses_before = metric(&cluster.lab, "nuster4", "farol_cluster_lease_lost_total").unwrap();
+
+    let mut agent = cluster.take(&leader);
+    kill9(&mut agent);
+    let voters_left: Vec<&str> = ["nuster1", "nuster2", "nuster3"]
+        .into_iter()
+        .filter(|n| *n != leader)
+        .collect();
+    let mut alive = voters_left.clone();
+    alive.push("nuster4");
+    let new_leader = cluster.wait_for_leader(&alive, Duration::from_secs(20));
+    std::thread::sleep(LEASE * 2);
+    assert_eq!(
+        metric(&cluster.lab, "nuster4", "farol_cluster_lease_lost_total"),
+        Some(losses_before),
+        "nuster4 lost its lease while {new_leader} was elected\n{}",
+        cluster.logs()
+    );
+    assert_eq!(cluster.holds_lease("nuster4"), Some(true));
+
+    let mut learner = cluster.take("nuster4");
+    let killed = Instant::now();
+    kill9(&mut learner);
+    let target = voters_left[0];
+    let mut refusals = Vec::new();
+    let moved = loop {
+        match cluster.set_primary(target, target, Some(1)) {
+            Ok(_) => break killed.elapsed(),
+            Err(why) => refusals.push(why),
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(20),
+            "{target} never became primary: {refusals:?}\n{}",
+            cluster.logs()
+        );
+    };
+    eprintln!(
+        "learner primary killed: {target} primary {moved:?} later ({} refusals before)",
+        refusals.len()
+    );
+    assert!(
+        moved >= LEASE + LEASE_MARGIN - LEASE / 4 - Duration::from_millis(100),
+        "{moved:?}\n{}",
+        cluster.logs()
+    );
+    assert!(
+        moved < LEASE + LEASE_MARGIN + Duration::from_secs(2),
+        "{moved:?}\n{}",
+        cluster.logs()
+    );
+    cluster.wait(
+        &format!("{target} to hold the lease"),
+        Duration::from_secs(10),
+        || cluster.holds_lease(target).filter(|held| *held),
+    );
+}
