@@ -179,6 +179,29 @@ impl Promises {
     }
 }
 
+/// How long until a majority (`needed`) of voters will have revoked, from
+/// their `answers` (None: a voter that did not answer): the revoked ones
+/// plus the soonest-lapsing held ones. None when even every held promise
+/// lapsing would not make a majority (too many voters silent or refusing).
+fn wait_for_majority(answers: &[Option<RevokeAnswer>], needed: usize) -> Option<u64> {
+    let revoked = answers
+        .iter()
+        .filter(|a| matches!(a, Some(RevokeAnswer::Revoked)))
+        .count();
+    if revoked >= needed {
+        return Some(0);
+    }
+    let mut held: Vec<u64> = answers
+        .iter()
+        .filter_map(|a| match a {
+            Some(RevokeAnswer::Held { remaining_ms }) => Some(*remaining_ms),
+            _ => None,
+        })
+        .collect();
+    held.sort_unstable();
+    held.get(needed - revoked - 1).copied()
+}
+
 fn millis_up(duration: Duration) -> u64 {
     (duration.as_micros().div_ceil(1000)) as u64
 }
@@ -325,15 +348,11 @@ impl Core {
                 }
                 answers.push(answer);
             }
-            let mut held: Vec<u64> = answers
-                .iter()
-                .filter_map(|a| match a {
-                    Some(RevokeAnswer::Held { remaining_ms }) => Some(*remaining_ms),
-                    _ => None,
-                })
-                .collect();
-            held.sort_unstable();
-            let Some(&wait_ms) = held.get(needed.saturating_sub(revoked + 1)) else {
+            let Some(wait_ms) = wait_for_majority(&answers, needed) else {
+                let held = answers
+                    .iter()
+                    .filter(|a| matches!(a, Some(RevokeAnswer::Held { .. })))
+                    .count();
                 let refusals: Vec<&String> = answers
                     .iter()
                     .filter_map(|a| match a {
@@ -344,7 +363,7 @@ impl Core {
                 return Err(ClusterError::NoQuorum(format!(
                     "{revoked} of the {} voters revoked the lease of {node} (epoch {epoch}), {} hold it, {needed} needed (the others did not answer{})",
                     self.settings.voters.len(),
-                    held.len(),
+                    held,
                     if refusals.is_empty() { String::new() } else { format!(" or refused: {refusals:?}") }
                 )));
             };
@@ -434,6 +453,35 @@ mod tests {
             voter.grant("a", 7, None, start),
             PromiseAnswer::Refused(_)
         ));
+    }
+
+    #[test]
+    fn the_leader_waits_for_the_promise_that_completes_a_majority() {
+        let held = |ms| Some(RevokeAnswer::Held { remaining_ms: ms });
+        let revoked = Some(RevokeAnswer::Revoked);
+        // Three voters, the old primary silent: both others must lapse.
+        assert_eq!(
+            wait_for_majority(&[None, held(300), held(900)], 2),
+            Some(900)
+        );
+        // One revoked already: the sooner of the others is enough.
+        assert_eq!(
+            wait_for_majority(&[revoked.clone(), held(300), held(900)], 2),
+            Some(300)
+        );
+        assert_eq!(
+            wait_for_majority(&[revoked.clone(), revoked.clone(), None], 2),
+            Some(0)
+        );
+        // Two silent, or one silent and one refusing: no majority to wait for.
+        assert_eq!(wait_for_majority(&[None, None, held(100)], 2), None);
+        let refused = Some(RevokeAnswer::Refused("stale".into()));
+        assert_eq!(wait_for_majority(&[None, refused, held(100)], 2), None);
+        // Five voters, three needed.
+        assert_eq!(
+            wait_for_majority(&[revoked, None, held(50), held(700), held(20)], 3),
+            Some(50)
+        );
     }
 
     #[test]
