@@ -24,10 +24,11 @@ use super::{NodeConfig, Problem};
 /// The agent-to-agent Raft port unless the section says otherwise.
 pub const DEFAULT_CLUSTER_PORT: u16 = 9480;
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/farol/cluster";
-/// openraft gives every AppendEntries (heartbeats, lease renewals) one
-/// heartbeat interval to answer: at 100 ms a starved CPU (a loaded Pi, the
-/// lab beside four builds) missed them in a row, followers elected and the
-/// primary's lease lapsed with every node up. A third of the election
+/// openraft gives every AppendEntries (heartbeats, and the lease renewals
+/// while they went through the Raft log) one heartbeat interval to answer:
+/// at 100 ms a starved CPU (a loaded Pi, the lab beside four builds) missed
+/// them in a row, followers elected and the primary's lease lapsed with
+/// every node up. A third of the election
 /// timeout is the most the election allows.
 pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_millis(250);
 pub const DEFAULT_ELECTION_TIMEOUT: Duration = Duration::from_millis(750);
