@@ -1,5 +1,6 @@
 //! The primary's postmaster dies and its agent lives (issue 9): three
-//! agents with `[cluster_state]` (default lease 3 s), synchronous
+//! agents with `[cluster_state]` (lease 3 s, longer than the default, so
+//! that the time shows the lease was not waited for), synchronous
 //! PostgreSQL and `[pooler]`; a writer commits numbered rows through
 //! nuster3's pooler; nuster1's postmaster gets SIGKILL. Its agent sees the
 //! exit, gives its lease up and hands the primary over to the most
@@ -8,6 +9,10 @@
 //! rewound and streams from the new primary.
 
 mod support;
+
+/// Longer than the default lease (1 s + 250 ms), so that writes back
+/// within 3 s can only come from the handoff.
+const LONG_LEASE: &str = "lease = \"3s\"\nlease_margin = \"500ms\"";
 
 use std::{
     sync::{
@@ -29,7 +34,13 @@ fn a_dead_postmaster_is_handed_over_without_waiting_for_the_lease() {
     if !pg_may_run(test) {
         return;
     }
-    let cluster = PgCluster::start("pgcrash", &PgOptions::default());
+    let cluster = PgCluster::start(
+        "pgcrash",
+        &PgOptions {
+            cluster_timing: LONG_LEASE,
+            ..PgOptions::default()
+        },
+    );
     let attempts = Mutex::new(Vec::<Attempt>::new());
     let stop = AtomicBool::new(false);
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -89,8 +100,8 @@ fn a_dead_postmaster_is_handed_over_without_waiting_for_the_lease() {
         logs.contains("after its postmaster died"),
         "no handoff after the crash logged\n{logs}"
     );
-    // The lease (3 s + 0.5 s margin) was not waited for: the handoff needs
-    // none. Generous for a loaded machine, and still below the lease.
+    // The lease (3 s + 0.5 s margin here) was not waited for: the handoff
+    // needs none. Generous for a loaded machine, and still below the lease.
     assert!(
         first_back < Duration::from_millis(3000),
         "writes back only {first_back:?} after the kill\n{logs}"

@@ -75,8 +75,6 @@ fn cluster_file(dir: &Path) -> PathBuf {
 [cluster_state]
 voters = ["nuster1", "nuster2", "nuster3"]
 state_dir = "{dir}/state"
-lease = "3s"
-lease_margin = "500ms"
 
 [postgres]
 nodes = ["nuster1", "nuster2", "nuster3"]

@@ -1,12 +1,14 @@
-//! The 2 s target (issue 9): the failover of `lab_pg_failover` with
-//! shorter timings than the defaults (`lease = "1.5s"`, `lease_margin =
-//! "250ms"`, `election_timeout = "500ms"`, `heartbeat_interval = "150ms"`,
-//! `failover_after = "500ms"`),
+//! The 2 s target (issue 9) with every timing at its default (lease 1 s +
+//! 250 ms margin, election 750 ms, heartbeat 250 ms, `failover_after` 1 s),
 //! synchronous replication: kill -9 of the primary's agent and postmaster
 //! under a writer through nuster3's pooler; a synchronous standby is
-//! promoted, writes come back, and no acknowledged row is lost. Prints the
-//! time from the kill to the first acknowledged write. Ignored by default:
-//! see the attribute.
+//! promoted once a majority of voters' lease promises lapsed, writes come
+//! back, and no acknowledged row is lost. Prints the time from the kill to
+//! the first acknowledged write and asserts it is under 3 s (the target is
+//! 2 s; the slack is for a loaded machine: with the former 3 s lease this
+//! took 3.4-4.2 s), and not under the time the old primary's promises need
+//! to lapse (the last one was asked for at most `lease / 4` before the
+//! kill).
 
 mod support;
 
@@ -24,10 +26,13 @@ use support::pg_lab::{
 };
 use xtask::lab::wait_for;
 
+/// Writes back this soon after the kill at the latest (target 2 s, slack
+/// for a loaded machine).
+const BOUND: Duration = Duration::from_secs(3);
+
 #[test]
-#[ignore = "with election_timeout 500 ms the Raft leader flapped on the shared 2-vCPU machine (load 15-33: 66 elections and 25 lost leases in 90 s, the cluster never settled); run with --ignored on a quieter machine"]
-fn a_shorter_lease_brings_writes_back_sooner_without_losing_any() {
-    let test = "a_shorter_lease_brings_writes_back_sooner_without_losing_any";
+fn the_death_of_the_primarys_node_brings_writes_back_within_the_default_lease() {
+    let test = "the_death_of_the_primarys_node_brings_writes_back_within_the_default_lease";
     if !pg_may_run(test) {
         return;
     }
@@ -35,9 +40,8 @@ fn a_shorter_lease_brings_writes_back_sooner_without_losing_any() {
         "pgfast",
         &PgOptions {
             synchronous: true,
-            cluster_timing:
-                "lease = \"1.5s\"\nlease_margin = \"250ms\"\nelection_timeout = \"500ms\"\nheartbeat_interval = \"150ms\"",
-            failover_after: "500ms",
+            cluster_timing: "",
+            failover_after: "1s",
             ..PgOptions::default()
         },
     );
@@ -80,7 +84,7 @@ fn a_shorter_lease_brings_writes_back_sooner_without_losing_any() {
     let rows = cluster.rows(new_primary);
     let lost = lost_rows(&attempts, &rows);
     eprintln!(
-        "lease 1.5 s: writes back {:?} after kill -9 of the primary node, on {new_primary}; {} acknowledged, {} lost",
+        "default lease: writes back {:?} after kill -9 of the primary node, on {new_primary}; {} acknowledged, {} lost",
         first_back - killed,
         attempts.iter().filter(|a| a.server.is_some()).count(),
         lost.len()
@@ -97,10 +101,38 @@ fn a_shorter_lease_brings_writes_back_sooner_without_losing_any() {
     );
     for line in logs.lines().filter(|line| {
         line.starts_with("---")
-            || ["made primary", "primary lease gained", "promoted"]
-                .iter()
-                .any(|what| line.contains(what))
+            || [
+                "made primary",
+                "primary lease gained",
+                "promoted",
+                "lease promises revoked",
+            ]
+            .iter()
+            .any(|what| line.contains(what))
     }) {
         eprintln!("{line}");
     }
+    // One failover, none after it: the short lease is not lost by the new
+    // primary on a loaded machine (the voters' promises need no Raft
+    // leader, and a renewal has the whole lease to come back).
+    assert!(
+        !logs.contains("made primary (epoch 3)"),
+        "a second failover after the first\n{logs}"
+    );
+    assert!(
+        logs.contains("lease promises revoked"),
+        "the failover did not go through the voters' revocation\n{logs}"
+    );
+    let lease = farol_agent::config::cluster_state::DEFAULT_LEASE;
+    let margin = farol_agent::config::cluster_state::DEFAULT_LEASE_MARGIN;
+    assert!(
+        first_back - killed >= lease + margin - lease / 4 - Duration::from_millis(100),
+        "writes back {:?} after the kill: before the old primary's promises lapsed\n{logs}",
+        first_back - killed
+    );
+    assert!(
+        first_back - killed < BOUND,
+        "writes back only {:?} after the kill (bound {BOUND:?})\n{logs}",
+        first_back - killed
+    );
 }

@@ -4,7 +4,7 @@
 //!
 //! Every run gets a fresh lab: three `agent run` (nuster1..3) with
 //! `[cluster_state]` (3 voters), `[postgres]` and `[pooler]`, every timing
-//! at its default (lease 3 s + 0.5 s margin, election 750 ms, heartbeat
+//! at its default (lease 1 s + 0.25 s margin, election 750 ms, heartbeat
 //! 250 ms, `check_interval` 500 ms, `failover_after` 1 s, pooler
 //! `role_check_interval` 1 s). A writer on the client commits numbered
 //! rows through nuster3's pooler, one psql (new connection, one INSERT)
@@ -764,9 +764,13 @@ fn steps_after(logs: &str, kill: SystemTime) -> Vec<(f64, String)> {
         .map(|d| d.as_secs_f64() % 86_400.0)
         .unwrap_or(0.0);
     // Every needle of a mark must be on the line.
-    let marks: [(&[&str], &str); 8] = [
+    let marks: [(&[&str], &str); 9] = [
         (&["the postmaster exited"], "agent saw its postmaster exit"),
         (&["primary lease lost"], "lease lost"),
+        (
+            &["lease promises revoked"],
+            "a voter revoked the old primary's lease",
+        ),
         (&["made primary"], "failover decision committed"),
         (&["primary lease gained"], "new primary's lease gained"),
         (

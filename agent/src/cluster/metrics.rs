@@ -116,6 +116,34 @@ impl Collector for ClusterCollector {
             core.counters.leader_changes.load(Ordering::Relaxed),
         )?;
         let mut family = encoder.encode_descriptor(
+            "farol_cluster_lease_promises",
+            "Lease promises this agent, as a voter, answered to the primary, by outcome",
+            None,
+            MetricType::Counter,
+        )?;
+        for (outcome, value) in [
+            ("granted", &core.counters.promises_granted),
+            ("refused", &core.counters.promises_refused),
+        ] {
+            ConstCounter::new(value.load(Ordering::Relaxed))
+                .encode(family.encode_family(&[("outcome", outcome)])?)?;
+        }
+        let mut family = encoder.encode_descriptor(
+            "farol_cluster_lease_revocations",
+            "Revocations of a primary's lease this agent, as a voter, answered before another \
+             primary is chosen: revoked, held (a promise still ran), refused",
+            None,
+            MetricType::Counter,
+        )?;
+        for (outcome, value) in [
+            ("revoked", &core.counters.revocations_given),
+            ("held", &core.counters.revocations_held),
+            ("refused", &core.counters.revocations_refused),
+        ] {
+            ConstCounter::new(value.load(Ordering::Relaxed))
+                .encode(family.encode_family(&[("outcome", outcome)])?)?;
+        }
+        let mut family = encoder.encode_descriptor(
             "farol_cluster_rejected_messages",
             "Messages on the cluster port refused (unauthenticated, oversized, malformed)",
             None,

@@ -7,14 +7,23 @@
 //! - Membership follows the config: `[cluster_state] voters` vote (an odd
 //!   number, so a split into two halves always leaves one side a
 //!   majority); every other `[[node]]` is a learner that follows the state.
-//! - The lease: the recorded primary commits a renewal through Raft every
-//!   `lease / 4`. It holds the lease until `lease` after it *sent* the last
-//!   renewal that a majority committed. Every agent notes when it *applied*
-//!   the last renewal (never earlier than the send), and the Raft leader
-//!   makes another node primary only after `lease + lease_margin` without a
-//!   renewal, checked again at commit (the renewal count is part of the
-//!   compare-and-set). So a primary cut off from the majority stops holding
-//!   the lease before anyone else can be chosen.
+//! - The lease (see [`promise`] for the safety argument): the recorded
+//!   primary asks every voter for a promise every `lease / 4`, directly,
+//!   not through Raft. It holds the lease until `lease` after it *sent* the
+//!   latest request a majority of voters granted. A voter's promise runs
+//!   `lease + lease_margin` from when it *received* the request; the Raft
+//!   leader makes another node primary (other than by a handoff from the
+//!   primary itself) only once a majority of voters *revoked* the
+//!   primary's epoch, which each does only after its promise lapsed and
+//!   for good (fsynced). Any two majorities share a voter, so a primary cut
+//!   off from the majority stops holding the lease before anyone else can
+//!   be chosen. Because no Raft leader takes part in renewals, a Raft
+//!   election (the death of a Raft leader that is not the primary, a slow
+//!   heartbeat) costs the primary nothing: the lease need not outlive an
+//!   election, and the default (1 s + 0.25 s margin) replaces a dead
+//!   primary about 1.25 s after its last promise, whether or not its node
+//!   is a voter. The clocks are assumed to run at the same rate within the
+//!   margin (monotonic clocks, slewed by NTP by at most 0.05%).
 //! - Storage (see [`store`]): the Raft vote and log are on disk under
 //!   `state_dir/<node>/`, fsynced before Raft is told they are saved; the
 //!   state machine is rebuilt from the snapshot and the log at start.
@@ -32,6 +41,7 @@ mod members;
 pub mod metrics;
 mod network;
 mod notice;
+mod promise;
 mod store;
 pub mod transport;
 pub mod types;
@@ -55,7 +65,8 @@ use crate::config::{ClusterStateConfig, Config, NodeConfig};
 pub use handoff::HandoffHandler;
 use network::NOTICE_PATH;
 use network::{
-    Network, APPEND_PATH, HANDOFF_PATH, PING_PATH, SNAPSHOT_PATH, VOTE_PATH, WRITE_PATH,
+    Network, APPEND_PATH, HANDOFF_PATH, PING_PATH, PROMISE_PATH, REVOKE_PATH, SNAPSHOT_PATH,
+    VOTE_PATH, WRITE_PATH,
 };
 pub use notice::{NoticeHandler, SwitchoverNotice};
 use store::{LogStore, StateMachine};
@@ -148,6 +159,8 @@ struct Core {
     names: BTreeMap<u64, String>,
     primary: watch::Receiver<Option<PrimaryRecord>>,
     lease: Mutex<lease::LeaseState>,
+    /// This node's promises as a voter (see [`promise`]).
+    promises: Mutex<promise::Promises>,
     holds_lease: watch::Sender<bool>,
     members: watch::Sender<Membership>,
     rejections: Arc<Rejections>,
@@ -175,6 +188,13 @@ pub(crate) struct Counters {
     pub(crate) lease_lost: std::sync::atomic::AtomicU64,
     pub(crate) quorum_lost: std::sync::atomic::AtomicU64,
     pub(crate) leader_changes: std::sync::atomic::AtomicU64,
+    /// As a voter: lease promises granted and refused, revocations given,
+    /// held off by a live promise, refused.
+    pub(crate) promises_granted: std::sync::atomic::AtomicU64,
+    pub(crate) promises_refused: std::sync::atomic::AtomicU64,
+    pub(crate) revocations_given: std::sync::atomic::AtomicU64,
+    pub(crate) revocations_held: std::sync::atomic::AtomicU64,
+    pub(crate) revocations_refused: std::sync::atomic::AtomicU64,
     /// Set once openraft stopped on a fatal error (logged once).
     pub(crate) fatal: std::sync::atomic::AtomicBool,
 }
@@ -187,9 +207,9 @@ impl ClusterHandle {
     }
 
     /// True only while this node holds the primary lease: it is the
-    /// recorded primary and a majority of voters committed its lease
-    /// renewal within `lease`. Turns false when that time runs out, before
-    /// any other node can be made primary (see the module doc).
+    /// recorded primary and a majority of voters granted it a promise
+    /// asked for within `lease`. Turns false when that time runs out,
+    /// before any other node can be made primary (see the module doc).
     pub fn holds_lease(&self) -> watch::Receiver<bool> {
         self.core.holds_lease.subscribe()
     }
@@ -234,7 +254,7 @@ impl ClusterHandle {
                     expected_epoch,
                     handoff_from: handoff.map(|_| self.core.name.clone()),
                 },
-                self.core.settings.lease,
+                self.core.settings.write_timeout(),
             )
             .await;
         if handoff.is_some() && outcome.is_err() {
@@ -351,8 +371,8 @@ impl Core {
                 self.name
             )));
         }
+        let started = Instant::now();
         let command = match request {
-            Request::Renew { node, epoch } => Command::Renew { node, epoch },
             Request::SetPrimary {
                 node,
                 expected_epoch,
@@ -368,17 +388,18 @@ impl Core {
                 if let Some(current) = &view.state.primary {
                     let handoff = handoff_from.as_deref() == Some(current.node.as_str());
                     if current.node != node && !handoff {
-                        let needed = self.settings.lease + self.settings.lease_margin;
-                        // None: no renewal in this epoch, so the primary
-                        // never held the lease (a restarted agent counts
-                        // the renewals it replays from its start).
-                        let since = view.last_renewal.map_or(needed, |at| at.elapsed());
-                        if since < needed {
-                            return Ok(Outcome::Refused(ClusterError::LeaseHeld {
-                                primary: current.node.clone(),
-                                since_ms: since.as_millis() as u64,
-                                needed_ms: needed.as_millis() as u64,
-                            }));
+                        // Waits for promises that lapse within one
+                        // promise's length; refused after that.
+                        let deadline =
+                            started + self.settings.lease + self.settings.lease_margin * 2;
+                        if let Err(error) = self
+                            .revoke_majority(&current.node, current.epoch, deadline)
+                            .await
+                        {
+                            return match error {
+                                ClusterError::LeaseHeld { .. } => Ok(Outcome::Refused(error)),
+                                other => Err(other),
+                            };
                         }
                     }
                 }
@@ -420,7 +441,7 @@ impl transport::Handler for Core {
             SNAPSHOT_PATH => encode(&self.raft.install_snapshot(decode(&body)?).await),
             WRITE_PATH => {
                 let request: Request = decode(&body)?;
-                let within = self.settings.lease;
+                let within = self.settings.write_timeout();
                 let result = match tokio::time::timeout(within, self.execute(request)).await {
                     Ok(result) => result,
                     Err(_) => Err(ClusterError::NoQuorum(format!(
@@ -431,6 +452,8 @@ impl transport::Handler for Core {
                 };
                 encode(&result)
             }
+            PROMISE_PATH => encode(&self.grant_promise(&sender, &decode(&body)?)),
+            REVOKE_PATH => encode(&self.revoke_promise(&decode(&body)?)),
             HANDOFF_PATH => {
                 let request: handoff::HandoffRequest = decode(&body)?;
                 encode(&self.run_handoff(request.target).await)
@@ -499,6 +522,7 @@ pub async fn start(
         .map_err(|error| ClusterError::Internal(format!("cannot listen on {listen}: {error}")))?;
     let dir = state_dir(&settings, &node.name);
     let log = LogStore::open(&dir)?;
+    let revoked_through = promise::load_revoked(&dir)?;
     let (primary_tx, primary_rx) = watch::channel(None);
     let machine = StateMachine::open(&dir, primary_tx)?;
     let raft_config = openraft::Config {
@@ -557,6 +581,11 @@ pub async fn start(
         names,
         primary: primary_rx,
         lease: Mutex::new(lease::LeaseState::default()),
+        promises: Mutex::new(promise::Promises::new(
+            settings.lease + settings.lease_margin,
+            Instant::now(),
+            revoked_through,
+        )),
         holds_lease: watch::channel(false).0,
         members: watch::channel(members).0,
         rejections: Arc::new(Rejections::default()),
@@ -579,6 +608,8 @@ pub async fn start(
             PING_PATH,
             HANDOFF_PATH,
             NOTICE_PATH,
+            PROMISE_PATH,
+            REVOKE_PATH,
         ],
     );
     {

@@ -25,6 +25,8 @@ pub(crate) const WRITE_PATH: &str = "/cluster/write";
 pub(crate) const PING_PATH: &str = "/cluster/ping";
 pub(crate) const HANDOFF_PATH: &str = "/cluster/handoff";
 pub(crate) const NOTICE_PATH: &str = "/cluster/notice";
+pub(crate) const PROMISE_PATH: &str = "/cluster/promise";
+pub(crate) const REVOKE_PATH: &str = "/cluster/revoke";
 
 /// Makes one [`Peer`] per target node.
 #[derive(Debug, Clone)]

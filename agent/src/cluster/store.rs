@@ -26,7 +26,6 @@ use std::{
     ops::RangeBounds,
     path::{Path, PathBuf},
     sync::{Arc, Mutex, MutexGuard},
-    time::Instant,
 };
 
 use openraft::{
@@ -46,7 +45,7 @@ use super::{
 type NodeId = u64;
 
 /// Writes `bytes` to `path` atomically: a crash leaves the old or the new file.
-fn write_atomically(path: &Path, bytes: &[u8], sync: bool) -> std::io::Result<()> {
+pub(crate) fn write_atomically(path: &Path, bytes: &[u8], sync: bool) -> std::io::Result<()> {
     let temporary = path.with_extension("tmp");
     let mut file = File::create(&temporary)?;
     file.write_all(bytes)?;
@@ -63,7 +62,7 @@ fn write_atomically(path: &Path, bytes: &[u8], sync: bool) -> std::io::Result<()
     Ok(())
 }
 
-fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> std::io::Result<Option<T>> {
+pub(crate) fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> std::io::Result<Option<T>> {
     match std::fs::read(path) {
         Ok(bytes) => serde_json::from_slice(&bytes)
             .map(Some)
@@ -360,14 +359,11 @@ pub(crate) struct SharedState {
     pub(crate) renewals: u64,
 }
 
-/// The state as this agent applied it, with the local time of the last
-/// applied renewal (never shared: each agent measures the lease on its own
-/// clock, from when it learned of the renewal, which is never earlier than
-/// when the primary asked for it).
+/// The state as this agent applied it. (The lease itself is not in the
+/// log: the voters' promises, `super::promise`, carry it.)
 #[derive(Debug, Clone)]
 pub(crate) struct LeaseView {
     pub(crate) state: SharedState,
-    pub(crate) last_renewal: Option<Instant>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -407,7 +403,6 @@ impl StateMachine {
             membership: StoredMembership::default(),
             view: LeaseView {
                 state: SharedState::default(),
-                last_renewal: None,
             },
             snapshot: None,
             snapshots_built: 0,
@@ -451,9 +446,6 @@ impl MachineInner {
     fn install(&mut self, meta: &SnapshotMeta<NodeId, BasicNode>, state: SharedState) {
         self.applied = meta.last_log_id;
         self.membership = meta.last_membership.clone();
-        // Counted from now: the lease of a primary in the snapshot may
-        // still run, and this agent cannot know since when.
-        self.view.last_renewal = state.primary.as_ref().map(|_| Instant::now());
         self.view.state = state;
     }
 
@@ -502,13 +494,11 @@ impl MachineInner {
                 tracing::info!(primary = %node, epoch = state.epoch, previous = from.unwrap_or("none"), %reason, "primary record changed (committed by a majority of voters)");
                 state.primary = Some(record.clone());
                 state.renewals = 0;
-                self.view.last_renewal = None;
                 Outcome::Primary(record)
             }
             Command::Renew { node, epoch } => match &state.primary {
                 Some(current) if current.node == *node && current.epoch == *epoch => {
                     state.renewals += 1;
-                    self.view.last_renewal = Some(Instant::now());
                     Outcome::Renewed
                 }
                 _ => Outcome::Refused(ClusterError::EpochMoved {
@@ -776,8 +766,7 @@ mod tests {
             machine.applied_state().await.unwrap().0.map(|id| id.index),
             Some(1)
         );
-        // The primary in the snapshot is counted as renewing from now.
-        assert!(machine.view().last_renewal.is_some());
+        assert_eq!(machine.view().state.epoch, 1);
     }
 
     fn set(node: &str, epoch: u64, renewals: u64, handoff: Option<&str>) -> Command {
@@ -796,7 +785,6 @@ mod tests {
             membership: StoredMembership::default(),
             view: LeaseView {
                 state: SharedState::default(),
-                last_renewal: None,
             },
             snapshot: None,
             snapshots_built: 0,
@@ -835,7 +823,7 @@ mod tests {
             }),
             Outcome::Renewed
         );
-        assert!(machine.view.last_renewal.is_some());
+        assert_eq!(machine.view.state.renewals, 1);
         // Checked when there were no renewals; one came in between.
         assert!(matches!(
             machine.apply(&set("b", 1, 0, None)),

@@ -1,6 +1,7 @@
 //! Agent-to-agent messages over HTTP/1.1 on `[cluster_state] port`: Raft's
 //! RPCs (append entries, vote, snapshot), writes forwarded to the Raft
-//! leader, and liveness pings. One request per connection (a handful of
+//! leader, liveness pings, and the primary lease's promises and
+//! revocations (`super::promise`). One request per connection (a handful of
 //! nodes on a LAN), JSON bodies.
 //!
 //! Every request and every response carries `x-farol-node` (the sender)

@@ -29,7 +29,9 @@ pub enum Command {
         expected_renewals: u64,
         handoff_from: Option<String>,
     },
-    /// The primary of `epoch` renews its lease.
+    /// The primary of `epoch` renewed its lease through the log (before
+    /// the lease moved to the voters' promises, `super::promise`): still
+    /// applied (counted) so that logs written then replay.
     Renew { node: String, epoch: u64 },
 }
 
@@ -50,10 +52,6 @@ pub enum Request {
         node: String,
         expected_epoch: u64,
         handoff_from: Option<String>,
-    },
-    Renew {
-        node: String,
-        epoch: u64,
     },
 }
 

@@ -5,7 +5,7 @@
 //! ```toml
 //! [cluster_state]
 //! voters = ["nuster1", "nuster2", "nuster3"]   # odd: 2 of 3 decide a 2/2 split
-//! lease = "3s"
+//! lease = "1s"
 //! ```
 //!
 //! Voters decide; every other `[[node]]` is a learner that follows the
@@ -24,15 +24,24 @@ use super::{NodeConfig, Problem};
 /// The agent-to-agent Raft port unless the section says otherwise.
 pub const DEFAULT_CLUSTER_PORT: u16 = 9480;
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/farol/cluster";
-/// openraft gives every AppendEntries (heartbeats, lease renewals) one
-/// heartbeat interval to answer: at 100 ms a starved CPU (a loaded Pi, the
-/// lab beside four builds) missed them in a row, followers elected and the
-/// primary's lease lapsed with every node up. A third of the election
+/// openraft gives every AppendEntries (heartbeats, and the lease renewals
+/// while they went through the Raft log) one heartbeat interval to answer:
+/// at 100 ms a starved CPU (a loaded Pi, the lab beside four builds) missed
+/// them in a row, followers elected and the primary's lease lapsed with
+/// every node up. A third of the election
 /// timeout is the most the election allows.
 pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_millis(250);
 pub const DEFAULT_ELECTION_TIMEOUT: Duration = Duration::from_millis(750);
-pub const DEFAULT_LEASE: Duration = Duration::from_secs(3);
-pub const DEFAULT_LEASE_MARGIN: Duration = Duration::from_millis(500);
+/// The primary asks the voters for promises every `lease / 4`; no Raft
+/// election stops that (see `cluster::promise`), so the lease only has to
+/// outlast a stall as long as the ones Raft itself survives. With the
+/// margin, a dead primary is replaced `lease + lease_margin` after its
+/// last promise: under 2 s from its death to writes on the new primary.
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(1);
+pub const DEFAULT_LEASE_MARGIN: Duration = Duration::from_millis(250);
+/// The clocks' rates differ by far less than 1 ms per second of lease; a
+/// late timer and the fence (ALTER SYSTEM, reload) need tens of ms.
+pub const MIN_LEASE_MARGIN: Duration = Duration::from_millis(100);
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -54,13 +63,17 @@ pub struct ClusterStateConfig {
     /// random) starts an election.
     #[serde(default = "default_election_timeout", with = "humantime_serde")]
     pub election_timeout: Duration,
-    /// How long the primary may keep accepting writes after a majority of
-    /// voters last confirmed it. Longer than two election timeouts, so a
-    /// Raft leader change does not cost the primary its lease.
+    /// How long the primary may keep accepting writes after it sent the
+    /// last request that a majority of voters answered with a promise. At
+    /// least the election timeout: the lease must survive any stall that
+    /// Raft itself survives.
     #[serde(default = "default_lease", with = "humantime_serde")]
     pub lease: Duration,
-    /// Extra wait, after `lease` without renewal, before another node may
-    /// be made primary: covers a late timer on a loaded old primary.
+    /// How much longer each voter's promise runs (from when it received
+    /// the request) than the primary's lease (from when it sent it):
+    /// another node may be made primary only once a majority's promises
+    /// lapsed. Covers the clocks' rates and a late timer and the fence on
+    /// a loaded old primary.
     #[serde(default = "default_lease_margin", with = "humantime_serde")]
     pub lease_margin: Duration,
 }
@@ -88,6 +101,13 @@ impl ClusterStateConfig {
     /// True when `node` has a vote.
     pub fn is_voter(&self, node: &str) -> bool {
         self.voters.iter().any(|voter| voter == node)
+    }
+
+    /// How long a change of the primary record may take: waiting out the
+    /// old primary's promises (`lease + lease_margin`, twice for slack)
+    /// and a Raft commit (an election at most).
+    pub fn write_timeout(&self) -> Duration {
+        (self.lease + self.lease_margin) * 2 + self.election_timeout
     }
 }
 
@@ -165,21 +185,28 @@ pub fn validate(
             ),
         );
     }
-    if section.lease < section.election_timeout * 3 {
+    if section.lease < section.election_timeout {
         problem(
             "lease",
             format!(
-                "expected at least 3 x election_timeout ({}) so that electing a new Raft leader \
-                 (up to about 2 x election_timeout) does not cost the primary its lease, got {}",
-                humantime::format_duration(section.election_timeout * 3),
+                "expected at least election_timeout ({}): the primary renews every lease / 4, \
+                 and a lease shorter than the stall Raft itself survives would be lost on a \
+                 loaded machine with every node up, got {}",
+                humantime::format_duration(section.election_timeout),
                 humantime::format_duration(section.lease)
             ),
         );
     }
-    if section.lease_margin.is_zero() {
+    if section.lease_margin < MIN_LEASE_MARGIN || section.lease_margin > section.lease {
         problem(
             "lease_margin",
-            "expected more than 0 (a late timer on the old primary needs room)".into(),
+            format!(
+                "expected {} to lease ({}): a late timer and the fence on the old primary need \
+                 room, and a margin longer than the lease only delays failovers, got {}",
+                humantime::format_duration(MIN_LEASE_MARGIN),
+                humantime::format_duration(section.lease),
+                humantime::format_duration(section.lease_margin)
+            ),
         );
     }
     problems.append(&mut found);
@@ -287,23 +314,41 @@ mod tests {
     }
 
     #[test]
-    fn timings_must_leave_room_for_a_raft_election_inside_the_lease() {
-        let problems = problems(&config(
-            "voters = [\"n1\"]\nlease = \"1s\"\nheartbeat_interval = \"500ms\"\nlease_margin = \"0s\"\nstate_dir = \"relative\"\n",
+    fn timings_must_let_the_lease_survive_what_raft_survives() {
+        let short = problems(&config(
+            "voters = [\"n1\"]\nlease = \"600ms\"\nheartbeat_interval = \"500ms\"\nlease_margin = \"0s\"\nstate_dir = \"relative\"\n",
             true,
         ));
         assert_problem(
-            &problems,
+            &short,
             "cluster_state.lease",
-            "at least 3 x election_timeout",
+            "expected at least election_timeout (750ms)",
         );
         assert_problem(
-            &problems,
+            &short,
             "cluster_state.heartbeat_interval",
             "a third of election_timeout",
         );
-        assert_problem(&problems, "cluster_state.lease_margin", "more than 0");
-        assert_problem(&problems, "cluster_state.state_dir", "absolute path");
+        assert_problem(
+            &short,
+            "cluster_state.lease_margin",
+            "expected 100ms to lease",
+        );
+        assert_problem(&short, "cluster_state.state_dir", "absolute path");
+        let long_margin = problems(&config(
+            "voters = [\"n1\"]\nlease = \"1s\"\nlease_margin = \"2s\"\n",
+            true,
+        ));
+        assert_problem(
+            &long_margin,
+            "cluster_state.lease_margin",
+            "expected 100ms to lease (1s)",
+        );
+        // The defaults and the old, longer lease both pass.
+        for section in ["", "lease = \"3s\"\nlease_margin = \"500ms\"\n"] {
+            let text = config(&format!("voters = [\"n1\"]\n{section}"), true);
+            Config::from_toml(Path::new("test.toml"), &text).unwrap();
+        }
     }
 
     #[test]

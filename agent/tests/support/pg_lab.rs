@@ -77,7 +77,7 @@ impl Default for PgOptions {
         PgOptions {
             synchronous: true,
             max_lag_bytes: "16MB",
-            cluster_timing: "lease = \"3s\"\nlease_margin = \"500ms\"",
+            cluster_timing: "",
             failover_after: "1s",
         }
     }
