@@ -567,6 +567,19 @@ async fn a_child_left_by_a_crashed_agent_is_ended_before_the_next_start() {
     })
     .await;
     assert_ne!(pid, leftover_pid);
+    // Bounded: a leftover that was not ended must fail the test, not hang
+    // the suite (the join below would block this runtime's only thread).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !reaper.is_finished() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    if !reaper.is_finished() {
+        let stat = std::fs::read_to_string(format!("/proc/{leftover_pid}/stat"));
+        let cmdline = std::fs::read(format!("/proc/{leftover_pid}/cmdline"));
+        // SAFETY: kill(2) on the PID of our own child, still unreaped.
+        unsafe { libc::kill(leftover_pid as i32, libc::SIGKILL) };
+        panic!("the leftover {leftover_pid} was not ended: stat {stat:?}, cmdline {cmdline:?}");
+    }
     use std::os::unix::process::ExitStatusExt;
     assert_eq!(reaper.join().unwrap().signal(), Some(libc::SIGKILL));
     assert_eq!(
