@@ -600,20 +600,36 @@ impl Filesystem for VolumeFs {
                 mtime_ns,
             };
             let (uid, gid) = (req.uid(), req.gid());
-            let file = self.submit(op, |brick| {
-                let abs = brick.abs(&rel);
-                let file = OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .create_new(true)
-                    .mode(mode)
-                    .open(&abs)?;
-                file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(mode))?;
-                std::os::unix::fs::fchown(&file, Some(uid), Some(gid))?;
-                brick::set_times(&abs, None, Some(mtime_ns))?;
-                Ok(file)
-            })?;
-            let attr = self.stat(&rel)?;
+            // Write-behind like the writes that follow it: applied here and
+            // queued (in order) to the peers; its quorum is waited for, and
+            // a miss reported, at the file's flush (close) or fsync, with
+            // those writes', so a create + write + fsync waits for the
+            // peers once.
+            let (file, behind) = self
+                .volume
+                .submit_behind(op, |brick| {
+                    let abs = brick.abs(&rel);
+                    let file = OpenOptions::new()
+                        .read(true)
+                        .write(true)
+                        .create_new(true)
+                        .mode(mode)
+                        .open(&abs)?;
+                    file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(mode))?;
+                    std::os::unix::fs::fchown(&file, Some(uid), Some(gid))?;
+                    brick::set_times(&abs, None, Some(mtime_ns))?;
+                    Ok(file)
+                })
+                .map_err(Errno::from_i32)?;
+            let meta = file.metadata().map_err(|e| io_errno(&e));
+            let attr = match meta {
+                Ok(meta) => self.attr_of(&meta),
+                Err(e) => {
+                    let _ = self.volume.wait_behind(behind);
+                    return Err(e);
+                }
+            };
+            self.behind.queue(attr.ino.0, behind, 0);
             let fh = self.new_handle(Handle::File {
                 file: Arc::new(file),
                 append: flags & libc::O_APPEND != 0,
