@@ -871,12 +871,13 @@ impl Filesystem for VolumeFs {
                     full
                 }
                 None => {
-                    // No lookup: inode 0 (for "." and "..", the kernel
-                    // ignores it anyway).
+                    // "." and "..": the kernel takes no lookup of them
+                    // (it skips them by name), and lists their inode.
                     let mut none = self.attr_of_nothing();
+                    none.ino = INodeNo(entry.ino);
                     none.kind = entry.kind;
                     reply.add(
-                        INodeNo(0),
+                        INodeNo(entry.ino),
                         next,
                         &entry.name,
                         &Duration::ZERO,

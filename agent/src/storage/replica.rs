@@ -831,6 +831,12 @@ impl Volume {
             writes_failed: self.stats.writes_failed.load(Ordering::Relaxed),
             split_brains: self.stats.split_brains.load(Ordering::Relaxed),
             bad_frames: lock(&self.stats.bad_frames).clone(),
+            kernel_invalidations: self.kernel.invalidations.load(Ordering::Relaxed),
+            kernel_invalidations_unwaited: self
+                .kernel
+                .invalidations_unwaited
+                .load(Ordering::Relaxed),
+            kernel_inodes_held: self.kernel.held_count() as u64,
             peers: self
                 .peers
                 .iter()
@@ -856,6 +862,9 @@ pub struct MetricSnapshot {
     pub split_brains: u64,
     pub bad_frames: BTreeMap<&'static str, u64>,
     pub peers: Vec<PeerSnapshot>,
+    pub kernel_invalidations: u64,
+    pub kernel_invalidations_unwaited: u64,
+    pub kernel_inodes_held: u64,
 }
 
 #[derive(Debug, Clone)]
