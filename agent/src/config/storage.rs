@@ -51,6 +51,20 @@ pub struct VolumeConfig {
     /// A peer that sends nothing for this long is considered down.
     #[serde(default = "default_peer_timeout", with = "humantime_serde")]
     pub peer_timeout: Duration,
+    /// How long the kernel may keep a file's attributes without asking
+    /// (FUSE `attr_timeout`); a peer's change or a heal invalidates them
+    /// at once. "0s" asks every time.
+    #[serde(default = "default_cache_timeout", with = "humantime_serde")]
+    pub attr_timeout: Duration,
+    /// How long the kernel may keep a name it looked up (FUSE
+    /// `entry_timeout`); invalidated like the attributes.
+    #[serde(default = "default_cache_timeout", with = "humantime_serde")]
+    pub entry_timeout: Duration,
+    /// How long the kernel may remember that a name does not exist (FUSE
+    /// `negative_timeout`; saves the lookups of files a web server probes
+    /// for, such as `.htaccess`); a peer's create invalidates it.
+    #[serde(default = "default_cache_timeout", with = "humantime_serde")]
+    pub negative_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -90,6 +104,15 @@ fn default_heal_rate() -> u32 {
 fn default_peer_timeout() -> Duration {
     Duration::from_secs(2)
 }
+
+/// GlusterFS's FUSE mount uses 1 s for attributes and entries as well.
+fn default_cache_timeout() -> Duration {
+    Duration::from_secs(1)
+}
+
+/// Longer kernel caching only delays what cannot be invalidated (changes
+/// made on a brick behind the agent's back).
+pub const MAX_CACHE_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl VolumeConfig {
     /// The write quorum in force: configured, or a majority.
@@ -175,6 +198,18 @@ pub(super) fn validate(
                 at("peer_timeout"),
                 format!("expected at least 100ms, got {:?}", volume.peer_timeout),
             );
+        }
+        for (key, timeout) in [
+            ("attr_timeout", volume.attr_timeout),
+            ("entry_timeout", volume.entry_timeout),
+            ("negative_timeout", volume.negative_timeout),
+        ] {
+            if timeout > MAX_CACHE_TIMEOUT {
+                problem(
+                    at(key),
+                    format!("expected at most {MAX_CACHE_TIMEOUT:?}, got {timeout:?}"),
+                );
+            }
         }
         if let Some(quorum) = volume.quorum {
             if quorum == 0 || quorum > volume.replicas.len() {

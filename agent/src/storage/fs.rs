@@ -3,9 +3,12 @@
 //! [`Volume::submit`], which applies them here and on a quorum of peers.
 //!
 //! Inode numbers are the brick's own (the brick root is swapped with
-//! FUSE's root inode 1), so hard links share an inode. A table maps each
-//! inode the kernel knows to one brick path. `readdir` serves a snapshot
-//! taken at `opendir` (and at a rewind), so offsets stay valid while the
+//! FUSE's root inode 1), so hard links share an inode. A table
+//! ([`KernelCache`]) maps each inode the kernel knows to one brick path and
+//! counts the kernel's lookups of it. The kernel caches attributes, names
+//! and pages for the volume's timeouts; what changes behind its back is
+//! invalidated (see `kernel_cache.rs`). `readdir` serves a snapshot taken
+//! at `opendir` (and at a rewind), so offsets stay valid while the
 //! directory changes.
 
 use std::{
@@ -24,20 +27,17 @@ use std::{
 
 use fuser::{
     BsdFileFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
-    INodeNo, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
-    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow,
-    WriteFlags,
+    INodeNo, InitFlags, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
+    ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite,
+    ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
 use super::{
     brick::{self, Op, STATE_DIR},
+    kernel_cache::{KernelCache, Stamp, Timeouts},
     replica::Volume,
     write_behind::WriteBehind,
 };
-
-/// Attributes and entries are not cached by the kernel: another node's
-/// mount may change them at any time.
-const TTL: Duration = Duration::ZERO;
 
 #[derive(Debug)]
 enum Handle {
@@ -46,22 +46,27 @@ enum Handle {
         append: bool,
     },
     Dir {
-        entries: Vec<(u64, FileType, String)>,
+        entries: Vec<DirEntry>,
         served: bool,
     },
 }
 
-#[derive(Debug, Default)]
-struct Inodes {
-    paths: HashMap<u64, String>,
+/// One name of a directory snapshot, with its attributes (for readdirplus).
+#[derive(Debug)]
+struct DirEntry {
+    ino: u64,
+    kind: FileType,
+    name: String,
+    /// None for "." and "..", and where the name vanished meanwhile.
+    attr: Option<FileAttr>,
 }
 
 /// A volume mounted with FUSE.
 #[derive(Debug)]
 pub struct VolumeFs {
     volume: Arc<Volume>,
-    root_ino: u64,
-    inodes: Mutex<Inodes>,
+    cache: Arc<KernelCache>,
+    ttl: Timeouts,
     handles: Mutex<HashMap<u64, Handle>>,
     next_handle: AtomicU64,
     behind: WriteBehind,
@@ -102,35 +107,29 @@ fn system_time(secs: i64, nsecs: i64) -> SystemTime {
 
 impl VolumeFs {
     pub fn new(volume: Arc<Volume>) -> io::Result<VolumeFs> {
-        let root_ino = fs::metadata(volume.brick().root())?.ino();
-        let mut inodes = Inodes::default();
-        inodes.paths.insert(INodeNo::ROOT.0, String::new());
+        let cache = Arc::clone(volume.kernel_cache());
         Ok(VolumeFs {
             behind: WriteBehind::new(Arc::clone(&volume)),
+            ttl: cache.timeouts(),
+            cache,
             volume,
-            root_ino,
-            inodes: Mutex::new(inodes),
             handles: Mutex::new(HashMap::new()),
             next_handle: AtomicU64::new(1),
         })
     }
 
     fn fuse_ino(&self, st_ino: u64) -> u64 {
-        if st_ino == self.root_ino {
-            INodeNo::ROOT.0
-        } else if st_ino == INodeNo::ROOT.0 {
-            self.root_ino
-        } else {
-            st_ino
-        }
+        self.cache.fuse_ino(st_ino)
     }
 
     fn path(&self, ino: INodeNo) -> Result<String, Errno> {
-        lock(&self.inodes)
-            .paths
-            .get(&ino.0)
-            .cloned()
-            .ok_or(Errno::ESTALE)
+        self.cache.path(ino.0).ok_or(Errno::ESTALE)
+    }
+
+    /// Replies with a new entry, counting the kernel's lookup of it.
+    fn reply_entry(&self, reply: ReplyEntry, rel: &str, attr: &FileAttr) {
+        self.cache.looked_up(attr.ino.0, rel);
+        reply.entry_with_ttls(&self.ttl.attr, &self.ttl.entry, attr, Generation(0));
     }
 
     /// The brick path of `name` in directory `parent`, refusing names the
@@ -172,7 +171,7 @@ impl VolumeFs {
     fn stat(&self, rel: &str) -> Result<FileAttr, Errno> {
         let meta = fs::symlink_metadata(self.volume.brick().abs(rel)).map_err(|e| io_errno(&e))?;
         let attr = self.attr_of(&meta);
-        lock(&self.inodes).paths.insert(attr.ino.0, rel.to_owned());
+        self.cache.remember(attr.ino.0, rel);
         Ok(attr)
     }
 
@@ -222,45 +221,74 @@ impl VolumeFs {
         }
     }
 
-    fn snapshot_dir(&self, ino: INodeNo) -> Result<Vec<(u64, FileType, String)>, Errno> {
+    fn snapshot_dir(&self, ino: INodeNo) -> Result<Vec<DirEntry>, Errno> {
         let rel = self.path(ino)?;
         let names = self
             .volume
             .brick()
             .children(&rel)
             .map_err(|e| io_errno(&e))?;
-        let mut entries = vec![
-            (ino.0, FileType::Directory, ".".to_owned()),
-            (ino.0, FileType::Directory, "..".to_owned()),
-        ];
+        let dot = |name: &str| DirEntry {
+            ino: ino.0,
+            kind: FileType::Directory,
+            name: name.to_owned(),
+            attr: None,
+        };
+        let mut entries = vec![dot("."), dot("..")];
         for name in names {
             let child = brick::join(&rel, &name);
             let Ok(meta) = fs::symlink_metadata(self.volume.brick().abs(&child)) else {
                 continue;
             };
-            let kind = FileType::from_std(meta.file_type()).unwrap_or(FileType::RegularFile);
-            entries.push((self.fuse_ino(meta.ino()), kind, name));
+            let attr = self.attr_of(&meta);
+            entries.push(DirEntry {
+                ino: attr.ino.0,
+                kind: attr.kind,
+                name,
+                attr: Some(attr),
+            });
         }
         Ok(entries)
     }
 
-    fn rename_inodes(&self, from: &str, to: &str) {
-        let mut inodes = lock(&self.inodes);
-        inodes
-            .paths
-            .retain(|_, path| path != to && !path.starts_with(&format!("{to}/")));
-        let prefix = format!("{from}/");
-        for path in inodes.paths.values_mut() {
-            if path == from {
-                *path = to.to_owned();
-            } else if let Some(rest) = path.strip_prefix(&prefix) {
-                *path = format!("{to}/{rest}");
+    /// A rewind (offset 0 after entries were served) takes a new
+    /// snapshot; any other offset indexes the one taken at opendir.
+    fn rewind_if_served(&self, ino: INodeNo, fh: FileHandle, offset: u64) -> Result<(), Errno> {
+        if offset != 0 {
+            return Ok(());
+        }
+        let served = matches!(
+            lock(&self.handles).get(&fh.0),
+            Some(Handle::Dir { served: true, .. })
+        );
+        if served {
+            let fresh = self.snapshot_dir(ino)?;
+            if let Some(Handle::Dir { entries, .. }) = lock(&self.handles).get_mut(&fh.0) {
+                *entries = fresh;
             }
         }
+        Ok(())
     }
 
-    fn forget_path(&self, rel: &str) {
-        lock(&self.inodes).paths.retain(|_, path| path != rel);
+    /// Attributes for "no inode" (negative entries, "." and "..").
+    fn attr_of_nothing(&self) -> FileAttr {
+        FileAttr {
+            ino: INodeNo(0),
+            size: 0,
+            blocks: 0,
+            atime: UNIX_EPOCH,
+            mtime: UNIX_EPOCH,
+            ctime: UNIX_EPOCH,
+            crtime: UNIX_EPOCH,
+            kind: FileType::RegularFile,
+            perm: 0,
+            nlink: 0,
+            uid: 0,
+            gid: 0,
+            rdev: 0,
+            blksize: 4096,
+            flags: 0,
+        }
     }
 }
 
@@ -269,6 +297,19 @@ impl Filesystem for VolumeFs {
         // One write request never exceeds a protocol chunk (the kernel's
         // default limit is 1 MiB as well).
         let _ = config.set_max_write(1 << 20);
+        // Lookups and listings of one directory in parallel; readdirplus
+        // when the kernel sees it pays (`ls -l`, rsync); pages dropped when
+        // a refreshed mtime or size shows a change nobody invalidated (a
+        // brick edited behind the agent's back).
+        for wanted in [
+            InitFlags::FUSE_PARALLEL_DIROPS,
+            InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO,
+            InitFlags::FUSE_AUTO_INVAL_DATA,
+        ] {
+            if let Err(missing) = config.add_capabilities(wanted) {
+                tracing::debug!(?missing, "the kernel lacks a FUSE capability");
+            }
+        }
         Ok(())
     }
 
@@ -277,20 +318,40 @@ impl Filesystem for VolumeFs {
             .readable()
             .and_then(|()| self.child(parent, name))
             .map_err(|e| if e == Errno::EPERM { Errno::ENOENT } else { e })
-            .and_then(|rel| self.stat(&rel));
+            .and_then(|rel| Ok((self.stat(&rel)?, rel)));
         match result {
-            Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
+            Ok((attr, rel)) => self.reply_entry(reply, &rel, &attr),
+            Err(e) if e == Errno::ENOENT && !self.ttl.negative.is_zero() => {
+                // Inode 0: the name does not exist, for this long (a
+                // peer's create invalidates it).
+                let mut none = self.attr_of_nothing();
+                none.ino = INodeNo(0);
+                reply.entry_with_ttls(&Duration::ZERO, &self.ttl.negative, &none, Generation(0));
+            }
             Err(e) => reply.error(e),
         }
     }
 
-    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self
-            .readable()
-            .and_then(|()| self.path(ino))
-            .and_then(|rel| self.stat(&rel))
-        {
-            Ok(attr) => reply.attr(&TTL, &attr),
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.cache.forget(ino.0, nlookup);
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
+        // Through an open file when there is one: it stays right after a
+        // rename or unlink elsewhere.
+        let open_file = fh.and_then(|fh| match lock(&self.handles).get(&fh.0) {
+            Some(Handle::File { file, .. }) => Some(Arc::clone(file)),
+            _ => None,
+        });
+        let result = self.readable().and_then(|()| match open_file {
+            Some(file) => file
+                .metadata()
+                .map(|meta| self.attr_of(&meta))
+                .map_err(|e| io_errno(&e)),
+            None => self.path(ino).and_then(|rel| self.stat(&rel)),
+        });
+        match result {
+            Ok(attr) => reply.attr(&self.ttl.attr, &attr),
             Err(e) => reply.error(e),
         }
     }
@@ -327,7 +388,7 @@ impl Filesystem for VolumeFs {
             self.change(op, &rel)
         });
         match result {
-            Ok(attr) => reply.attr(&TTL, &attr),
+            Ok(attr) => reply.attr(&self.ttl.attr, &attr),
             Err(e) => reply.error(e),
         }
     }
@@ -352,6 +413,7 @@ impl Filesystem for VolumeFs {
         umask: u32,
         reply: ReplyEntry,
     ) {
+        let _busy = self.cache.busy(&[parent.0]);
         let result = self.child(parent, name).and_then(|rel| {
             let op = Op::Mkdir {
                 path: rel.clone(),
@@ -359,19 +421,20 @@ impl Filesystem for VolumeFs {
                 uid: req.uid(),
                 gid: req.gid(),
             };
-            self.change(op, &rel)
+            Ok((self.change(op, &rel)?, rel))
         });
         match result {
-            Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
+            Ok((attr, rel)) => self.reply_entry(reply, &rel, &attr),
             Err(e) => reply.error(e),
         }
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _busy = self.cache.busy(&[parent.0]);
         let result = self.child(parent, name).and_then(|rel| {
             let op = Op::Unlink { path: rel.clone() };
             self.submit(op.clone(), |brick| brick.apply(&op))?;
-            self.forget_path(&rel);
+            self.cache.removed(&rel);
             Ok(())
         });
         match result {
@@ -381,10 +444,11 @@ impl Filesystem for VolumeFs {
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _busy = self.cache.busy(&[parent.0]);
         let result = self.child(parent, name).and_then(|rel| {
             let op = Op::Rmdir { path: rel.clone() };
             self.submit(op.clone(), |brick| brick.apply(&op))?;
-            self.forget_path(&rel);
+            self.cache.removed(&rel);
             Ok(())
         });
         match result {
@@ -401,6 +465,7 @@ impl Filesystem for VolumeFs {
         target: &Path,
         reply: ReplyEntry,
     ) {
+        let _busy = self.cache.busy(&[parent.0]);
         let result = self.child(parent, link_name).and_then(|rel| {
             let target = target.to_str().ok_or(Errno::EINVAL)?.to_owned();
             let op = Op::Symlink {
@@ -409,10 +474,10 @@ impl Filesystem for VolumeFs {
                 uid: req.uid(),
                 gid: req.gid(),
             };
-            self.change(op, &rel)
+            Ok((self.change(op, &rel)?, rel))
         });
         match result {
-            Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
+            Ok((attr, rel)) => self.reply_entry(reply, &rel, &attr),
             Err(e) => reply.error(e),
         }
     }
@@ -427,6 +492,7 @@ impl Filesystem for VolumeFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
+        let _busy = self.cache.busy(&[parent.0, newparent.0]);
         let result = (|| {
             let from = self.child(parent, name)?;
             let to = self.child(newparent, newname)?;
@@ -441,7 +507,7 @@ impl Filesystem for VolumeFs {
                 noreplace: bits & libc::RENAME_NOREPLACE != 0,
             };
             self.submit(op.clone(), |brick| brick.apply(&op))?;
-            self.rename_inodes(&from, &to);
+            self.cache.renamed(&from, &to);
             Ok(())
         })();
         match result {
@@ -458,16 +524,17 @@ impl Filesystem for VolumeFs {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
+        let _busy = self.cache.busy(&[newparent.0]);
         let result = self.path(ino).and_then(|from| {
             let to = self.child(newparent, newname)?;
             let op = Op::Link {
                 from,
                 to: to.clone(),
             };
-            self.change(op, &to)
+            Ok((self.change(op, &to)?, to))
         });
         match result {
-            Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
+            Ok((attr, to)) => self.reply_entry(reply, &to, &attr),
             Err(e) => reply.error(e),
         }
     }
@@ -485,13 +552,28 @@ impl Filesystem for VolumeFs {
                     .custom_flags(raw & libc::O_NOFOLLOW)
                     .open(self.volume.brick().abs(&rel))
                     .map_err(|e| io_errno(&e))?;
-                Ok(self.new_handle(Handle::File {
+                let mut flags = FopenFlags::empty();
+                // Pages the kernel cached stay when the file is as it was
+                // at the last open (a change from elsewhere changes its
+                // ctime; it also invalidates them at once).
+                let unchanged = file
+                    .metadata()
+                    .is_ok_and(|meta| self.cache.opened(ino.0, Stamp::of(&meta)));
+                if unchanged && !self.ttl.attr.is_zero() {
+                    flags |= FopenFlags::FOPEN_KEEP_CACHE;
+                }
+                if access == libc::O_RDONLY {
+                    // Nothing to flush: no write goes through this file.
+                    flags |= FopenFlags::FOPEN_NOFLUSH;
+                }
+                let fh = self.new_handle(Handle::File {
                     file: Arc::new(file),
                     append: raw & libc::O_APPEND != 0,
-                }))
+                });
+                Ok((fh, flags))
             });
         match result {
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            Ok((fh, flags)) => reply.opened(FileHandle(fh), flags),
             Err(e) => reply.error(e),
         }
     }
@@ -506,6 +588,7 @@ impl Filesystem for VolumeFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
+        let _busy = self.cache.busy(&[parent.0]);
         let result = self.child(parent, name).and_then(|rel| {
             let mode = mode & !umask & 0o7777;
             let mtime_ns = now_ns();
@@ -517,29 +600,46 @@ impl Filesystem for VolumeFs {
                 mtime_ns,
             };
             let (uid, gid) = (req.uid(), req.gid());
-            let file = self.submit(op, |brick| {
-                let abs = brick.abs(&rel);
-                let file = OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .create_new(true)
-                    .mode(mode)
-                    .open(&abs)?;
-                file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(mode))?;
-                std::os::unix::fs::fchown(&file, Some(uid), Some(gid))?;
-                brick::set_times(&abs, None, Some(mtime_ns))?;
-                Ok(file)
-            })?;
-            let attr = self.stat(&rel)?;
+            // Write-behind like the writes that follow it: applied here and
+            // queued (in order) to the peers; its quorum is waited for, and
+            // a miss reported, at the file's flush (close) or fsync, with
+            // those writes', so a create + write + fsync waits for the
+            // peers once.
+            let (file, behind) = self
+                .volume
+                .submit_behind(op, |brick| {
+                    let abs = brick.abs(&rel);
+                    let file = OpenOptions::new()
+                        .read(true)
+                        .write(true)
+                        .create_new(true)
+                        .mode(mode)
+                        .open(&abs)?;
+                    file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(mode))?;
+                    std::os::unix::fs::fchown(&file, Some(uid), Some(gid))?;
+                    brick::set_times(&abs, None, Some(mtime_ns))?;
+                    Ok(file)
+                })
+                .map_err(Errno::from_i32)?;
+            let meta = file.metadata().map_err(|e| io_errno(&e));
+            let attr = match meta {
+                Ok(meta) => self.attr_of(&meta),
+                Err(e) => {
+                    let _ = self.volume.wait_behind(behind);
+                    return Err(e);
+                }
+            };
+            self.behind.queue(attr.ino.0, behind, 0);
             let fh = self.new_handle(Handle::File {
                 file: Arc::new(file),
                 append: flags & libc::O_APPEND != 0,
             });
+            self.cache.looked_up(attr.ino.0, &rel);
             Ok((attr, fh))
         });
         match result {
             Ok((attr, fh)) => reply.created(
-                &TTL,
+                &self.ttl.entry.min(self.ttl.attr),
                 &attr,
                 Generation(0),
                 FileHandle(fh),
@@ -612,6 +712,7 @@ impl Filesystem for VolumeFs {
                     .volume
                     .submit_behind(op, |brick| {
                         file.write_all_at(data, offset)?;
+                        brick::start_writeback(file, offset, data.len());
                         brick::set_times(&brick.abs(&rel), None, Some(mtime_ns))
                     })
                     .map_err(Errno::from_i32)?;
@@ -669,13 +770,15 @@ impl Filesystem for VolumeFs {
         reply: ReplyEmpty,
     ) {
         let result = self.path(ino).and_then(|rel| {
-            let earlier = self.behind.drain(ino.0).map_err(Errno::from_i32);
-            let synced = self.with_file(fh, |file, _| {
+            self.with_file(fh, |file, _| {
                 self.volume
-                    .submit_sync(Op::Fsync { path: rel.clone() }, |_| file.sync_all())
+                    .submit_sync(
+                        Op::Fsync { path: rel.clone() },
+                        |_| file.sync_all(),
+                        || self.behind.drain(ino.0),
+                    )
                     .map_err(Errno::from_i32)
-            });
-            earlier.and(synced)
+            })
         });
         match result {
             Ok(()) => reply.ok(),
@@ -704,34 +807,86 @@ impl Filesystem for VolumeFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        // A rewind (offset 0 after entries were served) takes a new
-        // snapshot; any other offset indexes the one taken at opendir.
-        let fresh = if offset == 0 {
-            let served = matches!(
-                lock(&self.handles).get(&fh.0),
-                Some(Handle::Dir { served: true, .. })
-            );
-            if served {
-                match self.snapshot_dir(ino) {
-                    Ok(entries) => Some(entries),
-                    Err(e) => return reply.error(e),
-                }
-            } else {
-                None
-            }
-        } else {
-            None
-        };
+        if let Err(e) = self.rewind_if_served(ino, fh, offset) {
+            return reply.error(e);
+        }
         let mut handles = lock(&self.handles);
         let Some(Handle::Dir { entries, served }) = handles.get_mut(&fh.0) else {
             return reply.error(Errno::EBADF);
         };
-        if let Some(new) = fresh {
-            *entries = new;
-        }
         *served = true;
-        for (index, (ino, kind, name)) in entries.iter().enumerate().skip(offset as usize) {
-            if reply.add(INodeNo(*ino), index as u64 + 1, *kind, name) {
+        for (index, entry) in entries.iter().enumerate().skip(offset as usize) {
+            if reply.add(
+                INodeNo(entry.ino),
+                index as u64 + 1,
+                entry.kind,
+                &entry.name,
+            ) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        // As readdir, with each entry's attributes: `ls -l`, rsync and git
+        // need no lookup per name. Every entry but "." and ".." counts as
+        // a lookup in the kernel.
+        let Some(dir) = self.path(ino).ok() else {
+            return reply.error(Errno::ESTALE);
+        };
+        if let Err(e) = self.rewind_if_served(ino, fh, offset) {
+            return reply.error(e);
+        }
+        let mut handles = lock(&self.handles);
+        let Some(Handle::Dir { entries, served }) = handles.get_mut(&fh.0) else {
+            return reply.error(Errno::EBADF);
+        };
+        *served = true;
+        for (index, entry) in entries.iter().enumerate().skip(offset as usize) {
+            let next = index as u64 + 1;
+            let full = match &entry.attr {
+                Some(attr) => {
+                    let rel = brick::join(&dir, &entry.name);
+                    self.cache.looked_up(attr.ino.0, &rel);
+                    let full = reply.add(
+                        INodeNo(entry.ino),
+                        next,
+                        &entry.name,
+                        &self.ttl.entry.min(self.ttl.attr),
+                        attr,
+                        Generation(0),
+                    );
+                    if full {
+                        // Not sent: the kernel does not hold it.
+                        self.cache.forget(attr.ino.0, 1);
+                    }
+                    full
+                }
+                None => {
+                    // "." and "..": the kernel takes no lookup of them
+                    // (it skips them by name), and lists their inode.
+                    let mut none = self.attr_of_nothing();
+                    none.ino = INodeNo(entry.ino);
+                    none.kind = entry.kind;
+                    reply.add(
+                        INodeNo(entry.ino),
+                        next,
+                        &entry.name,
+                        &Duration::ZERO,
+                        &none,
+                        Generation(0),
+                    )
+                }
+            };
+            if full {
                 break;
             }
         }
@@ -761,9 +916,11 @@ impl Filesystem for VolumeFs {
         // Durable on a quorum: the directory is synced here and on peers.
         let result = self.path(ino).and_then(|rel| {
             self.volume
-                .submit_sync(Op::Fsync { path: rel.clone() }, |brick| {
-                    File::open(brick.abs(&rel))?.sync_all()
-                })
+                .submit_sync(
+                    Op::Fsync { path: rel.clone() },
+                    |brick| File::open(brick.abs(&rel))?.sync_all(),
+                    || Ok(()),
+                )
                 .map_err(Errno::from_i32)
         });
         match result {

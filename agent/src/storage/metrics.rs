@@ -43,7 +43,7 @@ impl Collector for StorageCollector {
             .iter()
             .map(|v| (v.name().to_owned(), v.metric_snapshot()))
             .collect();
-        let per_volume: [VolumeMetric; 5] = [
+        let per_volume: [VolumeMetric; 8] = [
             (
                 "farol_volume_current",
                 "1 when the local brick is known to be current (serves reads)",
@@ -73,6 +73,24 @@ impl Collector for StorageCollector {
                 "Paths changed on two sides apart, resolved by the split-brain policy",
                 MetricType::Counter,
                 |s| s.split_brains,
+            ),
+            (
+                "farol_volume_kernel_invalidations",
+                "Kernel cache invalidations sent for changes from peers and heals",
+                MetricType::Counter,
+                |s| s.kernel_invalidations,
+            ),
+            (
+                "farol_volume_kernel_invalidations_unwaited",
+                "Peer changes answered before the kernel had dropped what they made stale (directory busy here, or slow)",
+                MetricType::Counter,
+                |s| s.kernel_invalidations_unwaited,
+            ),
+            (
+                "farol_volume_kernel_inodes",
+                "Inodes the kernel holds lookups of on this node's mount",
+                MetricType::Gauge,
+                |s| s.kernel_inodes_held,
             ),
         ];
         for (name, help, kind, get) in per_volume {

@@ -5,7 +5,8 @@
 //!
 //! # Layout
 //! - `brick.rs`: the local brick: replicated changes, heal entries, listings.
-//! - `fs.rs`: the FUSE file system over the local brick.
+//! - `fs.rs`: the FUSE file system over the local brick; `kernel_cache.rs`:
+//!   what the kernel caches of it, invalidated on peers' changes and heals.
 //! - `replica.rs`: quorum writes, currentness, split-brain resolution.
 //! - `protocol.rs` + `auth.rs`: framed, HMAC-authenticated messages.
 //! - `net.rs`: peer connections and the listener.
@@ -24,6 +25,7 @@ pub mod cli;
 pub mod fs;
 mod full_heal;
 pub mod heal;
+pub mod kernel_cache;
 pub mod metrics;
 pub mod net;
 pub mod protocol;
@@ -230,6 +232,21 @@ impl Service {
                     addr: plan.listen,
                     source,
                 })?;
+        let root_ino = std::fs::metadata(brick.root())
+            .map(|meta| std::os::unix::fs::MetadataExt::ino(&meta))
+            .map_err(|source| StorageError::Mount {
+                volume: name.clone(),
+                mount: plan.mount.clone(),
+                source,
+            })?;
+        let kernel = Arc::new(kernel_cache::KernelCache::new(
+            root_ino,
+            kernel_cache::Timeouts {
+                attr: plan.volume.attr_timeout,
+                entry: plan.volume.entry_timeout,
+                negative: plan.volume.negative_timeout,
+            },
+        ));
         let setup = VolumeSetup {
             name: name.clone(),
             node: plan.node.clone(),
@@ -241,6 +258,7 @@ impl Service {
             source: plan.volume.split_brain_source.clone(),
             heal_rate: u64::from(plan.volume.heal_rate_mib) * 1024 * 1024,
             timeout: plan.volume.peer_timeout,
+            kernel,
         };
         let (volume, receivers) = Volume::new(setup, tokio::runtime::Handle::current());
         self.volumes.push(Arc::clone(&volume));
@@ -358,7 +376,11 @@ async fn mount(volume: &Arc<Volume>, mount: &Path) -> std::io::Result<fuser::Bac
         ];
         config.acl = fuser::SessionACL::All;
         config.n_threads = Some(4);
-        fuser::Session::new(fs, &mount, &config)?.spawn()
+        let session = fuser::Session::new(fs, &mount, &config)?;
+        // Before any request is served, so nothing the kernel caches is
+        // missed by an invalidation.
+        volume.kernel_cache().set_notifier(session.notifier());
+        session.spawn()
     })
     .await
     .map_err(std::io::Error::other)?

@@ -438,8 +438,17 @@ async fn handle(volume: &Arc<Volume>, from: &str, body: Request) -> Response {
     match body {
         Request::Ping => Response::Ok,
         Request::Apply { op, missed } => {
-            let volume = Arc::clone(volume);
-            blocking(Box::new(move || volume.apply_remote(&op, &missed))).await
+            let applying = Arc::clone(volume);
+            let Ok((response, stale)) =
+                tokio::task::spawn_blocking(move || applying.apply_remote_stale(&op, &missed))
+                    .await
+            else {
+                return Response::Errno(libc::EIO);
+            };
+            // The peer is answered once this node's kernel dropped what the
+            // change made stale (see `kernel_cache`).
+            volume.kernel_cache().invalidate(stale).await;
+            response
         }
         Request::Heal { path, entry } => {
             let volume = Arc::clone(volume);

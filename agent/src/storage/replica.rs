@@ -29,6 +29,7 @@ use tracing::{info, warn};
 use super::{
     brick::{Brick, Entry, Op},
     heal::ChangeLog,
+    kernel_cache::{KernelCache, Stale},
     protocol::{PeerStatus, Request, Response, StatusReport},
 };
 use crate::config::storage::SplitBrainPolicy;
@@ -117,6 +118,8 @@ pub struct VolumeSetup {
     pub source: Option<String>,
     pub heal_rate: u64,
     pub timeout: Duration,
+    /// What this node's mount's kernel caches (shared with `fs.rs`).
+    pub kernel: Arc<KernelCache>,
 }
 
 #[derive(Debug)]
@@ -144,6 +147,7 @@ pub struct Volume {
     /// Heal copies on their way to a peer (peer index, path), from their
     /// capture until the peer answered; see [`Volume::begin_stream`].
     streams: Mutex<Vec<InFlightHeal>>,
+    kernel: Arc<KernelCache>,
 }
 
 /// A heal copy on its way to a peer; see [`Volume::begin_stream`].
@@ -219,6 +223,7 @@ impl Volume {
             wakeup: (Mutex::new(false), Condvar::new()),
             started: Instant::now(),
             streams: Mutex::new(Vec::new()),
+            kernel: setup.kernel,
         };
         (Arc::new(volume), receivers)
     }
@@ -237,6 +242,10 @@ impl Volume {
 
     pub fn log(&self) -> &ChangeLog {
         &self.log
+    }
+
+    pub fn kernel_cache(&self) -> &Arc<KernelCache> {
+        &self.kernel
     }
 
     pub fn peers(&self) -> &[Peer] {
@@ -472,19 +481,26 @@ impl Volume {
     /// Makes a file durable on a quorum: the `Fsync` is queued behind every
     /// earlier change to the peers, and the local `sync` runs while they
     /// sync theirs (it changes nothing, so it needs no place in the order;
-    /// the disk can commit the three in one journal transaction).
+    /// the disk can commit the three in one journal transaction). Then
+    /// `earlier` waits for the quorums of the earlier changes still being
+    /// counted (write-behind): their answers arrive meanwhile, so the
+    /// peers are waited for once, not once for the writes and once more
+    /// for the sync. Succeeds when all of it did.
     pub fn submit_sync(
         self: &Arc<Self>,
         op: Op,
         sync: impl FnOnce(&Brick) -> io::Result<()>,
+        earlier: impl FnOnce() -> Result<(), i32>,
     ) -> Result<(), i32> {
-        let ((), sent) = self.start(op, |_| Ok(()))?;
+        let started = self.start(op, |_| Ok(()));
         let local = sync(&self.brick).map_err(|error| errno(&error));
+        let earlier = earlier();
+        let ((), sent) = started?;
         let volume = Arc::clone(self);
         let quorum = self
             .runtime
             .block_on(async move { volume.settle(sent).await });
-        local.and(quorum)
+        earlier.and(local).and(quorum)
     }
 
     /// Checks the quorum, applies `op` locally and queues it for every
@@ -653,10 +669,36 @@ impl Volume {
         }
     }
 
-    /// A peer's change, applied here (blocking).
+    /// A peer's change, applied here (blocking); what it made stale in
+    /// this node's kernel cache is delivered without waiting (the
+    /// connection uses [`Volume::apply_remote_stale`] and waits).
     pub fn apply_remote(&self, op: &Op, missed: &[String]) -> Response {
+        let (response, stale) = self.apply_remote_stale(op, missed);
+        self.kernel.invalidate_detached(&self.runtime, stale);
+        response
+    }
+
+    /// A peer's change, applied here (blocking), and what it made stale in
+    /// this node's kernel cache (to deliver before answering the peer).
+    pub fn apply_remote_stale(&self, op: &Op, missed: &[String]) -> (Response, Stale) {
+        if let Op::Fsync { path } = op {
+            // Changes nothing, so it needs no place in the order: the
+            // earlier changes of this connection are applied already, and
+            // other changes go on while the disk syncs.
+            let result = self.brick.apply(&Op::Fsync { path: path.clone() });
+            return (Self::response(result), Stale::default());
+        }
         let _order = self.apply_lock();
+        let before = self.kernel.before(&self.brick, &op.paths());
         let result = self.brick.apply(op);
+        let range = match op {
+            Op::Write { offset, data, .. } => Some((*offset, data.len() as u64)),
+            _ => None,
+        };
+        if result.is_ok() {
+            self.kernel.follow(op);
+        }
+        let stale = self.kernel.stale(&self.brick, before, range);
         let paths: Vec<String> = op.paths().into_iter().map(str::to_owned).collect();
         self.touch_streams(&paths, ChangeFrom::Peer);
         for name in missed {
@@ -666,6 +708,10 @@ impl Volume {
                 }
             }
         }
+        (Self::response(result), stale)
+    }
+
+    fn response(result: io::Result<()>) -> Response {
         match result {
             Ok(()) => Response::Ok,
             Err(error) => Response::Errno(errno(&error)),
@@ -701,7 +747,32 @@ impl Volume {
             self.log.resolve(peer, path);
         }
         let tmp = self.brick.state_dir().join(format!("heal-from-{peer}.tmp"));
-        match self.brick.install(path, entry, &tmp) {
+        // What the kernel of this node's mount may hold of the path (and,
+        // for a directory, of the names the heal removes from it).
+        let changes_path = match entry {
+            Entry::File { last, .. } => *last,
+            _ => true,
+        };
+        let mut paths = Vec::new();
+        if changes_path {
+            paths.push(path.to_owned());
+            if let Entry::Dir { children, .. } = entry {
+                if let Ok(names) = self.brick.children(path) {
+                    paths.extend(
+                        names
+                            .iter()
+                            .filter(|name| children.binary_search(name).is_err())
+                            .map(|name| super::brick::join(path, name)),
+                    );
+                }
+            }
+        }
+        let refs: Vec<&str> = paths.iter().map(String::as_str).collect();
+        let before = self.kernel.before(&self.brick, &refs);
+        let installed = self.brick.install(path, entry, &tmp);
+        let stale = self.kernel.stale(&self.brick, before, None);
+        self.kernel.invalidate_detached(&self.runtime, stale);
+        match installed {
             Ok(()) => Response::Ok,
             Err(error) => {
                 warn!(volume = %self.name, path, peer, %error, "cannot install a healed entry");
@@ -760,6 +831,12 @@ impl Volume {
             writes_failed: self.stats.writes_failed.load(Ordering::Relaxed),
             split_brains: self.stats.split_brains.load(Ordering::Relaxed),
             bad_frames: lock(&self.stats.bad_frames).clone(),
+            kernel_invalidations: self.kernel.invalidations.load(Ordering::Relaxed),
+            kernel_invalidations_unwaited: self
+                .kernel
+                .invalidations_unwaited
+                .load(Ordering::Relaxed),
+            kernel_inodes_held: self.kernel.held_count() as u64,
             peers: self
                 .peers
                 .iter()
@@ -785,6 +862,9 @@ pub struct MetricSnapshot {
     pub split_brains: u64,
     pub bad_frames: BTreeMap<&'static str, u64>,
     pub peers: Vec<PeerSnapshot>,
+    pub kernel_invalidations: u64,
+    pub kernel_invalidations_unwaited: u64,
+    pub kernel_inodes_held: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -816,6 +896,7 @@ mod tests {
             .enable_all()
             .build()
             .unwrap();
+        let kernel = Arc::new(KernelCache::for_brick(&brick).unwrap());
         let setup = VolumeSetup {
             name: "v".into(),
             node: "a".into(),
@@ -827,6 +908,7 @@ mod tests {
             source: source.map(str::to_owned),
             heal_rate: 1 << 20,
             timeout: Duration::from_secs(1),
+            kernel,
         };
         let (volume, _receivers) = Volume::new(setup, runtime.handle().clone());
         (volume, dir, runtime)

@@ -195,6 +195,26 @@ impl Cluster {
         }
     }
 
+    /// SIGSTOP: the agent freezes (its mount stays, and what the kernel
+    /// cached of it is still served); peers see it go silent.
+    pub(crate) fn pause(&self, node: usize) {
+        self.signal(node, libc::SIGSTOP);
+    }
+
+    /// SIGCONT after [`Cluster::pause`].
+    pub(crate) fn resume(&self, node: usize) {
+        self.signal(node, libc::SIGCONT);
+    }
+
+    fn signal(&self, node: usize, signal: i32) {
+        let child = self.children[node].as_ref().expect("the node runs");
+        // SAFETY: kill(2) on the PID of a child we spawned and have not
+        // reaped yet.
+        unsafe {
+            libc::kill(child.id() as i32, signal);
+        }
+    }
+
     /// SIGKILL (a crash); the stale mount is detached.
     pub(crate) fn kill(&mut self, node: usize) {
         if let Some(mut child) = self.children[node].take() {
@@ -309,6 +329,12 @@ impl Drop for Cluster {
     fn drop(&mut self) {
         for node in 0..self.names.len() {
             if let Some(mut child) = self.children[node].take() {
+                // A paused agent dies of SIGKILL as well; SIGCONT first so
+                // it is not left stopped if the kill fails.
+                // SAFETY: kill(2) on the PID of a child we spawned.
+                unsafe {
+                    libc::kill(child.id() as i32, libc::SIGCONT);
+                }
                 let _ = child.kill();
                 let _ = child.wait();
             }

@@ -67,6 +67,9 @@ fn a_volume_loads_with_defaults() {
     assert_eq!(volume.split_brain, SplitBrainPolicy::LatestMtime);
     assert_eq!(volume.heal_rate_mib, DEFAULT_HEAL_RATE_MIB);
     assert_eq!(volume.peer_timeout, Duration::from_secs(2));
+    assert_eq!(volume.attr_timeout, Duration::from_secs(1));
+    assert_eq!(volume.entry_timeout, Duration::from_secs(1));
+    assert_eq!(volume.negative_timeout, Duration::from_secs(1));
     let replica = volume.replica("b").unwrap();
     assert_eq!(
         volume.listen(replica, &config.nodes),
@@ -160,6 +163,22 @@ fn the_heal_rate_is_positive() {
 fn the_peer_timeout_is_not_tiny() {
     let text = valid().replace("name = \"www\"", "name = \"www\"\npeer_timeout = \"10ms\"");
     assert_problem(&text, "volume[0].peer_timeout", "at least 100ms");
+}
+
+#[test]
+fn kernel_cache_timeouts_load_and_are_bounded() {
+    let text = valid().replace(
+        "name = \"www\"",
+        "name = \"www\"\nattr_timeout = \"0s\"\nentry_timeout = \"250ms\"",
+    );
+    let volume = &load(&text).unwrap().volumes[0];
+    assert_eq!(volume.attr_timeout, Duration::ZERO);
+    assert_eq!(volume.entry_timeout, Duration::from_millis(250));
+    let text = valid().replace(
+        "name = \"www\"",
+        "name = \"www\"\nnegative_timeout = \"2m\"",
+    );
+    assert_problem(&text, "volume[0].negative_timeout", "at most 60s");
 }
 
 #[test]
