@@ -9,22 +9,9 @@ mod support;
 use std::time::{Duration, Instant};
 
 use farol_agent::config::PoolMode;
-use support::pooler::{self as harness, can_run_postgres, cluster, connect, message, sqlstate};
-use tokio_postgres::SimpleQueryMessage;
-
-fn rows(messages: &[SimpleQueryMessage]) -> Vec<Vec<String>> {
-    messages
-        .iter()
-        .filter_map(|m| match m {
-            SimpleQueryMessage::Row(row) => Some(
-                (0..row.len())
-                    .map(|i| row.get(i).unwrap_or("").to_owned())
-                    .collect(),
-            ),
-            _ => None,
-        })
-        .collect()
-}
+use support::pooler::{
+    self as harness, can_run_postgres, cluster, connect, message, simple_rows as rows, sqlstate,
+};
 
 async fn admin(addr: std::net::SocketAddr) -> tokio_postgres::Client {
     let mut config = harness::client_config(addr, "app", harness::APP_PASSWORD);

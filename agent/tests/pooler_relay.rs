@@ -7,22 +7,9 @@ mod support;
 use std::time::{Duration, Instant};
 
 use farol_agent::config::PoolMode;
-use support::pooler::{self as harness, can_run_postgres, cluster, connect, connect_as, sqlstate};
-use tokio_postgres::SimpleQueryMessage;
-
-fn simple_rows(messages: &[SimpleQueryMessage]) -> Vec<Vec<String>> {
-    messages
-        .iter()
-        .filter_map(|m| match m {
-            SimpleQueryMessage::Row(row) => Some(
-                (0..row.len())
-                    .map(|i| row.get(i).unwrap_or("").to_owned())
-                    .collect(),
-            ),
-            _ => None,
-        })
-        .collect()
-}
+use support::pooler::{
+    self as harness, can_run_postgres, cluster, connect, connect_as, simple_rows, sqlstate,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn simple_and_extended_queries_run_on_the_primary_through_a_transaction_pool() {

@@ -244,3 +244,18 @@ pub(crate) fn failed<T, E>(result: Result<T, E>, what: &str) -> E {
         Err(error) => error,
     }
 }
+
+/// The rows of a simple query's answer, every value as text ("" for NULL).
+pub(crate) fn simple_rows(messages: &[tokio_postgres::SimpleQueryMessage]) -> Vec<Vec<String>> {
+    messages
+        .iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(row) => Some(
+                (0..row.len())
+                    .map(|i| row.get(i).unwrap_or("").to_owned())
+                    .collect(),
+            ),
+            _ => None,
+        })
+        .collect()
+}
