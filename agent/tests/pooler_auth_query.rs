@@ -230,3 +230,86 @@ async fn a_broken_lookup_is_refused_with_the_reason_not_a_hang() {
         "failures are not cached as answers"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_reachable_only_through_its_unix_socket_serves_lookups_logins_and_role_checks() {
+    if !can_run_postgres(
+        "a_server_reachable_only_through_its_unix_socket_serves_lookups_logins_and_role_checks",
+    ) {
+        return;
+    }
+    let pg = harness::private_cluster(false);
+    pg.primary
+        .psql(
+            "postgres",
+            &format!(
+                "CREATE ROLE {AUTH_USER} LOGIN SUPERUSER PASSWORD '{SERVER_PASSWORD}'; \
+                 CREATE ROLE lookup_unix LOGIN PASSWORD 'unix-pw';"
+            ),
+        )
+        .unwrap();
+    // Every TCP login is refused from now on (psql included): whatever
+    // still works below went through the socket.
+    std::fs::write(
+        pg.primary.data.join("pg_hba.conf"),
+        "local all all trust\nhost all all 0.0.0.0/0 reject\n",
+    )
+    .unwrap();
+    pg.primary
+        .psql("postgres", "SELECT pg_reload_conf()")
+        .unwrap();
+    let refused = Instant::now() + Duration::from_secs(10);
+    while pg.primary.psql("postgres", "SELECT 1").is_ok() {
+        assert!(Instant::now() < refused, "pg_hba reload not applied");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let mut config = harness::config(&pg, harness::pool(PoolMode::Transaction, 2));
+    config.users.insert(
+        0,
+        PoolerUser {
+            name: AUTH_USER.into(),
+            secret: auth::scram_secret("admin-pw"),
+            server_password: Some(SERVER_PASSWORD.into()),
+        },
+    );
+    config.auth_user = Some(AUTH_USER.into());
+    config.unix_socket_dir = Some(pg.primary.data.clone());
+    config.role_check_interval = Duration::from_millis(100);
+    let pooler = harness::start(config).await;
+
+    // auth_query, then the server login of a user it found.
+    assert_eq!(
+        whoami(pooler.addr, "lookup_unix", "unix-pw").await.unwrap(),
+        "lookup_unix"
+    );
+    assert_eq!(pooler.pooler.auth_query_lookups(), 1);
+    assert_eq!(pooler.pooler.auth_query_failures(), 0);
+
+    // The role checks' kept connection (the first listed user's) is on the
+    // socket too: client_addr is NULL for a Unix-socket session.
+    let admin = connect_as(pooler.addr, AUTH_USER, "admin-pw")
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let row = admin
+            .query_one(
+                "SELECT count(*) FILTER (WHERE client_addr IS NULL), count(*) \
+                 FROM pg_stat_activity WHERE application_name = 'farol-pooler-role-check'",
+                &[],
+            )
+            .await
+            .unwrap();
+        let (on_socket, all): (i64, i64) = (row.get(0), row.get(1));
+        if all > 0 {
+            assert_eq!(on_socket, all, "every role check on the socket");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no role-check session on the server"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -214,6 +214,35 @@ fn start_pgbouncer(dir: &Path, primary: u16, host: &str) -> Result<(Proc, u16)> 
     Ok((proc, port))
 }
 
+/// HAProxy in `mode tcp`: a relay that only copies bytes, no protocol
+/// work at all, so its ratio to direct is what any separate proxy process
+/// can reach on this machine (the floor under every pooler's cost).
+fn start_haproxy_relay(dir: &Path, primary: u16) -> Result<(Proc, u16)> {
+    let port = free_port()?;
+    let config = dir.join(format!("haproxy-{port}.cfg"));
+    std::fs::write(
+        &config,
+        format!(
+            "global\n    maxconn 4000\n\n             defaults\n    mode tcp\n    timeout connect 5s\n    timeout client 120s\n                 timeout server 120s\n\n             listen relay\n    bind 127.0.0.1:{port}\n    server primary 127.0.0.1:{primary}\n"
+        ),
+    )?;
+    let child = Command::new("haproxy")
+        .args(["-db", "-f"])
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(
+            dir.join(format!("haproxy-{port}.log")),
+        )?)
+        .spawn()
+        .context("starting haproxy (apt-get install haproxy)")?;
+    let proc = Proc {
+        name: "haproxy",
+        child,
+    };
+    wait_port(port, "haproxy")?;
+    Ok((proc, port))
+}
+
 fn start_pgpool(dir: &Path, primary: u16, clients: usize) -> Result<(Proc, u16)> {
     start_pgpool_with(
         dir,
@@ -383,7 +412,10 @@ pub fn run() -> Result<BenchReport> {
     let baseline = std::env::var_os("FAROL_BENCH_BASELINE_AGENT").map(PathBuf::from);
 
     println!("starting PostgreSQL 15 (scale 10)...");
-    let pg = PgCluster::start("bench", false)?;
+    // Every target holds its own server connections at once (up to 50 per
+    // pooler, plus pgpool's children and the relay's): 200 would refuse
+    // direct's clients at -c 50.
+    let pg = PgCluster::start_with("bench", false, &["-c", "max_connections=800"])?;
     pg.primary
         .psql("postgres", &format!("CREATE ROLE {USER} LOGIN"))?;
     pg.primary
@@ -445,6 +477,7 @@ pub fn run() -> Result<BenchReport> {
             "pgbouncer-transaction",
             "pgbouncer-transaction-unix",
             "pgpool",
+            "haproxy-tcp",
         ];
         let socket_dir = pg.primary.data.as_path();
         let mut targets: Vec<(&str, u16, Option<Proc>)> = Vec::new();
@@ -485,6 +518,9 @@ pub fn run() -> Result<BenchReport> {
                 "pgbouncer-transaction-unix" => {
                     start_pgbouncer(&dir, pg.primary.port, &socket_dir.display().to_string())
                         .map(|(p, port)| (Some(p), port))
+                }
+                "haproxy-tcp" => {
+                    start_haproxy_relay(&dir, pg.primary.port).map(|(p, port)| (Some(p), port))
                 }
                 _ => start_pgpool(&dir, pg.primary.port, clients).map(|(p, port)| (Some(p), port)),
             };

@@ -316,6 +316,12 @@ impl PgCluster {
     /// `*_scram`), start, and with `standby` a hot standby from
     /// pg_basebackup -R.
     pub fn start(name: &str, standby: bool) -> Result<PgCluster> {
+        Self::start_with(name, standby, &[])
+    }
+
+    /// As [`PgCluster::start`], with extra server options for the primary
+    /// (`["-c", "max_connections=600"]`): later `-c` settings win.
+    pub fn start_with(name: &str, standby: bool, primary_options: &[&str]) -> Result<PgCluster> {
         let (uid, gid) = postgres_ids()?;
         let dir = std::env::temp_dir().join(format!(
             "farol-pg-{name}-{}-{}",
@@ -334,7 +340,7 @@ impl PgCluster {
              host all all 127.0.0.1/32 trust\n\
              host replication all 127.0.0.1/32 trust\n",
         )?;
-        let primary = PgServer::start(&primary_dir, free_port()?, &[])?;
+        let primary = PgServer::start(&primary_dir, free_port()?, primary_options)?;
         primary.psql("postgres", "CREATE ROLE scram_users NOLOGIN")?;
         let mut cluster = PgCluster {
             primary,

@@ -115,7 +115,9 @@ pub struct PoolerConfig {
     /// server connections to a server on this host (a loopback address or
     /// one of this node's) go through `DIR/.s.PGSQL.PORT` instead of TCP,
     /// as libpq's `host=/DIR` does; cheaper per message than TCP loopback.
-    /// Its `pg_hba.conf` needs `local` lines for the pooler's users.
+    /// Role checks and `auth_query` lookups take the same way, so a server
+    /// that listens only on its socket works. Its `pg_hba.conf` needs
+    /// `local` lines for the pooler's users.
     #[serde(default)]
     pub unix_socket_dir: Option<PathBuf>,
     /// While the pooler is paused (a planned switchover, or `PAUSE` on the

@@ -160,9 +160,8 @@ async fn query(
         source,
     };
     let mut login = tokio_postgres::Config::new();
+    super::server_stream::aim_login(&mut login, addr, config.unix_socket_dir.as_deref());
     login
-        .host(addr.ip().to_string())
-        .port(addr.port())
         .user(&auth_user.name)
         .dbname(config.auth_database.as_deref().unwrap_or(database))
         .application_name("farol-pooler-auth-query")

@@ -53,6 +53,18 @@ impl ServerStream {
     }
 }
 
+/// Points a tokio-postgres login (role checks, `auth_query`) at `addr` by
+/// the same way [`ServerStream::connect`] takes: the server's socket in
+/// `unix_dir` when it is on this host, else TCP. A server that listens
+/// only on its socket then works for every connection the pooler opens.
+pub fn aim_login(config: &mut tokio_postgres::Config, addr: SocketAddr, unix_dir: Option<&Path>) {
+    match unix_dir.filter(|dir| local_socket(dir, addr).is_some()) {
+        Some(dir) => config.host_path(dir),
+        None => config.host(addr.ip().to_string()),
+    };
+    config.port(addr.port());
+}
+
 /// The socket path for `addr` when it is an address of this host.
 fn local_socket(dir: &Path, addr: SocketAddr) -> Option<PathBuf> {
     is_local(addr.ip()).then(|| dir.join(format!(".s.PGSQL.{}", addr.port())))
@@ -136,5 +148,39 @@ mod tests {
         // TEST-NET-3: never an address of a test machine.
         let remote = SocketAddr::from(([203, 0, 113, 7], 5432));
         assert_eq!(local_socket(dir, remote), None);
+    }
+
+    #[test]
+    fn logins_take_the_socket_only_for_servers_on_this_host() {
+        let dir = Path::new("/run/postgresql");
+        let mut local = tokio_postgres::Config::new();
+        aim_login(
+            &mut local,
+            SocketAddr::from(([127, 0, 0, 1], 5433)),
+            Some(dir),
+        );
+        assert_eq!(
+            local.get_hosts(),
+            [tokio_postgres::config::Host::Unix(dir.to_path_buf())]
+        );
+        assert_eq!(local.get_ports(), [5433]);
+
+        let mut remote = tokio_postgres::Config::new();
+        aim_login(
+            &mut remote,
+            SocketAddr::from(([203, 0, 113, 7], 5432)),
+            Some(dir),
+        );
+        assert_eq!(
+            remote.get_hosts(),
+            [tokio_postgres::config::Host::Tcp("203.0.113.7".into())]
+        );
+
+        let mut tcp = tokio_postgres::Config::new();
+        aim_login(&mut tcp, SocketAddr::from(([127, 0, 0, 1], 5432)), None);
+        assert_eq!(
+            tcp.get_hosts(),
+            [tokio_postgres::config::Host::Tcp("127.0.0.1".into())]
+        );
     }
 }

@@ -164,9 +164,12 @@ struct Prober {
 impl Prober {
     fn new(addr: SocketAddr, pooler: &Pooler, timeout: Duration) -> Prober {
         let mut config = tokio_postgres::Config::new();
+        super::server_stream::aim_login(
+            &mut config,
+            addr,
+            pooler.config.unix_socket_dir.as_deref(),
+        );
         config
-            .host(addr.ip().to_string())
-            .port(addr.port())
             .dbname(&pooler.config.role_check_database)
             .application_name("farol-pooler-role-check")
             .connect_timeout(timeout.max(LOGIN_TIMEOUT));
