@@ -313,3 +313,81 @@ async fn a_server_reachable_only_through_its_unix_socket_serves_lookups_logins_a
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_console_user_the_server_knows_logs_in_through_auth_query_with_its_rights() {
+    if !can_run_postgres(
+        "a_console_user_the_server_knows_logs_in_through_auth_query_with_its_rights",
+    ) {
+        return;
+    }
+    let pg = harness::private_cluster(false);
+    pg.primary
+        .psql(
+            "postgres",
+            &format!(
+                "CREATE ROLE {AUTH_USER} LOGIN SUPERUSER PASSWORD '{SERVER_PASSWORD}'; \
+                 CREATE ROLE monitor LOGIN PASSWORD 'monitor-pw'; \
+                 CREATE ROLE bystander LOGIN PASSWORD 'bystander-pw';"
+            ),
+        )
+        .unwrap();
+    let mut config = harness::config(&pg, harness::pool(PoolMode::Transaction, 2));
+    config.users.push(PoolerUser {
+        name: AUTH_USER.into(),
+        secret: auth::scram_secret("unused"),
+        server_password: Some(SERVER_PASSWORD.into()),
+    });
+    config.auth_user = Some(AUTH_USER.into());
+    config.stats_users.push("monitor".into());
+    let pooler = harness::start(config).await;
+    let console = |user: &str, password: &str| {
+        let mut config = harness::client_config(pooler.addr, user, password);
+        config.dbname("farol");
+        config
+    };
+
+    // A stats user found by auth_query (the console's database is the
+    // pooler's own: the lookup runs in the role checks' database).
+    let app = connect_as(pooler.addr, "app", harness::APP_PASSWORD)
+        .await
+        .unwrap();
+    app.simple_query("SELECT 1").await.unwrap();
+    let (monitor, connection) = console("monitor", "monitor-pw")
+        .connect(tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let pools = monitor.simple_query("SHOW POOLS").await.unwrap();
+    assert!(
+        pools
+            .iter()
+            .any(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(_))),
+        "SHOW POOLS lists the app's pool"
+    );
+    let error = monitor.simple_query("PAUSE").await.unwrap_err();
+    assert_eq!(sqlstate(&error), "42501", "{error}");
+    assert_eq!(pooler.pooler.auth_query_lookups(), 1);
+
+    // Wrong password: 28P01. A server user in neither list: refused
+    // before any lookup, as an unknown user.
+    let error = failed(
+        console("monitor", "wrong")
+            .connect(tokio_postgres::NoTls)
+            .await,
+        "wrong password",
+    );
+    assert_eq!(sqlstate(&error), "28P01", "{error}");
+    let error = failed(
+        console("bystander", "bystander-pw")
+            .connect(tokio_postgres::NoTls)
+            .await,
+        "a user in neither list",
+    );
+    assert_eq!(sqlstate(&error), "28P01", "{error}");
+    assert_eq!(
+        pooler.pooler.auth_query_lookups(),
+        1,
+        "no lookup for the unlisted user; the wrong password used the cache"
+    );
+}

@@ -48,12 +48,14 @@ pub struct PoolerConfig {
     /// Database name of the admin console.
     #[serde(default = "default_admin_database")]
     pub admin_database: String,
-    /// Users of `pooler.users` that may run every admin command
-    /// (PgBouncer's `admin_users`).
+    /// Users that may run every admin command (PgBouncer's `admin_users`):
+    /// users of `pooler.users`, or with `auth_user` set, users whose secret
+    /// `auth_query` finds in `auth_database` (else `role_check_database`).
     #[serde(default)]
     pub admin_users: Vec<String>,
-    /// Users of `pooler.users` that may only run the `SHOW` commands
-    /// (PgBouncer's `stats_users`). No one else reaches the admin console.
+    /// Users that may only run the `SHOW` commands (PgBouncer's
+    /// `stats_users`; found as `admin_users` are). No one else reaches the
+    /// admin console.
     #[serde(default)]
     pub stats_users: Vec<String>,
     /// Users allowed to connect, with their hashed secrets.
@@ -370,11 +372,16 @@ impl PoolerConfig {
             ("admin_users", &self.admin_users),
             ("stats_users", &self.stats_users),
         ] {
+            // With auth_user the console asks the server for an unlisted
+            // user's secret, as for pools.
+            if self.auth_user.is_some() {
+                continue;
+            }
             for (index, name) in list.iter().enumerate() {
                 if !users.contains(name.as_str()) {
                     problem(
                         format!("pooler.{key}[{index}]"),
-                        format!("expected a user of pooler.users (the console checks its secret), got {name:?}"),
+                        format!("expected a user of pooler.users (the console checks its secret), or auth_user set to look it up on the server, got {name:?}"),
                     );
                 }
             }

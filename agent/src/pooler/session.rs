@@ -280,6 +280,23 @@ async fn check_login<S: ClientStream>(
                 })?;
             (secret, true)
         }
+        // A console user the server knows: the admin database is the
+        // pooler's own, so the lookup asks `auth_database` (else the role
+        // checks' database). Only listed users cause a lookup.
+        None if pooler.config.auth_user.is_some() && pooler.config.admin_role(user).may_show() => {
+            let lookup_database = pooler
+                .config
+                .auth_database
+                .as_deref()
+                .unwrap_or(&pooler.config.role_check_database);
+            let secret = auth_query::lookup(pooler, user, lookup_database)
+                .await
+                .map_err(|error| SessionError::AuthQuery {
+                    user: user.to_owned(),
+                    error,
+                })?;
+            (secret, true)
+        }
         None => return Err(failed()),
     };
     let Some(secret) = secret else {
@@ -314,7 +331,7 @@ async fn check_login<S: ClientStream>(
             ),
         });
     }
-    if !looked_up {
+    if is_admin || !looked_up {
         return Ok(pool);
     }
     let credential = match (secret, client_key) {

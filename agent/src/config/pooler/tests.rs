@@ -243,6 +243,16 @@ fn admin_and_stats_users_must_be_pooler_users() {
     let pooler = load(&text).unwrap().pooler.unwrap();
     assert_eq!(pooler.admin_role("app"), crate::config::AdminRole::Admin);
     assert_eq!(pooler.admin_role("other"), crate::config::AdminRole::None);
+    // With auth_user, a console user may be one the server knows.
+    let text = BASE.replace(
+        "standbys = [",
+        "auth_user = \"app\"\nstats_users = [\"monitor\"]\nstandbys = [",
+    );
+    let pooler = load(&text).unwrap().pooler.unwrap();
+    assert_eq!(
+        pooler.admin_role("monitor"),
+        crate::config::AdminRole::Stats
+    );
 }
 
 #[test]
