@@ -528,3 +528,73 @@ async fn a_server_on_this_host_is_reached_through_its_unix_socket_when_configure
     assert_eq!(sqlstate(&error), "57014");
     assert!(started.elapsed() < Duration::from_secs(10));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_on_this_node_come_in_through_the_listen_socket() {
+    if !can_run_postgres("clients_on_this_node_come_in_through_the_listen_socket") {
+        return;
+    }
+    let pg = cluster(false);
+    let dir = std::env::temp_dir().join(format!("farol-pooler-socket-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    struct RemoveDir(std::path::PathBuf);
+    impl Drop for RemoveDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _dir = RemoveDir(dir.clone());
+    let mut config = harness::config(&pg, harness::pool(PoolMode::Transaction, 2));
+    config.listen_socket_dir = Some(dir.clone());
+    let pooler = harness::start(config).await;
+    let port = pooler.addr.port();
+    let path = dir.join(format!(".s.PGSQL.{port}"));
+    assert!(path.exists(), "{} is bound", path.display());
+
+    // libpq's host=DIR: the same login (SCRAM), the same pool.
+    let local = |database: &str| {
+        let mut config = tokio_postgres::Config::new();
+        config
+            .host_path(&dir)
+            .port(port)
+            .user("app")
+            .password(harness::APP_PASSWORD)
+            .dbname(database)
+            .connect_timeout(Duration::from_secs(10));
+        config
+    };
+    let (client, connection) = local("app").connect(tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    let row = client
+        .query_one("SELECT $1::int + 1, pg_is_in_recovery()", &[&41i32])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, i32>(0), 42);
+    assert!(!row.get::<_, bool>(1));
+
+    // The console lists it as a local client.
+    let (admin, connection) = local("farol").connect(tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    let clients = simple_rows(&admin.simple_query("SHOW CLIENTS").await.unwrap());
+    assert_eq!(
+        clients.iter().filter(|row| row[2] == "unix").count(),
+        2,
+        "the app client and the console: {clients:?}"
+    );
+
+    // A cancel request comes the same way.
+    let token = client.cancel_token();
+    let query = tokio::spawn(async move { client.simple_query("SELECT pg_sleep(30)").await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    token.cancel_query(tokio_postgres::NoTls).await.unwrap();
+    let error = query.await.unwrap().unwrap_err();
+    assert_eq!(sqlstate(&error), "57014", "{error}");
+
+    drop(admin);
+    drop(pooler);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while path.exists() {
+        assert!(Instant::now() < deadline, "the socket file outlived the pooler");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

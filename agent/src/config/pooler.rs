@@ -122,6 +122,13 @@ pub struct PoolerConfig {
     /// `local` lines for the pooler's users.
     #[serde(default)]
     pub unix_socket_dir: Option<PathBuf>,
+    /// Also take clients on a Unix socket, `DIR/.s.PGSQL.PORT` with the
+    /// port of `listen` (PgBouncer's `unix_socket_dir`, pgpool-II's
+    /// `unix_socket_directories`): libpq's `host=DIR`. Apps on this node
+    /// skip TCP loopback; the socket is open to every local user (mode
+    /// 0777, as PostgreSQL's), the login still checks the password.
+    #[serde(default)]
+    pub listen_socket_dir: Option<PathBuf>,
     /// While the pooler is paused (a planned switchover, or `PAUSE` on the
     /// admin console), a new transaction for the primary waits at most
     /// this long, then gets 57P03; a switchover's pause also ends by itself
@@ -282,12 +289,16 @@ impl PoolerConfig {
                 "needs at least one address in pooler.standbys".into(),
             );
         }
-        if let Some(dir) = &self.unix_socket_dir {
+        for (key, dir) in [
+            ("pooler.unix_socket_dir", &self.unix_socket_dir),
+            ("pooler.listen_socket_dir", &self.listen_socket_dir),
+        ] {
+            let Some(dir) = dir else { continue };
             // sun_path holds 107 bytes and a NUL.
             let longest = dir.join(".s.PGSQL.65535").as_os_str().len();
             if !dir.is_absolute() || longest > 107 {
                 problem(
-                    "pooler.unix_socket_dir".into(),
+                    key.into(),
                     format!(
                         "expected an absolute directory whose socket path (DIR/.s.PGSQL.PORT) fits in 107 bytes, got {:?}",
                         dir.display().to_string()

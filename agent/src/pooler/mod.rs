@@ -27,6 +27,7 @@ pub mod route;
 pub mod topology;
 
 mod admin;
+pub mod listen_socket;
 pub mod server_stream;
 mod session;
 mod tls;
@@ -67,6 +68,12 @@ pub enum PoolerError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot listen on {path} for PostgreSQL clients (pooler.listen_socket_dir)")]
+    BindSocket {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("accepting a client connection")]
     Accept(#[source] std::io::Error),
     #[error("pooler TLS: cannot use {what}")]
@@ -85,10 +92,33 @@ pub(crate) struct CancelTarget {
     pub(crate) secret_key: i32,
 }
 
+/// Where a client connected from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ClientPeer {
+    Tcp(SocketAddr),
+    /// `pooler.listen_socket_dir`: a process on this node.
+    Unix,
+}
+
+impl ClientPeer {
+    pub(crate) fn is_tcp(&self) -> bool {
+        matches!(self, ClientPeer::Tcp(_))
+    }
+}
+
+impl std::fmt::Display for ClientPeer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ClientPeer::Tcp(addr) => addr.fmt(f),
+            ClientPeer::Unix => f.write_str("unix"),
+        }
+    }
+}
+
 /// A connected client, as the admin console and cancel requests see it.
 #[derive(Debug)]
 pub(crate) struct ClientEntry {
-    pub(crate) peer: SocketAddr,
+    pub(crate) peer: ClientPeer,
     pub(crate) user: String,
     pub(crate) database: String,
     pub(crate) since: Instant,
@@ -440,6 +470,16 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, PoolerError> {
         .map_err(|source| PoolerError::Bind { addr, source })
 }
 
+/// The next client on this node's Unix socket; never, without one.
+async fn accept_local(
+    socket: Option<&listen_socket::ClientSocket>,
+) -> std::io::Result<tokio::net::UnixStream> {
+    match socket {
+        Some(socket) => socket.accept().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Accepts clients until `shutdown` turns true, then drains them with a
 /// deadline.
 pub async fn run(
@@ -447,7 +487,21 @@ pub async fn run(
     listener: TcpListener,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), PoolerError> {
-    info!(listen = %pooler.config.listen, primary = %pooler.primary(), "pooler running");
+    let socket = match &pooler.config.listen_socket_dir {
+        Some(dir) => {
+            let port = listener
+                .local_addr()
+                .map_or(pooler.config.listen.port(), |addr| addr.port());
+            Some(listen_socket::ClientSocket::bind(dir, port)?)
+        }
+        None => None,
+    };
+    info!(
+        listen = %pooler.config.listen,
+        socket = ?socket.as_ref().map(|s| s.path().display().to_string()),
+        primary = %pooler.primary(),
+        "pooler running"
+    );
     let roles = tokio::spawn(topology::follow(pooler.clone(), shutdown.clone()));
     let mut sessions = JoinSet::new();
     let mut maintain = tokio::time::interval(MAINTAIN_EVERY);
@@ -469,7 +523,20 @@ pub async fn run(
                 };
                 let _ = stream.set_nodelay(true);
                 let pooler = pooler.clone();
-                sessions.spawn(async move { session::serve(stream, peer, pooler).await });
+                sessions.spawn(async move { session::serve(stream, ClientPeer::Tcp(peer), pooler).await });
+            }
+            accepted = accept_local(socket.as_ref()) => {
+                let stream = match accepted {
+                    Ok(stream) => stream,
+                    Err(error) if is_transient(&error) => {
+                        warn!(%error, "accept on the Unix socket failed; continuing");
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        continue;
+                    }
+                    Err(error) => break Err(PoolerError::Accept(error)),
+                };
+                let pooler = pooler.clone();
+                sessions.spawn(async move { session::serve(stream, ClientPeer::Unix, pooler).await });
             }
             _ = maintain.tick() => {
                 for pool in pooler.pools() {
@@ -480,6 +547,7 @@ pub async fn run(
         }
     };
     drop(listener);
+    drop(socket);
     roles.abort();
     if !sessions.is_empty() {
         info!(clients = sessions.len(), "pooler draining clients");

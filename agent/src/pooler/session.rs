@@ -20,10 +20,7 @@ use std::{
 };
 
 use bytes::{Buf, Bytes, BytesMut};
-use tokio::{
-    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
-    net::TcpStream,
-};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tracing::{debug, info};
 
 use super::{
@@ -32,7 +29,7 @@ use super::{
     auth_query,
     pool::{Pool, PoolError, PooledServer},
     protocol::{self, FrontendMessage, ProtocolError, Startup},
-    CancelTarget, ClientEntry, Pooler,
+    CancelTarget, ClientEntry, ClientPeer, Pooler,
 };
 use crate::config::PoolMode;
 
@@ -86,7 +83,7 @@ pub(crate) trait ClientStream: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> ClientStream for S {}
 
 /// Entry point of a client task; never fails, logs once.
-pub(super) async fn serve(mut stream: TcpStream, peer: SocketAddr, pooler: Arc<Pooler>) {
+pub(super) async fn serve<S: ClientStream>(mut stream: S, peer: ClientPeer, pooler: Arc<Pooler>) {
     let Ok(_slot) = pooler.client_slots.clone().try_acquire_owned() else {
         let mut out = BytesMut::new();
         let limit = pooler.config.max_client_conn;
@@ -111,9 +108,9 @@ pub(super) async fn serve(mut stream: TcpStream, peer: SocketAddr, pooler: Arc<P
 /// The first packet: an SSLRequest gets TLS when a certificate is
 /// configured ('S', then the handshake), else 'N' and plain text
 /// (protocol docs 55.2.10 "SSL Session Encryption").
-async fn negotiate(
-    mut stream: TcpStream,
-    peer: SocketAddr,
+async fn negotiate<S: ClientStream>(
+    mut stream: S,
+    peer: ClientPeer,
     pooler: &Arc<Pooler>,
 ) -> Result<(), SessionError> {
     let mut buf = BytesMut::with_capacity(8192);
@@ -142,7 +139,8 @@ async fn negotiate(
     .await
     .map_err(|_| SessionError::LoginTimeout)??;
     if first {
-        if let Some(tls) = &pooler.tls {
+        // As PostgreSQL: no TLS on a Unix socket ('N', then plain text).
+        if let Some(tls) = pooler.tls.as_ref().filter(|_| peer.is_tcp()) {
             stream
                 .write_all(b"S")
                 .await
@@ -169,7 +167,7 @@ async fn negotiate(
 async fn session<S: ClientStream>(
     mut stream: S,
     mut buf: BytesMut,
-    peer: SocketAddr,
+    peer: ClientPeer,
     pooler: &Arc<Pooler>,
     // The TLS channel binding data when the client came over TLS.
     binding: Option<&[u8]>,

@@ -138,6 +138,7 @@ pub(crate) fn config(cluster: &PgCluster, pool: PoolConfig) -> PoolerConfig {
         auth_database: None,
         auth_cache_ttl: Duration::from_secs(60),
         unix_socket_dir: None,
+        listen_socket_dir: None,
         pause_wait_timeout: Duration::from_secs(15),
         pause_drain_timeout: Duration::from_secs(5),
     }
