@@ -594,7 +594,10 @@ async fn clients_on_this_node_come_in_through_the_listen_socket() {
     drop(pooler);
     let deadline = Instant::now() + Duration::from_secs(5);
     while path.exists() {
-        assert!(Instant::now() < deadline, "the socket file outlived the pooler");
+        assert!(
+            Instant::now() < deadline,
+            "the socket file outlived the pooler"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

@@ -94,7 +94,10 @@ mod tests {
         let stale = dir.path().join(".s.PGSQL.6432");
         drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
         let socket = ClientSocket::bind(dir.path(), 6432).unwrap();
-        let mode = std::fs::metadata(socket.path()).unwrap().permissions().mode();
+        let mode = std::fs::metadata(socket.path())
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o777);
 
         let error = ClientSocket::bind(dir.path(), 6432).unwrap_err();

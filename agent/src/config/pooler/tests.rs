@@ -233,6 +233,22 @@ fn unix_socket_dir_must_be_absolute_and_short_enough_for_a_socket_path() {
 }
 
 #[test]
+fn listen_socket_dir_follows_the_same_rule() {
+    let with = |dir: &str| {
+        BASE.replace(
+            "standbys = [",
+            &format!("listen_socket_dir = \"{dir}\"\nstandbys = ["),
+        )
+    };
+    let pooler = load(&with("/var/run/farol")).unwrap().pooler.unwrap();
+    assert_eq!(
+        pooler.listen_socket_dir.as_deref(),
+        Some(std::path::Path::new("/var/run/farol"))
+    );
+    assert_one_problem(&with("farol"), "pooler.listen_socket_dir", "absolute");
+}
+
+#[test]
 fn admin_and_stats_users_must_be_pooler_users() {
     let text = BASE.replace(
         "standbys = [",
