@@ -117,6 +117,7 @@ fn start_farol(
     primary: u16,
     clients: usize,
     unix_dir: Option<&Path>,
+    listen_socket_dir: Option<&Path>,
 ) -> Result<(Proc, u16)> {
     let port = free_port()?;
     // A session holds its server connection until it leaves: clients past
@@ -153,9 +154,15 @@ mode = "{mode}"
 pool_size = {pool_size}
 "#,
             secret = md5_secret(),
-            unix = unix_dir
-                .map(|dir| format!("unix_socket_dir = {:?}\n", dir.display().to_string()))
-                .unwrap_or_default(),
+            unix = [
+                ("unix_socket_dir", unix_dir),
+                ("listen_socket_dir", listen_socket_dir)
+            ]
+            .iter()
+            .filter_map(
+                |(key, dir)| dir.map(|dir| format!("{key} = {:?}\n", dir.display().to_string()))
+            )
+            .collect::<String>(),
         ),
     )?;
     let log = std::fs::File::create(dir.join(format!("farol-{mode}-{port}.log")))?;
@@ -177,7 +184,13 @@ pool_size = {pool_size}
 
 /// `host`: 127.0.0.1, or the server's socket directory (libpq's
 /// `host=/DIR`) to reach it through its Unix socket.
-fn start_pgbouncer(dir: &Path, primary: u16, host: &str) -> Result<(Proc, u16)> {
+/// `listen_socket`: also take clients on `dir`'s Unix socket.
+fn start_pgbouncer(
+    dir: &Path,
+    primary: u16,
+    host: &str,
+    listen_socket: bool,
+) -> Result<(Proc, u16)> {
     let port = free_port()?;
     let (uid, gid) = postgres_ids()?;
     let ini = dir.join(format!("pgbouncer-{port}.ini"));
@@ -190,9 +203,14 @@ fn start_pgbouncer(dir: &Path, primary: u16, host: &str) -> Result<(Proc, u16)> 
         format!(
             "[databases]\n{USER} = host={host} port={primary} dbname={USER}\n\n\
              [pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\n\
-             unix_socket_dir =\nauth_type = md5\nauth_file = {}\n\
+             unix_socket_dir = {}\nauth_type = md5\nauth_file = {}\n\
              pool_mode = transaction\ndefault_pool_size = {POOL_SIZE}\nmax_client_conn = 1000\n\
              logfile = {}\npidfile = {}\n",
+            if listen_socket {
+                dir.display().to_string()
+            } else {
+                String::new()
+            },
             dir.join("userlist.txt").display(),
             dir.join(format!("pgbouncer-{port}.log")).display(),
             dir.join(format!("pgbouncer-{port}.pid")).display(),
@@ -337,12 +355,18 @@ pub fn start_pgpool_with(dir: &Path, setup: &PgpoolSetup) -> Result<(Proc, u16)>
     Ok((proc, port))
 }
 
+/// A started process and its port, as a target's.
+fn some((proc, port): (Proc, u16)) -> (Option<Proc>, u16) {
+    (Some(proc), port)
+}
+
 /// One pgbench run: TPS and average latency (ms), or why it failed.
-fn pgbench(port: u16, args: &[&str], seconds: u64) -> Outcome {
+/// `host`: 127.0.0.1, or a socket directory (`-h DIR`, libpq's rule).
+fn pgbench(host: &str, port: u16, args: &[&str], seconds: u64) -> Outcome {
     let output = Command::new("pgbench")
         .args([
             "-h",
-            "127.0.0.1",
+            host,
             "-p",
             &port.to_string(),
             "-U",
@@ -468,6 +492,8 @@ pub fn run() -> Result<BenchReport> {
         // can interleave them: the machine's load drifts, and each case
         // sees the same drift. The median round is reported.
         // `-unix`: the pooler reaches PostgreSQL through its Unix socket.
+        // `-socket`: pgbench reaches the target through a Unix socket too
+        // (compared with `direct-socket`, PostgreSQL's own socket).
         let all = [
             "direct",
             "farol-transaction",
@@ -478,54 +504,55 @@ pub fn run() -> Result<BenchReport> {
             "pgbouncer-transaction-unix",
             "pgpool",
             "haproxy-tcp",
+            "direct-socket",
+            "farol-transaction-socket",
+            "pgbouncer-transaction-socket",
         ];
         let socket_dir = pg.primary.data.as_path();
-        let mut targets: Vec<(&str, u16, Option<Proc>)> = Vec::new();
+        let primary = pg.primary.port;
+        let loopback = "127.0.0.1".to_owned();
+        // (name, host for pgbench, port, the process).
+        let mut targets: Vec<(&str, String, u16, Option<Proc>)> = Vec::new();
         for target in all.into_iter().filter(|t| only("FAROL_BENCH_TARGETS", t)) {
+            let farol = |agent: &Path, mode: &str, unix: Option<&Path>, listen: Option<&Path>| {
+                start_farol(&dir, agent, mode, primary, clients, unix, listen)
+            };
             let started = match target {
-                "direct" => Ok((None, pg.primary.port)),
-                "farol-transaction" => {
-                    start_farol(&dir, &agent, "transaction", pg.primary.port, clients, None)
-                        .map(|(p, port)| (Some(p), port))
+                "direct" => Ok((None, primary)),
+                "direct-socket" => Ok((None, primary)),
+                "farol-transaction" => farol(&agent, "transaction", None, None).map(some),
+                "farol-transaction-unix" => {
+                    farol(&agent, "transaction", Some(socket_dir), None).map(some)
                 }
-                "farol-transaction-unix" => start_farol(
-                    &dir,
-                    &agent,
-                    "transaction",
-                    pg.primary.port,
-                    clients,
-                    Some(socket_dir),
-                )
-                .map(|(p, port)| (Some(p), port)),
+                "farol-transaction-socket" => {
+                    farol(&agent, "transaction", Some(socket_dir), Some(&dir)).map(some)
+                }
                 "farol-baseline-transaction" => match &baseline {
-                    Some(baseline) => start_farol(
-                        &dir,
-                        baseline,
-                        "transaction",
-                        pg.primary.port,
-                        clients,
-                        None,
-                    )
-                    .map(|(p, port)| (Some(p), port)),
+                    Some(baseline) => farol(baseline, "transaction", None, None).map(some),
                     None => continue,
                 },
-                "farol-session" => {
-                    start_farol(&dir, &agent, "session", pg.primary.port, clients, None)
-                        .map(|(p, port)| (Some(p), port))
+                "farol-session" => farol(&agent, "session", None, None).map(some),
+                "pgbouncer-transaction" => {
+                    start_pgbouncer(&dir, primary, "127.0.0.1", false).map(some)
                 }
-                "pgbouncer-transaction" => start_pgbouncer(&dir, pg.primary.port, "127.0.0.1")
-                    .map(|(p, port)| (Some(p), port)),
                 "pgbouncer-transaction-unix" => {
-                    start_pgbouncer(&dir, pg.primary.port, &socket_dir.display().to_string())
-                        .map(|(p, port)| (Some(p), port))
+                    start_pgbouncer(&dir, primary, &socket_dir.display().to_string(), false)
+                        .map(some)
                 }
-                "haproxy-tcp" => {
-                    start_haproxy_relay(&dir, pg.primary.port).map(|(p, port)| (Some(p), port))
+                "pgbouncer-transaction-socket" => {
+                    start_pgbouncer(&dir, primary, &socket_dir.display().to_string(), true)
+                        .map(some)
                 }
-                _ => start_pgpool(&dir, pg.primary.port, clients).map(|(p, port)| (Some(p), port)),
+                "haproxy-tcp" => start_haproxy_relay(&dir, primary).map(some),
+                _ => start_pgpool(&dir, primary, clients).map(some),
+            };
+            let host = match target {
+                "direct-socket" => socket_dir.display().to_string(),
+                t if t.ends_with("-socket") => dir.display().to_string(),
+                _ => loopback.clone(),
             };
             match started {
-                Ok((proc, port)) => targets.push((target, port, proc)),
+                Ok((proc, port)) => targets.push((target, host, port, proc)),
                 Err(error) => println!("{target}: cannot start: {error:#}"),
             }
         }
@@ -549,7 +576,7 @@ pub fn run() -> Result<BenchReport> {
             // Context switches of its main thread per transaction.
             let mut switches: Vec<Vec<f64>> = vec![Vec::new(); targets.len()];
             for _ in 0..rounds {
-                for (index, (target, port, proc)) in targets.iter().enumerate() {
+                for (index, (target, host, port, proc)) in targets.iter().enumerate() {
                     let pid = proc
                         .as_ref()
                         .filter(|_| *target != "pgpool")
@@ -557,7 +584,7 @@ pub fn run() -> Result<BenchReport> {
                     let before = pid.and_then(cpu_ticks);
                     let switches_before = pid.and_then(context_switches);
                     let started = Instant::now();
-                    let outcome = pgbench(*port, &full, seconds);
+                    let outcome = pgbench(host, *port, &full, seconds);
                     let elapsed = started.elapsed().as_secs_f64();
                     if let (Some(before), Some(after), Ok((tps, _))) =
                         (before, pid.and_then(cpu_ticks), &outcome)
@@ -579,7 +606,7 @@ pub fn run() -> Result<BenchReport> {
                     outcomes[index].push(outcome);
                 }
             }
-            for ((((target, _, _), runs), mut cpu), mut switches) in
+            for ((((target, _, _, _), runs), mut cpu), mut switches) in
                 targets.iter().zip(outcomes).zip(cpu).zip(switches)
             {
                 cpu.sort_by(f64::total_cmp);
@@ -687,7 +714,7 @@ fn print_table(rows: &[Row]) {
         }
     }
     println!(
-        "\npgbench TPS (ratio to direct), average latency ms; scale 10, -j 2 (churn: -j = -c)"
+        "\npgbench TPS (ratio to direct; -socket targets to direct-socket), average latency ms; scale 10, -j 2 (churn: -j = -c)"
     );
     print!("{:24}", "workload");
     for target in &targets {
@@ -700,11 +727,19 @@ fn print_table(rows: &[Row]) {
                 .find(|(w, t, _)| w == workload && t == target)
                 .map(|(_, _, r)| r)
         };
-        let direct = get("direct")
-            .and_then(|r| r.as_ref().ok())
-            .map(|(tps, _)| *tps);
+        let tps_of = |target: &str| {
+            get(target)
+                .and_then(|r| r.as_ref().ok())
+                .map(|(tps, _)| *tps)
+        };
         print!("{workload:24}");
         for target in &targets {
+            // Socket clients are compared with PostgreSQL's own socket.
+            let direct = if target.ends_with("-socket") {
+                tps_of("direct-socket")
+            } else {
+                tps_of("direct")
+            };
             let cell = match get(target) {
                 Some(Ok((tps, latency))) => match direct {
                     Some(direct) if direct > 0.0 => {
