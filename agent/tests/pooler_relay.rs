@@ -549,7 +549,12 @@ async fn clients_on_this_node_come_in_through_the_listen_socket() {
     let pooler = harness::start(config).await;
     let port = pooler.addr.port();
     let path = dir.join(format!(".s.PGSQL.{port}"));
-    assert!(path.exists(), "{} is bound", path.display());
+    // The pooler's task binds it as it starts.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !path.exists() {
+        assert!(Instant::now() < deadline, "{} never bound", path.display());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     // libpq's host=DIR: the same login (SCRAM), the same pool.
     let local = |database: &str| {
