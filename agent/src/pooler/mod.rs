@@ -7,6 +7,8 @@
 //! - [`pool`]: server connections and pools per (database, user, server).
 //! - `session`: one task per client: startup, auth, then the relay, with
 //!   prepared statements renamed and re-prepared in transaction mode.
+//! - `session_split`: the read/write split in session pools (a kept
+//!   standby connection per session, settings replayed on it).
 //! - `admin`: `SHOW POOLS|CLIENTS|SERVERS|STATS` on the admin database.
 //!
 //! - [`route`]: read/write split (which statements may run on a standby).
@@ -29,6 +31,7 @@ pub mod topology;
 mod admin;
 pub mod server_stream;
 mod session;
+mod session_split;
 mod tls;
 
 use std::{
@@ -52,7 +55,7 @@ use tracing::{debug, info, warn};
 
 use self::pool::{Pool, PoolKey};
 use self::server_stream::ServerStream;
-use crate::config::{PoolMode, PoolerConfig};
+use crate::config::PoolerConfig;
 
 /// How often idle limits and `min_idle` are enforced.
 const MAINTAIN_EVERY: Duration = Duration::from_secs(1);
@@ -152,11 +155,6 @@ impl Pooler {
             (Some(cert), Some(key)) => Some(tls::TlsSetup::load(cert, key)?),
             _ => None,
         };
-        if config.read_write_split {
-            for pool in config.pools.iter().filter(|p| p.mode == PoolMode::Session) {
-                warn!(database = %pool.database, user = %pool.user, "read_write_split applies to transaction pools only: this session pool sends every statement to the primary");
-            }
-        }
         Ok(Arc::new(Pooler {
             tls,
             router: config

@@ -1,0 +1,349 @@
+//! Read/write split in session pools (pgpool-II's per-session load
+//! balance node), with a real primary and streaming standby: each test
+//! proves where statements ran with `pg_is_in_recovery()` and
+//! `inet_server_port()`.
+
+mod support;
+
+use std::{net::SocketAddr, sync::atomic::Ordering, time::Duration};
+
+use farol_agent::config::PoolMode;
+use support::pooler::{self as harness, can_run_postgres, cluster, connect, simple_rows};
+
+const WHERE: &str = "SELECT pg_is_in_recovery(), inet_server_port()";
+const WHERE_NAMED: &str =
+    "SELECT pg_is_in_recovery(), inet_server_port(), current_setting('application_name')";
+
+/// (in recovery, server port) of where `sql` ran, by the simple protocol.
+async fn where_simple(client: &tokio_postgres::Client, sql: &str) -> (bool, u16) {
+    let rows = simple_rows(&client.simple_query(sql).await.unwrap());
+    (rows[0][0] == "t", rows[0][1].parse().unwrap())
+}
+
+/// (in recovery, server port, application_name) by the simple protocol.
+async fn where_named(client: &tokio_postgres::Client) -> (bool, u16, String) {
+    let rows = simple_rows(&client.simple_query(WHERE_NAMED).await.unwrap());
+    (
+        rows[0][0] == "t",
+        rows[0][1].parse().unwrap(),
+        rows[0][2].clone(),
+    )
+}
+
+async fn where_extended(client: &tokio_postgres::Client, sql: &str) -> (bool, u16) {
+    let row = client.query_one(sql, &[]).await.unwrap();
+    (row.get::<_, bool>(0), row.get::<_, i32>(1) as u16)
+}
+
+fn split_config(
+    pg: &xtask::postgres::PgCluster,
+    read_your_writes: bool,
+) -> farol_agent::config::PoolerConfig {
+    let mut config = harness::config(pg, harness::pool(PoolMode::Session, 8));
+    config.read_write_split = true;
+    config.read_your_writes = read_your_writes;
+    config
+}
+
+fn ports(pg: &xtask::postgres::PgCluster) -> (u16, u16) {
+    (pg.primary.port, pg.standby.as_ref().unwrap().port)
+}
+
+fn create_table(pg: &xtask::postgres::PgCluster) {
+    pg.primary
+        .psql(
+            "app",
+            "CREATE TABLE IF NOT EXISTS split_rows (id int); GRANT ALL ON split_rows TO PUBLIC",
+        )
+        .unwrap();
+    pg.wait_standby_caught_up().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_reads_run_on_the_standby_settings_follow_and_writes_pin_the_primary() {
+    if !can_run_postgres(
+        "session_reads_run_on_the_standby_settings_follow_and_writes_pin_the_primary",
+    ) {
+        return;
+    }
+    let pg = cluster(true);
+    create_table(&pg);
+    let (primary, standby) = ports(&pg);
+    let pooler = harness::start(split_config(&pg, true)).await;
+    let client = connect(pooler.addr).await;
+    assert_eq!(where_simple(&client, WHERE).await, (true, standby));
+    assert_eq!(where_extended(&client, WHERE).await, (true, standby));
+    // Session settings run on the primary and are mirrored on the standby,
+    // by the simple and the extended protocol.
+    client
+        .simple_query("SET application_name = 'split-one'")
+        .await
+        .unwrap();
+    client
+        .execute("SET search_path = public, pg_catalog", &[])
+        .await
+        .unwrap();
+    assert_eq!(
+        where_named(&client).await,
+        (true, standby, "split-one".into())
+    );
+    let rows = simple_rows(
+        &client
+            .simple_query("SELECT pg_is_in_recovery(), current_setting('search_path')")
+            .await
+            .unwrap(),
+    );
+    assert_eq!(rows, [["t", "public, pg_catalog"]]);
+    // A read-only transaction runs on the standby, statement by statement.
+    client.simple_query("BEGIN READ ONLY").await.unwrap();
+    assert_eq!(where_simple(&client, WHERE).await, (true, standby));
+    assert_eq!(where_extended(&client, WHERE).await, (true, standby));
+    client.simple_query("COMMIT").await.unwrap();
+    assert_eq!(where_simple(&client, WHERE).await, (true, standby));
+    // A plain transaction runs on the primary from BEGIN to COMMIT, and
+    // (read your writes) the session stays there, settings included.
+    client.simple_query("BEGIN").await.unwrap();
+    assert_eq!(where_simple(&client, WHERE).await, (false, primary));
+    client
+        .simple_query("INSERT INTO split_rows VALUES (1)")
+        .await
+        .unwrap();
+    assert_eq!(where_extended(&client, WHERE).await, (false, primary));
+    client.simple_query("COMMIT").await.unwrap();
+    assert_eq!(
+        where_named(&client).await,
+        (false, primary, "split-one".into())
+    );
+    assert_eq!(where_extended(&client, WHERE).await, (false, primary));
+    // Another session: a write outside a transaction pins it too.
+    let writer = connect(pooler.addr).await;
+    assert_eq!(where_simple(&writer, WHERE).await, (true, standby));
+    writer
+        .simple_query("INSERT INTO split_rows VALUES (2)")
+        .await
+        .unwrap();
+    assert_eq!(where_simple(&writer, WHERE).await, (false, primary));
+    // A fresh session starts on the standby again, without the first
+    // session's settings (the connections were reset when returned).
+    drop(client);
+    drop(writer);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let fresh = connect(pooler.addr).await;
+    assert_eq!(where_named(&fresh).await, (true, standby, "farol".into()));
+    fresh.simple_query("SET application_name = 'x'").await.unwrap();
+    fresh.simple_query("RESET application_name").await.unwrap();
+    assert_eq!(where_named(&fresh).await, (true, standby, "farol".into()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_read_your_writes_writes_do_not_pin_but_temporary_tables_do() {
+    if !can_run_postgres("without_read_your_writes_writes_do_not_pin_but_temporary_tables_do") {
+        return;
+    }
+    let pg = cluster(true);
+    create_table(&pg);
+    let (primary, standby) = ports(&pg);
+    let pooler = harness::start(split_config(&pg, false)).await;
+    let client = connect(pooler.addr).await;
+    client
+        .simple_query("INSERT INTO split_rows VALUES (3)")
+        .await
+        .unwrap();
+    assert_eq!(where_simple(&client, WHERE).await, (true, standby));
+    client.simple_query("BEGIN").await.unwrap();
+    assert_eq!(where_simple(&client, WHERE).await, (false, primary));
+    client.simple_query("COMMIT").await.unwrap();
+    assert_eq!(where_simple(&client, WHERE).await, (true, standby));
+    // A temporary table lives on the primary's connection only: from
+    // then on the session reads there.
+    client
+        .simple_query("CREATE TEMP TABLE split_scratch (a int); INSERT INTO split_scratch VALUES (7)")
+        .await
+        .unwrap();
+    let rows = simple_rows(
+        &client
+            .simple_query("SELECT pg_is_in_recovery(), inet_server_port(), (SELECT sum(a) FROM split_scratch)")
+            .await
+            .unwrap(),
+    );
+    assert_eq!(rows, [["f".to_owned(), primary.to_string(), "7".into()]]);
+    assert_eq!(where_extended(&client, WHERE).await, (false, primary));
+    // LISTEN pins as well.
+    let listener = connect(pooler.addr).await;
+    assert_eq!(where_simple(&listener, WHERE).await, (true, standby));
+    listener.simple_query("LISTEN split_channel").await.unwrap();
+    assert_eq!(where_simple(&listener, WHERE).await, (false, primary));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prepared_statements_follow_the_session_and_a_pipelined_write_waits_for_the_standby() {
+    if !can_run_postgres(
+        "prepared_statements_follow_the_session_and_a_pipelined_write_waits_for_the_standby",
+    ) {
+        return;
+    }
+    let pg = cluster(true);
+    create_table(&pg);
+    let (primary, standby) = ports(&pg);
+    let pooler = harness::start(split_config(&pg, true)).await;
+    let client = connect(pooler.addr).await;
+    let read = client.prepare(WHERE).await.unwrap();
+    for _ in 0..3 {
+        let row = client.query_one(&read, &[]).await.unwrap();
+        assert_eq!(
+            (row.get::<_, bool>(0), row.get::<_, i32>(1) as u16),
+            (true, standby)
+        );
+    }
+    // tokio-postgres pipelines these: the write's messages arrive while
+    // the read still runs on the standby.
+    let insert = "INSERT INTO split_rows VALUES ($1)";
+    let (row, inserted) = tokio::join!(
+        client.query_one(&read, &[]),
+        client.execute(insert, &[&42i32])
+    );
+    assert!(row.unwrap().get::<_, bool>(0), "the read ran on the standby");
+    assert_eq!(inserted.unwrap(), 1);
+    // The statement prepared on the standby is prepared again on the
+    // primary, where the session now reads its writes.
+    for _ in 0..2 {
+        let row = client.query_one(&read, &[]).await.unwrap();
+        assert_eq!(
+            (row.get::<_, bool>(0), row.get::<_, i32>(1) as u16),
+            (false, primary)
+        );
+    }
+    let count = client
+        .query_one("SELECT count(*) FROM split_rows WHERE id = $1", &[&42i32])
+        .await
+        .unwrap();
+    assert!(count.get::<_, i64>(0) >= 1);
+    // Transactions through the extended protocol.
+    let mut other = connect(pooler.addr).await;
+    let tx = other
+        .build_transaction()
+        .read_only(true)
+        .start()
+        .await
+        .unwrap();
+    assert_eq!(where_extended_tx(&tx).await, (true, standby));
+    tx.commit().await.unwrap();
+    let tx = other.transaction().await.unwrap();
+    assert_eq!(where_extended_tx(&tx).await, (false, primary));
+    tx.commit().await.unwrap();
+}
+
+async fn where_extended_tx(tx: &tokio_postgres::Transaction<'_>) -> (bool, u16) {
+    let row = tx.query_one(WHERE, &[]).await.unwrap();
+    (row.get::<_, bool>(0), row.get::<_, i32>(1) as u16)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_that_lags_or_dies_mid_session_leaves_the_session_on_the_primary() {
+    if !can_run_postgres(
+        "a_standby_that_lags_or_dies_mid_session_leaves_the_session_on_the_primary",
+    ) {
+        return;
+    }
+    let mut pg = harness::private_cluster(true);
+    let (primary, standby) = ports(&pg);
+    let pooler = harness::start(split_config(&pg, true)).await;
+    let client = connect(pooler.addr).await;
+    client
+        .simple_query("SET application_name = 'survivor'")
+        .await
+        .unwrap();
+    assert_eq!(
+        where_named(&client).await,
+        (true, standby, "survivor".into())
+    );
+    // The role checks' verdict "too far behind" (set by hand here).
+    pooler.pooler.set_readable_standbys(Vec::new());
+    assert_eq!(
+        where_named(&client).await,
+        (false, primary, "survivor".into())
+    );
+    // Back within the bound: a new standby connection gets the settings.
+    pooler
+        .pooler
+        .set_readable_standbys(vec![SocketAddr::from(([127, 0, 0, 1], standby))]);
+    assert_eq!(
+        where_named(&client).await,
+        (true, standby, "survivor".into())
+    );
+    pg.standby.as_mut().unwrap().kill();
+    // Its backends exit once they see the postmaster gone.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(
+        where_named(&client).await,
+        (false, primary, "survivor".into())
+    );
+    assert_eq!(where_extended(&client, WHERE).await, (false, primary));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgbench_select_only_prepared_runs_through_a_split_session_pool() {
+    if !can_run_postgres("pgbench_select_only_prepared_runs_through_a_split_session_pool") {
+        return;
+    }
+    let pg = cluster(true);
+    let (_, standby) = ports(&pg);
+    let pooler = harness::start(split_config(&pg, true)).await;
+    let port = pooler.addr.port().to_string();
+    let pgbench = |extra: &[&str]| {
+        let mut args: Vec<String> = ["-h", "127.0.0.1", "-p", &port, "-U", "app"]
+            .map(String::from)
+            .to_vec();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args.push("app".into());
+        async move {
+            tokio::process::Command::new("pgbench")
+                .args(&args)
+                .env("PGPASSWORD", harness::APP_PASSWORD)
+                .output()
+                .await
+                .unwrap()
+        }
+    };
+    // -i goes through the pooler too (DDL and COPY on the primary).
+    let out = pgbench(&["-i", "-s", "1", "-q"]).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    pg.wait_standby_caught_up().unwrap();
+    let standby_queries = || {
+        pooler
+            .pooler
+            .pools()
+            .iter()
+            .filter(|pool| pool.key.addr.port() == standby)
+            .map(|pool| pool.stats.queries.load(Ordering::Relaxed))
+            .sum::<u64>()
+    };
+    let before = standby_queries();
+    for mode in ["prepared", "extended"] {
+        let out = pgbench(&["-M", mode, "-c", "4", "-j", "2", "-t", "200", "-S"]).await;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{mode}: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            stdout.contains("number of failed transactions: 0"),
+            "{mode}: {stdout}"
+        );
+        assert!(
+            stdout.contains("number of transactions actually processed: 800/800"),
+            "{mode}: {stdout}"
+        );
+    }
+    // Every select of both runs ran on the standby.
+    let on_standby = standby_queries() - before;
+    assert!(
+        on_standby >= 1600,
+        "{on_standby} queries ran on the standby"
+    );
+}
