@@ -50,6 +50,9 @@ fn ports(pg: &xtask::postgres::PgCluster) -> (u16, u16) {
 }
 
 fn create_table(pg: &xtask::postgres::PgCluster) {
+    // Tests run at once: CREATE TABLE IF NOT EXISTS races with itself.
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     pg.primary
         .psql(
             "app",
@@ -130,7 +133,10 @@ async fn session_reads_run_on_the_standby_settings_follow_and_writes_pin_the_pri
     tokio::time::sleep(Duration::from_millis(100)).await;
     let fresh = connect(pooler.addr).await;
     assert_eq!(where_named(&fresh).await, (true, standby, "farol".into()));
-    fresh.simple_query("SET application_name = 'x'").await.unwrap();
+    fresh
+        .simple_query("SET application_name = 'x'")
+        .await
+        .unwrap();
     fresh.simple_query("RESET application_name").await.unwrap();
     assert_eq!(where_named(&fresh).await, (true, standby, "farol".into()));
 }
@@ -157,7 +163,9 @@ async fn without_read_your_writes_writes_do_not_pin_but_temporary_tables_do() {
     // A temporary table lives on the primary's connection only: from
     // then on the session reads there.
     client
-        .simple_query("CREATE TEMP TABLE split_scratch (a int); INSERT INTO split_scratch VALUES (7)")
+        .simple_query(
+            "CREATE TEMP TABLE split_scratch (a int); INSERT INTO split_scratch VALUES (7)",
+        )
         .await
         .unwrap();
     let rows = simple_rows(
@@ -202,7 +210,10 @@ async fn prepared_statements_follow_the_session_and_a_pipelined_write_waits_for_
         client.query_one(&read, &[]),
         client.execute(insert, &[&42i32])
     );
-    assert!(row.unwrap().get::<_, bool>(0), "the read ran on the standby");
+    assert!(
+        row.unwrap().get::<_, bool>(0),
+        "the read ran on the standby"
+    );
     assert_eq!(inserted.unwrap(), 1);
     // The statement prepared on the standby is prepared again on the
     // primary, where the session now reads its writes.

@@ -300,11 +300,15 @@ fn session_effect(statements: &[Statement]) -> SessionEffect {
             Set::SetTimeZone { .. } => setting("timezone".into()),
             Set::SetRole { .. } => setting("role".into()),
             Set::SetNames { .. } => setting("client_encoding".into()),
-            Set::SetTransaction { session: true, .. } => {
-                setting("session characteristics".into())
-            }
+            Set::SetTransaction { session: true, .. } => setting("session characteristics".into()),
             _ => SessionEffect::SessionState,
         },
+        // They end or mark what ran before them, which decided already (a
+        // COMMIT ending a read-only transaction on the standby is no write).
+        Statement::Commit { .. }
+        | Statement::Rollback { .. }
+        | Statement::Savepoint { .. }
+        | Statement::ReleaseSavepoint { .. } => SessionEffect::Transactional,
         Statement::Discard {
             object_type: DiscardObject::ALL,
         } => SessionEffect::DiscardAll,
@@ -327,10 +331,6 @@ fn session_effect(statements: &[Statement]) -> SessionEffect {
         | Statement::Truncate { .. }
         | Statement::Copy { .. }
         | Statement::StartTransaction { .. }
-        | Statement::Commit { .. }
-        | Statement::Rollback { .. }
-        | Statement::Savepoint { .. }
-        | Statement::ReleaseSavepoint { .. }
         | Statement::CreateIndex(_)
         | Statement::CreateSchema { .. }
         | Statement::AlterTable { .. }
@@ -485,20 +485,30 @@ mod tests {
         );
         assert_eq!(effect("SET TIME ZONE 'UTC'"), setting("timezone"));
         assert_eq!(effect("SET ROLE app"), setting("role"));
-        assert_eq!(effect("RESET application_name"), setting("application_name"));
+        assert_eq!(
+            effect("RESET application_name"),
+            setting("application_name")
+        );
         assert_eq!(effect("reset ALL"), setting("*"));
-        assert_eq!(effect("SET LOCAL work_mem = '8MB'"), SessionEffect::Transactional);
+        assert_eq!(
+            effect("SET LOCAL work_mem = '8MB'"),
+            SessionEffect::Transactional
+        );
         assert_eq!(
             effect("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE"),
             SessionEffect::Transactional
         );
         assert_eq!(effect("DISCARD ALL"), SessionEffect::DiscardAll);
+        assert_eq!(effect("COMMIT"), SessionEffect::Transactional);
+        assert_eq!(
+            effect("ROLLBACK TO SAVEPOINT a"),
+            SessionEffect::Transactional
+        );
         for sql in [
             "INSERT INTO t VALUES (1)",
             "UPDATE t SET a = 1",
             "DELETE FROM t",
             "BEGIN",
-            "COMMIT",
             "CREATE TABLE t (a int)",
             "SELECT nextval('s')",
             "SELECT audit_log('x')",
@@ -524,6 +534,9 @@ mod tests {
             assert_eq!(effect(sql), SessionEffect::SessionState, "{sql}");
         }
         // Unlocking runs where the lock is, never on a standby.
-        assert_eq!(router.route("SELECT pg_advisory_unlock(1)"), Target::Primary);
+        assert_eq!(
+            router.route("SELECT pg_advisory_unlock(1)"),
+            Target::Primary
+        );
     }
 }

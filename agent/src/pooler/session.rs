@@ -902,10 +902,21 @@ impl<S: ClientStream> Relay<S> {
     /// the one it had died or no longer takes reads (lag, role change);
     /// `None` sends the read to the primary.
     async fn standby_for_read(&mut self) -> Option<Parked> {
-        if let Some((pool, server)) = self.split_mut().standby.take() {
+        if let Some((pool, mut server)) = self.split_mut().standby.take() {
             let readable = self.standbys.iter().any(|p| Arc::ptr_eq(p, &pool));
             if readable && server.conn.looks_alive() {
-                return Some((pool, server));
+                let split = self.split_mut();
+                match split.replay(&mut server).await {
+                    Ok(()) => return Some((pool, server)),
+                    Err(ReplayError::Refused(message)) => {
+                        info!(server = %pool.key.addr, %message, "a standby refused a session setting; the session stays on the primary");
+                        split.pin("a session setting a standby refused");
+                        self.give_back((pool, server)).await;
+                        return None;
+                    }
+                    // Gone since: choose again below.
+                    Err(ReplayError::Connection) => return Box::pin(self.standby_for_read()).await,
+                }
             }
             // Dropped: its server is gone, or it is reset and returned.
             info!(server = %pool.key.addr, readable, "the session's standby connection is gone or its server no longer takes reads; reads choose again");
@@ -979,9 +990,14 @@ impl<S: ClientStream> Relay<S> {
     /// the session (see `session_split` for the rule).
     async fn apply_effect(&mut self, effect: SessionEffect, sql: Option<String>) {
         let read_your_writes = self.pooler.config.read_your_writes;
-        // Nothing earlier in flight and outside a transaction block: a
-        // setting lasts the session.
-        let outside_block = self.status == b'I' && self.pending.is_empty();
+        // Outside a transaction block, and nothing in flight that could
+        // open one (only executing messages can): a setting lasts the
+        // session.
+        let outside_block = self.status == b'I'
+            && !self
+                .pending
+                .iter()
+                .any(|pending| matches!(pending, Pending::Query | Pending::Execute));
         let split = self.split_mut();
         match effect {
             SessionEffect::Read | SessionEffect::Transactional => {}
@@ -1023,16 +1039,24 @@ impl<S: ClientStream> Relay<S> {
     }
 
     /// The SQL of the whole first message in `cbuf`, if it carries any.
+    /// A split session looks past leading messages without SQL (a
+    /// driver's Close and Sync of a dropped statement sent ahead of its
+    /// next query), which may run on either connection.
     fn first_sql(&self) -> Option<&str> {
-        let (_, len) = protocol::frame(&self.cbuf).ok()??;
-        let frame = self.cbuf.get(..len)?;
-        match FrontendMessage::parse(frame).ok()? {
-            FrontendMessage::Query { sql } => Some(sql),
-            FrontendMessage::Parse { sql, .. } => Some(sql),
-            FrontendMessage::Bind { statement, .. } if !statement.is_empty() => {
-                self.statements.get(statement).map(|p| p.sql.as_str())
+        let mut at = 0;
+        loop {
+            let rest = self.cbuf.get(at..)?;
+            let (tag, len) = protocol::frame(rest).ok()??;
+            let frame = rest.get(..len)?;
+            match FrontendMessage::parse(frame).ok()? {
+                FrontendMessage::Query { sql } => return Some(sql),
+                FrontendMessage::Parse { sql, .. } => return Some(sql),
+                FrontendMessage::Bind { statement, .. } if !statement.is_empty() => {
+                    return self.statements.get(statement).map(|p| p.sql.as_str())
+                }
+                _ if self.split.is_some() && matches!(tag, b'C' | b'S' | b'H') => at += len,
+                _ => return None,
             }
-            _ => None,
         }
     }
 
@@ -1117,17 +1141,25 @@ impl<S: ClientStream> Relay<S> {
             } else {
                 None
             };
-            if let (Some((Target::Primary, ..)), Some(split)) = (&effect, self.split.as_mut()) {
-                if self.server.is_some() && split.on_standby {
+            if let (Some((target, ..)), Some(split)) = (&effect, self.split.as_mut()) {
+                let wants_standby = *target == Target::Standby && !split.pinned();
+                // A statement for the other connection, after the last
+                // batch was closed (by Sync or a simple Query: messages
+                // before a Sync belong to one implicit transaction).
+                let batch_closed = matches!(
+                    self.pending.back(),
+                    None | Some(Pending::Sync | Pending::Query)
+                );
+                if self.server.is_some() && wants_standby != split.on_standby && batch_closed {
                     if !self.pending.is_empty() {
-                        // A statement for the primary behind reads still
-                        // running on the standby: it waits for their
-                        // answers, then is routed (see `run`).
+                        // It waits for the answers still due (they tell
+                        // whether a transaction block is open), then is
+                        // routed (see `run`).
                         split.deferred = true;
                         break;
                     }
                     if self.status == b'I' && self.server_left == 0 {
-                        // The standby is done: park it, route anew.
+                        // Idle: park this connection and route anew.
                         self.release();
                     }
                 }

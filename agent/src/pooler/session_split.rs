@@ -152,8 +152,7 @@ async fn run_quietly(server: &mut PooledServer, sql: &str) -> Result<(), ReplayE
         .map_err(|_| ReplayError::Connection)?;
     let mut refused = None;
     loop {
-        if let Some((tag, len)) = protocol::frame(&conn.buf).map_err(|_| ReplayError::Connection)?
-        {
+        if let Some((tag, len)) = protocol::frame(&conn.buf).map_err(|_| ReplayError::Connection)? {
             if conn.buf.len() >= len {
                 if tag == b'E' {
                     let fields = protocol::error_fields(&conn.buf[5..len]);
