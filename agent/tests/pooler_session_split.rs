@@ -139,6 +139,19 @@ async fn session_reads_run_on_the_standby_settings_follow_and_writes_pin_the_pri
         .unwrap();
     fresh.simple_query("RESET application_name").await.unwrap();
     assert_eq!(where_named(&fresh).await, (true, standby, "farol".into()));
+    // DISCARD ALL forgets the settings on both connections.
+    fresh
+        .simple_query("SET application_name = 'y'")
+        .await
+        .unwrap();
+    assert_eq!(where_named(&fresh).await, (true, standby, "y".into()));
+    fresh.simple_query("DISCARD ALL").await.unwrap();
+    assert_eq!(where_named(&fresh).await, (true, standby, "farol".into()));
+    fresh
+        .simple_query("SET application_name = 'z'")
+        .await
+        .unwrap();
+    assert_eq!(where_named(&fresh).await, (true, standby, "z".into()));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -176,11 +189,36 @@ async fn without_read_your_writes_writes_do_not_pin_but_temporary_tables_do() {
     );
     assert_eq!(rows, [["f".to_owned(), primary.to_string(), "7".into()]]);
     assert_eq!(where_extended(&client, WHERE).await, (false, primary));
-    // LISTEN pins as well.
-    let listener = connect(pooler.addr).await;
+    // LISTEN pins as well, and notifications reach the client while it
+    // sends nothing (its primary connection stays the active one).
+    use futures_util::StreamExt;
+    let (listener, mut connection) =
+        harness::client_config(pooler.addr, "app", harness::APP_PASSWORD)
+            .connect(tokio_postgres::NoTls)
+            .await
+            .unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let driver = tokio::spawn(async move {
+        let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(Ok(message)) = messages.next().await {
+            if let tokio_postgres::AsyncMessage::Notification(n) = message {
+                let _ = tx.send(n.payload().to_owned());
+            }
+        }
+    });
     assert_eq!(where_simple(&listener, WHERE).await, (true, standby));
     listener.simple_query("LISTEN split_channel").await.unwrap();
     assert_eq!(where_simple(&listener, WHERE).await, (false, primary));
+    pg.primary
+        .psql("app", "NOTIFY split_channel, 'hello'")
+        .unwrap();
+    let payload = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .expect("the notification arrives")
+        .unwrap();
+    assert_eq!(payload, "hello");
+    drop(listener);
+    let _ = driver.await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -282,14 +320,67 @@ async fn a_standby_that_lags_or_dies_mid_session_leaves_the_session_on_the_prima
         where_named(&client).await,
         (true, standby, "survivor".into())
     );
+    // A second session with a read running on the standby when it dies.
+    let sleeper = connect(pooler.addr).await;
+    assert_eq!(where_simple(&sleeper, WHERE).await, (true, standby));
+    let long_read = tokio::spawn(async move {
+        let started = std::time::Instant::now();
+        let result = sleeper
+            .simple_query("SELECT pg_is_in_recovery(), pg_sleep(30)")
+            .await;
+        (result.map(|_| ()), started.elapsed())
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
     pg.standby.as_mut().unwrap().kill();
-    // Its backends exit once they see the postmaster gone.
+    // The read in flight gets a clean error at once, not a hang.
+    let (result, took) = tokio::time::timeout(Duration::from_secs(20), long_read)
+        .await
+        .expect("the read in flight ends")
+        .unwrap();
+    let error = harness::failed(result, "a read on a dead standby");
+    assert_eq!(harness::sqlstate(&error), "08006", "{error}");
+    assert!(took < Duration::from_secs(15), "took {took:?}");
+    // The first session's idle standby connection: its backend exits once
+    // it sees the postmaster gone.
     tokio::time::sleep(Duration::from_millis(1000)).await;
     assert_eq!(
         where_named(&client).await,
         (false, primary, "survivor".into())
     );
     assert_eq!(where_extended(&client, WHERE).await, (false, primary));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_the_primary_moves_a_session_holding_the_old_one_gets_57p01_and_others_go_on() {
+    if !can_run_postgres(
+        "after_the_primary_moves_a_session_holding_the_old_one_gets_57p01_and_others_go_on",
+    ) {
+        return;
+    }
+    let pg = cluster(true);
+    create_table(&pg);
+    let (_, standby) = ports(&pg);
+    let pooler = harness::start(split_config(&pg, false)).await;
+    let writer = connect(pooler.addr).await;
+    writer
+        .simple_query("INSERT INTO split_rows VALUES (5)")
+        .await
+        .unwrap();
+    let reader = connect(pooler.addr).await;
+    assert_eq!(where_simple(&reader, WHERE).await, (true, standby));
+    // The health module's hook, pointed at the standby to prove routing.
+    pooler
+        .pooler
+        .set_primary(SocketAddr::from(([127, 0, 0, 1], standby)));
+    pooler.pooler.set_readable_standbys(Vec::new());
+    // The writer's session holds a connection to the former primary.
+    let error = harness::failed(
+        writer.simple_query(WHERE).await,
+        "a session on the former primary",
+    );
+    assert_eq!(harness::sqlstate(&error), "57P01", "{error}");
+    // The reader held none: it reads from the new primary.
+    assert_eq!(where_simple(&reader, WHERE).await, (true, standby));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
