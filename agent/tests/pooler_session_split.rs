@@ -45,6 +45,18 @@ fn split_config(
     config
 }
 
+/// The value of one sample line of the pooler's `/metrics` text.
+fn metric(pooler: &harness::PoolerGuard, sample: &str) -> u64 {
+    let mut registry = prometheus_client::registry::Registry::default();
+    farol_agent::metrics::register_pooler(&mut registry, pooler.pooler.clone());
+    let text = farol_agent::metrics::encode_prometheus_text(&registry).unwrap();
+    text.lines()
+        .find_map(|line| line.strip_prefix(sample)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no {sample} in {text}"))
+        .parse()
+        .unwrap()
+}
+
 fn ports(pg: &xtask::postgres::PgCluster) -> (u16, u16) {
     (pg.primary.port, pg.standby.as_ref().unwrap().port)
 }
@@ -126,6 +138,23 @@ async fn session_reads_run_on_the_standby_settings_follow_and_writes_pin_the_pri
         .await
         .unwrap();
     assert_eq!(where_simple(&writer, WHERE).await, (false, primary));
+    assert_eq!(
+        metric(
+            &pooler,
+            "farol_pooler_split_sessions_pinned_total{reason=\"write\"}"
+        ),
+        2
+    );
+    assert_eq!(
+        metric(&pooler, "farol_pooler_split_standby_connections_total"),
+        2
+    );
+    // application_name and search_path, once each on the one standby
+    // connection that needed them.
+    assert_eq!(
+        metric(&pooler, "farol_pooler_split_settings_replayed_total"),
+        2
+    );
     // A fresh session starts on the standby again, without the first
     // session's settings (the connections were reset when returned).
     drop(client);
@@ -209,6 +238,13 @@ async fn without_read_your_writes_writes_do_not_pin_but_temporary_tables_do() {
     assert_eq!(where_simple(&listener, WHERE).await, (true, standby));
     listener.simple_query("LISTEN split_channel").await.unwrap();
     assert_eq!(where_simple(&listener, WHERE).await, (false, primary));
+    assert_eq!(
+        metric(
+            &pooler,
+            "farol_pooler_split_sessions_pinned_total{reason=\"session_state\"}"
+        ),
+        2
+    );
     pg.primary
         .psql("app", "NOTIFY split_channel, 'hello'")
         .unwrap();
@@ -348,6 +384,8 @@ async fn a_standby_that_lags_or_dies_mid_session_leaves_the_session_on_the_prima
         (false, primary, "survivor".into())
     );
     assert_eq!(where_extended(&client, WHERE).await, (false, primary));
+    // Lagging out, then dead.
+    assert_eq!(metric(&pooler, "farol_pooler_split_standby_lost_total"), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -31,7 +31,7 @@ pub mod topology;
 mod admin;
 pub mod server_stream;
 mod session;
-mod session_split;
+pub mod session_split;
 mod tls;
 
 use std::{
@@ -142,6 +142,8 @@ pub struct Pooler {
     pub pause: pause::Pause,
     /// Secrets fetched with `auth_query`.
     pub(crate) auth_cache: auth_query::AuthCache,
+    /// Counters of the read/write split in session pools.
+    pub(crate) split_stats: session_split::SplitStats,
     /// How the pooler logs in as users found by `auth_query`, from their
     /// clients' last successful login.
     looked_up_credentials: Mutex<HashMap<String, auth::ServerCredential>>,
@@ -168,6 +170,7 @@ impl Pooler {
             recheck: tokio::sync::Notify::new(),
             pause: pause::Pause::default(),
             auth_cache: auth_query::AuthCache::default(),
+            split_stats: session_split::SplitStats::default(),
             looked_up_credentials: Mutex::new(HashMap::new()),
             pools: Mutex::new(HashMap::new()),
             clients: Mutex::new(HashMap::new()),

@@ -37,7 +37,7 @@ use super::{
     pool::{Pool, PoolError, PooledServer},
     protocol::{self, FrontendMessage, ProtocolError, Startup},
     route::{SessionEffect, Target},
-    session_split::{Parked, ReplayError, SessionSplit},
+    session_split::{Parked, PinReason, ReplayError, SessionSplit},
     CancelTarget, ClientEntry, Pooler,
 };
 use crate::config::PoolMode;
@@ -905,12 +905,13 @@ impl<S: ClientStream> Relay<S> {
         if let Some((pool, mut server)) = self.split_mut().standby.take() {
             let readable = self.standbys.iter().any(|p| Arc::ptr_eq(p, &pool));
             if readable && server.conn.looks_alive() {
+                let pooler = self.pooler.clone();
                 let split = self.split_mut();
-                match split.replay(&mut server).await {
+                match split.replay(&mut server, &pooler.split_stats).await {
                     Ok(()) => return Some((pool, server)),
                     Err(ReplayError::Refused(message)) => {
                         info!(server = %pool.key.addr, %message, "a standby refused a session setting; the session stays on the primary");
-                        split.pin("a session setting a standby refused");
+                        split.pin(PinReason::SettingRefused, &pooler.split_stats);
                         self.give_back((pool, server)).await;
                         return None;
                     }
@@ -919,6 +920,10 @@ impl<S: ClientStream> Relay<S> {
                 }
             }
             // Dropped: its server is gone, or it is reset and returned.
+            self.pooler
+                .split_stats
+                .standby_lost
+                .fetch_add(1, Ordering::Relaxed);
             info!(server = %pool.key.addr, readable, "the session's standby connection is gone or its server no longer takes reads; reads choose again");
             if readable {
                 drop(server);
@@ -939,13 +944,18 @@ impl<S: ClientStream> Relay<S> {
                     continue;
                 }
             };
+            let pooler = self.pooler.clone();
+            pooler
+                .split_stats
+                .standby_borrowed
+                .fetch_add(1, Ordering::Relaxed);
             let split = self.split_mut();
             split.new_standby();
-            match split.replay(&mut server).await {
+            match split.replay(&mut server, &pooler.split_stats).await {
                 Ok(()) => return Some((pool, server)),
                 Err(ReplayError::Refused(message)) => {
                     info!(server = %pool.key.addr, %message, "a standby refused a session setting; the session stays on the primary");
-                    split.pin("a session setting a standby refused");
+                    split.pin(PinReason::SettingRefused, &pooler.split_stats);
                     self.give_back((pool, server)).await;
                     return None;
                 }
@@ -990,6 +1000,8 @@ impl<S: ClientStream> Relay<S> {
     /// the session (see `session_split` for the rule).
     async fn apply_effect(&mut self, effect: SessionEffect, sql: Option<String>) {
         let read_your_writes = self.pooler.config.read_your_writes;
+        let pooler = self.pooler.clone();
+        let stats = &pooler.split_stats;
         // Outside a transaction block, and nothing in flight that could
         // open one (only executing messages can): a setting lasts the
         // session.
@@ -1003,18 +1015,18 @@ impl<S: ClientStream> Relay<S> {
             SessionEffect::Read | SessionEffect::Transactional => {}
             SessionEffect::Setting { key } => {
                 if outside_block && !split.on_standby {
-                    split.record_setting(&key, sql.as_deref().unwrap_or_default());
+                    split.record_setting(&key, sql.as_deref().unwrap_or_default(), stats);
                 } else {
-                    split.pin("a session setting inside a transaction block");
+                    split.pin(PinReason::SettingInTransaction, stats);
                 }
             }
             SessionEffect::Write => {
                 if read_your_writes {
-                    split.pin("a write, with read_your_writes");
+                    split.pin(PinReason::Write, stats);
                 }
             }
             SessionEffect::SessionState => {
-                split.pin("state only the primary's connection has");
+                split.pin(PinReason::SessionState, stats);
             }
             SessionEffect::DiscardAll => {
                 if outside_block && !split.on_standby {

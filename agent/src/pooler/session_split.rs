@@ -21,15 +21,26 @@
 //! as in a plain session pool. `DISCARD ALL` forgets the settings and
 //! gives the standby connection back; the next read borrows one afresh.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
 
 use bytes::{Buf, BytesMut};
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric},
+    metrics::{counter::ConstCounter, MetricType},
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tracing::debug;
 
 use super::{
     pool::{Pool, PooledServer},
-    protocol,
+    protocol, Pooler,
 };
 
 /// How long replaying the settings on a standby connection may take.
@@ -45,6 +56,123 @@ struct Setting {
     seq: u64,
     key: Box<str>,
     sql: String,
+}
+
+/// Why a session stopped using its standby.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum PinReason {
+    /// A write (or plain BEGIN), with `read_your_writes`.
+    Write,
+    /// Temporary objects, LISTEN, PREPARE, cursors, advisory locks,
+    /// `set_config`, or a statement the parser cannot read.
+    SessionState,
+    /// A session-level SET inside a transaction block.
+    SettingInTransaction,
+    /// A standby refused a setting the primary took.
+    SettingRefused,
+    /// More distinct settings than [`MAX_SETTINGS`].
+    TooManySettings,
+}
+
+impl PinReason {
+    const ALL: [PinReason; 5] = [
+        PinReason::Write,
+        PinReason::SessionState,
+        PinReason::SettingInTransaction,
+        PinReason::SettingRefused,
+        PinReason::TooManySettings,
+    ];
+
+    /// The metric label.
+    fn label(self) -> &'static str {
+        match self {
+            PinReason::Write => "write",
+            PinReason::SessionState => "session_state",
+            PinReason::SettingInTransaction => "setting_in_transaction",
+            PinReason::SettingRefused => "setting_refused",
+            PinReason::TooManySettings => "too_many_settings",
+        }
+    }
+
+    fn describe(self) -> &'static str {
+        match self {
+            PinReason::Write => "a write, with read_your_writes",
+            PinReason::SessionState => "state only the primary's connection has (temporary objects, LISTEN, PREPARE, cursors, advisory locks, set_config, or a statement the parser cannot read)",
+            PinReason::SettingInTransaction => "a session setting inside a transaction block",
+            PinReason::SettingRefused => "a session setting a standby refused",
+            PinReason::TooManySettings => "more distinct session settings than the pooler replays",
+        }
+    }
+}
+
+/// Counters of the split in session pools, on `/metrics`.
+#[derive(Debug, Default)]
+pub struct SplitStats {
+    /// Sessions pinned to the primary, by [`PinReason::ALL`] order.
+    pins: [AtomicU64; 5],
+    /// Standby connections borrowed by sessions.
+    pub(super) standby_borrowed: AtomicU64,
+    /// Standby connections a session gave up mid-session (dead, lagging,
+    /// no longer a standby).
+    pub(super) standby_lost: AtomicU64,
+    /// Settings replayed on standby connections.
+    pub(super) settings_replayed: AtomicU64,
+}
+
+impl SplitStats {
+    pub(super) fn pinned(&self, reason: PinReason) {
+        let at = PinReason::ALL
+            .iter()
+            .position(|r| *r == reason)
+            .unwrap_or_default();
+        self.pins[at].fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// `farol_pooler_split_*` on `/metrics`.
+#[derive(Debug)]
+pub struct SplitCollector(pub Arc<Pooler>);
+
+impl Collector for SplitCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let stats = &self.0.split_stats;
+        let load = |value: &AtomicU64| value.load(Ordering::Relaxed);
+        let mut family = encoder.encode_descriptor(
+            "farol_pooler_split_sessions_pinned",
+            "Session-pool clients that stopped using their standby connection, by reason",
+            None,
+            MetricType::Counter,
+        )?;
+        for (reason, value) in PinReason::ALL.iter().zip(&stats.pins) {
+            ConstCounter::new(load(value))
+                .encode(family.encode_family(&[("reason", reason.label())])?)?;
+        }
+        for (name, help, value) in [
+            (
+                "farol_pooler_split_standby_connections",
+                "Standby connections borrowed by session-pool clients for their reads",
+                &stats.standby_borrowed,
+            ),
+            (
+                "farol_pooler_split_standby_lost",
+                "Standby connections session-pool clients gave up mid-session (dead, lagging or no longer a standby)",
+                &stats.standby_lost,
+            ),
+            (
+                "farol_pooler_split_settings_replayed",
+                "Session settings replayed on session-pool clients' standby connections",
+                &stats.settings_replayed,
+            ),
+        ] {
+            ConstCounter::new(load(value)).encode(encoder.encode_descriptor(
+                name,
+                help,
+                None,
+                MetricType::Counter,
+            )?)?;
+        }
+        Ok(())
+    }
 }
 
 /// A connection parked between statements, with the pool it came from.
@@ -69,7 +197,7 @@ pub(super) struct SessionSplit {
     /// The active connection (the relay's) is the standby's.
     pub(super) on_standby: bool,
     /// Set once the session no longer uses a standby: why.
-    pinned: Option<&'static str>,
+    pinned: Option<PinReason>,
     settings: Vec<Setting>,
     next_seq: u64,
     /// Settings up to this `seq` were replayed on the standby connection.
@@ -84,23 +212,27 @@ impl SessionSplit {
         self.pinned.is_some()
     }
 
-    /// The session stops using a standby (logged once).
-    pub(super) fn pin(&mut self, reason: &'static str) {
+    /// The session stops using a standby (logged and counted once).
+    pub(super) fn pin(&mut self, reason: PinReason, stats: &SplitStats) {
         if self.pinned.is_none() {
-            debug!(reason, "session pinned to the primary");
+            debug!(
+                reason = reason.describe(),
+                "session pinned to the primary for good"
+            );
+            stats.pinned(reason);
             self.pinned = Some(reason);
         }
     }
 
     /// Remembers a session-level setting that ran on the primary.
-    pub(super) fn record_setting(&mut self, key: &str, sql: &str) {
+    pub(super) fn record_setting(&mut self, key: &str, sql: &str, stats: &SplitStats) {
         if key == "*" {
             self.settings.clear();
         } else {
             self.settings.retain(|setting| &*setting.key != key);
         }
         if self.settings.len() >= MAX_SETTINGS {
-            self.pin("more distinct session settings than the pooler replays");
+            self.pin(PinReason::TooManySettings, stats);
             return;
         }
         self.next_seq += 1;
@@ -123,7 +255,11 @@ impl SessionSplit {
 
     /// Sends the settings the standby connection lacks, swallowing the
     /// answers.
-    pub(super) async fn replay(&mut self, server: &mut PooledServer) -> Result<(), ReplayError> {
+    pub(super) async fn replay(
+        &mut self,
+        server: &mut PooledServer,
+        stats: &SplitStats,
+    ) -> Result<(), ReplayError> {
         let missing: Vec<(u64, String)> = self
             .settings
             .iter()
@@ -134,6 +270,7 @@ impl SessionSplit {
             tokio::time::timeout(REPLAY_TIMEOUT, run_quietly(server, &sql))
                 .await
                 .map_err(|_| ReplayError::Connection)??;
+            stats.settings_replayed.fetch_add(1, Ordering::Relaxed);
             self.standby_synced = seq;
         }
         Ok(())
@@ -205,22 +342,23 @@ mod tests {
 
     #[test]
     fn only_the_last_setting_of_a_name_is_replayed_and_reset_all_replaces_all() {
+        let stats = SplitStats::default();
         let mut split = SessionSplit::default();
-        split.record_setting("application_name", "SET application_name = 'a'");
-        split.record_setting("search_path", "SET search_path = x");
-        split.record_setting("application_name", "SET application_name = 'b'");
+        split.record_setting("application_name", "SET application_name = 'a'", &stats);
+        split.record_setting("search_path", "SET search_path = x", &stats);
+        split.record_setting("application_name", "SET application_name = 'b'", &stats);
         assert_eq!(
             pending(&split),
             ["SET search_path = x", "SET application_name = 'b'"]
         );
         // The standby got those; a later setting is all it lacks.
         split.standby_synced = split.next_seq;
-        split.record_setting("timezone", "SET TIME ZONE 'UTC'");
+        split.record_setting("timezone", "SET TIME ZONE 'UTC'", &stats);
         assert_eq!(pending(&split), ["SET TIME ZONE 'UTC'"]);
-        split.record_setting("*", "RESET ALL");
+        split.record_setting("*", "RESET ALL", &stats);
         assert_eq!(pending(&split), ["RESET ALL"]);
         // A new standby connection gets everything still in force.
-        split.record_setting("search_path", "SET search_path = y");
+        split.record_setting("search_path", "SET search_path = y", &stats);
         split.new_standby();
         assert_eq!(pending(&split), ["RESET ALL", "SET search_path = y"]);
         assert!(!split.pinned());
@@ -228,12 +366,17 @@ mod tests {
 
     #[test]
     fn too_many_distinct_settings_pin_the_session() {
+        let stats = SplitStats::default();
         let mut split = SessionSplit::default();
         for i in 0..MAX_SETTINGS {
-            split.record_setting(&format!("x.k{i}"), &format!("SET x.k{i} = 1"));
+            split.record_setting(&format!("x.k{i}"), &format!("SET x.k{i} = 1"), &stats);
         }
         assert!(!split.pinned());
-        split.record_setting("x.again", "SET x.again = 1");
+        split.record_setting("x.again", "SET x.again = 1", &stats);
         assert!(split.pinned());
+        // Counted once, under its reason.
+        split.pin(PinReason::Write, &stats);
+        assert_eq!(stats.pins[4].load(Ordering::Relaxed), 1);
+        assert_eq!(stats.pins[0].load(Ordering::Relaxed), 0);
     }
 }
