@@ -303,6 +303,15 @@ async fn prepared_statements_follow_the_session_and_a_pipelined_write_waits_for_
         .await
         .unwrap();
     assert!(count.get::<_, i64>(0) >= 1);
+    // DEALLOCATE ALL drops the server's statements (the pooler's renamed
+    // ones too): preparing the same text again prepares it again.
+    client.batch_execute("DEALLOCATE ALL").await.unwrap();
+    let again = client.prepare(WHERE).await.unwrap();
+    let row = client.query_one(&again, &[]).await.unwrap();
+    assert_eq!(
+        (row.get::<_, bool>(0), row.get::<_, i32>(1) as u16),
+        (false, primary)
+    );
     // Transactions through the extended protocol.
     let mut other = connect(pooler.addr).await;
     let tx = other

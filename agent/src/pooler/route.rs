@@ -88,6 +88,9 @@ pub enum SessionEffect {
     /// `DISCARD ALL`: the session starts afresh (settings, prepared
     /// statements, temporary objects).
     DiscardAll,
+    /// `DEALLOCATE ALL`: the connection's prepared statements are gone
+    /// (the pooler's renamed ones too), nothing else changes.
+    DeallocateAll,
 }
 
 /// Functions whose effect lasts the session (the standby cannot see it).
@@ -312,6 +315,11 @@ fn session_effect(statements: &[Statement]) -> SessionEffect {
         Statement::Discard {
             object_type: DiscardObject::ALL,
         } => SessionEffect::DiscardAll,
+        Statement::Deallocate { name, .. }
+            if name.quote_style.is_none() && name.value.eq_ignore_ascii_case("all") =>
+        {
+            SessionEffect::DeallocateAll
+        }
         Statement::Query(query) => match query.body.as_ref() {
             SetExpr::Select(select) if select.into.as_ref().is_some_and(|i| i.temporary) => {
                 SessionEffect::SessionState
@@ -499,6 +507,12 @@ mod tests {
             SessionEffect::Transactional
         );
         assert_eq!(effect("DISCARD ALL"), SessionEffect::DiscardAll);
+        assert_eq!(effect("DEALLOCATE ALL"), SessionEffect::DeallocateAll);
+        assert_eq!(
+            effect("DEALLOCATE PREPARE all"),
+            SessionEffect::DeallocateAll
+        );
+        assert_eq!(effect("DEALLOCATE p1"), SessionEffect::SessionState);
         assert_eq!(effect("COMMIT"), SessionEffect::Transactional);
         assert_eq!(
             effect("ROLLBACK TO SAVEPOINT a"),

@@ -869,7 +869,18 @@ impl<S: ClientStream> Relay<S> {
             (Some(router), Some(sql)) => router.route(sql) == Target::Standby,
             _ => false,
         };
+        let no_sql = self.only_syncs_and_closes();
         let split = self.split.as_mut().expect("a split session");
+        if no_sql && !split.pinned() {
+            // A driver's Close and Sync of a dropped statement: any
+            // connection answers them, the parked standby included.
+            if let Some((pool, server)) = split.standby.take() {
+                if server.conn.looks_alive() {
+                    split.on_standby = true;
+                    return Ok((pool, server));
+                }
+            }
+        }
         if let Some((pool, _)) = &split.primary {
             if pool.key.addr != primary {
                 return Err(SessionError::PrimaryMoved {
@@ -892,6 +903,23 @@ impl<S: ClientStream> Relay<S> {
             return Ok(parked);
         }
         self.borrow_primary().await
+    }
+
+    /// Every whole message in `cbuf` is a Close, Sync or Flush.
+    fn only_syncs_and_closes(&self) -> bool {
+        let mut at = 0;
+        let mut any = false;
+        while let Some(rest) = self.cbuf.get(at..) {
+            match protocol::frame(rest) {
+                Ok(Some((b'C' | b'S' | b'H', len))) if rest.len() >= len => {
+                    at += len;
+                    any = true;
+                }
+                Ok(None) => break,
+                _ => return false,
+            }
+        }
+        any
     }
 
     fn split_mut(&mut self) -> &mut SessionSplit {
@@ -967,11 +995,14 @@ impl<S: ClientStream> Relay<S> {
         None
     }
 
-    /// Resets a parked session connection and returns it to its pool.
+    /// Resets a parked session connection and returns it to its pool, in
+    /// a task of its own (the client's next statement does not wait).
     async fn give_back(&mut self, (pool, mut server): Parked) {
-        if let Ok(Ok(())) = tokio::time::timeout(RESET_TIMEOUT, reset(&mut server)).await {
-            pool.release(server);
-        }
+        tokio::spawn(async move {
+            if let Ok(Ok(())) = tokio::time::timeout(RESET_TIMEOUT, reset(&mut server)).await {
+                pool.release(server);
+            }
+        });
     }
 
     /// The session's standby connection goes back to its pool (pinned,
@@ -1027,6 +1058,14 @@ impl<S: ClientStream> Relay<S> {
             }
             SessionEffect::SessionState => {
                 split.pin(PinReason::SessionState, stats);
+            }
+            SessionEffect::DeallocateAll => {
+                // Not transactional: whatever the block, the connection's
+                // statements are gone once it runs.
+                self.statements.clear();
+                if let Some(server) = self.server.as_mut() {
+                    server.conn.prepared.clear();
+                }
             }
             SessionEffect::DiscardAll => {
                 if outside_block && !split.on_standby {
