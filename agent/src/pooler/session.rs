@@ -879,6 +879,10 @@ impl<S: ClientStream> Relay<S> {
                     split.on_standby = true;
                     return Ok((pool, server));
                 }
+                self.pooler
+                    .split_stats
+                    .standby_lost
+                    .fetch_add(1, Ordering::Relaxed);
             }
         }
         if let Some((pool, _)) = &split.primary {
