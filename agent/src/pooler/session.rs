@@ -1222,6 +1222,10 @@ impl<S: ClientStream> Relay<S> {
             self.ensure_server().await?;
             if let Some((_, effect, sql)) = effect {
                 self.apply_effect(effect, sql).await;
+            } else if tag == b'F' && self.split.is_some() {
+                // A fast-path function call (large objects and the like):
+                // what it leaves is unknown, so the session stays put.
+                self.apply_effect(SessionEffect::SessionState, None).await;
             }
             if let Some(pending) = passthrough {
                 self.push(pending);
