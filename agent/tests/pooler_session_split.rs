@@ -277,6 +277,20 @@ async fn prepared_statements_follow_the_session_and_a_pipelined_write_waits_for_
             (true, standby)
         );
     }
+    // A session that only read holds no primary connection (the driver's
+    // Close and Sync of its dropped statements went to the standby too).
+    client.query_one(WHERE, &[]).await.unwrap();
+    client.query_one(WHERE, &[]).await.unwrap();
+    let lent = |port: u16| {
+        pooler
+            .pooler
+            .pools()
+            .iter()
+            .filter(|pool| pool.key.addr.port() == port)
+            .map(|pool| pool.active_count())
+            .sum::<usize>()
+    };
+    assert_eq!((lent(primary), lent(standby)), (0, 1));
     // tokio-postgres pipelines these: the write's messages arrive while
     // the read still runs on the standby.
     let insert = "INSERT INTO split_rows VALUES ($1)";
