@@ -64,7 +64,9 @@ pub struct PoolerConfig {
     /// One pool per (database, user); `user` empty means every user.
     #[serde(default)]
     pub pools: Vec<PoolConfig>,
-    /// Send statements that only read to a standby.
+    /// Send statements that only read to a standby. In session pools each
+    /// session keeps one standby connection besides its primary one
+    /// (README, "Read/write split in session pools").
     #[serde(default)]
     pub read_write_split: bool,
     /// After a write, the rest of the client's session stays on the primary.

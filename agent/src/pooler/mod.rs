@@ -7,6 +7,8 @@
 //! - [`pool`]: server connections and pools per (database, user, server).
 //! - `session`: one task per client: startup, auth, then the relay, with
 //!   prepared statements renamed and re-prepared in transaction mode.
+//! - `session_split`: the read/write split in session pools (a kept
+//!   standby connection per session, settings replayed on it).
 //! - `admin`: `SHOW POOLS|CLIENTS|SERVERS|STATS` on the admin database.
 //!
 //! - [`route`]: read/write split (which statements may run on a standby).
@@ -30,6 +32,7 @@ mod admin;
 pub mod listen_socket;
 pub mod server_stream;
 mod session;
+pub mod session_split;
 mod tls;
 
 use std::{
@@ -53,7 +56,7 @@ use tracing::{debug, info, warn};
 
 use self::pool::{Pool, PoolKey};
 use self::server_stream::ServerStream;
-use crate::config::{PoolMode, PoolerConfig};
+use crate::config::PoolerConfig;
 
 /// How often idle limits and `min_idle` are enforced.
 const MAINTAIN_EVERY: Duration = Duration::from_secs(1);
@@ -169,6 +172,8 @@ pub struct Pooler {
     pub pause: pause::Pause,
     /// Secrets fetched with `auth_query`.
     pub(crate) auth_cache: auth_query::AuthCache,
+    /// Counters of the read/write split in session pools.
+    pub(crate) split_stats: session_split::SplitStats,
     /// How the pooler logs in as users found by `auth_query`, from their
     /// clients' last successful login.
     looked_up_credentials: Mutex<HashMap<String, auth::ServerCredential>>,
@@ -182,11 +187,6 @@ impl Pooler {
             (Some(cert), Some(key)) => Some(tls::TlsSetup::load(cert, key)?),
             _ => None,
         };
-        if config.read_write_split {
-            for pool in config.pools.iter().filter(|p| p.mode == PoolMode::Session) {
-                warn!(database = %pool.database, user = %pool.user, "read_write_split applies to transaction pools only: this session pool sends every statement to the primary");
-            }
-        }
         Ok(Arc::new(Pooler {
             tls,
             router: config
@@ -200,6 +200,7 @@ impl Pooler {
             recheck: tokio::sync::Notify::new(),
             pause: pause::Pause::default(),
             auth_cache: auth_query::AuthCache::default(),
+            split_stats: session_split::SplitStats::default(),
             looked_up_credentials: Mutex::new(HashMap::new()),
             pools: Mutex::new(HashMap::new()),
             clients: Mutex::new(HashMap::new()),

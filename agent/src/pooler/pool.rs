@@ -103,7 +103,7 @@ impl ServerConn {
     /// closed it or sent a FATAL error (restart, pg_terminate_backend).
     /// Uses the reactor's cached readiness, so it costs no syscall when
     /// nothing happened.
-    fn looks_alive(&self) -> bool {
+    pub(crate) fn looks_alive(&self) -> bool {
         let mut probe = [0u8; 1];
         matches!(self.stream.try_read(&mut probe), Err(error) if error.kind() == std::io::ErrorKind::WouldBlock)
     }
@@ -211,6 +211,19 @@ impl Pool {
                 }
             }
         };
+        self.get_with(permit).await
+    }
+
+    /// Borrows a server connection only when one is free now: `None`
+    /// when every connection of the pool is lent (no queue, no wait).
+    pub async fn get_now(&self) -> Result<Option<PooledServer>, PoolError> {
+        match self.permits.clone().try_acquire_owned() {
+            Ok(permit) => self.get_with(permit).await.map(Some),
+            Err(_) => Ok(None),
+        }
+    }
+
+    async fn get_with(&self, permit: OwnedSemaphorePermit) -> Result<PooledServer, PoolError> {
         let now = Instant::now();
         loop {
             let candidate = self.lock_idle().pop();

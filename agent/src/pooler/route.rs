@@ -8,6 +8,13 @@
 //! locks, plus `pooler.primary_functions`). `BEGIN`/`START TRANSACTION
 //! READ ONLY` opens a transaction that may run on a standby. Anything the
 //! parser does not understand goes to the primary.
+//!
+//! Session pools with the split also need to know what a statement leaves
+//! behind in the session ([`SessionEffect`]): a session setting the pooler
+//! mirrors on the session's standby connection, a write, or state only the
+//! primary's connection can hold (temporary objects, LISTEN, SQL-level
+//! PREPARE, cursors, advisory locks, `set_config`), after which the
+//! session stops using its standby.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -22,6 +29,7 @@ use sqlparser::{
     },
     dialect::PostgreSqlDialect,
     parser::Parser,
+    tokenizer::{Token, Tokenizer},
 };
 
 /// Functions that write or take locks even inside a SELECT.
@@ -36,6 +44,11 @@ const SIDE_EFFECT_FUNCTIONS: &[&str] = &[
     "pg_try_advisory_xact_lock",
     "pg_advisory_lock_shared",
     "pg_advisory_xact_lock_shared",
+    "pg_try_advisory_lock_shared",
+    "pg_try_advisory_xact_lock_shared",
+    "pg_advisory_unlock",
+    "pg_advisory_unlock_shared",
+    "pg_advisory_unlock_all",
     "pg_notify",
     "txid_current",
     "pg_current_xact_id",
@@ -49,6 +62,56 @@ pub enum Target {
     Primary,
     /// A standby: a read-only statement, or a READ ONLY transaction.
     Standby,
+}
+
+/// What a statement (list) leaves behind in a session, for session pools
+/// with the split (`session_split`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionEffect {
+    /// Only reads (or `BEGIN READ ONLY`): may run on the standby.
+    Read,
+    /// One session-level `SET`/`RESET`: runs on the primary and is
+    /// replayed on the session's standby connection. `key` names what it
+    /// sets, so a later setting of the same key replaces it; `*` is
+    /// `RESET ALL`, which replaces every earlier one.
+    Setting { key: Box<str> },
+    /// `SET LOCAL`, `SET TRANSACTION`: nothing outlives the transaction.
+    Transactional,
+    /// Changes data or schema, leaves nothing in the session: the session
+    /// reads from the primary afterwards only with `read_your_writes`.
+    Write,
+    /// Leaves state only this server connection has (temporary objects,
+    /// LISTEN, SQL PREPARE, cursors, advisory locks, `set_config`, or a
+    /// statement the parser does not know): the session stops using its
+    /// standby.
+    SessionState,
+    /// `DISCARD ALL`: the session starts afresh (settings, prepared
+    /// statements, temporary objects).
+    DiscardAll,
+    /// `DEALLOCATE ALL`: the connection's prepared statements are gone
+    /// (the pooler's renamed ones too), nothing else changes.
+    DeallocateAll,
+}
+
+/// Functions whose effect lasts the session (the standby cannot see it).
+const SESSION_STATE_FUNCTIONS: &[&str] = &[
+    "set_config",
+    "pg_advisory_lock",
+    "pg_try_advisory_lock",
+    "pg_advisory_lock_shared",
+    "pg_try_advisory_lock_shared",
+    "pg_advisory_unlock",
+    "pg_advisory_unlock_shared",
+    "pg_advisory_unlock_all",
+    "dblink_connect",
+];
+
+/// A remembered decision: where a transaction starting with the text
+/// runs, and what the text leaves in a session.
+#[derive(Debug, Clone)]
+pub struct Decision {
+    pub target: Target,
+    pub effect: SessionEffect,
 }
 
 /// Statement texts whose decision is remembered; the cache is emptied
@@ -65,7 +128,7 @@ const CACHED_STATEMENT_BYTES: usize = 2048;
 #[derive(Debug)]
 pub struct Router {
     primary_functions: HashSet<String>,
-    decisions: Mutex<HashMap<Box<str>, Target>>,
+    decisions: Mutex<HashMap<Box<str>, Decision>>,
 }
 
 impl Router {
@@ -85,21 +148,37 @@ impl Router {
     /// when this text was decided before.
     pub fn route(&self, sql: &str) -> Target {
         if sql.len() > CACHED_STATEMENT_BYTES {
+            return self.decide(sql).target;
+        }
+        if let Some(decision) = self.lock_decisions().get(sql) {
+            return decision.target;
+        }
+        self.decide_and_remember(sql).target
+    }
+
+    /// The whole decision about `sql` (target and session effect), from
+    /// the cache when this text was decided before.
+    pub fn decision(&self, sql: &str) -> Decision {
+        if sql.len() > CACHED_STATEMENT_BYTES {
             return self.decide(sql);
         }
-        if let Some(target) = self.lock_decisions().get(sql) {
-            return *target;
+        if let Some(decision) = self.lock_decisions().get(sql) {
+            return decision.clone();
         }
-        let target = self.decide(sql);
+        self.decide_and_remember(sql)
+    }
+
+    fn decide_and_remember(&self, sql: &str) -> Decision {
+        let decision = self.decide(sql);
         let mut decisions = self.lock_decisions();
         if decisions.len() >= CACHED_DECISIONS {
             decisions.clear();
         }
-        decisions.insert(sql.into(), target);
-        target
+        decisions.insert(sql.into(), decision.clone());
+        decision
     }
 
-    fn lock_decisions(&self) -> std::sync::MutexGuard<'_, HashMap<Box<str>, Target>> {
+    fn lock_decisions(&self) -> std::sync::MutexGuard<'_, HashMap<Box<str>, Decision>> {
         // A map of plain values cannot be left inconsistent by a panic.
         self.decisions
             .lock()
@@ -107,10 +186,28 @@ impl Router {
     }
 
     /// Parses `sql` and decides.
-    fn decide(&self, sql: &str) -> Target {
+    fn decide(&self, sql: &str) -> Decision {
         let Ok(statements) = Parser::parse_sql(&PostgreSqlDialect {}, sql) else {
-            return Target::Primary;
+            // sqlparser has no RESET; anything else it cannot read is
+            // kept on the primary and ends the standby's use.
+            let effect = reset_key(sql).map_or(SessionEffect::SessionState, |key| {
+                SessionEffect::Setting { key }
+            });
+            return Decision {
+                target: Target::Primary,
+                effect,
+            };
         };
+        let target = self.target(&statements);
+        let effect = if target == Target::Standby {
+            SessionEffect::Read
+        } else {
+            session_effect(&statements)
+        };
+        Decision { target, effect }
+    }
+
+    fn target(&self, statements: &[Statement]) -> Target {
         if let Some(Statement::StartTransaction { modes, .. }) = statements.first() {
             let read_only = modes.contains(&TransactionMode::AccessMode(
                 TransactionAccessMode::ReadOnly,
@@ -127,10 +224,150 @@ impl Router {
         let mut check = ReadOnlyCheck {
             primary_functions: &self.primary_functions,
         };
-        match statements.visit(&mut check) {
-            ControlFlow::Continue(()) => Target::Standby,
-            ControlFlow::Break(()) => Target::Primary,
+        let breaks = statements
+            .iter()
+            .any(|statement| statement.visit(&mut check).is_break());
+        if breaks {
+            Target::Primary
+        } else {
+            Target::Standby
         }
+    }
+}
+
+/// `RESET name` or `RESET ALL` (read with sqlparser's tokenizer; its
+/// parser has no RESET): the setting's key, `*` for ALL.
+fn reset_key(sql: &str) -> Option<Box<str>> {
+    let tokens = Tokenizer::new(&PostgreSqlDialect {}, sql).tokenize().ok()?;
+    let mut words = tokens
+        .iter()
+        .filter(|t| !matches!(t, Token::Whitespace(_) | Token::SemiColon));
+    let Some(Token::Word(first)) = words.next() else {
+        return None;
+    };
+    if !first.value.eq_ignore_ascii_case("reset") {
+        return None;
+    }
+    let mut name = String::new();
+    for token in words {
+        match token {
+            Token::Word(word) if word.quote_style.is_none() => {
+                name.push_str(&word.value.to_lowercase())
+            }
+            Token::Word(word) => name.push_str(&word.value),
+            Token::Period => name.push('.'),
+            _ => return None,
+        }
+    }
+    match name.as_str() {
+        "" => None,
+        "all" => Some("*".into()),
+        _ => Some(name.into()),
+    }
+}
+
+/// What a statement list that does not only read leaves in a session.
+fn session_effect(statements: &[Statement]) -> SessionEffect {
+    use sqlparser::ast::{ContextModifier, DiscardObject, Set};
+    let [statement] = statements else {
+        // Several statements: a setting among them could not be replayed
+        // alone, so any effect but a plain write ends the standby's use.
+        let all_writes = !statements.is_empty()
+            && statements
+                .iter()
+                .all(|s| session_effect(std::slice::from_ref(s)) == SessionEffect::Write);
+        return if all_writes {
+            SessionEffect::Write
+        } else {
+            SessionEffect::SessionState
+        };
+    };
+    let mut calls = CallsSessionFunction;
+    if statement.visit(&mut calls).is_break() {
+        return SessionEffect::SessionState;
+    }
+    let setting = |key: String| SessionEffect::Setting { key: key.into() };
+    match statement {
+        Statement::Set(set) => match set {
+            Set::SingleAssignment {
+                scope: Some(ContextModifier::Local),
+                ..
+            }
+            | Set::SetTimeZone { local: true, .. }
+            | Set::SetRole {
+                context_modifier: Some(ContextModifier::Local),
+                ..
+            }
+            | Set::SetTransaction { session: false, .. } => SessionEffect::Transactional,
+            Set::SingleAssignment { variable, .. } => setting(variable.to_string().to_lowercase()),
+            Set::SetTimeZone { .. } => setting("timezone".into()),
+            Set::SetRole { .. } => setting("role".into()),
+            Set::SetNames { .. } => setting("client_encoding".into()),
+            Set::SetTransaction { session: true, .. } => setting("session characteristics".into()),
+            _ => SessionEffect::SessionState,
+        },
+        // They end or mark what ran before them, which decided already (a
+        // COMMIT ending a read-only transaction on the standby is no write).
+        Statement::Commit { .. }
+        | Statement::Rollback { .. }
+        | Statement::Savepoint { .. }
+        | Statement::ReleaseSavepoint { .. } => SessionEffect::Transactional,
+        Statement::Discard {
+            object_type: DiscardObject::ALL,
+        } => SessionEffect::DiscardAll,
+        Statement::Deallocate { name, .. }
+            if name.quote_style.is_none() && name.value.eq_ignore_ascii_case("all") =>
+        {
+            SessionEffect::DeallocateAll
+        }
+        Statement::Query(query) => match query.body.as_ref() {
+            SetExpr::Select(select) if select.into.as_ref().is_some_and(|i| i.temporary) => {
+                SessionEffect::SessionState
+            }
+            _ => SessionEffect::Write,
+        },
+        Statement::CreateTable(table) if !table.temporary => SessionEffect::Write,
+        Statement::CreateView { temporary, .. } | Statement::CreateSequence { temporary, .. }
+            if !*temporary =>
+        {
+            SessionEffect::Write
+        }
+        Statement::Insert(_)
+        | Statement::Update { .. }
+        | Statement::Delete(_)
+        | Statement::Merge { .. }
+        | Statement::Truncate { .. }
+        | Statement::Copy { .. }
+        | Statement::StartTransaction { .. }
+        | Statement::CreateIndex(_)
+        | Statement::CreateSchema { .. }
+        | Statement::AlterTable { .. }
+        | Statement::Drop { .. }
+        | Statement::Grant { .. }
+        | Statement::Revoke { .. }
+        | Statement::Comment { .. }
+        | Statement::Analyze { .. }
+        | Statement::Vacuum(_) => SessionEffect::Write,
+        _ => SessionEffect::SessionState,
+    }
+}
+
+/// Breaks on a call to a function whose effect lasts the session.
+struct CallsSessionFunction;
+
+impl Visitor for CallsSessionFunction {
+    type Break = ();
+
+    fn pre_visit_expr(&mut self, expr: &Expr) -> ControlFlow<()> {
+        if let Expr::Function(function) = expr {
+            if let Some(ObjectNamePart::Identifier(ident)) = function.name.0.last() {
+                let name = ident.value.to_lowercase();
+                if SESSION_STATE_FUNCTIONS.contains(&name.as_str()) {
+                    return ControlFlow::Break(());
+                }
+            }
+        }
+        ControlFlow::Continue(())
     }
 }
 
@@ -222,9 +459,13 @@ mod tests {
         assert_eq!(router.lock_decisions().len(), 2);
         // A remembered decision is what is answered (the parser is not
         // asked again).
-        router
-            .lock_decisions()
-            .insert("SELECT 1".into(), Target::Primary);
+        router.lock_decisions().insert(
+            "SELECT 1".into(),
+            Decision {
+                target: Target::Primary,
+                effect: SessionEffect::Write,
+            },
+        );
         assert_eq!(router.route("SELECT 1"), Target::Primary);
         for i in 0..CACHED_DECISIONS + 10 {
             router.route(&format!("SELECT {i}"));
@@ -233,5 +474,83 @@ mod tests {
         let long = format!("SELECT '{}'", "x".repeat(CACHED_STATEMENT_BYTES));
         assert_eq!(router.route(&long), Target::Standby);
         assert!(!router.lock_decisions().contains_key(long.as_str()));
+    }
+
+    #[test]
+    fn session_effects_tell_settings_writes_and_state_the_standby_cannot_see() {
+        let router = Router::new(&["audit_log".to_owned()]);
+        let effect = |sql: &str| router.decision(sql).effect;
+        let setting = |key: &str| SessionEffect::Setting { key: key.into() };
+        assert_eq!(effect("SELECT 1"), SessionEffect::Read);
+        assert_eq!(effect("BEGIN READ ONLY"), SessionEffect::Read);
+        assert_eq!(
+            effect("SET application_name = 'x'"),
+            setting("application_name")
+        );
+        assert_eq!(
+            effect("set SESSION Search_Path TO a, b"),
+            setting("search_path")
+        );
+        assert_eq!(effect("SET TIME ZONE 'UTC'"), setting("timezone"));
+        assert_eq!(effect("SET ROLE app"), setting("role"));
+        assert_eq!(
+            effect("RESET application_name"),
+            setting("application_name")
+        );
+        assert_eq!(effect("reset ALL"), setting("*"));
+        assert_eq!(
+            effect("SET LOCAL work_mem = '8MB'"),
+            SessionEffect::Transactional
+        );
+        assert_eq!(
+            effect("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE"),
+            SessionEffect::Transactional
+        );
+        assert_eq!(effect("DISCARD ALL"), SessionEffect::DiscardAll);
+        assert_eq!(effect("DEALLOCATE ALL"), SessionEffect::DeallocateAll);
+        assert_eq!(
+            effect("DEALLOCATE PREPARE all"),
+            SessionEffect::DeallocateAll
+        );
+        assert_eq!(effect("DEALLOCATE p1"), SessionEffect::SessionState);
+        assert_eq!(effect("COMMIT"), SessionEffect::Transactional);
+        assert_eq!(
+            effect("ROLLBACK TO SAVEPOINT a"),
+            SessionEffect::Transactional
+        );
+        for sql in [
+            "INSERT INTO t VALUES (1)",
+            "UPDATE t SET a = 1",
+            "DELETE FROM t",
+            "BEGIN",
+            "CREATE TABLE t (a int)",
+            "SELECT nextval('s')",
+            "SELECT audit_log('x')",
+            "SELECT * FROM t FOR UPDATE",
+            "INSERT INTO t VALUES (1); UPDATE t SET a = 2",
+        ] {
+            assert_eq!(effect(sql), SessionEffect::Write, "{sql}");
+        }
+        for sql in [
+            "CREATE TEMP TABLE t (a int)",
+            "CREATE TEMPORARY VIEW v AS SELECT 1",
+            "SELECT 1 INTO TEMP t",
+            "LISTEN channel",
+            "PREPARE p AS SELECT 1",
+            "DECLARE c CURSOR WITH HOLD FOR SELECT 1",
+            "SELECT pg_advisory_lock(1)",
+            "SELECT pg_advisory_unlock(1)",
+            "SELECT set_config('a.b', 'c', false)",
+            "DISCARD TEMP",
+            "SET a = 1; SELECT 1",
+            "this is not sql",
+        ] {
+            assert_eq!(effect(sql), SessionEffect::SessionState, "{sql}");
+        }
+        // Unlocking runs where the lock is, never on a standby.
+        assert_eq!(
+            router.route("SELECT pg_advisory_unlock(1)"),
+            Target::Primary
+        );
     }
 }

@@ -10,6 +10,10 @@
 //! tells when a skipped Parse or Close must be answered by the pooler, when
 //! an injected Parse's ParseComplete must be swallowed, and when the
 //! transaction is over so the connection goes back to the pool.
+//!
+//! Session pools with `read_write_split` run the same bookkeeping, with
+//! the session's own primary and standby connections in place of the pool
+//! (see `session_split`).
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -29,6 +33,8 @@ use super::{
     auth_query,
     pool::{Pool, PoolError, PooledServer},
     protocol::{self, FrontendMessage, ProtocolError, Startup},
+    route::{SessionEffect, Target},
+    session_split::{Parked, PinReason, ReplayError, SessionSplit},
     CancelTarget, ClientEntry, ClientPeer, Pooler,
 };
 use crate::config::PoolMode;
@@ -625,6 +631,8 @@ struct Relay<S> {
     terminated: bool,
     /// Reused for messages that are rewritten.
     scratch: Vec<u8>,
+    /// Set in a session pool with the read/write split.
+    split: Option<SessionSplit>,
 }
 
 impl<S: ClientStream> Relay<S> {
@@ -641,11 +649,13 @@ impl<S: ClientStream> Relay<S> {
             cout: BytesMut::with_capacity(16 * 1024),
             sout: BytesMut::with_capacity(8 * 1024),
             mode: pool.settings.mode,
-            standbys: if pooler.router.is_some() && pool.settings.mode == PoolMode::Transaction {
+            standbys: if pooler.router.is_some() {
                 pooler.standby_pools(&entry.database, &entry.user)
             } else {
                 Vec::new()
             },
+            split: (pooler.router.is_some() && pool.settings.mode == PoolMode::Session)
+                .then(SessionSplit::default),
             server_pool: pool.clone(),
             sticky_primary: false,
             pool,
@@ -717,6 +727,18 @@ impl<S: ClientStream> Relay<S> {
                     self.handle_server()?;
                     self.maybe_release();
                     self.flush_client().await?;
+                    if self.pending.is_empty()
+                        && self.split.as_ref().is_some_and(|split| split.deferred)
+                    {
+                        // The standby answered all: the held statement goes on.
+                        if let Some(split) = self.split.as_mut() {
+                            split.deferred = false;
+                        }
+                        self.handle_client().await?;
+                        if self.terminated {
+                            return Ok(());
+                        }
+                    }
                 }
             }
         }
@@ -776,7 +798,7 @@ impl<S: ClientStream> Relay<S> {
             {
                 self.pool = pool;
             }
-            if self.pooler.router.is_some() && self.mode == PoolMode::Transaction {
+            if self.pooler.router.is_some() {
                 self.standbys = self
                     .pooler
                     .standby_pools(&self.entry.database, &self.entry.user);
@@ -789,6 +811,9 @@ impl<S: ClientStream> Relay<S> {
     /// message in `cbuf` and borrows a connection from it: a standby (the
     /// least busy) for reads when the split is on, else the primary.
     async fn route(&mut self) -> Result<(Arc<Pool>, PooledServer), SessionError> {
+        if self.split.is_some() {
+            return self.route_split().await;
+        }
         if !self.standbys.is_empty() && !self.sticky_primary {
             if let Some(router) = self.pooler.router.as_ref() {
                 // A batch without SQL (Sync, Close) goes to the primary
@@ -814,6 +839,11 @@ impl<S: ClientStream> Relay<S> {
                 }
             }
         }
+        self.borrow_primary().await
+    }
+
+    /// A connection from the primary's pool.
+    async fn borrow_primary(&mut self) -> Result<(Arc<Pool>, PooledServer), SessionError> {
         // A paused pooler holds transactions for the primary (see `pause`);
         // once released they go to whichever server is the primary then.
         let held = self
@@ -839,26 +869,289 @@ impl<S: ClientStream> Relay<S> {
             // transaction waits like the others (a drain counts borrowed
             // connections, so it waited for this one).
             self.pool.release(server);
-            return Box::pin(self.route()).await;
+            return Box::pin(self.borrow_primary()).await;
         }
         Ok((self.pool.clone(), server))
     }
 
-    /// The SQL of the whole first message in `cbuf`, if it carries any.
-    fn first_sql(&self) -> Option<&str> {
-        let (_, len) = protocol::frame(&self.cbuf).ok()??;
-        let frame = self.cbuf.get(..len)?;
-        match FrontendMessage::parse(frame).ok()? {
-            FrontendMessage::Query { sql } => Some(sql),
-            FrontendMessage::Parse { sql, .. } => Some(sql),
-            FrontendMessage::Bind { statement, .. } if !statement.is_empty() => {
-                self.statements.get(statement).map(|p| p.sql.as_str())
+    /// Session pool with the split: the statement at the front of `cbuf`
+    /// runs on the session's standby connection when it only reads and
+    /// the session is not pinned to the primary, else on the session's
+    /// primary connection (each borrowed on first use).
+    async fn route_split(&mut self) -> Result<(Arc<Pool>, PooledServer), SessionError> {
+        let primary = self.pooler.primary();
+        let reads = match (self.pooler.router.as_ref(), self.first_sql()) {
+            (Some(router), Some(sql)) => router.route(sql) == Target::Standby,
+            _ => false,
+        };
+        let no_sql = self.only_syncs_and_closes();
+        let split = self.split.as_mut().expect("a split session");
+        if no_sql && !split.pinned() {
+            // A driver's Close and Sync of a dropped statement: any
+            // connection answers them, the parked standby included.
+            if let Some((pool, server)) = split.standby.take() {
+                if server.conn.looks_alive() {
+                    split.on_standby = true;
+                    return Ok((pool, server));
+                }
+                self.pooler
+                    .split_stats
+                    .standby_lost
+                    .fetch_add(1, Ordering::Relaxed);
             }
-            _ => None,
+        }
+        if let Some((pool, _)) = &split.primary {
+            if pool.key.addr != primary {
+                return Err(SessionError::PrimaryMoved {
+                    old: pool.key.addr,
+                    new: primary,
+                });
+            }
+        }
+        if split.pinned() {
+            self.give_back_standby().await;
+        } else if reads {
+            if let Some(parked) = self.standby_for_read().await {
+                self.split_mut().on_standby = true;
+                return Ok(parked);
+            }
+        }
+        let split = self.split_mut();
+        split.on_standby = false;
+        if let Some(parked) = split.primary.take() {
+            return Ok(parked);
+        }
+        self.borrow_primary().await
+    }
+
+    /// Every whole message in `cbuf` is a Close, Sync or Flush.
+    fn only_syncs_and_closes(&self) -> bool {
+        let mut at = 0;
+        let mut any = false;
+        while let Some(rest) = self.cbuf.get(at..) {
+            match protocol::frame(rest) {
+                Ok(Some((b'C' | b'S' | b'H', len))) if rest.len() >= len => {
+                    at += len;
+                    any = true;
+                }
+                Ok(None) => break,
+                _ => return false,
+            }
+        }
+        any
+    }
+
+    fn split_mut(&mut self) -> &mut SessionSplit {
+        self.split.as_mut().expect("a split session")
+    }
+
+    /// The session's standby connection, borrowed now if it has none or
+    /// the one it had died or no longer takes reads (lag, role change);
+    /// `None` sends the read to the primary.
+    async fn standby_for_read(&mut self) -> Option<Parked> {
+        if let Some((pool, mut server)) = self.split_mut().standby.take() {
+            let readable = self.standbys.iter().any(|p| Arc::ptr_eq(p, &pool));
+            if readable && server.conn.looks_alive() {
+                let pooler = self.pooler.clone();
+                let split = self.split_mut();
+                match split.replay(&mut server, &pooler.split_stats).await {
+                    Ok(()) => return Some((pool, server)),
+                    Err(ReplayError::Refused(message)) => {
+                        info!(server = %pool.key.addr, %message, "a standby refused a session setting; the session stays on the primary");
+                        split.pin(PinReason::SettingRefused, &pooler.split_stats);
+                        self.give_back((pool, server)).await;
+                        return None;
+                    }
+                    // Gone since: choose again below.
+                    Err(ReplayError::Connection) => return Box::pin(self.standby_for_read()).await,
+                }
+            }
+            // Dropped: its server is gone, or it is reset and returned.
+            self.pooler
+                .split_stats
+                .standby_lost
+                .fetch_add(1, Ordering::Relaxed);
+            info!(server = %pool.key.addr, readable, "the session's standby connection is gone or its server no longer takes reads; reads choose again");
+            if readable {
+                drop(server);
+            } else {
+                self.give_back((pool, server)).await;
+            }
+        }
+        // Least busy first; a full pool is skipped rather than waited for
+        // (the primary can take the read at once).
+        let mut candidates = self.standbys.clone();
+        candidates.sort_by_key(|pool| pool.active_count());
+        for pool in candidates {
+            let mut server = match pool.get_now().await {
+                Ok(Some(server)) => server,
+                Ok(None) => continue,
+                Err(error) => {
+                    debug!(error = %crate::error_chain(&error), "standby unavailable; trying the next or the primary");
+                    continue;
+                }
+            };
+            let pooler = self.pooler.clone();
+            pooler
+                .split_stats
+                .standby_borrowed
+                .fetch_add(1, Ordering::Relaxed);
+            let split = self.split_mut();
+            split.new_standby();
+            match split.replay(&mut server, &pooler.split_stats).await {
+                Ok(()) => return Some((pool, server)),
+                Err(ReplayError::Refused(message)) => {
+                    info!(server = %pool.key.addr, %message, "a standby refused a session setting; the session stays on the primary");
+                    split.pin(PinReason::SettingRefused, &pooler.split_stats);
+                    self.give_back((pool, server)).await;
+                    return None;
+                }
+                Err(ReplayError::Connection) => {
+                    debug!(server = %pool.key.addr, "standby connection failed while taking the session's settings");
+                }
+            }
+        }
+        None
+    }
+
+    /// Resets a parked session connection and returns it to its pool, in
+    /// a task of its own (the client's next statement does not wait).
+    async fn give_back(&mut self, (pool, mut server): Parked) {
+        tokio::spawn(async move {
+            if let Ok(Ok(())) = tokio::time::timeout(RESET_TIMEOUT, reset(&mut server)).await {
+                pool.release(server);
+            }
+        });
+    }
+
+    /// The session's standby connection goes back to its pool (pinned,
+    /// or after DISCARD ALL).
+    async fn give_back_standby(&mut self) {
+        if let Some(parked) = self.split.as_mut().and_then(|split| split.standby.take()) {
+            self.give_back(parked).await;
+        }
+    }
+
+    /// What a Query or Parse whole at the front of `cbuf` (`len` bytes)
+    /// leaves in the session; with the SQL when it is a setting to replay.
+    fn message_effect(&self, len: usize) -> Option<(Target, SessionEffect, Option<String>)> {
+        let router = self.pooler.router.as_ref()?;
+        let frame = self.cbuf.get(..len)?;
+        let sql = match FrontendMessage::parse(frame).ok()? {
+            FrontendMessage::Query { sql } | FrontendMessage::Parse { sql, .. } => sql,
+            _ => return None,
+        };
+        let decision = router.decision(sql);
+        let text = matches!(decision.effect, SessionEffect::Setting { .. }).then(|| sql.to_owned());
+        Some((decision.target, decision.effect, text))
+    }
+
+    /// Applies what a statement sent to the active connection leaves in
+    /// the session (see `session_split` for the rule).
+    async fn apply_effect(&mut self, effect: SessionEffect, sql: Option<String>) {
+        let read_your_writes = self.pooler.config.read_your_writes;
+        let pooler = self.pooler.clone();
+        let stats = &pooler.split_stats;
+        // Outside a transaction block, and nothing in flight that could
+        // open one (only executing messages can): a setting lasts the
+        // session.
+        let outside_block = self.status == b'I'
+            && !self
+                .pending
+                .iter()
+                .any(|pending| matches!(pending, Pending::Query | Pending::Execute));
+        let split = self.split_mut();
+        match effect {
+            SessionEffect::Read | SessionEffect::Transactional => {}
+            SessionEffect::Setting { key } => {
+                if outside_block && !split.on_standby {
+                    split.record_setting(&key, sql.as_deref().unwrap_or_default(), stats);
+                } else {
+                    split.pin(PinReason::SettingInTransaction, stats);
+                }
+            }
+            SessionEffect::Write => {
+                if read_your_writes {
+                    split.pin(PinReason::Write, stats);
+                }
+            }
+            SessionEffect::SessionState => {
+                split.pin(PinReason::SessionState, stats);
+            }
+            SessionEffect::DeallocateAll => {
+                // Not transactional: whatever the block, the connection's
+                // statements are gone once it runs.
+                self.statements.clear();
+                if let Some(server) = self.server.as_mut() {
+                    server.conn.prepared.clear();
+                }
+            }
+            SessionEffect::DiscardAll => {
+                if outside_block && !split.on_standby {
+                    split.forget_settings();
+                    self.statements.clear();
+                    if let Some(server) = self.server.as_mut() {
+                        server.conn.prepared.clear();
+                    }
+                    self.give_back_standby().await;
+                }
+            }
+        }
+        if self.split.as_ref().is_some_and(SessionSplit::pinned) {
+            self.give_back_standby().await;
+        }
+    }
+
+    /// Transaction mode, or a session pool with the split: the relay
+    /// follows the protocol (expected responses, renamed statements).
+    fn tracks(&self) -> bool {
+        self.mode == PoolMode::Transaction || self.split.is_some()
+    }
+
+    /// The SQL of the whole first message in `cbuf`, if it carries any.
+    /// A split session looks past leading messages without SQL (a
+    /// driver's Close and Sync of a dropped statement sent ahead of its
+    /// next query), which may run on either connection.
+    fn first_sql(&self) -> Option<&str> {
+        let mut at = 0;
+        loop {
+            let rest = self.cbuf.get(at..)?;
+            let (tag, len) = protocol::frame(rest).ok()??;
+            let frame = rest.get(..len)?;
+            match FrontendMessage::parse(frame).ok()? {
+                FrontendMessage::Query { sql } => return Some(sql),
+                FrontendMessage::Parse { sql, .. } => return Some(sql),
+                FrontendMessage::Bind { statement, .. } if !statement.is_empty() => {
+                    return self.statements.get(statement).map(|p| p.sql.as_str())
+                }
+                _ if self.split.is_some() && matches!(tag, b'C' | b'S' | b'H') => at += len,
+                _ => return None,
+            }
         }
     }
 
     fn release(&mut self) {
+        if let Some(split) = self.split.as_mut() {
+            // A pinned session keeps its primary connection active, as a
+            // plain session pool does (notifications reach the client).
+            if split.pinned() && !split.on_standby {
+                return;
+            }
+            if let Some(server) = self.server.take() {
+                self.entry.set_server(None);
+                self.server_pool
+                    .stats
+                    .transactions
+                    .fetch_add(1, Ordering::Relaxed);
+                let parked = Some((self.server_pool.clone(), server));
+                if split.on_standby {
+                    split.standby = parked;
+                } else {
+                    split.primary = parked;
+                }
+            }
+            return;
+        }
         if let Some(server) = self.server.take() {
             self.entry.set_server(None);
             self.server_pool
@@ -893,8 +1186,7 @@ impl<S: ClientStream> Relay<S> {
             else {
                 break;
             };
-            let mut rewrite =
-                self.mode == PoolMode::Transaction && matches!(tag, b'P' | b'B' | b'D' | b'C');
+            let mut rewrite = self.tracks() && matches!(tag, b'P' | b'B' | b'D' | b'C');
             // Unnamed statements and portals pass through as bytes.
             let passthrough = if rewrite {
                 unnamed_expectation(tag, &self.cbuf, len)
@@ -904,7 +1196,8 @@ impl<S: ClientStream> Relay<S> {
             if passthrough.is_some() {
                 rewrite = false;
             }
-            if (rewrite || tag == b'X' || tag == b'Q') && self.cbuf.len() < len {
+            let split_sql = self.split.is_some() && matches!(tag, b'Q' | b'P');
+            if (rewrite || tag == b'X' || tag == b'Q' || split_sql) && self.cbuf.len() < len {
                 self.cbuf.reserve(len - self.cbuf.len());
                 break;
             }
@@ -913,7 +1206,42 @@ impl<S: ClientStream> Relay<S> {
                 self.cbuf.advance(len);
                 break;
             }
+            let effect = if split_sql {
+                self.message_effect(len)
+            } else {
+                None
+            };
+            if let (Some((target, ..)), Some(split)) = (&effect, self.split.as_mut()) {
+                let wants_standby = *target == Target::Standby && !split.pinned();
+                // A statement for the other connection, after the last
+                // batch was closed (by Sync or a simple Query: messages
+                // before a Sync belong to one implicit transaction).
+                let batch_closed = matches!(
+                    self.pending.back(),
+                    None | Some(Pending::Sync | Pending::Query)
+                );
+                if self.server.is_some() && wants_standby != split.on_standby && batch_closed {
+                    if !self.pending.is_empty() {
+                        // It waits for the answers still due (they tell
+                        // whether a transaction block is open), then is
+                        // routed (see `run`).
+                        split.deferred = true;
+                        break;
+                    }
+                    if self.status == b'I' && self.server_left == 0 {
+                        // Idle: park this connection and route anew.
+                        self.release();
+                    }
+                }
+            }
             self.ensure_server().await?;
+            if let Some((_, effect, sql)) = effect {
+                self.apply_effect(effect, sql).await;
+            } else if tag == b'F' && self.split.is_some() {
+                // A fast-path function call (large objects and the like):
+                // what it leaves is unknown, so the session stays put.
+                self.apply_effect(SessionEffect::SessionState, None).await;
+            }
             if let Some(pending) = passthrough {
                 self.push(pending);
             }
@@ -929,7 +1257,7 @@ impl<S: ClientStream> Relay<S> {
                 rewritten?;
                 continue;
             }
-            if self.mode == PoolMode::Transaction {
+            if self.tracks() {
                 match tag {
                     b'E' => self.push(Pending::Execute),
                     b'S' => {
@@ -1098,7 +1426,7 @@ impl<S: ClientStream> Relay<S> {
             return Ok(());
         };
         let buf = &mut server.conn.buf;
-        let transaction = self.mode == PoolMode::Transaction;
+        let transaction = self.mode == PoolMode::Transaction || self.split.is_some();
         loop {
             if self.server_left > 0 {
                 let n = self.server_left.min(buf.len());
@@ -1183,7 +1511,7 @@ impl<S: ClientStream> Relay<S> {
     /// Transaction mode: the server goes back once the transaction is over
     /// and nothing is in flight.
     fn maybe_release(&mut self) {
-        if self.mode == PoolMode::Transaction
+        if self.tracks()
             && self.status == b'I'
             && self.pending.is_empty()
             && self.server_left == 0
@@ -1210,6 +1538,31 @@ impl<S: ClientStream> Relay<S> {
     /// pool (reset with DISCARD ALL in session mode); one busy with a query
     /// is cancelled and closed; the client hears why if the server failed.
     async fn finish(&mut self, result: &Result<(), SessionError>) {
+        self.finish_active(result).await;
+        self.finish_parked().await;
+    }
+
+    /// Split session: the parked connections are idle; they are reset and
+    /// go back, except one to a server that is no longer the primary or
+    /// that closed.
+    async fn finish_parked(&mut self) {
+        let Some(mut split) = self.split.take() else {
+            return;
+        };
+        let primary = self.pooler.primary();
+        if let Some(parked) = split.primary.take() {
+            if parked.0.key.addr == primary && parked.1.conn.looks_alive() {
+                self.give_back(parked).await;
+            }
+        }
+        if let Some(parked) = split.standby.take() {
+            if parked.1.conn.looks_alive() {
+                self.give_back(parked).await;
+            }
+        }
+    }
+
+    async fn finish_active(&mut self, result: &Result<(), SessionError>) {
         if let Err(error) = result {
             let message = match error {
                 SessionError::ServerClosed | SessionError::ServerIo(_) => Some((
