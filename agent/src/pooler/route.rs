@@ -75,7 +75,8 @@ pub enum SessionEffect {
     /// sets, so a later setting of the same key replaces it; `*` is
     /// `RESET ALL`, which replaces every earlier one.
     Setting { key: Box<str> },
-    /// `SET LOCAL`, `SET TRANSACTION`: nothing outlives the transaction.
+    /// Nothing outlives the transaction: `SET LOCAL`, `SET TRANSACTION`,
+    /// `COMMIT`, `ROLLBACK`, savepoints, `SHOW`.
     Transactional,
     /// Changes data or schema, leaves nothing in the session: the session
     /// reads from the primary afterwards only with `read_your_writes`.
@@ -311,7 +312,10 @@ fn session_effect(statements: &[Statement]) -> SessionEffect {
         Statement::Commit { .. }
         | Statement::Rollback { .. }
         | Statement::Savepoint { .. }
-        | Statement::ReleaseSavepoint { .. } => SessionEffect::Transactional,
+        | Statement::ReleaseSavepoint { .. }
+        | Statement::ShowVariable { .. } => SessionEffect::Transactional,
+        // EXPLAIN ANALYZE runs the statement.
+        Statement::Explain { .. } => SessionEffect::Write,
         Statement::Discard {
             object_type: DiscardObject::ALL,
         } => SessionEffect::DiscardAll,
@@ -514,6 +518,11 @@ mod tests {
         );
         assert_eq!(effect("DEALLOCATE p1"), SessionEffect::SessionState);
         assert_eq!(effect("COMMIT"), SessionEffect::Transactional);
+        assert_eq!(effect("SHOW search_path"), SessionEffect::Transactional);
+        assert_eq!(
+            effect("EXPLAIN ANALYZE INSERT INTO t VALUES (1)"),
+            SessionEffect::Write
+        );
         assert_eq!(
             effect("ROLLBACK TO SAVEPOINT a"),
             SessionEffect::Transactional

@@ -886,20 +886,17 @@ impl<S: ClientStream> Relay<S> {
         };
         let no_sql = self.only_syncs_and_closes();
         let split = self.split.as_mut().expect("a split session");
-        if no_sql && !split.pinned() {
+        if no_sql && !split.pinned() && split.standby.is_some() {
             // A driver's Close and Sync of a dropped statement: any
-            // connection answers them, the parked standby included.
-            if let Some((pool, server)) = split.standby.take() {
-                if server.conn.looks_alive() {
-                    split.on_standby = true;
-                    return Ok((pool, server));
-                }
-                self.pooler
-                    .split_stats
-                    .standby_lost
-                    .fetch_add(1, Ordering::Relaxed);
+            // connection answers them, the parked standby included (made
+            // ready for reads, as a query that follows in the same batch
+            // goes there too).
+            if let Some(parked) = self.standby_for_read().await {
+                self.split_mut().on_standby = true;
+                return Ok(parked);
             }
         }
+        let split = self.split_mut();
         if let Some((pool, _)) = &split.primary {
             if pool.key.addr != primary {
                 return Err(SessionError::PrimaryMoved {
