@@ -110,15 +110,32 @@ fn md5_secret() -> String {
 
 /// `unix_dir`: the server's socket directory, to reach it through its
 /// Unix socket instead of TCP (`pooler.unix_socket_dir`).
+/// How one Farol target runs.
+#[derive(Default)]
+struct FarolSetup<'a> {
+    /// `transaction` or `session`.
+    mode: &'a str,
+    /// `unix_socket_dir`: reach PostgreSQL through its socket.
+    unix_dir: Option<&'a Path>,
+    /// `listen_socket_dir`: take clients on a socket in this directory.
+    listen_socket_dir: Option<&'a Path>,
+    /// `read_write_split` with this standby's port.
+    standby: Option<u16>,
+}
+
 fn start_farol(
     dir: &Path,
     agent: &Path,
-    mode: &str,
     primary: u16,
     clients: usize,
-    unix_dir: Option<&Path>,
-    listen_socket_dir: Option<&Path>,
+    setup: &FarolSetup,
 ) -> Result<(Proc, u16)> {
+    let FarolSetup {
+        mode,
+        unix_dir,
+        listen_socket_dir,
+        standby,
+    } = *setup;
     let port = free_port()?;
     // A session holds its server connection until it leaves: clients past
     // the pool would wait for the whole run and time out (53300).
@@ -162,6 +179,9 @@ pool_size = {pool_size}
             .filter_map(
                 |(key, dir)| dir.map(|dir| format!("{key} = {:?}\n", dir.display().to_string()))
             )
+            .chain(standby.map(|port| {
+                format!("standbys = [\"127.0.0.1:{port}\"]\nread_write_split = true\n")
+            }))
             .collect::<String>(),
         ),
     )?;
@@ -241,7 +261,10 @@ fn start_haproxy_relay(dir: &Path, primary: u16) -> Result<(Proc, u16)> {
     std::fs::write(
         &config,
         format!(
-            "global\n    maxconn 4000\n\n             defaults\n    mode tcp\n    timeout connect 5s\n    timeout client 120s\n                 timeout server 120s\n\n             listen relay\n    bind 127.0.0.1:{port}\n    server primary 127.0.0.1:{primary}\n"
+            "global\n    maxconn 4000\n\n\
+             defaults\n    mode tcp\n    timeout connect 5s\n    timeout client 120s\n\
+             \x20   timeout server 120s\n\n\
+             listen relay\n    bind 127.0.0.1:{port}\n    server primary 127.0.0.1:{primary}\n"
         ),
     )?;
     let child = Command::new("haproxy")
@@ -270,6 +293,34 @@ fn start_pgpool(dir: &Path, primary: u16, clients: usize) -> Result<(Proc, u16)>
             backends: &[("127.0.0.1", primary, "ALWAYS_PRIMARY", 1)],
             children: clients.max(32),
             extra: "load_balance_mode = off\nsr_check_period = 0\nhealth_check_period = 0\n\
+                    log_min_messages = warning\n",
+        },
+    )
+}
+
+/// pgpool-II balancing reads over the primary and the standby (weights
+/// 0 and 1: every read on the standby, as Farol's split sends them).
+fn start_pgpool_split(
+    dir: &Path,
+    primary: u16,
+    standby: u16,
+    clients: usize,
+) -> Result<(Proc, u16)> {
+    let dir = dir.join("pgpool-split");
+    std::fs::create_dir_all(&dir)?;
+    let (uid, gid) = postgres_ids()?;
+    std::os::unix::fs::chown(&dir, Some(uid), Some(gid))?;
+    start_pgpool_with(
+        &dir,
+        &PgpoolSetup {
+            netns: None,
+            listen: "127.0.0.1",
+            backends: &[
+                ("127.0.0.1", primary, "ALWAYS_PRIMARY", 0),
+                ("127.0.0.1", standby, "DISALLOW_TO_FAILOVER", 1),
+            ],
+            children: clients.max(32),
+            extra: "load_balance_mode = on\nsr_check_period = 0\nhealth_check_period = 0\n\
                     log_min_messages = warning\n",
         },
     )
@@ -353,6 +404,36 @@ pub fn start_pgpool_with(dir: &Path, setup: &PgpoolSetup) -> Result<(Proc, u16)>
     };
     wait_port_at(setup.netns, setup.listen, port, "pgpool")?;
     Ok((proc, port))
+}
+
+/// Every target, in the order they run. `-unix`: the pooler reaches
+/// PostgreSQL through its Unix socket. `-socket`: pgbench reaches the
+/// target through a Unix socket too (compared with `direct-socket`,
+/// PostgreSQL's own socket). `-split`: read/write split with a streaming
+/// standby taking the reads (pgpool-II: `load_balance_mode`).
+const TARGETS: [&str; 14] = [
+    "direct",
+    "farol-transaction",
+    "farol-transaction-unix",
+    "farol-baseline-transaction",
+    "farol-session",
+    "pgbouncer-transaction",
+    "pgbouncer-transaction-unix",
+    "pgpool",
+    "haproxy-tcp",
+    "direct-socket",
+    "farol-transaction-socket",
+    "pgbouncer-transaction-socket",
+    "farol-transaction-split",
+    "pgpool-split",
+];
+
+/// FAROL_BENCH_TARGETS / FAROL_BENCH_WORKLOADS: comma lists to run a
+/// subset; everything when unset.
+fn selected(var: &str, name: &str) -> bool {
+    std::env::var(var)
+        .map(|list| list.split(',').any(|item| item.trim() == name))
+        .unwrap_or(true)
 }
 
 /// A started process and its port, as a target's.
@@ -439,7 +520,11 @@ pub fn run() -> Result<BenchReport> {
     // Every target holds its own server connections at once (up to 50 per
     // pooler, plus pgpool's children and the relay's): 200 would refuse
     // direct's clients at -c 50.
-    let pg = PgCluster::start_with("bench", false, &["-c", "max_connections=800"])?;
+    // The `-split` targets send reads to a streaming standby.
+    let split = TARGETS
+        .iter()
+        .any(|t| t.ends_with("-split") && selected("FAROL_BENCH_TARGETS", t));
+    let pg = PgCluster::start_with("bench", split, &["-c", "max_connections=800"])?;
     pg.primary
         .psql("postgres", &format!("CREATE ROLE {USER} LOGIN"))?;
     pg.primary
@@ -462,6 +547,7 @@ pub fn run() -> Result<BenchReport> {
             .stdout(Stdio::null())
             .stderr(Stdio::null()),
     )?;
+    pg.wait_standby_caught_up()?;
     let dir: PathBuf =
         std::env::temp_dir().join(format!("farol-bench-pooler-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
@@ -477,12 +563,6 @@ pub fn run() -> Result<BenchReport> {
     ];
     let mut report = BenchReport::new("pooler");
     let mut table: Vec<Row> = Vec::new();
-    // FAROL_BENCH_TARGETS / FAROL_BENCH_WORKLOADS: comma lists to run a subset.
-    let only = |var: &str, name: &str| {
-        std::env::var(var)
-            .map(|list| list.split(',').any(|item| item.trim() == name))
-            .unwrap_or(true)
-    };
     let rounds: usize = std::env::var("FAROL_BENCH_ROUNDS")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -491,47 +571,64 @@ pub fn run() -> Result<BenchReport> {
         // Every target runs at once (idle ones cost nothing) so the rounds
         // can interleave them: the machine's load drifts, and each case
         // sees the same drift. The median round is reported.
-        // `-unix`: the pooler reaches PostgreSQL through its Unix socket.
-        // `-socket`: pgbench reaches the target through a Unix socket too
-        // (compared with `direct-socket`, PostgreSQL's own socket).
-        let all = [
-            "direct",
-            "farol-transaction",
-            "farol-transaction-unix",
-            "farol-baseline-transaction",
-            "farol-session",
-            "pgbouncer-transaction",
-            "pgbouncer-transaction-unix",
-            "pgpool",
-            "haproxy-tcp",
-            "direct-socket",
-            "farol-transaction-socket",
-            "pgbouncer-transaction-socket",
-        ];
         let socket_dir = pg.primary.data.as_path();
         let primary = pg.primary.port;
         let loopback = "127.0.0.1".to_owned();
         // (name, host for pgbench, port, the process).
         let mut targets: Vec<(&str, String, u16, Option<Proc>)> = Vec::new();
-        for target in all.into_iter().filter(|t| only("FAROL_BENCH_TARGETS", t)) {
-            let farol = |agent: &Path, mode: &str, unix: Option<&Path>, listen: Option<&Path>| {
-                start_farol(&dir, agent, mode, primary, clients, unix, listen)
+        let standby = pg.standby.as_ref().map(|standby| standby.port);
+        for target in TARGETS
+            .into_iter()
+            .filter(|t| selected("FAROL_BENCH_TARGETS", t))
+        {
+            let farol = |agent: &Path, setup: FarolSetup| {
+                start_farol(&dir, agent, primary, clients, &setup)
+            };
+            let transaction = FarolSetup {
+                mode: "transaction",
+                ..FarolSetup::default()
             };
             let started = match target {
                 "direct" => Ok((None, primary)),
                 "direct-socket" => Ok((None, primary)),
-                "farol-transaction" => farol(&agent, "transaction", None, None).map(some),
-                "farol-transaction-unix" => {
-                    farol(&agent, "transaction", Some(socket_dir), None).map(some)
-                }
-                "farol-transaction-socket" => {
-                    farol(&agent, "transaction", Some(socket_dir), Some(&dir)).map(some)
-                }
+                "farol-transaction" => farol(&agent, transaction).map(some),
+                "farol-transaction-unix" => farol(
+                    &agent,
+                    FarolSetup {
+                        unix_dir: Some(socket_dir),
+                        ..transaction
+                    },
+                )
+                .map(some),
+                "farol-transaction-socket" => farol(
+                    &agent,
+                    FarolSetup {
+                        unix_dir: Some(socket_dir),
+                        listen_socket_dir: Some(&dir),
+                        ..transaction
+                    },
+                )
+                .map(some),
+                "farol-transaction-split" => farol(
+                    &agent,
+                    FarolSetup {
+                        standby,
+                        ..transaction
+                    },
+                )
+                .map(some),
                 "farol-baseline-transaction" => match &baseline {
-                    Some(baseline) => farol(baseline, "transaction", None, None).map(some),
+                    Some(baseline) => farol(baseline, transaction).map(some),
                     None => continue,
                 },
-                "farol-session" => farol(&agent, "session", None, None).map(some),
+                "farol-session" => farol(
+                    &agent,
+                    FarolSetup {
+                        mode: "session",
+                        ..FarolSetup::default()
+                    },
+                )
+                .map(some),
                 "pgbouncer-transaction" => {
                     start_pgbouncer(&dir, primary, "127.0.0.1", false).map(some)
                 }
@@ -544,6 +641,10 @@ pub fn run() -> Result<BenchReport> {
                         .map(some)
                 }
                 "haproxy-tcp" => start_haproxy_relay(&dir, primary).map(some),
+                "pgpool-split" => match standby {
+                    Some(standby) => start_pgpool_split(&dir, primary, standby, clients).map(some),
+                    None => continue,
+                },
                 _ => start_pgpool(&dir, primary, clients).map(some),
             };
             let host = match target {
@@ -558,7 +659,7 @@ pub fn run() -> Result<BenchReport> {
         }
         for (workload, args) in workloads
             .iter()
-            .filter(|(w, _)| only("FAROL_BENCH_WORKLOADS", w))
+            .filter(|(w, _)| selected("FAROL_BENCH_WORKLOADS", w))
         {
             let clients_text = clients.to_string();
             let mut full: Vec<&str> = args.clone();

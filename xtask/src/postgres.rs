@@ -319,9 +319,10 @@ impl PgCluster {
         Self::start_with(name, standby, &[])
     }
 
-    /// As [`PgCluster::start`], with extra server options for the primary
-    /// (`["-c", "max_connections=600"]`): later `-c` settings win.
-    pub fn start_with(name: &str, standby: bool, primary_options: &[&str]) -> Result<PgCluster> {
+    /// As [`PgCluster::start`], with extra server options for both servers
+    /// (`["-c", "max_connections=800"]`): later `-c` settings win, and a
+    /// hot standby needs the primary's `max_connections` or more.
+    pub fn start_with(name: &str, standby: bool, server_options: &[&str]) -> Result<PgCluster> {
         let (uid, gid) = postgres_ids()?;
         let dir = std::env::temp_dir().join(format!(
             "farol-pg-{name}-{}-{}",
@@ -340,7 +341,7 @@ impl PgCluster {
              host all all 127.0.0.1/32 trust\n\
              host replication all 127.0.0.1/32 trust\n",
         )?;
-        let primary = PgServer::start(&primary_dir, free_port()?, primary_options)?;
+        let primary = PgServer::start(&primary_dir, free_port()?, server_options)?;
         primary.psql("postgres", "CREATE ROLE scram_users NOLOGIN")?;
         let mut cluster = PgCluster {
             primary,
@@ -350,11 +351,11 @@ impl PgCluster {
         if standby {
             let standby_dir = dir.join("standby");
             base_backup(None, &cluster.primary, &standby_dir)?;
-            cluster.standby = Some(PgServer::start(
-                &standby_dir,
-                free_port()?,
-                &["-c", "hot_standby=on"],
-            )?);
+            let options: Vec<&str> = ["-c", "hot_standby=on"]
+                .into_iter()
+                .chain(server_options.iter().copied())
+                .collect();
+            cluster.standby = Some(PgServer::start(&standby_dir, free_port()?, &options)?);
         }
         Ok(cluster)
     }
