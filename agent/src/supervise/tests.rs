@@ -557,6 +557,17 @@ async fn a_child_left_by_a_crashed_agent_is_ended_before_the_next_start() {
         .spawn()
         .unwrap();
     let leftover_pid = leftover.id();
+    // spawn() returns once the child's exec released the parent (vfork),
+    // which is before the kernel set the new program's arguments: a check
+    // in that window reads an empty cmdline (this test failed that way in
+    // CI). A real leftover has long been running; wait until this one is.
+    let cmdline = format!("/proc/{leftover_pid}/cmdline");
+    until("the leftover's exec", Duration::from_secs(5), || {
+        std::fs::read(&cmdline)
+            .ok()
+            .filter(|c| c.starts_with(b"/bin/sleep\0"))
+    })
+    .await;
     std::fs::write(dir.path(".farol-supervise.pid"), leftover_pid.to_string()).unwrap();
     // Its new parent (init, after the agent died) reaps it once it ends.
     let reaper = std::thread::spawn(move || leftover.wait().unwrap());
