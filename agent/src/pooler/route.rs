@@ -148,34 +148,30 @@ impl Router {
     /// The target of a transaction that starts with `sql`, from the cache
     /// when this text was decided before.
     pub fn route(&self, sql: &str) -> Target {
-        if sql.len() > CACHED_STATEMENT_BYTES {
-            return self.decide(sql).target;
-        }
-        if let Some(decision) = self.lock_decisions().get(sql) {
-            return decision.target;
-        }
-        self.decide_and_remember(sql).target
+        self.decision(sql).target
     }
 
     /// The whole decision about `sql` (target and session effect), from
-    /// the cache when this text was decided before.
+    /// the cache when a text of the same shape was decided before.
     pub fn decision(&self, sql: &str) -> Decision {
         if sql.len() > CACHED_STATEMENT_BYTES {
             return self.decide(sql);
         }
-        if let Some(decision) = self.lock_decisions().get(sql) {
+        // A decision never depends on the values of literals (only on
+        // statement kinds, function names and clauses), so statements
+        // that differ only in inlined values share one: pgbench -S, ORMs
+        // without bind parameters.
+        let shape = literal_shape(sql);
+        let key = shape.as_deref().unwrap_or(sql);
+        if let Some(decision) = self.lock_decisions().get(key) {
             return decision.clone();
         }
-        self.decide_and_remember(sql)
-    }
-
-    fn decide_and_remember(&self, sql: &str) -> Decision {
         let decision = self.decide(sql);
         let mut decisions = self.lock_decisions();
         if decisions.len() >= CACHED_DECISIONS {
             decisions.clear();
         }
-        decisions.insert(sql.into(), decision.clone());
+        decisions.insert(key.into(), decision.clone());
         decision
     }
 
@@ -234,6 +230,77 @@ impl Router {
             Target::Standby
         }
     }
+}
+
+/// `sql` with its number and plain string literals each replaced by a NUL
+/// (a byte no statement text can hold, so a shape never equals a real
+/// text), or `None` when it has no literal or anything this one pass does
+/// not read with certainty: comments, backslashes, dollar quoting, strings
+/// with a prefix (`E'...'`, `B'...'`), an unterminated quote. Those are
+/// remembered by their own text, as before. `$1` parameters, identifiers
+/// (`t1`, `"Col 2"`) and everything else are kept as they are.
+fn literal_shape(sql: &str) -> Option<String> {
+    fn in_word(byte: u8) -> bool {
+        byte.is_ascii_alphanumeric() || byte == b'_' || byte == b'$' || byte >= 0x80
+    }
+    /// Where the quoted run opened at `start` ends (after its closing
+    /// quote); a doubled quote inside is an escaped one.
+    fn quoted_end(bytes: &[u8], start: usize) -> Option<usize> {
+        let quote = bytes[start];
+        let mut at = start + 1;
+        loop {
+            match bytes.get(at) {
+                None => return None,
+                Some(&b) if b == quote && bytes.get(at + 1) == Some(&quote) => at += 2,
+                Some(&b) if b == quote => return Some(at + 1),
+                Some(_) => at += 1,
+            }
+        }
+    }
+    let bytes = sql.as_bytes();
+    let mut shape = Vec::with_capacity(bytes.len());
+    let mut masked = false;
+    let mut at = 0;
+    while at < bytes.len() {
+        let byte = bytes[at];
+        let after_word = at > 0 && in_word(bytes[at - 1]);
+        let next = bytes.get(at + 1).copied();
+        match byte {
+            b'\\' => return None,
+            b'-' if next == Some(b'-') => return None,
+            b'/' if next == Some(b'*') => return None,
+            b'$' if !next.is_some_and(|b| b.is_ascii_digit()) => return None,
+            b'\'' => {
+                if after_word {
+                    return None;
+                }
+                at = quoted_end(bytes, at)?;
+                shape.push(0);
+                masked = true;
+                continue;
+            }
+            b'"' => {
+                let end = quoted_end(bytes, at)?;
+                shape.extend_from_slice(&bytes[at..end]);
+                at = end;
+                continue;
+            }
+            b'0'..=b'9' if !after_word => {
+                while bytes.get(at).is_some_and(|b| b.is_ascii_digit()) {
+                    at += 1;
+                }
+                shape.push(0);
+                masked = true;
+                continue;
+            }
+            _ => shape.push(byte),
+        }
+        at += 1;
+    }
+    if !masked {
+        return None;
+    }
+    String::from_utf8(shape).ok()
 }
 
 /// `RESET name` or `RESET ALL` (read with sqlparser's tokenizer; its
@@ -462,22 +529,80 @@ mod tests {
         }
         assert_eq!(router.lock_decisions().len(), 2);
         // A remembered decision is what is answered (the parser is not
-        // asked again).
+        // asked again), for every statement of that shape.
         router.lock_decisions().insert(
-            "SELECT 1".into(),
+            "SELECT \0".into(),
             Decision {
                 target: Target::Primary,
                 effect: SessionEffect::Write,
             },
         );
         assert_eq!(router.route("SELECT 1"), Target::Primary);
+        assert_eq!(router.route("SELECT 42"), Target::Primary);
         for i in 0..CACHED_DECISIONS + 10 {
-            router.route(&format!("SELECT {i}"));
+            router.route(&format!("SELECT c{i} FROM t"));
         }
         assert!(router.lock_decisions().len() <= CACHED_DECISIONS);
         let long = format!("SELECT '{}'", "x".repeat(CACHED_STATEMENT_BYTES));
         assert_eq!(router.route(&long), Target::Standby);
         assert!(!router.lock_decisions().contains_key(long.as_str()));
+    }
+
+    #[test]
+    fn statements_differing_only_in_literals_share_one_decision() {
+        let shape = |sql: &str| literal_shape(sql);
+        assert_eq!(
+            shape("SELECT abalance FROM pgbench_accounts WHERE aid = 4711;").as_deref(),
+            Some("SELECT abalance FROM pgbench_accounts WHERE aid = \0;")
+        );
+        assert_eq!(
+            shape("SELECT * FROM t1 WHERE name = 'O''Brien' AND x > 1.5"),
+            shape("SELECT * FROM t1 WHERE name = 'x' AND x > 2.0")
+        );
+        // Identifiers and parameters stay; a statement without literals
+        // is its own key.
+        assert_eq!(
+            shape(r#"SELECT "Col 2", c3 FROM "t""x" WHERE a = $1 AND b = 7"#).as_deref(),
+            Some(concat!(
+                r#"SELECT "Col 2", c3 FROM "t""x" WHERE a = $1 AND b = "#,
+                "\0"
+            ))
+        );
+        assert_eq!(shape("SELECT a FROM t WHERE b = $1"), None);
+        // Whatever one pass cannot read with certainty keeps its own text.
+        for sql in [
+            r"SELECT 'a\'; DELETE FROM t; --'",
+            "SELECT 1 -- a comment",
+            "SELECT /* c */ 1",
+            "SELECT $$x$$",
+            "SELECT E'it''s'",
+            "SELECT x'1F'",
+            "SELECT 'unterminated",
+        ] {
+            assert_eq!(shape(sql), None, "{sql}");
+        }
+        // The value of a literal never changes the decision, the rest does.
+        let router = Router::new(&[]);
+        assert_eq!(
+            router.route("SELECT 1 FROM t WHERE a = 'x'"),
+            Target::Standby
+        );
+        assert_eq!(
+            router.route("SELECT 2 FROM t WHERE a = 'y'"),
+            Target::Standby
+        );
+        assert_eq!(router.lock_decisions().len(), 1);
+        assert_eq!(
+            router.route("SELECT 1 FROM t WHERE a = 'x'; DELETE FROM t WHERE a = 'x'"),
+            Target::Primary
+        );
+        assert_eq!(router.route("SELECT nextval('s')"), Target::Primary);
+        assert_eq!(router.route("SELECT upper('s')"), Target::Standby);
+        let setting = router.decision("SET application_name = 'one'");
+        assert_eq!(
+            router.decision("SET application_name = 'two'").effect,
+            setting.effect
+        );
     }
 
     #[test]
