@@ -16,6 +16,7 @@ use tracing::{debug, info, warn};
 
 use super::{
     auth::FrameKey,
+    brick::Op,
     full_heal,
     protocol::{nonce, FrameCodec, Message, Request, Response},
     replica::{Outgoing, Volume},
@@ -232,7 +233,7 @@ const LARGE_FRAME: usize = 64 * 1024;
 fn payload_len(body: &Request) -> usize {
     match body {
         Request::Apply {
-            op: super::brick::Op::Write { data, .. },
+            op: Op::Write { data, .. },
             ..
         } => data.len(),
         Request::Heal {
@@ -374,6 +375,27 @@ async fn serve_connection(
         let from = from.clone();
         tokio::spawn(async move {
             while let Some((id, body)) = work_rx.recv().await {
+                if let Request::Apply {
+                    op: Op::Fsync { .. },
+                    ..
+                } = &body
+                {
+                    // A sync changes nothing: the changes before it on this
+                    // connection are applied already (so it covers them),
+                    // and the ones after it need not wait for this disk's
+                    // sync. Its answer goes out when it is done (answers
+                    // are matched by id). The sender returns once a quorum
+                    // synced, and its next change must not queue here
+                    // behind the slowest disk.
+                    let volume = Arc::clone(&volume);
+                    let out_tx = out_tx.clone();
+                    let from = from.clone();
+                    tokio::spawn(async move {
+                        let body = handle(&volume, &from, body).await;
+                        let _ = out_tx.send(Message::Response { id, body }).await;
+                    });
+                    continue;
+                }
                 let body = handle(&volume, &from, body).await;
                 if out_tx.send(Message::Response { id, body }).await.is_err() {
                     return;
