@@ -746,6 +746,15 @@ impl Volume {
         (Self::response(result), stale)
     }
 
+    /// A peer's sync of `path`: opens it, says so on `opened` (the
+    /// connection applies later changes from then on), then syncs it
+    /// (blocking).
+    pub fn sync_remote(&self, path: &str, opened: oneshot::Sender<()>) -> Response {
+        let file = std::fs::File::open(self.brick.abs(path));
+        let _ = opened.send(());
+        Self::response(file.and_then(|file| file.sync_all()))
+    }
+
     fn response(result: io::Result<()>) -> Response {
         match result {
             Ok(()) => Response::Ok,
@@ -1157,6 +1166,24 @@ mod tests {
         // answer was waited for although b made the quorum.
         assert!(started.elapsed() >= Duration::from_millis(300));
         answering.join().unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_peers_sync_says_when_the_file_is_open_then_syncs_it() {
+        let (volume, dir, _rt) = make_volume("sync-remote", 1, SplitBrainPolicy::LatestMtime, None);
+        std::fs::write(dir.join("x"), b"data").unwrap();
+        let (opened_tx, mut opened) = oneshot::channel();
+        assert_eq!(volume.sync_remote("x", opened_tx), Response::Ok);
+        assert_eq!(opened.try_recv(), Ok(()));
+        // A path gone meanwhile: told as opened (the connection goes on),
+        // answered with the errno.
+        let (opened_tx, mut opened) = oneshot::channel();
+        assert_eq!(
+            volume.sync_remote("gone", opened_tx),
+            Response::Errno(libc::ENOENT)
+        );
+        assert_eq!(opened.try_recv(), Ok(()));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
