@@ -3,7 +3,8 @@
 //! when a quorum of the replica set (this node included) applied it.
 //! It waits for every peer that is up (so an acknowledged change is visible
 //! through every connected mount); peers that miss a change get it recorded
-//! in the change log for heal.
+//! in the change log for heal. A sync, which changes nothing a mount shows,
+//! returns once a quorum made it durable (see [`Volume::submit_sync`]).
 //!
 //! [`Volume`] is shared by the FUSE threads (blocking callers, see
 //! [`Volume::submit`]), the peer connections and the heal threads.
