@@ -261,9 +261,8 @@ impl Brick {
                     .truncate(true)
                     .mode(*mode)
                     .open(&abs)?;
-                file.set_permissions(fs::Permissions::from_mode(*mode & 0o7777))?;
-                std::os::unix::fs::fchown(&file, Some(*uid), Some(*gid))?;
-                set_times(&abs, None, Some(*mtime_ns))
+                own_new_file(&file, *mode, *uid, *gid)?;
+                set_file_times(&file, None, Some(*mtime_ns))
             }
             Op::Mkdir {
                 path,
@@ -297,7 +296,7 @@ impl Brick {
                 let file = OpenOptions::new().write(true).open(&abs)?;
                 file.write_all_at(data, *offset)?;
                 start_writeback(&file, *offset, data.len());
-                set_times(&abs, None, Some(*mtime_ns))
+                set_file_times(&file, None, Some(*mtime_ns))
             }
             Op::SetAttr {
                 path,
@@ -690,6 +689,27 @@ pub fn start_writeback(file: &File, offset: u64, len: usize) {
     }
 }
 
+/// How much of a file [`prefetch`] asks the disk for (the kernel's FUSE
+/// readahead asks for this much at most in its first READ).
+const PREFETCH_BYTES: i64 = 128 * 1024;
+
+/// Starts reading the head of a file just opened for reading into the page
+/// cache (`posix_fadvise(WILLNEED)`, which does not wait for the disk):
+/// the kernel's first READ follows the open's answer a FUSE round trip
+/// later, and finds the data on its way or there. Only a hint.
+pub fn prefetch(file: &File) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: posix_fadvise(2) on a descriptor alive for the call.
+    unsafe {
+        libc::posix_fadvise(
+            file.as_raw_fd(),
+            0,
+            PREFETCH_BYTES,
+            libc::POSIX_FADV_WILLNEED,
+        );
+    }
+}
+
 /// utimensat(2) without following a final symlink.
 pub fn set_times(abs: &Path, atime_ns: Option<i64>, mtime_ns: Option<i64>) -> io::Result<()> {
     let path = c_path(abs)?;
@@ -709,6 +729,33 @@ pub fn set_times(abs: &Path, atime_ns: Option<i64>, mtime_ns: Option<i64>) -> io
     } else {
         Err(io::Error::last_os_error())
     }
+}
+
+/// futimens(2): [`set_times`] through an open file (no path walk, and the
+/// file written is the one whose time is set, whatever its name is now).
+pub fn set_file_times(file: &File, atime_ns: Option<i64>, mtime_ns: Option<i64>) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let times = [timespec(atime_ns), timespec(mtime_ns)];
+    // SAFETY: a descriptor and two timespecs, alive for the call.
+    if unsafe { libc::futimens(file.as_raw_fd(), times.as_ptr()) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Gives a file just created (or truncated) `mode`, `uid` and `gid`,
+/// changing only what differs (each change is a journaled inode update;
+/// a file created by root with the usual umask needs none).
+pub fn own_new_file(file: &File, mode: u32, uid: u32, gid: u32) -> io::Result<()> {
+    let meta = file.metadata()?;
+    if meta.mode() & 0o7777 != mode & 0o7777 {
+        file.set_permissions(fs::Permissions::from_mode(mode & 0o7777))?;
+    }
+    if meta.uid() != uid || meta.gid() != gid {
+        std::os::unix::fs::fchown(file, Some(uid), Some(gid))?;
+    }
+    Ok(())
 }
 
 pub fn set_xattr(abs: &Path, name: &str, value: &[u8], flags: i32) -> io::Result<()> {

@@ -566,6 +566,10 @@ impl Filesystem for VolumeFs {
                     // Nothing to flush: no write goes through this file.
                     flags |= FopenFlags::FOPEN_NOFLUSH;
                 }
+                if access != libc::O_WRONLY && !flags.contains(FopenFlags::FOPEN_KEEP_CACHE) {
+                    // The kernel holds none of its pages: READs come next.
+                    brick::prefetch(&file);
+                }
                 let fh = self.new_handle(Handle::File {
                     file: Arc::new(file),
                     append: raw & libc::O_APPEND != 0,
@@ -615,9 +619,8 @@ impl Filesystem for VolumeFs {
                         .create_new(true)
                         .mode(mode)
                         .open(&abs)?;
-                    file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(mode))?;
-                    std::os::unix::fs::fchown(&file, Some(uid), Some(gid))?;
-                    brick::set_times(&abs, None, Some(mtime_ns))?;
+                    brick::own_new_file(&file, mode, uid, gid)?;
+                    brick::set_file_times(&file, None, Some(mtime_ns))?;
                     Ok(file)
                 })
                 .map_err(Errno::from_i32)?;
@@ -710,10 +713,10 @@ impl Filesystem for VolumeFs {
                 };
                 let ((), behind) = self
                     .volume
-                    .submit_behind(op, |brick| {
+                    .submit_behind(op, |_| {
                         file.write_all_at(data, offset)?;
                         brick::start_writeback(file, offset, data.len());
-                        brick::set_times(&brick.abs(&rel), None, Some(mtime_ns))
+                        brick::set_file_times(file, None, Some(mtime_ns))
                     })
                     .map_err(Errno::from_i32)?;
                 self.behind.queue(ino.0, behind, data.len() as u64);

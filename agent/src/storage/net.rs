@@ -16,6 +16,7 @@ use tracing::{debug, info, warn};
 
 use super::{
     auth::FrameKey,
+    brick::Op,
     full_heal,
     protocol::{nonce, FrameCodec, Message, Request, Response},
     replica::{Outgoing, Volume},
@@ -232,7 +233,7 @@ const LARGE_FRAME: usize = 64 * 1024;
 fn payload_len(body: &Request) -> usize {
     match body {
         Request::Apply {
-            op: super::brick::Op::Write { data, .. },
+            op: Op::Write { data, .. },
             ..
         } => data.len(),
         Request::Heal {
@@ -374,6 +375,35 @@ async fn serve_connection(
         let from = from.clone();
         tokio::spawn(async move {
             while let Some((id, body)) = work_rx.recv().await {
+                if let Request::Apply {
+                    op: Op::Fsync { path },
+                    ..
+                } = &body
+                {
+                    // A sync changes nothing: the changes before it on this
+                    // connection are applied already (so it covers them),
+                    // and the ones after it need not wait for this disk's
+                    // sync. The file is opened in order (a later rename or
+                    // unlink cannot make it sync another file or none),
+                    // then synced while later changes go on; its answer
+                    // goes out when the disk is done (answers are matched
+                    // by id). The sender returns once a quorum synced, and
+                    // its next change must not queue here behind the
+                    // slowest disk.
+                    let (opened_tx, opened) = oneshot::channel();
+                    let syncing = {
+                        let volume = Arc::clone(&volume);
+                        let path = path.clone();
+                        tokio::task::spawn_blocking(move || volume.sync_remote(&path, opened_tx))
+                    };
+                    let _ = opened.await;
+                    let out_tx = out_tx.clone();
+                    tokio::spawn(async move {
+                        let body = syncing.await.unwrap_or(Response::Errno(libc::EIO));
+                        let _ = out_tx.send(Message::Response { id, body }).await;
+                    });
+                    continue;
+                }
                 let body = handle(&volume, &from, body).await;
                 if out_tx.send(Message::Response { id, body }).await.is_err() {
                     return;

@@ -8,9 +8,11 @@
 //! replayed, reordered, or spliced into another connection. The first
 //! frame a client sends is `Hello` with a random nonce; the server answers
 //! `HelloAck` with its own; from then on the salt is both nonces. Then the
-//! client sends `Request`s and the server answers each, in order, with a
-//! `Response` of the same id. Requests on one connection are applied in the
-//! order sent, which is what keeps replicas of a file identical.
+//! client sends `Request`s and the server answers each with a `Response` of
+//! the same id, in order, except a file sync (`Apply` of `Op::Fsync`),
+//! answered when its disk is done while later changes go on. Requests on
+//! one connection are applied in the order sent, which is what keeps
+//! replicas of a file identical.
 
 use bytes::{BufMut, BytesMut};
 use serde::{Deserialize, Serialize};

@@ -3,7 +3,8 @@
 //! when a quorum of the replica set (this node included) applied it.
 //! It waits for every peer that is up (so an acknowledged change is visible
 //! through every connected mount); peers that miss a change get it recorded
-//! in the change log for heal.
+//! in the change log for heal. A sync, which changes nothing a mount shows,
+//! returns once a quorum made it durable (see [`Volume::submit_sync`]).
 //!
 //! [`Volume`] is shared by the FUSE threads (blocking callers, see
 //! [`Volume::submit`]), the peer connections and the heal threads.
@@ -485,7 +486,8 @@ impl Volume {
     /// `earlier` waits for the quorums of the earlier changes still being
     /// counted (write-behind): their answers arrive meanwhile, so the
     /// peers are waited for once, not once for the writes and once more
-    /// for the sync. Succeeds when all of it did.
+    /// for the sync. Succeeds when all of it did. The sync itself is
+    /// waited for on a quorum only (see [`Volume::settle_durable`]).
     pub fn submit_sync(
         self: &Arc<Self>,
         op: Op,
@@ -499,7 +501,7 @@ impl Volume {
         let volume = Arc::clone(self);
         let quorum = self
             .runtime
-            .block_on(async move { volume.settle(sent).await });
+            .block_on(async move { volume.settle_durable(sent).await });
         earlier.and(local).and(quorum)
     }
 
@@ -551,8 +553,26 @@ impl Volume {
 
     /// Counts the peers' answers: Ok when a quorum applied the change.
     async fn settle(self: Arc<Self>, sent: Sent) -> Result<(), i32> {
+        let acked = Arc::clone(&self).collect(sent, usize::MAX).await;
+        self.judge(acked)
+    }
+
+    /// [`Volume::settle`] for an `Fsync`, which changes nothing a mount
+    /// can see: it returns as soon as a quorum of replicas (this one
+    /// counted by the caller) made the earlier changes durable, without
+    /// waiting for the slowest peer's disk; the other answers are
+    /// collected in the background (a failure is logged and counted, as
+    /// before: a missed sync records no path, the writes it covers are
+    /// recorded themselves). Every earlier change was acknowledged by
+    /// every peer that was up already (see [`Volume::submit_sync`]).
+    async fn settle_durable(self: Arc<Self>, sent: Sent) -> Result<(), i32> {
         let need = self.quorum - 1;
-        let acked = Arc::clone(&self).collect(sent).await;
+        let acked = Arc::clone(&self).collect(sent, need).await;
+        self.judge(acked)
+    }
+
+    fn judge(&self, acked: usize) -> Result<(), i32> {
+        let need = self.quorum - 1;
         if acked >= need {
             self.stats.writes.fetch_add(1, Ordering::Relaxed);
             Ok(())
@@ -570,8 +590,10 @@ impl Volume {
     /// Waits for every peer the change was sent to (as GlusterFS's AFR
     /// does), so a change is visible on every connected replica when it is
     /// acknowledged; a peer that fails or times out is recorded for heal.
-    /// Returns how many acknowledged.
-    async fn collect(self: Arc<Self>, sent: Sent) -> usize {
+    /// Returns how many acknowledged. With `enough` below the number of
+    /// peers, returns once that many acknowledged and collects the rest
+    /// in the background (see [`Volume::settle_durable`]).
+    async fn collect(self: Arc<Self>, sent: Sent, enough: usize) -> usize {
         let limit = self.reply_timeout();
         let Sent { paths, replies } = sent;
         let mut waiting: FuturesUnordered<_> = replies
@@ -585,12 +607,26 @@ impl Volume {
             })
             .collect();
         let mut acked = 0;
-        while let Some((index, ok)) = waiting.next().await {
+        while acked < enough {
+            let Some((index, ok)) = waiting.next().await else {
+                break;
+            };
             if ok {
                 acked += 1;
             } else {
                 self.missed(index, &paths);
             }
+        }
+        if !waiting.is_empty() {
+            let volume = Arc::clone(&self);
+            tokio::spawn(async move {
+                while let Some((index, ok)) = waiting.next().await {
+                    if !ok {
+                        warn!(volume = %volume.name, peer = %volume.peers[index].name, "a peer failed or missed a change already acknowledged by a quorum");
+                        volume.missed(index, &paths);
+                    }
+                }
+            });
         }
         acked
     }
@@ -709,6 +745,15 @@ impl Volume {
             }
         }
         (Self::response(result), stale)
+    }
+
+    /// A peer's sync of `path`: opens it, says so on `opened` (the
+    /// connection applies later changes from then on), then syncs it
+    /// (blocking).
+    pub fn sync_remote(&self, path: &str, opened: oneshot::Sender<()>) -> Response {
+        let file = std::fs::File::open(self.brick.abs(path));
+        let _ = opened.send(());
+        Self::response(file.and_then(|file| file.sync_all()))
     }
 
     fn response(result: io::Result<()>) -> Response {
@@ -1004,6 +1049,142 @@ mod tests {
         assert!(volume.log().resolve_at("b", "x", generation));
         assert_eq!(volume.apply_remote(&write, &[]), Response::Ok);
         assert!(!volume.log().contains("b", "x"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A volume with two connected peers (b and c), quorum 2, whose
+    /// request queues the test answers itself.
+    fn two_peers(
+        test: &str,
+    ) -> (
+        Arc<Volume>,
+        std::path::PathBuf,
+        tokio::runtime::Runtime,
+        Vec<mpsc::Receiver<Outgoing>>,
+    ) {
+        let dir = std::env::temp_dir().join(format!("farol-replica-{test}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let brick = Brick::open(&dir).unwrap();
+        let log = ChangeLog::open(&brick.state_dir()).unwrap();
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let kernel = Arc::new(KernelCache::for_brick(&brick).unwrap());
+        let setup = VolumeSetup {
+            name: "v".into(),
+            node: "a".into(),
+            brick,
+            quorum: 2,
+            peers: vec![
+                ("b".into(), "127.0.0.1:9".parse().unwrap()),
+                ("c".into(), "127.0.0.1:9".parse().unwrap()),
+            ],
+            log,
+            policy: SplitBrainPolicy::LatestMtime,
+            source: None,
+            heal_rate: 1 << 20,
+            // Replies are waited for max(5 x 3 s, 10 s) = 15 s.
+            timeout: Duration::from_secs(3),
+            kernel,
+        };
+        let (volume, receivers) = Volume::new(setup, runtime.handle().clone());
+        volume.set_peer_up(0, true, 0, "test");
+        volume.set_peer_up(1, true, 0, "test");
+        (volume, dir, runtime, receivers)
+    }
+
+    #[test]
+    fn a_sync_returns_once_a_quorum_synced_without_the_slowest_peer() {
+        let (volume, dir, _rt, mut receivers) = two_peers("sync-quorum");
+        let mut slow = receivers.pop().unwrap();
+        let mut fast = receivers.pop().unwrap();
+        let answering = std::thread::spawn(move || {
+            let sync = fast.blocking_recv().unwrap();
+            assert!(matches!(
+                sync.body,
+                Request::Apply {
+                    op: Op::Fsync { .. },
+                    ..
+                }
+            ));
+            sync.reply.send(Response::Ok).unwrap();
+            fast
+        });
+        let started = Instant::now();
+        let result = volume.submit_sync(Op::Fsync { path: "".into() }, |_| Ok(()), || Ok(()));
+        assert_eq!(result, Ok(()));
+        // c was sent the sync and has not answered: the sync returned on
+        // a quorum (here and b) without waiting for c's disk (15 s).
+        let withheld = slow.try_recv().expect("c was sent the sync too");
+        assert!(!withheld.reply.is_closed(), "c's answer is still awaited");
+        assert!(started.elapsed() < Duration::from_secs(10));
+        let _fast = answering.join().unwrap();
+        withheld.reply.send(Response::Ok).unwrap();
+        assert_eq!(volume.counters().writes_failed.load(Ordering::Relaxed), 0);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_sync_without_a_quorum_of_syncs_fails() {
+        let (volume, dir, _rt, mut receivers) = two_peers("sync-no-quorum");
+        let mut c = receivers.pop().unwrap();
+        let mut b = receivers.pop().unwrap();
+        let answering = std::thread::spawn(move || {
+            for queue in [&mut b, &mut c] {
+                let sync = queue.blocking_recv().unwrap();
+                sync.reply.send(Response::Errno(libc::EIO)).unwrap();
+            }
+        });
+        let result = volume.submit_sync(Op::Fsync { path: "".into() }, |_| Ok(()), || Ok(()));
+        assert_eq!(result, Err(libc::EIO));
+        answering.join().unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_change_still_waits_for_every_peer_that_is_up() {
+        let (volume, dir, _rt, mut receivers) = two_peers("change-all");
+        let mut c = receivers.pop().unwrap();
+        let mut b = receivers.pop().unwrap();
+        let answering = std::thread::spawn(move || {
+            b.blocking_recv().unwrap().reply.send(Response::Ok).unwrap();
+            let late = c.blocking_recv().unwrap();
+            std::thread::sleep(Duration::from_millis(300));
+            late.reply.send(Response::Ok).unwrap();
+        });
+        let op = Op::Mkdir {
+            path: "d".into(),
+            mode: 0o755,
+            uid: 0,
+            gid: 0,
+        };
+        let started = Instant::now();
+        let result = volume.submit(op.clone(), |brick| brick.apply(&op));
+        assert_eq!(result, Ok(()));
+        // Visible on every connected replica once acknowledged: c's
+        // answer was waited for although b made the quorum.
+        assert!(started.elapsed() >= Duration::from_millis(300));
+        answering.join().unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_peers_sync_says_when_the_file_is_open_then_syncs_it() {
+        let (volume, dir, _rt) = make_volume("sync-remote", 1, SplitBrainPolicy::LatestMtime, None);
+        std::fs::write(dir.join("x"), b"data").unwrap();
+        let (opened_tx, mut opened) = oneshot::channel();
+        assert_eq!(volume.sync_remote("x", opened_tx), Response::Ok);
+        assert_eq!(opened.try_recv(), Ok(()));
+        // A path gone meanwhile: told as opened (the connection goes on),
+        // answered with the errno.
+        let (opened_tx, mut opened) = oneshot::channel();
+        assert_eq!(
+            volume.sync_remote("gone", opened_tx),
+            Response::Errno(libc::ENOENT)
+        );
+        assert_eq!(opened.try_recv(), Ok(()));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
