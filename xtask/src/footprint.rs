@@ -12,15 +12,28 @@ pub const AGENT_BUDGET_KB: u64 = 50 * 1024;
 pub struct Memory {
     pub rss_kb: u64,
     pub hwm_kb: u64,
+    /// Resident pages backed by files, the program's code above all.
+    pub rss_file_kb: u64,
+}
+
+impl Memory {
+    /// The peak without the program's file-backed pages: what the agent
+    /// itself allocated. A debug build's code is several times the
+    /// release build's, so the lab's debug agents are held to the budget
+    /// on this; release builds (the Pi's) on `hwm_kb`.
+    pub fn hwm_without_code_kb(&self) -> u64 {
+        self.hwm_kb.saturating_sub(self.rss_file_kb)
+    }
 }
 
 impl std::fmt::Display for Memory {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "VmRSS {:.1} MB, VmHWM {:.1} MB",
+            "VmRSS {:.1} MB, VmHWM {:.1} MB, RssFile {:.1} MB",
             self.rss_kb as f64 / 1024.0,
-            self.hwm_kb as f64 / 1024.0
+            self.hwm_kb as f64 / 1024.0,
+            self.rss_file_kb as f64 / 1024.0
         )
     }
 }
@@ -39,6 +52,7 @@ pub fn parse_status(text: &str) -> Option<Memory> {
     Some(Memory {
         rss_kb: field("VmRSS:")?,
         hwm_kb: field("VmHWM:")?,
+        rss_file_kb: field("RssFile:").unwrap_or(0),
     })
 }
 
@@ -55,14 +69,17 @@ mod tests {
 
     #[test]
     fn reads_rss_and_peak_from_proc_status() {
-        let text = "Name:\tagent\nVmPeak:\t  900000 kB\nVmHWM:\t   21504 kB\nVmRSS:\t   20480 kB\n";
+        let text = "Name:\tagent\nVmPeak:\t  900000 kB\nVmHWM:\t   21504 kB\nVmRSS:\t   20480 kB\nRssFile:\t    8192 kB\n";
+        let memory = parse_status(text).unwrap();
         assert_eq!(
-            parse_status(text),
-            Some(Memory {
+            memory,
+            Memory {
                 rss_kb: 20480,
-                hwm_kb: 21504
-            })
+                hwm_kb: 21504,
+                rss_file_kb: 8192
+            }
         );
+        assert_eq!(memory.hwm_without_code_kb(), 21504 - 8192);
         assert_eq!(parse_status("Name:\tkthreadd\n"), None);
         let own = of_pid(std::process::id()).unwrap();
         assert!(own.rss_kb > 0 && own.hwm_kb >= own.rss_kb, "{own:?}");
