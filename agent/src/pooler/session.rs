@@ -1128,19 +1128,17 @@ impl<S: ClientStream> Relay<S> {
     }
 
     fn release(&mut self) {
-        if let Some(split) = self.split.as_mut() {
+        if let Some(split) = self.split.as_ref() {
             // A pinned session keeps its primary connection active, as a
             // plain session pool does (notifications reach the client).
             if split.pinned() && !split.on_standby {
                 return;
             }
-            if let Some(server) = self.server.take() {
-                self.entry.set_server(None);
-                self.server_pool
-                    .stats
-                    .transactions
-                    .fetch_add(1, Ordering::Relaxed);
-                let parked = Some((self.server_pool.clone(), server));
+            let parked = self
+                .end_transaction()
+                .map(|server| (self.server_pool.clone(), server));
+            if let (Some(parked), Some(split)) = (parked, self.split.as_mut()) {
+                let parked = Some(parked);
                 if split.on_standby {
                     split.standby = parked;
                 } else {
@@ -1149,14 +1147,21 @@ impl<S: ClientStream> Relay<S> {
             }
             return;
         }
-        if let Some(server) = self.server.take() {
-            self.entry.set_server(None);
-            self.server_pool
-                .stats
-                .transactions
-                .fetch_add(1, Ordering::Relaxed);
+        if let Some(server) = self.end_transaction() {
             self.server_pool.release(server);
         }
+    }
+
+    /// Takes the server connection off the client and counts the
+    /// transaction it ran.
+    fn end_transaction(&mut self) -> Option<PooledServer> {
+        let server = self.server.take()?;
+        self.entry.set_server(None);
+        self.server_pool
+            .stats
+            .transactions
+            .fetch_add(1, Ordering::Relaxed);
+        Some(server)
     }
 
     fn push(&mut self, pending: Pending) {
