@@ -510,3 +510,205 @@ async fn pgbench_select_only_prepared_runs_through_a_split_session_pool() {
         "{on_standby} queries ran on the standby"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settings_made_inside_a_transaction_block_follow_the_session_to_its_other_connection() {
+    if !can_run_postgres(
+        "settings_made_inside_a_transaction_block_follow_the_session_to_its_other_connection",
+    ) {
+        return;
+    }
+    let pg = cluster(true);
+    create_table(&pg);
+    let (primary, standby) = ports(&pg);
+    let pooler = harness::start(split_config(&pg, true)).await;
+    let client = connect(pooler.addr).await;
+    // A setting inside a READ ONLY block runs on the standby; it lasts
+    // because the block commits, and the session stays on the standby.
+    client
+        .batch_execute(
+            "BEGIN READ ONLY; SET application_name = 'inside-ro'; \
+             SET search_path = \"odd'schema\", public; COMMIT",
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        where_named(&client).await,
+        (true, standby, "inside-ro".into())
+    );
+    // One rolled back does not last, on either connection.
+    client
+        .batch_execute("BEGIN READ ONLY; SET application_name = 'undone'; ROLLBACK")
+        .await
+        .unwrap();
+    assert_eq!(
+        where_named(&client).await,
+        (true, standby, "inside-ro".into())
+    );
+    // A write pins the session to the primary, which has the settings
+    // read back from the standby (a quote in a value included).
+    client
+        .simple_query("INSERT INTO split_rows VALUES (10)")
+        .await
+        .unwrap();
+    assert_eq!(
+        where_named(&client).await,
+        (false, primary, "inside-ro".into())
+    );
+    let rows = simple_rows(
+        &client
+            .simple_query("SELECT pg_is_in_recovery(), current_setting('search_path')")
+            .await
+            .unwrap(),
+    );
+    assert_eq!(rows, [["f", "\"odd'schema\", public"]]);
+    // application_name and search_path, then application_name again.
+    assert_eq!(
+        metric(&pooler, "farol_pooler_split_settings_read_back_total"),
+        3
+    );
+    assert_eq!(
+        metric(
+            &pooler,
+            "farol_pooler_split_sessions_pinned_total{reason=\"write\"}"
+        ),
+        1
+    );
+    // Without read_your_writes a plain block stays on the primary and
+    // does not pin: a setting made inside it reaches the standby for the
+    // next read, once it committed.
+    let pooler = harness::start(split_config(&pg, false)).await;
+    let other = connect(pooler.addr).await;
+    assert_eq!(where_simple(&other, WHERE).await, (true, standby));
+    for sql in ["BEGIN", "SET application_name = 'in-plain'", "COMMIT"] {
+        other.simple_query(sql).await.unwrap();
+    }
+    assert_eq!(
+        where_named(&other).await,
+        (true, standby, "in-plain".into())
+    );
+    other
+        .batch_execute("BEGIN; SET application_name = 'in-one-text'; COMMIT")
+        .await
+        .unwrap();
+    assert_eq!(
+        where_named(&other).await,
+        (true, standby, "in-one-text".into())
+    );
+    other
+        .batch_execute("BEGIN; SET application_name = 'rolled-back'; ROLLBACK")
+        .await
+        .unwrap();
+    assert_eq!(
+        where_named(&other).await,
+        (true, standby, "in-one-text".into())
+    );
+    assert_eq!(
+        metric(&pooler, "farol_pooler_split_settings_read_back_total"),
+        3
+    );
+}
+
+/// Runs a pgbench script through the pooler: (succeeded, stdout + stderr).
+async fn pgbench_script(port: u16, script: &str, transactions: u32) -> (bool, String) {
+    let dir = tempfile_dir();
+    let path = dir.join("script.sql");
+    std::fs::write(&path, script).unwrap();
+    let out = tokio::process::Command::new("pgbench")
+        .args(["-n", "-M", "extended", "-c", "1", "-t"])
+        .arg(transactions.to_string())
+        .args(["-h", "127.0.0.1", "-p"])
+        .arg(port.to_string())
+        .args(["-U", "app", "-f"])
+        .arg(&path)
+        .arg("app")
+        .env("PGPASSWORD", harness::APP_PASSWORD)
+        .output()
+        .await
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success() && !text.contains("aborted"), text)
+}
+
+fn tempfile_dir() -> std::path::PathBuf {
+    use std::sync::atomic::AtomicU32;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "farol-split-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipelined_batch_that_writes_runs_whole_on_the_primary_in_both_pool_modes() {
+    if !can_run_postgres(
+        "a_pipelined_batch_that_writes_runs_whole_on_the_primary_in_both_pool_modes",
+    ) {
+        return;
+    }
+    let pg = cluster(true);
+    pg.primary
+        .psql(
+            "app",
+            "CREATE TABLE IF NOT EXISTS split_batch (mode text); GRANT ALL ON split_batch TO PUBLIC",
+        )
+        .unwrap();
+    pg.wait_standby_caught_up().unwrap();
+    let (_, standby) = ports(&pg);
+    for mode in [PoolMode::Session, PoolMode::Transaction] {
+        let mut config = harness::config(&pg, harness::pool(mode, 8));
+        config.read_write_split = true;
+        let pooler = harness::start(config).await;
+        let standby_queries = || {
+            pooler
+                .pooler
+                .pools()
+                .iter()
+                .filter(|pool| pool.key.addr.port() == standby)
+                .map(|pool| pool.stats.queries.load(Ordering::Relaxed))
+                .sum::<u64>()
+        };
+        // A read, then a write, then one Sync: one implicit transaction,
+        // which must not start on the standby.
+        let (ok, out) = pgbench_script(
+            pooler.addr.port(),
+            &format!(
+                "\\startpipeline\nSELECT pg_is_in_recovery();\n\
+                 INSERT INTO split_batch VALUES ('{mode:?}');\n\\endpipeline\n"
+            ),
+            5,
+        )
+        .await;
+        assert!(ok, "{mode:?}: {out}");
+        let count = pg
+            .primary
+            .psql(
+                "app",
+                &format!("SELECT count(*) FROM split_batch WHERE mode = '{mode:?}'"),
+            )
+            .unwrap();
+        assert_eq!(count.trim(), "5", "{mode:?}");
+        // A batch of reads only still goes to the standby.
+        let before = standby_queries();
+        let (ok, out) = pgbench_script(
+            pooler.addr.port(),
+            "\\startpipeline\nSELECT 1;\nSELECT pg_is_in_recovery();\n\\endpipeline\n",
+            5,
+        )
+        .await;
+        assert!(ok, "{mode:?}: {out}");
+        assert!(
+            standby_queries() - before >= 10,
+            "{mode:?}: {} reads on the standby",
+            standby_queries() - before
+        );
+    }
+}

@@ -75,6 +75,11 @@ pub enum SessionEffect {
     /// sets, so a later setting of the same key replaces it; `*` is
     /// `RESET ALL`, which replaces every earlier one.
     Setting { key: Box<str> },
+    /// A statement list with session settings among its statements
+    /// (`BEGIN READ ONLY; SET ...; COMMIT`): the text cannot be replayed
+    /// alone, so the values of `keys` are read back from the connection
+    /// that ran it; `write` when another statement of it writes.
+    Settings { keys: Box<[Box<str>]>, write: bool },
     /// Nothing outlives the transaction: `SET LOCAL`, `SET TRANSACTION`,
     /// `COMMIT`, `ROLLBACK`, savepoints, `SHOW`.
     Transactional,
@@ -196,8 +201,17 @@ impl Router {
             };
         };
         let target = self.target(&statements);
-        let effect = if target == Target::Standby {
+        let effect = if target == Target::Standby && statements.len() == 1 {
             SessionEffect::Read
+        } else if target == Target::Standby {
+            // A READ ONLY block in one text: only its settings matter.
+            match statement_list_effect(&statements[1..]) {
+                SessionEffect::Write => SessionEffect::Read,
+                SessionEffect::Settings { keys, .. } => {
+                    SessionEffect::Settings { keys, write: false }
+                }
+                effect => effect,
+            }
         } else {
             session_effect(&statements)
         };
@@ -338,17 +352,7 @@ fn reset_key(sql: &str) -> Option<Box<str>> {
 fn session_effect(statements: &[Statement]) -> SessionEffect {
     use sqlparser::ast::{ContextModifier, DiscardObject, Set};
     let [statement] = statements else {
-        // Several statements: a setting among them could not be replayed
-        // alone, so any effect but a plain write ends the standby's use.
-        let all_writes = !statements.is_empty()
-            && statements
-                .iter()
-                .all(|s| session_effect(std::slice::from_ref(s)) == SessionEffect::Write);
-        return if all_writes {
-            SessionEffect::Write
-        } else {
-            SessionEffect::SessionState
-        };
+        return statement_list_effect(statements);
     };
     let mut calls = CallsSessionFunction;
     if statement.visit(&mut calls).is_break() {
@@ -420,6 +424,29 @@ fn session_effect(statements: &[Statement]) -> SessionEffect {
         | Statement::Analyze { .. }
         | Statement::Vacuum(_) => SessionEffect::Write,
         _ => SessionEffect::SessionState,
+    }
+}
+
+/// What several statements sent in one text leave: their settings are
+/// read back (the text cannot be replayed alone); state only a connection
+/// holds ends the standby's use; else a write (a statement list is
+/// treated as one, even when it only reads).
+fn statement_list_effect(statements: &[Statement]) -> SessionEffect {
+    let mut keys: Vec<Box<str>> = Vec::new();
+    for statement in statements {
+        match session_effect(std::slice::from_ref(statement)) {
+            SessionEffect::Setting { key } => keys.push(key),
+            SessionEffect::Write | SessionEffect::Transactional | SessionEffect::Read => {}
+            _ => return SessionEffect::SessionState,
+        }
+    }
+    if keys.is_empty() {
+        SessionEffect::Write
+    } else {
+        SessionEffect::Settings {
+            keys: keys.into(),
+            write: true,
+        }
     }
 }
 
@@ -676,11 +703,33 @@ mod tests {
             "SELECT pg_advisory_unlock(1)",
             "SELECT set_config('a.b', 'c', false)",
             "DISCARD TEMP",
-            "SET a = 1; SELECT 1",
+            "SET a.b = 1; LISTEN c",
             "this is not sql",
         ] {
             assert_eq!(effect(sql), SessionEffect::SessionState, "{sql}");
         }
+        // Settings among several statements are read back afterwards.
+        let settings = |keys: &[&str], write| SessionEffect::Settings {
+            keys: keys.iter().map(|k| (*k).into()).collect(),
+            write,
+        };
+        assert_eq!(effect("SET a.b = 1; SELECT 1"), settings(&["a.b"], true));
+        assert_eq!(
+            effect("BEGIN READ ONLY; SET application_name = 'x'; SET TIME ZONE 'UTC'; COMMIT"),
+            settings(&["application_name", "timezone"], false)
+        );
+        assert_eq!(
+            router.route("BEGIN READ ONLY; SET application_name = 'x'; COMMIT"),
+            Target::Standby
+        );
+        assert_eq!(
+            effect("BEGIN READ ONLY; SELECT 1; COMMIT"),
+            SessionEffect::Read
+        );
+        assert_eq!(
+            effect("BEGIN READ ONLY; CREATE TEMP TABLE t (a int)"),
+            SessionEffect::SessionState
+        );
         // Unlocking runs where the lock is, never on a standby.
         assert_eq!(
             router.route("SELECT pg_advisory_unlock(1)"),

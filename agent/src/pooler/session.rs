@@ -25,7 +25,7 @@ use std::{
 
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use super::{
     admin,
@@ -33,8 +33,8 @@ use super::{
     auth_query,
     pool::{Pool, PoolError, PooledServer},
     protocol::{self, FrontendMessage, ProtocolError, Startup},
-    route::{SessionEffect, Target},
-    session_split::{Parked, PinReason, ReplayError, SessionSplit},
+    route::{Router, SessionEffect, Target},
+    session_split::{Parked, PinReason, ReplayError, SessionSplit, Side},
     CancelTarget, ClientEntry, ClientPeer, Pooler,
 };
 use crate::config::PoolMode;
@@ -633,6 +633,10 @@ struct Relay<S> {
     scratch: Vec<u8>,
     /// Set in a session pool with the read/write split.
     split: Option<SessionSplit>,
+    /// A batch for the other side (primary or standby) waits until the
+    /// answers to the last one are all in (a client that pipelines a
+    /// write after a read).
+    deferred: bool,
 }
 
 impl<S: ClientStream> Relay<S> {
@@ -673,6 +677,7 @@ impl<S: ClientStream> Relay<S> {
             server_left_forward: true,
             terminated: false,
             scratch: Vec::with_capacity(1024),
+            deferred: false,
         }
     }
 
@@ -727,13 +732,9 @@ impl<S: ClientStream> Relay<S> {
                     self.handle_server()?;
                     self.maybe_release();
                     self.flush_client().await?;
-                    if self.pending.is_empty()
-                        && self.split.as_ref().is_some_and(|split| split.deferred)
-                    {
-                        // The standby answered all: the held statement goes on.
-                        if let Some(split) = self.split.as_mut() {
-                            split.deferred = false;
-                        }
+                    if self.pending.is_empty() && self.deferred {
+                        // The last batch is answered: the held one goes on.
+                        self.deferred = false;
                         self.handle_client().await?;
                         if self.terminated {
                             return Ok(());
@@ -818,8 +819,8 @@ impl<S: ClientStream> Relay<S> {
             if let Some(router) = self.pooler.router.as_ref() {
                 // A batch without SQL (Sync, Close) goes to the primary
                 // without making the session stick to it.
-                let target = self.first_sql().map(|sql| router.route(sql));
-                if target == Some(super::route::Target::Standby) {
+                let target = self.batch_target(router);
+                if target == Some(Target::Standby) {
                     let standby = self
                         .standbys
                         .iter()
@@ -879,10 +880,11 @@ impl<S: ClientStream> Relay<S> {
     /// the session is not pinned to the primary, else on the session's
     /// primary connection (each borrowed on first use).
     async fn route_split(&mut self) -> Result<(Arc<Pool>, PooledServer), SessionError> {
+        self.read_back_settings().await;
         let primary = self.pooler.primary();
-        let reads = match (self.pooler.router.as_ref(), self.first_sql()) {
-            (Some(router), Some(sql)) => router.route(sql) == Target::Standby,
-            _ => false,
+        let reads = match self.pooler.router.as_ref() {
+            Some(router) => self.batch_target(router) == Some(Target::Standby),
+            None => false,
         };
         let no_sql = self.only_syncs_and_closes();
         let split = self.split.as_mut().expect("a split session");
@@ -915,10 +917,52 @@ impl<S: ClientStream> Relay<S> {
         }
         let split = self.split_mut();
         split.on_standby = false;
-        if let Some(parked) = split.primary.take() {
-            return Ok(parked);
+        let (pool, mut server) = match split.primary.take() {
+            Some(parked) => parked,
+            None => self.borrow_primary().await?,
+        };
+        let pooler = self.pooler.clone();
+        match self
+            .split_mut()
+            .replay(&mut server, Side::Primary, &pooler.split_stats)
+            .await
+        {
+            Ok(()) => {}
+            Err(ReplayError::Refused(message)) => {
+                warn!(server = %pool.key.addr, %message, "the primary refused a session setting read back from the standby; it is not in force there");
+            }
+            Err(ReplayError::Connection) => return Err(SessionError::ServerClosed),
         }
-        self.borrow_primary().await
+        Ok((pool, server))
+    }
+
+    /// Settings made inside a transaction block that is over now: their
+    /// values are read from the (parked) connection that ran the block,
+    /// to be replayed on the other one.
+    async fn read_back_settings(&mut self) {
+        let Some(side) = self.split.as_ref().and_then(SessionSplit::read_back_due) else {
+            return;
+        };
+        let pooler = self.pooler.clone();
+        let split = self.split_mut();
+        let slot = match side {
+            Side::Primary => &mut split.primary,
+            Side::Standby => &mut split.standby,
+        };
+        let Some((pool, mut server)) = slot.take() else {
+            // That connection is gone, and so is what was set on it.
+            split.forget_block();
+            return;
+        };
+        let read = split.read_back(&mut server, &pooler.split_stats).await;
+        if let Err(error) = read {
+            warn!(server = %pool.key.addr, ?error, "could not read back the session settings made inside a transaction block; the other connection does not get them");
+        }
+        let slot = match side {
+            Side::Primary => &mut split.primary,
+            Side::Standby => &mut split.standby,
+        };
+        *slot = Some((pool, server));
     }
 
     /// Every whole message in `cbuf` is a Close, Sync or Flush.
@@ -951,7 +995,10 @@ impl<S: ClientStream> Relay<S> {
             if readable && server.conn.looks_alive() {
                 let pooler = self.pooler.clone();
                 let split = self.split_mut();
-                match split.replay(&mut server, &pooler.split_stats).await {
+                match split
+                    .replay(&mut server, Side::Standby, &pooler.split_stats)
+                    .await
+                {
                     Ok(()) => return Some((pool, server)),
                     Err(ReplayError::Refused(message)) => {
                         info!(server = %pool.key.addr, %message, "a standby refused a session setting; the session stays on the primary");
@@ -995,7 +1042,10 @@ impl<S: ClientStream> Relay<S> {
                 .fetch_add(1, Ordering::Relaxed);
             let split = self.split_mut();
             split.new_standby();
-            match split.replay(&mut server, &pooler.split_stats).await {
+            match split
+                .replay(&mut server, Side::Standby, &pooler.split_stats)
+                .await
+            {
                 Ok(()) => return Some((pool, server)),
                 Err(ReplayError::Refused(message)) => {
                     info!(server = %pool.key.addr, %message, "a standby refused a session setting; the session stays on the primary");
@@ -1031,7 +1081,7 @@ impl<S: ClientStream> Relay<S> {
 
     /// What a Query or Parse whole at the front of `cbuf` (`len` bytes)
     /// leaves in the session; with the SQL when it is a setting to replay.
-    fn message_effect(&self, len: usize) -> Option<(Target, SessionEffect, Option<String>)> {
+    fn message_effect(&self, len: usize) -> Option<(SessionEffect, Option<String>)> {
         let router = self.pooler.router.as_ref()?;
         let frame = self.cbuf.get(..len)?;
         let sql = match FrontendMessage::parse(frame).ok()? {
@@ -1040,7 +1090,7 @@ impl<S: ClientStream> Relay<S> {
         };
         let decision = router.decision(sql);
         let text = matches!(decision.effect, SessionEffect::Setting { .. }).then(|| sql.to_owned());
-        Some((decision.target, decision.effect, text))
+        Some((decision.effect, text))
     }
 
     /// Applies what a statement sent to the active connection leaves in
@@ -1061,10 +1111,31 @@ impl<S: ClientStream> Relay<S> {
         match effect {
             SessionEffect::Read | SessionEffect::Transactional => {}
             SessionEffect::Setting { key } => {
-                if outside_block && !split.on_standby {
-                    split.record_setting(&key, sql.as_deref().unwrap_or_default(), stats);
+                let side = if split.on_standby {
+                    Side::Standby
                 } else {
-                    split.pin(PinReason::SettingInTransaction, stats);
+                    Side::Primary
+                };
+                if outside_block && side == Side::Primary {
+                    split.record_setting(&key, sql.as_deref().unwrap_or_default(), side, stats);
+                } else if side == Side::Standby || !split.pinned() {
+                    // Whether it lasts is known once the block is over.
+                    split.setting_in_block(&key, side, stats);
+                }
+            }
+            SessionEffect::Settings { keys, write } => {
+                let side = if split.on_standby {
+                    Side::Standby
+                } else {
+                    Side::Primary
+                };
+                if side == Side::Standby || !split.pinned() {
+                    for key in keys.iter() {
+                        split.setting_in_block(key, side, stats);
+                    }
+                }
+                if write && read_your_writes {
+                    split.pin(PinReason::Write, stats);
                 }
             }
             SessionEffect::Write => {
@@ -1105,26 +1176,82 @@ impl<S: ClientStream> Relay<S> {
         self.mode == PoolMode::Transaction || self.split.is_some()
     }
 
-    /// The SQL of the whole first message in `cbuf`, if it carries any.
-    /// A split session looks past leading messages without SQL (a
-    /// driver's Close and Sync of a dropped statement sent ahead of its
-    /// next query), which may run on either connection.
-    fn first_sql(&self) -> Option<&str> {
+    /// Where the batch at the front of `cbuf` must run. The messages up
+    /// to a Sync are one implicit transaction (a simple Query is one of
+    /// its own), so a batch with any statement for the primary goes there
+    /// whole. `None` when no whole message of it carries SQL. A split
+    /// session looks past a leading batch without SQL (a driver's Close
+    /// and Sync of a dropped statement sent ahead of its next query),
+    /// which may run on either connection.
+    fn batch_target(&self, router: &Router) -> Option<Target> {
+        let mut target = None;
         let mut at = 0;
-        loop {
-            let rest = self.cbuf.get(at..)?;
-            let (tag, len) = protocol::frame(rest).ok()??;
-            let frame = rest.get(..len)?;
-            match FrontendMessage::parse(frame).ok()? {
-                FrontendMessage::Query { sql } => return Some(sql),
-                FrontendMessage::Parse { sql, .. } => return Some(sql),
-                FrontendMessage::Bind { statement, .. } if !statement.is_empty() => {
-                    return self.statements.get(statement).map(|p| p.sql.as_str())
+        while let Some(rest) = self.cbuf.get(at..) {
+            let Ok(Some((tag, len))) = protocol::frame(rest) else {
+                break;
+            };
+            let Some(frame) = rest.get(..len) else {
+                break;
+            };
+            at += len;
+            let sql = match FrontendMessage::parse(frame) {
+                Ok(FrontendMessage::Query { sql } | FrontendMessage::Parse { sql, .. }) => {
+                    Some(sql)
                 }
-                _ if self.split.is_some() && matches!(tag, b'C' | b'S' | b'H') => at += len,
-                _ => return None,
+                Ok(FrontendMessage::Bind { statement, .. }) if !statement.is_empty() => self
+                    .statements
+                    .get(statement)
+                    .map(|prepared| prepared.sql.as_str()),
+                Ok(
+                    FrontendMessage::Bind { .. }
+                    | FrontendMessage::Describe { .. }
+                    | FrontendMessage::Execute
+                    | FrontendMessage::Close { .. }
+                    | FrontendMessage::Flush,
+                ) => None,
+                Ok(FrontendMessage::Sync) if target.is_none() && self.split.is_some() => None,
+                _ => break,
+            };
+            if let Some(sql) = sql {
+                target = match (target, router.route(sql)) {
+                    (Some(Target::Primary), _) | (_, Target::Primary) => Some(Target::Primary),
+                    _ => Some(Target::Standby),
+                };
+            }
+            if tag == b'Q' {
+                break;
             }
         }
+        target
+    }
+
+    /// The next message starts a batch (the last one was closed by a Sync
+    /// or a simple Query) in a relay that chooses a side per batch.
+    fn batch_starts(&self) -> bool {
+        (self.split.is_some() || (self.mode == PoolMode::Transaction && !self.standbys.is_empty()))
+            && matches!(
+                self.pending.back(),
+                None | Some(Pending::Sync | Pending::Query)
+            )
+    }
+
+    /// The batch at the front of `cbuf` belongs on the other side
+    /// (primary or standby) than the connection held now.
+    fn other_side_wanted(&self) -> bool {
+        let Some(router) = self.pooler.router.as_ref() else {
+            return false;
+        };
+        let Some(target) = self.batch_target(router) else {
+            return false;
+        };
+        let (on_standby, stays_on_primary) = match &self.split {
+            Some(split) => (split.on_standby, split.pinned()),
+            None => (
+                !Arc::ptr_eq(&self.server_pool, &self.pool),
+                self.sticky_primary,
+            ),
+        };
+        (target == Target::Standby && !stays_on_primary) != on_standby
     }
 
     fn release(&mut self) {
@@ -1213,31 +1340,23 @@ impl<S: ClientStream> Relay<S> {
             } else {
                 None
             };
-            if let (Some((target, ..)), Some(split)) = (&effect, self.split.as_mut()) {
-                let wants_standby = *target == Target::Standby && !split.pinned();
-                // A statement for the other connection, after the last
-                // batch was closed (by Sync or a simple Query: messages
-                // before a Sync belong to one implicit transaction).
-                let batch_closed = matches!(
-                    self.pending.back(),
-                    None | Some(Pending::Sync | Pending::Query)
-                );
-                if self.server.is_some() && wants_standby != split.on_standby && batch_closed {
-                    if !self.pending.is_empty() {
-                        // It waits for the answers still due (they tell
-                        // whether a transaction block is open), then is
-                        // routed (see `run`).
-                        split.deferred = true;
-                        break;
-                    }
-                    if self.status == b'I' && self.server_left == 0 {
-                        // Idle: park this connection and route anew.
-                        self.release();
-                    }
+            // A batch for the other side, after the last batch was closed.
+            if self.server.is_some() && self.batch_starts() && self.other_side_wanted() {
+                if !self.pending.is_empty() {
+                    // It waits for the answers still due (they tell
+                    // whether a transaction block is open), then is
+                    // routed (see `run`).
+                    self.deferred = true;
+                    break;
+                }
+                if self.status == b'I' && self.server_left == 0 {
+                    // Idle: give this connection back (or park it) and
+                    // route anew.
+                    self.release();
                 }
             }
             self.ensure_server().await?;
-            if let Some((_, effect, sql)) = effect {
+            if let Some((effect, sql)) = effect {
                 self.apply_effect(effect, sql).await;
             } else if tag == b'F' && self.split.is_some() {
                 // A fast-path function call (large objects and the like):
