@@ -1111,11 +1111,7 @@ impl<S: ClientStream> Relay<S> {
         match effect {
             SessionEffect::Read | SessionEffect::Transactional => {}
             SessionEffect::Setting { key } => {
-                let side = if split.on_standby {
-                    Side::Standby
-                } else {
-                    Side::Primary
-                };
+                let side = split.active_side();
                 if outside_block && side == Side::Primary {
                     split.record_setting(&key, sql.as_deref().unwrap_or_default(), side, stats);
                 } else if side == Side::Standby || !split.pinned() {
@@ -1124,11 +1120,7 @@ impl<S: ClientStream> Relay<S> {
                 }
             }
             SessionEffect::Settings { keys, write } => {
-                let side = if split.on_standby {
-                    Side::Standby
-                } else {
-                    Side::Primary
-                };
+                let side = split.active_side();
                 if side == Side::Standby || !split.pinned() {
                     for key in keys.iter() {
                         split.setting_in_block(key, side, stats);

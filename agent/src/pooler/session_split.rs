@@ -236,6 +236,15 @@ impl SessionSplit {
         self.pinned.is_some()
     }
 
+    /// The connection the relay runs on now.
+    pub(super) fn active_side(&self) -> Side {
+        if self.on_standby {
+            Side::Standby
+        } else {
+            Side::Primary
+        }
+    }
+
     /// The session stops using a standby (logged and counted once).
     pub(super) fn pin(&mut self, reason: PinReason, stats: &SplitStats) {
         if self.pinned.is_none() {
