@@ -696,6 +696,27 @@ async fn a_pipelined_batch_that_writes_runs_whole_on_the_primary_in_both_pool_mo
             )
             .unwrap();
         assert_eq!(count.trim(), "5", "{mode:?}");
+        // The same with a read of 200 KB: libpq sends the batch in two
+        // pieces, the read before the write and the Sync.
+        let long = "x".repeat(200 * 1024);
+        let (ok, out) = pgbench_script(
+            pooler.addr.port(),
+            &format!(
+                "\\startpipeline\nSELECT length('{long}');\n\
+                 INSERT INTO split_batch VALUES ('{mode:?}-long');\n\\endpipeline\n"
+            ),
+            5,
+        )
+        .await;
+        assert!(ok, "{mode:?}: {}", &out[..out.len().min(2000)]);
+        let count = pg
+            .primary
+            .psql(
+                "app",
+                &format!("SELECT count(*) FROM split_batch WHERE mode = '{mode:?}-long'"),
+            )
+            .unwrap();
+        assert_eq!(count.trim(), "5", "{mode:?}");
         // A batch of reads only still goes to the standby.
         let before = standby_queries();
         let (ok, out) = pgbench_script(

@@ -41,6 +41,9 @@ use crate::config::PoolMode;
 
 /// How long a client may take to log in.
 const LOGIN_TIMEOUT: Duration = Duration::from_secs(15);
+/// How much of an unfinished batch the relay holds back until its end
+/// arrives, to route it whole (read/write split only).
+const BATCH_HOLD_BYTES: usize = 1 << 20;
 /// How long the reset of a session-mode connection may take.
 const RESET_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -1217,6 +1220,31 @@ impl<S: ClientStream> Relay<S> {
         target
     }
 
+    /// The batch at the front of `cbuf` is all here: it ends with a Sync,
+    /// a Flush (the client waits for answers before it sends more), a
+    /// simple Query, a FunctionCall or a Terminate; or it is copy data;
+    /// or it is too big to hold back. libpq's pipeline mode sends a batch in pieces once 64
+    /// KiB of it are queued.
+    fn batch_received(&self) -> bool {
+        if self.cbuf.len() >= BATCH_HOLD_BYTES {
+            return true;
+        }
+        let mut at = 0;
+        while let Some(rest) = self.cbuf.get(at..) {
+            match protocol::frame(rest) {
+                // Copy data flows inside a batch already routed.
+                Ok(Some((b'S' | b'H' | b'Q' | b'F' | b'X' | b'd' | b'c' | b'f', _))) => {
+                    return true
+                }
+                Ok(Some((_, len))) if rest.len() >= len => at += len,
+                Ok(_) => return false,
+                // The relay reports it.
+                Err(_) => return true,
+            }
+        }
+        false
+    }
+
     /// The next message starts a batch (the last one was closed by a Sync
     /// or a simple Query) in a relay that chooses a side per batch.
     fn batch_starts(&self) -> bool {
@@ -1332,8 +1360,14 @@ impl<S: ClientStream> Relay<S> {
             } else {
                 None
             };
+            let batch_starts = self.batch_starts();
+            if batch_starts && !self.batch_received() {
+                // Routed once it is all here (nothing of it is answered
+                // before its Sync or Flush anyway).
+                break;
+            }
             // A batch for the other side, after the last batch was closed.
-            if self.server.is_some() && self.batch_starts() && self.other_side_wanted() {
+            if self.server.is_some() && batch_starts && self.other_side_wanted() {
                 if !self.pending.is_empty() {
                     // It waits for the answers still due (they tell
                     // whether a transaction block is open), then is
