@@ -459,6 +459,28 @@ async fn serve_connection(
     let _ = writer.await;
 }
 
+/// Runs blocking work (a peer's change: a few file system calls) on this
+/// very thread, the runtime moving its other tasks elsewhere meanwhile
+/// (`block_in_place`): on a loaded machine, handing the work to the
+/// blocking pool and back costs two thread wake-ups per change, often
+/// more than the change itself. A current-thread runtime (tests) cannot
+/// do that: there it goes to the blocking pool as before.
+async fn blocking_here<T: Send + 'static>(
+    volume: &Arc<Volume>,
+    work: impl FnOnce(&Volume) -> T + Send + 'static,
+) -> Option<T> {
+    if tokio::runtime::Handle::current().runtime_flavor()
+        == tokio::runtime::RuntimeFlavor::MultiThread
+    {
+        Some(tokio::task::block_in_place(|| work(volume)))
+    } else {
+        let volume = Arc::clone(volume);
+        tokio::task::spawn_blocking(move || work(&volume))
+            .await
+            .ok()
+    }
+}
+
 async fn handle(volume: &Arc<Volume>, from: &str, body: Request) -> Response {
     let blocking = |f: Box<dyn FnOnce() -> Response + Send>| async move {
         tokio::task::spawn_blocking(f)
@@ -468,10 +490,10 @@ async fn handle(volume: &Arc<Volume>, from: &str, body: Request) -> Response {
     match body {
         Request::Ping => Response::Ok,
         Request::Apply { op, missed } => {
-            let applying = Arc::clone(volume);
-            let Ok((response, stale)) =
-                tokio::task::spawn_blocking(move || applying.apply_remote_stale(&op, &missed))
-                    .await
+            let Some((response, stale)) = blocking_here(volume, move |volume| {
+                volume.apply_remote_stale(&op, &missed)
+            })
+            .await
             else {
                 return Response::Errno(libc::EIO);
             };
