@@ -302,3 +302,58 @@ fn readdir_offsets_survive_concurrent_changes() {
         cluster.stop(node);
     }
 }
+
+/// An unlink moves a file with blocks into each brick's `.farol/trash`,
+/// which is purged right after: the name is gone everywhere once unlink
+/// returns, a descriptor held open on another node's mount still reads
+/// the data (as after unlink(2)), the space comes back (the trash
+/// empties), a hard link's other name has the right link count at once,
+/// and a directory sync after unlinks succeeds on every replica.
+#[test]
+fn unlinked_files_leave_every_brick_and_their_trash() {
+    if !support::fuse_privileged("unlinked_files_leave_every_brick_and_their_trash") {
+        return;
+    }
+    let mut cluster = Cluster::new("trash", 3, "");
+    cluster.start_all();
+    let m = cluster.mount(0);
+    let data = vec![0x5au8; 64 << 10];
+    fs::create_dir(m.join("d")).unwrap();
+    volume_cluster::write_synced(&m.join("d/big"), &data).unwrap();
+    let mut held = fs::File::open(cluster.mount(1).join("d/big")).unwrap();
+    fs::write(m.join("d/a"), b"linked").unwrap();
+    fs::hard_link(m.join("d/a"), m.join("d/b")).unwrap();
+
+    let dir = fs::File::open(m.join("d")).unwrap();
+    for name in ["big", "a"] {
+        fs::remove_file(m.join("d").join(name)).unwrap();
+        dir.sync_all().unwrap();
+    }
+    for node in 0..3 {
+        let brick = cluster.brick(node);
+        for name in ["big", "a"] {
+            assert!(
+                fs::symlink_metadata(brick.join("d").join(name)).is_err(),
+                "d/{name} still on brick {node}"
+            );
+        }
+        let b = fs::metadata(brick.join("d/b")).unwrap();
+        assert_eq!(std::os::unix::fs::MetadataExt::nlink(&b), 1, "brick {node}");
+        assert!(!cluster.mount(node).join("d/big").exists());
+    }
+    let mut read = Vec::new();
+    held.read_to_end(&mut read).unwrap();
+    assert_eq!(read, data, "an open file outlives its unlink");
+    for node in 0..3 {
+        let trash = cluster.brick(node).join(".farol/trash");
+        volume_cluster::wait_until(
+            &format!("brick {node}'s trash to be purged"),
+            std::time::Duration::from_secs(20),
+            || fs::read_dir(&trash).is_ok_and(|mut entries| entries.next().is_none()),
+        );
+    }
+    assert_bricks_identical(&cluster.brick(0), &cluster.brick(2));
+    for node in 0..3 {
+        cluster.stop(node);
+    }
+}

@@ -3,7 +3,9 @@
 //! GlusterFS 3-replica on the same machine, in the same run. Workloads
 //! from shared/PEERS.md: create 4 KB files with fsync, cold read of them,
 //! delete with sync, sequential 1 MiB writes with fsync, cold sequential
-//! read. Every loop is bounded in count and time.
+//! read. Every loop is bounded in count and time. The targets take turns
+//! for `FAROL_BENCH_ROUNDS` rounds (3 by default); each round is printed
+//! and the median kept.
 //!
 //! Then the heal case from PEERS.md on each replicated target: one replica
 //! is killed, 2,000 small files, a 200 MiB file and an 8 MiB overwrite are
@@ -484,12 +486,84 @@ fn lazy_unmount(path: &Path) {
     let _ = Command::new("umount").arg("-l").arg(path).status();
 }
 
+#[derive(Debug, Clone)]
 struct Figures {
     create: f64,
     read: f64,
     delete: f64,
     write_mib: f64,
     read_mib: f64,
+}
+
+impl Figures {
+    /// Each workload's median over rounds (the upper middle one of an
+    /// even count).
+    fn median(rounds: &[Figures]) -> Figures {
+        let pick = |get: fn(&Figures) -> f64| {
+            let mut values: Vec<f64> = rounds.iter().map(get).collect();
+            values.sort_by(f64::total_cmp);
+            values.get(values.len() / 2).copied().unwrap_or(0.0)
+        };
+        Figures {
+            create: pick(|f| f.create),
+            read: pick(|f| f.read),
+            delete: pick(|f| f.delete),
+            write_mib: pick(|f| f.write_mib),
+            read_mib: pick(|f| f.read_mib),
+        }
+    }
+}
+
+/// Rounds of the workloads per target: `FAROL_BENCH_ROUNDS` (1 to 9), 3
+/// by default.
+fn rounds() -> usize {
+    std::env::var("FAROL_BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .map_or(3, |n| n.clamp(1, 9))
+}
+
+/// The 1-minute load average, as /proc/loadavg says it.
+fn load_average() -> String {
+    fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|text| text.split_whitespace().next().map(str::to_owned))
+        .unwrap_or_else(|| "?".to_owned())
+}
+
+/// Every round's figures of the small-file workloads, and Farol's ratio
+/// to GlusterFS in the same round.
+fn print_rounds(targets: &[Target], per_round: &[Vec<Figures>]) {
+    let farol = targets.iter().position(|t| t.name == "farol");
+    let gluster = targets.iter().position(|t| t.name == "glusterfs");
+    println!("\nper round (files/s: create + fsync, cold read, delete + dir fsync):");
+    let rounds = per_round.first().map_or(0, Vec::len);
+    for round in 0..rounds {
+        let cells: Vec<String> = targets
+            .iter()
+            .zip(per_round)
+            .map(|(target, figures)| {
+                let f = &figures[round];
+                format!(
+                    "{} {:.0} / {:.0} / {:.0}",
+                    target.name, f.create, f.read, f.delete
+                )
+            })
+            .collect();
+        let ratios = match (farol, gluster) {
+            (Some(a), Some(b)) => {
+                let (a, b) = (&per_round[a][round], &per_round[b][round]);
+                format!(
+                    "; farol / glusterfs {:.2}x / {:.2}x / {:.2}x",
+                    a.create / b.create,
+                    a.read / b.read,
+                    a.delete / b.delete
+                )
+            }
+            _ => String::new(),
+        };
+        println!("  round {}: {}{ratios}", round + 1, cells.join("; "));
+    }
 }
 
 fn per_second(count: usize, elapsed: Duration) -> f64 {
@@ -624,15 +698,29 @@ pub(crate) fn run() -> Result<BenchReport> {
     }
 
     let mut report = BenchReport::new("storage");
+    // The targets take turns, round after round, so a burst of load from
+    // other work on the machine falls on all of them alike; the figure
+    // kept per workload is each target's median over the rounds, and
+    // every round is printed (the spread between rounds is part of the
+    // result).
+    let rounds = rounds();
+    let mut per_round: Vec<Vec<Figures>> = targets.iter().map(|_| Vec::new()).collect();
+    for round in 1..=rounds {
+        for (index, target) in targets.iter().enumerate() {
+            println!(
+                "round {round}/{rounds}: the workloads on {} ({}), load average {} ...",
+                target.name,
+                target.dir.display(),
+                load_average()
+            );
+            let figures = run_workloads(&target.dir)
+                .with_context(|| format!("workloads on {}", target.name))?;
+            per_round[index].push(figures);
+        }
+    }
     let mut rows: Vec<(&str, Figures)> = Vec::new();
-    for target in &targets {
-        println!(
-            "running the workloads on {} ({}) ...",
-            target.name,
-            target.dir.display()
-        );
-        let figures =
-            run_workloads(&target.dir).with_context(|| format!("workloads on {}", target.name))?;
+    for (target, figures) in targets.iter().zip(&per_round) {
+        let figures = Figures::median(figures);
         let cases = [
             ("create-4k-sync", "files_per_s", figures.create, "files/s"),
             ("cold-read-4k", "files_per_s", figures.read, "files/s"),
@@ -650,6 +738,7 @@ pub(crate) fn run() -> Result<BenchReport> {
         }
         rows.push((target.name, figures));
     }
+    print_rounds(&targets, &per_round);
 
     let mut heals: Vec<(&str, f64)> = Vec::new();
     if !quick {
@@ -691,7 +780,7 @@ pub(crate) fn run() -> Result<BenchReport> {
         .find(|(name, _)| *name == "glusterfs")
         .map(|(_, f)| f);
     println!(
-        "\n| workload ({FILES} files, {SEQ_MIB} MiB) | {} | farol / glusterfs |",
+        "\n| workload ({FILES} files, {SEQ_MIB} MiB; median of {rounds} rounds) | {} | farol / glusterfs |",
         columns.join(" | ")
     );
     println!("| --- |{} --- |", " --- |".repeat(columns.len()));

@@ -17,10 +17,13 @@ use std::{
         fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt},
     },
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+
+use super::trash::Trash;
 
 /// The agent's state directory at the brick root (hidden from the mount).
 pub const STATE_DIR: &str = ".farol";
@@ -204,6 +207,8 @@ pub enum BrickError {
 #[derive(Debug, Clone)]
 pub struct Brick {
     root: PathBuf,
+    /// Where unlinked files wait for their blocks to be freed.
+    trash: Arc<Trash>,
 }
 
 impl Brick {
@@ -211,11 +216,16 @@ impl Brick {
     pub fn open(root: &Path) -> Result<Brick, BrickError> {
         let state = root.join(STATE_DIR);
         fs::create_dir_all(&state).map_err(|source| BrickError::Open {
-            path: state,
+            path: state.clone(),
+            source,
+        })?;
+        let trash = Trash::open(&state).map_err(|source| BrickError::Open {
+            path: state.join(super::trash::TRASH_DIR),
             source,
         })?;
         Ok(Brick {
             root: root.to_owned(),
+            trash: Arc::new(trash),
         })
     }
 
@@ -307,7 +317,7 @@ impl Brick {
                 atime_ns,
                 mtime_ns,
             } => self.set_attr(path, *mode, *uid, *gid, *size, *atime_ns, *mtime_ns),
-            Op::Unlink { path } => fs::remove_file(self.abs(path)),
+            Op::Unlink { path } => self.trash.unlink(&self.abs(path)),
             Op::Rmdir { path } => fs::remove_dir(self.abs(path)),
             Op::Rename {
                 from,

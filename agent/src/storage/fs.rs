@@ -921,7 +921,7 @@ impl Filesystem for VolumeFs {
             self.volume
                 .submit_sync(
                     Op::Fsync { path: rel.clone() },
-                    |brick| File::open(brick.abs(&rel))?.sync_all(),
+                    |_| self.volume.sync_dir(&rel),
                     || Ok(()),
                 )
                 .map_err(Errno::from_i32)

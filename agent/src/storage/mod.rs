@@ -22,6 +22,7 @@
 pub mod auth;
 pub mod brick;
 pub mod cli;
+pub mod dir_sync;
 pub mod fs;
 mod full_heal;
 pub mod heal;
@@ -30,6 +31,7 @@ pub mod metrics;
 pub mod net;
 pub mod protocol;
 pub mod replica;
+pub mod trash;
 pub mod write_behind;
 
 use std::{

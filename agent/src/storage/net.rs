@@ -5,7 +5,7 @@
 
 use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
 
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{stream::SplitSink, SinkExt, StreamExt};
 use tokio::{
     net::{TcpListener, TcpStream},
     sync::{mpsc, oneshot, watch},
@@ -347,23 +347,8 @@ async fn serve_connection(
     }
     framed.codec_mut().set_session(&client_nonce, &server_nonce);
     debug!(volume = %volume.name(), peer = %from, %addr, "peer connected");
-    let (mut sink, mut frames) = framed.split();
-    let (out_tx, mut out_rx) = mpsc::channel::<Message>(1024);
-    let writer = tokio::spawn(async move {
-        while let Some(first) = out_rx.recv().await {
-            if sink.feed(first).await.is_err() {
-                return;
-            }
-            while let Ok(more) = out_rx.try_recv() {
-                if sink.feed(more).await.is_err() {
-                    return;
-                }
-            }
-            if sink.flush().await.is_err() {
-                return;
-            }
-        }
-    });
+    let (sink, mut frames) = framed.split();
+    let answers: Answers = Arc::new(tokio::sync::Mutex::new(sink));
     // Unbounded so that reading never stops behind changes still being
     // applied: a ping read later would look like a dead peer. What queues
     // here is bounded by the senders (each FUSE thread waits for its
@@ -371,7 +356,7 @@ async fn serve_connection(
     let (work_tx, mut work_rx) = mpsc::unbounded_channel::<(u64, Request)>();
     let worker = {
         let volume = Arc::clone(&volume);
-        let out_tx = out_tx.clone();
+        let answers = Arc::clone(&answers);
         let from = from.clone();
         tokio::spawn(async move {
             while let Some((id, body)) = work_rx.recv().await {
@@ -397,15 +382,15 @@ async fn serve_connection(
                         tokio::task::spawn_blocking(move || volume.sync_remote(&path, opened_tx))
                     };
                     let _ = opened.await;
-                    let out_tx = out_tx.clone();
+                    let answers = Arc::clone(&answers);
                     tokio::spawn(async move {
                         let body = syncing.await.unwrap_or(Response::Errno(libc::EIO));
-                        let _ = out_tx.send(Message::Response { id, body }).await;
+                        answer(&answers, id, body).await;
                     });
                     continue;
                 }
                 let body = handle(&volume, &from, body).await;
-                if out_tx.send(Message::Response { id, body }).await.is_err() {
+                if !answer(&answers, id, body).await {
                     return;
                 }
             }
@@ -415,9 +400,10 @@ async fn serve_connection(
         tokio::select! {
             frame = frames.next() => match frame {
                 Some(Ok(Message::Request { id, body: Request::Ping })) => {
-                    if out_tx.send(Message::Response { id, body: Response::Ok }).await.is_err() {
-                        break;
-                    }
+                    // On a task of its own: reading goes on while an
+                    // answer is being written.
+                    let answers = Arc::clone(&answers);
+                    tokio::spawn(async move { answer(&answers, id, Response::Ok).await });
                 }
                 Some(Ok(Message::Request { id, body })) => {
                     let large = payload_len(&body) >= LARGE_FRAME;
@@ -455,8 +441,46 @@ async fn serve_connection(
     // Let queued changes finish (they are already applied in order), then
     // close.
     let _ = worker.await;
-    drop(out_tx);
-    let _ = writer.await;
+    // The connection closes once the answers of syncs still running are
+    // written (their tasks hold the sending half).
+}
+
+/// The sending half of a served connection, shared by whoever answers:
+/// the worker writes its answer itself, since handing it to a writer task
+/// costs a thread wake-up per change on a loaded machine (answers are
+/// matched by id, so their order does not matter).
+type Answers = Arc<tokio::sync::Mutex<SplitSink<Framed<TcpStream, FrameCodec>, Message>>>;
+
+/// Writes one answer; false once the connection is gone.
+async fn answer(answers: &Answers, id: u64, body: Response) -> bool {
+    answers
+        .lock()
+        .await
+        .send(Message::Response { id, body })
+        .await
+        .is_ok()
+}
+
+/// Runs blocking work (a peer's change: a few file system calls) on this
+/// very thread, the runtime moving its other tasks elsewhere meanwhile
+/// (`block_in_place`): on a loaded machine, handing the work to the
+/// blocking pool and back costs two thread wake-ups per change, often
+/// more than the change itself. A current-thread runtime (tests) cannot
+/// do that: there it goes to the blocking pool as before.
+async fn blocking_here<T: Send + 'static>(
+    volume: &Arc<Volume>,
+    work: impl FnOnce(&Volume) -> T + Send + 'static,
+) -> Option<T> {
+    if tokio::runtime::Handle::current().runtime_flavor()
+        == tokio::runtime::RuntimeFlavor::MultiThread
+    {
+        Some(tokio::task::block_in_place(|| work(volume)))
+    } else {
+        let volume = Arc::clone(volume);
+        tokio::task::spawn_blocking(move || work(&volume))
+            .await
+            .ok()
+    }
 }
 
 async fn handle(volume: &Arc<Volume>, from: &str, body: Request) -> Response {
@@ -468,10 +492,10 @@ async fn handle(volume: &Arc<Volume>, from: &str, body: Request) -> Response {
     match body {
         Request::Ping => Response::Ok,
         Request::Apply { op, missed } => {
-            let applying = Arc::clone(volume);
-            let Ok((response, stale)) =
-                tokio::task::spawn_blocking(move || applying.apply_remote_stale(&op, &missed))
-                    .await
+            let Some((response, stale)) = blocking_here(volume, move |volume| {
+                volume.apply_remote_stale(&op, &missed)
+            })
+            .await
             else {
                 return Response::Errno(libc::EIO);
             };

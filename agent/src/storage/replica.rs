@@ -29,6 +29,7 @@ use tracing::{info, warn};
 
 use super::{
     brick::{Brick, Entry, Op},
+    dir_sync::DirSyncs,
     heal::ChangeLog,
     kernel_cache::{KernelCache, Stale},
     protocol::{PeerStatus, Request, Response, StatusReport},
@@ -149,6 +150,8 @@ pub struct Volume {
     /// capture until the peer answered; see [`Volume::begin_stream`].
     streams: Mutex<Vec<InFlightHeal>>,
     kernel: Arc<KernelCache>,
+    /// Directory syncs of this brick, shared and started early.
+    dir_syncs: Arc<DirSyncs>,
 }
 
 /// A heal copy on its way to a peer; see [`Volume::begin_stream`].
@@ -225,6 +228,7 @@ impl Volume {
             started: Instant::now(),
             streams: Mutex::new(Vec::new()),
             kernel: setup.kernel,
+            dir_syncs: Arc::new(DirSyncs::default()),
         };
         (Arc::new(volume), receivers)
     }
@@ -523,7 +527,9 @@ impl Volume {
         }
         let paths: Vec<String> = op.paths().into_iter().map(str::to_owned).collect();
         let _order = self.apply_lock();
-        let value = local(&self.brick).map_err(|error| errno(&error))?;
+        let value = local(&self.brick);
+        self.changed_dirs(&op);
+        let value = value.map_err(|error| errno(&error))?;
         self.touch_streams(&paths, ChangeFrom::Here);
         let missed: Vec<String> = self
             .peers
@@ -727,6 +733,7 @@ impl Volume {
         let _order = self.apply_lock();
         let before = self.kernel.before(&self.brick, &op.paths());
         let result = self.brick.apply(op);
+        self.changed_dirs(op);
         let range = match op {
             Op::Write { offset, data, .. } => Some((*offset, data.len() as u64)),
             _ => None,
@@ -749,11 +756,53 @@ impl Volume {
 
     /// A peer's sync of `path`: opens it, says so on `opened` (the
     /// connection applies later changes from then on), then syncs it
-    /// (blocking).
+    /// (blocking). A directory's sync may be shared with one running or
+    /// done since its changes (see `dir_sync.rs`).
     pub fn sync_remote(&self, path: &str, opened: oneshot::Sender<()>) -> Response {
         let file = std::fs::File::open(self.brick.abs(path));
+        let dir = file
+            .as_ref()
+            .ok()
+            .and_then(|file| file.metadata().ok())
+            .is_some_and(|meta| meta.is_dir());
+        // What it must cover is fixed in order, before later changes.
+        let needed = dir.then(|| self.dir_syncs.needed(path));
         let _ = opened.send(());
-        Self::response(file.and_then(|file| file.sync_all()))
+        let result = file.and_then(|file| match needed {
+            Some(needed) => self.dir_syncs.sync(path, needed, true, || file.sync_all()),
+            None => file.sync_all(),
+        });
+        Self::response(result)
+    }
+
+    /// This mount's `fsyncdir` of `rel` on this brick: shared with a sync
+    /// running or done since its changes (see `dir_sync.rs`).
+    pub fn sync_dir(&self, rel: &str) -> io::Result<()> {
+        let needed = self.dir_syncs.needed(rel);
+        let abs = self.brick.abs(rel);
+        self.dir_syncs
+            .sync(rel, needed, true, || std::fs::File::open(&abs)?.sync_all())
+    }
+
+    /// Counts a change applied to this brick for the directory syncs (under
+    /// the apply lock, so the count follows the order of the brick), and
+    /// starts the syncs it asks for: they run while the change travels to
+    /// the peers, and are not waited for here.
+    fn changed_dirs(&self, op: &Op) {
+        let early = self
+            .dir_syncs
+            .changed(&op.paths(), matches!(op, Op::Rename { .. }));
+        for dir in early {
+            let syncs = Arc::clone(&self.dir_syncs);
+            let abs = self.brick.abs(&dir);
+            self.runtime.spawn_blocking(move || {
+                let needed = syncs.needed(&dir);
+                // A failure records nothing: the request syncs itself.
+                let _ = syncs.sync(&dir, needed, false, || {
+                    std::fs::File::open(&abs)?.sync_all()
+                });
+            });
+        }
     }
 
     fn response(result: io::Result<()>) -> Response {
@@ -815,6 +864,7 @@ impl Volume {
         let refs: Vec<&str> = paths.iter().map(String::as_str).collect();
         let before = self.kernel.before(&self.brick, &refs);
         let installed = self.brick.install(path, entry, &tmp);
+        let _ = self.dir_syncs.changed(&[path], false);
         let stale = self.kernel.stale(&self.brick, before, None);
         self.kernel.invalidate_detached(&self.runtime, stale);
         match installed {
