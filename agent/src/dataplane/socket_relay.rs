@@ -46,6 +46,8 @@ const UNUSED_MAPS: &[&str] = &[
 
 #[derive(Debug, thiserror::Error)]
 pub enum PairError {
+    #[error("the socket relay is not loaded")]
+    NotLoaded,
     #[error("reading the socket cookie")]
     Cookie(#[source] io::Error),
     #[error(

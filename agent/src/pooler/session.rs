@@ -30,14 +30,18 @@ use tracing::{debug, info};
 use super::{
     admin,
     auth::{self, AuthError, ScramServer, Secret, ServerCredential},
-    auth_query,
+    auth_query, kernel_relay,
+    kernel_relay::{Fallback, KernelRelay, TakeBack},
     pool::{Pool, PoolError, PooledServer},
     protocol::{self, FrontendMessage, ProtocolError, Startup},
     route::{SessionEffect, Target},
+    server_stream::ServerStream,
     session_split::{Parked, PinReason, ReplayError, SessionSplit},
     CancelTarget, ClientEntry, ClientPeer, Pooler,
 };
 use crate::config::PoolMode;
+use farol_common::socket_relay::TERMINATE_MESSAGE;
+use std::os::fd::AsFd;
 
 /// How long a client may take to log in.
 const LOGIN_TIMEOUT: Duration = Duration::from_secs(15);
@@ -82,11 +86,14 @@ pub(crate) enum SessionError {
         server: SocketAddr,
         drain: Duration,
     },
+    #[error("bytes the in-kernel relay should have passed on reached the pooler")]
+    KernelRelayDesync,
 }
 
 /// What a client connection is: plain TCP or TLS over it.
-pub(crate) trait ClientStream: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<S: AsyncRead + AsyncWrite + Unpin + Send> ClientStream for S {}
+/// ('static: the in-kernel relay looks for a plain `TcpStream` by type.)
+pub(crate) trait ClientStream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> ClientStream for S {}
 
 /// Entry point of a client task; never fails, logs once.
 pub(super) async fn serve<S: ClientStream>(mut stream: S, peer: ClientPeer, pooler: Arc<Pooler>) {
@@ -633,6 +640,13 @@ struct Relay<S> {
     scratch: Vec<u8>,
     /// Set in a session pool with the read/write split.
     split: Option<SessionSplit>,
+    /// Session mode with `kernel_relay`: the relay to hand over to, until
+    /// the session is handed over or falls back.
+    kernel: Option<Arc<KernelRelay>>,
+    kernel_attempts: u32,
+    /// The kernel relayed this session: the server's state is unknown
+    /// unless the client's Terminate came back (strict reset).
+    relayed_in_kernel: bool,
 }
 
 impl<S: ClientStream> Relay<S> {
@@ -643,6 +657,9 @@ impl<S: ClientStream> Relay<S> {
         pooler: Arc<Pooler>,
         entry: Arc<ClientEntry>,
     ) -> Relay<S> {
+        let kernel = (pool.settings.mode == PoolMode::Session)
+            .then(|| pooler.kernel_relay.clone())
+            .flatten();
         Relay {
             client,
             cbuf,
@@ -673,11 +690,19 @@ impl<S: ClientStream> Relay<S> {
             server_left_forward: true,
             terminated: false,
             scratch: Vec::with_capacity(1024),
+            kernel,
+            kernel_attempts: 0,
+            relayed_in_kernel: false,
         }
     }
 
     async fn run(&mut self) -> Result<(), SessionError> {
         loop {
+            if self.kernel.is_some() && self.server.is_some() {
+                if let Some(result) = self.try_kernel_relay().await {
+                    return result;
+                }
+            }
             if self.cbuf.capacity() - self.cbuf.len() < 4096 {
                 self.cbuf.reserve(16 * 1024);
             }
@@ -738,6 +763,154 @@ impl<S: ClientStream> Relay<S> {
                         if self.terminated {
                             return Ok(());
                         }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Session mode with `kernel_relay`: hands the session to the kernel
+    /// when nothing is half-handled (see `kernel_relay` for why that keeps
+    /// every byte in order), then watches both sockets until the session
+    /// ends or the pooler must speak. `None`: not now (or never: falls
+    /// back), the userspace relay goes on.
+    async fn try_kernel_relay(&mut self) -> Option<Result<(), SessionError>> {
+        let kernel = self.kernel.clone()?;
+        let server = self.server.as_ref()?;
+        let quiet = self.cbuf.is_empty()
+            && self.client_left == 0
+            && self.server_left == 0
+            && server.conn.buf.is_empty()
+            && self.cout.is_empty()
+            && self.sout.is_empty();
+        if !quiet {
+            return None;
+        }
+        let fallback = if !kernel.available() {
+            Some(Fallback::Unavailable)
+        } else if self.split.is_some() {
+            Some(Fallback::ReadWriteSplit)
+        } else if client_tcp(&self.client).is_none() {
+            Some(Fallback::ClientNotPlainTcp)
+        } else if !matches!(server.conn.stream, ServerStream::Tcp(_)) {
+            Some(Fallback::ServerUnixSocket)
+        } else {
+            None
+        };
+        if let Some(reason) = fallback {
+            kernel.fall_back(reason, None);
+            self.kernel = None;
+            return None;
+        }
+        let (Some(client), ServerStream::Tcp(server_tcp)) =
+            (client_tcp(&self.client), &server.conn.stream)
+        else {
+            return None;
+        };
+        let half_read = |stream: &tokio::net::TcpStream| {
+            !matches!(crate::dataplane::socket_relay::unread_bytes(stream), Ok(0))
+        };
+        if half_read(client) || half_read(server_tcp) {
+            self.kernel_attempts += 1;
+            if self.kernel_attempts >= kernel_relay::HANDOVER_ATTEMPTS {
+                kernel.fall_back(Fallback::NeverQuiet, None);
+                self.kernel = None;
+            }
+            return None;
+        }
+        let handed = match kernel.hand_over(client.as_fd(), server_tcp.as_fd()) {
+            Ok(handed) => handed,
+            Err(error) => {
+                kernel.fall_back(Fallback::PairFailed, Some(&error));
+                self.kernel = None;
+                return None;
+            }
+        };
+        self.kernel = None;
+        self.relayed_in_kernel = true;
+        // Unknown from now on, unless the client's Terminate comes back.
+        self.status = 0;
+        debug!(
+            client = %self.entry.peer,
+            "pooler: session handed to the in-kernel relay"
+        );
+        let (reason, result) = self.watch_kernel_relay().await;
+        handed.take_back(reason);
+        Some(result)
+    }
+
+    /// While the kernel relays: waits for the client's Terminate, a close
+    /// on either side, or a primary that moved.
+    async fn watch_kernel_relay(&mut self) -> (TakeBack, Result<(), SessionError>) {
+        enum Watch {
+            Client(std::io::Result<()>),
+            Server(std::io::Result<()>),
+            Topology,
+        }
+        let mut probe = [0u8; 64];
+        loop {
+            let (Some(client), Some(ServerStream::Tcp(server))) = (
+                client_tcp(&self.client),
+                self.server.as_ref().map(|server| &server.conn.stream),
+            ) else {
+                return (TakeBack::Unexpected, Err(SessionError::KernelRelayDesync));
+            };
+            let watch = tokio::select! {
+                ready = client.readable() => Watch::Client(ready),
+                ready = server.readable() => Watch::Server(ready),
+                changed = self.topology.changed() => {
+                    if changed.is_err() {
+                        // The pooler is going away; the session ends with it.
+                        std::future::pending::<()>().await;
+                    }
+                    Watch::Topology
+                }
+            };
+            match watch {
+                Watch::Client(ready) => {
+                    if let Err(error) = ready {
+                        return (TakeBack::ClientClosed, Err(SessionError::ClientIo(error)));
+                    }
+                    match client.try_read(&mut probe) {
+                        Ok(0) => return (TakeBack::ClientClosed, Ok(())),
+                        Ok(n) => {
+                            let terminates = probe[..n]
+                                .chunks(TERMINATE_MESSAGE.len())
+                                .all(|chunk| chunk == TERMINATE_MESSAGE);
+                            if terminates {
+                                // The client waited for its answers (it is
+                                // not pipelining into a Terminate, or the
+                                // strict reset finds out).
+                                self.status = b'I';
+                                self.terminated = true;
+                                return (TakeBack::Terminate, Ok(()));
+                            }
+                            return (TakeBack::Unexpected, Err(SessionError::KernelRelayDesync));
+                        }
+                        Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {}
+                        Err(error) => {
+                            return (TakeBack::ClientClosed, Err(SessionError::ClientIo(error)))
+                        }
+                    }
+                }
+                Watch::Server(ready) => {
+                    if let Err(error) = ready {
+                        return (TakeBack::ServerClosed, Err(SessionError::ServerIo(error)));
+                    }
+                    match server.try_read(&mut probe) {
+                        Ok(0) => return (TakeBack::ServerClosed, Err(SessionError::ServerClosed)),
+                        Ok(_) => {
+                            return (TakeBack::Unexpected, Err(SessionError::KernelRelayDesync))
+                        }
+                        Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {}
+                        Err(error) => {
+                            return (TakeBack::ServerClosed, Err(SessionError::ServerIo(error)))
+                        }
+                    }
+                }
+                Watch::Topology => {
+                    if let Err(error) = self.end_if_on_a_former_primary() {
+                        return (TakeBack::PrimaryMoved, Err(error));
                     }
                 }
             }
@@ -1015,7 +1188,8 @@ impl<S: ClientStream> Relay<S> {
     /// a task of its own (the client's next statement does not wait).
     async fn give_back(&mut self, (pool, mut server): Parked) {
         tokio::spawn(async move {
-            if let Ok(Ok(())) = tokio::time::timeout(RESET_TIMEOUT, reset(&mut server)).await {
+            if let Ok(Ok(())) = tokio::time::timeout(RESET_TIMEOUT, reset(&mut server, false)).await
+            {
                 pool.release(server);
             }
         });
@@ -1627,7 +1801,8 @@ impl<S: ClientStream> Relay<S> {
             return;
         }
         if self.mode == PoolMode::Session {
-            match tokio::time::timeout(RESET_TIMEOUT, reset(&mut server)).await {
+            let strict = self.relayed_in_kernel;
+            match tokio::time::timeout(RESET_TIMEOUT, reset(&mut server, strict)).await {
                 Ok(Ok(())) => {}
                 _ => return,
             }
@@ -1663,11 +1838,21 @@ fn unnamed_expectation(tag: u8, buf: &[u8], len: usize) -> Option<Pending> {
     }
 }
 
+/// The client's socket when it is plain TCP (not TLS, not a Unix socket).
+fn client_tcp<S: ClientStream>(client: &S) -> Option<&tokio::net::TcpStream> {
+    (client as &dyn std::any::Any).downcast_ref::<tokio::net::TcpStream>()
+}
+
 /// `DISCARD ALL` before a session-mode connection serves another client.
-async fn reset(server: &mut PooledServer) -> Result<(), SessionError> {
+/// `strict` after the kernel relayed the session, when the pooler does not
+/// know the server is idle: its answer must be the first thing the server
+/// says (notices, notifications and parameter changes aside) and nothing
+/// may follow it, else the server is not reused.
+async fn reset(server: &mut PooledServer, strict: bool) -> Result<(), SessionError> {
     let mut out = BytesMut::with_capacity(32);
     protocol::query(&mut out, "DISCARD ALL");
     let conn = &mut server.conn;
+    let mut discarded = false;
     conn.stream
         .write_all(&out)
         .await
@@ -1677,10 +1862,23 @@ async fn reset(server: &mut PooledServer) -> Result<(), SessionError> {
             protocol::frame(&conn.buf).map_err(SessionError::ServerProtocol)?
         {
             if conn.buf.len() >= len {
+                if strict {
+                    match tag {
+                        b'N' | b'A' | b'S' => {}
+                        b'C' if !discarded && conn.buf[5..len] == *b"DISCARD ALL\0" => {
+                            discarded = true;
+                        }
+                        b'Z' if discarded && conn.buf[5] == b'I' && conn.buf.len() == len => {}
+                        _ => return Err(SessionError::KernelRelayDesync),
+                    }
+                }
                 conn.buf.advance(len);
                 match tag {
                     b'E' => return Err(SessionError::ServerClosed),
                     b'Z' => {
+                        if strict && !conn.looks_alive() {
+                            return Err(SessionError::KernelRelayDesync);
+                        }
                         conn.prepared.clear();
                         return Ok(());
                     }
