@@ -8,7 +8,8 @@
 //!
 //! One exception: a buffer that is exactly a Terminate message ('X' and
 //! length 4) is passed to its own socket's receive queue, so the pooler
-//! reads it, takes the pair back, and resets and reuses the server.
+//! reads it, takes the pair back, and resets and reuses the server. A
+//! bare FIN (no bytes) is passed up too.
 
 use aya_ebpf::{
     bindings::sk_action,
@@ -42,6 +43,12 @@ fn add(counter: RelayCounter, value: u64) {
 #[stream_verdict]
 pub fn farol_socket_relay(ctx: SkBuffContext) -> u32 {
     let len = ctx.len();
+    if len == 0 {
+        // A bare FIN: stays with its own socket, where the pooler sees
+        // the close. Redirected, it would shut the partner's sending side
+        // down, and the server could not be reset and reused.
+        return sk_action::SK_PASS;
+    }
     if len as usize == TERMINATE_MESSAGE.len() {
         let mut head = [0u8; TERMINATE_MESSAGE.len()];
         if ctx.load_bytes(0, &mut head).is_ok() && head == TERMINATE_MESSAGE {

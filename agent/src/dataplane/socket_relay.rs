@@ -343,6 +343,44 @@ mod tests {
     }
 
     #[test]
+    fn a_client_that_terminates_and_closes_leaves_its_server_socket_usable() {
+        let Some(relay) = relay() else { return };
+        let (mut client, mut pooler_client) = connection();
+        let (mut pooler_server, mut server) = connection();
+        let pair = relay
+            .pair(pooler_client.as_fd(), pooler_server.as_fd())
+            .unwrap();
+        client.write_all(b"Q\0\0\0\x09late\0").unwrap();
+        assert_eq!(read_exactly(&mut server, 10), b"Q\0\0\0\x09late\0");
+        server.write_all(b"answer").unwrap();
+        assert_eq!(read_exactly(&mut client, 6), b"answer");
+        client
+            .write_all(&farol_common::socket_relay::TERMINATE_MESSAGE)
+            .unwrap();
+        // Closed before the pooler takes the pair back: the FIN must stay
+        // with the client's socket, not shut the server's down.
+        drop(client);
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(
+            read_exactly(&mut pooler_client, 5),
+            farol_common::socket_relay::TERMINATE_MESSAGE
+        );
+        let mut buf = [0u8; 8];
+        assert_eq!(pooler_client.read(&mut buf).unwrap(), 0, "EOF seen");
+        relay.unpair(&pair);
+        drop(pooler_client);
+        std::thread::sleep(Duration::from_millis(50));
+        pooler_server.write_all(b"discard").unwrap();
+        assert_eq!(read_exactly(&mut server, 7), b"discard");
+        server.set_nonblocking(true).unwrap();
+        let extra = server.read(&mut buf);
+        assert!(
+            matches!(&extra, Err(e) if e.kind() == io::ErrorKind::WouldBlock),
+            "nothing else reached the server: {extra:?}"
+        );
+    }
+
+    #[test]
     fn a_closing_peer_is_seen_by_the_pooler_while_paired() {
         let Some(relay) = relay() else { return };
         let (client, mut pooler_client) = connection();

@@ -1804,7 +1804,17 @@ impl<S: ClientStream> Relay<S> {
             let strict = self.relayed_in_kernel;
             match tokio::time::timeout(RESET_TIMEOUT, reset(&mut server, strict)).await {
                 Ok(Ok(())) => {}
-                _ => return,
+                Ok(Err(error)) => {
+                    debug!(server = server.conn.id, error = %crate::error_chain(&error), strict, "pooler: server connection not reused: its reset failed");
+                    return;
+                }
+                Err(_) => {
+                    debug!(
+                        server = server.conn.id,
+                        strict, "pooler: server connection not reused: its reset timed out"
+                    );
+                    return;
+                }
             }
         }
         self.server_pool.release(server);
