@@ -193,7 +193,7 @@ async fn psql_and_pgbench_with_a_connection_per_transaction_reuse_the_servers() 
         return;
     }
     let pg = cluster(false);
-    let pooler = start(&pg, 2).await;
+    let pooler = start(&pg, 8).await;
     let port = pooler.addr.port().to_string();
     let out = tokio::process::Command::new("psql")
         .args([
@@ -259,25 +259,78 @@ async fn psql_and_pgbench_with_a_connection_per_transaction_reuse_the_servers() 
         stdout.contains("number of failed transactions: 0"),
         "{stdout}"
     );
-    // 200 connections, each handed to the kernel and taken back by its
-    // Terminate, on the pool's two servers.
-    let snapshot = relay(&pooler);
-    assert!(snapshot.handovers >= 200, "{snapshot:?}");
+    // 200 connections; those still there after their query's answer are
+    // handed to the kernel (a client that already sent its Terminate, or
+    // closed, is not), and every one comes back by its Terminate.
     assert!(
-        eventually(Duration::from_secs(5), || relay(&pooler)
-            .take_backs("terminate")
-            >= 200)
+        eventually(Duration::from_secs(5), || {
+            let snapshot = relay(&pooler);
+            snapshot.sessions == 0 && snapshot.take_backs("terminate") == snapshot.handovers
+        })
         .await,
         "{:?}",
         relay(&pooler)
+    );
+    let churned = relay(&pooler);
+    assert!(churned.handovers >= 100, "{churned:?}");
+    // Prepared statements, one session per client: each hands over once
+    // its first statement was answered (a handover while the server is
+    // about to answer could lose that answer and hang pgbench).
+    std::fs::write(
+        &script,
+        "\\set aid random(1, 1000)\nSELECT :aid::int + 1;\n",
+    )
+    .unwrap();
+    let run = tokio::process::Command::new("pgbench")
+        .args([
+            "-n",
+            "-M",
+            "prepared",
+            "-c",
+            "8",
+            "-j",
+            "2",
+            "-t",
+            "300",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+        ])
+        .args(["-U", "app", "-f"])
+        .arg(&script)
+        .arg("app")
+        .env("PGPASSWORD", harness::APP_PASSWORD)
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .expect("pgbench -M prepared finishes within 60 s")
+        .unwrap();
+    let _ = std::fs::remove_file(&script);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("number of failed transactions: 0"),
+        "{stdout}"
+    );
+    let snapshot = relay(&pooler);
+    assert_eq!(snapshot.handovers, churned.handovers + 8, "{snapshot:?}");
+    assert_eq!(
+        snapshot.unpaired, 0,
+        "no buffer lost at a handover: {snapshot:?}"
     );
     let connects = pooler.pooler.pools()[0]
         .stats
         .server_connects
         .load(Ordering::Relaxed);
     assert!(
-        connects <= 4,
-        "servers reused: {connects} connects for 200 clients"
+        connects <= 8,
+        "servers reused: {connects} connects for 208 clients"
     );
 }
 

@@ -136,14 +136,19 @@ impl SocketRelay {
     }
 
     /// Pairs two connected TCP sockets: from now on what arrives on one
-    /// leaves by the other, except a lone Terminate message, which stays
-    /// on its socket for the caller to read.
+    /// leaves by the other, except a lone Terminate message and a bare
+    /// FIN, which stay on their socket for the caller to read.
     ///
     /// The caller must have read nothing of either socket that it has not
     /// handled, and nothing must be half-read (no partial message in its
     /// buffers, the receive queues empty or holding only whole buffers
     /// nobody read from): what is queued when the pair enters the map is
     /// then relayed first, in order, by the wake-up below.
+    ///
+    /// The server must be quiet (waiting for the client): its socket
+    /// enters the map first, and a buffer it received before its partner
+    /// is there would be dropped (counted as `Unpaired`). The client may
+    /// send at any moment: its route is in place before its socket is.
     pub fn pair(&self, client: BorrowedFd<'_>, server: BorrowedFd<'_>) -> Result<Pair, PairError> {
         let cookies = [
             socket_cookie(client).map_err(PairError::Cookie)?,
@@ -151,7 +156,9 @@ impl SocketRelay {
         ];
         {
             let mut sockets = self.sockets.lock().unwrap_or_else(|e| e.into_inner());
-            // Under each socket's cookie: its partner.
+            // Under each socket's cookie: its partner. The server's socket
+            // goes in first (under the client's cookie), so the client's
+            // bytes find their way from the moment its socket is in.
             sockets
                 .insert(cookies[0], server.as_raw_fd(), 0)
                 .map_err(PairError::Insert)?;

@@ -13,13 +13,19 @@
 //! insertion are relayed first, by the wake-up in `pair`): no byte can
 //! overtake another, whatever the client pipelines.
 //!
+//! Watching: both sockets leave tokio while the kernel relays (the kernel
+//! signals "data ready" after every buffer it relays, which would wake a
+//! reader per message); a [`HangupWatch`] asks only for hang-ups.
+//!
 //! Take-back: a client's Terminate ('X', alone in its buffer) is passed up
-//! by the program; the pooler reads it, unpairs, and resets the server
-//! with a strict `DISCARD ALL` (its answer must come first, else the
-//! server is closed) before reusing it. A client that closes without
-//! Terminate, a server that closes, anything unexpected: the pooler cannot
-//! know where the server stands, so the server is cancelled and closed
-//! (degraded, never wrong). A primary that moved: unpair, 57P01 as today.
+//! by the program and found when the client closes, right after it; the
+//! pooler unpairs and resets the server with a strict `DISCARD ALL` (its
+//! answer must come first, else the server is closed) before reusing it.
+//! A client that closes without Terminate, a server that closes, anything
+//! unexpected: the pooler cannot know where the server stands, so the
+//! server is cancelled and closed (degraded, never wrong). A primary that
+//! moved: unpair, 57P01 as today. A client that sends Terminate and keeps
+//! its socket open keeps its server until it closes.
 //!
 //! What the kernel relays is not in SHOW STATS (queries, transactions,
 //! bytes of the pool): only the program's totals and the counters here.
@@ -317,6 +323,9 @@ pub struct KernelRelaySnapshot {
     pub fallbacks: Vec<(&'static str, u64)>,
     pub bytes: u64,
     pub terminates: u64,
+    /// Buffers dropped for want of a partner (a handover race, or a
+    /// partner that closed).
+    pub unpaired: u64,
 }
 
 impl KernelRelaySnapshot {
@@ -361,6 +370,104 @@ impl super::Pooler {
                 .collect(),
             bytes: totals.bytes,
             terminates: totals.terminates,
+            unpaired: totals.unpaired,
         })
     }
+}
+
+/// Watches relayed sockets for a close only. The kernel signals "data
+/// ready" on a socket after each buffer its program relays; a watcher
+/// registered for reading (tokio's) would wake per message, which is what
+/// the relay is for avoiding. This epoll instance asks for `EPOLLRDHUP`
+/// alone (hang-ups and errors are always reported), so those signals are
+/// filtered out in the kernel; tokio waits on the epoll descriptor itself.
+#[derive(Debug)]
+pub(crate) struct HangupWatch {
+    epoll: tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>,
+}
+
+/// Which socket hung up (the epoll data of its registration).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Hangup {
+    Client,
+    Server,
+}
+
+impl HangupWatch {
+    pub(crate) fn new(
+        client: std::os::fd::BorrowedFd<'_>,
+        server: std::os::fd::BorrowedFd<'_>,
+    ) -> std::io::Result<HangupWatch> {
+        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+        // SAFETY: plain syscall; the result is checked before use.
+        let raw = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if raw < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `raw` is a new descriptor owned by nobody else.
+        let epoll = unsafe { OwnedFd::from_raw_fd(raw) };
+        for (fd, which) in [(client, Hangup::Client), (server, Hangup::Server)] {
+            let mut event = libc::epoll_event {
+                events: libc::EPOLLRDHUP as u32,
+                u64: which as u64,
+            };
+            // SAFETY: both descriptors are valid; `event` outlives the call.
+            let rc = unsafe {
+                libc::epoll_ctl(
+                    epoll.as_raw_fd(),
+                    libc::EPOLL_CTL_ADD,
+                    fd.as_raw_fd(),
+                    &mut event,
+                )
+            };
+            if rc != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+        // SAFETY: the AsyncFd owns the epoll descriptor, so it stays open
+        // as long as it is registered.
+        let epoll = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(epoll, tokio::io::Interest::READABLE)
+        }
+        .map_err(|error| error.into_parts().1)?;
+        Ok(HangupWatch { epoll })
+    }
+
+    /// Waits for a hang-up (or an error) on either socket.
+    pub(crate) async fn next(&self) -> std::io::Result<Hangup> {
+        use std::os::fd::AsRawFd;
+        loop {
+            let mut guard = self.epoll.readable().await?;
+            let mut events = [libc::epoll_event { events: 0, u64: 0 }; 2];
+            // SAFETY: the epoll descriptor is valid; `events` holds 2.
+            let n = unsafe {
+                libc::epoll_wait(self.epoll.get_ref().as_raw_fd(), events.as_mut_ptr(), 2, 0)
+            };
+            if n < 0 {
+                let error = std::io::Error::last_os_error();
+                if error.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(error);
+            }
+            if n == 0 {
+                guard.clear_ready();
+                continue;
+            }
+            let data = events[0].u64;
+            return Ok(if data == Hangup::Server as u64 {
+                Hangup::Server
+            } else {
+                Hangup::Client
+            });
+        }
+    }
+}
+
+/// A socket that stands in for one the kernel relays while it is out of
+/// tokio's hands (unconnected, never used).
+pub(crate) fn placeholder_stream() -> std::io::Result<tokio::net::TcpStream> {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    socket.set_nonblocking(true)?;
+    tokio::net::TcpStream::from_std(socket.into())
 }

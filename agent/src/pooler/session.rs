@@ -31,7 +31,7 @@ use super::{
     admin,
     auth::{self, AuthError, ScramServer, Secret, ServerCredential},
     auth_query, kernel_relay,
-    kernel_relay::{Fallback, KernelRelay, TakeBack},
+    kernel_relay::{Fallback, Hangup, HangupWatch, KernelRelay, TakeBack},
     pool::{Pool, PoolError, PooledServer},
     protocol::{self, FrontendMessage, ProtocolError, Startup},
     route::{SessionEffect, Target},
@@ -40,6 +40,7 @@ use super::{
     CancelTarget, ClientEntry, ClientPeer, Pooler,
 };
 use crate::config::PoolMode;
+use crate::dataplane::socket_relay::PairError;
 use farol_common::socket_relay::TERMINATE_MESSAGE;
 use std::os::fd::AsFd;
 
@@ -644,6 +645,10 @@ struct Relay<S> {
     /// the session is handed over or falls back.
     kernel: Option<Arc<KernelRelay>>,
     kernel_attempts: u32,
+    /// ReadyForQuery messages the server still owes: Simple Query, Sync
+    /// and FunctionCall messages passed on minus those received. Zero:
+    /// the server is idle, waiting for the client.
+    awaiting_ready: u64,
     /// The kernel relayed this session: the server's state is unknown
     /// unless the client's Terminate came back (strict reset).
     relayed_in_kernel: bool,
@@ -692,6 +697,7 @@ impl<S: ClientStream> Relay<S> {
             scratch: Vec::with_capacity(1024),
             kernel,
             kernel_attempts: 0,
+            awaiting_ready: 0,
             relayed_in_kernel: false,
         }
     }
@@ -777,7 +783,10 @@ impl<S: ClientStream> Relay<S> {
     async fn try_kernel_relay(&mut self) -> Option<Result<(), SessionError>> {
         let kernel = self.kernel.clone()?;
         let server = self.server.as_ref()?;
-        let quiet = self.cbuf.is_empty()
+        // The server must be idle (see `SocketRelay::pair`): the handover
+        // waits for the answer to everything the client sent.
+        let quiet = self.awaiting_ready == 0
+            && self.cbuf.is_empty()
             && self.client_left == 0
             && self.server_left == 0
             && server.conn.buf.is_empty()
@@ -802,9 +811,10 @@ impl<S: ClientStream> Relay<S> {
             self.kernel = None;
             return None;
         }
-        let (Some(client), ServerStream::Tcp(server_tcp)) =
-            (client_tcp(&self.client), &server.conn.stream)
-        else {
+        let (Some(client), Some(ServerStream::Tcp(server_tcp))) = (
+            client_tcp(&self.client),
+            self.server.as_ref().map(|server| &server.conn.stream),
+        ) else {
             return None;
         };
         let half_read = |stream: &tokio::net::TcpStream| {
@@ -818,15 +828,42 @@ impl<S: ClientStream> Relay<S> {
             }
             return None;
         }
-        let handed = match kernel.hand_over(client.as_fd(), server_tcp.as_fd()) {
-            Ok(handed) => handed,
+        self.kernel = None;
+        // Both sockets leave tokio while the kernel relays (see
+        // `HangupWatch`): placeholders hold their places.
+        let (Ok(client_placeholder), Ok(server_placeholder)) = (
+            kernel_relay::placeholder_stream(),
+            kernel_relay::placeholder_stream(),
+        ) else {
+            kernel.fall_back(Fallback::PairFailed, None);
+            return None;
+        };
+        let client = match self.take_client_socket(client_placeholder) {
+            Ok(client) => client,
+            Err(error) => return Some(Err(SessionError::ClientIo(error))),
+        };
+        let server = match self.take_server_socket(server_placeholder) {
+            Ok(server) => server,
+            Err(error) => return Some(Err(SessionError::ServerIo(error))),
+        };
+        let handed = HangupWatch::new(client.as_fd(), server.as_fd())
+            .map_err(PairError::Kick)
+            .and_then(|watch| {
+                kernel
+                    .hand_over(client.as_fd(), server.as_fd())
+                    .map(|handed| (watch, handed))
+            });
+        let (watch, handed) = match handed {
+            Ok(both) => both,
             Err(error) => {
+                // Nothing was relayed: the userspace relay goes on.
                 kernel.fall_back(Fallback::PairFailed, Some(&error));
-                self.kernel = None;
-                return None;
+                return match self.restore_sockets(client, server) {
+                    Ok(()) => None,
+                    Err(error) => Some(Err(error)),
+                };
             }
         };
-        self.kernel = None;
         self.relayed_in_kernel = true;
         // Unknown from now on, unless the client's Terminate comes back.
         self.status = 0;
@@ -834,87 +871,98 @@ impl<S: ClientStream> Relay<S> {
             client = %self.entry.peer,
             "pooler: session handed to the in-kernel relay"
         );
-        let (reason, result) = self.watch_kernel_relay().await;
+        let (reason, result) = self.watch_kernel_relay(&watch, &client).await;
         handed.take_back(reason);
-        Some(result)
+        drop(watch);
+        let restored = self.restore_sockets(client, server);
+        Some(result.and(restored))
     }
 
-    /// While the kernel relays: waits for the client's Terminate, a close
-    /// on either side, or a primary that moved.
-    async fn watch_kernel_relay(&mut self) -> (TakeBack, Result<(), SessionError>) {
-        enum Watch {
-            Client(std::io::Result<()>),
-            Server(std::io::Result<()>),
-            Topology,
-        }
-        let mut probe = [0u8; 64];
+    /// While the kernel relays: waits for a close on either side, or a
+    /// primary that moved. The client's Terminate is found when it closes
+    /// (every client closes right after it; one that does not keeps its
+    /// server until it does).
+    async fn watch_kernel_relay(
+        &mut self,
+        watch: &HangupWatch,
+        client: &std::net::TcpStream,
+    ) -> (TakeBack, Result<(), SessionError>) {
         loop {
-            let (Some(client), Some(ServerStream::Tcp(server))) = (
-                client_tcp(&self.client),
-                self.server.as_ref().map(|server| &server.conn.stream),
-            ) else {
-                return (TakeBack::Unexpected, Err(SessionError::KernelRelayDesync));
-            };
-            let watch = tokio::select! {
-                ready = client.readable() => Watch::Client(ready),
-                ready = server.readable() => Watch::Server(ready),
+            let hangup = tokio::select! {
+                hangup = watch.next() => hangup,
                 changed = self.topology.changed() => {
                     if changed.is_err() {
                         // The pooler is going away; the session ends with it.
                         std::future::pending::<()>().await;
                     }
-                    Watch::Topology
-                }
-            };
-            match watch {
-                Watch::Client(ready) => {
-                    if let Err(error) = ready {
-                        return (TakeBack::ClientClosed, Err(SessionError::ClientIo(error)));
-                    }
-                    match client.try_read(&mut probe) {
-                        Ok(0) => return (TakeBack::ClientClosed, Ok(())),
-                        Ok(n) => {
-                            let terminates = probe[..n]
-                                .chunks(TERMINATE_MESSAGE.len())
-                                .all(|chunk| chunk == TERMINATE_MESSAGE);
-                            if terminates {
-                                // The client waited for its answers (it is
-                                // not pipelining into a Terminate, or the
-                                // strict reset finds out).
-                                self.status = b'I';
-                                self.terminated = true;
-                                return (TakeBack::Terminate, Ok(()));
-                            }
-                            return (TakeBack::Unexpected, Err(SessionError::KernelRelayDesync));
-                        }
-                        Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {}
-                        Err(error) => {
-                            return (TakeBack::ClientClosed, Err(SessionError::ClientIo(error)))
-                        }
-                    }
-                }
-                Watch::Server(ready) => {
-                    if let Err(error) = ready {
-                        return (TakeBack::ServerClosed, Err(SessionError::ServerIo(error)));
-                    }
-                    match server.try_read(&mut probe) {
-                        Ok(0) => return (TakeBack::ServerClosed, Err(SessionError::ServerClosed)),
-                        Ok(_) => {
-                            return (TakeBack::Unexpected, Err(SessionError::KernelRelayDesync))
-                        }
-                        Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {}
-                        Err(error) => {
-                            return (TakeBack::ServerClosed, Err(SessionError::ServerIo(error)))
-                        }
-                    }
-                }
-                Watch::Topology => {
                     if let Err(error) = self.end_if_on_a_former_primary() {
                         return (TakeBack::PrimaryMoved, Err(error));
                     }
+                    continue;
                 }
-            }
+            };
+            return match hangup {
+                Err(error) => (TakeBack::Unexpected, Err(SessionError::ClientIo(error))),
+                Ok(Hangup::Server) => (TakeBack::ServerClosed, Err(SessionError::ServerClosed)),
+                Ok(Hangup::Client) => match read_until_closed(client) {
+                    Err(error) => (TakeBack::ClientClosed, Err(SessionError::ClientIo(error))),
+                    Ok(bytes) if bytes.is_empty() => (TakeBack::ClientClosed, Ok(())),
+                    Ok(bytes)
+                        if bytes
+                            .chunks(TERMINATE_MESSAGE.len())
+                            .all(|chunk| chunk == TERMINATE_MESSAGE) =>
+                    {
+                        // The client waited for its answers before it
+                        // said goodbye (else the strict reset finds out).
+                        self.status = b'I';
+                        self.terminated = true;
+                        (TakeBack::Terminate, Ok(()))
+                    }
+                    Ok(_) => (TakeBack::Unexpected, Err(SessionError::KernelRelayDesync)),
+                },
+            };
         }
+    }
+
+    /// Moves the client's socket out of tokio (deregistered), leaving
+    /// `placeholder` in its place.
+    fn take_client_socket(
+        &mut self,
+        placeholder: tokio::net::TcpStream,
+    ) -> std::io::Result<std::net::TcpStream> {
+        let slot = (&mut self.client as &mut dyn std::any::Any)
+            .downcast_mut::<tokio::net::TcpStream>()
+            .ok_or_else(|| std::io::Error::other("the client is not on plain TCP"))?;
+        std::mem::replace(slot, placeholder).into_std()
+    }
+
+    fn take_server_socket(
+        &mut self,
+        placeholder: tokio::net::TcpStream,
+    ) -> std::io::Result<std::net::TcpStream> {
+        match self.server.as_mut().map(|server| &mut server.conn.stream) {
+            Some(ServerStream::Tcp(slot)) => std::mem::replace(slot, placeholder).into_std(),
+            _ => Err(std::io::Error::other("the server is not on TCP")),
+        }
+    }
+
+    /// Puts both sockets back in tokio's hands.
+    fn restore_sockets(
+        &mut self,
+        client: std::net::TcpStream,
+        server: std::net::TcpStream,
+    ) -> Result<(), SessionError> {
+        if let Some(slot) =
+            (&mut self.client as &mut dyn std::any::Any).downcast_mut::<tokio::net::TcpStream>()
+        {
+            *slot = tokio::net::TcpStream::from_std(client).map_err(SessionError::ClientIo)?;
+        }
+        if let Some(ServerStream::Tcp(slot)) =
+            self.server.as_mut().map(|server| &mut server.conn.stream)
+        {
+            *slot = tokio::net::TcpStream::from_std(server).map_err(SessionError::ServerIo)?;
+        }
+        Ok(())
     }
 
     /// A connection to the server that was the primary is given up: its
@@ -1445,6 +1493,9 @@ impl<S: ClientStream> Relay<S> {
                     _ => {}
                 }
             }
+            if matches!(tag, b'Q' | b'S' | b'F') {
+                self.awaiting_ready += 1;
+            }
             if tag == b'Q' || tag == b'E' {
                 self.server_pool
                     .stats
@@ -1635,6 +1686,7 @@ impl<S: ClientStream> Relay<S> {
                     break;
                 }
                 self.status = buf[5];
+                self.awaiting_ready = self.awaiting_ready.saturating_sub(1);
             }
             let mut forward = true;
             if transaction {
@@ -1845,6 +1897,28 @@ fn unnamed_expectation(tag: u8, buf: &[u8], len: usize) -> Option<Pending> {
             })
         }
         _ => None,
+    }
+}
+
+/// What a client that closed left unread (at most a few Terminates are
+/// expected; more is cut short).
+fn read_until_closed(client: &std::net::TcpStream) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    let mut probe = [0u8; 64];
+    loop {
+        match (&*client).read(&mut probe) {
+            Ok(0) => return Ok(bytes),
+            Ok(n) => {
+                bytes.extend_from_slice(&probe[..n]);
+                if bytes.len() > 256 {
+                    return Ok(bytes);
+                }
+            }
+            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => return Ok(bytes),
+            Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(error) => return Err(error),
+        }
     }
 }
 
