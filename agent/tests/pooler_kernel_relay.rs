@@ -144,13 +144,14 @@ async fn queries_large_rows_and_copy_cross_the_kernel_and_the_server_is_reused()
         during.bytes > 6_000_000,
         "the big row crossed in the kernel: {during:?}"
     );
-    // The pooler saw at most the statement before the handover.
+    // The pooler saw at most the few statements that came before the
+    // handover (none of the 200 below).
     let queries = pooler.pooler.pools()[0]
         .stats
         .queries
         .load(Ordering::Relaxed);
     assert!(
-        queries - queries_before <= 1,
+        queries - queries_before < 10,
         "the pooler did not relay the queries itself ({} counted)",
         queries - queries_before
     );
@@ -361,7 +362,12 @@ async fn a_client_killed_mid_query_frees_its_server_and_a_cancel_reaches_it() {
         simple_rows(&client.simple_query("SELECT 3").await.unwrap()),
         vec![vec!["3".to_owned()]]
     );
-    assert_eq!(relay(&pooler).sessions, 1);
+    // Handed over just after the answer went out.
+    assert!(
+        eventually(Duration::from_secs(5), || relay(&pooler).sessions == 1).await,
+        "{:?}",
+        relay(&pooler)
+    );
     drop(client);
 
     // A client whose connection dies mid-query (no Terminate).
@@ -483,7 +489,12 @@ async fn listen_notify_crosses_the_kernel_relay() {
     });
     client.batch_execute("LISTEN farol_kr").await.unwrap();
     client.simple_query("SELECT 1").await.unwrap();
-    assert_eq!(relay(&pooler).sessions, 1);
+    // Handed over just after the answer went out.
+    assert!(
+        eventually(Duration::from_secs(5), || relay(&pooler).sessions == 1).await,
+        "{:?}",
+        relay(&pooler)
+    );
     for i in 0..3 {
         pg.primary
             .psql("app", &format!("NOTIFY farol_kr, 'hello {i}'"))
@@ -518,7 +529,12 @@ async fn a_relayed_session_on_a_former_primary_gets_57p01() {
     let pooler = start(&pg, 2).await;
     let stuck = connect(pooler.addr).await;
     stuck.simple_query("SELECT 1").await.unwrap();
-    assert_eq!(relay(&pooler).sessions, 1);
+    // Handed over just after the answer went out.
+    assert!(
+        eventually(Duration::from_secs(5), || relay(&pooler).sessions == 1).await,
+        "{:?}",
+        relay(&pooler)
+    );
     let pending = tokio::spawn(async move { stuck.simple_query("SELECT pg_sleep(20)").await });
     tokio::time::sleep(Duration::from_millis(300)).await;
     // The pooler follows a new primary (as a role check or pgha would).
