@@ -147,6 +147,9 @@ pub struct PoolerConfig {
     /// so the pooler is not woken per message. Sessions that cannot be
     /// (TLS, Unix sockets, `read_write_split`, BPF unavailable) use the
     /// userspace relay. Their queries are not counted in SHOW STATS.
+    /// Trusted clients only: the kernel relay has no backpressure (a
+    /// client that stops reading lets the kernel buffer the server's whole
+    /// answer; README, "In-kernel relay for session pools").
     #[serde(default)]
     pub kernel_relay: bool,
 }

@@ -27,6 +27,12 @@
 //! moved: unpair, 57P01 as today. A client that sends Terminate and keeps
 //! its socket open keeps its server until it closes.
 //!
+//! Known gap: no backpressure. The verdict takes each buffer off the
+//! server socket as it arrives and the kernel queues it for the client's
+//! egress without a bound, so a client that stops reading lets the kernel
+//! buffer the server's whole answer (the userspace relay stops reading
+//! instead). Hence off by default, for trusted clients only.
+//!
 //! What the kernel relays is not in SHOW STATS (queries, transactions,
 //! bytes of the pool): only the program's totals and the counters here.
 
