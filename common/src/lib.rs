@@ -9,6 +9,7 @@
 
 pub mod lb;
 pub mod maps;
+pub mod socket_relay;
 pub mod stats;
 
 pub use maps::PacketStats;

@@ -30,6 +30,7 @@ mod maps;
 mod nat;
 mod parse;
 mod stats;
+mod socket_relay;
 mod vip;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};

@@ -121,6 +121,8 @@ struct FarolSetup<'a> {
     listen_socket_dir: Option<&'a Path>,
     /// `read_write_split` with this standby's port.
     standby: Option<u16>,
+    /// `kernel_relay`: session bytes relayed in the kernel.
+    kernel_relay: bool,
 }
 
 fn start_farol(
@@ -135,6 +137,7 @@ fn start_farol(
         unix_dir,
         listen_socket_dir,
         standby,
+        kernel_relay,
     } = *setup;
     let port = free_port()?;
     // A session holds its server connection until it leaves: clients past
@@ -182,6 +185,7 @@ pool_size = {pool_size}
             .chain(standby.map(|port| {
                 format!("standbys = [\"127.0.0.1:{port}\"]\nread_write_split = true\n")
             }))
+            .chain(kernel_relay.then(|| "kernel_relay = true\n".to_owned()))
             .collect::<String>(),
         ),
     )?;
@@ -411,12 +415,14 @@ pub fn start_pgpool_with(dir: &Path, setup: &PgpoolSetup) -> Result<(Proc, u16)>
 /// target through a Unix socket too (compared with `direct-socket`,
 /// PostgreSQL's own socket). `-split`: read/write split with a streaming
 /// standby taking the reads (pgpool-II: `load_balance_mode`).
-const TARGETS: [&str; 14] = [
+/// `-kernel`: session bytes relayed in the kernel (`kernel_relay`).
+const TARGETS: [&str; 15] = [
     "direct",
     "farol-transaction",
     "farol-transaction-unix",
     "farol-baseline-transaction",
     "farol-session",
+    "farol-session-kernel",
     "pgbouncer-transaction",
     "pgbouncer-transaction-unix",
     "pgpool",
@@ -625,6 +631,15 @@ pub fn run() -> Result<BenchReport> {
                     &agent,
                     FarolSetup {
                         mode: "session",
+                        ..FarolSetup::default()
+                    },
+                )
+                .map(some),
+                "farol-session-kernel" => farol(
+                    &agent,
+                    FarolSetup {
+                        mode: "session",
+                        kernel_relay: true,
                         ..FarolSetup::default()
                     },
                 )

@@ -141,6 +141,17 @@ pub struct PoolerConfig {
     /// primary may take to finish before they are ended with 57P01.
     #[serde(default = "default_pause_drain_timeout", with = "humantime_serde")]
     pub pause_drain_timeout: Duration,
+    /// Session-mode pools: once a client over plain TCP has its server
+    /// connection, the bytes between them are relayed in the kernel (a BPF
+    /// sockhash and `sk_skb` program; needs the agent's BPF privileges),
+    /// so the pooler is not woken per message. Sessions that cannot be
+    /// (TLS, Unix sockets, `read_write_split`, BPF unavailable) use the
+    /// userspace relay. Their queries are not counted in SHOW STATS.
+    /// Trusted clients only: the kernel relay has no backpressure (a
+    /// client that stops reading lets the kernel buffer the server's whole
+    /// answer; README, "In-kernel relay for session pools").
+    #[serde(default)]
+    pub kernel_relay: bool,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]

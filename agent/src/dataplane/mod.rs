@@ -7,6 +7,7 @@ mod bpffs;
 mod counters;
 pub mod lb;
 pub mod maglev;
+pub mod socket_relay;
 
 use std::path::{Path, PathBuf};
 

@@ -350,5 +350,8 @@ pub fn register_pooler(registry: &mut Registry, pooler: Arc<crate::pooler::Poole
     registry.register_collector(Box::new(crate::pooler::session_split::SplitCollector(
         pooler.clone(),
     )));
+    registry.register_collector(Box::new(crate::pooler::kernel_relay::KernelRelayCollector(
+        pooler.clone(),
+    )));
     registry.register_collector(Box::new(PoolerCollector { pooler }));
 }

@@ -29,6 +29,7 @@ pub mod route;
 pub mod topology;
 
 mod admin;
+pub mod kernel_relay;
 pub mod listen_socket;
 pub mod server_stream;
 mod session;
@@ -177,6 +178,8 @@ pub struct Pooler {
     /// How the pooler logs in as users found by `auth_query`, from their
     /// clients' last successful login.
     looked_up_credentials: Mutex<HashMap<String, auth::ServerCredential>>,
+    /// Set when `kernel_relay` is on (loaded or not: see `available`).
+    pub(crate) kernel_relay: Option<Arc<kernel_relay::KernelRelay>>,
 }
 
 impl Pooler {
@@ -202,6 +205,9 @@ impl Pooler {
             auth_cache: auth_query::AuthCache::default(),
             split_stats: session_split::SplitStats::default(),
             looked_up_credentials: Mutex::new(HashMap::new()),
+            kernel_relay: config
+                .kernel_relay
+                .then(|| Arc::new(kernel_relay::KernelRelay::start())),
             pools: Mutex::new(HashMap::new()),
             clients: Mutex::new(HashMap::new()),
             config,

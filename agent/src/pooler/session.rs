@@ -30,14 +30,19 @@ use tracing::{debug, info, warn};
 use super::{
     admin,
     auth::{self, AuthError, ScramServer, Secret, ServerCredential},
-    auth_query,
+    auth_query, kernel_relay,
+    kernel_relay::{Fallback, Hangup, HangupWatch, KernelRelay, TakeBack},
     pool::{Pool, PoolError, PooledServer},
     protocol::{self, FrontendMessage, ProtocolError, Startup},
     route::{Router, SessionEffect, Target},
+    server_stream::ServerStream,
     session_split::{Parked, PinReason, ReplayError, SessionSplit, Side},
     CancelTarget, ClientEntry, ClientPeer, Pooler,
 };
 use crate::config::PoolMode;
+use crate::dataplane::socket_relay::PairError;
+use farol_common::socket_relay::TERMINATE_MESSAGE;
+use std::os::fd::AsFd;
 
 /// How long a client may take to log in.
 const LOGIN_TIMEOUT: Duration = Duration::from_secs(15);
@@ -85,11 +90,14 @@ pub(crate) enum SessionError {
         server: SocketAddr,
         drain: Duration,
     },
+    #[error("bytes the in-kernel relay should have passed on reached the pooler")]
+    KernelRelayDesync,
 }
 
 /// What a client connection is: plain TCP or TLS over it.
-pub(crate) trait ClientStream: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<S: AsyncRead + AsyncWrite + Unpin + Send> ClientStream for S {}
+/// ('static: the in-kernel relay looks for a plain `TcpStream` by type.)
+pub(crate) trait ClientStream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> ClientStream for S {}
 
 /// Entry point of a client task; never fails, logs once.
 pub(super) async fn serve<S: ClientStream>(mut stream: S, peer: ClientPeer, pooler: Arc<Pooler>) {
@@ -640,6 +648,17 @@ struct Relay<S> {
     /// answers to the last one are all in (a client that pipelines a
     /// write after a read).
     deferred: bool,
+    /// Session mode with `kernel_relay`: the relay to hand over to, until
+    /// the session is handed over or falls back.
+    kernel: Option<Arc<KernelRelay>>,
+    kernel_attempts: u32,
+    /// ReadyForQuery messages the server still owes: Simple Query, Sync
+    /// and FunctionCall messages passed on minus those received. Zero:
+    /// the server is idle, waiting for the client.
+    awaiting_ready: u64,
+    /// The kernel relayed this session: the server's state is unknown
+    /// unless the client's Terminate came back (strict reset).
+    relayed_in_kernel: bool,
 }
 
 impl<S: ClientStream> Relay<S> {
@@ -650,6 +669,9 @@ impl<S: ClientStream> Relay<S> {
         pooler: Arc<Pooler>,
         entry: Arc<ClientEntry>,
     ) -> Relay<S> {
+        let kernel = (pool.settings.mode == PoolMode::Session)
+            .then(|| pooler.kernel_relay.clone())
+            .flatten();
         Relay {
             client,
             cbuf,
@@ -681,11 +703,20 @@ impl<S: ClientStream> Relay<S> {
             terminated: false,
             scratch: Vec::with_capacity(1024),
             deferred: false,
+            kernel,
+            kernel_attempts: 0,
+            awaiting_ready: 0,
+            relayed_in_kernel: false,
         }
     }
 
     async fn run(&mut self) -> Result<(), SessionError> {
         loop {
+            if self.kernel.is_some() && self.server.is_some() {
+                if let Some(result) = self.try_kernel_relay().await {
+                    return result;
+                }
+            }
             if self.cbuf.capacity() - self.cbuf.len() < 4096 {
                 self.cbuf.reserve(16 * 1024);
             }
@@ -746,6 +777,196 @@ impl<S: ClientStream> Relay<S> {
                 }
             }
         }
+    }
+
+    /// Session mode with `kernel_relay`: hands the session to the kernel
+    /// when nothing is half-handled (see `kernel_relay` for why that keeps
+    /// every byte in order), then watches both sockets until the session
+    /// ends or the pooler must speak. `None`: not now (or never: falls
+    /// back), the userspace relay goes on.
+    async fn try_kernel_relay(&mut self) -> Option<Result<(), SessionError>> {
+        let kernel = self.kernel.clone()?;
+        let server = self.server.as_ref()?;
+        // The server must be idle (see `SocketRelay::pair`): the handover
+        // waits for the answer to everything the client sent.
+        let quiet = self.awaiting_ready == 0
+            && self.cbuf.is_empty()
+            && self.client_left == 0
+            && self.server_left == 0
+            && server.conn.buf.is_empty()
+            && self.cout.is_empty()
+            && self.sout.is_empty();
+        if !quiet {
+            return None;
+        }
+        let fallback = if !kernel.available() {
+            Some(Fallback::Unavailable)
+        } else if self.split.is_some() {
+            Some(Fallback::ReadWriteSplit)
+        } else if client_tcp(&self.client).is_none() {
+            Some(Fallback::ClientNotPlainTcp)
+        } else if !matches!(server.conn.stream, ServerStream::Tcp(_)) {
+            Some(Fallback::ServerUnixSocket)
+        } else {
+            None
+        };
+        if let Some(reason) = fallback {
+            kernel.fall_back(reason, None);
+            self.kernel = None;
+            return None;
+        }
+        let (Some(client), Some(ServerStream::Tcp(server_tcp))) = (
+            client_tcp(&self.client),
+            self.server.as_ref().map(|server| &server.conn.stream),
+        ) else {
+            return None;
+        };
+        let half_read = |stream: &tokio::net::TcpStream| {
+            !matches!(crate::dataplane::socket_relay::unread_bytes(stream), Ok(0))
+        };
+        if half_read(client) || half_read(server_tcp) {
+            self.kernel_attempts += 1;
+            if self.kernel_attempts >= kernel_relay::HANDOVER_ATTEMPTS {
+                kernel.fall_back(Fallback::NeverQuiet, None);
+                self.kernel = None;
+            }
+            return None;
+        }
+        self.kernel = None;
+        // Both sockets leave tokio while the kernel relays (see
+        // `HangupWatch`): placeholders hold their places.
+        let (Ok(client_placeholder), Ok(server_placeholder)) = (
+            kernel_relay::placeholder_stream(),
+            kernel_relay::placeholder_stream(),
+        ) else {
+            kernel.fall_back(Fallback::PairFailed, None);
+            return None;
+        };
+        let client = match self.take_client_socket(client_placeholder) {
+            Ok(client) => client,
+            Err(error) => return Some(Err(SessionError::ClientIo(error))),
+        };
+        let server = match self.take_server_socket(server_placeholder) {
+            Ok(server) => server,
+            Err(error) => return Some(Err(SessionError::ServerIo(error))),
+        };
+        let handed = HangupWatch::new(client.as_fd(), server.as_fd())
+            .map_err(PairError::Kick)
+            .and_then(|watch| {
+                kernel
+                    .hand_over(client.as_fd(), server.as_fd())
+                    .map(|handed| (watch, handed))
+            });
+        let (watch, handed) = match handed {
+            Ok(both) => both,
+            Err(error) => {
+                // Nothing was relayed: the userspace relay goes on.
+                kernel.fall_back(Fallback::PairFailed, Some(&error));
+                return match self.restore_sockets(client, server) {
+                    Ok(()) => None,
+                    Err(error) => Some(Err(error)),
+                };
+            }
+        };
+        self.relayed_in_kernel = true;
+        // Unknown from now on, unless the client's Terminate comes back.
+        self.status = 0;
+        debug!(
+            client = %self.entry.peer,
+            "pooler: session handed to the in-kernel relay"
+        );
+        let (reason, result) = self.watch_kernel_relay(&watch, &client).await;
+        handed.take_back(reason);
+        drop(watch);
+        let restored = self.restore_sockets(client, server);
+        Some(result.and(restored))
+    }
+
+    /// While the kernel relays: waits for a close on either side, or a
+    /// primary that moved. The client's Terminate is found when it closes
+    /// (every client closes right after it; one that does not keeps its
+    /// server until it does).
+    async fn watch_kernel_relay(
+        &mut self,
+        watch: &HangupWatch,
+        client: &std::net::TcpStream,
+    ) -> (TakeBack, Result<(), SessionError>) {
+        loop {
+            let hangup = tokio::select! {
+                hangup = watch.next() => hangup,
+                changed = self.topology.changed() => {
+                    if changed.is_err() {
+                        // The pooler is going away; the session ends with it.
+                        std::future::pending::<()>().await;
+                    }
+                    if let Err(error) = self.end_if_on_a_former_primary() {
+                        return (TakeBack::PrimaryMoved, Err(error));
+                    }
+                    continue;
+                }
+            };
+            return match hangup {
+                Err(error) => (TakeBack::Unexpected, Err(SessionError::ClientIo(error))),
+                Ok(Hangup::Server) => (TakeBack::ServerClosed, Err(SessionError::ServerClosed)),
+                Ok(Hangup::Client) => match read_until_closed(client) {
+                    Err(error) => (TakeBack::ClientClosed, Err(SessionError::ClientIo(error))),
+                    Ok(bytes) if bytes.is_empty() => (TakeBack::ClientClosed, Ok(())),
+                    Ok(bytes)
+                        if bytes
+                            .chunks(TERMINATE_MESSAGE.len())
+                            .all(|chunk| chunk == TERMINATE_MESSAGE) =>
+                    {
+                        // The client waited for its answers before it
+                        // said goodbye (else the strict reset finds out).
+                        self.status = b'I';
+                        self.terminated = true;
+                        (TakeBack::Terminate, Ok(()))
+                    }
+                    Ok(_) => (TakeBack::Unexpected, Err(SessionError::KernelRelayDesync)),
+                },
+            };
+        }
+    }
+
+    /// Moves the client's socket out of tokio (deregistered), leaving
+    /// `placeholder` in its place.
+    fn take_client_socket(
+        &mut self,
+        placeholder: tokio::net::TcpStream,
+    ) -> std::io::Result<std::net::TcpStream> {
+        let slot = (&mut self.client as &mut dyn std::any::Any)
+            .downcast_mut::<tokio::net::TcpStream>()
+            .ok_or_else(|| std::io::Error::other("the client is not on plain TCP"))?;
+        std::mem::replace(slot, placeholder).into_std()
+    }
+
+    fn take_server_socket(
+        &mut self,
+        placeholder: tokio::net::TcpStream,
+    ) -> std::io::Result<std::net::TcpStream> {
+        match self.server.as_mut().map(|server| &mut server.conn.stream) {
+            Some(ServerStream::Tcp(slot)) => std::mem::replace(slot, placeholder).into_std(),
+            _ => Err(std::io::Error::other("the server is not on TCP")),
+        }
+    }
+
+    /// Puts both sockets back in tokio's hands.
+    fn restore_sockets(
+        &mut self,
+        client: std::net::TcpStream,
+        server: std::net::TcpStream,
+    ) -> Result<(), SessionError> {
+        if let Some(slot) =
+            (&mut self.client as &mut dyn std::any::Any).downcast_mut::<tokio::net::TcpStream>()
+        {
+            *slot = tokio::net::TcpStream::from_std(client).map_err(SessionError::ClientIo)?;
+        }
+        if let Some(ServerStream::Tcp(slot)) =
+            self.server.as_mut().map(|server| &mut server.conn.stream)
+        {
+            *slot = tokio::net::TcpStream::from_std(server).map_err(SessionError::ServerIo)?;
+        }
+        Ok(())
     }
 
     /// A connection to the server that was the primary is given up: its
@@ -1068,7 +1289,8 @@ impl<S: ClientStream> Relay<S> {
     /// a task of its own (the client's next statement does not wait).
     async fn give_back(&mut self, (pool, mut server): Parked) {
         tokio::spawn(async move {
-            if let Ok(Ok(())) = tokio::time::timeout(RESET_TIMEOUT, reset(&mut server)).await {
+            if let Ok(Ok(())) = tokio::time::timeout(RESET_TIMEOUT, reset(&mut server, false)).await
+            {
                 pool.release(server);
             }
         });
@@ -1416,6 +1638,9 @@ impl<S: ClientStream> Relay<S> {
                     _ => {}
                 }
             }
+            if matches!(tag, b'Q' | b'S' | b'F') {
+                self.awaiting_ready += 1;
+            }
             if tag == b'Q' || tag == b'E' {
                 self.server_pool
                     .stats
@@ -1606,6 +1831,7 @@ impl<S: ClientStream> Relay<S> {
                     break;
                 }
                 self.status = buf[5];
+                self.awaiting_ready = self.awaiting_ready.saturating_sub(1);
             }
             let mut forward = true;
             if transaction {
@@ -1772,9 +1998,20 @@ impl<S: ClientStream> Relay<S> {
             return;
         }
         if self.mode == PoolMode::Session {
-            match tokio::time::timeout(RESET_TIMEOUT, reset(&mut server)).await {
+            let strict = self.relayed_in_kernel;
+            match tokio::time::timeout(RESET_TIMEOUT, reset(&mut server, strict)).await {
                 Ok(Ok(())) => {}
-                _ => return,
+                Ok(Err(error)) => {
+                    debug!(server = server.conn.id, error = %crate::error_chain(&error), strict, "pooler: server connection not reused: its reset failed");
+                    return;
+                }
+                Err(_) => {
+                    debug!(
+                        server = server.conn.id,
+                        strict, "pooler: server connection not reused: its reset timed out"
+                    );
+                    return;
+                }
             }
         }
         self.server_pool.release(server);
@@ -1808,11 +2045,43 @@ fn unnamed_expectation(tag: u8, buf: &[u8], len: usize) -> Option<Pending> {
     }
 }
 
+/// What a client that closed left unread (at most a few Terminates are
+/// expected; more is cut short).
+fn read_until_closed(client: &std::net::TcpStream) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    let mut probe = [0u8; 64];
+    loop {
+        match (&*client).read(&mut probe) {
+            Ok(0) => return Ok(bytes),
+            Ok(n) => {
+                bytes.extend_from_slice(&probe[..n]);
+                if bytes.len() > 256 {
+                    return Ok(bytes);
+                }
+            }
+            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => return Ok(bytes),
+            Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(error) => return Err(error),
+        }
+    }
+}
+
+/// The client's socket when it is plain TCP (not TLS, not a Unix socket).
+fn client_tcp<S: ClientStream>(client: &S) -> Option<&tokio::net::TcpStream> {
+    (client as &dyn std::any::Any).downcast_ref::<tokio::net::TcpStream>()
+}
+
 /// `DISCARD ALL` before a session-mode connection serves another client.
-async fn reset(server: &mut PooledServer) -> Result<(), SessionError> {
+/// `strict` after the kernel relayed the session, when the pooler does not
+/// know the server is idle: its answer must be the first thing the server
+/// says (notices, notifications and parameter changes aside) and nothing
+/// may follow it, else the server is not reused.
+async fn reset(server: &mut PooledServer, strict: bool) -> Result<(), SessionError> {
     let mut out = BytesMut::with_capacity(32);
     protocol::query(&mut out, "DISCARD ALL");
     let conn = &mut server.conn;
+    let mut discarded = false;
     conn.stream
         .write_all(&out)
         .await
@@ -1822,10 +2091,23 @@ async fn reset(server: &mut PooledServer) -> Result<(), SessionError> {
             protocol::frame(&conn.buf).map_err(SessionError::ServerProtocol)?
         {
             if conn.buf.len() >= len {
+                if strict {
+                    match tag {
+                        b'N' | b'A' | b'S' => {}
+                        b'C' if !discarded && conn.buf[5..len] == *b"DISCARD ALL\0" => {
+                            discarded = true;
+                        }
+                        b'Z' if discarded && conn.buf[5] == b'I' && conn.buf.len() == len => {}
+                        _ => return Err(SessionError::KernelRelayDesync),
+                    }
+                }
                 conn.buf.advance(len);
                 match tag {
                     b'E' => return Err(SessionError::ServerClosed),
                     b'Z' => {
+                        if strict && !conn.looks_alive() {
+                            return Err(SessionError::KernelRelayDesync);
+                        }
                         conn.prepared.clear();
                         return Ok(());
                     }

@@ -141,6 +141,7 @@ pub(crate) fn config(cluster: &PgCluster, pool: PoolConfig) -> PoolerConfig {
         listen_socket_dir: None,
         pause_wait_timeout: Duration::from_secs(15),
         pause_drain_timeout: Duration::from_secs(5),
+        kernel_relay: false,
     }
 }
 

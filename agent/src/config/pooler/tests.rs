@@ -408,3 +408,18 @@ fn pause_timeouts_default_and_zero_is_refused() {
         "positive",
     );
 }
+
+#[test]
+fn kernel_relay_is_a_pooler_switch_off_by_default() {
+    let pooler = load(BASE).unwrap().pooler.unwrap();
+    assert!(!pooler.kernel_relay);
+    let with = |value: &str| {
+        BASE.replace(
+            "standbys = [\"127.0.0.1:5433\"]\n",
+            &format!("standbys = [\"127.0.0.1:5433\"]\nkernel_relay = {value}\n"),
+        )
+    };
+    assert!(load(&with("true")).unwrap().pooler.unwrap().kernel_relay);
+    let error = load(&with("\"yes\"")).unwrap_err().to_string();
+    assert!(error.contains("pooler.kernel_relay"), "{error}");
+}
