@@ -29,8 +29,8 @@ mod balance;
 mod maps;
 mod nat;
 mod parse;
-mod stats;
 mod socket_relay;
+mod stats;
 mod vip;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
