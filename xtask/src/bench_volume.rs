@@ -2,8 +2,8 @@
 //! (the directory the bricks live on) and, when it installs and runs,
 //! GlusterFS 3-replica on the same machine, in the same run. Workloads
 //! from shared/PEERS.md: create 4 KB files with fsync, cold read of them,
-//! delete with sync, sequential 1 MiB writes with fsync, cold sequential
-//! read. Every loop is bounded in count and time. The targets take turns
+//! delete with a directory fsync (half the files) and without (the other
+//! half), sequential 1 MiB writes with fsync, cold sequential read. Every loop is bounded in count and time. The targets take turns
 //! for `FAROL_BENCH_ROUNDS` rounds (3 by default); each round is printed
 //! and the median kept.
 //!
@@ -491,6 +491,10 @@ struct Figures {
     create: f64,
     read: f64,
     delete: f64,
+    /// Unlink alone: GlusterFS's `fsyncdir` syncs nothing (its brick's
+    /// `posix_fsyncdir` answers at once), so this is the like-for-like
+    /// figure beside `delete`.
+    delete_nosync: f64,
     write_mib: f64,
     read_mib: f64,
 }
@@ -508,6 +512,7 @@ impl Figures {
             create: pick(|f| f.create),
             read: pick(|f| f.read),
             delete: pick(|f| f.delete),
+            delete_nosync: pick(|f| f.delete_nosync),
             write_mib: pick(|f| f.write_mib),
             read_mib: pick(|f| f.read_mib),
         }
@@ -536,7 +541,7 @@ fn load_average() -> String {
 fn print_rounds(targets: &[Target], per_round: &[Vec<Figures>]) {
     let farol = targets.iter().position(|t| t.name == "farol");
     let gluster = targets.iter().position(|t| t.name == "glusterfs");
-    println!("\nper round (files/s: create + fsync, cold read, delete + dir fsync):");
+    println!("\nper round (files/s: create + fsync, cold read, delete + dir fsync, delete alone):");
     let rounds = per_round.first().map_or(0, Vec::len);
     for round in 0..rounds {
         let cells: Vec<String> = targets
@@ -545,8 +550,8 @@ fn print_rounds(targets: &[Target], per_round: &[Vec<Figures>]) {
             .map(|(target, figures)| {
                 let f = &figures[round];
                 format!(
-                    "{} {:.0} / {:.0} / {:.0}",
-                    target.name, f.create, f.read, f.delete
+                    "{} {:.0} / {:.0} / {:.0} / {:.0}",
+                    target.name, f.create, f.read, f.delete, f.delete_nosync
                 )
             })
             .collect();
@@ -554,10 +559,11 @@ fn print_rounds(targets: &[Target], per_round: &[Vec<Figures>]) {
             (Some(a), Some(b)) => {
                 let (a, b) = (&per_round[a][round], &per_round[b][round]);
                 format!(
-                    "; farol / glusterfs {:.2}x / {:.2}x / {:.2}x",
+                    "; farol / glusterfs {:.2}x / {:.2}x / {:.2}x / {:.2}x",
                     a.create / b.create,
                     a.read / b.read,
-                    a.delete / b.delete
+                    a.delete / b.delete,
+                    a.delete_nosync / b.delete_nosync
                 )
             }
             _ => String::new(),
@@ -600,16 +606,29 @@ fn run_workloads(dir: &Path) -> Result<Figures> {
     }
     let read_rate = per_second(read, started.elapsed());
 
+    // The first half is deleted with a directory fsync after each file,
+    // the second half without.
+    let half = created / 2;
     let started = Instant::now();
     let dir_handle = fs::File::open(&work)?;
     let mut deleted = 0;
-    while deleted < created && started.elapsed() < LIMIT {
+    while deleted < half && started.elapsed() < LIMIT {
         fs::remove_file(work.join(format!("f{deleted:05}")))?;
         dir_handle.sync_all()?;
         deleted += 1;
     }
     let delete = per_second(deleted, started.elapsed());
-    for rest in deleted..created {
+    for rest in deleted..half {
+        let _ = fs::remove_file(work.join(format!("f{rest:05}")));
+    }
+    let started = Instant::now();
+    let mut unlinked = half;
+    while unlinked < created && started.elapsed() < LIMIT {
+        fs::remove_file(work.join(format!("f{unlinked:05}")))?;
+        unlinked += 1;
+    }
+    let delete_nosync = per_second(unlinked - half, started.elapsed());
+    for rest in unlinked..created {
         let _ = fs::remove_file(work.join(format!("f{rest:05}")));
     }
 
@@ -643,6 +662,7 @@ fn run_workloads(dir: &Path) -> Result<Figures> {
         create,
         read: read_rate,
         delete,
+        delete_nosync,
         write_mib,
         read_mib,
     })
@@ -725,6 +745,7 @@ pub(crate) fn run() -> Result<BenchReport> {
             ("create-4k-sync", "files_per_s", figures.create, "files/s"),
             ("cold-read-4k", "files_per_s", figures.read, "files/s"),
             ("delete-sync", "files_per_s", figures.delete, "files/s"),
+            ("delete", "files_per_s", figures.delete_nosync, "files/s"),
             (
                 "seq-write-1m-fsync",
                 "mib_per_s",
@@ -799,6 +820,11 @@ pub(crate) fn run() -> Result<BenchReport> {
     line("create 4 KB + fsync", &|f| f.create, "files/s");
     line("cold read 4 KB", &|f| f.read, "files/s");
     line("delete + dir fsync", &|f| f.delete, "files/s");
+    line(
+        "delete alone (GlusterFS's fsyncdir syncs nothing)",
+        &|f| f.delete_nosync,
+        "files/s",
+    );
     line("seq write 1 MiB blocks + fsync", &|f| f.write_mib, "MiB/s");
     line("cold seq read 1 MiB", &|f| f.read_mib, "MiB/s");
     let farol_heal = heals.first().map(|(_, s)| *s);
