@@ -261,3 +261,19 @@ pub(crate) fn simple_rows(messages: &[tokio_postgres::SimpleQueryMessage]) -> Ve
         })
         .collect()
 }
+
+/// pgbench's stdout, once asserted that it exited 0 and failed no
+/// transaction (`what` names the run in the failure).
+pub(crate) fn pgbench_succeeded(out: &std::process::Output, what: &str) -> String {
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{what}: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("number of failed transactions: 0"),
+        "{what}: {stdout}"
+    );
+    stdout
+}
