@@ -238,3 +238,138 @@ async fn a_standby_lagging_past_the_bound_gets_no_reads_until_it_catches_up() {
         "caught up again, the standby takes reads again"
     );
 }
+
+fn metric(pooler: &harness::PoolerGuard, sample: &str) -> u64 {
+    let mut registry = prometheus_client::registry::Registry::default();
+    farol_agent::metrics::register_pooler(&mut registry, pooler.pooler.clone());
+    let text = farol_agent::metrics::encode_prometheus_text(&registry).unwrap();
+    text.lines()
+        .find_map(|line| line.strip_prefix(sample)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no {sample} in {text}"))
+        .parse()
+        .unwrap()
+}
+
+async fn one_value(
+    client: &tokio_postgres::Client,
+    sql: &str,
+) -> Result<String, tokio_postgres::Error> {
+    let messages = client.simple_query(sql).await?;
+    Ok(messages
+        .iter()
+        .find_map(|m| match m {
+            SimpleQueryMessage::Row(row) => row.get(0).map(str::to_owned),
+            _ => None,
+        })
+        .expect("a row"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_split_session_follows_the_promoted_standby_with_its_settings() {
+    if !can_run_postgres("an_idle_split_session_follows_the_promoted_standby_with_its_settings") {
+        return;
+    }
+    let pg = harness::private_cluster(true);
+    let standby = pg.standby.as_ref().unwrap();
+    let standby_addr = SocketAddr::from(([127, 0, 0, 1], standby.port));
+    pg.primary
+        .psql(
+            "app",
+            "CREATE TABLE followed (id int PRIMARY KEY); GRANT ALL ON followed TO PUBLIC",
+        )
+        .unwrap();
+    let mut config = harness::config(&pg, harness::pool(PoolMode::Session, 4));
+    config.read_write_split = true;
+    config.read_your_writes = true;
+    config.role_check_interval = Duration::from_millis(200);
+    let pooler = harness::start(config).await;
+
+    // A session with a setting (quoted), reads on the standby, then a
+    // write pins it to the primary; another one made a temporary table,
+    // which only its primary connection has.
+    let follower = connect(pooler.addr).await;
+    follower
+        .batch_execute("SET application_name = 'it''s following'")
+        .await
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            where_read(&follower).await.ok() == Some((true, standby.port))
+        })
+        .await,
+        "reads go to the standby"
+    );
+    follower
+        .batch_execute("INSERT INTO followed VALUES (1)")
+        .await
+        .unwrap();
+    assert_eq!(
+        where_read(&follower).await.unwrap(),
+        (false, pg.primary.port)
+    );
+    let pinned = connect(pooler.addr).await;
+    pinned
+        .batch_execute("CREATE TEMP TABLE scratch (id int); INSERT INTO scratch VALUES (1)")
+        .await
+        .unwrap();
+    pg.wait_standby_caught_up().unwrap();
+
+    // The primary hangs while both sessions sit idle; the standby is
+    // promoted.
+    let frozen = Frozen::server(&pg.primary);
+    standby
+        .psql("postgres", "SELECT pg_promote(true, 30)")
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            pooler.pooler.primary() == standby_addr
+        })
+        .await,
+        "the pooler follows the promotion"
+    );
+
+    // The first session goes on there, its setting with it.
+    let started = Instant::now();
+    assert_eq!(
+        one_value(&follower, "SHOW application_name").await.unwrap(),
+        "it's following"
+    );
+    assert_eq!(where_read(&follower).await.unwrap(), (false, standby.port));
+    follower
+        .batch_execute("INSERT INTO followed VALUES (2)")
+        .await
+        .unwrap();
+    assert_eq!(
+        one_value(
+            &follower,
+            "SELECT array_agg(id ORDER BY id)::text FROM followed"
+        )
+        .await
+        .unwrap(),
+        "{1,2}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        metric(
+            &pooler,
+            "farol_pooler_split_sessions_followed_primary_total"
+        ),
+        1
+    );
+    // The temporary table cannot follow: that session hears why.
+    let error = pinned
+        .simple_query("SELECT count(*) FROM scratch")
+        .await
+        .expect_err("its temporary table is on the old primary");
+    if let Some(db) = error.as_db_error() {
+        assert_eq!(db.code().code(), "57P01", "{db:?}");
+        assert!(db.message().contains("primary moved"), "{db:?}");
+    } else {
+        assert!(pinned.is_closed(), "{error}");
+    }
+    drop(frozen);
+}

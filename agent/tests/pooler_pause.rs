@@ -165,3 +165,124 @@ async fn a_pause_ends_a_transaction_past_the_drain_timeout_and_a_hold_past_the_w
     let fresh = connect(pooler.addr).await;
     fresh.simple_query("SELECT 4").await.unwrap();
 }
+
+async fn backend_pid(client: &tokio_postgres::Client) -> String {
+    rows(
+        &client
+            .simple_query("SELECT pg_backend_pid()")
+            .await
+            .unwrap(),
+    )[0][0]
+        .clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pause_drains_and_holds_session_mode_clients_that_keep_their_server_connection() {
+    if !can_run_postgres(
+        "a_pause_drains_and_holds_session_mode_clients_that_keep_their_server_connection",
+    ) {
+        return;
+    }
+    let pg = cluster(false);
+    let mut config = harness::config(&pg, harness::pool(PoolMode::Session, 3));
+    config.pause_drain_timeout = Duration::from_secs(3);
+    let pooler = harness::start(config).await;
+    let setup = connect(pooler.addr).await;
+    setup
+        .batch_execute("CREATE TABLE IF NOT EXISTS paused_sessions (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    setup
+        .batch_execute("TRUNCATE paused_sessions")
+        .await
+        .unwrap();
+    drop(setup);
+    let console = admin(pooler.addr).await;
+
+    // An idle session holds its server connection; another is inside a
+    // transaction: PAUSE waits for the second one's COMMIT only.
+    let idle = connect(pooler.addr).await;
+    let idle_pid = backend_pid(&idle).await;
+    let running = connect(pooler.addr).await;
+    let running_pid = backend_pid(&running).await;
+    running
+        .batch_execute("BEGIN; INSERT INTO paused_sessions VALUES (1)")
+        .await
+        .unwrap();
+    let pause = tokio::spawn(async move {
+        let started = Instant::now();
+        let result = console.simple_query("PAUSE").await.map(|_| ());
+        (console, result, started.elapsed())
+    });
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(
+        !pause.is_finished(),
+        "PAUSE returned while a session-mode transaction was running"
+    );
+    running.batch_execute("COMMIT").await.unwrap();
+    let (console, result, took) = pause.await.unwrap();
+    result.unwrap();
+    assert!(
+        took >= Duration::from_millis(400) && took < Duration::from_secs(3),
+        "PAUSE took {took:?}: it waits for the transaction, not for the idle session"
+    );
+
+    // Both sessions' next statements are held, not sent to the server.
+    let hold = |client: tokio_postgres::Client, sql: &'static str| {
+        tokio::spawn(async move {
+            let result = client.simple_query(sql).await.map(|_| ());
+            (client, result, Instant::now())
+        })
+    };
+    let idle_write = hold(idle, "INSERT INTO paused_sessions VALUES (2)");
+    let running_write = hold(running, "INSERT INTO paused_sessions VALUES (3)");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !idle_write.is_finished(),
+        "an idle session's statement ran while paused"
+    );
+    assert!(
+        !running_write.is_finished(),
+        "a session's next statement ran while paused"
+    );
+    let pools = rows(&console.simple_query("SHOW POOLS").await.unwrap());
+    assert_eq!(pools[0][9], "2", "cl_held column: {pools:?}");
+    let resumed = Instant::now();
+    console.simple_query("RESUME").await.unwrap();
+    let (idle, result, finished) = idle_write.await.unwrap();
+    result.unwrap();
+    assert!(finished >= resumed, "ran before the RESUME");
+    let (running, result, finished) = running_write.await.unwrap();
+    result.unwrap();
+    assert!(finished >= resumed, "ran before the RESUME");
+    // Each session kept its own server connection through the pause.
+    assert_eq!(backend_pid(&idle).await, idle_pid);
+    assert_eq!(backend_pid(&running).await, running_pid);
+    let count = idle
+        .simple_query("SELECT count(*) FROM paused_sessions")
+        .await
+        .unwrap();
+    assert_eq!(rows(&count)[0][0], "3");
+
+    // A session still inside its transaction after pause_drain_timeout is
+    // ended (57P01); the idle one is not.
+    running.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    let started = Instant::now();
+    console.simple_query("PAUSE app").await.unwrap();
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_secs(3) && took < Duration::from_secs(8),
+        "{took:?}"
+    );
+    let error = running.simple_query("SELECT 2").await.unwrap_err();
+    assert!(
+        running.is_closed() || error.code().is_some(),
+        "the session is ended: {error}"
+    );
+    if let Some(code) = error.code() {
+        assert_eq!(code.code(), "57P01", "{error}");
+        assert!(message(&error).contains("pause_drain_timeout"), "{error}");
+    }
+    console.simple_query("RESUME app").await.unwrap();
+    assert_eq!(backend_pid(&idle).await, idle_pid);
+}

@@ -412,9 +412,10 @@ async fn a_standby_that_lags_or_dies_mid_session_leaves_the_session_on_the_prima
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn after_the_primary_moves_a_session_holding_the_old_one_gets_57p01_and_others_go_on() {
+async fn after_the_primary_moves_a_session_with_state_on_the_old_one_gets_57p01_and_others_follow()
+{
     if !can_run_postgres(
-        "after_the_primary_moves_a_session_holding_the_old_one_gets_57p01_and_others_go_on",
+        "after_the_primary_moves_a_session_with_state_on_the_old_one_gets_57p01_and_others_follow",
     ) {
         return;
     }
@@ -427,6 +428,11 @@ async fn after_the_primary_moves_a_session_holding_the_old_one_gets_57p01_and_ot
         .simple_query("INSERT INTO split_rows VALUES (5)")
         .await
         .unwrap();
+    let with_temp_table = connect(pooler.addr).await;
+    with_temp_table
+        .batch_execute("CREATE TEMP TABLE mine (id int)")
+        .await
+        .unwrap();
     let reader = connect(pooler.addr).await;
     assert_eq!(where_simple(&reader, WHERE).await, (true, standby));
     // The health module's hook, pointed at the standby to prove routing.
@@ -434,12 +440,17 @@ async fn after_the_primary_moves_a_session_holding_the_old_one_gets_57p01_and_ot
         .pooler
         .set_primary(SocketAddr::from(([127, 0, 0, 1], standby)));
     pooler.pooler.set_readable_standbys(Vec::new());
-    // The writer's session holds a connection to the former primary.
+    // A temporary table lives only on the former primary's connection.
     let error = harness::failed(
-        writer.simple_query(WHERE).await,
-        "a session on the former primary",
+        with_temp_table
+            .simple_query("SELECT count(*) FROM mine")
+            .await,
+        "a session with a temporary table on the former primary",
     );
     assert_eq!(harness::sqlstate(&error), "57P01", "{error}");
+    // The writer's session held an idle connection to the former primary
+    // and nothing the pooler cannot rebuild: it follows.
+    assert_eq!(where_simple(&writer, WHERE).await, (true, standby));
     // The reader held none: it reads from the new primary.
     assert_eq!(where_simple(&reader, WHERE).await, (true, standby));
 }

@@ -5,9 +5,15 @@
 //! refused) until the pause lifts, at most `pooler.pause_wait_timeout`
 //! (then 57P03); reads a standby takes are not held. Transactions already
 //! running on the primary may finish: [`Pooler::drain`] waits until the
-//! primary's transaction-mode pools have no connection lent out, at most
+//! primary's transaction-mode pools have no connection lent out and no
+//! session-mode connection runs anything, at most
 //! `pooler.pause_drain_timeout`, then ends the sessions still in one with
-//! 57P01.
+//! 57P01. A session-mode client keeps its server connection while paused,
+//! and its next transaction is held like any other; if the primary moved
+//! meanwhile, that connection's session state (settings, prepared
+//! statements, temporary tables) is on the old primary, so the client gets
+//! 57P01 and reconnects to the new one. Sessions relayed in the kernel
+//! (`kernel_relay`) are not held.
 //!
 //! A switchover (`agent pg switchover`) pauses every pooler of the cluster
 //! before the old primary is fenced: the lease holder sends a
@@ -272,18 +278,22 @@ impl Pause {
 }
 
 impl Pooler {
-    /// Server connections lent out by the primary's transaction-mode pools
-    /// (of `database`, or every one): transactions running there.
+    /// Transactions running on the primary (of `database`, or every one):
+    /// connections lent out by its transaction-mode pools, and session-mode
+    /// connections between a client's message and the server's
+    /// ReadyForQuery 'I' (an idle session holds its connection but runs
+    /// nothing; its next transaction is held).
     pub(crate) fn busy_on_primary(&self, database: Option<&str>) -> usize {
         let primary = self.primary();
         self.pools()
             .iter()
             .filter(|pool| {
-                pool.key.addr == primary
-                    && pool.settings.mode == PoolMode::Transaction
-                    && database.is_none_or(|name| pool.key.database == name)
+                pool.key.addr == primary && database.is_none_or(|name| pool.key.database == name)
             })
-            .map(|pool| pool.active_count())
+            .map(|pool| match pool.settings.mode {
+                PoolMode::Transaction => pool.active_count(),
+                PoolMode::Session => pool.stats.sessions_busy.load(Ordering::SeqCst) as usize,
+            })
             .sum()
     }
 

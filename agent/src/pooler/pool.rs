@@ -137,6 +137,10 @@ pub struct PoolStats {
     pub held: AtomicU64,
     pub held_total: AtomicU64,
     pub held_micros_total: AtomicU64,
+    /// Session-mode clients whose server connection runs something now
+    /// (from a client message at idle to the next ReadyForQuery 'I'): what
+    /// a pause drains in a session pool.
+    pub sessions_busy: AtomicU64,
 }
 
 #[derive(Debug)]

@@ -659,6 +659,27 @@ struct Relay<S> {
     /// The kernel relayed this session: the server's state is unknown
     /// unless the client's Terminate came back (strict reset).
     relayed_in_kernel: bool,
+    /// Session mode: set while the server runs something for the client
+    /// (see `mark_busy`).
+    busy: Option<SessionBusy>,
+}
+
+/// Counts a session-mode connection that runs something in its pool's
+/// `sessions_busy` (what a pause drains) for as long as it lives.
+#[derive(Debug)]
+struct SessionBusy(Arc<Pool>);
+
+impl SessionBusy {
+    fn new(pool: Arc<Pool>) -> SessionBusy {
+        pool.stats.sessions_busy.fetch_add(1, Ordering::SeqCst);
+        SessionBusy(pool)
+    }
+}
+
+impl Drop for SessionBusy {
+    fn drop(&mut self) {
+        self.0.stats.sessions_busy.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl<S: ClientStream> Relay<S> {
@@ -707,6 +728,7 @@ impl<S: ClientStream> Relay<S> {
             kernel_attempts: 0,
             awaiting_ready: 0,
             relayed_in_kernel: false,
+            busy: None,
         }
     }
 
@@ -869,6 +891,8 @@ impl<S: ClientStream> Relay<S> {
             }
         };
         self.relayed_in_kernel = true;
+        // A pause neither holds nor drains what the kernel relays.
+        self.busy = None;
         // Unknown from now on, unless the client's Terminate comes back.
         self.status = 0;
         debug!(
@@ -975,6 +999,9 @@ impl<S: ClientStream> Relay<S> {
     fn end_if_on_a_former_primary(&mut self) -> Result<(), SessionError> {
         let primary = self.pooler.primary();
         let on_primary_pool = Arc::ptr_eq(&self.server_pool, &self.pool);
+        if self.split.is_some() && self.busy.is_none() && self.between_transactions() {
+            return self.leave_a_former_primary();
+        }
         if self.server.is_some() && on_primary_pool && self.pool.key.addr != primary {
             return Err(SessionError::PrimaryMoved {
                 old: self.pool.key.addr,
@@ -983,7 +1010,7 @@ impl<S: ClientStream> Relay<S> {
         }
         if self.server.is_some()
             && on_primary_pool
-            && self.mode == PoolMode::Transaction
+            && (self.mode == PoolMode::Transaction || self.busy.is_some())
             && self.pooler.pause.cuts(&self.entry.database)
         {
             self.pooler.pause.stats.cut.fetch_add(1, Ordering::Relaxed);
@@ -993,6 +1020,103 @@ impl<S: ClientStream> Relay<S> {
                 drain: self.pooler.config.pause_drain_timeout,
             });
         }
+        Ok(())
+    }
+
+    /// Session mode: the client's first message since its server went
+    /// idle starts something. While the pooler is paused, that waits like a
+    /// new transaction in a transaction pool when it is bound for the
+    /// primary (the client keeps its connection); from then on the
+    /// connection counts as busy until its ReadyForQuery 'I', so a pause
+    /// drains it.
+    async fn hold_session_while_paused(&mut self) -> Result<(), SessionError> {
+        if !self.pooler.pause.is_paused() {
+            return Ok(());
+        }
+        let for_primary = match &self.split {
+            Some(split) => {
+                split.pinned()
+                    || self
+                        .pooler
+                        .router
+                        .as_ref()
+                        .map(|router| self.batch_target(router))
+                        != Some(Some(Target::Standby))
+            }
+            // Without a connection yet, borrowing one holds.
+            None => self.server.is_some() && Arc::ptr_eq(&self.server_pool, &self.pool),
+        };
+        if !for_primary {
+            return Ok(());
+        }
+        let held = self
+            .pooler
+            .pause
+            .hold(
+                &self.entry.database,
+                &self.pool,
+                self.pooler.config.pause_wait_timeout,
+            )
+            .await
+            .map_err(|timeout| SessionError::PauseTimeout {
+                waited: timeout.waited,
+                reason: timeout.reason,
+            })?;
+        if held.is_some() {
+            self.leave_a_former_primary()?;
+        }
+        Ok(())
+    }
+
+    /// Between transactions, after the primary moved: the session's
+    /// connection to the former primary is left behind. A split session
+    /// whose state the pooler can rebuild (see
+    /// `SessionSplit::can_follow_the_primary`) goes on with a new primary
+    /// connection and its settings replayed there; any other session's
+    /// state (settings, prepared statements, temporary tables) stays on the
+    /// old server, so it gets 57P01 and reconnects.
+    fn leave_a_former_primary(&mut self) -> Result<(), SessionError> {
+        let primary = self.pooler.primary();
+        let active_on_old = self.server.is_some()
+            && !self.split.as_ref().is_some_and(|split| split.on_standby)
+            && self.server_pool.key.addr != primary
+            && (self.split.is_some() || Arc::ptr_eq(&self.server_pool, &self.pool));
+        let parked_on_old = self
+            .split
+            .as_ref()
+            .and_then(|split| split.primary.as_ref())
+            .is_some_and(|(pool, _)| pool.key.addr != primary);
+        if !active_on_old && !parked_on_old {
+            return Ok(());
+        }
+        let old = match self.split.as_ref().and_then(|split| split.primary.as_ref()) {
+            Some((pool, _)) if parked_on_old => pool.key.addr,
+            _ => self.server_pool.key.addr,
+        };
+        let Some(split) = self
+            .split
+            .as_mut()
+            .filter(|split| split.can_follow_the_primary())
+        else {
+            return Err(SessionError::PrimaryMoved { old, new: primary });
+        };
+        // Dropped, not given back: it belongs to the former primary.
+        split.new_primary();
+        if active_on_old {
+            self.server = None;
+            self.entry.set_server(None);
+        }
+        self.pooler
+            .split_stats
+            .followed_primary
+            .fetch_add(1, Ordering::Relaxed);
+        info!(
+            client = %self.entry.peer,
+            %old,
+            new = %primary,
+            "pooler: a session follows the primary to its new server; its settings are replayed there"
+        );
+        self.refresh_pools();
         Ok(())
     }
 
@@ -1104,8 +1228,10 @@ impl<S: ClientStream> Relay<S> {
     /// the session is not pinned to the primary, else on the session's
     /// primary connection (each borrowed on first use).
     async fn route_split(&mut self) -> Result<(Arc<Pool>, PooledServer), SessionError> {
+        // First: a block's settings are not read back from a former
+        // primary (which may hang).
+        self.leave_a_former_primary()?;
         self.read_back_settings().await;
-        let primary = self.pooler.primary();
         let reads = match self.pooler.router.as_ref() {
             Some(router) => self.batch_target(router) == Some(Target::Standby),
             None => false,
@@ -1123,14 +1249,6 @@ impl<S: ClientStream> Relay<S> {
             }
         }
         let split = self.split_mut();
-        if let Some((pool, _)) = &split.primary {
-            if pool.key.addr != primary {
-                return Err(SessionError::PrimaryMoved {
-                    old: pool.key.addr,
-                    new: primary,
-                });
-            }
-        }
         if split.pinned() {
             self.give_back_standby().await;
         } else if reads {
@@ -1603,7 +1721,13 @@ impl<S: ClientStream> Relay<S> {
                     self.release();
                 }
             }
-            self.ensure_server().await?;
+            if self.mode == PoolMode::Session && self.busy.is_none() {
+                self.hold_session_while_paused().await?;
+                self.ensure_server().await?;
+                self.busy = Some(SessionBusy::new(self.server_pool.clone()));
+            } else {
+                self.ensure_server().await?;
+            }
             if let Some((effect, sql)) = effect {
                 self.apply_effect(effect, sql).await;
             } else if tag == b'F' && self.split.is_some() {
@@ -1832,6 +1956,9 @@ impl<S: ClientStream> Relay<S> {
                 }
                 self.status = buf[5];
                 self.awaiting_ready = self.awaiting_ready.saturating_sub(1);
+                if self.awaiting_ready == 0 && self.status == b'I' {
+                    self.busy = None;
+                }
             }
             let mut forward = true;
             if transaction {
@@ -1879,6 +2006,20 @@ impl<S: ClientStream> Relay<S> {
             self.server_left_forward = forward;
         }
         Ok(())
+    }
+
+    /// Nothing is half-sent or owed on the connection held now.
+    fn between_transactions(&self) -> bool {
+        self.status == b'I'
+            && self.awaiting_ready == 0
+            && self.pending.is_empty()
+            && self.server_left == 0
+            && self.client_left == 0
+            && self.sout.is_empty()
+            && self
+                .server
+                .as_ref()
+                .is_none_or(|server| server.conn.buf.is_empty())
     }
 
     /// Transaction mode: the server goes back once the transaction is over

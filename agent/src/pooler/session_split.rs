@@ -120,6 +120,9 @@ pub struct SplitStats {
     pub(super) settings_replayed: AtomicU64,
     /// Settings made inside a transaction block, read back once it ended.
     pub(super) settings_read_back: AtomicU64,
+    /// Sessions that went on with a new primary connection after the
+    /// primary moved.
+    pub(super) followed_primary: AtomicU64,
 }
 
 impl SplitStats {
@@ -170,6 +173,11 @@ impl Collector for SplitCollector {
                 "farol_pooler_split_settings_read_back",
                 "Session settings made inside a transaction block and read back from its connection once the block ended",
                 &stats.settings_read_back,
+            ),
+            (
+                "farol_pooler_split_sessions_followed_primary",
+                "Session-pool clients that went on with a connection to the new primary after the primary moved (their settings replayed there)",
+                &stats.followed_primary,
             ),
         ] {
             ConstCounter::new(load(value)).encode(encoder.encode_descriptor(
@@ -380,6 +388,25 @@ impl SessionSplit {
     /// A new standby connection has none of the session's settings.
     pub(super) fn new_standby(&mut self) {
         self.standby_synced = 0;
+    }
+
+    /// Everything the session left on its primary connection can be
+    /// rebuilt on another server: its settings are recorded (none waits
+    /// to be read back from the primary connection) and nothing else
+    /// (temporary objects, LISTEN, cursors, locks...) pinned it there.
+    pub(super) fn can_follow_the_primary(&self) -> bool {
+        matches!(self.pinned, None | Some(PinReason::Write))
+            && self
+                .in_block
+                .as_ref()
+                .is_none_or(|block| block.side != Side::Primary)
+    }
+
+    /// The primary connection was left behind: a new one has none of the
+    /// session's settings.
+    pub(super) fn new_primary(&mut self) {
+        self.primary = None;
+        self.primary_synced = 0;
     }
 
     /// Sends the settings the `side` connection lacks, swallowing the
