@@ -373,3 +373,89 @@ async fn an_idle_split_session_follows_the_promoted_standby_with_its_settings() 
     }
     drop(frozen);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_split_session_outlives_its_primary_dying_and_goes_on_on_the_promoted_standby() {
+    if !can_run_postgres(
+        "an_idle_split_session_outlives_its_primary_dying_and_goes_on_on_the_promoted_standby",
+    ) {
+        return;
+    }
+    let mut pg = harness::private_cluster(true);
+    let standby_port = pg.standby.as_ref().unwrap().port;
+    let standby_addr = SocketAddr::from(([127, 0, 0, 1], standby_port));
+    pg.primary
+        .psql(
+            "app",
+            "CREATE TABLE survived (id int PRIMARY KEY); GRANT ALL ON survived TO PUBLIC",
+        )
+        .unwrap();
+    let mut config = harness::config(&pg, harness::pool(PoolMode::Session, 4));
+    config.read_write_split = true;
+    config.read_your_writes = true;
+    config.role_check_interval = Duration::from_millis(200);
+    let pooler = harness::start(config).await;
+    let session = connect(pooler.addr).await;
+    session
+        .batch_execute("SET application_name = 'outlives'; INSERT INTO survived VALUES (1)")
+        .await
+        .unwrap();
+    assert_eq!(
+        where_read(&session).await.unwrap(),
+        (false, pg.primary.port)
+    );
+    pg.wait_standby_caught_up().unwrap();
+    assert_eq!(
+        pg.standby
+            .as_ref()
+            .unwrap()
+            .psql("app", "SELECT array_agg(id) FROM survived")
+            .unwrap(),
+        "{1}",
+        "the standby has the committed row before the primary dies"
+    );
+
+    // The primary's postmaster dies while the session sits idle on its
+    // connection there: the backend says FATAL and closes.
+    pg.primary.kill();
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            metric(&pooler, "farol_pooler_split_idle_connections_lost_total") == 1
+        })
+        .await,
+        "the pooler lets the idle connection go: {} lost, client closed: {}",
+        metric(&pooler, "farol_pooler_split_idle_connections_lost_total"),
+        session.is_closed()
+    );
+    assert!(!session.is_closed(), "the client's session is still open");
+    pg.standby
+        .as_ref()
+        .unwrap()
+        .psql("postgres", "SELECT pg_promote(true, 30)")
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            pooler.pooler.primary() == standby_addr
+        })
+        .await,
+        "the pooler follows the promotion"
+    );
+    assert_eq!(
+        one_value(&session, "SHOW application_name").await.unwrap(),
+        "outlives"
+    );
+    session
+        .batch_execute("INSERT INTO survived VALUES (2)")
+        .await
+        .unwrap();
+    assert_eq!(where_read(&session).await.unwrap(), (false, standby_port));
+    assert_eq!(
+        one_value(
+            &session,
+            "SELECT array_agg(id ORDER BY id)::text FROM survived"
+        )
+        .await
+        .unwrap(),
+        "{1,2}"
+    );
+}

@@ -662,6 +662,9 @@ struct Relay<S> {
     /// Session mode: set while the server runs something for the client
     /// (see `mark_busy`).
     busy: Option<SessionBusy>,
+    /// A split session's idle connection said FATAL (not passed on, see
+    /// `leave_a_closed_idle_connection`).
+    idle_server_ending: bool,
 }
 
 /// Counts a session-mode connection that runs something in its pool's
@@ -729,6 +732,7 @@ impl<S: ClientStream> Relay<S> {
             awaiting_ready: 0,
             relayed_in_kernel: false,
             busy: None,
+            idle_server_ending: false,
         }
     }
 
@@ -777,10 +781,12 @@ impl<S: ClientStream> Relay<S> {
                     }
                 }
                 Event::Server(read) => {
-                    let n = read.map_err(SessionError::ServerIo)?;
-                    if n == 0 {
-                        return Err(SessionError::ServerClosed);
-                    }
+                    let n = match read {
+                        Ok(0) | Err(_) if self.leave_a_closed_idle_connection() => continue,
+                        Ok(0) => return Err(SessionError::ServerClosed),
+                        Ok(n) => n,
+                        Err(error) => return Err(SessionError::ServerIo(error)),
+                    };
                     self.server_pool
                         .stats
                         .bytes_sent
@@ -1286,6 +1292,15 @@ impl<S: ClientStream> Relay<S> {
             return;
         };
         let pooler = self.pooler.clone();
+        if let (Some(split), Some(server)) = (self.split.as_mut(), self.server.as_mut()) {
+            // A pinned session keeps its connection between statements.
+            if split.active_side() == side {
+                if let Err(error) = split.read_back(server, &pooler.split_stats).await {
+                    warn!(server = %server.conn.addr, ?error, "could not read back the session settings made inside a transaction block; a new primary connection would not get them");
+                }
+                return;
+            }
+        }
         let split = self.split_mut();
         let slot = match side {
             Side::Primary => &mut split.primary,
@@ -1722,6 +1737,11 @@ impl<S: ClientStream> Relay<S> {
                 }
             }
             if self.mode == PoolMode::Session && self.busy.is_none() {
+                if self.split.as_ref().is_some_and(SessionSplit::pinned) {
+                    // Known values, should the session have to follow the
+                    // primary to a new connection.
+                    self.read_back_settings().await;
+                }
                 self.hold_session_while_paused().await?;
                 self.ensure_server().await?;
                 self.busy = Some(SessionBusy::new(self.server_pool.clone()));
@@ -1961,7 +1981,23 @@ impl<S: ClientStream> Relay<S> {
                 }
             }
             let mut forward = true;
-            if transaction {
+            if tag == b'E'
+                && self.busy.is_none()
+                && self.awaiting_ready == 0
+                && self.split.is_some()
+            {
+                // Unasked, so a FATAL: the server is going away (shutdown,
+                // postmaster gone). A split session that can rebuild its
+                // state on a new connection goes on (see `run`); the
+                // client need not hear it.
+                let active = self.split.as_ref().map(SessionSplit::active_side);
+                forward = !(active == Some(Side::Standby)
+                    || self
+                        .split
+                        .as_ref()
+                        .is_some_and(SessionSplit::can_follow_the_primary));
+                self.idle_server_ending |= !forward;
+            } else if transaction {
                 let front = self.pending.front().copied();
                 match (tag, front) {
                     (b'E', Some(Pending::Query)) => {}
@@ -2006,6 +2042,40 @@ impl<S: ClientStream> Relay<S> {
             self.server_left_forward = forward;
         }
         Ok(())
+    }
+
+    /// A split session's connection closed while it ran nothing for the
+    /// client (a node lost, a server shut down): the session goes on
+    /// without it when the pooler can rebuild what the session left there,
+    /// and its next statement borrows a new connection. False: the
+    /// session ends.
+    fn leave_a_closed_idle_connection(&mut self) -> bool {
+        if self.busy.is_some() || !(self.idle_server_ending || self.between_transactions()) {
+            return false;
+        }
+        let Some(split) = self.split.as_mut() else {
+            return false;
+        };
+        let side = split.active_side();
+        match side {
+            Side::Standby => split.new_standby(),
+            Side::Primary if split.can_follow_the_primary() => split.new_primary(),
+            Side::Primary => return false,
+        }
+        self.idle_server_ending = false;
+        let server = self.server.take();
+        self.entry.set_server(None);
+        info!(
+            client = %self.entry.peer,
+            server = ?server.map(|server| server.conn.addr),
+            ?side,
+            "pooler: an idle session's server connection closed; the session goes on and its next statement gets a new one"
+        );
+        self.pooler
+            .split_stats
+            .idle_connections_lost
+            .fetch_add(1, Ordering::Relaxed);
+        true
     }
 
     /// Nothing is half-sent or owed on the connection held now.

@@ -123,6 +123,9 @@ pub struct SplitStats {
     /// Sessions that went on with a new primary connection after the
     /// primary moved.
     pub(super) followed_primary: AtomicU64,
+    /// Connections that closed while their session ran nothing, which
+    /// went on without them.
+    pub(super) idle_connections_lost: AtomicU64,
 }
 
 impl SplitStats {
@@ -178,6 +181,11 @@ impl Collector for SplitCollector {
                 "farol_pooler_split_sessions_followed_primary",
                 "Session-pool clients that went on with a connection to the new primary after the primary moved (their settings replayed there)",
                 &stats.followed_primary,
+            ),
+            (
+                "farol_pooler_split_idle_connections_lost",
+                "Server connections of session-pool clients that closed while the session ran nothing (a node lost, a server shut down); the session went on with a new one",
+                &stats.idle_connections_lost,
             ),
         ] {
             ConstCounter::new(load(value)).encode(encoder.encode_descriptor(
