@@ -9,8 +9,10 @@
 //! and the restarted agent rewinds the old primary into a standby.
 
 use std::{
+    io::{BufRead, BufReader, Write},
     path::Path,
-    process::Output,
+    process::{Child, ChildStdin, Output, Stdio},
+    sync::mpsc,
     time::{Duration, Instant},
 };
 
@@ -239,6 +241,79 @@ fn psql(lab: &Lab, host: &str, sql: &str) -> Result<Output> {
         .context("running psql in the client")
 }
 
+/// One psql session from the client through the pooler, kept open across
+/// the failover: its statements go in one by one on stdin.
+struct KeptSession {
+    child: Child,
+    stdin: ChildStdin,
+    lines: mpsc::Receiver<String>,
+}
+
+/// What psql prints after each statement's answer, to find its end.
+const END_OF_ANSWER: &str = "farol-demo-end-of-answer";
+
+impl KeptSession {
+    fn open(lab: &Lab, host: &str) -> Result<KeptSession> {
+        // Line-buffered (stdbuf), errors merged into the answers.
+        let script = format!(
+            "exec stdbuf -oL -eL psql -X -A -t -q -h {host} -p {POOLER_PORT} -U {USER} -d {USER} 2>&1"
+        );
+        let mut child = lab
+            .command(CLIENT, "sh")
+            .args(["-c", &script])
+            .env("PGPASSWORD", PASSWORD)
+            .env("PGCONNECT_TIMEOUT", "2")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("starting psql in the client")?;
+        let (stdin, stdout) = match (child.stdin.take(), child.stdout.take()) {
+            (Some(stdin), Some(stdout)) => (stdin, stdout),
+            _ => bail!("psql's stdin and stdout are not piped"),
+        };
+        let (send, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if send.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(KeptSession {
+            child,
+            stdin,
+            lines,
+        })
+    }
+
+    /// Runs `sql` and returns what psql printed for it (rows or error).
+    fn ask(&mut self, sql: &str) -> Result<String> {
+        writeln!(self.stdin, "{sql};\n\\echo {END_OF_ANSWER}")
+            .context("writing to the kept psql session")?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut answer = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line == END_OF_ANSWER => return Ok(answer.join(" ")),
+                Ok(line) => answer.push(line),
+                Err(_) => bail!(
+                    "the kept psql session did not answer {sql:?} within 20 s (so far: {})",
+                    answer.join(" ")
+                ),
+            }
+        }
+    }
+}
+
+impl Drop for KeptSession {
+    fn drop(&mut self) {
+        // By PID; psql ends at once on SIGKILL, its session with it.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 fn answer(output: &Output) -> String {
     if output.status.success() {
         String::from_utf8_lossy(&output.stdout)
@@ -297,6 +372,17 @@ pub(crate) fn show(lab: &Lab, vip: &str, primary: &str, nodes: &mut dyn NodeCont
         );
     }
     let mut acknowledged = 1;
+    let mut kept = KeptSession::open(lab, vip)?;
+    let setting = "kept across the failover";
+    kept.ask(&format!("SET application_name = '{setting}'"))?;
+    let before = kept.ask(&format!("INSERT INTO visits DEFAULT VALUES; {WHERE}"))?;
+    if !before.starts_with("primary at") {
+        bail!("the kept session's INSERT did not run on the primary: {before}");
+    }
+    acknowledged += 1;
+    println!(
+        "        a psql session kept open: SET application_name = '{setting}', an INSERT on the {before}"
+    );
     for _ in 0..20 {
         if psql(lab, vip, "INSERT INTO visits DEFAULT VALUES")?
             .status
@@ -331,6 +417,21 @@ pub(crate) fn show(lab: &Lab, vip: &str, primary: &str, nodes: &mut dyn NodeCont
         }
         std::thread::sleep(Duration::from_millis(100));
     };
+    // The kept session sat idle on a connection to the dead primary: the
+    // pooler let that go and gives it one to the new primary, with its
+    // setting replayed.
+    let after = kept.ask(&format!(
+        "INSERT INTO visits DEFAULT VALUES; SELECT current_setting('application_name') || ', ' || ({})",
+        WHERE.trim_start_matches("SELECT ")
+    ))?;
+    if after != format!("{setting}, {new_primary}") {
+        bail!("the kept psql session did not go on on the new primary with its setting: {after}");
+    }
+    acknowledged += 1;
+    println!(
+        "        the kept psql session goes on, not reconnected: its next INSERT ran on the {new_primary} with application_name '{setting}'"
+    );
+    drop(kept);
     let count = psql(lab, vip, "SELECT count(*) FROM visits")?;
     println!(
         "        rows in visits on the new primary: {} of {acknowledged} acknowledged (synchronous replication: none lost)",
