@@ -244,11 +244,6 @@ impl Cluster {
         reports[0].clone()
     }
 
-    /// The PID of the node's agent.
-    pub(crate) fn pid(&self, node: usize) -> u32 {
-        self.children[node].as_ref().expect("the node runs").id()
-    }
-
     /// The node's `/metrics` text.
     pub(crate) fn metrics(&self, node: usize) -> String {
         use std::io::Read;
