@@ -43,6 +43,64 @@ const HEAL_LIMIT: Duration = Duration::from_secs(300);
 struct Target {
     name: &'static str,
     dir: PathBuf,
+    /// The target's own server processes (Farol's agents), whose CPU time
+    /// and context switches per operation are printed.
+    servers: Vec<u32>,
+}
+
+/// CPU time and context switches of processes, all threads counted
+/// (`/proc/PID/task/*/schedstat` and `status`): what an operation costs
+/// the servers whatever else the machine does, beside its latency, which
+/// moves with the load.
+#[derive(Debug, Clone, Copy, Default)]
+struct Usage {
+    cpu_ns: u64,
+    switches: u64,
+}
+
+fn usage(pids: &[u32]) -> Usage {
+    let mut total = Usage::default();
+    for pid in pids {
+        let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+            continue;
+        };
+        for task in tasks.flatten() {
+            let dir = task.path();
+            if let Ok(stat) = fs::read_to_string(dir.join("schedstat")) {
+                total.cpu_ns += stat
+                    .split_whitespace()
+                    .next()
+                    .and_then(|ns| ns.parse::<u64>().ok())
+                    .unwrap_or(0);
+            }
+            if let Ok(status) = fs::read_to_string(dir.join("status")) {
+                for line in status.lines() {
+                    if let Some(count) = line
+                        .strip_prefix("voluntary_ctxt_switches:")
+                        .or_else(|| line.strip_prefix("nonvoluntary_ctxt_switches:"))
+                    {
+                        total.switches += count.trim().parse::<u64>().unwrap_or(0);
+                    }
+                }
+            }
+        }
+    }
+    total
+}
+
+/// Per operation: server CPU microseconds and context switches.
+#[derive(Debug, Clone, Copy, Default)]
+struct Cost {
+    cpu_us: f64,
+    switches: f64,
+}
+
+fn cost(before: Usage, after: Usage, ops: usize) -> Cost {
+    let ops = ops.max(1) as f64;
+    Cost {
+        cpu_us: after.cpu_ns.saturating_sub(before.cpu_ns) as f64 / 1000.0 / ops,
+        switches: after.switches.saturating_sub(before.switches) as f64 / ops,
+    }
 }
 
 /// Processes and mounts to take down, also on error.
@@ -197,7 +255,11 @@ impl FarolCluster {
 
 /// Starts three agents on loopback and returns node 1's mount.
 fn start_farol(base: &Path, cleanup: &mut Cleanup) -> Result<(PathBuf, FarolCluster)> {
-    let agent = workspace_root().join("target/release/agent");
+    // FAROL_BENCH_AGENT: another agent binary (a copy of an earlier
+    // build, for comparing two builds on the same machine state).
+    let agent = std::env::var_os("FAROL_BENCH_AGENT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target/release/agent"));
     let dir = base.join("farol");
     fs::create_dir_all(&dir)?;
     fs::write(dir.join("secret"), "bench secret 0123456789abcdef\n")?;
@@ -497,6 +559,9 @@ struct Figures {
     delete_nosync: f64,
     write_mib: f64,
     read_mib: f64,
+    /// The servers' cost per create, cold read, delete + dir fsync and
+    /// delete alone (zero without server processes: local).
+    costs: [Cost; 4],
 }
 
 impl Figures {
@@ -515,6 +580,17 @@ impl Figures {
             delete_nosync: pick(|f| f.delete_nosync),
             write_mib: pick(|f| f.write_mib),
             read_mib: pick(|f| f.read_mib),
+            costs: [0, 1, 2, 3].map(|i| {
+                let middle = |get: &dyn Fn(&Cost) -> f64| {
+                    let mut values: Vec<f64> = rounds.iter().map(|f| get(&f.costs[i])).collect();
+                    values.sort_by(f64::total_cmp);
+                    values.get(values.len() / 2).copied().unwrap_or(0.0)
+                };
+                Cost {
+                    cpu_us: middle(&|c| c.cpu_us),
+                    switches: middle(&|c| c.switches),
+                }
+            }),
         }
     }
 }
@@ -569,6 +645,24 @@ fn print_rounds(targets: &[Target], per_round: &[Vec<Figures>]) {
             _ => String::new(),
         };
         println!("  round {}: {}{ratios}", round + 1, cells.join("; "));
+        for (target, figures) in targets.iter().zip(per_round) {
+            if target.servers.is_empty() {
+                continue;
+            }
+            let c = &figures[round].costs;
+            println!(
+                "    {} servers per operation (CPU µs, context switches): {:.0}, {:.1} / {:.0}, {:.1} / {:.0}, {:.1} / {:.0}, {:.1}",
+                target.name,
+                c[0].cpu_us,
+                c[0].switches,
+                c[1].cpu_us,
+                c[1].switches,
+                c[2].cpu_us,
+                c[2].switches,
+                c[3].cpu_us,
+                c[3].switches
+            );
+        }
     }
 }
 
@@ -576,12 +670,14 @@ fn per_second(count: usize, elapsed: Duration) -> f64 {
     count as f64 / elapsed.as_secs_f64().max(1e-9)
 }
 
-fn run_workloads(dir: &Path) -> Result<Figures> {
+fn run_workloads(dir: &Path, servers: &[u32]) -> Result<Figures> {
     let work = dir.join("bench-work");
     let _ = fs::remove_dir_all(&work);
     fs::create_dir(&work)?;
     let block = vec![0x5au8; 4096];
 
+    let mut costs = [Cost::default(); 4];
+    let before = usage(servers);
     let started = Instant::now();
     let mut created = 0;
     while created < FILES && started.elapsed() < LIMIT {
@@ -591,8 +687,10 @@ fn run_workloads(dir: &Path) -> Result<Figures> {
         created += 1;
     }
     let create = per_second(created, started.elapsed());
+    costs[0] = cost(before, usage(servers), created);
 
     drop_caches()?;
+    let before = usage(servers);
     let started = Instant::now();
     let mut buf = Vec::with_capacity(8192);
     let mut read = 0;
@@ -605,10 +703,12 @@ fn run_workloads(dir: &Path) -> Result<Figures> {
         read += 1;
     }
     let read_rate = per_second(read, started.elapsed());
+    costs[1] = cost(before, usage(servers), read);
 
     // The first half is deleted with a directory fsync after each file,
     // the second half without.
     let half = created / 2;
+    let before = usage(servers);
     let started = Instant::now();
     let dir_handle = fs::File::open(&work)?;
     let mut deleted = 0;
@@ -618,9 +718,11 @@ fn run_workloads(dir: &Path) -> Result<Figures> {
         deleted += 1;
     }
     let delete = per_second(deleted, started.elapsed());
+    costs[2] = cost(before, usage(servers), deleted);
     for rest in deleted..half {
         let _ = fs::remove_file(work.join(format!("f{rest:05}")));
     }
+    let before = usage(servers);
     let started = Instant::now();
     let mut unlinked = half;
     while unlinked < created && started.elapsed() < LIMIT {
@@ -628,6 +730,7 @@ fn run_workloads(dir: &Path) -> Result<Figures> {
         unlinked += 1;
     }
     let delete_nosync = per_second(unlinked - half, started.elapsed());
+    costs[3] = cost(before, usage(servers), unlinked - half);
     for rest in unlinked..created {
         let _ = fs::remove_file(work.join(format!("f{rest:05}")));
     }
@@ -665,6 +768,7 @@ fn run_workloads(dir: &Path) -> Result<Figures> {
         delete_nosync,
         write_mib,
         read_mib,
+        costs,
     })
 }
 
@@ -672,12 +776,16 @@ pub(crate) fn run() -> Result<BenchReport> {
     if !xtask::is_root() {
         bail!("bench storage mounts FUSE file systems and drops the page cache: run it as root");
     }
-    exec(Command::new("cargo").current_dir(workspace_root()).args([
-        "build",
-        "--release",
-        "-p",
-        "farol-agent",
-    ]))?;
+    // A given agent binary (FAROL_BENCH_AGENT, see `start_farol`) needs
+    // no build.
+    if std::env::var_os("FAROL_BENCH_AGENT").is_none() {
+        exec(Command::new("cargo").current_dir(workspace_root()).args([
+            "build",
+            "--release",
+            "-p",
+            "farol-agent",
+        ]))?;
+    }
     // On the same file system as target/, like the bricks.
     let base = workspace_root().join(format!("target/bench/volume-{}", std::process::id()));
     let _ = fs::remove_dir_all(&base);
@@ -692,11 +800,13 @@ pub(crate) fn run() -> Result<BenchReport> {
     let mut targets = vec![Target {
         name: "local",
         dir: base.join("local"),
+        servers: Vec::new(),
     }];
     let (farol_mount, farol) = start_farol(&base, &mut cleanup)?;
     targets.push(Target {
         name: "farol",
         dir: farol_mount,
+        servers: cleanup.children.iter().map(Child::id).collect(),
     });
     // FAROL_BENCH_QUICK=1: Farol and local only, no heal case (for
     // iterating on the volume; figures to report come from a full run).
@@ -711,6 +821,7 @@ pub(crate) fn run() -> Result<BenchReport> {
             targets.push(Target {
                 name: "glusterfs",
                 dir,
+                servers: Vec::new(),
             });
             glusterfs = Some(volume);
         }
@@ -733,7 +844,7 @@ pub(crate) fn run() -> Result<BenchReport> {
                 target.dir.display(),
                 load_average()
             );
-            let figures = run_workloads(&target.dir)
+            let figures = run_workloads(&target.dir, &target.servers)
                 .with_context(|| format!("workloads on {}", target.name))?;
             per_round[index].push(figures);
         }

@@ -730,7 +730,32 @@ impl Volume {
             let result = self.brick.apply(&Op::Fsync { path: path.clone() });
             return (Self::response(result), Stale::default());
         }
-        let _order = self.apply_lock();
+        let order = self.apply_lock();
+        self.apply_remote_locked(&order, op, missed)
+    }
+
+    /// [`Volume::apply_remote_stale`] when the apply lock is free at once;
+    /// None when it is taken (or for a sync), and nothing was done. Lets
+    /// the connection apply a small change on its own async thread
+    /// without ever waiting there for a lock a heal may hold for long.
+    pub fn try_apply_remote_stale(&self, op: &Op, missed: &[String]) -> Option<(Response, Stale)> {
+        if matches!(op, Op::Fsync { .. }) {
+            return None;
+        }
+        let order = match self.order.try_lock() {
+            Ok(order) => order,
+            Err(std::sync::TryLockError::Poisoned(poison)) => poison.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return None,
+        };
+        Some(self.apply_remote_locked(&order, op, missed))
+    }
+
+    fn apply_remote_locked(
+        &self,
+        _order: &MutexGuard<'_, ()>,
+        op: &Op,
+        missed: &[String],
+    ) -> (Response, Stale) {
         let before = self.kernel.before(&self.brick, &op.paths());
         let result = self.brick.apply(op);
         self.changed_dirs(op);

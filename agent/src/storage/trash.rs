@@ -27,6 +27,9 @@ use std::{
 /// The trash directory's name in the brick's state dir.
 pub const TRASH_DIR: &str = "trash";
 
+/// How long the purging thread gathers parked files before freeing them.
+const PURGE_PAUSE: std::time::Duration = std::time::Duration::from_millis(20);
+
 /// One brick's trash.
 #[derive(Debug)]
 pub struct Trash {
@@ -90,9 +93,17 @@ impl Trash {
         let spawned = std::thread::Builder::new()
             .name("farol-trash".into())
             .spawn(move || {
-                for parked in rx {
-                    if let Err(error) = fs::remove_file(&parked) {
-                        tracing::warn!(path = %parked.display(), %error, "cannot purge an unlinked file");
+                // Woken by the first file of a batch only: it waits a
+                // moment for more, so a stream of unlinks wakes this
+                // thread (and makes the disk free blocks) once per
+                // PURGE_PAUSE, not once per file on every replica while
+                // the next unlinks are on their way.
+                while let Ok(first) = rx.recv() {
+                    std::thread::sleep(PURGE_PAUSE);
+                    for parked in std::iter::once(first).chain(rx.try_iter()) {
+                        if let Err(error) = fs::remove_file(&parked) {
+                            tracing::warn!(path = %parked.display(), %error, "cannot purge an unlinked file");
+                        }
                     }
                 }
             });
