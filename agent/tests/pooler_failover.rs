@@ -239,17 +239,6 @@ async fn a_standby_lagging_past_the_bound_gets_no_reads_until_it_catches_up() {
     );
 }
 
-fn metric(pooler: &harness::PoolerGuard, sample: &str) -> u64 {
-    let mut registry = prometheus_client::registry::Registry::default();
-    farol_agent::metrics::register_pooler(&mut registry, pooler.pooler.clone());
-    let text = farol_agent::metrics::encode_prometheus_text(&registry).unwrap();
-    text.lines()
-        .find_map(|line| line.strip_prefix(sample)?.strip_prefix(' '))
-        .unwrap_or_else(|| panic!("no {sample} in {text}"))
-        .parse()
-        .unwrap()
-}
-
 async fn one_value(
     client: &tokio_postgres::Client,
     sql: &str,
@@ -264,6 +253,38 @@ async fn one_value(
         .expect("a row"))
 }
 
+/// A session pool with the split over `pg`, following promotions, and a
+/// table `table` anyone may write.
+async fn split_session_pooler(pg: &PgCluster, table: &str) -> harness::PoolerGuard {
+    pg.primary
+        .psql(
+            "app",
+            &format!("CREATE TABLE {table} (id int PRIMARY KEY); GRANT ALL ON {table} TO PUBLIC"),
+        )
+        .unwrap();
+    let mut config = harness::config(pg, harness::pool(PoolMode::Session, 4));
+    config.read_write_split = true;
+    config.read_your_writes = true;
+    config.role_check_interval = Duration::from_millis(200);
+    harness::start(config).await
+}
+
+/// Promotes the standby and waits until the pooler sends writes there.
+async fn promote_standby(pg: &PgCluster, pooler: &harness::PoolerGuard) {
+    let standby = pg.standby.as_ref().unwrap();
+    standby
+        .psql("postgres", "SELECT pg_promote(true, 30)")
+        .unwrap();
+    let standby_addr = SocketAddr::from(([127, 0, 0, 1], standby.port));
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            pooler.pooler.primary() == standby_addr
+        })
+        .await,
+        "the pooler follows the promotion"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_split_session_follows_the_promoted_standby_with_its_settings() {
     if !can_run_postgres("an_idle_split_session_follows_the_promoted_standby_with_its_settings") {
@@ -271,18 +292,7 @@ async fn an_idle_split_session_follows_the_promoted_standby_with_its_settings() 
     }
     let pg = harness::private_cluster(true);
     let standby = pg.standby.as_ref().unwrap();
-    let standby_addr = SocketAddr::from(([127, 0, 0, 1], standby.port));
-    pg.primary
-        .psql(
-            "app",
-            "CREATE TABLE followed (id int PRIMARY KEY); GRANT ALL ON followed TO PUBLIC",
-        )
-        .unwrap();
-    let mut config = harness::config(&pg, harness::pool(PoolMode::Session, 4));
-    config.read_write_split = true;
-    config.read_your_writes = true;
-    config.role_check_interval = Duration::from_millis(200);
-    let pooler = harness::start(config).await;
+    let pooler = split_session_pooler(&pg, "followed").await;
 
     // A session with a setting (quoted), reads on the standby, then a
     // write pins it to the primary; another one made a temporary table,
@@ -317,16 +327,7 @@ async fn an_idle_split_session_follows_the_promoted_standby_with_its_settings() 
     // The primary hangs while both sessions sit idle; the standby is
     // promoted.
     let frozen = Frozen::server(&pg.primary);
-    standby
-        .psql("postgres", "SELECT pg_promote(true, 30)")
-        .unwrap();
-    assert!(
-        eventually(Duration::from_secs(10), || async {
-            pooler.pooler.primary() == standby_addr
-        })
-        .await,
-        "the pooler follows the promotion"
-    );
+    promote_standby(&pg, &pooler).await;
 
     // The first session goes on there, its setting with it.
     let started = Instant::now();
@@ -354,7 +355,7 @@ async fn an_idle_split_session_follows_the_promoted_standby_with_its_settings() 
         started.elapsed()
     );
     assert_eq!(
-        metric(
+        harness::metric(
             &pooler,
             "farol_pooler_split_sessions_followed_primary_total"
         ),
@@ -383,23 +384,15 @@ async fn an_idle_split_session_outlives_its_primary_dying_and_goes_on_on_the_pro
     }
     let mut pg = harness::private_cluster(true);
     let standby_port = pg.standby.as_ref().unwrap().port;
-    let standby_addr = SocketAddr::from(([127, 0, 0, 1], standby_port));
-    pg.primary
-        .psql(
-            "app",
-            "CREATE TABLE survived (id int PRIMARY KEY); GRANT ALL ON survived TO PUBLIC",
-        )
-        .unwrap();
-    let mut config = harness::config(&pg, harness::pool(PoolMode::Session, 4));
-    config.read_write_split = true;
-    config.read_your_writes = true;
-    config.role_check_interval = Duration::from_millis(200);
-    let pooler = harness::start(config).await;
+    let pooler = split_session_pooler(&pg, "survived").await;
     let session = connect(pooler.addr).await;
-    session
-        .batch_execute("SET application_name = 'outlives'; INSERT INTO survived VALUES (1)")
-        .await
-        .unwrap();
+    // As psql sends them: one statement at a time.
+    for statement in [
+        "SET application_name = 'outlives'",
+        "INSERT INTO survived VALUES (1)",
+    ] {
+        session.batch_execute(statement).await.unwrap();
+    }
     assert_eq!(
         where_read(&session).await.unwrap(),
         (false, pg.primary.port)
@@ -420,26 +413,15 @@ async fn an_idle_split_session_outlives_its_primary_dying_and_goes_on_on_the_pro
     pg.primary.kill();
     assert!(
         eventually(Duration::from_secs(10), || async {
-            metric(&pooler, "farol_pooler_split_idle_connections_lost_total") == 1
+            harness::metric(&pooler, "farol_pooler_split_idle_connections_lost_total") == 1
         })
         .await,
         "the pooler lets the idle connection go: {} lost, client closed: {}",
-        metric(&pooler, "farol_pooler_split_idle_connections_lost_total"),
+        harness::metric(&pooler, "farol_pooler_split_idle_connections_lost_total"),
         session.is_closed()
     );
     assert!(!session.is_closed(), "the client's session is still open");
-    pg.standby
-        .as_ref()
-        .unwrap()
-        .psql("postgres", "SELECT pg_promote(true, 30)")
-        .unwrap();
-    assert!(
-        eventually(Duration::from_secs(10), || async {
-            pooler.pooler.primary() == standby_addr
-        })
-        .await,
-        "the pooler follows the promotion"
-    );
+    promote_standby(&pg, &pooler).await;
     assert_eq!(
         one_value(&session, "SHOW application_name").await.unwrap(),
         "outlives"

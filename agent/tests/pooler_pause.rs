@@ -21,6 +21,22 @@ async fn admin(addr: std::net::SocketAddr) -> tokio_postgres::Client {
     admin
 }
 
+/// PAUSE sent on `console` in a task: the console, its result and how
+/// long it took.
+type PauseResult = (
+    tokio_postgres::Client,
+    Result<(), tokio_postgres::Error>,
+    Duration,
+);
+
+fn pause_in_background(console: tokio_postgres::Client) -> tokio::task::JoinHandle<PauseResult> {
+    tokio::spawn(async move {
+        let started = Instant::now();
+        let result = console.simple_query("PAUSE").await.map(|_| ());
+        (console, result, started.elapsed())
+    })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pause_waits_for_running_transactions_holds_new_ones_and_resume_runs_them() {
     if !can_run_postgres("pause_waits_for_running_transactions_holds_new_ones_and_resume_runs_them")
@@ -47,11 +63,7 @@ async fn pause_waits_for_running_transactions_holds_new_ones_and_resume_runs_the
         .batch_execute("BEGIN; INSERT INTO paused VALUES (1)")
         .await
         .unwrap();
-    let pause = tokio::spawn(async move {
-        let started = Instant::now();
-        let result = console.simple_query("PAUSE").await.map(|_| ());
-        (console, result, started.elapsed())
-    });
+    let pause = pause_in_background(console);
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert!(
         !pause.is_finished(),
@@ -209,11 +221,7 @@ async fn a_pause_drains_and_holds_session_mode_clients_that_keep_their_server_co
         .batch_execute("BEGIN; INSERT INTO paused_sessions VALUES (1)")
         .await
         .unwrap();
-    let pause = tokio::spawn(async move {
-        let started = Instant::now();
-        let result = console.simple_query("PAUSE").await.map(|_| ());
-        (console, result, started.elapsed())
-    });
+    let pause = pause_in_background(console);
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert!(
         !pause.is_finished(),

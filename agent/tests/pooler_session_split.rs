@@ -46,17 +46,6 @@ fn split_config(
 }
 
 /// The value of one sample line of the pooler's `/metrics` text.
-fn metric(pooler: &harness::PoolerGuard, sample: &str) -> u64 {
-    let mut registry = prometheus_client::registry::Registry::default();
-    farol_agent::metrics::register_pooler(&mut registry, pooler.pooler.clone());
-    let text = farol_agent::metrics::encode_prometheus_text(&registry).unwrap();
-    text.lines()
-        .find_map(|line| line.strip_prefix(sample)?.strip_prefix(' '))
-        .unwrap_or_else(|| panic!("no {sample} in {text}"))
-        .parse()
-        .unwrap()
-}
-
 fn ports(pg: &xtask::postgres::PgCluster) -> (u16, u16) {
     (pg.primary.port, pg.standby.as_ref().unwrap().port)
 }
@@ -139,20 +128,20 @@ async fn session_reads_run_on_the_standby_settings_follow_and_writes_pin_the_pri
         .unwrap();
     assert_eq!(where_simple(&writer, WHERE).await, (false, primary));
     assert_eq!(
-        metric(
+        harness::metric(
             &pooler,
             "farol_pooler_split_sessions_pinned_total{reason=\"write\"}"
         ),
         2
     );
     assert_eq!(
-        metric(&pooler, "farol_pooler_split_standby_connections_total"),
+        harness::metric(&pooler, "farol_pooler_split_standby_connections_total"),
         2
     );
     // application_name and search_path, once each on the one standby
     // connection that needed them.
     assert_eq!(
-        metric(&pooler, "farol_pooler_split_settings_replayed_total"),
+        harness::metric(&pooler, "farol_pooler_split_settings_replayed_total"),
         2
     );
     // A fresh session starts on the standby again, without the first
@@ -239,7 +228,7 @@ async fn without_read_your_writes_writes_do_not_pin_but_temporary_tables_do() {
     listener.simple_query("LISTEN split_channel").await.unwrap();
     assert_eq!(where_simple(&listener, WHERE).await, (false, primary));
     assert_eq!(
-        metric(
+        harness::metric(
             &pooler,
             "farol_pooler_split_sessions_pinned_total{reason=\"session_state\"}"
         ),
@@ -408,7 +397,10 @@ async fn a_standby_that_lags_or_dies_mid_session_leaves_the_session_on_the_prima
     );
     assert_eq!(where_extended(&client, WHERE).await, (false, primary));
     // Lagging out, then dead.
-    assert_eq!(metric(&pooler, "farol_pooler_split_standby_lost_total"), 2);
+    assert_eq!(
+        harness::metric(&pooler, "farol_pooler_split_standby_lost_total"),
+        2
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -571,11 +563,11 @@ async fn settings_made_inside_a_transaction_block_follow_the_session_to_its_othe
     assert_eq!(rows, [["f", "\"odd'schema\", public"]]);
     // application_name and search_path, then application_name again.
     assert_eq!(
-        metric(&pooler, "farol_pooler_split_settings_read_back_total"),
+        harness::metric(&pooler, "farol_pooler_split_settings_read_back_total"),
         3
     );
     assert_eq!(
-        metric(
+        harness::metric(
             &pooler,
             "farol_pooler_split_sessions_pinned_total{reason=\"write\"}"
         ),
@@ -611,7 +603,7 @@ async fn settings_made_inside_a_transaction_block_follow_the_session_to_its_othe
         (true, standby, "in-one-text".into())
     );
     assert_eq!(
-        metric(&pooler, "farol_pooler_split_settings_read_back_total"),
+        harness::metric(&pooler, "farol_pooler_split_settings_read_back_total"),
         3
     );
 }

@@ -1055,8 +1055,16 @@ impl<S: ClientStream> Relay<S> {
         if !for_primary {
             return Ok(());
         }
-        let held = self
-            .pooler
+        if self.hold_while_paused().await?.is_some() {
+            self.leave_a_former_primary()?;
+        }
+        Ok(())
+    }
+
+    /// Waits while a pause holds this client's database (see `pause`);
+    /// how long it was held (None: not held).
+    async fn hold_while_paused(&self) -> Result<Option<Duration>, SessionError> {
+        self.pooler
             .pause
             .hold(
                 &self.entry.database,
@@ -1067,11 +1075,7 @@ impl<S: ClientStream> Relay<S> {
             .map_err(|timeout| SessionError::PauseTimeout {
                 waited: timeout.waited,
                 reason: timeout.reason,
-            })?;
-        if held.is_some() {
-            self.leave_a_former_primary()?;
-        }
-        Ok(())
+            })
     }
 
     /// Between transactions, after the primary moved: the session's
@@ -1201,20 +1205,7 @@ impl<S: ClientStream> Relay<S> {
     async fn borrow_primary(&mut self) -> Result<(Arc<Pool>, PooledServer), SessionError> {
         // A paused pooler holds transactions for the primary (see `pause`);
         // once released they go to whichever server is the primary then.
-        let held = self
-            .pooler
-            .pause
-            .hold(
-                &self.entry.database,
-                &self.pool,
-                self.pooler.config.pause_wait_timeout,
-            )
-            .await
-            .map_err(|timeout| SessionError::PauseTimeout {
-                waited: timeout.waited,
-                reason: timeout.reason,
-            })?;
-        if held.is_some() {
+        if self.hold_while_paused().await?.is_some() {
             self.refresh_pools();
         }
         let server = self.pool.get().await.map_err(SessionError::Pool)?;

@@ -277,3 +277,15 @@ pub(crate) fn pgbench_succeeded(out: &std::process::Output, what: &str) -> Strin
     );
     stdout
 }
+
+/// The value of one sample (`name{labels}`) of the pooler's `/metrics`.
+pub(crate) fn metric(pooler: &PoolerGuard, sample: &str) -> u64 {
+    let mut registry = prometheus_client::registry::Registry::default();
+    farol_agent::metrics::register_pooler(&mut registry, pooler.pooler.clone());
+    let text = farol_agent::metrics::encode_prometheus_text(&registry).unwrap();
+    text.lines()
+        .find_map(|line| line.strip_prefix(sample)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no {sample} in {text}"))
+        .parse()
+        .unwrap()
+}
