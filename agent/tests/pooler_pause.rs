@@ -37,6 +37,33 @@ fn pause_in_background(console: tokio_postgres::Client) -> tokio::task::JoinHand
     })
 }
 
+/// `PAUSE app` while `client` is inside a transaction: PAUSE returns after
+/// the drain timeout (within `took`) and the client's session is ended
+/// with 57P01.
+async fn pause_ends_a_transaction_past_the_drain(
+    console: &tokio_postgres::Client,
+    client: &tokio_postgres::Client,
+    took: (Duration, Duration),
+) {
+    client.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    let started = Instant::now();
+    console.simple_query("PAUSE app").await.unwrap();
+    let paused_after = started.elapsed();
+    assert!(
+        paused_after >= took.0 && paused_after < took.1,
+        "PAUSE took {paused_after:?}, expected {took:?}"
+    );
+    let error = client.simple_query("SELECT 2").await.unwrap_err();
+    assert!(
+        client.is_closed() || error.code().is_some(),
+        "the session is ended: {error}"
+    );
+    if let Some(code) = error.code() {
+        assert_eq!(code.code(), "57P01", "{error}");
+        assert!(message(&error).contains("pause_drain_timeout"), "{error}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pause_waits_for_running_transactions_holds_new_ones_and_resume_runs_them() {
     if !can_run_postgres("pause_waits_for_running_transactions_holds_new_ones_and_resume_runs_them")
@@ -131,23 +158,12 @@ async fn a_pause_ends_a_transaction_past_the_drain_timeout_and_a_hold_past_the_w
 
     // Still in its transaction after pause_drain_timeout: ended with 57P01.
     let stuck = connect(pooler.addr).await;
-    stuck.batch_execute("BEGIN; SELECT 1").await.unwrap();
-    let started = Instant::now();
-    console.simple_query("PAUSE app").await.unwrap();
-    let took = started.elapsed();
-    assert!(
-        took >= Duration::from_millis(500) && took < Duration::from_secs(5),
-        "{took:?}"
-    );
-    let error = stuck.simple_query("SELECT 2").await.unwrap_err();
-    assert!(
-        stuck.is_closed() || error.code().is_some(),
-        "the session is ended: {error}"
-    );
-    if let Some(code) = error.code() {
-        assert_eq!(code.code(), "57P01", "{error}");
-        assert!(message(&error).contains("pause_drain_timeout"), "{error}");
-    }
+    pause_ends_a_transaction_past_the_drain(
+        &console,
+        &stuck,
+        (Duration::from_millis(500), Duration::from_secs(5)),
+    )
+    .await;
     assert_eq!(
         pooler
             .pooler
@@ -274,23 +290,12 @@ async fn a_pause_drains_and_holds_session_mode_clients_that_keep_their_server_co
 
     // A session still inside its transaction after pause_drain_timeout is
     // ended (57P01); the idle one is not.
-    running.batch_execute("BEGIN; SELECT 1").await.unwrap();
-    let started = Instant::now();
-    console.simple_query("PAUSE app").await.unwrap();
-    let took = started.elapsed();
-    assert!(
-        took >= Duration::from_secs(3) && took < Duration::from_secs(8),
-        "{took:?}"
-    );
-    let error = running.simple_query("SELECT 2").await.unwrap_err();
-    assert!(
-        running.is_closed() || error.code().is_some(),
-        "the session is ended: {error}"
-    );
-    if let Some(code) = error.code() {
-        assert_eq!(code.code(), "57P01", "{error}");
-        assert!(message(&error).contains("pause_drain_timeout"), "{error}");
-    }
+    pause_ends_a_transaction_past_the_drain(
+        &console,
+        &running,
+        (Duration::from_secs(3), Duration::from_secs(8)),
+    )
+    .await;
     console.simple_query("RESUME app").await.unwrap();
     assert_eq!(backend_pid(&idle).await, idle_pid);
 }
