@@ -660,7 +660,7 @@ struct Relay<S> {
     /// unless the client's Terminate came back (strict reset).
     relayed_in_kernel: bool,
     /// Session mode: set while the server runs something for the client
-    /// (see `mark_busy`).
+    /// (see `hold_session_while_paused`).
     busy: Option<SessionBusy>,
     /// A split session's idle connection said FATAL (not passed on, see
     /// `leave_a_closed_idle_connection`).
